@@ -1,0 +1,123 @@
+//! Money as integer minor units plus an ISO-4217 currency. There is no float
+//! anywhere in this type, by construction.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// An ISO-4217 alphabetic currency code. Stored inline as three ASCII bytes so
+/// it is `Copy` and can never hold anything but three upper-case letters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Currency([u8; 3]);
+
+impl Currency {
+    pub fn parse(code: &str) -> Result<Self> {
+        let bytes = code.as_bytes();
+        if bytes.len() == 3 && bytes.iter().all(u8::is_ascii_uppercase) {
+            Ok(Self([bytes[0], bytes[1], bytes[2]]))
+        } else {
+            Err(Error::InvalidCurrency(code.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // The constructor admits only ASCII upper-case letters.
+        std::str::from_utf8(&self.0).expect("currency code is ASCII")
+    }
+}
+
+impl TryFrom<String> for Currency {
+    type Error = Error;
+    fn try_from(value: String) -> Result<Self> {
+        Self::parse(&value)
+    }
+}
+
+impl From<Currency> for String {
+    fn from(value: Currency) -> Self {
+        value.as_str().to_owned()
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Currency({})", self.as_str())
+    }
+}
+
+/// An amount of money: signed minor units (cents for EUR) and a currency.
+/// Arithmetic is checked and refuses to mix currencies.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub struct Money {
+    pub amount_minor: i64,
+    pub currency: Currency,
+}
+
+impl Money {
+    pub fn new(amount_minor: i64, currency: Currency) -> Self {
+        Self { amount_minor, currency }
+    }
+
+    pub fn checked_add(self, other: Money) -> Result<Money> {
+        self.same_currency(other)?;
+        let amount_minor = self
+            .amount_minor
+            .checked_add(other.amount_minor)
+            .ok_or(Error::Overflow { left: self.amount_minor, right: other.amount_minor })?;
+        Ok(Money { amount_minor, currency: self.currency })
+    }
+
+    pub fn checked_sub(self, other: Money) -> Result<Money> {
+        self.checked_add(Money { amount_minor: -other.amount_minor, currency: other.currency })
+    }
+
+    fn same_currency(self, other: Money) -> Result<()> {
+        if self.currency == other.currency {
+            Ok(())
+        } else {
+            Err(Error::CurrencyMismatch { left: self.currency, right: other.currency })
+        }
+    }
+}
+
+impl fmt::Display for Money {
+    /// Shows minor units exactly; formatting into major units depends on the
+    /// currency's exponent and belongs to presentation layers.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} (minor units)", self.amount_minor, self.currency)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn currency_accepts_only_three_upper_case_letters() {
+        assert!(Currency::parse("EUR").is_ok());
+        for bad in ["eur", "EU", "EURO", "E1R", "", "ÉUR"] {
+            assert!(Currency::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn money_refuses_mixed_currencies_and_overflow() {
+        let eur = Currency::parse("EUR").unwrap();
+        let usd = Currency::parse("USD").unwrap();
+        assert_eq!(
+            Money::new(5, eur).checked_add(Money::new(7, eur)).unwrap(),
+            Money::new(12, eur)
+        );
+        assert!(Money::new(5, eur).checked_add(Money::new(7, usd)).is_err());
+        assert!(Money::new(i64::MAX, eur).checked_add(Money::new(1, eur)).is_err());
+    }
+}

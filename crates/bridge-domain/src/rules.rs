@@ -1,0 +1,147 @@
+//! Validation rules: may this request go ahead?
+//!
+//! The store gathers the facts inside the validating database transaction and
+//! this module decides. The order of checks is part of the contract: the first
+//! failing rule names the rejection reason, so the same facts always give the
+//! same reason.
+
+use crate::{Currency, RejectReason};
+
+/// What the validator knows about the investor's account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccountSnapshot {
+    pub currency: Currency,
+    pub balance_minor: i64,
+    pub held_minor: i64,
+}
+
+impl AccountSnapshot {
+    pub fn available_minor(&self) -> i64 {
+        self.balance_minor - self.held_minor
+    }
+}
+
+/// What the validator knows about the fund that owns the target account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FundSnapshot {
+    pub currency: Currency,
+    pub minimum_investment_minor: i64,
+    pub seats_max: i32,
+    pub investors_count: i32,
+    pub capacity_minor: i64,
+    pub reserved_minor: i64,
+    pub completed_minor: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestFacts<'a> {
+    pub amount_minor: i64,
+    pub currency: &'a str,
+    pub investor: Option<AccountSnapshot>,
+    pub fund: Option<FundSnapshot>,
+    /// The investor already holds (reserved or completed) an allocation in
+    /// the fund, so this transfer takes no new seat.
+    pub investor_holds_seat: bool,
+}
+
+/// Decides a request. `Ok(())` means: hold the funds and reserve the
+/// allocation. Each amount is an exact integer of minor units; the capacity
+/// check uses checked arithmetic so an absurd amount is refused, not wrapped.
+pub fn check_request(facts: &RequestFacts<'_>) -> Result<(), RejectReason> {
+    if facts.amount_minor <= 0 {
+        return Err(RejectReason::NonPositiveAmount);
+    }
+    let currency = Currency::parse(facts.currency).map_err(|_| RejectReason::InvalidCurrency)?;
+    let investor = facts.investor.ok_or(RejectReason::UnknownInvestorAccount)?;
+    let fund = facts.fund.ok_or(RejectReason::UnknownFundAccount)?;
+    if investor.currency != currency || fund.currency != currency {
+        return Err(RejectReason::CurrencyMismatch);
+    }
+    if facts.amount_minor < fund.minimum_investment_minor {
+        return Err(RejectReason::BelowMinimumInvestment);
+    }
+    if !facts.investor_holds_seat && fund.investors_count >= fund.seats_max {
+        return Err(RejectReason::FundFull);
+    }
+    let committed = fund
+        .reserved_minor
+        .checked_add(fund.completed_minor)
+        .and_then(|sum| sum.checked_add(facts.amount_minor));
+    match committed {
+        Some(total) if total <= fund.capacity_minor => {}
+        _ => return Err(RejectReason::FundCapacityExceeded),
+    }
+    if investor.available_minor() < facts.amount_minor {
+        return Err(RejectReason::InsufficientFunds);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eur() -> Currency {
+        Currency::parse("EUR").unwrap()
+    }
+
+    fn facts(amount_minor: i64) -> RequestFacts<'static> {
+        RequestFacts {
+            amount_minor,
+            currency: "EUR",
+            investor: Some(AccountSnapshot { currency: eur(), balance_minor: 10_000, held_minor: 2_000 }),
+            fund: Some(FundSnapshot {
+                currency: eur(),
+                minimum_investment_minor: 1_000,
+                seats_max: 2,
+                investors_count: 1,
+                capacity_minor: 50_000,
+                reserved_minor: 10_000,
+                completed_minor: 30_000,
+            }),
+            investor_holds_seat: false,
+        }
+    }
+
+    /// One table drives every rule, so each reason is shown with the smallest
+    /// change to an otherwise acceptable request.
+    #[test]
+    fn each_rule_names_its_reason() {
+        type Tweak = fn(&mut RequestFacts<'static>);
+        let cases: [(&str, Tweak, Result<(), RejectReason>); 11] = [
+            ("acceptable", |_| {}, Ok(())),
+            ("exactly available", |f| f.amount_minor = 8_000, Ok(())),
+            ("zero", |f| f.amount_minor = 0, Err(RejectReason::NonPositiveAmount)),
+            ("negative", |f| f.amount_minor = -5, Err(RejectReason::NonPositiveAmount)),
+            ("bad currency", |f| f.currency = "euro", Err(RejectReason::InvalidCurrency)),
+            ("no investor", |f| f.investor = None, Err(RejectReason::UnknownInvestorAccount)),
+            ("no fund", |f| f.fund = None, Err(RejectReason::UnknownFundAccount)),
+            ("other currency", |f| f.currency = "USD", Err(RejectReason::CurrencyMismatch)),
+            ("below minimum", |f| f.amount_minor = 999, Err(RejectReason::BelowMinimumInvestment)),
+            (
+                "no seat left",
+                |f| f.fund.as_mut().unwrap().investors_count = 2,
+                Err(RejectReason::FundFull),
+            ),
+            ("over available", |f| f.amount_minor = 8_001, Err(RejectReason::InsufficientFunds)),
+        ];
+        for (name, tweak, expected) in cases {
+            let mut request = facts(5_000);
+            tweak(&mut request);
+            assert_eq!(check_request(&request), expected, "case {name}");
+        }
+    }
+
+    #[test]
+    fn an_existing_investor_needs_no_new_seat_but_capacity_still_binds() {
+        let mut request = facts(5_000);
+        request.fund.as_mut().unwrap().investors_count = 2;
+        request.investor_holds_seat = true;
+        assert_eq!(check_request(&request), Ok(()));
+        request.amount_minor = 10_001;
+        request.investor.as_mut().unwrap().balance_minor = 1_000_000;
+        assert_eq!(check_request(&request), Err(RejectReason::FundCapacityExceeded));
+        request.amount_minor = i64::MAX;
+        assert_eq!(check_request(&request), Err(RejectReason::FundCapacityExceeded));
+    }
+}

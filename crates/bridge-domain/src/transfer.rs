@@ -1,0 +1,229 @@
+//! The transfer state machine.
+//!
+//! ```text
+//! requested ──► validated ──► withdrawn ──► deposited ──► completed
+//!     │             │              │
+//!     ▼             ▼              ▼
+//!  rejected       failed        reversed
+//! ```
+//!
+//! `rejected` means validation said no (nothing was held); `failed` means the
+//! withdrawal failed after funds were held (hold and reservation released);
+//! `reversed` means the deposit failed after the investor was debited (the
+//! investor is refunded and the reservation released). Every transition is a
+//! new version of the transfer; no version is ever overwritten.
+
+use std::fmt;
+
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransferState {
+    Requested,
+    Validated,
+    Withdrawn,
+    Deposited,
+    Completed,
+    Rejected,
+    Failed,
+    Reversed,
+}
+
+impl TransferState {
+    pub const ALL: [TransferState; 8] = [
+        Self::Requested,
+        Self::Validated,
+        Self::Withdrawn,
+        Self::Deposited,
+        Self::Completed,
+        Self::Rejected,
+        Self::Failed,
+        Self::Reversed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Validated => "validated",
+            Self::Withdrawn => "withdrawn",
+            Self::Deposited => "deposited",
+            Self::Completed => "completed",
+            Self::Rejected => "rejected",
+            Self::Failed => "failed",
+            Self::Reversed => "reversed",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == value)
+            .ok_or_else(|| Error::UnknownState(value.to_owned()))
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Rejected | Self::Failed | Self::Reversed)
+    }
+
+    /// Applies `event` and returns the next state, or refuses an event that the
+    /// state machine does not allow from this state.
+    pub fn apply(self, event: &TransferEvent) -> Result<TransferState> {
+        use TransferEvent as E;
+        use TransferState as S;
+        let next = match (self, event) {
+            (S::Requested, E::Validated) => S::Validated,
+            (S::Requested, E::Rejected(_)) => S::Rejected,
+            (S::Validated, E::Withdrawn) => S::Withdrawn,
+            (S::Validated, E::WithdrawalFailed(_)) => S::Failed,
+            (S::Withdrawn, E::Deposited) => S::Deposited,
+            (S::Withdrawn, E::DepositFailed(_)) => S::Reversed,
+            (S::Deposited, E::Completed) => S::Completed,
+            _ => return Err(Error::IllegalTransition { from: self, event: event.name() }),
+        };
+        Ok(next)
+    }
+
+    /// True when some event leads from `self` to `next`. Used by the
+    /// reconciler to audit stored version histories.
+    pub fn can_become(self, next: TransferState) -> bool {
+        TransferEvent::REPRESENTATIVES
+            .iter()
+            .any(|event| self.apply(event) == Ok(next))
+    }
+}
+
+impl fmt::Display for TransferState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why validation refused a request. The codes are part of the public status
+/// event contract: add new ones freely, never rename or reuse one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    NonPositiveAmount,
+    InvalidCurrency,
+    UnknownInvestorAccount,
+    UnknownFundAccount,
+    CurrencyMismatch,
+    BelowMinimumInvestment,
+    FundFull,
+    FundCapacityExceeded,
+    InsufficientFunds,
+}
+
+impl RejectReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NonPositiveAmount => "NON_POSITIVE_AMOUNT",
+            Self::InvalidCurrency => "INVALID_CURRENCY",
+            Self::UnknownInvestorAccount => "UNKNOWN_INVESTOR_ACCOUNT",
+            Self::UnknownFundAccount => "UNKNOWN_FUND_ACCOUNT",
+            Self::CurrencyMismatch => "CURRENCY_MISMATCH",
+            Self::BelowMinimumInvestment => "BELOW_MINIMUM_INVESTMENT",
+            Self::FundFull => "FUND_FULL",
+            Self::FundCapacityExceeded => "FUND_CAPACITY_EXCEEDED",
+            Self::InsufficientFunds => "INSUFFICIENT_FUNDS",
+        }
+    }
+}
+
+/// Why an external step failed. These come from the account services.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FailureReason(pub String);
+
+impl FailureReason {
+    pub fn code(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransferEvent {
+    Validated,
+    Rejected(RejectReason),
+    Withdrawn,
+    WithdrawalFailed(FailureReason),
+    Deposited,
+    DepositFailed(FailureReason),
+    Completed,
+}
+
+impl TransferEvent {
+    const REPRESENTATIVES: [TransferEvent; 7] = [
+        TransferEvent::Validated,
+        TransferEvent::Rejected(RejectReason::InsufficientFunds),
+        TransferEvent::Withdrawn,
+        TransferEvent::WithdrawalFailed(FailureReason(String::new())),
+        TransferEvent::Deposited,
+        TransferEvent::DepositFailed(FailureReason(String::new())),
+        TransferEvent::Completed,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Validated => "validated",
+            Self::Rejected(_) => "rejected",
+            Self::Withdrawn => "withdrawn",
+            Self::WithdrawalFailed(_) => "withdrawal_failed",
+            Self::Deposited => "deposited",
+            Self::DepositFailed(_) => "deposit_failed",
+            Self::Completed => "completed",
+        }
+    }
+
+    pub fn reason_code(&self) -> Option<&str> {
+        match self {
+            Self::Rejected(reason) => Some(reason.code()),
+            Self::WithdrawalFailed(reason) | Self::DepositFailed(reason) => Some(reason.code()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn happy_path_walks_to_completed() {
+        let mut state = TransferState::Requested;
+        for event in [
+            TransferEvent::Validated,
+            TransferEvent::Withdrawn,
+            TransferEvent::Deposited,
+            TransferEvent::Completed,
+        ] {
+            state = state.apply(&event).unwrap();
+        }
+        assert_eq!(state, TransferState::Completed);
+        assert!(state.is_terminal());
+    }
+
+    #[test]
+    fn terminal_states_accept_nothing() {
+        for state in TransferState::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for event in TransferEvent::REPRESENTATIVES.iter() {
+                assert!(state.apply(event).is_err(), "{state} must refuse {}", event.name());
+            }
+        }
+    }
+
+    #[test]
+    fn steps_cannot_be_skipped_or_repeated() {
+        assert!(TransferState::Requested.apply(&TransferEvent::Withdrawn).is_err());
+        assert!(TransferState::Validated.apply(&TransferEvent::Validated).is_err());
+        assert!(TransferState::Withdrawn.apply(&TransferEvent::Completed).is_err());
+        assert!(!TransferState::Requested.can_become(TransferState::Completed));
+        assert!(TransferState::Withdrawn.can_become(TransferState::Reversed));
+    }
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for state in TransferState::ALL {
+            assert_eq!(TransferState::parse(state.as_str()).unwrap(), state);
+        }
+        assert!(TransferState::parse("teleported").is_err());
+    }
+}
