@@ -1,0 +1,185 @@
+//! Avro encoding of every event Bridge reads or writes.
+//!
+//! This crate is the only one that knows Avro. It embeds the schemas from the
+//! repository's `schemas/` folder at compile time, so the files there are, by
+//! construction, exactly the schemas on the wire. Payloads use the Avro
+//! specification's single-object encoding: `C3 01`, the 8-byte little-endian
+//! CRC-64-AVRO (Rabin) fingerprint of the writer schema's canonical form, then
+//! the Avro binary datum. Any Avro library can read our topics with the files
+//! in `schemas/` alone.
+//!
+//! Decoding never panics: every malformed input maps to a [`DecodeError`] with
+//! a stable class, which the pipeline puts on the dead-letter record.
+
+mod events;
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::OnceLock;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::Schema;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use events::{
+    FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated,
+};
+
+/// The content type of every payload, per the CloudEvents Kafka binding.
+pub const CONTENT_TYPE: &str = "application/avro";
+
+/// Single-object encoding marker from the Avro specification.
+const MAGIC: [u8; 2] = [0xC3, 0x01];
+const HEADER_LEN: usize = 10;
+
+/// The most a single decode may allocate. Our events are a few hundred bytes;
+/// without this bound a forged length prefix in a malformed message could make
+/// the decoder reserve hundreds of megabytes.
+const MAX_DECODE_ALLOCATION_BYTES: usize = 1 << 20;
+
+/// An event type with a schema in `schemas/`.
+pub trait Event: Serialize + DeserializeOwned {
+    /// The schema's full name, e.g. `io.bridge.transfers.v1.TransferRequested`.
+    const NAME: &'static str;
+    /// The CloudEvents `type` attribute for this event.
+    const CE_TYPE: &'static str;
+    /// Every schema version of this record we can read, newest first. The
+    /// newest is the one we write and the reader schema for older versions.
+    const SCHEMA_VERSIONS: &'static [&'static str];
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("failed to encode {name}: {message}")]
+    Avro { name: &'static str, message: String },
+}
+
+/// Why a payload could not be decoded. `class()` names the kind of failure on
+/// dead-letter records and in metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload is {len} bytes, shorter than the 10-byte single-object header")]
+    Truncated { len: usize },
+    #[error("payload does not start with the single-object marker C3 01 (found {found:02X?})")]
+    BadMagic { found: [u8; 2] },
+    #[error("unknown schema fingerprint {fingerprint} for {expected}")]
+    UnknownFingerprint { fingerprint: String, expected: &'static str },
+    #[error("datum does not match schema {name}: {message}")]
+    Datum { name: &'static str, message: String },
+    #[error("{extra} trailing bytes after the {name} datum")]
+    TrailingBytes { name: &'static str, extra: usize },
+}
+
+impl DecodeError {
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::BadMagic { .. } => "bad_magic",
+            Self::UnknownFingerprint { .. } => "unknown_fingerprint",
+            Self::Datum { .. } => "schema_mismatch",
+            Self::TrailingBytes { .. } => "trailing_bytes",
+        }
+    }
+}
+
+struct Registry {
+    /// Fingerprint of every known schema version, to the parsed schema.
+    by_fingerprint: HashMap<[u8; 8], (&'static str, Schema)>,
+    /// Newest schema and its fingerprint per record name.
+    newest: HashMap<&'static str, ([u8; 8], Schema)>,
+}
+
+fn fingerprint(schema: &Schema) -> [u8; 8] {
+    let bytes = schema.fingerprint::<Rabin>().bytes;
+    bytes.try_into().expect("Rabin fingerprints are 8 bytes")
+}
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        apache_avro::max_allocation_bytes(MAX_DECODE_ALLOCATION_BYTES);
+        let mut by_fingerprint = HashMap::new();
+        let mut newest = HashMap::new();
+        for (name, versions) in events::ALL {
+            for (index, text) in versions.iter().enumerate() {
+                // The schemas are compiled in and covered by tests; a parse
+                // failure here is a build defect, not a runtime condition.
+                let schema = Schema::parse_str(text)
+                    .unwrap_or_else(|error| panic!("schema {name} does not parse: {error}"));
+                let print = fingerprint(&schema);
+                if index == 0 {
+                    newest.insert(*name, (print, schema.clone()));
+                }
+                by_fingerprint.insert(print, (*name, schema));
+            }
+        }
+        Registry { by_fingerprint, newest }
+    })
+}
+
+/// The newest schema of `T` (the one we write).
+pub fn schema_of<T: Event>() -> &'static Schema {
+    &registry().newest[T::NAME].1
+}
+
+/// The single-object fingerprint of `T`'s newest schema.
+pub fn fingerprint_of<T: Event>() -> [u8; 8] {
+    registry().newest[T::NAME].0
+}
+
+/// Encodes `event` in single-object encoding.
+pub fn encode<T: Event>(event: &T) -> Result<Vec<u8>, EncodeError> {
+    let (print, schema) = &registry().newest[T::NAME];
+    let failed = |error: apache_avro::Error| EncodeError::Avro { name: T::NAME, message: error.to_string() };
+    let value = apache_avro::to_value(event).map_err(failed)?;
+    let value = value.resolve(schema).map_err(failed)?;
+    let datum = apache_avro::to_avro_datum(schema, value).map_err(failed)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(print);
+    out.extend_from_slice(&datum);
+    Ok(out)
+}
+
+/// Decodes a single-object encoded `T`, written with any known version of its
+/// schema, into the current shape.
+pub fn decode<T: Event>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        if bytes.len() >= 2 && bytes[..2] != MAGIC {
+            return Err(DecodeError::BadMagic { found: [bytes[0], bytes[1]] });
+        }
+        return Err(DecodeError::Truncated { len: bytes.len() });
+    }
+    if bytes[..2] != MAGIC {
+        return Err(DecodeError::BadMagic { found: [bytes[0], bytes[1]] });
+    }
+    let print: [u8; 8] = bytes[2..HEADER_LEN].try_into().expect("slice of 8");
+    let registry = registry();
+    let writer = match registry.by_fingerprint.get(&print) {
+        Some((name, schema)) if *name == T::NAME => schema,
+        _ => {
+            return Err(DecodeError::UnknownFingerprint {
+                fingerprint: hex(&print),
+                expected: T::NAME,
+            })
+        }
+    };
+    let reader = &registry.newest[T::NAME].1;
+    let datum = &bytes[HEADER_LEN..];
+    let mut cursor = Cursor::new(datum);
+    let mismatch = |error: apache_avro::Error| DecodeError::Datum { name: T::NAME, message: error.to_string() };
+    let value = apache_avro::from_avro_datum(writer, &mut cursor, Some(reader)).map_err(mismatch)?;
+    let consumed = cursor.position() as usize;
+    if consumed != datum.len() {
+        return Err(DecodeError::TrailingBytes { name: T::NAME, extra: datum.len() - consumed });
+    }
+    apache_avro::from_value::<T>(&value).map_err(mismatch)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

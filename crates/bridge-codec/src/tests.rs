@@ -1,0 +1,126 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn request() -> TransferRequested {
+    TransferRequested {
+        transfer_id: "0b7e7a4e-8f6c-4a8e-9a51-000000000001".into(),
+        investor_account_id: "inv-001".into(),
+        fund_account_id: "fund-acc-001".into(),
+        amount_minor: 125_000,
+        currency: "EUR".into(),
+        requested_at: 1_764_000_000_000,
+        reference: "order 17".into(),
+        source_system: "crm".into(),
+    }
+}
+
+fn status() -> TransferStatusChanged {
+    TransferStatusChanged {
+        event_id: "e".into(),
+        transfer_id: "t".into(),
+        version: 2,
+        state: "rejected".into(),
+        previous_state: Some("requested".into()),
+        terminal: true,
+        reason_code: Some("FUND_FULL".into()),
+        investor_account_id: "inv".into(),
+        fund_account_id: "fa".into(),
+        amount_minor: 1,
+        currency: "EUR".into(),
+        reference: String::new(),
+        occurred_at: 5,
+    }
+}
+
+/// CRC-64-AVRO exactly as the Avro specification prints it, independent of
+/// the library, so a change in the library's byte order would be caught.
+fn reference_fingerprint(canonical: &str) -> [u8; 8] {
+    const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+    let mut table = [0u64; 256];
+    for (i, slot) in table.iter_mut().enumerate() {
+        let mut fp = i as u64;
+        for _ in 0..8 {
+            fp = (fp >> 1) ^ (EMPTY & (0u64.wrapping_sub(fp & 1)));
+        }
+        *slot = fp;
+    }
+    let mut fp = EMPTY;
+    for byte in canonical.bytes() {
+        fp = (fp >> 8) ^ table[((fp ^ byte as u64) & 0xff) as usize];
+    }
+    fp.to_le_bytes()
+}
+
+#[test]
+fn payload_starts_with_marker_and_specification_fingerprint() {
+    let bytes = encode(&request()).unwrap();
+    assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+    let canonical = schema_of::<TransferRequested>().canonical_form();
+    assert_eq!(bytes[2..10], reference_fingerprint(&canonical));
+}
+
+#[test]
+fn every_event_round_trips() {
+    assert_eq!(decode::<TransferRequested>(&encode(&request()).unwrap()).unwrap(), request());
+    assert_eq!(decode::<TransferStatusChanged>(&encode(&status()).unwrap()).unwrap(), status());
+    let withdrawn = FundsWithdrawn {
+        event_id: "e".into(),
+        transfer_id: "t".into(),
+        version: 3,
+        investor_account_id: "i".into(),
+        fund_account_id: "f".into(),
+        fund_id: "fund".into(),
+        amount_minor: 9,
+        currency: "EUR".into(),
+        occurred_at: 1,
+        external_reference: "bank-42".into(),
+    };
+    assert_eq!(decode::<FundsWithdrawn>(&encode(&withdrawn).unwrap()).unwrap(), withdrawn);
+}
+
+#[test]
+fn malformed_payloads_have_distinct_classes() {
+    let good = encode(&request()).unwrap();
+    let classes = |bytes: &[u8]| decode::<TransferRequested>(bytes).unwrap_err().class();
+
+    assert_eq!(classes(&[]), "truncated");
+    assert_eq!(classes(&good[..6]), "truncated");
+    assert_eq!(classes(b"{\"json\": true}"), "bad_magic");
+
+    let mut unknown = good.clone();
+    unknown[2] ^= 0xff;
+    assert_eq!(classes(&unknown), "unknown_fingerprint");
+
+    // A valid payload of another event type is not a TransferRequested.
+    assert_eq!(classes(&encode(&status()).unwrap()), "unknown_fingerprint");
+
+    assert_eq!(classes(&good[..good.len() - 3]), "schema_mismatch");
+
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(&[0, 0]);
+    assert_eq!(classes(&trailing), "trailing_bytes");
+}
+
+#[test]
+fn a_forged_length_prefix_is_refused_without_allocating_it() {
+    // Header, then a string length of ~2^62 encoded as a zig-zag varint.
+    let mut forged = encode(&request()).unwrap()[..10].to_vec();
+    forged.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+    assert_eq!(decode::<TransferRequested>(&forged).unwrap_err().class(), "schema_mismatch");
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = decode::<TransferRequested>(&bytes);
+        let _ = decode::<TransferStatusChanged>(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_datum_after_a_valid_header_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let mut bytes = encode(&request()).unwrap()[..10].to_vec();
+        bytes.extend_from_slice(&tail);
+        let _ = decode::<TransferRequested>(&bytes);
+    }
+}
