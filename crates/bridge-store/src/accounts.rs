@@ -1,0 +1,372 @@
+//! Investor accounts, funds, fund accounts and allocations.
+//!
+//! Every change is read-then-write with a version check: we read the row and
+//! its version, decide in Rust, and update `WHERE version = $read`. Zero rows
+//! updated means someone else got there first, reported as
+//! [`Error::Conflict`] so the caller retries the whole transaction.
+
+use sqlx::PgConnection;
+
+use bridge_domain::{AccountSnapshot, Currency, FundSnapshot, Money};
+
+use crate::ledger::{self, Posting};
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct InvestorSeed {
+    pub id: String,
+    pub opening_balance: Money,
+}
+
+#[derive(Clone, Debug)]
+pub struct FundSeed {
+    pub id: String,
+    pub name: String,
+    pub currency: Currency,
+    pub minimum_investment_minor: i64,
+    pub seats_max: i32,
+    pub capacity_minor: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct FundAccountSeed {
+    pub id: String,
+    pub fund_id: String,
+    pub currency: Currency,
+}
+
+fn currency(code: &str) -> Result<Currency> {
+    Currency::parse(code.trim()).map_err(|error| Error::Corrupt(error.to_string()))
+}
+
+fn conflict(entity: &'static str, id: &str) -> Error {
+    Error::Conflict { entity, id: id.to_owned() }
+}
+
+/// Creates the investor account with its opening balance, posted against the
+/// opening-balance equity account so the ledger explains every unit. Does
+/// nothing if the account exists.
+pub async fn seed_investor(conn: &mut PgConnection, seed: &InvestorSeed) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO investor_accounts (id, currency, balance_minor) VALUES ($1, $2, $3)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&seed.id)
+    .bind(seed.opening_balance.currency.as_str())
+    .bind(seed.opening_balance.amount_minor)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        == 1;
+    if inserted && seed.opening_balance.amount_minor > 0 {
+        let account = ledger::investor_account(&seed.id);
+        ledger::post(
+            conn,
+            &Posting {
+                transfer_id: None,
+                step: "opening_balance",
+                debit_account: ledger::OPENING_BALANCES,
+                credit_account: &account,
+                amount: seed.opening_balance,
+            },
+        )
+        .await?;
+    }
+    Ok(inserted)
+}
+
+pub async fn seed_fund(conn: &mut PgConnection, seed: &FundSeed) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO funds (id, name, currency, minimum_investment_minor, seats_max, capacity_minor)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&seed.id)
+    .bind(&seed.name)
+    .bind(seed.currency.as_str())
+    .bind(seed.minimum_investment_minor)
+    .bind(seed.seats_max)
+    .bind(seed.capacity_minor)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn seed_fund_account(conn: &mut PgConnection, seed: &FundAccountSeed) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO fund_accounts (id, fund_id, currency) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&seed.id)
+    .bind(&seed.fund_id)
+    .bind(seed.currency.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub version: i64,
+}
+
+pub async fn investor(conn: &mut PgConnection, id: &str) -> Result<Option<Versioned<AccountSnapshot>>> {
+    let row: Option<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT currency, balance_minor, held_minor, version FROM investor_accounts WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|(code, balance_minor, held_minor, version)| {
+        Ok(Versioned {
+            value: AccountSnapshot { currency: currency(&code)?, balance_minor, held_minor },
+            version,
+        })
+    })
+    .transpose()
+}
+
+/// The fund behind a fund account.
+#[derive(Clone, Debug)]
+pub struct FundView {
+    pub fund_id: String,
+    pub account_currency: Currency,
+    pub fund: Versioned<FundSnapshot>,
+}
+
+pub async fn fund_by_account(conn: &mut PgConnection, fund_account_id: &str) -> Result<Option<FundView>> {
+    type Row = (String, String, String, i64, i32, i32, i64, i64, i64, i64);
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT f.id, a.currency, f.currency, f.minimum_investment_minor, f.seats_max,
+                f.investors_count, f.capacity_minor, f.reserved_minor, f.completed_minor, f.version
+         FROM fund_accounts a JOIN funds f ON f.id = a.fund_id WHERE a.id = $1",
+    )
+    .bind(fund_account_id)
+    .fetch_optional(conn)
+    .await?;
+    let Some((fund_id, account_code, fund_code, minimum, seats_max, investors, capacity, reserved, completed, version)) = row
+    else {
+        return Ok(None);
+    };
+    let fund_currency = currency(&fund_code)?;
+    let account_currency = currency(&account_code)?;
+    Ok(Some(FundView {
+        fund_id,
+        account_currency,
+        fund: Versioned {
+            value: FundSnapshot {
+                // A fund account in another currency than its fund cannot
+                // receive this transfer; surface it as a currency mismatch.
+                currency: if account_currency == fund_currency { fund_currency } else { account_currency },
+                minimum_investment_minor: minimum,
+                seats_max,
+                investors_count: investors,
+                capacity_minor: capacity,
+                reserved_minor: reserved,
+                completed_minor: completed,
+            },
+            version,
+        },
+    }))
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allocation {
+    pub reserved_minor: i64,
+    pub completed_minor: i64,
+}
+
+impl Allocation {
+    pub fn holds_seat(&self) -> bool {
+        self.reserved_minor + self.completed_minor > 0
+    }
+}
+
+pub async fn allocation(
+    conn: &mut PgConnection,
+    fund_id: &str,
+    investor_account_id: &str,
+) -> Result<Option<Versioned<Allocation>>> {
+    let row: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT reserved_minor, completed_minor, version FROM allocations
+         WHERE fund_id = $1 AND investor_account_id = $2",
+    )
+    .bind(fund_id)
+    .bind(investor_account_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(reserved_minor, completed_minor, version)| Versioned {
+        value: Allocation { reserved_minor, completed_minor },
+        version,
+    }))
+}
+
+/// Changes an investor's balance and held amount, checked against the version
+/// the caller read. The table's CHECK constraints refuse a negative available
+/// balance whatever the caller computed.
+pub async fn update_investor(
+    conn: &mut PgConnection,
+    id: &str,
+    expected_version: i64,
+    balance_delta_minor: i64,
+    held_delta_minor: i64,
+) -> Result<()> {
+    let updated = sqlx::query(
+        "UPDATE investor_accounts
+         SET balance_minor = balance_minor + $3, held_minor = held_minor + $4,
+             version = version + 1, updated_at = now()
+         WHERE id = $1 AND version = $2",
+    )
+    .bind(id)
+    .bind(expected_version)
+    .bind(balance_delta_minor)
+    .bind(held_delta_minor)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(conflict("investor account", id))
+    }
+}
+
+/// Reads the investor's version and applies the deltas against it.
+pub async fn adjust_investor(
+    conn: &mut PgConnection,
+    id: &str,
+    balance_delta_minor: i64,
+    held_delta_minor: i64,
+) -> Result<()> {
+    let current = investor(&mut *conn, id)
+        .await?
+        .ok_or_else(|| Error::Corrupt(format!("investor account {id} vanished")))?;
+    update_investor(conn, id, current.version, balance_delta_minor, held_delta_minor).await
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FundDelta {
+    pub reserved_minor: i64,
+    pub completed_minor: i64,
+    pub investors: i32,
+}
+
+pub async fn update_fund(conn: &mut PgConnection, id: &str, expected_version: i64, delta: FundDelta) -> Result<()> {
+    let updated = sqlx::query(
+        "UPDATE funds
+         SET reserved_minor = reserved_minor + $3, completed_minor = completed_minor + $4,
+             investors_count = investors_count + $5, version = version + 1, updated_at = now()
+         WHERE id = $1 AND version = $2",
+    )
+    .bind(id)
+    .bind(expected_version)
+    .bind(delta.reserved_minor)
+    .bind(delta.completed_minor)
+    .bind(delta.investors)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(conflict("fund", id))
+    }
+}
+
+/// Changes an investor's allocation in a fund and keeps the fund's totals and
+/// seat count in step with it, all version-checked. A caller that decided on
+/// the basis of a fund snapshot passes that snapshot's version as
+/// `fund_version_read`, so a fund changed since the decision is a conflict
+/// rather than a silent over-commitment.
+pub async fn adjust_allocation(
+    conn: &mut PgConnection,
+    fund_id: &str,
+    investor_account_id: &str,
+    fund_version_read: Option<i64>,
+    reserved_delta_minor: i64,
+    completed_delta_minor: i64,
+) -> Result<()> {
+    let before = allocation(&mut *conn, fund_id, investor_account_id).await?;
+    let old = before.map(|row| row.value).unwrap_or_default();
+    let new = Allocation {
+        reserved_minor: old.reserved_minor + reserved_delta_minor,
+        completed_minor: old.completed_minor + completed_delta_minor,
+    };
+    match before {
+        Some(row) => {
+            let updated = sqlx::query(
+                "UPDATE allocations SET reserved_minor = $4, completed_minor = $5,
+                        version = version + 1, updated_at = now()
+                 WHERE fund_id = $1 AND investor_account_id = $2 AND version = $3",
+            )
+            .bind(fund_id)
+            .bind(investor_account_id)
+            .bind(row.version)
+            .bind(new.reserved_minor)
+            .bind(new.completed_minor)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Err(conflict("allocation", &format!("{fund_id}/{investor_account_id}")));
+            }
+        }
+        None => {
+            // A concurrent first insert for the same pair fails with a
+            // unique violation, which is retryable.
+            sqlx::query(
+                "INSERT INTO allocations (fund_id, investor_account_id, reserved_minor, completed_minor)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(fund_id)
+            .bind(investor_account_id)
+            .bind(new.reserved_minor)
+            .bind(new.completed_minor)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    let investors = match (old.holds_seat(), new.holds_seat()) {
+        (false, true) => 1,
+        (true, false) => -1,
+        _ => 0,
+    };
+    let fund_version = match fund_version_read {
+        Some(version) => version,
+        None => {
+            sqlx::query_scalar("SELECT version FROM funds WHERE id = $1")
+                .bind(fund_id)
+                .fetch_one(&mut *conn)
+                .await?
+        }
+    };
+    update_fund(
+        conn,
+        fund_id,
+        fund_version,
+        FundDelta { reserved_minor: reserved_delta_minor, completed_minor: completed_delta_minor, investors },
+    )
+    .await
+}
+
+pub async fn credit_fund_account(conn: &mut PgConnection, id: &str, amount_minor: i64) -> Result<()> {
+    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM fund_accounts WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let version = version.ok_or_else(|| Error::Corrupt(format!("fund account {id} vanished")))?;
+    let updated = sqlx::query(
+        "UPDATE fund_accounts SET balance_minor = balance_minor + $3, version = version + 1, updated_at = now()
+         WHERE id = $1 AND version = $2",
+    )
+    .bind(id)
+    .bind(version)
+    .bind(amount_minor)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(conflict("fund account", id))
+    }
+}

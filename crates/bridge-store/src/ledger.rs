@@ -1,0 +1,54 @@
+//! Double-entry postings. A posting moves `amount` from one ledger account to
+//! another as exactly one debit and one credit row, so the ledger balances by
+//! construction (invariant I1). An account's balance is credits minus debits.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use bridge_domain::Money;
+
+use crate::Result;
+
+/// Ledger account names. One naming scheme, used by postings and by the
+/// reconciler alike.
+pub fn investor_account(id: &str) -> String {
+    format!("investor:{id}")
+}
+
+pub fn fund_account(id: &str) -> String {
+    format!("fund:{id}")
+}
+
+/// Money that has left the investor's bank and not yet reached the fund.
+pub const IN_TRANSIT: &str = "clearing:in_transit";
+
+/// Where opening balances of seeded accounts come from.
+pub const OPENING_BALANCES: &str = "equity:opening_balances";
+
+pub struct Posting<'a> {
+    pub transfer_id: Option<Uuid>,
+    /// The transfer step this posting belongs to ("withdrawal", "deposit",
+    /// "refund"); unique per transfer.
+    pub step: &'a str,
+    pub debit_account: &'a str,
+    pub credit_account: &'a str,
+    pub amount: Money,
+}
+
+pub async fn post(conn: &mut PgConnection, posting: &Posting<'_>) -> Result<()> {
+    let posting_id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO ledger_entries (posting_id, transfer_id, step, account, direction, amount_minor, currency)
+         VALUES ($1, $2, $3, $4, 'debit', $6, $7), ($1, $2, $3, $5, 'credit', $6, $7)",
+    )
+    .bind(posting_id)
+    .bind(posting.transfer_id)
+    .bind(posting.step)
+    .bind(posting.debit_account)
+    .bind(posting.credit_account)
+    .bind(posting.amount.amount_minor)
+    .bind(posting.amount.currency.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
+}

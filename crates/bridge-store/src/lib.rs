@@ -1,0 +1,129 @@
+//! Postgres persistence for Bridge.
+//!
+//! This crate owns the schema (in `migrations/`) and every SQL statement. It
+//! offers transaction-scoped building blocks (inbox insert, version-checked
+//! updates, ledger postings, outbox rows) that the stages compose into one
+//! database transaction per message. It knows nothing of Kafka or Avro: the
+//! outbox stores opaque bytes that the relay publishes.
+//!
+//! Concurrency control is optimistic: every mutable row carries a `version`,
+//! updates say `WHERE version = $expected`, and a lost race surfaces as
+//! [`Error::Conflict`], which callers retry from the start of the transaction.
+
+pub mod accounts;
+pub mod inbox;
+pub mod ledger;
+pub mod outbox;
+pub mod reconcile;
+pub mod simulator;
+pub mod transfers;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Executor, PgPool};
+
+pub use sqlx::{PgConnection, Postgres, Transaction};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A version check failed or a concurrent insert won: another transaction
+    /// changed the row first. Retry the whole transaction.
+    #[error("optimistic concurrency conflict on {entity} {id}")]
+    Conflict { entity: &'static str, id: String },
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether running the same transaction again may succeed: lost races,
+    /// serialization failures, deadlocks and dropped connections. Everything
+    /// else is a defect or bad data and must not be retried blindly.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Conflict { .. } => true,
+            Error::Database(error) => is_transient(error),
+            Error::Migrate(_) | Error::Corrupt(_) => false,
+        }
+    }
+}
+
+fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // unique_violation (a concurrent insert won), serialization
+            // failure, deadlock, and the admin-shutdown family seen while
+            // Postgres restarts.
+            Some("23505" | "40001" | "40P01" | "57P01" | "57P02" | "57P03")
+        ),
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
+
+/// Connection pool settings, each with its unit in the name.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub connections_max: u32,
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self { connections_max: 16, acquire_timeout_ms: 10_000 }
+    }
+}
+
+pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)?
+        // Statement logging at INFO would print every query of every stage.
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.connections_max)
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Creates the database named in `url` if it does not exist, by connecting to
+/// the server's `postgres` maintenance database.
+pub async fn ensure_database(url: &str) -> Result<()> {
+    let options = PgConnectOptions::from_str(url)?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let mut admin = options.database("postgres").connect().await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await?;
+    if !exists {
+        let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match admin.execute(statement.as_str()).await {
+            Ok(_) => {}
+            // Another process created it between our check and our create.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The transactional outbox. Stages write rows inside their state-change
+//! transaction; the relay claims unpublished rows with `FOR UPDATE SKIP
+//! LOCKED` (so several relays share the work and none waits on another's
+//! lock), publishes them, and stamps `published_at` only after the broker has
+//! acknowledged each one (invariant I4).
+
+use sqlx::{PgConnection, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::Result;
+
+/// The Postgres notification channel the outbox trigger signals on insert.
+pub const NOTIFY_CHANNEL: &str = "bridge_outbox";
+
+/// One message to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxMessage {
+    pub event_id: Uuid,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// A claimed row: the message plus its row id.
+#[derive(Clone, Debug)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub message: OutboxMessage,
+}
+
+pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Result<()> {
+    for message in messages {
+        let (names, values): (Vec<&str>, Vec<&[u8]>) = message
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_slice()))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO outbox (event_id, topic, message_key, payload, header_names, header_values)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(message.event_id)
+        .bind(&message.topic)
+        .bind(message.key.as_deref())
+        .bind(&message.payload)
+        .bind(&names)
+        .bind(&values)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Locks up to `batch_size_max` unpublished rows, oldest first, skipping rows
+/// another relay holds. The lock lasts until `tx` ends.
+pub async fn claim(tx: &mut Transaction<'_, Postgres>, batch_size_max: i64) -> Result<Vec<OutboxRow>> {
+    type Row = (i64, Uuid, String, Option<Vec<u8>>, Vec<u8>, Vec<String>, Vec<Vec<u8>>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, event_id, topic, message_key, payload, header_names, header_values
+         FROM outbox WHERE published_at IS NULL
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(batch_size_max)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, event_id, topic, key, payload, names, values)| OutboxRow {
+            id,
+            message: OutboxMessage {
+                event_id,
+                topic,
+                key,
+                payload,
+                headers: names.into_iter().zip(values).collect(),
+            },
+        })
+        .collect())
+}
+
+pub async fn mark_published(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn mark_failed(tx: &mut Transaction<'_, Postgres>, ids: &[i64], error: &str) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)")
+        .bind(ids)
+        .bind(error)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn unpublished_count(conn: &mut PgConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(conn)
+        .await?)
+}

@@ -1,0 +1,98 @@
+//! Storage of the account-service simulator: the outside world's own books.
+//! Only the simulator uses these tables; tests read them to prove what really
+//! happened at the "bank".
+
+use sqlx::PgConnection;
+
+use crate::Result;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimOperation {
+    pub idempotency_key: String,
+    pub operation: String,
+    pub account_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub outcome: String,
+    pub reference: String,
+}
+
+impl SimOperation {
+    /// Whether `other` is the same request body, as a payment API compares a
+    /// retried request against the one first seen under its idempotency key.
+    pub fn same_request(&self, other: &SimOperation) -> bool {
+        self.operation == other.operation
+            && self.account_id == other.account_id
+            && self.amount_minor == other.amount_minor
+            && self.currency == other.currency
+    }
+}
+
+/// Stores `operation` unless its idempotency key was seen before; returns the
+/// operation stored under the key (the new one or the earlier one).
+pub async fn record_once(conn: &mut PgConnection, operation: &SimOperation) -> Result<SimOperation> {
+    let inserted = sqlx::query(
+        "INSERT INTO sim_operations (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(&operation.idempotency_key)
+    .bind(&operation.operation)
+    .bind(&operation.account_id)
+    .bind(operation.amount_minor)
+    .bind(&operation.currency)
+    .bind(&operation.outcome)
+    .bind(&operation.reference)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(operation.clone());
+    }
+    let row: (String, String, i64, String, String, String) = sqlx::query_as(
+        "SELECT operation, account_id, amount_minor, currency, outcome, reference
+         FROM sim_operations WHERE idempotency_key = $1",
+    )
+    .bind(&operation.idempotency_key)
+    .fetch_one(conn)
+    .await?;
+    Ok(SimOperation {
+        idempotency_key: operation.idempotency_key.clone(),
+        operation: row.0,
+        account_id: row.1,
+        amount_minor: row.2,
+        currency: row.3,
+        outcome: row.4,
+        reference: row.5,
+    })
+}
+
+/// `active`, `frozen` or `closed`; accounts the simulator has never heard of
+/// are active.
+pub async fn account_status(conn: &mut PgConnection, account_id: &str) -> Result<String> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM sim_accounts WHERE id = $1")
+        .bind(account_id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(status.unwrap_or_else(|| "active".to_owned()))
+}
+
+pub async fn set_account_status(conn: &mut PgConnection, account_id: &str, status: &str) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO sim_accounts (id, status) VALUES ($1, $2)
+         ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status",
+    )
+    .bind(account_id)
+    .bind(status)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Successful operations per (idempotency key prefix) are what tests compare
+/// with our ledger: the count of settled operations of `operation` kind.
+pub async fn settled_count(conn: &mut PgConnection, operation: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM sim_operations WHERE operation = $1 AND outcome = 'settled'")
+        .bind(operation)
+        .fetch_one(conn)
+        .await?)
+}

@@ -1,0 +1,217 @@
+//! Transfers and their version history (invariant I6).
+//!
+//! `transfers` holds the current state; `transfer_versions` holds every state
+//! the transfer has been in, one immutable row per version. Both change only
+//! through [`insert_requested`] and [`advance`], which ask the domain state
+//! machine whether the change is legal and write both tables together.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use bridge_domain::{ids, TransferEvent, TransferState};
+
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub id: Uuid,
+    pub investor_account_id: String,
+    pub fund_account_id: String,
+    pub fund_id: Option<String>,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub reference: String,
+    pub source_system: String,
+    pub requested_at: DateTime<Utc>,
+    pub state: TransferState,
+    pub reason_code: Option<String>,
+    pub version: i64,
+    pub traceparent: Option<String>,
+}
+
+impl Transfer {
+    /// Whether `other` asks for the same movement of money. Used to tell an
+    /// idempotent re-publication from a conflicting reuse of a transfer id.
+    pub fn same_request_as(&self, other: &Transfer) -> bool {
+        self.investor_account_id == other.investor_account_id
+            && self.fund_account_id == other.fund_account_id
+            && self.amount_minor == other.amount_minor
+            && self.currency == other.currency
+            && self.reference == other.reference
+    }
+}
+
+/// One row of a transfer's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferVersion {
+    pub version: i64,
+    pub state: TransferState,
+    pub previous_state: Option<TransferState>,
+    pub reason_code: Option<String>,
+    pub event_id: Uuid,
+    pub recorded_at: DateTime<Utc>,
+}
+
+type TransferRow = (
+    Uuid,
+    String,
+    String,
+    Option<String>,
+    i64,
+    String,
+    String,
+    String,
+    DateTime<Utc>,
+    String,
+    Option<String>,
+    i64,
+    Option<String>,
+);
+
+fn from_row(row: TransferRow) -> Result<Transfer> {
+    let (id, investor, fund_account, fund_id, amount, currency, reference, source, requested_at, state, reason, version, traceparent) =
+        row;
+    Ok(Transfer {
+        id,
+        investor_account_id: investor,
+        fund_account_id: fund_account,
+        fund_id,
+        amount_minor: amount,
+        currency,
+        reference,
+        source_system: source,
+        requested_at,
+        state: TransferState::parse(&state).map_err(|error| Error::Corrupt(error.to_string()))?,
+        reason_code: reason,
+        version,
+        traceparent,
+    })
+}
+
+const COLUMNS: &str = "id, investor_account_id, fund_account_id, fund_id, amount_minor, currency, reference,
+    source_system, requested_at, state, reason_code, version, traceparent";
+
+pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Transfer>> {
+    let row: Option<TransferRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    row.map(from_row).transpose()
+}
+
+/// Records a new transfer in state `requested`, version 1. A concurrent
+/// insert of the same id loses with a retryable unique violation.
+pub async fn insert_requested(conn: &mut PgConnection, transfer: &Transfer) -> Result<Transfer> {
+    let mut stored = transfer.clone();
+    stored.state = TransferState::Requested;
+    stored.version = 1;
+    stored.reason_code = None;
+    sqlx::query(
+        "INSERT INTO transfers (id, investor_account_id, fund_account_id, fund_id, amount_minor, currency,
+                                reference, source_system, requested_at, state, version, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'requested', 1, $10)",
+    )
+    .bind(stored.id)
+    .bind(&stored.investor_account_id)
+    .bind(&stored.fund_account_id)
+    .bind(&stored.fund_id)
+    .bind(stored.amount_minor)
+    .bind(&stored.currency)
+    .bind(&stored.reference)
+    .bind(&stored.source_system)
+    .bind(stored.requested_at)
+    .bind(&stored.traceparent)
+    .execute(&mut *conn)
+    .await?;
+    record_version(conn, &stored, None).await?;
+    Ok(stored)
+}
+
+/// Moves `current` along the state machine by `event`, version-checked, and
+/// appends the new version to the history. Returns the new state of the
+/// transfer. An illegal event is refused before anything is written.
+pub async fn advance(conn: &mut PgConnection, current: &Transfer, event: &TransferEvent) -> Result<Transfer> {
+    let next_state = current
+        .state
+        .apply(event)
+        .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", current.id)))?;
+    let mut next = current.clone();
+    next.state = next_state;
+    next.version = current.version + 1;
+    next.reason_code = event.reason_code().map(str::to_owned);
+    let updated = sqlx::query(
+        "UPDATE transfers SET state = $3, reason_code = $4, version = $5, updated_at = now()
+         WHERE id = $1 AND version = $2",
+    )
+    .bind(current.id)
+    .bind(current.version)
+    .bind(next.state.as_str())
+    .bind(&next.reason_code)
+    .bind(next.version)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if updated != 1 {
+        return Err(Error::Conflict { entity: "transfer", id: current.id.to_string() });
+    }
+    record_version(conn, &next, Some(current.state)).await?;
+    Ok(next)
+}
+
+async fn record_version(conn: &mut PgConnection, transfer: &Transfer, previous: Option<TransferState>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(transfer.id)
+    .bind(transfer.version)
+    .bind(transfer.state.as_str())
+    .bind(previous.map(TransferState::as_str))
+    .bind(&transfer.reason_code)
+    .bind(ids::status_event_id(transfer.id, transfer.version))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn history(conn: &mut PgConnection, id: Uuid) -> Result<Vec<TransferVersion>> {
+    let rows: Vec<(i64, String, Option<String>, Option<String>, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT version, state, previous_state, reason_code, event_id, recorded_at
+         FROM transfer_versions WHERE transfer_id = $1 ORDER BY version",
+    )
+    .bind(id)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(version, state, previous, reason_code, event_id, recorded_at)| {
+            let parse = |text: &str| TransferState::parse(text).map_err(|error| Error::Corrupt(error.to_string()));
+            Ok(TransferVersion {
+                version,
+                state: parse(&state)?,
+                previous_state: previous.as_deref().map(parse).transpose()?,
+                reason_code,
+                event_id,
+                recorded_at,
+            })
+        })
+        .collect()
+}
+
+/// Counts of transfers per state, for progress reports.
+pub async fn count_by_state(conn: &mut PgConnection, ids: Option<&[Uuid]>) -> Result<Vec<(TransferState, i64)>> {
+    let rows: Vec<(String, i64)> = match ids {
+        Some(ids) => {
+            sqlx::query_as("SELECT state, count(*) FROM transfers WHERE id = ANY($1) GROUP BY state")
+                .bind(ids)
+                .fetch_all(conn)
+                .await?
+        }
+        None => sqlx::query_as("SELECT state, count(*) FROM transfers GROUP BY state").fetch_all(conn).await?,
+    };
+    rows.into_iter()
+        .map(|(state, count)| {
+            Ok((TransferState::parse(&state).map_err(|error| Error::Corrupt(error.to_string()))?, count))
+        })
+        .collect()
+}
