@@ -98,7 +98,7 @@ fn fingerprint(schema: &Schema) -> [u8; 8] {
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(|| {
-        apache_avro::max_allocation_bytes(MAX_DECODE_ALLOCATION_BYTES);
+        apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION_BYTES);
         let mut by_fingerprint = HashMap::new();
         let mut newest = HashMap::new();
         for (name, versions) in events::ALL {

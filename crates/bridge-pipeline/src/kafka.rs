@@ -1,0 +1,108 @@
+//! Kafka client construction. Every option that matters for correctness is
+//! set explicitly here, with the reason next to it.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::PipelineConfig;
+
+fn base(config: &PipelineConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    // Standalone brokers used in development listen on IPv4 only.
+    client.set("broker.address.family", "v4");
+    client
+}
+
+fn apply_overrides(client: &mut ClientConfig, config: &PipelineConfig) {
+    for (key, value) in &config.kafka_overrides {
+        client.set(key, value);
+    }
+}
+
+/// A consumer for one stage. Offsets are stored by the stage only after the
+/// database transaction that consumed the message committed, and librdkafka
+/// commits stored offsets in the background; so a crash can re-deliver a
+/// message (which the inbox absorbs) but never skip one.
+pub fn consumer(config: &PipelineConfig, group_id: &str) -> Result<StreamConsumer> {
+    let mut client = base(config);
+    client
+        .set("group.id", group_id)
+        // Commit only what we stored after our own commit.
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        // A new group reads the topic from the start: a request published
+        // before the pipeline first started is still a request.
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", (config.session_timeout_ms / 4).max(100).to_string())
+        // Outbox messages are only visible once their transaction committed,
+        // but in-flight transactional messages of other writers must not be
+        // read.
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    apply_overrides(&mut client, config);
+    client.create().context("Failed to create Kafka consumer")
+}
+
+/// The relay's producer.
+pub fn producer(config: &PipelineConfig) -> Result<FutureProducer> {
+    let mut client = base(config);
+    client
+        // Every in-sync replica must have the message before we mark the
+        // outbox row published.
+        .set("acks", "all")
+        // Broker-side deduplication of producer retries, and per-partition
+        // ordering even with several requests in flight.
+        .set("enable.idempotence", "true")
+        .set("max.in.flight.requests.per.connection", "5")
+        // A few milliseconds of batching costs little latency and saves many
+        // requests under load.
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", config.producer_message_timeout_ms.to_string())
+        // Bounded in-memory queue.
+        .set("queue.buffering.max.messages", "100000")
+        .set("compression.type", "none");
+    apply_overrides(&mut client, config);
+    client.create().context("Failed to create Kafka producer")
+}
+
+/// A plain producer for tests and `bridge submit`, acting as an upstream
+/// system would.
+pub fn upstream_producer(config: &PipelineConfig) -> Result<FutureProducer> {
+    let mut client = base(config);
+    client.set("acks", "all").set("enable.idempotence", "true").set("linger.ms", "5");
+    apply_overrides(&mut client, config);
+    client.create().context("Failed to create Kafka producer")
+}
+
+/// Creates every pipeline topic that does not exist yet. Standalone brokers
+/// and production clusters usually do not auto-create topics, and relying on
+/// auto-creation would give the wrong partition count anyway.
+pub async fn ensure_topics(config: &PipelineConfig) -> Result<()> {
+    let mut client = base(config);
+    apply_overrides(&mut client, config);
+    let admin: AdminClient<DefaultClientContext> = client.create().context("Failed to create Kafka admin client")?;
+    let names = config.topics.all();
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| NewTopic::new(name, config.topic_partitions, TopicReplication::Fixed(config.topic_replication)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin.create_topics(topics.iter(), &options).await.context("Failed to create topics")?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("Failed to create topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! The Kafka edge of Bridge.
+//!
+//! This crate runs the four stage consumers (validator, withdrawal, deposit,
+//! completion), the outbox relay and dead-lettering, and defines the
+//! account-service traits with an in-process simulator behind them.
+//!
+//! Architecture invariants kept here:
+//! - A stage never produces to Kafka. It writes outbox rows in the same
+//!   database transaction as its state change; only the relay produces.
+//! - A Kafka offset is stored for commit only after the database transaction
+//!   that consumed the message has committed (or the message was found to be
+//!   a duplicate, or was dead-lettered through the outbox).
+//! - A message that cannot be decoded or processed is dead-lettered with its
+//!   original bytes and never stalls its partition; transient failures
+//!   (database or outside service unavailable) are retried in place, which
+//!   preserves per-transfer ordering.
+
+pub mod config;
+pub mod kafka;
+pub mod message;
+pub mod relay;
+pub mod runner;
+pub mod services;
+pub mod stages;
+
+pub use config::{PipelineConfig, Topics};
+pub use runner::{Pipeline, StageName};

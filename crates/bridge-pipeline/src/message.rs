@@ -1,0 +1,139 @@
+//! Inbound messages, CloudEvents headers and trace context.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use uuid::Uuid;
+
+use bridge_store::outbox::OutboxMessage;
+
+/// An owned copy of a consumed message, so processing does not hold a
+/// reference into the consumer across awaits.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Inbound {
+    pub fn from_kafka(message: &BorrowedMessage<'_>) -> Self {
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+    }
+
+    /// A name for this exact position in the log, used to deduplicate
+    /// dead-lettering of one message.
+    pub fn position_id(&self) -> String {
+        format!("{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// W3C trace context. We continue the caller's trace when the message
+/// carries a valid `traceparent`, and start one otherwise, so every hop of a
+/// transfer shares one trace id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: String,
+}
+
+impl TraceContext {
+    pub fn continue_or_start(traceparent: Option<&str>) -> Self {
+        let parsed = traceparent.and_then(|value| {
+            let parts: Vec<&str> = value.split('-').collect();
+            let valid = parts.len() == 4
+                && parts[0] == "00"
+                && parts[1].len() == 32
+                && parts[1].bytes().all(|b| b.is_ascii_hexdigit())
+                && parts[1] != "00000000000000000000000000000000";
+            valid.then(|| parts[1].to_ascii_lowercase())
+        });
+        Self { trace_id: parsed.unwrap_or_else(|| Uuid::new_v4().simple().to_string()) }
+    }
+
+    /// A `traceparent` for a new span (hop) of this trace.
+    pub fn child_traceparent(&self) -> String {
+        let span = Uuid::new_v4().simple().to_string();
+        format!("00-{}-{}-01", self.trace_id, &span[..16])
+    }
+}
+
+/// Builds an outbox message with CloudEvents binary-mode headers.
+pub struct Envelope<'a> {
+    pub event_id: Uuid,
+    pub ce_type: &'a str,
+    pub source: &'a str,
+    pub subject: &'a str,
+    pub time: DateTime<Utc>,
+    pub trace: &'a TraceContext,
+}
+
+impl Envelope<'_> {
+    pub fn into_outbox(self, topic: String, key: &str, payload: Vec<u8>) -> OutboxMessage {
+        let headers = vec![
+            ("ce_specversion".to_owned(), b"1.0".to_vec()),
+            ("ce_id".to_owned(), self.event_id.to_string().into_bytes()),
+            ("ce_type".to_owned(), self.ce_type.as_bytes().to_vec()),
+            ("ce_source".to_owned(), self.source.as_bytes().to_vec()),
+            ("ce_subject".to_owned(), self.subject.as_bytes().to_vec()),
+            ("ce_time".to_owned(), self.time.to_rfc3339_opts(SecondsFormat::Millis, true).into_bytes()),
+            ("content-type".to_owned(), bridge_codec::CONTENT_TYPE.as_bytes().to_vec()),
+            ("traceparent".to_owned(), self.trace.child_traceparent().into_bytes()),
+        ];
+        OutboxMessage { event_id: self.event_id, topic, key: Some(key.as_bytes().to_vec()), payload, headers }
+    }
+}
+
+/// Dead-letter record headers, added to the original message's headers.
+pub mod dead_letter_headers {
+    pub const ORIGINAL_TOPIC: &str = "bridge_dlq_original_topic";
+    pub const ORIGINAL_PARTITION: &str = "bridge_dlq_original_partition";
+    pub const ORIGINAL_OFFSET: &str = "bridge_dlq_original_offset";
+    pub const ERROR_CLASS: &str = "bridge_dlq_error_class";
+    pub const ERROR_MESSAGE: &str = "bridge_dlq_error_message";
+    pub const STAGE: &str = "bridge_dlq_stage";
+    pub const FAILED_AT: &str = "bridge_dlq_failed_at";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_is_continued_only_from_a_valid_traceparent() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = TraceContext::continue_or_start(Some(parent));
+        assert_eq!(trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let child = trace.child_traceparent();
+        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert_eq!(child.len(), parent.len());
+        for bad in ["garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", ""] {
+            assert_ne!(TraceContext::continue_or_start(Some(bad)).trace_id, "00000000000000000000000000000000");
+            assert_eq!(TraceContext::continue_or_start(Some(bad)).trace_id.len(), 32);
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The outbox relay: the only component that produces to Kafka.
+//!
+//! It claims unpublished rows with `FOR UPDATE SKIP LOCKED`, hands them all to
+//! the idempotent producer, waits for every delivery report, and stamps the
+//! acknowledged rows published in the same transaction that holds their
+//! locks. A row whose delivery failed or timed out stays unpublished and is
+//! sent again: it may already be in the topic ("maybe published"), which
+//! consumers absorb through their inbox. Duplicates in a topic are allowed;
+//! duplicate effects are not.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::future::join_all;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use bridge_store::outbox;
+
+use crate::kafka;
+use crate::runner::{Backoff, StageContext};
+
+pub async fn run(ctx: Arc<StageContext>, shutdown: CancellationToken) -> Result<()> {
+    let producer = kafka::producer(&ctx.config)?;
+    let mut listener = PgListener::connect_with(&ctx.pool).await.context("Failed to connect the outbox listener")?;
+    listener.listen(outbox::NOTIFY_CHANNEL).await.context("Failed to listen for outbox notifications")?;
+    let poll_interval = Duration::from_millis(ctx.config.relay_poll_interval_ms);
+    let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
+    tracing::info!("Relay started");
+    while !shutdown.is_cancelled() {
+        match publish_batch(&ctx, &producer).await {
+            Ok(published) if published as i64 >= ctx.config.relay_batch_size_max => {
+                backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
+                continue;
+            }
+            Ok(_) => backoff = Backoff::new(ctx.config.retry_backoff_max_ms),
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "Relay batch failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+                continue;
+            }
+        }
+        // Sleep until a stage commits outbox rows (NOTIFY) or the poll
+        // interval passes; the poll covers lost notifications and rows left
+        // behind by a failed batch.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            notification = listener.recv() => {
+                if let Err(error) = notification {
+                    tracing::warn!(error = %error, "Outbox listener failed; falling back to polling");
+                    tokio::time::sleep(poll_interval).await;
+                }
+            }
+            _ = tokio::time::sleep(poll_interval) => {}
+        }
+    }
+    // Deliver what librdkafka still holds; the rows stay unpublished if this
+    // fails and are sent again by the next relay.
+    let _ = producer.flush(Duration::from_secs(5));
+    tracing::info!("Relay stopped");
+    Ok(())
+}
+
+/// Publishes one batch. Returns the number of rows claimed.
+pub async fn publish_batch(ctx: &StageContext, producer: &FutureProducer) -> Result<usize> {
+    let mut tx = ctx.pool.begin().await.context("Failed to begin relay transaction")?;
+    let rows = outbox::claim(&mut tx, ctx.config.relay_batch_size_max).await?;
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(0);
+    }
+    let mut deliveries = Vec::with_capacity(rows.len());
+    let mut failed = Vec::new();
+    for row in &rows {
+        let mut headers = OwnedHeaders::new_with_capacity(row.message.headers.len());
+        for (key, value) in &row.message.headers {
+            headers = headers.insert(Header { key, value: Some(value) });
+        }
+        let mut record = FutureRecord::to(&row.message.topic).payload(&row.message.payload).headers(headers);
+        if let Some(key) = &row.message.key {
+            record = record.key(key);
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push((row.id, delivery));
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    // The producer's bounded queue is full: wait for it to
+                    // drain rather than grow memory.
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => {
+                    failed.push((row.id, error.to_string()));
+                    break;
+                }
+            }
+        }
+    }
+    let (ids, futures): (Vec<i64>, Vec<_>) = deliveries.into_iter().unzip();
+    let mut published = Vec::with_capacity(ids.len());
+    for (id, result) in ids.into_iter().zip(join_all(futures).await) {
+        match result {
+            Ok(Ok(_)) => published.push(id),
+            Ok(Err((error, _))) => failed.push((id, error.to_string())),
+            Err(_) => failed.push((id, "delivery future cancelled".to_owned())),
+        }
+    }
+    outbox::mark_published(&mut tx, &published).await?;
+    if let Some((_, error)) = failed.first() {
+        tracing::warn!(failed = failed.len(), error = %error, "Some outbox rows were not acknowledged; they will be retried");
+        let ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
+        outbox::mark_failed(&mut tx, &ids, error).await?;
+    }
+    tx.commit().await.context("Failed to commit relay transaction")?;
+    if !failed.is_empty() {
+        anyhow::bail!("{} of {} outbox rows were not acknowledged", failed.len(), rows.len());
+    }
+    Ok(rows.len())
+}

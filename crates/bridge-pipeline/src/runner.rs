@@ -1,0 +1,212 @@
+//! Runs stages and the relay as tasks: consume, process, store the offset.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rand::Rng;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::message::Inbound;
+use crate::services::Services;
+use crate::stages::{self, Outcome};
+use crate::{kafka, relay, PipelineConfig, Topics};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StageName {
+    Validator,
+    Withdrawal,
+    Deposit,
+    Completion,
+}
+
+impl StageName {
+    pub const ALL: [StageName; 4] = [Self::Validator, Self::Withdrawal, Self::Deposit, Self::Completion];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Validator => "validator",
+            Self::Withdrawal => "withdrawal",
+            Self::Deposit => "deposit",
+            Self::Completion => "completion",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|stage| stage.as_str() == name)
+    }
+
+    pub fn input_topic(self, topics: &Topics) -> String {
+        match self {
+            Self::Validator => topics.requested(),
+            Self::Withdrawal => topics.validated(),
+            Self::Deposit => topics.withdrawn(),
+            Self::Completion => topics.deposited(),
+        }
+    }
+
+    pub fn group_id(self, config: &PipelineConfig) -> String {
+        format!("{}bridge-{}", config.group_prefix, self.as_str())
+    }
+}
+
+/// What a stage needs to process a message.
+pub struct StageContext {
+    pub pool: PgPool,
+    pub topics: Topics,
+    pub services: Services,
+    pub config: PipelineConfig,
+    /// CloudEvents `source` prefix of events this process emits.
+    pub source: String,
+}
+
+/// A part of the pipeline that can run in a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Stage(StageName),
+    Relay,
+}
+
+impl Part {
+    pub fn all() -> Vec<Part> {
+        StageName::ALL.into_iter().map(Part::Stage).chain([Part::Relay]).collect()
+    }
+}
+
+#[derive(Clone)]
+pub struct Pipeline {
+    ctx: Arc<StageContext>,
+}
+
+impl Pipeline {
+    pub fn new(pool: PgPool, config: PipelineConfig, services: Services) -> Self {
+        let topics = config.topics.clone();
+        Self { ctx: Arc::new(StageContext { pool, topics, services, config, source: "/bridge".to_owned() }) }
+    }
+
+    pub fn context(&self) -> &StageContext {
+        &self.ctx
+    }
+
+    /// Runs `parts` until `shutdown` is cancelled or one of them fails. Each
+    /// stage finishes the message in hand, stores its offset and commits
+    /// offsets synchronously before returning.
+    pub async fn run(&self, parts: &[Part], shutdown: CancellationToken) -> Result<()> {
+        let mut tasks = JoinSet::new();
+        for part in parts {
+            let ctx = self.ctx.clone();
+            let token = shutdown.clone();
+            match *part {
+                Part::Stage(stage) => {
+                    tasks.spawn(async move { run_stage(ctx, stage, token).await.with_context(|| format!("Stage {} failed", stage.as_str())) })
+                }
+                Part::Relay => tasks.spawn(async move { relay::run(ctx, token).await.context("Relay failed") }),
+            };
+        }
+        let mut first_error = None;
+        while let Some(result) = tasks.join_next().await {
+            let result = result.map_err(anyhow::Error::from).and_then(|inner| inner);
+            if let Err(error) = result {
+                tracing::error!(error = format!("{error:#}"), "Pipeline part stopped with an error");
+                // One part down means the process is unhealthy: stop the rest
+                // cleanly so a supervisor restarts the whole process.
+                shutdown.cancel();
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Exponential backoff with full jitter.
+pub(crate) struct Backoff {
+    attempt: u32,
+    max_ms: u64,
+}
+
+impl Backoff {
+    pub(crate) fn new(max_ms: u64) -> Self {
+        Self { attempt: 0, max_ms }
+    }
+
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let ceiling = (50u64 << self.attempt.min(16)).min(self.max_ms).max(1);
+        self.attempt += 1;
+        Duration::from_millis(rand::rng().random_range(ceiling / 2..=ceiling))
+    }
+}
+
+async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: CancellationToken) -> Result<()> {
+    let consumer = kafka::consumer(&ctx.config, &stage.group_id(&ctx.config))?;
+    let topic = stage.input_topic(&ctx.topics);
+    consumer.subscribe(&[&topic]).with_context(|| format!("Failed to subscribe to {topic}"))?;
+    tracing::info!(stage = stage.as_str(), topic = %topic, "Stage started");
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = consumer.recv() => received,
+        };
+        let message = match received {
+            Ok(message) => message,
+            Err(error) => {
+                // Broker errors are reported here and recovered by librdkafka;
+                // we keep polling.
+                tracing::warn!(stage = stage.as_str(), error = %error, "Kafka consumer error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let inbound = Inbound::from_kafka(&message);
+        let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
+        loop {
+            match stages::handle(&ctx, stage, &inbound).await {
+                Ok(outcome) => {
+                    tracing::debug!(
+                        stage = stage.as_str(),
+                        partition = inbound.partition,
+                        offset = inbound.offset,
+                        outcome = ?outcome,
+                        "Message processed"
+                    );
+                    if outcome == Outcome::Duplicate {
+                        tracing::debug!(stage = stage.as_str(), offset = inbound.offset, "Duplicate message skipped");
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        stage = stage.as_str(),
+                        partition = inbound.partition,
+                        offset = inbound.offset,
+                        error = %error,
+                        "Transient failure; retrying the message"
+                    );
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        // Leave without storing the offset: the message will
+                        // be delivered again to whoever owns the partition.
+                        _ = shutdown.cancelled() => return commit_on_exit(&consumer, stage),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        // Only now, with the transaction committed, may the offset move.
+        consumer.store_offset_from_message(&message).context("Failed to store offset")?;
+    }
+    commit_on_exit(&consumer, stage)
+}
+
+fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer, stage: StageName) -> Result<()> {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(error) => tracing::warn!(stage = stage.as_str(), error = %error, "Final offset commit failed"),
+    }
+    tracing::info!(stage = stage.as_str(), "Stage stopped");
+    Ok(())
+}

@@ -1,0 +1,538 @@
+//! The four stages. Each turns one consumed message into one database
+//! transaction: inbox insert, version-checked state change, ledger postings
+//! and outbox rows, committed together. Calls to outside services happen
+//! before that transaction, with an idempotency key, so repeating a step after
+//! a crash asks the service the same question and gets the first answer.
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use bridge_codec::{
+    decode, encode, Event, FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged,
+    TransferValidated,
+};
+use bridge_domain::{
+    check_request, ids, Currency, FailureReason, Money, RequestFacts, TransferEvent, TransferState,
+};
+use bridge_store::ledger::{self, Posting};
+use bridge_store::outbox::{self, OutboxMessage};
+use bridge_store::transfers::{self, Transfer};
+use bridge_store::{accounts, inbox};
+
+use crate::message::{dead_letter_headers as dlq, Envelope, Inbound, TraceContext};
+use crate::runner::{StageContext, StageName};
+use crate::services::{MoneyMovement, ServiceError, ServiceOutcome};
+use crate::Topics;
+
+/// What happened to a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The state change was applied and committed.
+    Applied,
+    /// The message had been applied before; nothing changed.
+    Duplicate,
+    /// The message went to the dead-letter topic (through the outbox).
+    DeadLettered,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// Another transaction changed a row we read. Retry the attempt at once.
+    #[error("lost a race: {0}")]
+    Race(String),
+    /// Database or outside service unavailable. Retry the message later; its
+    /// partition waits, which keeps per-transfer order.
+    #[error("transient failure: {0}")]
+    Transient(String),
+    /// This message can never be processed as it is. Dead-letter it.
+    #[error("{class}: {message}")]
+    Permanent { class: &'static str, message: String },
+}
+
+impl From<bridge_store::Error> for StageError {
+    fn from(error: bridge_store::Error) -> Self {
+        use bridge_store::Error as E;
+        match &error {
+            E::Conflict { .. } => StageError::Race(error.to_string()),
+            E::Database(sqlx::Error::Database(db))
+                if matches!(db.code().as_deref(), Some("23505" | "40001" | "40P01")) =>
+            {
+                StageError::Race(error.to_string())
+            }
+            _ if error.is_retryable() => StageError::Transient(error.to_string()),
+            _ => StageError::Permanent { class: "processing_error", message: error.to_string() },
+        }
+    }
+}
+
+impl From<sqlx::Error> for StageError {
+    fn from(error: sqlx::Error) -> Self {
+        bridge_store::Error::from(error).into()
+    }
+}
+
+impl From<ServiceError> for StageError {
+    fn from(error: ServiceError) -> Self {
+        if error.is_retryable() {
+            StageError::Transient(error.to_string())
+        } else {
+            StageError::Permanent { class: "service_error", message: error.to_string() }
+        }
+    }
+}
+
+fn permanent(class: &'static str, message: impl Into<String>) -> StageError {
+    StageError::Permanent { class, message: message.into() }
+}
+
+fn decode_payload<T: Event>(message: &Inbound) -> Result<T, StageError> {
+    let payload = message.payload.as_deref().unwrap_or_default();
+    decode::<T>(payload).map_err(|error| permanent(error.class(), error.to_string()))
+}
+
+fn parse_transfer_id(text: &str) -> Result<Uuid, StageError> {
+    Uuid::parse_str(text).map_err(|_| permanent("invalid_request", format!("transfer_id {text:?} is not a UUID")))
+}
+
+fn money_of(transfer: &Transfer) -> Result<Money, StageError> {
+    let currency = Currency::parse(&transfer.currency)
+        .map_err(|error| permanent("processing_error", format!("transfer {}: {error}", transfer.id)))?;
+    Ok(Money::new(transfer.amount_minor, currency))
+}
+
+fn fund_id_of(transfer: &Transfer) -> Result<&str, StageError> {
+    transfer
+        .fund_id
+        .as_deref()
+        .ok_or_else(|| permanent("processing_error", format!("transfer {} has no fund", transfer.id)))
+}
+
+/// Processes one message to completion: retries lost races a bounded number
+/// of times, dead-letters what can never succeed, and hands transient
+/// failures back to the caller, which retries the message later.
+pub async fn handle(ctx: &StageContext, stage: StageName, message: &Inbound) -> Result<Outcome, StageError> {
+    let mut races = 0;
+    loop {
+        let attempt = match stage {
+            StageName::Validator => validate(ctx, message).await,
+            StageName::Withdrawal => withdraw(ctx, message).await,
+            StageName::Deposit => deposit(ctx, message).await,
+            StageName::Completion => complete(ctx, message).await,
+        };
+        match attempt {
+            Ok(outcome) => return Ok(outcome),
+            Err(StageError::Race(reason)) if races < ctx.config.transaction_attempts_max => {
+                races += 1;
+                tracing::debug!(stage = stage.as_str(), attempt = races, reason = %reason, "Retrying after a lost race");
+                // A short random pause lets the winner finish and spreads the
+                // losers out so they do not collide again in lockstep.
+                let pause_ms = rand::rng().random_range(0..(2u64 << races.min(6)));
+                tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+            }
+            Err(StageError::Race(reason)) => return Err(StageError::Transient(reason)),
+            Err(StageError::Permanent { class, message: reason }) => {
+                tracing::warn!(
+                    stage = stage.as_str(),
+                    topic = %message.topic,
+                    partition = message.partition,
+                    offset = message.offset,
+                    error_class = class,
+                    error = %reason,
+                    "Dead-lettering a message that cannot be processed"
+                );
+                return dead_letter(ctx, stage, message, class, &reason).await;
+            }
+            Err(transient) => return Err(transient),
+        }
+    }
+}
+
+/// Sends the original message (key, bytes, headers) to `<topic>.dlq` with
+/// error headers, through the outbox, exactly once per log position.
+async fn dead_letter(
+    ctx: &StageContext,
+    stage: StageName,
+    message: &Inbound,
+    class: &'static str,
+    reason: &str,
+) -> Result<Outcome, StageError> {
+    let mut tx = ctx.pool.begin().await?;
+    if !inbox::record(&mut tx, stage.as_str(), &format!("dlq:{}", message.position_id())).await? {
+        return Ok(Outcome::DeadLettered);
+    }
+    let mut headers = message.headers.clone();
+    let now = Utc::now().to_rfc3339();
+    for (name, value) in [
+        (dlq::ORIGINAL_TOPIC, message.topic.clone()),
+        (dlq::ORIGINAL_PARTITION, message.partition.to_string()),
+        (dlq::ORIGINAL_OFFSET, message.offset.to_string()),
+        (dlq::ERROR_CLASS, class.to_owned()),
+        (dlq::ERROR_MESSAGE, reason.chars().take(1_000).collect()),
+        (dlq::STAGE, stage.as_str().to_owned()),
+        (dlq::FAILED_AT, now),
+    ] {
+        headers.push((name.to_owned(), value.into_bytes()));
+    }
+    let record = OutboxMessage {
+        event_id: Uuid::new_v4(),
+        topic: Topics::dead_letter(&message.topic),
+        key: message.key.clone(),
+        payload: message.payload.clone().unwrap_or_default(),
+        headers,
+    };
+    outbox::enqueue(&mut tx, &[record]).await?;
+    tx.commit().await?;
+    Ok(Outcome::DeadLettered)
+}
+
+fn millis(time: DateTime<Utc>) -> i64 {
+    time.timestamp_millis()
+}
+
+fn status_message(ctx: &StageContext, stage: StageName, transfer: &Transfer, previous: Option<TransferState>, trace: &TraceContext) -> Result<OutboxMessage, StageError> {
+    let event_id = ids::status_event_id(transfer.id, transfer.version);
+    let now = Utc::now();
+    let event = TransferStatusChanged {
+        event_id: event_id.to_string(),
+        transfer_id: transfer.id.to_string(),
+        version: transfer.version,
+        state: transfer.state.as_str().to_owned(),
+        previous_state: previous.map(|state| state.as_str().to_owned()),
+        terminal: transfer.state.is_terminal(),
+        reason_code: transfer.reason_code.clone(),
+        investor_account_id: transfer.investor_account_id.clone(),
+        fund_account_id: transfer.fund_account_id.clone(),
+        amount_minor: transfer.amount_minor,
+        currency: transfer.currency.clone(),
+        reference: transfer.reference.clone(),
+        occurred_at: millis(now),
+    };
+    envelope::<TransferStatusChanged>(ctx, stage, event_id, transfer, trace, now, ctx.topics.status(), &event)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn envelope<T: Event>(
+    ctx: &StageContext,
+    stage: StageName,
+    event_id: Uuid,
+    transfer: &Transfer,
+    trace: &TraceContext,
+    time: DateTime<Utc>,
+    topic: String,
+    event: &T,
+) -> Result<OutboxMessage, StageError> {
+    let payload = encode(event).map_err(|error| permanent("processing_error", error.to_string()))?;
+    let subject = transfer.id.to_string();
+    let source = format!("{}/{}", ctx.source, stage.as_str());
+    Ok(Envelope { event_id, ce_type: T::CE_TYPE, source: &source, subject: &subject, time, trace }
+        .into_outbox(topic, &subject, payload))
+}
+
+/// The fields every stage outcome event shares.
+macro_rules! stage_event {
+    ($type:ident, $transfer:expr, $event_id:expr, $now:expr $(, $field:ident = $value:expr)?) => {
+        $type {
+            event_id: $event_id.to_string(),
+            transfer_id: $transfer.id.to_string(),
+            version: $transfer.version,
+            investor_account_id: $transfer.investor_account_id.clone(),
+            fund_account_id: $transfer.fund_account_id.clone(),
+            fund_id: $transfer.fund_id.clone().unwrap_or_default(),
+            amount_minor: $transfer.amount_minor,
+            currency: $transfer.currency.clone(),
+            occurred_at: millis($now),
+            $($field: $value,)?
+        }
+    };
+}
+
+/// Validator: decides the request and, if it may proceed, holds the
+/// investor's funds and reserves the fund allocation in the same transaction
+/// that records the transfer.
+async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
+    let request: TransferRequested = decode_payload(message)?;
+    let transfer_id = parse_transfer_id(&request.transfer_id)?;
+    let requested_at = DateTime::from_timestamp_millis(request.requested_at)
+        .ok_or_else(|| permanent("invalid_request", format!("requested_at {} is out of range", request.requested_at)))?;
+    let trace = TraceContext::continue_or_start(message.header("traceparent"));
+    let mut candidate = Transfer {
+        id: transfer_id,
+        investor_account_id: request.investor_account_id.clone(),
+        fund_account_id: request.fund_account_id.clone(),
+        fund_id: None,
+        amount_minor: request.amount_minor,
+        currency: request.currency.clone(),
+        reference: request.reference.clone(),
+        source_system: request.source_system.clone(),
+        requested_at,
+        state: TransferState::Requested,
+        reason_code: None,
+        version: 1,
+        traceparent: message.header("traceparent").map(str::to_owned),
+    };
+
+    let mut tx = ctx.pool.begin().await?;
+    if let Some(existing) = transfers::get(&mut tx, transfer_id).await? {
+        if existing.same_request_as(&candidate) {
+            return Ok(Outcome::Duplicate);
+        }
+        return Err(permanent(
+            "conflicting_duplicate",
+            format!("transfer {transfer_id} already exists with a different request; the first request stands"),
+        ));
+    }
+
+    let investor = accounts::investor(&mut tx, &request.investor_account_id).await?;
+    let fund = accounts::fund_by_account(&mut tx, &request.fund_account_id).await?;
+    let allocation = match (&investor, &fund) {
+        (Some(_), Some(fund)) => accounts::allocation(&mut tx, &fund.fund_id, &request.investor_account_id).await?,
+        _ => None,
+    };
+    let decision = check_request(&RequestFacts {
+        amount_minor: request.amount_minor,
+        currency: &request.currency,
+        investor: investor.map(|row| row.value),
+        fund: fund.as_ref().map(|view| view.fund.value),
+        investor_holds_seat: allocation.is_some_and(|row| row.value.holds_seat()),
+    });
+    candidate.fund_id = fund.as_ref().map(|view| view.fund_id.clone());
+
+    let requested = transfers::insert_requested(&mut tx, &candidate).await?;
+    let mut messages = vec![status_message(ctx, StageName::Validator, &requested, None, &trace)?];
+    let next = match (decision, investor, fund) {
+        (Ok(()), Some(investor), Some(fund)) => {
+            accounts::update_investor(&mut tx, &request.investor_account_id, investor.version, 0, request.amount_minor)
+                .await?;
+            accounts::adjust_allocation(
+                &mut tx,
+                &fund.fund_id,
+                &request.investor_account_id,
+                Some(fund.fund.version),
+                request.amount_minor,
+                0,
+            )
+            .await?;
+            let validated = transfers::advance(&mut tx, &requested, &TransferEvent::Validated).await?;
+            let event_id = ids::stage_event_id(transfer_id, "validated");
+            let now = Utc::now();
+            let event = stage_event!(TransferValidated, validated, event_id, now);
+            messages.push(envelope(ctx, StageName::Validator, event_id, &validated, &trace, now, ctx.topics.validated(), &event)?);
+            validated
+        }
+        (Err(reason), _, _) => transfers::advance(&mut tx, &requested, &TransferEvent::Rejected(reason)).await?,
+        (Ok(()), _, _) => unreachable!("check_request accepts only requests whose accounts exist"),
+    };
+    messages.push(status_message(ctx, StageName::Validator, &next, Some(requested.state), &trace)?);
+    outbox::enqueue(&mut tx, &messages).await?;
+    tx.commit().await?;
+    Ok(Outcome::Applied)
+}
+
+/// Loads the transfer an outcome event refers to, outside any transaction,
+/// and says whether the step still has to be done.
+async fn pending_step(
+    ctx: &StageContext,
+    stage: StageName,
+    event_id: &str,
+    transfer_id: Uuid,
+    expected: TransferState,
+) -> Result<Option<Transfer>, StageError> {
+    let mut conn = ctx.pool.acquire().await?;
+    if inbox::contains(&mut conn, stage.as_str(), event_id).await? {
+        return Ok(None);
+    }
+    let transfer = transfers::get(&mut conn, transfer_id)
+        .await?
+        .ok_or_else(|| permanent("unknown_transfer", format!("transfer {transfer_id} does not exist")))?;
+    Ok((transfer.state == expected).then_some(transfer))
+}
+
+/// Opens the step's transaction: records the event in the inbox and re-reads
+/// the transfer. `None` means another consumer applied the step meanwhile.
+async fn begin_step(
+    conn: &mut PgConnection,
+    stage: StageName,
+    event_id: &str,
+    transfer_id: Uuid,
+    expected: TransferState,
+) -> Result<Option<Transfer>, StageError> {
+    if !inbox::record(&mut *conn, stage.as_str(), event_id).await? {
+        return Ok(None);
+    }
+    let transfer = transfers::get(conn, transfer_id).await?;
+    Ok(transfer.filter(|transfer| transfer.state == expected))
+}
+
+fn movement(transfer: &Transfer, step: &str, account_id: &str) -> Result<MoneyMovement, StageError> {
+    Ok(MoneyMovement {
+        idempotency_key: ids::idempotency_key(transfer.id, step),
+        transfer_id: transfer.id,
+        account_id: account_id.to_owned(),
+        amount: money_of(transfer)?,
+    })
+}
+
+/// Withdrawal: the investor's bank debits the investor. On success the held
+/// funds become a debit of the balance; on a decline the hold and the
+/// reservation are released and the transfer fails.
+async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
+    let event: TransferValidated = decode_payload(message)?;
+    let transfer_id = parse_transfer_id(&event.transfer_id)?;
+    let stage = StageName::Withdrawal;
+    let Some(transfer) = pending_step(ctx, stage, &event.event_id, transfer_id, TransferState::Validated).await? else {
+        return Ok(Outcome::Duplicate);
+    };
+    let movement = movement(&transfer, "withdrawal", &transfer.investor_account_id)?;
+    let outcome = ctx.services.investor.withdraw(&movement).await?;
+    let trace = TraceContext::continue_or_start(message.header("traceparent"));
+
+    let mut tx = ctx.pool.begin().await?;
+    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Validated).await? else {
+        return Ok(Outcome::Duplicate);
+    };
+    let amount = movement.amount;
+    let mut messages = Vec::with_capacity(2);
+    let next = match outcome {
+        ServiceOutcome::Settled { reference } => {
+            accounts::adjust_investor(&mut tx, &current.investor_account_id, -amount.amount_minor, -amount.amount_minor)
+                .await?;
+            let investor_ledger = ledger::investor_account(&current.investor_account_id);
+            ledger::post(
+                &mut tx,
+                &Posting {
+                    transfer_id: Some(transfer_id),
+                    step: "withdrawal",
+                    debit_account: &investor_ledger,
+                    credit_account: ledger::IN_TRANSIT,
+                    amount,
+                },
+            )
+            .await?;
+            let next = transfers::advance(&mut tx, &current, &TransferEvent::Withdrawn).await?;
+            let event_id = ids::stage_event_id(transfer_id, "withdrawn");
+            let now = Utc::now();
+            let outcome_event = stage_event!(FundsWithdrawn, next, event_id, now, external_reference = reference);
+            messages.push(envelope(ctx, stage, event_id, &next, &trace, now, ctx.topics.withdrawn(), &outcome_event)?);
+            next
+        }
+        ServiceOutcome::Declined { code } => {
+            accounts::adjust_investor(&mut tx, &current.investor_account_id, 0, -amount.amount_minor).await?;
+            accounts::adjust_allocation(&mut tx, fund_id_of(&current)?, &current.investor_account_id, None, -amount.amount_minor, 0)
+                .await?;
+            transfers::advance(&mut tx, &current, &TransferEvent::WithdrawalFailed(FailureReason(code))).await?
+        }
+    };
+    messages.push(status_message(ctx, stage, &next, Some(current.state), &trace)?);
+    outbox::enqueue(&mut tx, &messages).await?;
+    tx.commit().await?;
+    Ok(Outcome::Applied)
+}
+
+/// Deposit: the fund administrator credits the fund account. On a decline the
+/// investor is refunded (at the bank, then in our books) and the reservation
+/// released: the transfer is reversed.
+async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
+    let event: FundsWithdrawn = decode_payload(message)?;
+    let transfer_id = parse_transfer_id(&event.transfer_id)?;
+    let stage = StageName::Deposit;
+    let Some(transfer) = pending_step(ctx, stage, &event.event_id, transfer_id, TransferState::Withdrawn).await? else {
+        return Ok(Outcome::Duplicate);
+    };
+    let remit = movement(&transfer, "deposit", &transfer.fund_account_id)?;
+    let outcome = match ctx.services.fund.remit(&remit).await? {
+        ServiceOutcome::Declined { code } => {
+            let refund = movement(&transfer, "refund", &transfer.investor_account_id)?;
+            match ctx.services.investor.refund(&refund).await? {
+                ServiceOutcome::Settled { .. } => ServiceOutcome::Declined { code },
+                ServiceOutcome::Declined { code: refund_code } => {
+                    // Money is at neither end we can reach: this needs a
+                    // person. Dead-lettering keeps the transfer visibly in
+                    // flight (withdrawn) until an operator resolves it.
+                    return Err(permanent(
+                        "compensation_failed",
+                        format!("deposit declined ({code}) and refund declined ({refund_code})"),
+                    ));
+                }
+            }
+        }
+        settled => settled,
+    };
+    let trace = TraceContext::continue_or_start(message.header("traceparent"));
+
+    let mut tx = ctx.pool.begin().await?;
+    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Withdrawn).await? else {
+        return Ok(Outcome::Duplicate);
+    };
+    let amount = remit.amount;
+    let mut messages = Vec::with_capacity(2);
+    let next = match outcome {
+        ServiceOutcome::Settled { reference } => {
+            accounts::credit_fund_account(&mut tx, &current.fund_account_id, amount.amount_minor).await?;
+            let fund_ledger = ledger::fund_account(&current.fund_account_id);
+            ledger::post(
+                &mut tx,
+                &Posting {
+                    transfer_id: Some(transfer_id),
+                    step: "deposit",
+                    debit_account: ledger::IN_TRANSIT,
+                    credit_account: &fund_ledger,
+                    amount,
+                },
+            )
+            .await?;
+            let next = transfers::advance(&mut tx, &current, &TransferEvent::Deposited).await?;
+            let event_id = ids::stage_event_id(transfer_id, "deposited");
+            let now = Utc::now();
+            let outcome_event = stage_event!(FundsDeposited, next, event_id, now, external_reference = reference);
+            messages.push(envelope(ctx, stage, event_id, &next, &trace, now, ctx.topics.deposited(), &outcome_event)?);
+            next
+        }
+        ServiceOutcome::Declined { code } => {
+            accounts::adjust_investor(&mut tx, &current.investor_account_id, amount.amount_minor, 0).await?;
+            let investor_ledger = ledger::investor_account(&current.investor_account_id);
+            ledger::post(
+                &mut tx,
+                &Posting {
+                    transfer_id: Some(transfer_id),
+                    step: "refund",
+                    debit_account: ledger::IN_TRANSIT,
+                    credit_account: &investor_ledger,
+                    amount,
+                },
+            )
+            .await?;
+            accounts::adjust_allocation(&mut tx, fund_id_of(&current)?, &current.investor_account_id, None, -amount.amount_minor, 0)
+                .await?;
+            transfers::advance(&mut tx, &current, &TransferEvent::DepositFailed(FailureReason(code))).await?
+        }
+    };
+    messages.push(status_message(ctx, stage, &next, Some(current.state), &trace)?);
+    outbox::enqueue(&mut tx, &messages).await?;
+    tx.commit().await?;
+    Ok(Outcome::Applied)
+}
+
+/// Completion: the reserved allocation becomes a completed one.
+async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
+    let event: FundsDeposited = decode_payload(message)?;
+    let transfer_id = parse_transfer_id(&event.transfer_id)?;
+    let stage = StageName::Completion;
+    let trace = TraceContext::continue_or_start(message.header("traceparent"));
+    let mut tx = ctx.pool.begin().await?;
+    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Deposited).await? else {
+        if transfers::get(&mut tx, transfer_id).await?.is_none() {
+            return Err(permanent("unknown_transfer", format!("transfer {transfer_id} does not exist")));
+        }
+        return Ok(Outcome::Duplicate);
+    };
+    let amount_minor = current.amount_minor;
+    accounts::adjust_allocation(&mut tx, fund_id_of(&current)?, &current.investor_account_id, None, -amount_minor, amount_minor)
+        .await?;
+    let next = transfers::advance(&mut tx, &current, &TransferEvent::Completed).await?;
+    let messages = [status_message(ctx, stage, &next, Some(current.state), &trace)?];
+    outbox::enqueue(&mut tx, &messages).await?;
+    tx.commit().await?;
+    Ok(Outcome::Applied)
+}
