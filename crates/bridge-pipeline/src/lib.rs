@@ -16,12 +16,14 @@
 //!   preserves per-transfer ordering.
 
 pub mod config;
+pub mod demo;
 pub mod kafka;
 pub mod message;
 pub mod relay;
 pub mod runner;
 pub mod services;
 pub mod stages;
+pub mod upstream;
 
 pub use config::{PipelineConfig, Topics};
 pub use runner::{Pipeline, StageName};

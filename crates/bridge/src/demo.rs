@@ -1,0 +1,218 @@
+//! `bridge demo`: the whole job on embedded defaults.
+//!
+//! Seeds a fresh namespace of investors and funds, publishes N transfer
+//! requests (plus a few re-publications, as a retrying client would send),
+//! runs every stage and the relay in this process until every transfer is
+//! terminal, checks invariants I1–I6 and prints one JSON line.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use futures_util::{stream, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::mocking::MockCluster;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use bridge_domain::TransferState;
+use bridge_pipeline::demo::DemoData;
+use bridge_pipeline::runner::Part;
+use bridge_pipeline::services::Services;
+use bridge_pipeline::{kafka, upstream, Pipeline, PipelineConfig, Topics};
+use bridge_store::{reconcile, PoolSettings};
+
+use crate::local_postgres;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Number of transfer requests to submit.
+    #[arg(long, default_value_t = 100)]
+    transfers: usize,
+    /// Number of demo investors.
+    #[arg(long, default_value_t = 200)]
+    investors: usize,
+    /// Seed of the deterministic data generator.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Give up if transfers are not all terminal after this long.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// Postgres URL; by default the local server, else a temporary cluster.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Kafka bootstrap servers; by default an in-process Kafka cluster.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    brokers: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    submitted: usize,
+    completed: i64,
+    rejected: i64,
+    failed: i64,
+    reversed: i64,
+    in_flight: i64,
+    invariants_ok: bool,
+    elapsed_ms: u128,
+}
+
+pub async fn run(args: DemoArgs) -> Result<bool> {
+    let started = Instant::now();
+    let (database_url, _temporary_cluster) = local_postgres::resolve(args.database_url, crate::DEFAULT_DATABASE_URL).await?;
+    let pool = bridge_store::connect(&database_url, &PoolSettings::default()).await?;
+    bridge_store::migrate(&pool).await.context("Failed to migrate")?;
+
+    // The in-process cluster lives as long as this function; it is not Send,
+    // so it stays on this task while the pipeline runs on others.
+    let mut mock_cluster = None;
+    let kafka_label = args.brokers.clone().unwrap_or_else(|| "in-process cluster".to_owned());
+    let brokers = match args.brokers {
+        Some(brokers) => brokers,
+        None => {
+            let cluster = MockCluster::new(1).context("Failed to start the in-process Kafka cluster")?;
+            let servers = cluster.bootstrap_servers();
+            mock_cluster = Some(cluster);
+            servers
+        }
+    };
+
+    // A fresh namespace per run: accounts, topics and groups of earlier runs
+    // in the same database or cluster are left untouched.
+    let namespace = format!("demo-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let mut config = PipelineConfig::new(&brokers);
+    config.topics = Topics::new(format!("{namespace}."));
+    config.group_prefix = format!("{namespace}.");
+    config.topic_partitions = 6;
+    config.relay_poll_interval_ms = 100;
+    if let Some(cluster) = &mock_cluster {
+        // The in-process cluster does not serve the CreateTopics admin
+        // request; it has its own call for it.
+        for topic in config.topics.all() {
+            cluster
+                .create_topic(&topic, config.topic_partitions, 1)
+                .with_context(|| format!("Failed to create topic {topic}"))?;
+        }
+    } else {
+        kafka::ensure_topics(&config).await?;
+    }
+
+    let data = DemoData::new(&namespace, args.investors, args.seed);
+    data.seed(&pool).await.context("Failed to seed demo data")?;
+    eprintln!(
+        "Bridge demo: namespace {namespace}, {} investors, 4 funds, {} transfers, Kafka {}, Postgres {}",
+        data.investors.len(),
+        args.transfers,
+        kafka_label,
+        redact(&database_url),
+    );
+
+    let pipeline = Pipeline::new(pool.clone(), config.clone(), Services::simulated(pool.clone()));
+    let shutdown = CancellationToken::new();
+    let running = {
+        let pipeline = pipeline.clone();
+        let token = shutdown.clone();
+        tokio::spawn(async move { pipeline.run(&Part::all(), token).await })
+    };
+
+    let requests = data.requests(args.transfers, args.seed);
+    let ids: Vec<Uuid> = requests.iter().map(|request| Uuid::parse_str(&request.transfer_id)).collect::<Result<_, _>>()?;
+    // Every 50th request is published twice, as a client retrying after a
+    // lost acknowledgement would; it must still move money once.
+    let duplicates = requests.iter().step_by(50).cloned();
+    let producer = kafka::upstream_producer(&config)?;
+    let outcomes: Vec<Result<()>> = stream::iter(requests.iter().cloned().chain(duplicates))
+        .map(|request| {
+            let producer = &producer;
+            let topics = &config.topics;
+            async move { upstream::publish_request(producer, topics, &request).await }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    outcomes.into_iter().collect::<Result<Vec<()>>>().context("Failed to publish requests")?;
+
+    let progress = ProgressBar::new(args.transfers as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} terminal  {msg}")
+            .expect("static template"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let mut counts;
+    loop {
+        let mut conn = pool.acquire().await?;
+        counts = state_counts(&mut conn, &ids).await?;
+        let terminal: i64 = counts.iter().filter(|(state, _)| state.is_terminal()).map(|(_, count)| count).sum();
+        let unpublished = bridge_store::outbox::unpublished_count(&mut conn).await?;
+        progress.set_position(terminal as u64);
+        progress.set_message(describe(&counts));
+        if terminal as usize == args.transfers && unpublished == 0 {
+            break;
+        }
+        if Instant::now() > deadline || running.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    progress.finish();
+
+    shutdown.cancel();
+    let run_result = running.await.context("Pipeline task panicked")?;
+    if let Err(error) = &run_result {
+        eprintln!("Pipeline stopped with an error: {error:#}");
+    }
+
+    let mut conn = pool.acquire().await?;
+    let report = reconcile::run(&mut conn).await?;
+    for check in &report.checks {
+        let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
+        eprintln!("  {mark} {} {}", check.invariant, check.name);
+    }
+    let count = |state: TransferState| counts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+    let terminal_total: i64 = counts.iter().filter(|(state, _)| state.is_terminal()).map(|(_, n)| n).sum();
+    let summary = Summary {
+        submitted: args.transfers,
+        completed: count(TransferState::Completed),
+        rejected: count(TransferState::Rejected),
+        failed: count(TransferState::Failed),
+        reversed: count(TransferState::Reversed),
+        in_flight: args.transfers as i64 - terminal_total,
+        invariants_ok: report.ok(),
+        elapsed_ms: started.elapsed().as_millis(),
+    };
+    let reasons = rejection_reasons(&mut conn, &ids).await?;
+    eprintln!("  reasons: {reasons:?}");
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(summary.invariants_ok && summary.in_flight == 0 && run_result.is_ok())
+}
+
+fn redact(url: &str) -> String {
+    match url.split_once('@') {
+        Some((credentials, host)) if credentials.contains(':') && credentials.matches(':').count() > 1 => {
+            format!("postgres://***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn state_counts(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<Vec<(TransferState, i64)>> {
+    Ok(bridge_store::transfers::count_by_state(conn, Some(ids)).await?)
+}
+
+fn describe(counts: &[(TransferState, i64)]) -> String {
+    counts.iter().map(|(state, count)| format!("{state}={count}")).collect::<Vec<_>>().join(" ")
+}
+
+async fn rejection_reasons(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state || ':' || reason_code, count(*) FROM transfers
+         WHERE id = ANY($1) AND reason_code IS NOT NULL GROUP BY 1",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}

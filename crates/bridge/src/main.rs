@@ -1,0 +1,229 @@
+//! `bridge`: one binary, one subcommand per part of the pipeline.
+//!
+//! This crate wires configuration, logging and process lifetime around the
+//! library crates; it holds no business rules of its own.
+
+mod demo;
+mod local_postgres;
+mod submit;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use bridge_pipeline::runner::Part;
+use bridge_pipeline::services::Services;
+use bridge_pipeline::{kafka, Pipeline, PipelineConfig, StageName, Topics};
+use bridge_store::PoolSettings;
+
+/// The database a newcomer's machine most likely has.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/bridge";
+
+#[derive(Parser)]
+#[command(name = "bridge", version, about = "Moves money from investor bank accounts into investment funds, one Kafka stage at a time.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct Common {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true)]
+    pub database_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", global = true)]
+    pub brokers: String,
+    /// Prefix of every topic name (lets several pipelines share a cluster).
+    #[arg(long, env = "BRIDGE_TOPIC_PREFIX", default_value = "", global = true)]
+    pub topic_prefix: String,
+    /// Prefix of every consumer group id.
+    #[arg(long, env = "BRIDGE_GROUP_PREFIX", default_value = "", global = true)]
+    pub group_prefix: String,
+    /// Partitions of the topics Bridge creates.
+    #[arg(long, env = "BRIDGE_TOPIC_PARTITIONS", default_value_t = 6, global = true)]
+    pub topic_partitions: i32,
+    /// Replication factor of the topics Bridge creates.
+    #[arg(long, env = "BRIDGE_TOPIC_REPLICATION", default_value_t = 1, global = true)]
+    pub topic_replication: i32,
+    /// Extra librdkafka settings, `key=value`, applied to every client.
+    #[arg(long = "kafka-option", value_parser = parse_key_value, global = true)]
+    pub kafka_options: Vec<(String, String)>,
+    /// Postgres connections per process.
+    #[arg(long, env = "BRIDGE_DB_CONNECTIONS_MAX", default_value_t = 16, global = true)]
+    pub db_connections_max: u32,
+}
+
+impl Common {
+    pub fn pipeline_config(&self, brokers: &str) -> PipelineConfig {
+        let mut config = PipelineConfig::new(brokers);
+        config.topics = Topics::new(&self.topic_prefix);
+        config.group_prefix = self.group_prefix.clone();
+        config.topic_partitions = self.topic_partitions;
+        config.topic_replication = self.topic_replication;
+        config.kafka_overrides = self.kafka_options.clone();
+        config
+    }
+
+    pub fn pool_settings(&self) -> PoolSettings {
+        PoolSettings { connections_max: self.db_connections_max, ..PoolSettings::default() }
+    }
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the database if missing and apply schema migrations.
+    Migrate(MigrateArgs),
+    /// Create the demo investors, funds and accounts (deterministic, idempotent).
+    Seed(SeedArgs),
+    /// Run pipeline stages and the outbox relay until SIGTERM or Ctrl-C.
+    Run(RunArgs),
+    /// Publish transfer requests to the request topic, as an upstream system would.
+    Submit(submit::SubmitArgs),
+    /// Seed, submit, run everything until every transfer is terminal, and check the books.
+    Demo(demo::DemoArgs),
+    /// Check invariants I1–I6 against the database; exit non-zero on a violation.
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Also create the Kafka topics.
+    #[arg(long)]
+    topics: bool,
+}
+
+#[derive(Args)]
+struct SeedArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Namespace of the demo account ids.
+    #[arg(long, default_value = "demo")]
+    namespace: String,
+    /// Number of investors.
+    #[arg(long, default_value_t = 200)]
+    investors: usize,
+    /// Seed of the deterministic generator.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Run only these stages (validator, withdrawal, deposit, completion);
+    /// repeatable. Without it every stage and the relay run.
+    #[arg(long = "stage")]
+    stages: Vec<String>,
+    /// Run the outbox relay (implied when no --stage is given).
+    #[arg(long)]
+    relay: bool,
+}
+
+#[derive(Args)]
+struct ReconcileArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Cancelled on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on Unix");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("Shutdown requested");
+        trigger.cancel();
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Migrate(args) => {
+            init_logging("info");
+            bridge_store::ensure_database(&args.common.database_url).await.context("Failed to create the database")?;
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            bridge_store::migrate(&pool).await.context("Failed to migrate")?;
+            if args.topics {
+                kafka::ensure_topics(&args.common.pipeline_config(&args.common.brokers)).await?;
+            }
+            println!("migrated");
+        }
+        Command::Seed(args) => {
+            init_logging("info");
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            let data = bridge_pipeline::demo::DemoData::new(&args.namespace, args.investors, args.seed);
+            data.seed(&pool).await.context("Failed to seed")?;
+            println!("seeded namespace {} with {} investors and 4 funds", args.namespace, data.investors.len());
+        }
+        Command::Run(args) => {
+            init_logging("info");
+            let mut parts = Vec::new();
+            for name in &args.stages {
+                let stage = StageName::parse(name)
+                    .with_context(|| format!("Unknown stage {name:?}; expected validator, withdrawal, deposit or completion"))?;
+                parts.push(Part::Stage(stage));
+            }
+            if args.relay {
+                parts.push(Part::Relay);
+            }
+            if parts.is_empty() {
+                parts = Part::all();
+            }
+            let config = args.common.pipeline_config(&args.common.brokers);
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            kafka::ensure_topics(&config).await?;
+            let pipeline = Pipeline::new(pool.clone(), config, Services::simulated(pool));
+            pipeline.run(&parts, shutdown_on_signal()).await?;
+        }
+        Command::Submit(args) => {
+            init_logging("warn");
+            submit::run(args).await?;
+        }
+        Command::Demo(args) => {
+            init_logging("warn");
+            let ok = demo::run(args).await?;
+            if !ok {
+                std::process::exit(1);
+            }
+        }
+        Command::Reconcile(args) => {
+            init_logging("warn");
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            let mut conn = pool.acquire().await?;
+            let report = bridge_store::reconcile::run(&mut conn).await?;
+            for check in &report.checks {
+                let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
+                println!("{mark} {} {} ({} violations)", check.invariant, check.name, check.violations);
+            }
+            println!("in flight: {}, outbox unpublished: {}", report.in_flight, report.outbox_unpublished);
+            if !report.ok() {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
