@@ -1,0 +1,447 @@
+//! Test support: every integration test starts from [`TestKit::start`].
+//!
+//! A kit owns a fresh Postgres database (migrated), a broker (the in-process
+//! `MockCluster` or the standalone broker named by
+//! `BRIDGE_TEST_TANSU_BROKERS`), and random topic and group prefixes, so tests
+//! run in parallel without seeing each other. It drives the pipeline only
+//! through its public entry points and Kafka, as a deployment would.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use chrono::Utc;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use bridge_codec::TransferRequested;
+use bridge_domain::{Currency, Money};
+use bridge_pipeline::message::Inbound;
+use bridge_pipeline::runner::Part;
+use bridge_pipeline::services::Services;
+use bridge_pipeline::{kafka, upstream, Pipeline, PipelineConfig, StageName, Topics};
+use bridge_store::accounts::{self, FundAccountSeed, FundSeed, InvestorSeed};
+use bridge_store::reconcile::{self, Report};
+use bridge_store::transfers::{self, Transfer};
+use bridge_store::PoolSettings;
+
+pub use bridge_pipeline::runner::Part as PipelinePart;
+
+/// Which Kafka-protocol broker a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// librdkafka's in-process mock cluster.
+    InProcess,
+    /// The standalone broker process started by `scripts/test.sh`.
+    Standalone,
+}
+
+/// Runs a scenario once per broker: `both_brokers!(happy_path);` expects an
+/// `async fn happy_path(kind: BrokerKind) -> anyhow::Result<()>` and makes the
+/// tests `happy_path::in_process` and `happy_path::standalone`.
+#[macro_export]
+macro_rules! both_brokers {
+    ($($scenario:ident),+ $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn in_process() -> anyhow::Result<()> {
+                super::$scenario($crate::BrokerKind::InProcess).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn standalone() -> anyhow::Result<()> {
+                super::$scenario($crate::BrokerKind::Standalone).await
+            }
+        }
+    )+};
+}
+
+/// The in-process cluster lives on a thread of its own because it is not
+/// `Send`; dropping the handle stops it.
+struct InProcessCluster {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcessCluster {
+    fn start(topics: Vec<String>, partitions: i32) -> Result<(Self, String)> {
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let cluster = match MockCluster::new(1) {
+                Ok(cluster) => cluster,
+                Err(error) => {
+                    let _ = ready_tx.send(Err(error.to_string()));
+                    return;
+                }
+            };
+            for topic in &topics {
+                if let Err(error) = cluster.create_topic(topic, partitions, 1) {
+                    let _ = ready_tx.send(Err(format!("create {topic}: {error}")));
+                    return;
+                }
+            }
+            let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+            // Park until the kit is dropped.
+            let _ = stop_rx.recv();
+        });
+        let servers = ready_rx
+            .recv()
+            .context("In-process cluster thread died")?
+            .map_err(|error| anyhow::anyhow!("Failed to start the in-process cluster: {error}"))?;
+        Ok((Self { stop: Some(stop_tx), thread: Some(thread) }, servers))
+    }
+}
+
+impl Drop for InProcessCluster {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub struct TestKit {
+    pub pool: PgPool,
+    pub database_url: String,
+    pub config: PipelineConfig,
+    pub kind: BrokerKind,
+    pub currency: Currency,
+    producer: FutureProducer,
+    _cluster: Option<InProcessCluster>,
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+impl TestKit {
+    pub async fn start(kind: BrokerKind) -> Result<Self> {
+        Self::start_with(kind, |_| {}).await
+    }
+
+    /// Starts a kit; `adjust` may change the pipeline settings first.
+    pub async fn start_with(kind: BrokerKind, adjust: impl FnOnce(&mut PipelineConfig)) -> Result<Self> {
+        init_tracing();
+        let server = std::env::var("BRIDGE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let (base, _) = server.rsplit_once('/').context("BRIDGE_TEST_DATABASE_URL has no database path")?;
+        let run = Uuid::new_v4().simple().to_string();
+        let database_url = format!("{base}/bridge_test_{}", &run[..16]);
+        bridge_store::ensure_database(&database_url).await.context("Failed to create the test database")?;
+        let pool = bridge_store::connect(&database_url, &PoolSettings { connections_max: 24, acquire_timeout_ms: 30_000 })
+            .await
+            .context("Failed to connect to the test database")?;
+        bridge_store::migrate(&pool).await.context("Failed to migrate the test database")?;
+
+        let prefix = format!("t{}.", &run[16..28]);
+        let mut config = PipelineConfig::new("");
+        config.topics = Topics::new(&prefix);
+        config.group_prefix = prefix.clone();
+        config.topic_partitions = 3;
+        config.relay_poll_interval_ms = 100;
+        config.session_timeout_ms = 6_000;
+        config.retry_backoff_max_ms = 1_000;
+        adjust(&mut config);
+
+        let cluster = match kind {
+            BrokerKind::InProcess => {
+                let (cluster, servers) = InProcessCluster::start(config.topics.all(), config.topic_partitions)?;
+                config.brokers = servers;
+                Some(cluster)
+            }
+            BrokerKind::Standalone => {
+                config.brokers = std::env::var("BRIDGE_TEST_TANSU_BROKERS").context(
+                    "BRIDGE_TEST_TANSU_BROKERS is not set: run the suite with scripts/test.sh, which starts the standalone broker",
+                )?;
+                kafka::ensure_topics(&config).await?;
+                None
+            }
+        };
+        let producer = kafka::upstream_producer(&config)?;
+        Ok(Self {
+            pool,
+            database_url,
+            config,
+            kind,
+            currency: Currency::parse("EUR").expect("EUR"),
+            producer,
+            _cluster: cluster,
+        })
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.config.topics
+    }
+
+    pub fn eur(&self, amount_minor: i64) -> Money {
+        Money::new(amount_minor, self.currency)
+    }
+
+    pub fn pipeline(&self) -> Pipeline {
+        Pipeline::new(self.pool.clone(), self.config.clone(), Services::simulated(self.pool.clone()))
+    }
+
+    /// Spawns the given parts of the pipeline on this runtime.
+    pub fn spawn(&self, parts: &[Part]) -> RunningPipeline {
+        let pipeline = self.pipeline();
+        let token = CancellationToken::new();
+        let parts = parts.to_vec();
+        let run_token = token.clone();
+        let handle = tokio::spawn(async move { pipeline.run(&parts, run_token).await });
+        RunningPipeline { token, handle }
+    }
+
+    pub fn spawn_all(&self) -> RunningPipeline {
+        self.spawn(&Part::all())
+    }
+
+    pub async fn seed_investor(&self, id: &str, balance_minor: i64) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        accounts::seed_investor(&mut conn, &InvestorSeed { id: id.to_owned(), opening_balance: self.eur(balance_minor) })
+            .await?;
+        Ok(())
+    }
+
+    /// Seeds a fund and one account of it named `<fund_id>-account`.
+    pub async fn seed_fund(&self, fund_id: &str, minimum_minor: i64, seats_max: i32, capacity_minor: i64) -> Result<String> {
+        let mut conn = self.pool.acquire().await?;
+        accounts::seed_fund(
+            &mut conn,
+            &FundSeed {
+                id: fund_id.to_owned(),
+                name: fund_id.to_owned(),
+                currency: self.currency,
+                minimum_investment_minor: minimum_minor,
+                seats_max,
+                capacity_minor,
+            },
+        )
+        .await?;
+        let account = format!("{fund_id}-account");
+        accounts::seed_fund_account(
+            &mut conn,
+            &FundAccountSeed { id: account.clone(), fund_id: fund_id.to_owned(), currency: self.currency },
+        )
+        .await?;
+        Ok(account)
+    }
+
+    pub async fn set_simulated_account_status(&self, account_id: &str, status: &str) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        bridge_store::simulator::set_account_status(&mut conn, account_id, status).await?;
+        Ok(())
+    }
+
+    pub fn request(&self, investor: &str, fund_account: &str, amount_minor: i64) -> TransferRequested {
+        TransferRequested {
+            transfer_id: Uuid::new_v4().to_string(),
+            investor_account_id: investor.to_owned(),
+            fund_account_id: fund_account.to_owned(),
+            amount_minor,
+            currency: "EUR".to_owned(),
+            requested_at: Utc::now().timestamp_millis(),
+            reference: String::new(),
+            source_system: "test".to_owned(),
+        }
+    }
+
+    pub async fn publish(&self, request: &TransferRequested) -> Result<Uuid> {
+        upstream::publish_request(&self.producer, self.topics(), request).await?;
+        Ok(Uuid::parse_str(&request.transfer_id)?)
+    }
+
+    pub async fn publish_raw(&self, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: &[(String, Vec<u8>)]) -> Result<()> {
+        upstream::publish_raw(&self.producer, topic, key, payload, headers).await
+    }
+
+    pub async fn transfer(&self, id: Uuid) -> Result<Transfer> {
+        let mut conn = self.pool.acquire().await?;
+        transfers::get(&mut conn, id).await?.with_context(|| format!("transfer {id} not found"))
+    }
+
+    /// Waits until every transfer in `ids` exists and is terminal and the
+    /// outbox is drained.
+    pub async fn wait_terminal(&self, ids: &[Uuid], timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            let terminal: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM transfers WHERE id = ANY($1)
+                 AND state IN ('completed', 'rejected', 'failed', 'reversed')",
+            )
+            .bind(ids)
+            .fetch_one(&mut *conn)
+            .await?;
+            let unpublished = bridge_store::outbox::unpublished_count(&mut conn).await?;
+            if terminal as usize == ids.len() && unpublished == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let states: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT state, count(*) FROM transfers WHERE id = ANY($1) GROUP BY state")
+                        .bind(ids)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                bail!(
+                    "Timed out: {terminal} of {} transfers terminal, {unpublished} outbox rows unpublished, states {states:?}",
+                    ids.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn reconcile(&self) -> Result<Report> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(reconcile::run(&mut conn).await?)
+    }
+
+    /// Fails with the violated checks unless the books balance.
+    pub async fn assert_books_balance(&self) -> Result<()> {
+        let report = self.reconcile().await?;
+        if !report.ok() {
+            bail!("Invariant violations: {:#?}", report.violations());
+        }
+        Ok(())
+    }
+
+    fn client(&self, group: &str) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("broker.address.family", "v4")
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000");
+        client
+    }
+
+    fn partitions(&self) -> Vec<i32> {
+        (0..self.config.topic_partitions).collect()
+    }
+
+    /// Every message in `topic`, partition by partition, up to the high
+    /// watermark at the time of the call.
+    pub async fn read_topic(&self, topic: &str) -> Result<Vec<Inbound>> {
+        let consumer: StreamConsumer = self.client(&format!("{}reader-{}", self.config.group_prefix, Uuid::new_v4())).create()?;
+        let mut ends = HashMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for partition in self.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+            if high > low {
+                ends.insert(partition, high);
+                assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+            }
+        }
+        let mut messages = Vec::new();
+        if ends.is_empty() {
+            return Ok(messages);
+        }
+        consumer.assign(&assignment)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ends.is_empty() {
+            let message = tokio::time::timeout_at(deadline.into(), consumer.recv())
+                .await
+                .with_context(|| format!("Timed out reading {topic}; partitions left {ends:?}"))??;
+            let inbound = Inbound::from_kafka(&message);
+            if let Some(end) = ends.get(&inbound.partition) {
+                if inbound.offset + 1 >= *end {
+                    ends.remove(&inbound.partition);
+                }
+            }
+            messages.push(inbound);
+        }
+        Ok(messages)
+    }
+
+    /// Waits until the stage's consumer group has committed offsets up to
+    /// the end of every partition of its input topic.
+    pub async fn wait_caught_up(&self, stage: StageName, timeout: Duration) -> Result<()> {
+        let topic = stage.input_topic(self.topics());
+        let group = stage.group_id(&self.config);
+        let consumer: StreamConsumer = self.client(&group).create()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut list = TopicPartitionList::new();
+            for partition in self.partitions() {
+                list.add_partition(&topic, partition);
+            }
+            let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
+            let mut behind = Vec::new();
+            for element in committed.elements() {
+                let (_, high) = consumer.fetch_watermarks(&topic, element.partition(), Duration::from_secs(10))?;
+                let at = match element.offset() {
+                    Offset::Offset(offset) => offset,
+                    _ => 0,
+                };
+                if at < high {
+                    behind.push((element.partition(), at, high));
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("Group {group} not caught up on {topic}: (partition, committed, end) {behind:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Makes every stage forget its committed offsets: later spawns use
+    /// fresh consumer groups, which start from the beginning of each topic.
+    /// To the stages this is exactly a crash after every database commit and
+    /// before any offset commit: every message arrives again. (Moving the old
+    /// groups' offsets back instead would race with the brokers' removal of
+    /// the stopped members.)
+    pub fn forget_committed_offsets(&mut self) {
+        self.config.group_prefix = format!("{}again-{}.", self.config.group_prefix, &Uuid::new_v4().simple().to_string()[..8]);
+    }
+
+    /// Counts of rows that record effects, to compare before and after
+    /// redelivery: (ledger entries, transfer versions, outbox rows, settled
+    /// outside-service operations).
+    pub async fn effect_counts(&self) -> Result<(i64, i64, i64, i64)> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(sqlx::query_as(
+            "SELECT (SELECT count(*) FROM ledger_entries), (SELECT count(*) FROM transfer_versions),
+                    (SELECT count(*) FROM outbox), (SELECT count(*) FROM sim_operations)",
+        )
+        .fetch_one(&mut *conn)
+        .await?)
+    }
+}
+
+pub struct RunningPipeline {
+    token: CancellationToken,
+    handle: JoinHandle<Result<()>>,
+}
+
+impl RunningPipeline {
+    /// Stops gracefully and returns the pipeline's own result.
+    pub async fn stop(self) -> Result<()> {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .context("Pipeline did not stop within 60 s")??
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or a warm one:
+# starts Postgres if it is not running, builds and starts the standalone
+# broker (tansu) if needed, runs every test against real Postgres, the
+# in-process Kafka cluster and the standalone broker, then stops the broker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/ensure-postgres.sh
+scripts/tansu.sh start
+trap 'scripts/tansu.sh stop' EXIT
+
+export BRIDGE_TEST_DATABASE_URL=${BRIDGE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+export BRIDGE_TEST_TANSU_BROKERS=127.0.0.1:${BRIDGE_TANSU_PORT:-19092}
+
+# Databases left by earlier runs of the suite.
+psql -qAt -h 127.0.0.1 -U postgres -d postgres \
+  -c "SELECT datname FROM pg_database WHERE datname LIKE 'bridge\_test\_%'" |
+  while read -r database; do dropdb -h 127.0.0.1 -U postgres --if-exists "$database" || true; done
+
+cargo nextest run --workspace --no-fail-fast "$@"

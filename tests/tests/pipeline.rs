@@ -1,0 +1,362 @@
+//! The pipeline end to end: requests in on Kafka, state in Postgres, events
+//! out on Kafka. Every scenario runs against both brokers.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use uuid::Uuid;
+
+use bridge_codec::{decode, encode, TransferStatusChanged};
+use bridge_domain::TransferState;
+use bridge_pipeline::message::dead_letter_headers as dlq;
+use bridge_pipeline::runner::Part;
+use bridge_pipeline::{StageName, Topics};
+use bridge_testkit::{both_brokers, BrokerKind, TestKit};
+
+const SETTLE: Duration = Duration::from_secs(90);
+
+async fn investor_balance(kit: &TestKit, id: &str) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as("SELECT balance_minor, held_minor FROM investor_accounts WHERE id = $1")
+        .bind(id)
+        .fetch_one(&kit.pool)
+        .await?)
+}
+
+async fn fund_totals(kit: &TestKit, id: &str) -> Result<(i64, i64, i32)> {
+    Ok(sqlx::query_as("SELECT reserved_minor, completed_minor, investors_count FROM funds WHERE id = $1")
+        .bind(id)
+        .fetch_one(&kit.pool)
+        .await?)
+}
+
+async fn fund_account_balance(kit: &TestKit, id: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT balance_minor FROM fund_accounts WHERE id = $1").bind(id).fetch_one(&kit.pool).await?)
+}
+
+/// Status events of one transfer as published, decoded, in topic order.
+async fn status_events(kit: &TestKit, transfer: Uuid) -> Result<Vec<TransferStatusChanged>> {
+    let key = transfer.to_string();
+    kit.read_topic(&kit.topics().status())
+        .await?
+        .into_iter()
+        .filter(|message| message.key.as_deref() == Some(key.as_bytes()))
+        .map(|message| decode::<TransferStatusChanged>(message.payload.as_deref().unwrap_or_default()).map_err(Into::into))
+        .collect()
+}
+
+both_brokers!(
+    happy_path_moves_money_to_the_minor_unit,
+    every_rejection_reason_is_reported,
+    declined_steps_are_compensated,
+    the_same_message_twice_moves_money_once,
+    redelivery_after_commit_before_offset_commit_leaves_one_effect,
+    concurrent_transfers_never_overspend,
+    undecodable_messages_go_to_the_dead_letter_topic_and_the_partition_flows,
+);
+
+async fn happy_path_moves_money_to_the_minor_unit(kind: BrokerKind) -> Result<()> {
+    let kit = TestKit::start(kind).await?;
+    kit.seed_investor("alice", 10_000_00).await?;
+    let fund_account = kit.seed_fund("growth", 100_00, 10, 1_000_000_00).await?;
+    let pipeline = kit.spawn_all();
+
+    let id = kit.publish(&kit.request("alice", &fund_account, 2_500_37)).await?;
+    kit.wait_terminal(&[id], SETTLE).await?;
+
+    let transfer = kit.transfer(id).await?;
+    ensure!(transfer.state == TransferState::Completed, "state {:?}", transfer.state);
+    ensure!(transfer.version == 5);
+    ensure!(investor_balance(&kit, "alice").await? == (10_000_00 - 2_500_37, 0));
+    ensure!(fund_account_balance(&kit, &fund_account).await? == 2_500_37);
+    ensure!(fund_totals(&kit, "growth").await? == (0, 2_500_37, 1));
+
+    let history = {
+        let mut conn = kit.pool.acquire().await?;
+        bridge_store::transfers::history(&mut conn, id).await?
+    };
+    let states: Vec<&str> = history.iter().map(|version| version.state.as_str()).collect();
+    ensure!(states == ["requested", "validated", "withdrawn", "deposited", "completed"], "{states:?}");
+
+    // Downstream sees every state, in order, once or more, with stable ids.
+    let mut events = status_events(&kit, id).await?;
+    events.dedup_by(|a, b| a.event_id == b.event_id);
+    let versions: Vec<i64> = events.iter().map(|event| event.version).collect();
+    ensure!(versions == [1, 2, 3, 4, 5], "status versions {versions:?}");
+    ensure!(events.last().is_some_and(|event| event.terminal && event.state == "completed"));
+    for (event, version) in events.iter().zip(&history) {
+        ensure!(event.event_id == version.event_id.to_string());
+    }
+    let status = kit.read_topic(&kit.topics().status()).await?;
+    let first = status.first().context("status topic is empty")?;
+    for header in ["ce_id", "ce_type", "ce_source", "ce_specversion", "ce_time", "content-type", "traceparent"] {
+        ensure!(first.header(header).is_some(), "status event lacks header {header}");
+    }
+    ensure!(first.header("ce_specversion") == Some("1.0"));
+
+    pipeline.stop().await?;
+    kit.assert_books_balance().await
+}
+
+async fn every_rejection_reason_is_reported(kind: BrokerKind) -> Result<()> {
+    let kit = TestKit::start(kind).await?;
+    kit.seed_investor("rich", 1_000_000_00).await?;
+    kit.seed_investor("poor", 50_00).await?;
+    kit.seed_investor("late", 1_000_000_00).await?;
+    let open = kit.seed_fund("open", 100_00, 100, 1_000_000_00).await?;
+    let one_seat = kit.seed_fund("one-seat", 100_00, 1, 1_000_000_00).await?;
+    let small = kit.seed_fund("small", 100_00, 100, 1_000_00).await?;
+    let pipeline = kit.spawn_all();
+
+    // Take the only seat first, so the later request finds the fund full.
+    let seat_holder = kit.publish(&kit.request("rich", &one_seat, 200_00)).await?;
+    kit.wait_terminal(&[seat_holder], SETTLE).await?;
+
+    let mut usd = kit.request("rich", &open, 200_00);
+    usd.currency = "USD".into();
+    let mut lower_case = kit.request("rich", &open, 200_00);
+    lower_case.currency = "eur".into();
+    let cases = [
+        (kit.request("nobody", &open, 200_00), "UNKNOWN_INVESTOR_ACCOUNT"),
+        (kit.request("rich", "no-such-fund-account", 200_00), "UNKNOWN_FUND_ACCOUNT"),
+        (kit.request("rich", &open, 0), "NON_POSITIVE_AMOUNT"),
+        (kit.request("rich", &open, -5), "NON_POSITIVE_AMOUNT"),
+        (usd, "CURRENCY_MISMATCH"),
+        (lower_case, "INVALID_CURRENCY"),
+        (kit.request("rich", &open, 99_99), "BELOW_MINIMUM_INVESTMENT"),
+        (kit.request("late", &one_seat, 200_00), "FUND_FULL"),
+        (kit.request("rich", &small, 1_000_01), "FUND_CAPACITY_EXCEEDED"),
+        (kit.request("poor", &open, 100_00), "INSUFFICIENT_FUNDS"),
+    ];
+    let mut ids = Vec::new();
+    for (request, _) in &cases {
+        ids.push(kit.publish(request).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await?;
+
+    for ((_, reason), id) in cases.iter().zip(&ids) {
+        let transfer = kit.transfer(*id).await?;
+        ensure!(transfer.state == TransferState::Rejected, "{reason}: state {:?}", transfer.state);
+        ensure!(transfer.reason_code.as_deref() == Some(*reason), "{reason}: got {:?}", transfer.reason_code);
+        let events = status_events(&kit, *id).await?;
+        let last = events.last().context("no status event")?;
+        ensure!(last.state == "rejected" && last.terminal && last.reason_code.as_deref() == Some(*reason));
+    }
+    // Nothing was held for any rejected request.
+    ensure!(investor_balance(&kit, "poor").await? == (50_00, 0));
+    ensure!(investor_balance(&kit, "late").await? == (1_000_000_00, 0));
+    ensure!(investor_balance(&kit, "rich").await? == (1_000_000_00 - 200_00, 0));
+
+    pipeline.stop().await?;
+    kit.assert_books_balance().await
+}
+
+async fn declined_steps_are_compensated(kind: BrokerKind) -> Result<()> {
+    let kit = TestKit::start(kind).await?;
+    kit.seed_investor("frozen", 5_000_00).await?;
+    kit.seed_investor("bob", 5_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let closed_account = kit.seed_fund("closed", 100_00, 10, 1_000_000_00).await?;
+    kit.set_simulated_account_status("frozen", "frozen").await?;
+    kit.set_simulated_account_status(&closed_account, "closed").await?;
+    let pipeline = kit.spawn_all();
+
+    let failed = kit.publish(&kit.request("frozen", &fund_account, 1_000_00)).await?;
+    let reversed = kit.publish(&kit.request("bob", &closed_account, 1_000_00)).await?;
+    kit.wait_terminal(&[failed, reversed], SETTLE).await?;
+
+    let failed = kit.transfer(failed).await?;
+    ensure!(failed.state == TransferState::Failed && failed.reason_code.as_deref() == Some("ACCOUNT_FROZEN"));
+    ensure!(investor_balance(&kit, "frozen").await? == (5_000_00, 0), "hold released, nothing debited");
+    ensure!(fund_totals(&kit, "fund").await? == (0, 0, 0), "reservation and seat released");
+
+    let reversed = kit.transfer(reversed).await?;
+    ensure!(reversed.state == TransferState::Reversed && reversed.reason_code.as_deref() == Some("ACCOUNT_CLOSED"));
+    ensure!(investor_balance(&kit, "bob").await? == (5_000_00, 0), "investor refunded to the minor unit");
+    ensure!(fund_account_balance(&kit, &closed_account).await? == 0);
+    ensure!(fund_totals(&kit, "closed").await? == (0, 0, 0));
+
+    pipeline.stop().await?;
+    kit.assert_books_balance().await
+}
+
+async fn the_same_message_twice_moves_money_once(kind: BrokerKind) -> Result<()> {
+    let kit = TestKit::start(kind).await?;
+    kit.seed_investor("carol", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let pipeline = kit.spawn_all();
+
+    let request = kit.request("carol", &fund_account, 3_000_00);
+    let id = kit.publish(&request).await?;
+    kit.publish(&request).await?;
+    kit.wait_terminal(&[id], SETTLE).await?;
+    let before = kit.effect_counts().await?;
+
+    // Re-deliver every stage event of the transfer, byte for byte.
+    for topic in [kit.topics().validated(), kit.topics().withdrawn(), kit.topics().deposited()] {
+        for message in kit.read_topic(&topic).await? {
+            kit.publish_raw(&topic, message.key.as_deref(), message.payload.as_deref().unwrap_or_default(), &message.headers)
+                .await?;
+        }
+    }
+    // A different request reusing the transfer id is refused as a conflict.
+    let mut conflicting = request.clone();
+    conflicting.amount_minor = 9_000_00;
+    kit.publish(&conflicting).await?;
+
+    for stage in StageName::ALL {
+        kit.wait_caught_up(stage, SETTLE).await?;
+    }
+    kit.wait_terminal(&[id], SETTLE).await?;
+    ensure!(kit.effect_counts().await? == (before.0, before.1, before.2 + 1, before.3), "only the dead letter is new");
+    ensure!(investor_balance(&kit, "carol").await? == (7_000_00, 0));
+    ensure!(kit.transfer(id).await?.amount_minor == 3_000_00, "the first request stands");
+
+    let dead = wait_for_messages(&kit, &Topics::dead_letter(&kit.topics().requested()), 1).await?;
+    ensure!(dead[0].header(dlq::ERROR_CLASS) == Some("conflicting_duplicate"));
+    ensure!(dead[0].payload.as_deref() == Some(encode(&conflicting)?.as_slice()), "original bytes kept");
+
+    pipeline.stop().await?;
+    kit.assert_books_balance().await
+}
+
+async fn redelivery_after_commit_before_offset_commit_leaves_one_effect(kind: BrokerKind) -> Result<()> {
+    let mut kit = TestKit::start(kind).await?;
+    for investor in 0..5 {
+        kit.seed_investor(&format!("inv-{investor}"), 10_000_00).await?;
+    }
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_00).await?;
+    let closed_account = kit.seed_fund("closed", 100_00, 100, 1_000_000_00).await?;
+    kit.set_simulated_account_status(&closed_account, "closed").await?;
+    let pipeline = kit.spawn_all();
+    let mut ids = Vec::new();
+    for investor in 0..5 {
+        ids.push(kit.publish(&kit.request(&format!("inv-{investor}"), &fund_account, 1_500_00)).await?);
+        ids.push(kit.publish(&kit.request(&format!("inv-{investor}"), &closed_account, 700_00)).await?);
+        ids.push(kit.publish(&kit.request(&format!("inv-{investor}"), &fund_account, 50_00)).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await?;
+    for stage in StageName::ALL {
+        kit.wait_caught_up(stage, SETTLE).await?;
+    }
+    pipeline.stop().await?;
+    let before = kit.effect_counts().await?;
+    let balances_before = investor_balance(&kit, "inv-3").await?;
+
+    // Every database commit stands but every offset commit is lost: the
+    // restarted stages see every message again.
+    kit.forget_committed_offsets();
+    let pipeline = kit.spawn_all();
+    for stage in StageName::ALL {
+        kit.wait_caught_up(stage, SETTLE).await?;
+    }
+    pipeline.stop().await?;
+
+    ensure!(kit.effect_counts().await? == before, "redelivery changed effects: {:?} vs {before:?}", kit.effect_counts().await?);
+    ensure!(investor_balance(&kit, "inv-3").await? == balances_before);
+    ensure!(balances_before == (10_000_00 - 1_500_00, 0));
+    kit.assert_books_balance().await
+}
+
+async fn concurrent_transfers_never_overspend(kind: BrokerKind) -> Result<()> {
+    let kit = TestKit::start_with(kind, |config| config.topic_partitions = 6).await?;
+    kit.seed_investor("dave", 1_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+
+    // Three validators in one group race for the same investor from
+    // different partitions; the other stages and the relay run apart.
+    let validators: Vec<_> = (0..3).map(|_| kit.spawn(&[Part::Stage(StageName::Validator)])).collect();
+    let rest = kit.spawn(&[
+        Part::Stage(StageName::Withdrawal),
+        Part::Stage(StageName::Deposit),
+        Part::Stage(StageName::Completion),
+        Part::Relay,
+    ]);
+    let requests: Vec<_> = (0..25).map(|_| kit.request("dave", &fund_account, 100_00)).collect();
+    let ids: Vec<Uuid> = futures::future::try_join_all(requests.iter().map(|request| kit.publish(request))).await?;
+    kit.wait_terminal(&ids, SETTLE).await?;
+
+    let mut completed = 0;
+    let mut insufficient = 0;
+    for id in &ids {
+        let transfer = kit.transfer(*id).await?;
+        match (transfer.state, transfer.reason_code.as_deref()) {
+            (TransferState::Completed, _) => completed += 1,
+            (TransferState::Rejected, Some("INSUFFICIENT_FUNDS")) => insufficient += 1,
+            other => anyhow::bail!("unexpected outcome {other:?}"),
+        }
+    }
+    ensure!((completed, insufficient) == (10, 15), "completed {completed}, insufficient {insufficient}");
+    ensure!(investor_balance(&kit, "dave").await? == (0, 0));
+    ensure!(fund_account_balance(&kit, &fund_account).await? == 1_000_00);
+
+    for validator in validators {
+        validator.stop().await?;
+    }
+    rest.stop().await?;
+    kit.assert_books_balance().await
+}
+
+async fn wait_for_messages(kit: &TestKit, topic: &str, count: usize) -> Result<Vec<bridge_pipeline::message::Inbound>> {
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let messages = kit.read_topic(topic).await?;
+        if messages.len() >= count {
+            return Ok(messages);
+        }
+        ensure!(std::time::Instant::now() < deadline, "{topic}: {} of {count} messages", messages.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn undecodable_messages_go_to_the_dead_letter_topic_and_the_partition_flows(kind: BrokerKind) -> Result<()> {
+    let kit = TestKit::start(kind).await?;
+    kit.seed_investor("erin", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let pipeline = kit.spawn_all();
+
+    let good = kit.request("erin", &fund_account, 1_000_00);
+    let valid = encode(&good)?;
+    let mut unknown_fingerprint = valid.clone();
+    unknown_fingerprint[5] ^= 0xff;
+    let mut not_a_uuid = good.clone();
+    not_a_uuid.transfer_id = "order-17".into();
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("bad_magic", b"{\"transfer_id\": \"json is not our encoding\"}".to_vec()),
+        ("truncated", valid[..6].to_vec()),
+        ("schema_mismatch", valid[..valid.len() - 4].to_vec()),
+        ("unknown_fingerprint", unknown_fingerprint),
+        ("invalid_request", encode(&not_a_uuid)?),
+    ];
+    // Same key as the good request: same partition, published before it.
+    let key = good.transfer_id.as_bytes();
+    let headers = vec![("origin".to_owned(), b"fuzzer".to_vec())];
+    let requested = kit.topics().requested();
+    for (_, payload) in &bad {
+        kit.publish_raw(&requested, Some(key), payload, &headers).await?;
+    }
+    let id = kit.publish(&good).await?;
+    kit.wait_terminal(&[id], SETTLE).await?;
+    ensure!(kit.transfer(id).await?.state == TransferState::Completed, "the partition kept flowing");
+    kit.wait_caught_up(StageName::Validator, SETTLE).await?;
+
+    let dead = wait_for_messages(&kit, &Topics::dead_letter(&requested), bad.len()).await?;
+    ensure!(dead.len() == bad.len(), "each bad message dead-lettered once, got {}", dead.len());
+    let originals = kit.read_topic(&requested).await?;
+    for ((class, payload), record) in bad.iter().zip(&dead) {
+        ensure!(record.header(dlq::ERROR_CLASS) == Some(*class), "expected {class}, got {:?}", record.header(dlq::ERROR_CLASS));
+        ensure!(record.payload.as_deref() == Some(payload.as_slice()), "{class}: original bytes kept");
+        ensure!(record.key.as_deref() == Some(key), "{class}: original key kept");
+        ensure!(record.header("origin") == Some("fuzzer"), "{class}: original headers kept");
+        ensure!(record.header(dlq::ORIGINAL_TOPIC) == Some(requested.as_str()));
+        let offset: i64 = record.header(dlq::ORIGINAL_OFFSET).context("offset header")?.parse()?;
+        let partition: i32 = record.header(dlq::ORIGINAL_PARTITION).context("partition header")?.parse()?;
+        let original = originals
+            .iter()
+            .find(|message| message.offset == offset && message.partition == partition)
+            .context("original position")?;
+        ensure!(original.payload == record.payload);
+        ensure!(record.header(dlq::ERROR_MESSAGE).is_some_and(|message| !message.is_empty()));
+    }
+    pipeline.stop().await?;
+    kit.assert_books_balance().await
+}
