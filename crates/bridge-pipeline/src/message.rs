@@ -1,7 +1,7 @@
 //! Inbound messages, CloudEvents headers and trace context.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use uuid::Uuid;
 
 use bridge_store::outbox::OutboxMessage;
@@ -20,15 +20,7 @@ pub struct Inbound {
 
 impl Inbound {
     pub fn from_kafka(message: &BorrowedMessage<'_>) -> Self {
-        let headers = message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = read_headers(message);
         Self {
             topic: message.topic().to_owned(),
             partition: message.partition(),
@@ -51,6 +43,54 @@ impl Inbound {
     pub fn position_id(&self) -> String {
         format!("{}/{}/{}", self.topic, self.partition, self.offset)
     }
+}
+
+/// Reads every header of `message` without trusting its bytes.
+///
+/// rdkafka's safe `Headers::iter` unwraps the UTF-8 conversion of each header
+/// name, so a single message with a non-UTF-8 header name would panic the
+/// stage on every redelivery and stall its partition for good. We read the
+/// headers through librdkafka's C API instead and convert names lossily; the
+/// values stay raw bytes.
+fn read_headers(message: &BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
+    use rdkafka::bindings as rd;
+    let mut headers = Vec::new();
+    // SAFETY: `message.ptr()` is a valid message for the lifetime of the
+    // borrow; librdkafka owns the header list and the name and value buffers
+    // it hands out, which stay valid while the message lives, and we copy
+    // them before returning. A null name or value pointer is checked.
+    unsafe {
+        let mut list: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+        if rd::rd_kafka_message_headers(message.ptr(), &mut list) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            || list.is_null()
+        {
+            return headers;
+        }
+        let mut index = 0;
+        loop {
+            let mut name: *const std::os::raw::c_char = std::ptr::null();
+            let mut value: *const std::os::raw::c_void = std::ptr::null();
+            let mut size: usize = 0;
+            if rd::rd_kafka_header_get_all(list, index, &mut name, &mut value, &mut size)
+                != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            {
+                break;
+            }
+            let name = if name.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+            };
+            let value = if value.is_null() || size == 0 {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(value as *const u8, size).to_vec()
+            };
+            headers.push((name, value));
+            index += 1;
+        }
+    }
+    headers
 }
 
 /// W3C trace context. We continue the caller's trace when the message

@@ -197,7 +197,13 @@ async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: Cancellat
             }
         }
         // Only now, with the transaction committed, may the offset move.
-        consumer.store_offset_from_message(&message).context("Failed to store offset")?;
+        if let Err(error) = consumer.store_offset_from_message(&message) {
+            // The partition was revoked while we processed the message (a
+            // rebalance, or we exceeded max.poll.interval.ms while retrying).
+            // Its new owner will receive the message again and the inbox
+            // absorbs the repeat, so this is not a reason to stop.
+            tracing::warn!(stage = stage.as_str(), partition = inbound.partition, offset = inbound.offset, error = %error, "Could not store offset; the partition's next owner will see the message again");
+        }
     }
     commit_on_exit(&consumer, stage)
 }

@@ -85,6 +85,10 @@ pub struct SimulatedServices {
 }
 
 impl SimulatedServices {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
     async fn operate(&self, operation: &str, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         let unavailable = |error: bridge_store::Error| ServiceError::Unavailable(error.to_string());
         let mut conn = self.pool.acquire().await.map_err(|error| ServiceError::Unavailable(error.to_string()))?;

@@ -40,8 +40,10 @@ pub enum Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     /// Another transaction changed a row we read. Retry the attempt at once.
-    #[error("lost a race: {0}")]
-    Race(String),
+    /// `unique_violation` marks an insert that lost; if that keeps happening
+    /// it is not a race but a defect, and the message is dead-lettered.
+    #[error("lost a race: {reason}")]
+    Race { reason: String, unique_violation: bool },
     /// Database or outside service unavailable. Retry the message later; its
     /// partition waits, which keeps per-transfer order.
     #[error("transient failure: {0}")]
@@ -53,16 +55,12 @@ pub enum StageError {
 
 impl From<bridge_store::Error> for StageError {
     fn from(error: bridge_store::Error) -> Self {
-        use bridge_store::Error as E;
-        match &error {
-            E::Conflict { .. } => StageError::Race(error.to_string()),
-            E::Database(sqlx::Error::Database(db))
-                if matches!(db.code().as_deref(), Some("23505" | "40001" | "40P01")) =>
-            {
-                StageError::Race(error.to_string())
-            }
-            _ if error.is_retryable() => StageError::Transient(error.to_string()),
-            _ => StageError::Permanent { class: "processing_error", message: error.to_string() },
+        if error.is_race() {
+            StageError::Race { reason: error.to_string(), unique_violation: error.is_unique_violation() }
+        } else if error.is_retryable() {
+            StageError::Transient(error.to_string())
+        } else {
+            StageError::Permanent { class: "processing_error", message: error.to_string() }
         }
     }
 }
@@ -123,7 +121,7 @@ pub async fn handle(ctx: &StageContext, stage: StageName, message: &Inbound) -> 
         };
         match attempt {
             Ok(outcome) => return Ok(outcome),
-            Err(StageError::Race(reason)) if races < ctx.config.transaction_attempts_max => {
+            Err(StageError::Race { reason, .. }) if races < ctx.config.transaction_attempts_max => {
                 races += 1;
                 tracing::debug!(stage = stage.as_str(), attempt = races, reason = %reason, "Retrying after a lost race");
                 // A short random pause lets the winner finish and spreads the
@@ -131,7 +129,10 @@ pub async fn handle(ctx: &StageContext, stage: StageName, message: &Inbound) -> 
                 let pause_ms = rand::rng().random_range(0..(2u64 << races.min(6)));
                 tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
             }
-            Err(StageError::Race(reason)) => return Err(StageError::Transient(reason)),
+            Err(StageError::Race { reason, unique_violation: true }) => {
+                return dead_letter(ctx, stage, message, "processing_error", &reason).await;
+            }
+            Err(StageError::Race { reason, .. }) => return Err(StageError::Transient(reason)),
             Err(StageError::Permanent { class, message: reason }) => {
                 tracing::warn!(
                     stage = stage.as_str(),

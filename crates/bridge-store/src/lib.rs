@@ -43,32 +43,48 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// Whether running the same transaction again may succeed: lost races,
-    /// serialization failures, deadlocks and dropped connections. Everything
-    /// else is a defect or bad data and must not be retried blindly.
+    /// Whether running the same transaction again may succeed. Only errors
+    /// that say "this data can never be stored" are final: data exceptions
+    /// and integrity violations other than a lost insert race. Everything
+    /// else (lost races, deadlocks, timeouts, failover, a dropped connection,
+    /// even a schema that is not there yet during a deploy) may pass, so the
+    /// caller waits and retries rather than giving up on a payment.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Conflict { .. } => true,
-            Error::Database(error) => is_transient(error),
+            Error::Database(error) => !is_data_error(error),
             Error::Migrate(_) | Error::Corrupt(_) => false,
+        }
+    }
+
+    /// A unique-constraint violation: usually a concurrent insert that won,
+    /// but persistent if the same insert keeps failing.
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, Error::Database(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505"))
+    }
+
+    /// A lost race: retry the transaction at once.
+    pub fn is_race(&self) -> bool {
+        match self {
+            Error::Conflict { .. } => true,
+            Error::Database(sqlx::Error::Database(db)) => {
+                matches!(db.code().as_deref(), Some("23505" | "40001" | "40P01"))
+            }
+            _ => false,
         }
     }
 }
 
-fn is_transient(error: &sqlx::Error) -> bool {
+fn is_data_error(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(db) => matches!(
-            db.code().as_deref(),
-            // unique_violation (a concurrent insert won), serialization
-            // failure, deadlock, and the admin-shutdown family seen while
-            // Postgres restarts.
-            Some("23505" | "40001" | "40P01" | "57P01" | "57P02" | "57P03")
-        ),
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            // Class 22: data exception. 23502 not-null, 23503 foreign key,
+            // 23514 check (our I5 guards), 23P01 exclusion.
+            code.starts_with("22") || matches!(code, "23502" | "23503" | "23514" | "23P01")
+        }
+        sqlx::Error::RowNotFound => true,
         _ => false,
     }
 }

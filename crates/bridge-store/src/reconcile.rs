@@ -93,7 +93,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "I2",
-        "every debit at the simulated bank is recorded once in our ledger, or its transfer is in flight",
+        "every debit at the simulated services is recorded once in our ledger, or its transfer is in flight (simulator only)",
         "SELECT count(*) FROM sim_operations s
          LEFT JOIN transfers t ON s.idempotency_key = 'bridge-' || t.id || '-' || s.operation
          WHERE s.outcome = 'settled' AND s.operation IN ('withdrawal', 'deposit', 'refund')
@@ -103,19 +103,13 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "I2",
-        "every posting of ours was settled at the simulated service",
+        "every posting of ours was settled at the simulated service (simulator only)",
         "SELECT count(*) FROM ledger_entries l
          WHERE l.transfer_id IS NOT NULL AND l.direction = 'debit'
            AND EXISTS (SELECT 1 FROM sim_operations)
            AND NOT EXISTS (SELECT 1 FROM sim_operations s
                            WHERE s.idempotency_key = 'bridge-' || l.transfer_id || '-' || l.step
                              AND s.outcome = 'settled')",
-    ),
-    (
-        "I3",
-        "no accepted request lost: every transfer has its first version",
-        "SELECT count(*) FROM transfers t
-         WHERE NOT EXISTS (SELECT 1 FROM transfer_versions v WHERE v.transfer_id = t.id AND v.version = 1)",
     ),
     (
         "I5",
@@ -159,6 +153,29 @@ const CHECKS: &[(&str, &str, &str)] = &[
          WHERE f.reserved_minor <> coalesce(t.reserved, 0) OR f.completed_minor <> coalesce(t.completed, 0)",
     ),
     (
+        "I5",
+        "each investor's allocation in a fund equals their transfers in those phases",
+        "SELECT count(*) FROM (
+           SELECT coalesce(a.fund_id, t.fund_id) AS fund_id FROM allocations a
+           FULL JOIN (SELECT fund_id, investor_account_id,
+                             coalesce(sum(amount_minor) FILTER (WHERE state IN ('validated', 'withdrawn', 'deposited')), 0) AS reserved,
+                             coalesce(sum(amount_minor) FILTER (WHERE state = 'completed'), 0) AS completed
+                      FROM transfers WHERE fund_id IS NOT NULL
+                        AND state IN ('validated', 'withdrawn', 'deposited', 'completed')
+                      GROUP BY fund_id, investor_account_id) t
+             ON t.fund_id = a.fund_id AND t.investor_account_id = a.investor_account_id
+           WHERE coalesce(a.reserved_minor, 0) <> coalesce(t.reserved, 0)
+              OR coalesce(a.completed_minor, 0) <> coalesce(t.completed, 0)) AS mismatched",
+    ),
+    (
+        "I6",
+        "each version's previous state is the state of the version before it, and version 1 is requested",
+        "SELECT count(*) FROM transfer_versions v
+         LEFT JOIN transfer_versions p ON p.transfer_id = v.transfer_id AND p.version = v.version - 1
+         WHERE (v.version = 1 AND (v.state <> 'requested' OR v.previous_state IS NOT NULL))
+            OR (v.version > 1 AND (p.state IS NULL OR v.previous_state IS DISTINCT FROM p.state))",
+    ),
+    (
         "I6",
         "every transfer's history is versions 1..n without gaps, ending in its current state",
         "SELECT count(*) FROM transfers t
@@ -170,12 +187,31 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// How long a transfer may sit in a non-terminal state before the check
+/// reports it as stuck, when the caller does not say.
+pub const STUCK_AFTER_SECS_DEFAULT: i64 = 3_600;
+
 pub async fn run(conn: &mut PgConnection) -> Result<Report> {
-    let mut checks = Vec::with_capacity(CHECKS.len() + 1);
+    run_with(conn, STUCK_AFTER_SECS_DEFAULT).await
+}
+
+/// Runs every check; a transfer unchanged for `stuck_after_secs` while not
+/// terminal violates I3.
+pub async fn run_with(conn: &mut PgConnection, stuck_after_secs: i64) -> Result<Report> {
+    let mut checks = Vec::with_capacity(CHECKS.len() + 2);
     for (invariant, name, query) in CHECKS {
         let violations: i64 = sqlx::query_scalar(query).fetch_one(&mut *conn).await?;
         checks.push(Check { invariant, name, violations });
     }
+    let stuck: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM transfers
+         WHERE state NOT IN ('completed', 'rejected', 'failed', 'reversed')
+           AND updated_at < now() - make_interval(secs => $1)",
+    )
+    .bind(stuck_after_secs as f64)
+    .fetch_one(&mut *conn)
+    .await?;
+    checks.push(Check { invariant: "I3", name: "no transfer stuck in flight beyond its deadline", violations: stuck });
     checks.push(Check {
         invariant: "I6",
         name: "every recorded step is a legal transition of the state machine",
@@ -193,16 +229,16 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report> {
 /// The state machine lives in the domain crate, so the transitions found in
 /// the history are checked against it in Rust rather than restated in SQL.
 async fn illegal_transitions(conn: &mut PgConnection) -> Result<i64> {
-    let pairs: Vec<(Option<String>, String, i64, i64)> = sqlx::query_as(
-        "SELECT previous_state, state, count(*), min(version) FROM transfer_versions
-         GROUP BY previous_state, state",
+    let pairs: Vec<(Option<String>, String, i64)> = sqlx::query_as(
+        "SELECT previous_state, state, count(*) FROM transfer_versions GROUP BY previous_state, state",
     )
     .fetch_all(conn)
     .await?;
     let mut illegal = 0;
-    for (previous, state, count, first_version) in pairs {
+    for (previous, state, count) in pairs {
+        // Whether a first version sits at version 1 is checked in SQL.
         let legal = match (previous.as_deref().map(TransferState::parse), TransferState::parse(&state)) {
-            (None, Ok(TransferState::Requested)) => first_version == 1,
+            (None, Ok(TransferState::Requested)) => true,
             (Some(Ok(from)), Ok(to)) => from.can_become(to),
             _ => false,
         };

@@ -6,7 +6,8 @@
 //! run in parallel without seeing each other. It drives the pipeline only
 //! through its public entry points and Kafka, as a deployment would.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,9 @@ use bridge_codec::TransferRequested;
 use bridge_domain::{Currency, Money};
 use bridge_pipeline::message::Inbound;
 use bridge_pipeline::runner::Part;
-use bridge_pipeline::services::Services;
+use bridge_pipeline::services::{
+    FundAccountService, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services, SimulatedServices,
+};
 use bridge_pipeline::{kafka, upstream, Pipeline, PipelineConfig, StageName, Topics};
 use bridge_store::accounts::{self, FundAccountSeed, FundSeed, InvestorSeed};
 use bridge_store::reconcile::{self, Report};
@@ -198,7 +201,12 @@ impl TestKit {
 
     /// Spawns the given parts of the pipeline on this runtime.
     pub fn spawn(&self, parts: &[Part]) -> RunningPipeline {
-        let pipeline = self.pipeline();
+        self.spawn_with_services(parts, Services::simulated(self.pool.clone()))
+    }
+
+    /// Spawns parts of the pipeline talking to the given account services.
+    pub fn spawn_with_services(&self, parts: &[Part], services: Services) -> RunningPipeline {
+        let pipeline = Pipeline::new(self.pool.clone(), self.config.clone(), services);
         let token = CancellationToken::new();
         let parts = parts.to_vec();
         let run_token = token.clone();
@@ -424,6 +432,51 @@ impl TestKit {
         )
         .fetch_one(&mut *conn)
         .await?)
+    }
+}
+
+/// The account-service simulator with one real-world failure added: the
+/// first reply to every request is lost after the service has acted on it
+/// (an "unknown outcome": a timeout after the bank debited). The caller must
+/// retry with the same idempotency key and must not move money twice.
+pub struct LosingFirstReplies {
+    inner: Arc<SimulatedServices>,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl LosingFirstReplies {
+    pub fn services(pool: PgPool) -> Services {
+        let services = Arc::new(Self { inner: Arc::new(SimulatedServices::new(pool)), seen: Mutex::new(HashSet::new()) });
+        Services { investor: services.clone(), fund: services }
+    }
+
+    fn lose_first(&self, key: &str, outcome: Result<ServiceOutcome, ServiceError>) -> Result<ServiceOutcome, ServiceError> {
+        let first = self.seen.lock().expect("not poisoned").insert(key.to_owned());
+        if first && outcome.is_ok() {
+            return Err(ServiceError::Unavailable(format!("reply to {key} lost after the service acted")));
+        }
+        outcome
+    }
+}
+
+#[async_trait::async_trait]
+impl InvestorAccountService for LosingFirstReplies {
+    async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let outcome = self.inner.withdraw(movement).await;
+        self.lose_first(&movement.idempotency_key, outcome)
+    }
+
+    async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let outcome = self.inner.refund(movement).await;
+        self.lose_first(&movement.idempotency_key, outcome)
+    }
+}
+
+#[async_trait::async_trait]
+impl FundAccountService for LosingFirstReplies {
+    async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let outcome = self.inner.remit(movement).await;
+        self.lose_first(&movement.idempotency_key, outcome)
     }
 }
 
