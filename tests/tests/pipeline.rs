@@ -159,13 +159,17 @@ async fn declined_steps_are_compensated(kind: BrokerKind) -> Result<()> {
     kit.seed_investor("bob", 5_000_00).await?;
     let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
     let closed_account = kit.seed_fund("closed", 100_00, 10, 1_000_000_00).await?;
+    kit.seed_investor("closing", 5_000_00).await?;
     kit.set_simulated_account_status("frozen", "frozen").await?;
     kit.set_simulated_account_status(&closed_account, "closed").await?;
+    // Being closed: debits still go through, money coming back does not.
+    kit.set_simulated_account_status("closing", "no_credits").await?;
     let pipeline = kit.spawn_all();
 
     let failed = kit.publish(&kit.request("frozen", &fund_account, 1_000_00)).await?;
     let reversed = kit.publish(&kit.request("bob", &closed_account, 1_000_00)).await?;
-    kit.wait_terminal(&[failed, reversed], SETTLE).await?;
+    let stuck = kit.publish(&kit.request("closing", &closed_account, 400_00)).await?;
+    kit.wait_terminal(&[failed, reversed, stuck], SETTLE).await?;
 
     let failed = kit.transfer(failed).await?;
     ensure!(failed.state == TransferState::Failed && failed.reason_code.as_deref() == Some("ACCOUNT_FROZEN"));
@@ -176,7 +180,19 @@ async fn declined_steps_are_compensated(kind: BrokerKind) -> Result<()> {
     ensure!(reversed.state == TransferState::Reversed && reversed.reason_code.as_deref() == Some("ACCOUNT_CLOSED"));
     ensure!(investor_balance(&kit, "bob").await? == (5_000_00, 0), "investor refunded to the minor unit");
     ensure!(fund_account_balance(&kit, &closed_account).await? == 0);
-    ensure!(fund_totals(&kit, "closed").await? == (0, 0, 0));
+
+    // Deposit and refund both declined: nothing automatic can fix it, so the
+    // transfer waits for a person, visibly, with the money in transit and
+    // the reservation kept.
+    let stuck_transfer = kit.transfer(stuck).await?;
+    ensure!(stuck_transfer.state == TransferState::ManualReview, "state {:?}", stuck_transfer.state);
+    ensure!(stuck_transfer.reason_code.as_deref() == Some("DEPOSIT_ACCOUNT_CLOSED_REFUND_ACCOUNT_NO_CREDITS"));
+    ensure!(investor_balance(&kit, "closing").await? == (5_000_00 - 400_00, 0));
+    ensure!(fund_totals(&kit, "closed").await? == (400_00, 0, 1));
+    let last = status_events(&kit, stuck).await?.pop().context("no status event")?;
+    ensure!(last.state == "manual_review" && !last.terminal);
+    let report = kit.reconcile().await?;
+    ensure!((report.manual_review, report.in_flight) == (1, 0), "{report:?}");
 
     pipeline.stop().await?;
     kit.assert_books_balance().await

@@ -2,16 +2,19 @@
 //!
 //! ```text
 //! requested ──► validated ──► withdrawn ──► deposited ──► completed
-//!     │             │              │
-//!     ▼             ▼              ▼
+//!     │             │              │   │
+//!     ▼             ▼              ▼   └──► manual_review
 //!  rejected       failed        reversed
 //! ```
 //!
 //! `rejected` means validation said no (nothing was held); `failed` means the
 //! withdrawal failed after funds were held (hold and reservation released);
 //! `reversed` means the deposit failed after the investor was debited (the
-//! investor is refunded and the reservation released). Every transition is a
-//! new version of the transfer; no version is ever overwritten.
+//! investor is refunded and the reservation released). `manual_review` means
+//! the deposit failed and so did the refund: the money sits in transit and a
+//! person must resolve it. It is not terminal, but it is not in flight either:
+//! no stage will touch it again. Every transition is a new version of the
+//! transfer; no version is ever overwritten.
 
 use std::fmt;
 
@@ -27,10 +30,11 @@ pub enum TransferState {
     Rejected,
     Failed,
     Reversed,
+    ManualReview,
 }
 
 impl TransferState {
-    pub const ALL: [TransferState; 8] = [
+    pub const ALL: [TransferState; 9] = [
         Self::Requested,
         Self::Validated,
         Self::Withdrawn,
@@ -39,6 +43,7 @@ impl TransferState {
         Self::Rejected,
         Self::Failed,
         Self::Reversed,
+        Self::ManualReview,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +56,7 @@ impl TransferState {
             Self::Rejected => "rejected",
             Self::Failed => "failed",
             Self::Reversed => "reversed",
+            Self::ManualReview => "manual_review",
         }
     }
 
@@ -65,6 +71,11 @@ impl TransferState {
         matches!(self, Self::Completed | Self::Rejected | Self::Failed | Self::Reversed)
     }
 
+    /// Waiting for a person: no stage will move it.
+    pub fn needs_person(self) -> bool {
+        self == Self::ManualReview
+    }
+
     /// Applies `event` and returns the next state, or refuses an event that the
     /// state machine does not allow from this state.
     pub fn apply(self, event: &TransferEvent) -> Result<TransferState> {
@@ -77,6 +88,7 @@ impl TransferState {
             (S::Validated, E::WithdrawalFailed(_)) => S::Failed,
             (S::Withdrawn, E::Deposited) => S::Deposited,
             (S::Withdrawn, E::DepositFailed(_)) => S::Reversed,
+            (S::Withdrawn, E::CompensationFailed(_)) => S::ManualReview,
             (S::Deposited, E::Completed) => S::Completed,
             _ => return Err(Error::IllegalTransition { from: self, event: event.name() }),
         };
@@ -147,17 +159,20 @@ pub enum TransferEvent {
     WithdrawalFailed(FailureReason),
     Deposited,
     DepositFailed(FailureReason),
+    /// The deposit failed and the refund to the investor failed too.
+    CompensationFailed(FailureReason),
     Completed,
 }
 
 impl TransferEvent {
-    const REPRESENTATIVES: [TransferEvent; 7] = [
+    const REPRESENTATIVES: [TransferEvent; 8] = [
         TransferEvent::Validated,
         TransferEvent::Rejected(RejectReason::InsufficientFunds),
         TransferEvent::Withdrawn,
         TransferEvent::WithdrawalFailed(FailureReason(String::new())),
         TransferEvent::Deposited,
         TransferEvent::DepositFailed(FailureReason(String::new())),
+        TransferEvent::CompensationFailed(FailureReason(String::new())),
         TransferEvent::Completed,
     ];
 
@@ -169,6 +184,7 @@ impl TransferEvent {
             Self::WithdrawalFailed(_) => "withdrawal_failed",
             Self::Deposited => "deposited",
             Self::DepositFailed(_) => "deposit_failed",
+            Self::CompensationFailed(_) => "compensation_failed",
             Self::Completed => "completed",
         }
     }
@@ -176,7 +192,9 @@ impl TransferEvent {
     pub fn reason_code(&self) -> Option<&str> {
         match self {
             Self::Rejected(reason) => Some(reason.code()),
-            Self::WithdrawalFailed(reason) | Self::DepositFailed(reason) => Some(reason.code()),
+            Self::WithdrawalFailed(reason) | Self::DepositFailed(reason) | Self::CompensationFailed(reason) => {
+                Some(reason.code())
+            }
             _ => None,
         }
     }
@@ -203,7 +221,7 @@ mod tests {
 
     #[test]
     fn terminal_states_accept_nothing() {
-        for state in TransferState::ALL.into_iter().filter(|s| s.is_terminal()) {
+        for state in TransferState::ALL.into_iter().filter(|s| s.is_terminal() || s.needs_person()) {
             for event in TransferEvent::REPRESENTATIVES.iter() {
                 assert!(state.apply(event).is_err(), "{state} must refuse {}", event.name());
             }

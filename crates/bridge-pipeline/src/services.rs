@@ -94,10 +94,14 @@ impl SimulatedServices {
         let mut conn = self.pool.acquire().await.map_err(|error| ServiceError::Unavailable(error.to_string()))?;
         let status = simulator::account_status(&mut conn, &movement.account_id).await.map_err(unavailable)?;
         // Refunds return money to an account; a real bank accepts them into a
-        // frozen account, so only debits and deposits check the status.
+        // frozen account, so only debits and deposits check for a freeze. An
+        // account being closed ("no_credits") still honours debits but
+        // refuses money coming in.
+        let incoming = operation != "withdrawal";
         let outcome = match status.as_str() {
             "frozen" if operation != "refund" => "declined:ACCOUNT_FROZEN",
             "closed" => "declined:ACCOUNT_CLOSED",
+            "no_credits" if incoming => "declined:ACCOUNT_NO_CREDITS",
             _ => "settled",
         };
         let requested = SimOperation {

@@ -446,19 +446,13 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
         ServiceOutcome::Declined { code } => {
             let refund = movement(&transfer, "refund", &transfer.investor_account_id)?;
             match ctx.services.investor.refund(&refund).await? {
-                ServiceOutcome::Settled { .. } => ServiceOutcome::Declined { code },
-                ServiceOutcome::Declined { code: refund_code } => {
-                    // Money is at neither end we can reach: this needs a
-                    // person. Dead-lettering keeps the transfer visibly in
-                    // flight (withdrawn) until an operator resolves it.
-                    return Err(permanent(
-                        "compensation_failed",
-                        format!("deposit declined ({code}) and refund declined ({refund_code})"),
-                    ));
-                }
+                ServiceOutcome::Settled { .. } => DepositOutcome::Reversed { code },
+                ServiceOutcome::Declined { code: refund_code } => DepositOutcome::NeedsPerson {
+                    code: format!("DEPOSIT_{code}_REFUND_{refund_code}"),
+                },
             }
         }
-        settled => settled,
+        ServiceOutcome::Settled { reference } => DepositOutcome::Deposited { reference },
     };
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
 
@@ -469,7 +463,7 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
     let amount = remit.amount;
     let mut messages = Vec::with_capacity(2);
     let next = match outcome {
-        ServiceOutcome::Settled { reference } => {
+        DepositOutcome::Deposited { reference } => {
             accounts::credit_fund_account(&mut tx, &current.fund_account_id, amount.amount_minor).await?;
             let fund_ledger = ledger::fund_account(&current.fund_account_id);
             ledger::post(
@@ -490,7 +484,14 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
             messages.push(envelope(ctx, stage, event_id, &next, &trace, now, ctx.topics.deposited(), &outcome_event)?);
             next
         }
-        ServiceOutcome::Declined { code } => {
+        DepositOutcome::NeedsPerson { code } => {
+            // Money is at neither end we can reach. The transfer stops in
+            // manual review with the money in transit and the reservation
+            // kept, and says so on the status topic; an operator resolves it.
+            tracing::error!(transfer_id = %transfer_id, reason = %code, "Deposit and refund both declined; transfer needs manual review");
+            transfers::advance(&mut tx, &current, &TransferEvent::CompensationFailed(FailureReason(code))).await?
+        }
+        DepositOutcome::Reversed { code } => {
             accounts::adjust_investor(&mut tx, &current.investor_account_id, amount.amount_minor, 0).await?;
             let investor_ledger = ledger::investor_account(&current.investor_account_id);
             ledger::post(
@@ -513,6 +514,15 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
     outbox::enqueue(&mut tx, &messages).await?;
     tx.commit().await?;
     Ok(Outcome::Applied)
+}
+
+/// What the outside services said about a deposit.
+enum DepositOutcome {
+    Deposited { reference: String },
+    /// Deposit declined, investor refunded.
+    Reversed { code: String },
+    /// Deposit declined and the refund declined too.
+    NeedsPerson { code: String },
 }
 
 /// Completion: the reserved allocation becomes a completed one.

@@ -72,6 +72,8 @@ CREATE TABLE transfers (
 );
 CREATE INDEX transfers_open ON transfers (state)
     WHERE state NOT IN ('completed', 'rejected', 'failed', 'reversed');
+-- state is one of: requested, validated, withdrawn, deposited, completed,
+-- rejected, failed, reversed, manual_review (see bridge-domain).
 CREATE INDEX transfers_investor ON transfers (investor_account_id);
 
 -- Full versioning (invariant I6): one row per state a transfer has been in,
@@ -146,7 +148,7 @@ CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
 -- from our ledger so tests can compare the two.
 CREATE TABLE sim_accounts (
     id      text PRIMARY KEY,
-    status  text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'frozen', 'closed'))
+    status  text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'frozen', 'closed', 'no_credits'))
 );
 CREATE TABLE sim_operations (
     idempotency_key  text PRIMARY KEY,

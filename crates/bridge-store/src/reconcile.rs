@@ -20,11 +20,13 @@ pub struct Check {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub checks: Vec<Check>,
-    /// Transfers not yet in a terminal state. Not a violation by itself:
+    /// Transfers not yet in a terminal state or manual review. Not a violation by itself:
     /// callers that expect a quiet system also require this to be zero.
     pub in_flight: i64,
     /// Outbox rows not yet acknowledged by the broker.
     pub outbox_unpublished: i64,
+    /// Transfers waiting for a person (deposit and refund both declined).
+    pub manual_review: i64,
 }
 
 impl Report {
@@ -69,11 +71,11 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "I1",
-        "money in transit equals the transfers withdrawn and not yet deposited or refunded",
+        "money in transit equals the transfers withdrawn and not yet deposited or refunded (manual review included)",
         "SELECT count(*) FROM (
            SELECT currency, sum(CASE WHEN direction = 'credit' THEN amount_minor ELSE -amount_minor END) AS balance
            FROM ledger_entries WHERE account = 'clearing:in_transit' GROUP BY currency) l
-         FULL JOIN (SELECT currency, sum(amount_minor) AS amount FROM transfers WHERE state = 'withdrawn' GROUP BY currency) t
+         FULL JOIN (SELECT currency, sum(amount_minor) AS amount FROM transfers WHERE state IN ('withdrawn', 'manual_review') GROUP BY currency) t
            ON t.currency = l.currency
          WHERE coalesce(l.balance, 0) <> coalesce(t.amount, 0)",
     ),
@@ -86,6 +88,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
            ON l.transfer_id = t.id
          WHERE coalesce(l.steps, '') <> CASE t.state
              WHEN 'withdrawn' THEN 'withdrawal,withdrawal'
+             WHEN 'manual_review' THEN 'withdrawal,withdrawal'
              WHEN 'deposited' THEN 'deposit,deposit,withdrawal,withdrawal'
              WHEN 'completed' THEN 'deposit,deposit,withdrawal,withdrawal'
              WHEN 'reversed'  THEN 'refund,refund,withdrawal,withdrawal'
@@ -147,7 +150,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "reserved and completed allocations equal the transfers in those phases",
         "SELECT count(*) FROM funds f
          LEFT JOIN (SELECT fund_id,
-                           sum(amount_minor) FILTER (WHERE state IN ('validated', 'withdrawn', 'deposited')) AS reserved,
+                           sum(amount_minor) FILTER (WHERE state IN ('validated', 'withdrawn', 'deposited', 'manual_review')) AS reserved,
                            sum(amount_minor) FILTER (WHERE state = 'completed') AS completed
                     FROM transfers WHERE fund_id IS NOT NULL GROUP BY fund_id) t ON t.fund_id = f.id
          WHERE f.reserved_minor <> coalesce(t.reserved, 0) OR f.completed_minor <> coalesce(t.completed, 0)",
@@ -158,10 +161,10 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "SELECT count(*) FROM (
            SELECT coalesce(a.fund_id, t.fund_id) AS fund_id FROM allocations a
            FULL JOIN (SELECT fund_id, investor_account_id,
-                             coalesce(sum(amount_minor) FILTER (WHERE state IN ('validated', 'withdrawn', 'deposited')), 0) AS reserved,
+                             coalesce(sum(amount_minor) FILTER (WHERE state IN ('validated', 'withdrawn', 'deposited', 'manual_review')), 0) AS reserved,
                              coalesce(sum(amount_minor) FILTER (WHERE state = 'completed'), 0) AS completed
                       FROM transfers WHERE fund_id IS NOT NULL
-                        AND state IN ('validated', 'withdrawn', 'deposited', 'completed')
+                        AND state IN ('validated', 'withdrawn', 'deposited', 'manual_review', 'completed')
                       GROUP BY fund_id, investor_account_id) t
              ON t.fund_id = a.fund_id AND t.investor_account_id = a.investor_account_id
            WHERE coalesce(a.reserved_minor, 0) <> coalesce(t.reserved, 0)
@@ -205,7 +208,7 @@ pub async fn run_with(conn: &mut PgConnection, stuck_after_secs: i64) -> Result<
     }
     let stuck: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM transfers
-         WHERE state NOT IN ('completed', 'rejected', 'failed', 'reversed')
+         WHERE state NOT IN ('completed', 'rejected', 'failed', 'reversed', 'manual_review')
            AND updated_at < now() - make_interval(secs => $1)",
     )
     .bind(stuck_after_secs as f64)
@@ -217,13 +220,15 @@ pub async fn run_with(conn: &mut PgConnection, stuck_after_secs: i64) -> Result<
         name: "every recorded step is a legal transition of the state machine",
         violations: illegal_transitions(conn).await?,
     });
-    let in_flight: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM transfers WHERE state NOT IN ('completed', 'rejected', 'failed', 'reversed')",
+    let (in_flight, manual_review): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state NOT IN ('completed', 'rejected', 'failed', 'reversed', 'manual_review')),
+                count(*) FILTER (WHERE state = 'manual_review')
+         FROM transfers",
     )
     .fetch_one(&mut *conn)
     .await?;
     let outbox_unpublished = crate::outbox::unpublished_count(conn).await?;
-    Ok(Report { checks, in_flight, outbox_unpublished })
+    Ok(Report { checks, in_flight, outbox_unpublished, manual_review })
 }
 
 /// The state machine lives in the domain crate, so the transitions found in

@@ -282,15 +282,15 @@ impl TestKit {
         transfers::get(&mut conn, id).await?.with_context(|| format!("transfer {id} not found"))
     }
 
-    /// Waits until every transfer in `ids` exists and is terminal and the
-    /// outbox is drained.
+    /// Waits until every transfer in `ids` exists and has stopped moving
+    /// (terminal, or in manual review) and the outbox is drained.
     pub async fn wait_terminal(&self, ids: &[Uuid], timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut conn = self.pool.acquire().await?;
             let terminal: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM transfers WHERE id = ANY($1)
-                 AND state IN ('completed', 'rejected', 'failed', 'reversed')",
+                 AND state IN ('completed', 'rejected', 'failed', 'reversed', 'manual_review')",
             )
             .bind(ids)
             .fetch_one(&mut *conn)
