@@ -343,45 +343,55 @@ impl TestKit {
         (0..self.config.topic_partitions).collect()
     }
 
-    /// Every message in `topic`, partition by partition, up to the high
-    /// watermark at the time of the call.
+    /// Every message in `topic`, in partition order. The caller should
+    /// first make sure what it wants to read was acknowledged by the broker
+    /// (for example by waiting for the outbox to drain).
+    ///
+    /// Reading stops once every partition has been read past its high
+    /// watermark and then the broker has had nothing more for a while. The
+    /// watermark alone is not a reliable end: tansu 0.6 reports the base
+    /// offset of the last record batch plus one, so a batch of five records
+    /// at offsets 0..4 reads as a high watermark of 1.
     pub async fn read_topic(&self, topic: &str) -> Result<Vec<Inbound>> {
+        const IDLE: Duration = Duration::from_millis(1_500);
         let consumer: StreamConsumer = self.client(&format!("{}reader-{}", self.config.group_prefix, Uuid::new_v4())).create()?;
-        let mut ends = HashMap::new();
+        let mut watermarks = HashMap::new();
         let mut assignment = TopicPartitionList::new();
         for partition in self.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-            if high > low {
-                ends.insert(partition, high);
-                assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
-            }
-        }
-        let mut messages = Vec::new();
-        if ends.is_empty() {
-            return Ok(messages);
+            let (_, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+            watermarks.insert(partition, high);
+            assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
         }
         consumer.assign(&assignment)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ends.is_empty() {
-            let message = tokio::time::timeout_at(deadline.into(), consumer.recv())
-                .await
-                .with_context(|| format!("Timed out reading {topic}; partitions left {ends:?}"))??;
-            let inbound = Inbound::from_kafka(&message);
-            if let Some(end) = ends.get(&inbound.partition) {
-                if inbound.offset + 1 >= *end {
-                    ends.remove(&inbound.partition);
+        let mut positions: HashMap<i32, i64> = HashMap::new();
+        let mut messages = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let below_watermark = watermarks.iter().any(|(partition, high)| positions.get(partition).copied().unwrap_or(0) < *high);
+            let wait = if below_watermark { deadline.saturating_duration_since(Instant::now()) } else { IDLE };
+            match tokio::time::timeout(wait, consumer.recv()).await {
+                Ok(message) => {
+                    let inbound = Inbound::from_kafka(&message?);
+                    positions.insert(inbound.partition, inbound.offset + 1);
+                    messages.push(inbound);
                 }
+                Err(_) if below_watermark => bail!("Timed out reading {topic}: positions {positions:?}, watermarks {watermarks:?}"),
+                Err(_) => break,
             }
-            messages.push(inbound);
         }
+        messages.sort_by_key(|message| (message.partition, message.offset));
         Ok(messages)
     }
 
-    /// Waits until the stage's consumer group has committed offsets up to
-    /// the end of every partition of its input topic.
+    /// Waits until the stage's consumer group has committed offsets past the
+    /// last message of every partition of its input topic.
     pub async fn wait_caught_up(&self, stage: StageName, timeout: Duration) -> Result<()> {
         let topic = stage.input_topic(self.topics());
         let group = stage.group_id(&self.config);
+        let mut ends: HashMap<i32, i64> = HashMap::new();
+        for message in self.read_topic(&topic).await? {
+            ends.insert(message.partition, message.offset + 1);
+        }
         let consumer: StreamConsumer = self.client(&group).create()?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -392,13 +402,13 @@ impl TestKit {
             let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
             let mut behind = Vec::new();
             for element in committed.elements() {
-                let (_, high) = consumer.fetch_watermarks(&topic, element.partition(), Duration::from_secs(10))?;
+                let end = ends.get(&element.partition()).copied().unwrap_or(0);
                 let at = match element.offset() {
                     Offset::Offset(offset) => offset,
                     _ => 0,
                 };
-                if at < high {
-                    behind.push((element.partition(), at, high));
+                if at < end {
+                    behind.push((element.partition(), at, end));
                 }
             }
             if behind.is_empty() {
