@@ -52,6 +52,7 @@ both_brokers!(
     redelivery_after_commit_before_offset_commit_leaves_one_effect,
     concurrent_transfers_never_overspend,
     lost_replies_from_the_bank_move_money_once,
+    a_standby_relay_takes_over_and_status_stays_in_order,
     undecodable_messages_go_to_the_dead_letter_topic_and_the_partition_flows,
 );
 
@@ -421,5 +422,50 @@ async fn lost_replies_from_the_bank_move_money_once(kind: BrokerKind) -> Result<
         operations.iter().map(|(op, outcome)| (op.as_str(), outcome.as_str())).collect::<Vec<_>>() == expected,
         "{operations:?}"
     );
+    kit.assert_books_balance().await
+}
+
+async fn a_standby_relay_takes_over_and_status_stays_in_order(kind: BrokerKind) -> Result<()> {
+    let kit = TestKit::start(kind).await?;
+    kit.seed_investor("ivan", 1_000_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_000_00).await?;
+    let stages: Vec<Part> = StageName::ALL.into_iter().map(Part::Stage).collect();
+    let stage_runner = kit.spawn(&stages);
+    let first_relay = kit.spawn(&[Part::Relay]);
+
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(kit.publish(&kit.request("ivan", &fund_account, 100_00)).await?);
+    }
+    // Transfers completed, so the only relay running leads.
+    kit.wait_terminal(&ids, SETTLE).await?;
+    let second_relay = kit.spawn(&[Part::Relay]);
+    for _ in 0..10 {
+        ids.push(kit.publish(&kit.request("ivan", &fund_account, 100_00)).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await?;
+
+    // The leader goes away; the standby must publish what comes next.
+    first_relay.stop().await?;
+    for _ in 0..10 {
+        ids.push(kit.publish(&kit.request("ivan", &fund_account, 100_00)).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await?;
+    stage_runner.stop().await?;
+    second_relay.stop().await?;
+
+    // Each transfer's status events first appear in version order.
+    let mut first_seen: std::collections::HashMap<String, Vec<i64>> = std::collections::HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for message in kit.read_topic(&kit.topics().status()).await? {
+        let event = decode::<TransferStatusChanged>(message.payload.as_deref().unwrap_or_default())?;
+        if seen.insert(event.event_id.clone()) {
+            first_seen.entry(event.transfer_id).or_default().push(event.version);
+        }
+    }
+    ensure!(first_seen.len() == ids.len());
+    for (transfer, versions) in &first_seen {
+        ensure!(versions == &[1, 2, 3, 4, 5], "transfer {transfer}: versions in topic order {versions:?}");
+    }
     kit.assert_books_balance().await
 }

@@ -7,6 +7,14 @@
 //! sent again: it may already be in the topic ("maybe published"), which
 //! consumers absorb through their inbox. Duplicates in a topic are allowed;
 //! duplicate effects are not.
+//!
+//! Several relays may run (one per `bridge run` process), but only one
+//! publishes at a time: the holder of a Postgres advisory lock, taken on a
+//! connection of its own. The others wait as hot standbys and take over when
+//! the leader's session ends (process exit, crash, lost connection). One
+//! publisher is what keeps the status events of a transfer in version order:
+//! two relays claiming neighbouring rows with `SKIP LOCKED` could publish
+//! version 2 before version 1.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +26,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::postgres::PgListener;
+use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 use bridge_store::outbox;
@@ -25,14 +34,78 @@ use bridge_store::outbox;
 use crate::kafka;
 use crate::runner::{Backoff, StageContext};
 
+/// Advisory lock key of the publishing relay ("bridge relay" in ASCII).
+const LEADER_LOCK_KEY: i64 = 0x6272_6964_6765_726c;
+
 pub async fn run(ctx: Arc<StageContext>, shutdown: CancellationToken) -> Result<()> {
+    let poll_interval = Duration::from_millis(ctx.config.relay_poll_interval_ms);
+    let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
+    while !shutdown.is_cancelled() {
+        match lead(&ctx, &shutdown).await {
+            Ok(()) => {}
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "Relay lost its database session; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff.next_delay().max(poll_interval)) => {}
+                }
+            }
+        }
+    }
+    tracing::info!("Relay stopped");
+    Ok(())
+}
+
+/// Waits to become the publishing relay, then publishes until shutdown or
+/// until its lock session fails.
+async fn lead(ctx: &StageContext, shutdown: &CancellationToken) -> Result<()> {
+    let poll_interval = Duration::from_millis(ctx.config.relay_poll_interval_ms);
+    let mut lock_session = ctx.pool.acquire().await.context("Failed to get a connection for the relay lock")?.detach();
+    let mut standby_logged = false;
+    loop {
+        let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK_KEY)
+            .fetch_one(&mut lock_session)
+            .await
+            .context("Failed to ask for the relay lock")?;
+        if acquired {
+            break;
+        }
+        if !standby_logged {
+            tracing::info!("Another relay is publishing; standing by");
+            standby_logged = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(poll_interval) => {}
+        }
+    }
+    tracing::info!("Relay is publishing");
+    let result = publish_until_shutdown(ctx, shutdown, &mut lock_session).await;
+    // Closing the session releases the lock for a standby.
+    let _ = lock_session.close().await;
+    result
+}
+
+async fn publish_until_shutdown(
+    ctx: &StageContext,
+    shutdown: &CancellationToken,
+    lock_session: &mut sqlx::PgConnection,
+) -> Result<()> {
     let producer = kafka::producer(&ctx.config)?;
     let mut listener = PgListener::connect_with(&ctx.pool).await.context("Failed to connect the outbox listener")?;
     listener.listen(outbox::NOTIFY_CHANNEL).await.context("Failed to listen for outbox notifications")?;
     let poll_interval = Duration::from_millis(ctx.config.relay_poll_interval_ms);
     let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
-    tracing::info!("Relay started");
+    let mut last_lock_check = std::time::Instant::now();
     while !shutdown.is_cancelled() {
+        // A leader whose lock session died would no longer be the only
+        // publisher; check the session now and then and step down if it is
+        // gone.
+        if last_lock_check.elapsed() > Duration::from_secs(5) {
+            sqlx::query("SELECT 1").execute(&mut *lock_session).await.context("Relay lock session lost")?;
+            last_lock_check = std::time::Instant::now();
+        }
         match publish_batch(&ctx, &producer).await {
             Ok(published) if published as i64 >= ctx.config.relay_batch_size_max => {
                 backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
@@ -65,7 +138,6 @@ pub async fn run(ctx: Arc<StageContext>, shutdown: CancellationToken) -> Result<
     // Deliver what librdkafka still holds; the rows stay unpublished if this
     // fails and are sent again by the next relay.
     let _ = producer.flush(Duration::from_secs(5));
-    tracing::info!("Relay stopped");
     Ok(())
 }
 
