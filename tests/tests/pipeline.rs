@@ -389,6 +389,34 @@ async fn undecodable_messages_go_to_the_dead_letter_topic_and_the_partition_flow
         ensure!(original.payload == record.payload);
         ensure!(record.header(dlq::ERROR_MESSAGE).is_some_and(|message| !message.is_empty()));
     }
+
+    // Stage topics dead-letter too: garbage, and a well-formed event about a
+    // transfer that does not exist, on the deposit stage's input.
+    let withdrawn = kit.topics().withdrawn();
+    let orphan = bridge_codec::FundsWithdrawn {
+        event_id: Uuid::new_v4().to_string(),
+        transfer_id: Uuid::new_v4().to_string(),
+        version: 3,
+        investor_account_id: "erin".into(),
+        fund_account_id: fund_account.clone(),
+        fund_id: "fund".into(),
+        amount_minor: 1,
+        currency: "EUR".into(),
+        occurred_at: 0,
+        external_reference: String::new(),
+    };
+    kit.publish_raw(&withdrawn, Some(b"k"), &[0xde, 0xad, 0xbe, 0xef], &[]).await?;
+    kit.publish_raw(&withdrawn, Some(b"k"), &encode(&orphan)?, &[]).await?;
+    let mut seen = std::collections::HashSet::new();
+    let stage_dead: Vec<_> = wait_for_messages(&kit, &Topics::dead_letter(&withdrawn), 2)
+        .await?
+        .into_iter()
+        .filter(|record| seen.insert(record.header(dlq::ORIGINAL_OFFSET).map(str::to_owned)))
+        .collect();
+    let classes: Vec<Option<&str>> = stage_dead.iter().map(|record| record.header(dlq::ERROR_CLASS)).collect();
+    ensure!(classes == [Some("bad_magic"), Some("unknown_transfer")], "{classes:?}");
+    ensure!(stage_dead.iter().all(|record| record.header(dlq::STAGE) == Some("deposit")));
+
     pipeline.stop().await?;
     kit.assert_books_balance().await
 }

@@ -16,6 +16,8 @@ pub struct Inbound {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The record's timestamp in milliseconds, when the broker gave one.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl Inbound {
@@ -28,6 +30,7 @@ impl Inbound {
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
             headers,
+            timestamp_ms: message.timestamp().to_millis(),
         }
     }
 
@@ -38,10 +41,11 @@ impl Inbound {
             .and_then(|(_, value)| std::str::from_utf8(value).ok())
     }
 
-    /// A name for this exact position in the log, used to deduplicate
-    /// dead-lettering of one message.
+    /// A name for this exact record, used to deduplicate dead-lettering of
+    /// one message. The timestamp tells apart two records at the same
+    /// position of a topic that was deleted and created again.
     pub fn position_id(&self) -> String {
-        format!("{}/{}/{}", self.topic, self.partition, self.offset)
+        format!("{}/{}/{}@{}", self.topic, self.partition, self.offset, self.timestamp_ms.unwrap_or(-1))
     }
 }
 
