@@ -43,6 +43,16 @@ fn conflict(entity: &'static str, id: &str) -> Error {
     Error::Conflict { entity, id: id.to_owned() }
 }
 
+/// A version-checked update must touch exactly one row; none means the
+/// version moved under us.
+fn exactly_one(rows_updated: u64, entity: &'static str, id: &str) -> Result<()> {
+    if rows_updated == 1 {
+        Ok(())
+    } else {
+        Err(conflict(entity, id))
+    }
+}
+
 /// Creates the investor account with its opening balance, posted against the
 /// opening-balance equity account so the ledger explains every unit. Does
 /// nothing if the account exists.
@@ -223,11 +233,7 @@ pub async fn update_investor(
     .execute(conn)
     .await?
     .rows_affected();
-    if updated == 1 {
-        Ok(())
-    } else {
-        Err(conflict("investor account", id))
-    }
+    exactly_one(updated, "investor account", id)
 }
 
 /// Reads the investor's version and applies the deltas against it.
@@ -265,11 +271,7 @@ pub async fn update_fund(conn: &mut PgConnection, id: &str, expected_version: i6
     .execute(conn)
     .await?
     .rows_affected();
-    if updated == 1 {
-        Ok(())
-    } else {
-        Err(conflict("fund", id))
-    }
+    exactly_one(updated, "fund", id)
 }
 
 /// Changes an investor's allocation in a fund and keeps the fund's totals and
@@ -364,9 +366,5 @@ pub async fn credit_fund_account(conn: &mut PgConnection, id: &str, amount_minor
     .execute(conn)
     .await?
     .rows_affected();
-    if updated == 1 {
-        Ok(())
-    } else {
-        Err(conflict("fund account", id))
-    }
+    exactly_one(updated, "fund account", id)
 }
