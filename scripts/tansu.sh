@@ -37,6 +37,12 @@ start() {
     return 0
   fi
   if listening; then
+    # A broker left running by another checkout or an earlier session can be
+    # shared: every test uses its own random topic and group names.
+    if pgrep -f "tansu broker --listener-url tcp://127.0.0.1:$port" >/dev/null; then
+      echo "Reusing the tansu broker already listening on port $port" >&2
+      return 0
+    fi
     echo "Port $port is taken by another process; set BRIDGE_TANSU_PORT" >&2
     exit 1
   fi
