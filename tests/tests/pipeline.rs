@@ -30,7 +30,10 @@ async fn fund_totals(kit: &TestKit, id: &str) -> Result<(i64, i64, i32)> {
 }
 
 async fn fund_account_balance(kit: &TestKit, id: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT balance_minor FROM fund_accounts WHERE id = $1").bind(id).fetch_one(&kit.pool).await?)
+    Ok(sqlx::query_scalar("SELECT balance_minor FROM fund_accounts WHERE id = $1")
+        .bind(id)
+        .fetch_one(&kit.pool)
+        .await?)
 }
 
 /// Status events of one transfer as published, decoded, in topic order.
@@ -40,7 +43,9 @@ async fn status_events(kit: &TestKit, transfer: Uuid) -> Result<Vec<TransferStat
         .await?
         .into_iter()
         .filter(|message| message.key.as_deref() == Some(key.as_bytes()))
-        .map(|message| decode::<TransferStatusChanged>(message.payload.as_deref().unwrap_or_default()).map_err(Into::into))
+        .map(|message| {
+            decode::<TransferStatusChanged>(message.payload.as_deref().unwrap_or_default()).map_err(Into::into)
+        })
         .collect()
 }
 
@@ -83,7 +88,8 @@ async fn happy_path_moves_money_to_the_minor_unit(kind: BrokerKind) -> Result<()
     // At-least-once: a redelivered event may appear anywhere later in the
     // partition, so deduplicate on the event id, as subscribers are told to.
     let mut seen = std::collections::HashSet::new();
-    let events: Vec<_> = status_events(&kit, id).await?.into_iter().filter(|event| seen.insert(event.event_id.clone())).collect();
+    let events: Vec<_> =
+        status_events(&kit, id).await?.into_iter().filter(|event| seen.insert(event.event_id.clone())).collect();
     let versions: Vec<i64> = events.iter().map(|event| event.version).collect();
     ensure!(versions == [1, 2, 3, 4, 5], "status versions {versions:?}");
     ensure!(events.last().is_some_and(|event| event.terminal && event.state == "completed"));
@@ -214,8 +220,13 @@ async fn the_same_message_twice_moves_money_once(kind: BrokerKind) -> Result<()>
     // Re-deliver every stage event of the transfer, byte for byte.
     for topic in [kit.topics().validated(), kit.topics().withdrawn(), kit.topics().deposited()] {
         for message in kit.read_topic(&topic).await? {
-            kit.publish_raw(&topic, message.key.as_deref(), message.payload.as_deref().unwrap_or_default(), &message.headers)
-                .await?;
+            kit.publish_raw(
+                &topic,
+                message.key.as_deref(),
+                message.payload.as_deref().unwrap_or_default(),
+                &message.headers,
+            )
+            .await?;
         }
     }
     // A different request reusing the transfer id is refused as a conflict.
@@ -271,7 +282,11 @@ async fn redelivery_after_commit_before_offset_commit_leaves_one_effect(kind: Br
     }
     pipeline.stop().await?;
 
-    ensure!(kit.effect_counts().await? == before, "redelivery changed effects: {:?} vs {before:?}", kit.effect_counts().await?);
+    ensure!(
+        kit.effect_counts().await? == before,
+        "redelivery changed effects: {:?} vs {before:?}",
+        kit.effect_counts().await?
+    );
     ensure!(investor_balance(&kit, "inv-3").await? == balances_before);
     ensure!(balances_before == (10_000_00 - 1_500_00, 0));
     kit.assert_books_balance().await
@@ -371,11 +386,20 @@ async fn undecodable_messages_go_to_the_dead_letter_topic_and_the_partition_flow
     let dead: Vec<_> = wait_for_messages(&kit, &dead_letter_topic, bad.len())
         .await?
         .into_iter()
-        .filter(|record| seen.insert((record.header(dlq::ORIGINAL_PARTITION).map(str::to_owned), record.header(dlq::ORIGINAL_OFFSET).map(str::to_owned))))
+        .filter(|record| {
+            seen.insert((
+                record.header(dlq::ORIGINAL_PARTITION).map(str::to_owned),
+                record.header(dlq::ORIGINAL_OFFSET).map(str::to_owned),
+            ))
+        })
         .collect();
     let originals = kit.read_topic(&requested).await?;
     for ((class, payload), record) in bad.iter().zip(&dead) {
-        ensure!(record.header(dlq::ERROR_CLASS) == Some(*class), "expected {class}, got {:?}", record.header(dlq::ERROR_CLASS));
+        ensure!(
+            record.header(dlq::ERROR_CLASS) == Some(*class),
+            "expected {class}, got {:?}",
+            record.header(dlq::ERROR_CLASS)
+        );
         ensure!(record.payload.as_deref() == Some(payload.as_slice()), "{class}: original bytes kept");
         ensure!(record.key.as_deref() == Some(key), "{class}: original key kept");
         ensure!(record.header("origin") == Some("fuzzer"), "{class}: original headers kept");
@@ -445,7 +469,13 @@ async fn lost_replies_from_the_bank_move_money_once(kind: BrokerKind) -> Result<
         sqlx::query_as("SELECT operation, outcome FROM sim_operations ORDER BY operation, outcome")
             .fetch_all(&kit.pool)
             .await?;
-    let expected = [("deposit", "declined"), ("deposit", "settled"), ("refund", "settled"), ("withdrawal", "settled"), ("withdrawal", "settled")];
+    let expected = [
+        ("deposit", "declined"),
+        ("deposit", "settled"),
+        ("refund", "settled"),
+        ("withdrawal", "settled"),
+        ("withdrawal", "settled"),
+    ];
     ensure!(
         operations.iter().map(|(op, outcome)| (op.as_str(), outcome.as_str())).collect::<Vec<_>>() == expected,
         "{operations:?}"

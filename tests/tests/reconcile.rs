@@ -39,10 +39,8 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
         sqlx::query(&damage).execute(&mut *tx).await?;
         let report = reconcile::run(&mut tx).await?;
         tx.rollback().await?;
-        let caught = report
-            .violations()
-            .iter()
-            .any(|check| check.invariant == invariant && check.name.contains(name_part));
+        let caught =
+            report.violations().iter().any(|check| check.invariant == invariant && check.name.contains(name_part));
         ensure!(caught, "{invariant} '{name_part}' missed damage {damage:?}; violations {:?}", report.violations());
     }
 

@@ -22,9 +22,7 @@ use apache_avro::Schema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use events::{
-    FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated,
-};
+pub use events::{FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated};
 
 /// The content type of every payload, per the CloudEvents Kafka binding.
 pub const CONTENT_TYPE: &str = "application/avro";
@@ -105,8 +103,8 @@ fn registry() -> &'static Registry {
             for (index, text) in versions.iter().enumerate() {
                 // The schemas are compiled in and covered by tests; a parse
                 // failure here is a build defect, not a runtime condition.
-                let schema = Schema::parse_str(text)
-                    .unwrap_or_else(|error| panic!("schema {name} does not parse: {error}"));
+                let schema =
+                    Schema::parse_str(text).unwrap_or_else(|error| panic!("schema {name} does not parse: {error}"));
                 let print = fingerprint(&schema);
                 if index == 0 {
                     newest.insert(*name, (print, schema.clone()));
@@ -158,12 +156,7 @@ pub fn decode<T: Event>(bytes: &[u8]) -> Result<T, DecodeError> {
     let registry = registry();
     let writer = match registry.by_fingerprint.get(&print) {
         Some((name, schema)) if *name == T::NAME => schema,
-        _ => {
-            return Err(DecodeError::UnknownFingerprint {
-                fingerprint: hex(&print),
-                expected: T::NAME,
-            })
-        }
+        _ => return Err(DecodeError::UnknownFingerprint { fingerprint: hex(&print), expected: T::NAME }),
     };
     let reader = &registry.newest[T::NAME].1;
     let datum = &bytes[HEADER_LEN..];

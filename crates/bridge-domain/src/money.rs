@@ -113,10 +113,7 @@ mod tests {
     fn money_refuses_mixed_currencies_and_overflow() {
         let eur = Currency::parse("EUR").unwrap();
         let usd = Currency::parse("USD").unwrap();
-        assert_eq!(
-            Money::new(5, eur).checked_add(Money::new(7, eur)).unwrap(),
-            Money::new(12, eur)
-        );
+        assert_eq!(Money::new(5, eur).checked_add(Money::new(7, eur)).unwrap(), Money::new(12, eur));
         assert!(Money::new(5, eur).checked_add(Money::new(7, usd)).is_err());
         assert!(Money::new(i64::MAX, eur).checked_add(Money::new(1, eur)).is_err());
     }

@@ -63,10 +63,8 @@ pub fn check_request(facts: &RequestFacts<'_>) -> Result<(), RejectReason> {
     if !facts.investor_holds_seat && fund.investors_count >= fund.seats_max {
         return Err(RejectReason::FundFull);
     }
-    let committed = fund
-        .reserved_minor
-        .checked_add(fund.completed_minor)
-        .and_then(|sum| sum.checked_add(facts.amount_minor));
+    let committed =
+        fund.reserved_minor.checked_add(fund.completed_minor).and_then(|sum| sum.checked_add(facts.amount_minor));
     match committed {
         Some(total) if total <= fund.capacity_minor => {}
         _ => return Err(RejectReason::FundCapacityExceeded),
@@ -118,11 +116,7 @@ mod tests {
             ("no fund", |f| f.fund = None, Err(RejectReason::UnknownFundAccount)),
             ("other currency", |f| f.currency = "USD", Err(RejectReason::CurrencyMismatch)),
             ("below minimum", |f| f.amount_minor = 999, Err(RejectReason::BelowMinimumInvestment)),
-            (
-                "no seat left",
-                |f| f.fund.as_mut().unwrap().investors_count = 2,
-                Err(RejectReason::FundFull),
-            ),
+            ("no seat left", |f| f.fund.as_mut().unwrap().investors_count = 2, Err(RejectReason::FundFull)),
             ("over available", |f| f.amount_minor = 8_001, Err(RejectReason::InsufficientFunds)),
         ];
         for (name, tweak, expected) in cases {

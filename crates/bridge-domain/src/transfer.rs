@@ -61,10 +61,7 @@ impl TransferState {
     }
 
     pub fn parse(value: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == value)
-            .ok_or_else(|| Error::UnknownState(value.to_owned()))
+        Self::ALL.into_iter().find(|state| state.as_str() == value).ok_or_else(|| Error::UnknownState(value.to_owned()))
     }
 
     pub fn is_terminal(self) -> bool {
@@ -98,9 +95,7 @@ impl TransferState {
     /// True when some event leads from `self` to `next`. Used by the
     /// reconciler to audit stored version histories.
     pub fn can_become(self, next: TransferState) -> bool {
-        TransferEvent::REPRESENTATIVES
-            .iter()
-            .any(|event| self.apply(event) == Ok(next))
+        TransferEvent::REPRESENTATIVES.iter().any(|event| self.apply(event) == Ok(next))
     }
 }
 
@@ -207,12 +202,9 @@ mod tests {
     #[test]
     fn happy_path_walks_to_completed() {
         let mut state = TransferState::Requested;
-        for event in [
-            TransferEvent::Validated,
-            TransferEvent::Withdrawn,
-            TransferEvent::Deposited,
-            TransferEvent::Completed,
-        ] {
+        for event in
+            [TransferEvent::Validated, TransferEvent::Withdrawn, TransferEvent::Deposited, TransferEvent::Completed]
+        {
             state = state.apply(&event).unwrap();
         }
         assert_eq!(state, TransferState::Completed);

@@ -87,7 +87,8 @@ impl DemoData {
             })
             .collect();
         let frozen_investor = format!("{namespace}-inv-frozen");
-        investors.push(InvestorSeed { id: frozen_investor.clone(), opening_balance: Money::new(1_000_000_00, currency) });
+        investors
+            .push(InvestorSeed { id: frozen_investor.clone(), opening_balance: Money::new(1_000_000_00, currency) });
         Self { namespace: namespace.to_owned(), investors, frozen_investor }
     }
 
@@ -141,7 +142,7 @@ impl DemoData {
     /// whose account is closed (deposit fails, investor refunded); and a few
     /// malformed requests (unknown account, wrong currency, zero amount).
     pub fn requests(&self, count: usize, seed: u64) -> Vec<TransferRequested> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f_7e57);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f7e_57ed);
         let now_ms = Utc::now().timestamp_millis();
         let ordinary: Vec<&InvestorSeed> = self.investors.iter().filter(|inv| inv.id != self.frozen_investor).collect();
         (0..count)
@@ -156,7 +157,9 @@ impl DemoData {
                     55..=62 => (investor, "growth", rng.random_range(1_00..1_000_00), CURRENCY),
                     63..=72 => (investor, "venture", rng.random_range(25_000_00..=40_000_00), CURRENCY),
                     73..=80 => (investor, "income", rng.random_range(150_000_00..=400_000_00), CURRENCY),
-                    81..=85 => (self.frozen_investor.clone(), "income", rng.random_range(1_000_00..=5_000_00), CURRENCY),
+                    81..=85 => {
+                        (self.frozen_investor.clone(), "income", rng.random_range(1_000_00..=5_000_00), CURRENCY)
+                    }
                     86..=91 => (investor, "legacy", rng.random_range(1_000_00..=5_000_00), CURRENCY),
                     92..=93 => (format!("{}-inv-unknown", self.namespace), "growth", 2_000_00, CURRENCY),
                     94..=95 => (investor, "growth", 2_000_00, "USD"),

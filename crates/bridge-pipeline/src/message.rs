@@ -35,10 +35,7 @@ impl Inbound {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key == name)
-            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+        self.headers.iter().find(|(key, _)| key == name).and_then(|(_, value)| std::str::from_utf8(value).ok())
     }
 
     /// A name for this exact record, used to deduplicate dead-lettering of

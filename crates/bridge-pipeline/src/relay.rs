@@ -106,7 +106,7 @@ async fn publish_until_shutdown(
             sqlx::query("SELECT 1").execute(&mut *lock_session).await.context("Relay lock session lost")?;
             last_lock_check = std::time::Instant::now();
         }
-        match publish_batch(&ctx, &producer).await {
+        match publish_batch(ctx, &producer).await {
             Ok(published) if published as i64 >= ctx.config.relay_batch_size_max => {
                 backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
                 continue;

@@ -102,9 +102,9 @@ impl Pipeline {
             let ctx = self.ctx.clone();
             let token = shutdown.clone();
             match *part {
-                Part::Stage(stage) => {
-                    tasks.spawn(async move { run_stage(ctx, stage, token).await.with_context(|| format!("Stage {} failed", stage.as_str())) })
-                }
+                Part::Stage(stage) => tasks.spawn(async move {
+                    run_stage(ctx, stage, token).await.with_context(|| format!("Stage {} failed", stage.as_str()))
+                }),
                 Part::Relay => tasks.spawn(async move { relay::run(ctx, token).await.context("Relay failed") }),
             };
         }

@@ -10,12 +10,9 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use bridge_codec::{
-    decode, encode, Event, FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged,
-    TransferValidated,
+    decode, encode, Event, FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated,
 };
-use bridge_domain::{
-    check_request, ids, Currency, FailureReason, Money, RequestFacts, TransferEvent, TransferState,
-};
+use bridge_domain::{check_request, ids, Currency, FailureReason, Money, RequestFacts, TransferEvent, TransferState};
 use bridge_store::ledger::{self, Posting};
 use bridge_store::outbox::{self, OutboxMessage};
 use bridge_store::transfers::{self, Transfer};
@@ -192,7 +189,13 @@ fn millis(time: DateTime<Utc>) -> i64 {
     time.timestamp_millis()
 }
 
-fn status_message(ctx: &StageContext, stage: StageName, transfer: &Transfer, previous: Option<TransferState>, trace: &TraceContext) -> Result<OutboxMessage, StageError> {
+fn status_message(
+    ctx: &StageContext,
+    stage: StageName,
+    transfer: &Transfer,
+    previous: Option<TransferState>,
+    trace: &TraceContext,
+) -> Result<OutboxMessage, StageError> {
     let event_id = ids::status_event_id(transfer.id, transfer.version);
     let now = Utc::now();
     let event = TransferStatusChanged {
@@ -255,8 +258,9 @@ macro_rules! stage_event {
 async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
     let request: TransferRequested = decode_payload(message)?;
     let transfer_id = parse_transfer_id(&request.transfer_id)?;
-    let requested_at = DateTime::from_timestamp_millis(request.requested_at)
-        .ok_or_else(|| permanent("invalid_request", format!("requested_at {} is out of range", request.requested_at)))?;
+    let requested_at = DateTime::from_timestamp_millis(request.requested_at).ok_or_else(|| {
+        permanent("invalid_request", format!("requested_at {} is out of range", request.requested_at))
+    })?;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
     let mut candidate = Transfer {
         id: transfer_id,
@@ -319,7 +323,16 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
             let event_id = ids::stage_event_id(transfer_id, "validated");
             let now = Utc::now();
             let event = stage_event!(TransferValidated, validated, event_id, now);
-            messages.push(envelope(ctx, StageName::Validator, event_id, &validated, &trace, now, ctx.topics.validated(), &event)?);
+            messages.push(envelope(
+                ctx,
+                StageName::Validator,
+                event_id,
+                &validated,
+                &trace,
+                now,
+                ctx.topics.validated(),
+                &event,
+            )?);
             validated
         }
         (Err(reason), _, _) => transfers::advance(&mut tx, &requested, &TransferEvent::Rejected(reason)).await?,
@@ -390,15 +403,21 @@ async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
 
     let mut tx = ctx.pool.begin().await?;
-    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Validated).await? else {
+    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Validated).await?
+    else {
         return Ok(Outcome::Duplicate);
     };
     let amount = movement.amount;
     let mut messages = Vec::with_capacity(2);
     let next = match outcome {
         ServiceOutcome::Settled { reference } => {
-            accounts::adjust_investor(&mut tx, &current.investor_account_id, -amount.amount_minor, -amount.amount_minor)
-                .await?;
+            accounts::adjust_investor(
+                &mut tx,
+                &current.investor_account_id,
+                -amount.amount_minor,
+                -amount.amount_minor,
+            )
+            .await?;
             let investor_ledger = ledger::investor_account(&current.investor_account_id);
             ledger::post(
                 &mut tx,
@@ -420,8 +439,15 @@ async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
         }
         ServiceOutcome::Declined { code } => {
             accounts::adjust_investor(&mut tx, &current.investor_account_id, 0, -amount.amount_minor).await?;
-            accounts::adjust_allocation(&mut tx, fund_id_of(&current)?, &current.investor_account_id, None, -amount.amount_minor, 0)
-                .await?;
+            accounts::adjust_allocation(
+                &mut tx,
+                fund_id_of(&current)?,
+                &current.investor_account_id,
+                None,
+                -amount.amount_minor,
+                0,
+            )
+            .await?;
             transfers::advance(&mut tx, &current, &TransferEvent::WithdrawalFailed(FailureReason(code))).await?
         }
     };
@@ -447,9 +473,9 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
             let refund = movement(&transfer, "refund", &transfer.investor_account_id)?;
             match ctx.services.investor.refund(&refund).await? {
                 ServiceOutcome::Settled { .. } => DepositOutcome::Reversed { code },
-                ServiceOutcome::Declined { code: refund_code } => DepositOutcome::NeedsPerson {
-                    code: format!("DEPOSIT_{code}_REFUND_{refund_code}"),
-                },
+                ServiceOutcome::Declined { code: refund_code } => {
+                    DepositOutcome::NeedsPerson { code: format!("DEPOSIT_{code}_REFUND_{refund_code}") }
+                }
             }
         }
         ServiceOutcome::Settled { reference } => DepositOutcome::Deposited { reference },
@@ -457,7 +483,8 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
 
     let mut tx = ctx.pool.begin().await?;
-    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Withdrawn).await? else {
+    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Withdrawn).await?
+    else {
         return Ok(Outcome::Duplicate);
     };
     let amount = remit.amount;
@@ -505,8 +532,15 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
                 },
             )
             .await?;
-            accounts::adjust_allocation(&mut tx, fund_id_of(&current)?, &current.investor_account_id, None, -amount.amount_minor, 0)
-                .await?;
+            accounts::adjust_allocation(
+                &mut tx,
+                fund_id_of(&current)?,
+                &current.investor_account_id,
+                None,
+                -amount.amount_minor,
+                0,
+            )
+            .await?;
             transfers::advance(&mut tx, &current, &TransferEvent::DepositFailed(FailureReason(code))).await?
         }
     };
@@ -518,11 +552,17 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
 
 /// What the outside services said about a deposit.
 enum DepositOutcome {
-    Deposited { reference: String },
+    Deposited {
+        reference: String,
+    },
     /// Deposit declined, investor refunded.
-    Reversed { code: String },
+    Reversed {
+        code: String,
+    },
     /// Deposit declined and the refund declined too.
-    NeedsPerson { code: String },
+    NeedsPerson {
+        code: String,
+    },
 }
 
 /// Completion: the reserved allocation becomes a completed one.
@@ -532,15 +572,23 @@ async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     let stage = StageName::Completion;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
     let mut tx = ctx.pool.begin().await?;
-    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Deposited).await? else {
+    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Deposited).await?
+    else {
         if transfers::get(&mut tx, transfer_id).await?.is_none() {
             return Err(permanent("unknown_transfer", format!("transfer {transfer_id} does not exist")));
         }
         return Ok(Outcome::Duplicate);
     };
     let amount_minor = current.amount_minor;
-    accounts::adjust_allocation(&mut tx, fund_id_of(&current)?, &current.investor_account_id, None, -amount_minor, amount_minor)
-        .await?;
+    accounts::adjust_allocation(
+        &mut tx,
+        fund_id_of(&current)?,
+        &current.investor_account_id,
+        None,
+        -amount_minor,
+        amount_minor,
+    )
+    .await?;
     let next = transfers::advance(&mut tx, &current, &TransferEvent::Completed).await?;
     let messages = [status_message(ctx, stage, &next, Some(current.state), &trace)?];
     outbox::enqueue(&mut tx, &messages).await?;

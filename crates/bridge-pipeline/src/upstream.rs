@@ -20,8 +20,14 @@ use crate::Topics;
 /// broker's acknowledgement.
 pub async fn publish_request(producer: &FutureProducer, topics: &Topics, request: &TransferRequested) -> Result<()> {
     let payload = encode(request).context("Failed to encode request")?;
-    publish_raw(producer, &topics.requested(), Some(request.transfer_id.as_bytes()), &payload, &request_headers(request))
-        .await
+    publish_raw(
+        producer,
+        &topics.requested(),
+        Some(request.transfer_id.as_bytes()),
+        &payload,
+        &request_headers(request),
+    )
+    .await
 }
 
 pub fn request_headers(request: &TransferRequested) -> Vec<(String, Vec<u8>)> {

@@ -102,14 +102,12 @@ pub async fn seed_fund(conn: &mut PgConnection, seed: &FundSeed) -> Result<()> {
 }
 
 pub async fn seed_fund_account(conn: &mut PgConnection, seed: &FundAccountSeed) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO fund_accounts (id, fund_id, currency) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(&seed.id)
-    .bind(&seed.fund_id)
-    .bind(seed.currency.as_str())
-    .execute(conn)
-    .await?;
+    sqlx::query("INSERT INTO fund_accounts (id, fund_id, currency) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING")
+        .bind(&seed.id)
+        .bind(&seed.fund_id)
+        .bind(seed.currency.as_str())
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -120,17 +118,13 @@ pub struct Versioned<T> {
 }
 
 pub async fn investor(conn: &mut PgConnection, id: &str) -> Result<Option<Versioned<AccountSnapshot>>> {
-    let row: Option<(String, i64, i64, i64)> = sqlx::query_as(
-        "SELECT currency, balance_minor, held_minor, version FROM investor_accounts WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(conn)
-    .await?;
+    let row: Option<(String, i64, i64, i64)> =
+        sqlx::query_as("SELECT currency, balance_minor, held_minor, version FROM investor_accounts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
     row.map(|(code, balance_minor, held_minor, version)| {
-        Ok(Versioned {
-            value: AccountSnapshot { currency: currency(&code)?, balance_minor, held_minor },
-            version,
-        })
+        Ok(Versioned { value: AccountSnapshot { currency: currency(&code)?, balance_minor, held_minor }, version })
     })
     .transpose()
 }
@@ -153,7 +147,8 @@ pub async fn fund_by_account(conn: &mut PgConnection, fund_account_id: &str) -> 
     .bind(fund_account_id)
     .fetch_optional(conn)
     .await?;
-    let Some((fund_id, account_code, fund_code, minimum, seats_max, investors, capacity, reserved, completed, version)) = row
+    let Some((fund_id, account_code, fund_code, minimum, seats_max, investors, capacity, reserved, completed, version)) =
+        row
     else {
         return Ok(None);
     };
@@ -243,9 +238,8 @@ pub async fn adjust_investor(
     balance_delta_minor: i64,
     held_delta_minor: i64,
 ) -> Result<()> {
-    let current = investor(&mut *conn, id)
-        .await?
-        .ok_or_else(|| Error::Corrupt(format!("investor account {id} vanished")))?;
+    let current =
+        investor(&mut *conn, id).await?.ok_or_else(|| Error::Corrupt(format!("investor account {id} vanished")))?;
     update_investor(conn, id, current.version, balance_delta_minor, held_delta_minor).await
 }
 
@@ -335,10 +329,7 @@ pub async fn adjust_allocation(
     let fund_version = match fund_version_read {
         Some(version) => version,
         None => {
-            sqlx::query_scalar("SELECT version FROM funds WHERE id = $1")
-                .bind(fund_id)
-                .fetch_one(&mut *conn)
-                .await?
+            sqlx::query_scalar("SELECT version FROM funds WHERE id = $1").bind(fund_id).fetch_one(&mut *conn).await?
         }
     };
     update_fund(

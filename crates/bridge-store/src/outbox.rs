@@ -31,11 +31,8 @@ pub struct OutboxRow {
 
 pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Result<()> {
     for message in messages {
-        let (names, values): (Vec<&str>, Vec<&[u8]>) = message
-            .headers
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.as_slice()))
-            .unzip();
+        let (names, values): (Vec<&str>, Vec<&[u8]>) =
+            message.headers.iter().map(|(name, value)| (name.as_str(), value.as_slice())).unzip();
         sqlx::query(
             "INSERT INTO outbox (event_id, topic, message_key, payload, header_names, header_values)
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -68,13 +65,7 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, batch_size_max: i64) -> R
         .into_iter()
         .map(|(id, event_id, topic, key, payload, names, values)| OutboxRow {
             id,
-            message: OutboxMessage {
-                event_id,
-                topic,
-                key,
-                payload,
-                headers: names.into_iter().zip(values).collect(),
-            },
+            message: OutboxMessage { event_id, topic, key, payload, headers: names.into_iter().zip(values).collect() },
         })
         .collect())
 }
@@ -103,7 +94,5 @@ pub async fn mark_failed(tx: &mut Transaction<'_, Postgres>, ids: &[i64], error:
 }
 
 pub async fn unpublished_count(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-        .fetch_one(conn)
-        .await?)
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(conn).await?)
 }

@@ -234,11 +234,10 @@ pub async fn run_with(conn: &mut PgConnection, stuck_after_secs: i64) -> Result<
 /// The state machine lives in the domain crate, so the transitions found in
 /// the history are checked against it in Rust rather than restated in SQL.
 async fn illegal_transitions(conn: &mut PgConnection) -> Result<i64> {
-    let pairs: Vec<(Option<String>, String, i64)> = sqlx::query_as(
-        "SELECT previous_state, state, count(*) FROM transfer_versions GROUP BY previous_state, state",
-    )
-    .fetch_all(conn)
-    .await?;
+    let pairs: Vec<(Option<String>, String, i64)> =
+        sqlx::query_as("SELECT previous_state, state, count(*) FROM transfer_versions GROUP BY previous_state, state")
+            .fetch_all(conn)
+            .await?;
     let mut illegal = 0;
     for (previous, state, count) in pairs {
         // Whether a first version sits at version 1 is checked in SQL.

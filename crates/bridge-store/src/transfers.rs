@@ -70,8 +70,21 @@ type TransferRow = (
 );
 
 fn from_row(row: TransferRow) -> Result<Transfer> {
-    let (id, investor, fund_account, fund_id, amount, currency, reference, source, requested_at, state, reason, version, traceparent) =
-        row;
+    let (
+        id,
+        investor,
+        fund_account,
+        fund_id,
+        amount,
+        currency,
+        reference,
+        source,
+        requested_at,
+        state,
+        reason,
+        version,
+        traceparent,
+    ) = row;
     Ok(Transfer {
         id,
         investor_account_id: investor,
@@ -93,10 +106,8 @@ const COLUMNS: &str = "id, investor_account_id, fund_account_id, fund_id, amount
     source_system, requested_at, state, reason_code, version, traceparent";
 
 pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Transfer>> {
-    let row: Option<TransferRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
+    let row: Option<TransferRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = $1")).bind(id).fetch_optional(conn).await?;
     row.map(from_row).transpose()
 }
 
@@ -132,10 +143,8 @@ pub async fn insert_requested(conn: &mut PgConnection, transfer: &Transfer) -> R
 /// appends the new version to the history. Returns the new state of the
 /// transfer. An illegal event is refused before anything is written.
 pub async fn advance(conn: &mut PgConnection, current: &Transfer, event: &TransferEvent) -> Result<Transfer> {
-    let next_state = current
-        .state
-        .apply(event)
-        .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", current.id)))?;
+    let next_state =
+        current.state.apply(event).map_err(|error| Error::Corrupt(format!("transfer {}: {error}", current.id)))?;
     let mut next = current.clone();
     next.state = next_state;
     next.version = current.version + 1;

@@ -7,8 +7,8 @@
 //! through its public entry points and Kafka, as a deployment would.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -27,7 +27,8 @@ use bridge_domain::{Currency, Money};
 use bridge_pipeline::message::Inbound;
 use bridge_pipeline::runner::Part;
 use bridge_pipeline::services::{
-    FundAccountService, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services, SimulatedServices,
+    FundAccountService, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
+    SimulatedServices,
 };
 use bridge_pipeline::{kafka, upstream, Pipeline, PipelineConfig, StageName, Topics};
 use bridge_store::accounts::{self, FundAccountSeed, FundSeed, InvestorSeed};
@@ -146,9 +147,10 @@ impl TestKit {
         let run = Uuid::new_v4().simple().to_string();
         let database_url = format!("{base}/bridge_test_{}", &run[..16]);
         bridge_store::ensure_database(&database_url).await.context("Failed to create the test database")?;
-        let pool = bridge_store::connect(&database_url, &PoolSettings { connections_max: 24, acquire_timeout_ms: 30_000 })
-            .await
-            .context("Failed to connect to the test database")?;
+        let pool =
+            bridge_store::connect(&database_url, &PoolSettings { connections_max: 24, acquire_timeout_ms: 30_000 })
+                .await
+                .context("Failed to connect to the test database")?;
         bridge_store::migrate(&pool).await.context("Failed to migrate the test database")?;
 
         let prefix = format!("t{}.", &run[16..28]);
@@ -220,13 +222,22 @@ impl TestKit {
 
     pub async fn seed_investor(&self, id: &str, balance_minor: i64) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        accounts::seed_investor(&mut conn, &InvestorSeed { id: id.to_owned(), opening_balance: self.eur(balance_minor) })
-            .await?;
+        accounts::seed_investor(
+            &mut conn,
+            &InvestorSeed { id: id.to_owned(), opening_balance: self.eur(balance_minor) },
+        )
+        .await?;
         Ok(())
     }
 
     /// Seeds a fund and one account of it named `<fund_id>-account`.
-    pub async fn seed_fund(&self, fund_id: &str, minimum_minor: i64, seats_max: i32, capacity_minor: i64) -> Result<String> {
+    pub async fn seed_fund(
+        &self,
+        fund_id: &str,
+        minimum_minor: i64,
+        seats_max: i32,
+        capacity_minor: i64,
+    ) -> Result<String> {
         let mut conn = self.pool.acquire().await?;
         accounts::seed_fund(
             &mut conn,
@@ -273,7 +284,13 @@ impl TestKit {
         Ok(Uuid::parse_str(&request.transfer_id)?)
     }
 
-    pub async fn publish_raw(&self, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: &[(String, Vec<u8>)]) -> Result<()> {
+    pub async fn publish_raw(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<()> {
         upstream::publish_raw(&self.producer, topic, key, payload, headers).await
     }
 
@@ -354,7 +371,8 @@ impl TestKit {
     /// at offsets 0..4 reads as a high watermark of 1.
     pub async fn read_topic(&self, topic: &str) -> Result<Vec<Inbound>> {
         const IDLE: Duration = Duration::from_millis(1_500);
-        let consumer: StreamConsumer = self.client(&format!("{}reader-{}", self.config.group_prefix, Uuid::new_v4())).create()?;
+        let consumer: StreamConsumer =
+            self.client(&format!("{}reader-{}", self.config.group_prefix, Uuid::new_v4())).create()?;
         let mut watermarks = HashMap::new();
         let mut assignment = TopicPartitionList::new();
         for partition in self.partitions() {
@@ -367,7 +385,8 @@ impl TestKit {
         let mut messages = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let below_watermark = watermarks.iter().any(|(partition, high)| positions.get(partition).copied().unwrap_or(0) < *high);
+            let below_watermark =
+                watermarks.iter().any(|(partition, high)| positions.get(partition).copied().unwrap_or(0) < *high);
             let wait = if below_watermark { deadline.saturating_duration_since(Instant::now()) } else { IDLE };
             match tokio::time::timeout(wait, consumer.recv()).await {
                 Ok(message) => {
@@ -375,7 +394,9 @@ impl TestKit {
                     positions.insert(inbound.partition, inbound.offset + 1);
                     messages.push(inbound);
                 }
-                Err(_) if below_watermark => bail!("Timed out reading {topic}: positions {positions:?}, watermarks {watermarks:?}"),
+                Err(_) if below_watermark => {
+                    bail!("Timed out reading {topic}: positions {positions:?}, watermarks {watermarks:?}")
+                }
                 Err(_) => break,
             }
         }
@@ -428,7 +449,8 @@ impl TestKit {
     /// groups' offsets back instead would race with the brokers' removal of
     /// the stopped members.)
     pub fn forget_committed_offsets(&mut self) {
-        self.config.group_prefix = format!("{}again-{}.", self.config.group_prefix, &Uuid::new_v4().simple().to_string()[..8]);
+        self.config.group_prefix =
+            format!("{}again-{}.", self.config.group_prefix, &Uuid::new_v4().simple().to_string()[..8]);
     }
 
     /// Counts of rows that record effects, to compare before and after
@@ -456,11 +478,16 @@ pub struct LosingFirstReplies {
 
 impl LosingFirstReplies {
     pub fn services(pool: PgPool) -> Services {
-        let services = Arc::new(Self { inner: Arc::new(SimulatedServices::new(pool)), seen: Mutex::new(HashSet::new()) });
+        let services =
+            Arc::new(Self { inner: Arc::new(SimulatedServices::new(pool)), seen: Mutex::new(HashSet::new()) });
         Services { investor: services.clone(), fund: services }
     }
 
-    fn lose_first(&self, key: &str, outcome: Result<ServiceOutcome, ServiceError>) -> Result<ServiceOutcome, ServiceError> {
+    fn lose_first(
+        &self,
+        key: &str,
+        outcome: Result<ServiceOutcome, ServiceError>,
+    ) -> Result<ServiceOutcome, ServiceError> {
         let first = self.seen.lock().expect("not poisoned").insert(key.to_owned());
         if first && outcome.is_ok() {
             return Err(ServiceError::Unavailable(format!("reply to {key} lost after the service acted")));

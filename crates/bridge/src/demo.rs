@@ -62,7 +62,8 @@ struct Summary {
 
 pub async fn run(args: DemoArgs) -> Result<bool> {
     let started = Instant::now();
-    let (database_url, _temporary_cluster) = local_postgres::resolve(args.database_url, crate::DEFAULT_DATABASE_URL).await?;
+    let (database_url, _temporary_cluster) =
+        local_postgres::resolve(args.database_url, crate::DEFAULT_DATABASE_URL).await?;
     let pool = bridge_store::connect(&database_url, &PoolSettings::default()).await?;
     bridge_store::migrate(&pool).await.context("Failed to migrate")?;
 
@@ -119,7 +120,8 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     };
 
     let requests = data.requests(args.transfers, args.seed);
-    let ids: Vec<Uuid> = requests.iter().map(|request| Uuid::parse_str(&request.transfer_id)).collect::<Result<_, _>>()?;
+    let ids: Vec<Uuid> =
+        requests.iter().map(|request| Uuid::parse_str(&request.transfer_id)).collect::<Result<_, _>>()?;
     // Every 50th request is published twice, as a client retrying after a
     // lost acknowledgement would; it must still move money once.
     let duplicates = requests.iter().step_by(50).cloned();

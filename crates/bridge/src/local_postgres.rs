@@ -19,10 +19,8 @@ pub struct TemporaryCluster {
 impl Drop for TemporaryCluster {
     fn drop(&mut self) {
         let data = self.directory.join("data");
-        let _ = command(&self.pg_ctl, self.as_postgres_user)
-            .args(["stop", "-m", "fast", "-w", "-D"])
-            .arg(&data)
-            .output();
+        let _ =
+            command(&self.pg_ctl, self.as_postgres_user).args(["stop", "-m", "fast", "-w", "-D"]).arg(&data).output();
         let _ = std::fs::remove_dir_all(&self.directory);
     }
 }

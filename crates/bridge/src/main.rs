@@ -20,7 +20,11 @@ use bridge_store::PoolSettings;
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/bridge";
 
 #[derive(Parser)]
-#[command(name = "bridge", version, about = "Moves money from investor bank accounts into investment funds, one Kafka stage at a time.")]
+#[command(
+    name = "bridge",
+    version,
+    about = "Moves money from investor bank accounts into investment funds, one Kafka stage at a time."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -183,8 +187,9 @@ async fn main() -> Result<()> {
             init_logging("info");
             let mut parts = Vec::new();
             for name in &args.stages {
-                let stage = StageName::parse(name)
-                    .with_context(|| format!("Unknown stage {name:?}; expected validator, withdrawal, deposit or completion"))?;
+                let stage = StageName::parse(name).with_context(|| {
+                    format!("Unknown stage {name:?}; expected validator, withdrawal, deposit or completion")
+                })?;
                 parts.push(Part::Stage(stage));
             }
             if args.relay {

@@ -29,7 +29,8 @@ async fn demo(kind: BrokerKind) -> Result<()> {
     ensure!(output.status.success(), "demo failed: {}", String::from_utf8_lossy(&output.stderr));
     let summary = last_json_line(&output.stdout)?;
     ensure!(summary["submitted"] == 60 && summary["in_flight"] == 0 && summary["invariants_ok"] == true, "{summary}");
-    let settled: i64 = ["completed", "rejected", "failed", "reversed"].iter().map(|key| summary[key].as_i64().unwrap_or(-1)).sum();
+    let settled: i64 =
+        ["completed", "rejected", "failed", "reversed"].iter().map(|key| summary[key].as_i64().unwrap_or(-1)).sum();
     ensure!(settled == 60, "{summary}");
     ensure!(summary["rejected"].as_i64() > Some(0) && summary["completed"].as_i64() > Some(0), "{summary}");
     kit.assert_books_balance().await
@@ -70,7 +71,8 @@ async fn operator_commands_on_the_standalone_broker() -> Result<()> {
     let log = std::fs::File::create(&log_path)?;
     let pipeline = Command::new(BRIDGE).arg("run").envs(env).stdout(Stdio::null()).stderr(log).spawn()?;
     let submitted = run(&["submit", "--namespace", "ops", "--generate", "25"])?;
-    let one = run(&["submit", "--investor", "ops-inv-00001", "--fund-account", "ops-fa-growth", "--amount-minor", "100000"])?;
+    let one =
+        run(&["submit", "--investor", "ops-inv-00001", "--fund-account", "ops-fa-growth", "--amount-minor", "100000"])?;
     let ids: Vec<uuid::Uuid> = String::from_utf8(submitted.stdout)?
         .lines()
         .chain(String::from_utf8(one.stdout)?.lines())
