@@ -166,9 +166,10 @@ impl DemoData {
                     96 => (investor, "growth", 0, CURRENCY),
                     _ => (investor, "growth", rng.random_range(1_000_00..=3_000_00), CURRENCY),
                 };
-                let transfer_id = Uuid::from_u64_pair(rng.random(), rng.random());
-                // Version-4 shape, so the ids look like any client's UUIDs.
-                let transfer_id = uuid::Builder::from_random_bytes(*transfer_id.as_bytes()).into_uuid();
+                // Fresh ids on every call: the same seed gives the same mix of
+                // requests, but never re-publishes an earlier run's transfers
+                // (which would be idempotent no-ops or conflicts).
+                let transfer_id = Uuid::new_v4();
                 TransferRequested {
                     transfer_id: transfer_id.to_string(),
                     investor_account_id: investor,

@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod http_services;
 pub mod kafka;
 pub mod message;
 pub mod relay;

@@ -6,18 +6,15 @@
 //! again after a crash or a redelivery returns the first answer and never
 //! moves money twice.
 //!
-//! [`SimulatedServices`] plays both services in-process with its own books in
-//! Postgres (`sim_*` tables), so tests can prove what really happened on the
-//! other side. Accounts can be frozen or closed there to make calls decline.
+//! Implementations: `http_services` (the real services over HTTP) and the
+//! simulator in the `bridge-sim` crate.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use bridge_domain::Money;
-use bridge_store::simulator::{self, SimOperation};
 
 /// One movement of money at an outside service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,75 +69,8 @@ pub struct Services {
     pub fund: Arc<dyn FundAccountService>,
 }
 
-impl Services {
-    pub fn simulated(pool: PgPool) -> Self {
-        let simulated = Arc::new(SimulatedServices { pool });
-        Self { investor: simulated.clone(), fund: simulated }
-    }
-}
-
-/// Both account services, simulated in-process over their own tables.
-pub struct SimulatedServices {
-    pool: PgPool,
-}
-
-impl SimulatedServices {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
-    async fn operate(&self, operation: &str, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        let unavailable = |error: bridge_store::Error| ServiceError::Unavailable(error.to_string());
-        let mut conn = self.pool.acquire().await.map_err(|error| ServiceError::Unavailable(error.to_string()))?;
-        let status = simulator::account_status(&mut conn, &movement.account_id).await.map_err(unavailable)?;
-        // Refunds return money to an account; a real bank accepts them into a
-        // frozen account, so only debits and deposits check for a freeze. An
-        // account being closed ("no_credits") still honours debits but
-        // refuses money coming in.
-        let incoming = operation != "withdrawal";
-        let outcome = match status.as_str() {
-            "frozen" if operation != "refund" => "declined:ACCOUNT_FROZEN",
-            "closed" => "declined:ACCOUNT_CLOSED",
-            "no_credits" if incoming => "declined:ACCOUNT_NO_CREDITS",
-            _ => "settled",
-        };
-        let requested = SimOperation {
-            idempotency_key: movement.idempotency_key.clone(),
-            operation: operation.to_owned(),
-            account_id: movement.account_id.clone(),
-            amount_minor: movement.amount.amount_minor,
-            currency: movement.amount.currency.to_string(),
-            outcome: outcome.split(':').next().unwrap_or(outcome).to_owned(),
-            reference: match outcome.split_once(':') {
-                Some((_, code)) => code.to_owned(),
-                None => format!("sim-{}", Uuid::new_v4().simple()),
-            },
-        };
-        let stored = simulator::record_once(&mut conn, &requested).await.map_err(unavailable)?;
-        if !stored.same_request(&requested) {
-            return Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone()));
-        }
-        Ok(match stored.outcome.as_str() {
-            "settled" => ServiceOutcome::Settled { reference: stored.reference },
-            _ => ServiceOutcome::Declined { code: stored.reference },
-        })
-    }
-}
-
-#[async_trait]
-impl InvestorAccountService for SimulatedServices {
-    async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        self.operate("withdrawal", movement).await
-    }
-
-    async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        self.operate("refund", movement).await
-    }
-}
-
-#[async_trait]
-impl FundAccountService for SimulatedServices {
-    async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        self.operate("deposit", movement).await
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Services")
     }
 }

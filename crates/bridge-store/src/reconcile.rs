@@ -98,7 +98,12 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "I2",
         "every debit at the simulated services is recorded once in our ledger, or its transfer is in flight (simulator only)",
         "SELECT count(*) FROM sim_operations s
-         LEFT JOIN transfers t ON s.idempotency_key = 'bridge-' || t.id || '-' || s.operation
+         LEFT JOIN transfers t
+           -- Keys are 'bridge-<transfer uuid>-<step>'; comparing the uuid part
+           -- lets Postgres join by the primary key instead of pairing every
+           -- operation with every transfer.
+           ON s.idempotency_key LIKE 'bridge-%'
+          AND t.id = substring(s.idempotency_key FROM 8 FOR 36)::uuid
          WHERE s.outcome = 'settled' AND s.operation IN ('withdrawal', 'deposit', 'refund')
            AND NOT EXISTS (SELECT 1 FROM ledger_entries l
                            WHERE l.transfer_id = t.id AND l.step = s.operation AND l.direction = 'debit')

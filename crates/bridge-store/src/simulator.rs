@@ -96,3 +96,23 @@ pub async fn settled_count(conn: &mut PgConnection, operation: &str) -> Result<i
         .fetch_one(conn)
         .await?)
 }
+
+/// The operation stored under `key`, if any.
+pub async fn find(conn: &mut PgConnection, key: &str) -> Result<Option<SimOperation>> {
+    let row: Option<(String, String, i64, String, String, String)> = sqlx::query_as(
+        "SELECT operation, account_id, amount_minor, currency, outcome, reference
+         FROM sim_operations WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(operation, account_id, amount_minor, currency, outcome, reference)| SimOperation {
+        idempotency_key: key.to_owned(),
+        operation,
+        account_id,
+        amount_minor,
+        currency,
+        outcome,
+        reference,
+    }))
+}

@@ -28,8 +28,8 @@ use bridge_pipeline::message::Inbound;
 use bridge_pipeline::runner::Part;
 use bridge_pipeline::services::{
     FundAccountService, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
-    SimulatedServices,
 };
+use bridge_sim::InProcessServices;
 use bridge_pipeline::{kafka, upstream, Pipeline, PipelineConfig, StageName, Topics};
 use bridge_store::accounts::{self, FundAccountSeed, FundSeed, InvestorSeed};
 use bridge_store::reconcile::{self, Report};
@@ -198,12 +198,12 @@ impl TestKit {
     }
 
     pub fn pipeline(&self) -> Pipeline {
-        Pipeline::new(self.pool.clone(), self.config.clone(), Services::simulated(self.pool.clone()))
+        Pipeline::new(self.pool.clone(), self.config.clone(), InProcessServices::services(self.pool.clone()))
     }
 
     /// Spawns the given parts of the pipeline on this runtime.
     pub fn spawn(&self, parts: &[Part]) -> RunningPipeline {
-        self.spawn_with_services(parts, Services::simulated(self.pool.clone()))
+        self.spawn_with_services(parts, InProcessServices::services(self.pool.clone()))
     }
 
     /// Spawns parts of the pipeline talking to the given account services.
@@ -472,14 +472,14 @@ impl TestKit {
 /// (an "unknown outcome": a timeout after the bank debited). The caller must
 /// retry with the same idempotency key and must not move money twice.
 pub struct LosingFirstReplies {
-    inner: Arc<SimulatedServices>,
+    inner: Arc<InProcessServices>,
     seen: Mutex<HashSet<String>>,
 }
 
 impl LosingFirstReplies {
     pub fn services(pool: PgPool) -> Services {
         let services =
-            Arc::new(Self { inner: Arc::new(SimulatedServices::new(pool)), seen: Mutex::new(HashSet::new()) });
+            Arc::new(Self { inner: Arc::new(InProcessServices::new(pool)), seen: Mutex::new(HashSet::new()) });
         Services { investor: services.clone(), fund: services }
     }
 

@@ -2,8 +2,10 @@
 //!
 //! Seeds a fresh namespace of investors and funds, publishes N transfer
 //! requests (plus a few re-publications, as a retrying client would send),
-//! runs every stage and the relay in this process until every transfer is
-//! terminal, checks invariants I1–I6 and prints one JSON line.
+//! runs every stage and the relay in this process, against the account-service
+//! simulator over HTTP with a few percent of injected failures of every kind,
+//! until every transfer is terminal or in manual review, checks invariants
+//! I1–I6 (the simulator's books included) and prints one JSON line.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -20,7 +22,7 @@ use uuid::Uuid;
 use bridge_domain::TransferState;
 use bridge_pipeline::demo::DemoData;
 use bridge_pipeline::runner::Part;
-use bridge_pipeline::services::Services;
+use bridge_pipeline::http_services::{HttpAccountServices, HttpServicesConfig};
 use bridge_pipeline::{kafka, upstream, Pipeline, PipelineConfig, Topics};
 use bridge_store::{reconcile, PoolSettings};
 
@@ -46,6 +48,15 @@ pub struct DemoArgs {
     /// Kafka bootstrap servers; by default an in-process Kafka cluster.
     #[arg(long, env = "KAFKA_BROKERS")]
     brokers: Option<String>,
+    /// Account services to call (e.g. a `bridge sim` started elsewhere). By
+    /// default the demo serves the simulator itself over HTTP on a local port.
+    #[arg(long, env = "BRIDGE_ACCOUNT_SERVICES_URL")]
+    account_services_url: Option<String>,
+    /// Failures the built-in simulator injects: `demo` (a few percent of
+    /// every kind: declines, rate limits, server errors, timeouts, lost
+    /// replies), `none`, or a JSON fault plan file.
+    #[arg(long, default_value = "demo")]
+    faults: String,
 }
 
 #[derive(Serialize)]
@@ -55,6 +66,7 @@ struct Summary {
     rejected: i64,
     failed: i64,
     reversed: i64,
+    manual_review: i64,
     in_flight: i64,
     invariants_ok: bool,
     elapsed_ms: u128,
@@ -111,8 +123,33 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         redact(&database_url),
     );
 
-    let pipeline = Pipeline::new(pool.clone(), config.clone(), Services::simulated(pool.clone()));
     let shutdown = CancellationToken::new();
+    // The account services are always reached over real HTTP: either the
+    // ones named on the command line, or the simulator served from here.
+    let (services_url, simulator) = match args.account_services_url {
+        Some(url) => (url, None),
+        None => {
+            let plan = crate::fault_plan(&args.faults, args.seed)?;
+            let bank = std::sync::Arc::new(bridge_sim::Bank::new(pool.clone(), plan));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let token = shutdown.clone();
+            let server = tokio::spawn(bridge_sim::http::serve(listener, bridge_sim::http::router(bank, None), token));
+            (url, Some(server))
+        }
+    };
+    match &simulator {
+        Some(_) => eprintln!("Account services: simulator at {services_url} (faults: {})", args.faults),
+        None => eprintln!("Account services: {services_url}"),
+    }
+    let services = HttpAccountServices::services(HttpServicesConfig {
+        investor_base_url: services_url.clone(),
+        fund_base_url: services_url.clone(),
+        token: None,
+        // Shorter than the simulator's injected hang, so timeouts happen.
+        timeout_ms: 1_000,
+    })?;
+    let pipeline = Pipeline::new(pool.clone(), config.clone(), services);
     let running = {
         let pipeline = pipeline.clone();
         let token = shutdown.clone();
@@ -139,7 +176,7 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
 
     let progress = ProgressBar::new(args.transfers as u64);
     progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} terminal  {msg}")
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} settled  {msg}")
             .expect("static template"),
     );
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
@@ -147,11 +184,15 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     loop {
         let mut conn = pool.acquire().await?;
         counts = state_counts(&mut conn, &ids).await?;
-        let terminal: i64 = counts.iter().filter(|(state, _)| state.is_terminal()).map(|(_, count)| count).sum();
+        let settled: i64 = counts
+            .iter()
+            .filter(|(state, _)| state.is_terminal() || state.needs_person())
+            .map(|(_, count)| count)
+            .sum();
         let unpublished = bridge_store::outbox::unpublished_count(&mut conn).await?;
-        progress.set_position(terminal as u64);
+        progress.set_position(settled as u64);
         progress.set_message(describe(&counts));
-        if terminal as usize == args.transfers && unpublished == 0 {
+        if settled as usize == args.transfers && unpublished == 0 {
             break;
         }
         if Instant::now() > deadline || running.is_finished() {
@@ -163,6 +204,9 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
 
     shutdown.cancel();
     let run_result = running.await.context("Pipeline task panicked")?;
+    if let Some(server) = simulator {
+        server.await.context("Simulator task panicked")?.context("Simulator failed")?;
+    }
     if let Err(error) = &run_result {
         eprintln!("Pipeline stopped with an error: {error:#}");
     }
@@ -174,14 +218,16 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         eprintln!("  {mark} {} {}", check.invariant, check.name);
     }
     let count = |state: TransferState| counts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
-    let terminal_total: i64 = counts.iter().filter(|(state, _)| state.is_terminal()).map(|(_, n)| n).sum();
+    let settled_total: i64 =
+        counts.iter().filter(|(state, _)| state.is_terminal() || state.needs_person()).map(|(_, n)| n).sum();
     let summary = Summary {
         submitted: args.transfers,
         completed: count(TransferState::Completed),
         rejected: count(TransferState::Rejected),
         failed: count(TransferState::Failed),
         reversed: count(TransferState::Reversed),
-        in_flight: args.transfers as i64 - terminal_total,
+        manual_review: count(TransferState::ManualReview),
+        in_flight: args.transfers as i64 - settled_total,
         invariants_ok: report.ok(),
         elapsed_ms: started.elapsed().as_millis(),
     };

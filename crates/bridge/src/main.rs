@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use bridge_pipeline::runner::Part;
+use bridge_pipeline::http_services::{HttpAccountServices, HttpServicesConfig};
 use bridge_pipeline::services::Services;
 use bridge_pipeline::{kafka, Pipeline, PipelineConfig, StageName, Topics};
 use bridge_store::PoolSettings;
@@ -80,6 +81,44 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, got {text:?}"))
 }
 
+/// Where the Investor and Fund Account Services are.
+#[derive(Args, Clone, Debug)]
+pub struct ServiceArgs {
+    /// Base URL serving both account services (e.g. a `bridge sim`). Without
+    /// it, and without the two URLs below, an in-process simulator is used.
+    #[arg(long, env = "BRIDGE_ACCOUNT_SERVICES_URL")]
+    pub account_services_url: Option<String>,
+    /// Base URL of the Investor Account Service (overrides the shared URL).
+    #[arg(long, env = "BRIDGE_INVESTOR_SERVICE_URL")]
+    pub investor_service_url: Option<String>,
+    /// Base URL of the Fund Account Service (overrides the shared URL).
+    #[arg(long, env = "BRIDGE_FUND_SERVICE_URL")]
+    pub fund_service_url: Option<String>,
+    /// Bearer token for the account services.
+    #[arg(long, env = "BRIDGE_ACCOUNT_SERVICES_TOKEN", hide_env_values = true)]
+    pub account_services_token: Option<String>,
+    /// Upper bound of one call to an account service.
+    #[arg(long, env = "BRIDGE_ACCOUNT_SERVICE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub account_service_timeout_ms: u64,
+}
+
+impl ServiceArgs {
+    pub fn services(&self, pool: &sqlx::PgPool) -> Result<Services> {
+        let investor = self.investor_service_url.clone().or_else(|| self.account_services_url.clone());
+        let fund = self.fund_service_url.clone().or_else(|| self.account_services_url.clone());
+        match (investor, fund) {
+            (None, None) => Ok(bridge_sim::InProcessServices::services(pool.clone())),
+            (Some(investor_base_url), Some(fund_base_url)) => HttpAccountServices::services(HttpServicesConfig {
+                investor_base_url,
+                fund_base_url,
+                token: self.account_services_token.clone(),
+                timeout_ms: self.account_service_timeout_ms,
+            }),
+            _ => anyhow::bail!("Configure both account services, or neither (then an in-process simulator is used)"),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create the database if missing and apply schema migrations.
@@ -94,6 +133,38 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Check invariants I1–I6 against the database; exit non-zero on a violation.
     Reconcile(ReconcileArgs),
+    /// Serve the simulated bank and fund administrator over HTTP.
+    Sim(SimArgs),
+}
+
+#[derive(Args)]
+struct SimArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to listen on.
+    #[arg(long, env = "BRIDGE_SIM_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: String,
+    /// Require this bearer token.
+    #[arg(long, env = "BRIDGE_SIM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Failures to inject: `none`, `demo` (a few percent of every kind), or
+    /// the path of a JSON fault plan.
+    #[arg(long, default_value = "none")]
+    faults: String,
+    /// Seed of the failure injection.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+pub fn fault_plan(name: &str, seed: u64) -> Result<bridge_sim::FaultPlan> {
+    Ok(match name {
+        "none" => bridge_sim::FaultPlan { seed, ..bridge_sim::FaultPlan::none() },
+        "demo" => bridge_sim::FaultPlan::demo(seed),
+        path => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("Failed to read fault plan {path}"))?;
+            serde_json::from_str(&text).with_context(|| format!("Fault plan {path} is not valid"))?
+        }
+    })
 }
 
 #[derive(Args)]
@@ -131,6 +202,8 @@ struct RunArgs {
     /// Run the outbox relay (implied when no --stage is given).
     #[arg(long)]
     relay: bool,
+    #[command(flatten)]
+    services: ServiceArgs,
 }
 
 #[derive(Args)]
@@ -201,7 +274,8 @@ async fn main() -> Result<()> {
             let config = args.common.pipeline_config(&args.common.brokers);
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
             kafka::ensure_topics(&config).await?;
-            let pipeline = Pipeline::new(pool.clone(), config, Services::simulated(pool));
+            let services = args.services.services(&pool)?;
+            let pipeline = Pipeline::new(pool, config, services);
             pipeline.run(&parts, shutdown_on_signal()).await?;
         }
         Command::Submit(args) => {
@@ -209,11 +283,25 @@ async fn main() -> Result<()> {
             submit::run(args).await?;
         }
         Command::Demo(args) => {
-            init_logging("warn");
+            // The demo injects failures on purpose; the retries they cause
+            // are logged at WARN and would bury the progress bar. RUST_LOG
+            // shows them.
+            init_logging("error");
             let ok = demo::run(args).await?;
             if !ok {
                 std::process::exit(1);
             }
+        }
+        Command::Sim(args) => {
+            init_logging("info");
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            bridge_store::migrate(&pool).await.context("Failed to migrate")?;
+            let bank = std::sync::Arc::new(bridge_sim::Bank::new(pool, fault_plan(&args.faults, args.seed)?));
+            let listener = tokio::net::TcpListener::bind(&args.listen)
+                .await
+                .with_context(|| format!("Failed to listen on {}", args.listen))?;
+            tracing::info!(address = %listener.local_addr()?, faults = %args.faults, "Account-service simulator listening");
+            bridge_sim::http::serve(listener, bridge_sim::http::router(bank, args.token), shutdown_on_signal()).await?;
         }
         Command::Reconcile(args) => {
             init_logging("warn");
@@ -224,7 +312,10 @@ async fn main() -> Result<()> {
                 let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
                 println!("{mark} {} {} ({} violations)", check.invariant, check.name, check.violations);
             }
-            println!("in flight: {}, outbox unpublished: {}", report.in_flight, report.outbox_unpublished);
+            println!(
+                "in flight: {}, manual review: {}, outbox unpublished: {}",
+                report.in_flight, report.manual_review, report.outbox_unpublished
+            );
             if !report.ok() {
                 std::process::exit(1);
             }

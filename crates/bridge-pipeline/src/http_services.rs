@@ -1,0 +1,183 @@
+//! The account services over HTTP.
+//!
+//! Every call has a timeout and, when it moves money, an `Idempotency-Key`
+//! derived from (transfer, step). Each reply is classified here, once:
+//!
+//! - settled (2xx) or declined (402): final, returned to the stage;
+//! - refused before acting (429, 503, connection refused): transient, the
+//!   stage retries later with the same key;
+//! - unknown outcome (timeout, 502, 504, 500, a connection that broke after
+//!   the request was sent): the service may have acted, so we ask it what it
+//!   holds under the key before deciding. Found: that is the answer. Not
+//!   found: it never acted, and retrying is safe.
+//! - the key reused with a different body (409): a defect, never retried.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use crate::services::{
+    FundAccountService, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
+};
+
+#[derive(Clone, Debug)]
+pub struct HttpServicesConfig {
+    /// Base URL of the Investor Account Service, e.g. `https://bank.example/`.
+    pub investor_base_url: String,
+    /// Base URL of the Fund Account Service.
+    pub fund_base_url: String,
+    /// Bearer token for both services, if they require one.
+    pub token: Option<String>,
+    /// Upper bound of one call, connection included.
+    pub timeout_ms: u64,
+}
+
+pub struct HttpAccountServices {
+    client: reqwest::Client,
+    config: HttpServicesConfig,
+}
+
+#[derive(Serialize)]
+struct OperationBody<'a> {
+    account_id: &'a str,
+    amount_minor: i64,
+    currency: &'a str,
+    transfer_id: String,
+}
+
+#[derive(Deserialize)]
+struct OperationRecord {
+    status: String,
+    reference: String,
+}
+
+impl OperationRecord {
+    fn outcome(self) -> ServiceOutcome {
+        if self.status == "settled" {
+            ServiceOutcome::Settled { reference: self.reference }
+        } else {
+            ServiceOutcome::Declined { code: self.reference }
+        }
+    }
+}
+
+/// What one HTTP attempt told us.
+enum Attempt {
+    Final(ServiceOutcome),
+    Transient(String),
+    Unknown(String),
+    Conflict,
+}
+
+impl HttpAccountServices {
+    pub fn services(config: HttpServicesConfig) -> anyhow::Result<Services> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
+            .build()?;
+        let services = std::sync::Arc::new(Self { client, config });
+        Ok(Services { investor: services.clone(), fund: services })
+    }
+
+    fn url(base: &str, path: &str) -> String {
+        format!("{}/{}", base.trim_end_matches('/'), path)
+    }
+
+    fn authorise(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.config.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn post(&self, base: &str, path: &str, movement: &MoneyMovement) -> Attempt {
+        let body = OperationBody {
+            account_id: &movement.account_id,
+            amount_minor: movement.amount.amount_minor,
+            currency: movement.amount.currency.as_str(),
+            transfer_id: movement.transfer_id.to_string(),
+        };
+        let request = self
+            .authorise(self.client.post(Self::url(base, path)))
+            .header("Idempotency-Key", &movement.idempotency_key)
+            .json(&body);
+        match request.send().await {
+            Ok(response) => classify(response).await,
+            // Nothing reached the service.
+            Err(error) if error.is_connect() => Attempt::Transient(format!("cannot connect: {error}")),
+            // The request may have arrived and been acted on.
+            Err(error) => Attempt::Unknown(format!("no reply: {error}")),
+        }
+    }
+
+    /// Resolves an unknown outcome by asking for the operation under the key.
+    async fn lookup(&self, base: &str, service: &str, key: &str) -> Attempt {
+        let url = Self::url(base, &format!("{service}/v1/operations/{key}"));
+        match self.authorise(self.client.get(url)).send().await {
+            Ok(response) if response.status() == StatusCode::OK => match response.json::<OperationRecord>().await {
+                Ok(record) => Attempt::Final(record.outcome()),
+                Err(error) => Attempt::Transient(format!("unreadable lookup reply: {error}")),
+            },
+            // Never acted on: the original call may be repeated safely.
+            Ok(response) if response.status() == StatusCode::NOT_FOUND => {
+                Attempt::Transient(format!("operation {key} was not carried out"))
+            }
+            Ok(response) => Attempt::Transient(format!("lookup answered {}", response.status())),
+            Err(error) => Attempt::Transient(format!("lookup failed: {error}")),
+        }
+    }
+
+    async fn call(&self, base: &str, service: &str, path: &str, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let attempt = match self.post(base, path, movement).await {
+            Attempt::Unknown(reason) => {
+                tracing::info!(idempotency_key = %movement.idempotency_key, reason = %reason, "Outcome unknown; asking the service");
+                self.lookup(base, service, &movement.idempotency_key).await
+            }
+            other => other,
+        };
+        match attempt {
+            Attempt::Final(outcome) => Ok(outcome),
+            Attempt::Transient(reason) | Attempt::Unknown(reason) => Err(ServiceError::Unavailable(reason)),
+            Attempt::Conflict => Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone())),
+        }
+    }
+}
+
+async fn classify(response: reqwest::Response) -> Attempt {
+    let status = response.status();
+    match status {
+        StatusCode::OK | StatusCode::CREATED | StatusCode::PAYMENT_REQUIRED => {
+            match response.json::<OperationRecord>().await {
+                Ok(record) => Attempt::Final(record.outcome()),
+                // The body was cut off: the service acted, the reply broke.
+                Err(error) => Attempt::Unknown(format!("unreadable {status} reply: {error}")),
+            }
+        }
+        StatusCode::CONFLICT => Attempt::Conflict,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+            Attempt::Transient(format!("service answered {status}"))
+        }
+        // 500, 502, 504 and anything unexpected: the service may have acted.
+        _ => Attempt::Unknown(format!("service answered {status}")),
+    }
+}
+
+#[async_trait]
+impl InvestorAccountService for HttpAccountServices {
+    async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.call(&self.config.investor_base_url, "investor", "investor/v1/withdrawals", movement).await
+    }
+
+    async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.call(&self.config.investor_base_url, "investor", "investor/v1/refunds", movement).await
+    }
+}
+
+#[async_trait]
+impl FundAccountService for HttpAccountServices {
+    async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.call(&self.config.fund_base_url, "fund", "fund/v1/remittances", movement).await
+    }
+}

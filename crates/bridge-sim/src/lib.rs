@@ -1,0 +1,411 @@
+//! The account-service simulator.
+//!
+//! It plays the two outside systems Bridge talks to, the investor's bank
+//! (withdrawals and refunds) and the fund administrator (remittances), with
+//! books of its own (`sim_*` tables) so tests can prove what really happened
+//! on the other side. It honours idempotency keys like a real payment API:
+//! the same key returns the first result and never moves money twice; the
+//! same key with a different body is refused.
+//!
+//! [`Bank`] is the engine. [`InProcessServices`] calls it directly (fast
+//! tests); [`http::router`] serves it over HTTP (`bridge sim`, the demo), where
+//! a [`FaultPlan`] injects the failures of the real world: declines, rate
+//! limiting, server errors, timeouts and lost replies.
+//!
+//! This crate must not be used by the pipeline itself: the pipeline knows the
+//! services only through the traits in `bridge_pipeline::services`.
+
+pub mod http;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use bridge_pipeline::services::{
+    FundAccountService, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
+};
+use bridge_store::simulator::{self, SimOperation};
+
+/// The three operations the simulated services offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Withdrawal,
+    Refund,
+    Deposit,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Withdrawal => "withdrawal",
+            Self::Refund => "refund",
+            Self::Deposit => "deposit",
+        }
+    }
+
+    /// Money coming into the account (refunds, deposits) rather than out.
+    fn is_credit(self) -> bool {
+        self != Self::Withdrawal
+    }
+}
+
+/// Failure rates for one operation, in basis points (1 = 0.01 %), so no float
+/// ever decides anything here either.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OperationFaults {
+    /// Added to every call.
+    pub latency_ms: u64,
+    /// Permanent declines, decided once per idempotency key.
+    pub insufficient_funds_bp: u32,
+    pub account_closed_bp: u32,
+    pub account_frozen_bp: u32,
+    pub limit_exceeded_bp: u32,
+    /// Transient failures, decided per attempt.
+    pub rate_limited_bp: u32,
+    pub server_error_bp: u32,
+    /// The call hangs past the client's timeout and is not acted on.
+    pub timeout_bp: u32,
+    /// The call is acted on but the reply is lost.
+    pub unknown_outcome_bp: u32,
+}
+
+/// What to inject, per operation, with the seed that makes it reproducible.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultPlan {
+    pub seed: u64,
+    pub withdrawal: OperationFaults,
+    pub refund: OperationFaults,
+    pub deposit: OperationFaults,
+    /// How long a "timeout" hangs; longer than the client's timeout.
+    pub hang_ms: u64,
+}
+
+impl FaultPlan {
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// A few percent of every kind of failure on every operation: what
+    /// `bridge demo` runs against.
+    pub fn demo(seed: u64) -> Self {
+        let faults = OperationFaults {
+            latency_ms: 0,
+            insufficient_funds_bp: 100,
+            account_closed_bp: 50,
+            account_frozen_bp: 50,
+            limit_exceeded_bp: 50,
+            rate_limited_bp: 200,
+            server_error_bp: 200,
+            timeout_bp: 100,
+            unknown_outcome_bp: 200,
+        };
+        // Refund declines are rarer than debit declines in practice, and
+        // each one is a transfer that needs a person.
+        let refund = OperationFaults { insufficient_funds_bp: 0, limit_exceeded_bp: 0, account_frozen_bp: 0, ..faults };
+        Self { seed, withdrawal: faults, refund, deposit: OperationFaults { insufficient_funds_bp: 0, ..faults }, hang_ms: 1_500 }
+    }
+
+    fn for_operation(&self, operation: Operation) -> &OperationFaults {
+        match operation {
+            Operation::Withdrawal => &self.withdrawal,
+            Operation::Refund => &self.refund,
+            Operation::Deposit => &self.deposit,
+        }
+    }
+}
+
+/// A money-moving request as the services receive it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationRequest {
+    pub account_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    #[serde(default)]
+    pub transfer_id: String,
+}
+
+/// The stored result of an operation, as the services report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationRecord {
+    pub idempotency_key: String,
+    pub operation: String,
+    pub status: String,
+    /// The service's reference when settled, the decline code when declined.
+    pub reference: String,
+    pub account_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+}
+
+impl From<SimOperation> for OperationRecord {
+    fn from(stored: SimOperation) -> Self {
+        Self {
+            idempotency_key: stored.idempotency_key,
+            operation: stored.operation,
+            status: stored.outcome,
+            reference: stored.reference,
+            account_id: stored.account_id,
+            amount_minor: stored.amount_minor,
+            currency: stored.currency,
+        }
+    }
+}
+
+/// What one call to the simulated service did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Acted on (now or on an earlier call with the same key).
+    Done(OperationRecord),
+    /// The key was used before with a different request.
+    IdempotencyConflict,
+    /// Refused before acting, retry later.
+    RateLimited,
+    ServerError,
+    /// Hung and did not act.
+    TimedOut,
+    /// Acted, but the reply never reached the caller.
+    ReplyLost(OperationRecord),
+    /// The store was unavailable.
+    Unavailable(String),
+}
+
+/// The engine behind both services.
+pub struct Bank {
+    pool: PgPool,
+    plan: FaultPlan,
+    /// Attempts seen per idempotency key, so transient faults are decided per
+    /// attempt (a retry can succeed) yet reproducibly from the seed.
+    attempts: Mutex<HashMap<String, u64>>,
+}
+
+fn roll(seed: u64, key: &str, salt: u64) -> u32 {
+    // A stable hash of the key (FNV-1a) seeds a generator; the same seed,
+    // key and attempt always roll the same number.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    ChaCha8Rng::seed_from_u64(seed ^ hash ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15)).random_range(0..10_000)
+}
+
+/// Picks the fault whose band the roll falls into.
+fn pick<'a>(roll: u32, bands: &[(u32, &'a str)]) -> Option<&'a str> {
+    let mut ceiling = 0;
+    for (basis_points, name) in bands {
+        ceiling += basis_points;
+        if roll < ceiling {
+            return Some(name);
+        }
+    }
+    None
+}
+
+impl Bank {
+    pub fn new(pool: PgPool, plan: FaultPlan) -> Self {
+        Self { pool, plan, attempts: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn plan(&self) -> &FaultPlan {
+        &self.plan
+    }
+
+    fn next_attempt(&self, key: &str) -> u64 {
+        let mut attempts = self.attempts.lock().expect("attempt counter lock");
+        let counter = attempts.entry(key.to_owned()).or_insert(0);
+        *counter += 1;
+        *counter
+    }
+
+    pub async fn execute(&self, operation: Operation, key: &str, request: &OperationRequest) -> Reply {
+        let faults = *self.plan.for_operation(operation);
+        if faults.latency_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(faults.latency_ms)).await;
+        }
+        let attempt = self.next_attempt(key);
+        let transient = pick(
+            roll(self.plan.seed, key, attempt),
+            &[
+                (faults.rate_limited_bp, "rate_limited"),
+                (faults.server_error_bp, "server_error"),
+                (faults.timeout_bp, "timeout"),
+                (faults.unknown_outcome_bp, "unknown_outcome"),
+            ],
+        );
+        match transient {
+            Some("rate_limited") => return Reply::RateLimited,
+            Some("server_error") => return Reply::ServerError,
+            Some("timeout") => {
+                tokio::time::sleep(std::time::Duration::from_millis(self.plan.hang_ms)).await;
+                return Reply::TimedOut;
+            }
+            _ => {}
+        }
+        let reply = match self.act(operation, key, request).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Reply::IdempotencyConflict,
+            Err(error) => return Reply::Unavailable(error.to_string()),
+        };
+        if transient == Some("unknown_outcome") {
+            return Reply::ReplyLost(reply);
+        }
+        Reply::Done(reply)
+    }
+
+    /// Decides and stores the operation once per key. `None` when the key
+    /// was used for a different request.
+    async fn act(
+        &self,
+        operation: Operation,
+        key: &str,
+        request: &OperationRequest,
+    ) -> bridge_store::Result<Option<OperationRecord>> {
+        let mut conn = self.pool.acquire().await?;
+        let status = simulator::account_status(&mut conn, &request.account_id).await?;
+        let faults = self.plan.for_operation(operation);
+        // Permanent outcomes depend on the key only, never on the attempt:
+        // asking again gives the same answer.
+        let injected = pick(
+            roll(self.plan.seed, key, 0),
+            &[
+                (faults.insufficient_funds_bp, "INSUFFICIENT_FUNDS"),
+                (faults.account_closed_bp, "ACCOUNT_CLOSED"),
+                (faults.account_frozen_bp, "ACCOUNT_FROZEN"),
+                (faults.limit_exceeded_bp, "LIMIT_EXCEEDED"),
+            ],
+        );
+        // Refunds return money to an account; a real bank accepts them into
+        // a frozen account, so only debits and deposits check for a freeze.
+        // An account being closed ("no_credits") still honours debits but
+        // refuses money coming in.
+        let decline = match status.as_str() {
+            "frozen" if operation != Operation::Refund => Some("ACCOUNT_FROZEN"),
+            "closed" => Some("ACCOUNT_CLOSED"),
+            "no_credits" if operation.is_credit() => Some("ACCOUNT_NO_CREDITS"),
+            _ => injected,
+        };
+        let requested = SimOperation {
+            idempotency_key: key.to_owned(),
+            operation: operation.as_str().to_owned(),
+            account_id: request.account_id.clone(),
+            amount_minor: request.amount_minor,
+            currency: request.currency.clone(),
+            outcome: if decline.is_some() { "declined" } else { "settled" }.to_owned(),
+            reference: match decline {
+                Some(code) => code.to_owned(),
+                None => format!("sim-{}", Uuid::new_v4().simple()),
+            },
+        };
+        let stored = simulator::record_once(&mut conn, &requested).await?;
+        if !stored.same_request(&requested) {
+            return Ok(None);
+        }
+        Ok(Some(stored.into()))
+    }
+
+    /// The stored result under `key`, if any: how a client resolves an
+    /// unknown outcome.
+    pub async fn lookup(&self, key: &str) -> bridge_store::Result<Option<OperationRecord>> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(simulator::find(&mut conn, key).await?.map(Into::into))
+    }
+}
+
+/// Both services backed by a [`Bank`] in this process, without HTTP. With
+/// [`FaultPlan::none`] it is the quiet stand-in the fast tests use.
+pub struct InProcessServices {
+    bank: Arc<Bank>,
+}
+
+impl InProcessServices {
+    pub fn new(pool: PgPool) -> Self {
+        Self { bank: Arc::new(Bank::new(pool, FaultPlan::none())) }
+    }
+
+    pub fn services(pool: PgPool) -> Services {
+        let services = Arc::new(Self::new(pool));
+        Services { investor: services.clone(), fund: services }
+    }
+
+    async fn call(&self, operation: Operation, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let request = OperationRequest {
+            account_id: movement.account_id.clone(),
+            amount_minor: movement.amount.amount_minor,
+            currency: movement.amount.currency.to_string(),
+            transfer_id: movement.transfer_id.to_string(),
+        };
+        match self.bank.execute(operation, &movement.idempotency_key, &request).await {
+            Reply::Done(record) => Ok(outcome_of(&record)),
+            Reply::IdempotencyConflict => Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone())),
+            other => Err(ServiceError::Unavailable(format!("{other:?}"))),
+        }
+    }
+}
+
+/// How a stored record reads to the pipeline.
+pub fn outcome_of(record: &OperationRecord) -> ServiceOutcome {
+    if record.status == "settled" {
+        ServiceOutcome::Settled { reference: record.reference.clone() }
+    } else {
+        ServiceOutcome::Declined { code: record.reference.clone() }
+    }
+}
+
+#[async_trait]
+impl InvestorAccountService for InProcessServices {
+    async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.call(Operation::Withdrawal, movement).await
+    }
+
+    async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.call(Operation::Refund, movement).await
+    }
+}
+
+#[async_trait]
+impl FundAccountService for InProcessServices {
+    async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.call(Operation::Deposit, movement).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rolls_are_reproducible_and_bands_are_exclusive() {
+        assert_eq!(roll(7, "key", 1), roll(7, "key", 1));
+        assert!((0..100).any(|attempt| roll(7, "key", attempt) != roll(7, "key", 0)));
+        let bands = [(100, "a"), (200, "b")];
+        assert_eq!(pick(0, &bands), Some("a"));
+        assert_eq!(pick(99, &bands), Some("a"));
+        assert_eq!(pick(100, &bands), Some("b"));
+        assert_eq!(pick(299, &bands), Some("b"));
+        assert_eq!(pick(300, &bands), None);
+    }
+
+    #[test]
+    fn demo_plan_rates_are_a_few_percent() {
+        let plan = FaultPlan::demo(1);
+        for faults in [plan.withdrawal, plan.refund, plan.deposit] {
+            let total = faults.insufficient_funds_bp
+                + faults.account_closed_bp
+                + faults.account_frozen_bp
+                + faults.limit_exceeded_bp
+                + faults.rate_limited_bp
+                + faults.server_error_bp
+                + faults.timeout_bp
+                + faults.unknown_outcome_bp;
+            assert!(total <= 1_500, "{total} basis points");
+        }
+    }
+}
