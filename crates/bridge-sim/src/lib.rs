@@ -75,6 +75,9 @@ pub struct OperationFaults {
     pub timeout_bp: u32,
     /// The call is acted on but the reply is lost.
     pub unknown_outcome_bp: u32,
+    /// Added after acting and before replying: the window in which a caller
+    /// that dies has moved money without knowing it.
+    pub reply_delay_ms: u64,
 }
 
 /// What to inject, per operation, with the seed that makes it reproducible.
@@ -99,6 +102,7 @@ impl FaultPlan {
     pub fn demo(seed: u64) -> Self {
         let faults = OperationFaults {
             latency_ms: 0,
+            reply_delay_ms: 0,
             insufficient_funds_bp: 100,
             account_closed_bp: 50,
             account_frozen_bp: 50,
@@ -254,6 +258,9 @@ impl Bank {
             Ok(None) => return Reply::IdempotencyConflict,
             Err(error) => return Reply::Unavailable(error.to_string()),
         };
+        if faults.reply_delay_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(faults.reply_delay_ms)).await;
+        }
         if transient == Some("unknown_outcome") {
             return Reply::ReplyLost(reply);
         }

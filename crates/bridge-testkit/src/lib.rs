@@ -517,6 +517,47 @@ impl FundAccountService for LosingFirstReplies {
     }
 }
 
+/// The account-service simulator served over HTTP from the test process.
+pub struct RunningSimulator {
+    pub url: String,
+    token: CancellationToken,
+    handle: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningSimulator {
+    pub async fn stop(self) -> Result<()> {
+        self.token.cancel();
+        Ok(self.handle.await??)
+    }
+}
+
+impl TestKit {
+    /// Serves the simulator with `plan` on `address` ("127.0.0.1:0" for any
+    /// free port), keeping its books in this kit's database.
+    pub async fn start_simulator_on(&self, address: &str, plan: bridge_sim::FaultPlan) -> Result<RunningSimulator> {
+        let bank = Arc::new(bridge_sim::Bank::new(self.pool.clone(), plan));
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(bridge_sim::http::serve(listener, bridge_sim::http::router(bank, None), token.clone()));
+        Ok(RunningSimulator { url, token, handle })
+    }
+
+    pub async fn start_simulator(&self, plan: bridge_sim::FaultPlan) -> Result<RunningSimulator> {
+        self.start_simulator_on("127.0.0.1:0", plan).await
+    }
+
+    /// The HTTP adapters pointed at `url` for both services.
+    pub fn http_services(&self, url: &str, timeout_ms: u64) -> Result<Services> {
+        bridge_pipeline::http_services::HttpAccountServices::services(bridge_pipeline::http_services::HttpServicesConfig {
+            investor_base_url: url.to_owned(),
+            fund_base_url: url.to_owned(),
+            token: None,
+            timeout_ms,
+        })
+    }
+}
+
 pub struct RunningPipeline {
     token: CancellationToken,
     handle: JoinHandle<Result<()>>,

@@ -1,0 +1,209 @@
+//! The pipeline against the account-service simulator served over real HTTP,
+//! with the failures of the real world injected. After each scenario the
+//! simulator's books and ours must agree to the minor unit (the reconcile
+//! check compares them) and every transfer must be terminal or in manual
+//! review. These scenarios are about the HTTP edge, so they run on the
+//! in-process broker only.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use uuid::Uuid;
+
+use bridge_domain::TransferState;
+use bridge_pipeline::runner::Part;
+use bridge_sim::{FaultPlan, OperationFaults};
+use bridge_testkit::{BrokerKind, TestKit};
+
+const SETTLE: Duration = Duration::from_secs(120);
+
+async fn count_states(kit: &TestKit, ids: &[Uuid]) -> Result<std::collections::BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state || coalesce(':' || reason_code, ''), count(*) FROM transfers WHERE id = ANY($1) GROUP BY 1")
+            .bind(ids)
+            .fetch_all(&kit.pool)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+async fn settled_operations(kit: &TestKit) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT operation, count(*) FROM sim_operations WHERE outcome = 'settled' GROUP BY operation ORDER BY operation",
+    )
+    .fetch_all(&kit.pool)
+    .await?)
+}
+
+/// Transient failures on more than half of all calls: rate limits, server
+/// errors, hangs past the client's timeout and lost replies. Every transfer
+/// still completes, and each step moved money exactly once at the services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transient_failures_and_lost_replies_move_money_once() -> Result<()> {
+    let kit = TestKit::start_with(BrokerKind::InProcess, |config| config.retry_backoff_max_ms = 200).await?;
+    for investor in 0..4 {
+        kit.seed_investor(&format!("inv-{investor}"), 100_000_00).await?;
+    }
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_00).await?;
+    let faults = OperationFaults {
+        rate_limited_bp: 1_500,
+        server_error_bp: 1_500,
+        timeout_bp: 500,
+        unknown_outcome_bp: 2_000,
+        ..OperationFaults::default()
+    };
+    let plan = FaultPlan { seed: 11, withdrawal: faults, refund: faults, deposit: faults, hang_ms: 400 };
+    let simulator = kit.start_simulator(plan).await?;
+    let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 250)?);
+
+    let mut ids = Vec::new();
+    for index in 0..16 {
+        ids.push(kit.publish(&kit.request(&format!("inv-{}", index % 4), &fund_account, 1_000_00 + index)).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await?;
+    pipeline.stop().await?;
+    simulator.stop().await?;
+
+    let states = count_states(&kit, &ids).await?;
+    ensure!(states.get("completed") == Some(&16), "{states:?}");
+    ensure!(settled_operations(&kit).await? == [("deposit".to_owned(), 16), ("withdrawal".to_owned(), 16)]);
+    kit.assert_books_balance().await
+}
+
+/// Every reply is lost after the service acted: the adapter must find each
+/// result by its idempotency key rather than act again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_reply_lost_is_resolved_by_looking_up_the_key() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("judy", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let closed = kit.seed_fund("closed", 100_00, 10, 1_000_000_00).await?;
+    kit.set_simulated_account_status(&closed, "closed").await?;
+    let lost = OperationFaults { unknown_outcome_bp: 10_000, ..OperationFaults::default() };
+    let plan = FaultPlan { seed: 3, withdrawal: lost, refund: lost, deposit: lost, hang_ms: 0 };
+    let simulator = kit.start_simulator(plan).await?;
+    let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 2_000)?);
+
+    let completed = kit.publish(&kit.request("judy", &fund_account, 2_000_00)).await?;
+    let reversed = kit.publish(&kit.request("judy", &closed, 500_00)).await?;
+    kit.wait_terminal(&[completed, reversed], SETTLE).await?;
+    pipeline.stop().await?;
+    simulator.stop().await?;
+
+    ensure!(kit.transfer(completed).await?.state == TransferState::Completed);
+    ensure!(kit.transfer(reversed).await?.state == TransferState::Reversed);
+    ensure!(
+        settled_operations(&kit).await?
+            == [("deposit".to_owned(), 1), ("refund".to_owned(), 1), ("withdrawal".to_owned(), 2)]
+    );
+    kit.assert_books_balance().await
+}
+
+/// Declines of every kind are permanent: withdrawals fail (hold released),
+/// deposits are reversed (investor refunded), and a declined refund lands in
+/// manual review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn declines_are_compensated_or_reviewed() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    for investor in 0..6 {
+        kit.seed_investor(&format!("inv-{investor}"), 1_000_000_00).await?;
+    }
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_000_00).await?;
+    let plan = FaultPlan {
+        seed: 5,
+        withdrawal: OperationFaults {
+            insufficient_funds_bp: 1_500,
+            account_frozen_bp: 1_000,
+            limit_exceeded_bp: 1_000,
+            ..OperationFaults::default()
+        },
+        deposit: OperationFaults { account_closed_bp: 2_500, ..OperationFaults::default() },
+        refund: OperationFaults { account_closed_bp: 3_000, ..OperationFaults::default() },
+        hang_ms: 0,
+    };
+    let simulator = kit.start_simulator(plan).await?;
+    let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 2_000)?);
+    // Fixed transfer ids: the simulator decides declines from the seed and
+    // the idempotency key, so the same ids always take the same paths.
+    let mut ids = Vec::new();
+    for index in 0..60u128 {
+        let mut request = kit.request(&format!("inv-{}", index % 6), &fund_account, 1_000_00);
+        request.transfer_id = Uuid::from_u128(0x5eed_0000 + index).to_string();
+        ids.push(kit.publish(&request).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await?;
+    pipeline.stop().await?;
+    simulator.stop().await?;
+
+    let states = count_states(&kit, &ids).await?;
+    let get = |key: &str| states.get(key).copied().unwrap_or(0);
+    let failed = get("failed:INSUFFICIENT_FUNDS") + get("failed:ACCOUNT_FROZEN") + get("failed:LIMIT_EXCEEDED");
+    let reversed = get("reversed:ACCOUNT_CLOSED");
+    let reviewed = get("manual_review:DEPOSIT_ACCOUNT_CLOSED_REFUND_ACCOUNT_CLOSED");
+    ensure!(get("completed") + failed + reversed + reviewed == 60, "{states:?}");
+    ensure!(failed > 0 && reversed > 0 && reviewed > 0 && get("completed") > 0, "every path taken: {states:?}");
+    let report = kit.reconcile().await?;
+    ensure!(report.manual_review == reviewed && report.in_flight == 0, "{report:?}");
+    kit.assert_books_balance().await
+}
+
+/// The services are down when the transfer arrives and come up later: the
+/// stage waits and retries with the same keys, then finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_service_delays_but_loses_nothing() -> Result<()> {
+    let kit = TestKit::start_with(BrokerKind::InProcess, |config| config.retry_backoff_max_ms = 300).await?;
+    kit.seed_investor("kim", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    // Reserve a port, then free it so nothing listens there for now.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&format!("http://{address}"), 1_000)?);
+    let id = kit.publish(&kit.request("kim", &fund_account, 700_00)).await?;
+
+    // Validation needs no outside service; the withdrawal waits.
+    let deadline = std::time::Instant::now() + SETTLE;
+    while kit.transfer(id).await.map(|transfer| transfer.state).ok() != Some(TransferState::Validated) {
+        ensure!(std::time::Instant::now() < deadline, "transfer never validated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(kit.transfer(id).await?.state == TransferState::Validated, "nothing moves while the bank is down");
+
+    let simulator = kit.start_simulator_on(&address.to_string(), FaultPlan::none()).await?;
+    kit.wait_terminal(&[id], SETTLE).await?;
+    pipeline.stop().await?;
+    simulator.stop().await?;
+    ensure!(kit.transfer(id).await?.state == TransferState::Completed);
+    kit.assert_books_balance().await
+}
+
+/// The simulator behaves like a payment API towards any client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_honours_idempotency_keys_like_a_payment_api() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let simulator = kit.start_simulator(FaultPlan::none()).await?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/investor/v1/withdrawals", simulator.url);
+    let body = serde_json::json!({"account_id": "acc-1", "amount_minor": 1500, "currency": "EUR"});
+    let send = |key: Option<&str>, body: serde_json::Value| {
+        let mut request = client.post(&url).json(&body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request.send()
+    };
+    let first = send(Some("key-1"), body.clone()).await?;
+    ensure!(first.status() == 201);
+    let first: serde_json::Value = first.json().await?;
+    let again: serde_json::Value = send(Some("key-1"), body.clone()).await?.json().await?;
+    ensure!(first == again, "the same key returns the same result: {first} vs {again}");
+    let mut different = body.clone();
+    different["amount_minor"] = 1501.into();
+    ensure!(send(Some("key-1"), different).await?.status() == 409);
+    ensure!(send(None, body.clone()).await?.status() == 400);
+    let lookup = client.get(format!("{}/investor/v1/operations/key-1", simulator.url)).send().await?;
+    ensure!(lookup.status() == 200 && lookup.json::<serde_json::Value>().await? == first);
+    let missing = client.get(format!("{}/investor/v1/operations/nope", simulator.url)).send().await?;
+    ensure!(missing.status() == 404);
+    let debits: i64 = sqlx::query_scalar("SELECT count(*) FROM sim_operations").fetch_one(&kit.pool).await?;
+    ensure!(debits == 1, "debited once");
+    simulator.stop().await
+}
