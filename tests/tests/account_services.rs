@@ -18,11 +18,12 @@ use bridge_testkit::{BrokerKind, TestKit};
 const SETTLE: Duration = Duration::from_secs(120);
 
 async fn count_states(kit: &TestKit, ids: &[Uuid]) -> Result<std::collections::BTreeMap<String, i64>> {
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state || coalesce(':' || reason_code, ''), count(*) FROM transfers WHERE id = ANY($1) GROUP BY 1")
-            .bind(ids)
-            .fetch_all(&kit.pool)
-            .await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state || coalesce(':' || reason_code, ''), count(*) FROM transfers WHERE id = ANY($1) GROUP BY 1",
+    )
+    .bind(ids)
+    .fetch_all(&kit.pool)
+    .await?;
     Ok(rows.into_iter().collect())
 }
 

@@ -129,7 +129,13 @@ impl HttpAccountServices {
         }
     }
 
-    async fn call(&self, base: &str, service: &str, path: &str, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+    async fn call(
+        &self,
+        base: &str,
+        service: &str,
+        path: &str,
+        movement: &MoneyMovement,
+    ) -> Result<ServiceOutcome, ServiceError> {
         let attempt = match self.post(base, path, movement).await {
             Attempt::Unknown(reason) => {
                 tracing::info!(idempotency_key = %movement.idempotency_key, reason = %reason, "Outcome unknown; asking the service");

@@ -44,12 +44,20 @@ pub fn router(bank: Arc<Bank>, token: Option<String>) -> Router {
 }
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
 fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
-    (status, [("content-type", "application/problem+json")], Json(json!({"status": status.as_u16(), "code": code, "detail": detail})))
+    (
+        status,
+        [("content-type", "application/problem+json")],
+        Json(json!({"status": status.as_u16(), "code": code, "detail": detail})),
+    )
         .into_response()
 }
 
@@ -97,7 +105,11 @@ async fn execute(state: AppState, operation: Operation, headers: HeaderMap, requ
     }
 }
 
-async fn withdraw(State(state): State<AppState>, headers: HeaderMap, Json(request): Json<OperationRequest>) -> Response {
+async fn withdraw(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(request): Json<OperationRequest>,
+) -> Response {
     execute(state, Operation::Withdrawal, headers, request).await
 }
 

@@ -115,7 +115,13 @@ impl FaultPlan {
         // Refund declines are rarer than debit declines in practice, and
         // each one is a transfer that needs a person.
         let refund = OperationFaults { insufficient_funds_bp: 0, limit_exceeded_bp: 0, account_frozen_bp: 0, ..faults };
-        Self { seed, withdrawal: faults, refund, deposit: OperationFaults { insufficient_funds_bp: 0, ..faults }, hang_ms: 1_500 }
+        Self {
+            seed,
+            withdrawal: faults,
+            refund,
+            deposit: OperationFaults { insufficient_funds_bp: 0, ..faults },
+            hang_ms: 1_500,
+        }
     }
 
     fn for_operation(&self, operation: Operation) -> &OperationFaults {

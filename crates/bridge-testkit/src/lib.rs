@@ -29,8 +29,8 @@ use bridge_pipeline::runner::Part;
 use bridge_pipeline::services::{
     FundAccountService, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
 };
-use bridge_sim::InProcessServices;
 use bridge_pipeline::{kafka, upstream, Pipeline, PipelineConfig, StageName, Topics};
+use bridge_sim::InProcessServices;
 use bridge_store::accounts::{self, FundAccountSeed, FundSeed, InvestorSeed};
 use bridge_store::reconcile::{self, Report};
 use bridge_store::transfers::{self, Transfer};
@@ -539,7 +539,8 @@ impl TestKit {
         let listener = tokio::net::TcpListener::bind(address).await?;
         let url = format!("http://{}", listener.local_addr()?);
         let token = CancellationToken::new();
-        let handle = tokio::spawn(bridge_sim::http::serve(listener, bridge_sim::http::router(bank, None), token.clone()));
+        let handle =
+            tokio::spawn(bridge_sim::http::serve(listener, bridge_sim::http::router(bank, None), token.clone()));
         Ok(RunningSimulator { url, token, handle })
     }
 
@@ -549,12 +550,14 @@ impl TestKit {
 
     /// The HTTP adapters pointed at `url` for both services.
     pub fn http_services(&self, url: &str, timeout_ms: u64) -> Result<Services> {
-        bridge_pipeline::http_services::HttpAccountServices::services(bridge_pipeline::http_services::HttpServicesConfig {
-            investor_base_url: url.to_owned(),
-            fund_base_url: url.to_owned(),
-            token: None,
-            timeout_ms,
-        })
+        bridge_pipeline::http_services::HttpAccountServices::services(
+            bridge_pipeline::http_services::HttpServicesConfig {
+                investor_base_url: url.to_owned(),
+                fund_base_url: url.to_owned(),
+                token: None,
+                timeout_ms,
+            },
+        )
     }
 }
 

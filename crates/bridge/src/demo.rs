@@ -21,8 +21,8 @@ use uuid::Uuid;
 
 use bridge_domain::TransferState;
 use bridge_pipeline::demo::DemoData;
-use bridge_pipeline::runner::Part;
 use bridge_pipeline::http_services::{HttpAccountServices, HttpServicesConfig};
+use bridge_pipeline::runner::Part;
 use bridge_pipeline::{kafka, upstream, Pipeline, PipelineConfig, Topics};
 use bridge_store::{reconcile, PoolSettings};
 

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use bridge_pipeline::runner::Part;
 use bridge_pipeline::http_services::{HttpAccountServices, HttpServicesConfig};
+use bridge_pipeline::runner::Part;
 use bridge_pipeline::services::Services;
 use bridge_pipeline::{kafka, Pipeline, PipelineConfig, StageName, Topics};
 use bridge_store::PoolSettings;
@@ -54,6 +54,10 @@ pub struct Common {
     /// Extra librdkafka settings, `key=value`, applied to every client.
     #[arg(long = "kafka-option", value_parser = parse_key_value, global = true)]
     pub kafka_options: Vec<(String, String)>,
+    /// Consumer session timeout: how long a silent consumer keeps its
+    /// partitions before the group hands them to others.
+    #[arg(long, env = "BRIDGE_SESSION_TIMEOUT_MS", default_value_t = 10_000, global = true)]
+    pub session_timeout_ms: u32,
     /// Postgres connections per process.
     #[arg(long, env = "BRIDGE_DB_CONNECTIONS_MAX", default_value_t = 16, global = true)]
     pub db_connections_max: u32,
@@ -67,6 +71,7 @@ impl Common {
         config.topic_partitions = self.topic_partitions;
         config.topic_replication = self.topic_replication;
         config.kafka_overrides = self.kafka_options.clone();
+        config.session_timeout_ms = self.session_timeout_ms;
         config
     }
 

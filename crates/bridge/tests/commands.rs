@@ -95,3 +95,83 @@ async fn operator_commands_on_the_standalone_broker() -> Result<()> {
     ensure!(String::from_utf8_lossy(&report.stdout).contains("in flight: 0"));
     kit.assert_books_balance().await
 }
+
+/// The dangerous window: the bank has debited the investor, the stage has
+/// not committed yet, and the process dies (kill -9). The restarted stage
+/// asks the bank again with the same idempotency key and gets the first
+/// answer, so the investor is debited once; the simulator's books prove it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_killed_after_the_bank_acted_never_withdraws_twice() -> Result<()> {
+    use bridge_sim::{FaultPlan, OperationFaults};
+
+    let kit = TestKit::start(BrokerKind::Standalone).await?;
+    kit.seed_investor("lena", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    // The bank acts at once but holds every withdrawal reply for 3 s.
+    let plan = FaultPlan {
+        withdrawal: OperationFaults { reply_delay_ms: 3_000, ..OperationFaults::default() },
+        ..FaultPlan::none()
+    };
+    let simulator = kit.start_simulator(plan).await?;
+    let env = [
+        ("DATABASE_URL", kit.database_url.as_str()),
+        ("KAFKA_BROKERS", kit.config.brokers.as_str()),
+        ("BRIDGE_TOPIC_PREFIX", kit.config.topics.prefix.as_str()),
+        ("BRIDGE_GROUP_PREFIX", kit.config.group_prefix.as_str()),
+        ("BRIDGE_TOPIC_PARTITIONS", "3"),
+        ("BRIDGE_ACCOUNT_SERVICES_URL", simulator.url.as_str()),
+        ("BRIDGE_ACCOUNT_SERVICE_TIMEOUT_MS", "10000"),
+        ("BRIDGE_SESSION_TIMEOUT_MS", "6000"),
+    ];
+    let logs = std::env::temp_dir().join(format!("bridge-kill-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&logs)?;
+    let spawn_number = std::sync::atomic::AtomicUsize::new(0);
+    let spawn = || -> Result<std::process::Child> {
+        let number = spawn_number.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = std::fs::File::create(logs.join(format!("run-{number}.log")))?;
+        Ok(Command::new(BRIDGE).arg("run").envs(env).stdout(Stdio::null()).stderr(log).spawn()?)
+    };
+    let read_logs = || std::fs::read_to_string(logs.join("run-1.log")).unwrap_or_default();
+
+    let mut first = spawn()?;
+    let id = kit.publish(&kit.request("lena", &fund_account, 1_234_00)).await?;
+    let key = format!("bridge-{id}-withdrawal");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let acted: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sim_operations WHERE idempotency_key = $1)")
+            .bind(&key)
+            .fetch_one(&kit.pool)
+            .await?;
+        if acted {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "the bank never saw the withdrawal");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill()?; // SIGKILL: no cleanup, no offset commit, no reply read.
+    first.wait()?;
+    ensure!(kit.transfer(id).await?.state == bridge_domain::TransferState::Validated, "nothing committed yet");
+    // As after a real crash, the dead process's group membership has to
+    // expire before its partitions move; the standalone broker only notices
+    // at the next join, so the replacement starts after the session timeout.
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+
+    let second = spawn()?;
+    let waited = kit.wait_terminal(&[id], Duration::from_secs(120)).await;
+    Command::new("kill").args(["-TERM", &second.id().to_string()]).status()?;
+    let exit = tokio::task::spawn_blocking(move || second.wait_with_output()).await??;
+    waited.with_context(|| format!("restarted process log:\n{}", read_logs()))?;
+    ensure!(exit.status.success());
+    simulator.stop().await?;
+    let _ = std::fs::remove_dir_all(&logs);
+
+    ensure!(kit.transfer(id).await?.state == bridge_domain::TransferState::Completed);
+    let withdrawals: i64 = sqlx::query_scalar("SELECT count(*) FROM sim_operations WHERE operation = 'withdrawal'")
+        .fetch_one(&kit.pool)
+        .await?;
+    let balance: i64 = sqlx::query_scalar("SELECT balance_minor FROM investor_accounts WHERE id = 'lena'")
+        .fetch_one(&kit.pool)
+        .await?;
+    ensure!((withdrawals, balance) == (1, 10_000_00 - 1_234_00), "withdrawals {withdrawals}, balance {balance}");
+    kit.assert_books_balance().await
+}
