@@ -20,6 +20,7 @@ pub mod demo;
 pub mod http_services;
 pub mod kafka;
 pub mod message;
+pub mod reader;
 pub mod relay;
 pub mod runner;
 pub mod services;

@@ -5,6 +5,7 @@
 
 mod demo;
 mod local_postgres;
+mod ops;
 mod submit;
 
 use anyhow::{Context, Result};
@@ -140,6 +141,11 @@ enum Command {
     Reconcile(ReconcileArgs),
     /// Serve the simulated bank and fund administrator over HTTP.
     Sim(SimArgs),
+    /// Re-drive a range of a stage's input topic through the stage (safe for
+    /// any range: repeats are no-ops). Never moves the live groups' offsets.
+    Replay(ops::ReplayArgs),
+    /// List, show and redrive dead-letter topics.
+    Dlq(ops::DlqArgs),
 }
 
 #[derive(Args)]
@@ -307,6 +313,14 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("Failed to listen on {}", args.listen))?;
             tracing::info!(address = %listener.local_addr()?, faults = %args.faults, "Account-service simulator listening");
             bridge_sim::http::serve(listener, bridge_sim::http::router(bank, args.token), shutdown_on_signal()).await?;
+        }
+        Command::Replay(args) => {
+            init_logging("warn");
+            ops::replay(args).await?;
+        }
+        Command::Dlq(args) => {
+            init_logging("warn");
+            ops::dlq(args).await?;
         }
         Command::Reconcile(args) => {
             init_logging("warn");

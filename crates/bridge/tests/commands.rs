@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
+use bridge_pipeline::Topics;
 use bridge_testkit::{BrokerKind, TestKit};
 
 const BRIDGE: &str = env!("CARGO_BIN_EXE_bridge");
@@ -173,5 +174,90 @@ async fn a_stage_killed_after_the_bank_acted_never_withdraws_twice() -> Result<(
         .fetch_one(&kit.pool)
         .await?;
     ensure!((withdrawals, balance) == (1, 10_000_00 - 1_234_00), "withdrawals {withdrawals}, balance {balance}");
+    kit.assert_books_balance().await
+}
+
+/// Operators replay every stage topic from the beginning after the fact: the
+/// replay reports every message as a duplicate (or as already dead-lettered)
+/// and changes nothing. Then dead letters are listed, shown and redriven
+/// through the normal path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_changes_nothing_and_dead_letters_can_be_redriven() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::Standalone).await?;
+    kit.seed_investor("mia", 100_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let closed = kit.seed_fund("closed", 100_00, 10, 1_000_000_00).await?;
+    kit.set_simulated_account_status(&closed, "closed").await?;
+    let pipeline = kit.spawn_all();
+    let mut ids = Vec::new();
+    for amount in [1_000_00, 2_000_00, 50_00] {
+        ids.push(kit.publish(&kit.request("mia", &fund_account, amount)).await?);
+    }
+    ids.push(kit.publish(&kit.request("mia", &closed, 500_00)).await?);
+    let requested = kit.topics().requested();
+    kit.publish_raw(&requested, Some(b"garbage"), b"not avro at all", &[]).await?;
+    kit.wait_terminal(&ids, Duration::from_secs(90)).await?;
+    for stage in bridge_pipeline::StageName::ALL {
+        kit.wait_caught_up(stage, Duration::from_secs(90)).await?;
+    }
+    pipeline.stop().await?;
+    let before = kit.effect_counts().await?;
+
+    let env = [
+        ("DATABASE_URL", kit.database_url.as_str()),
+        ("KAFKA_BROKERS", kit.config.brokers.as_str()),
+        ("BRIDGE_TOPIC_PREFIX", kit.config.topics.prefix.as_str()),
+        ("BRIDGE_GROUP_PREFIX", kit.config.group_prefix.as_str()),
+    ];
+    let bridge = |args: &[&str]| -> Result<Vec<serde_json::Value>> {
+        let output = Command::new(BRIDGE).args(args).envs(env).output()?;
+        ensure!(output.status.success(), "bridge {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout)?.lines().map(|line| Ok(serde_json::from_str(line)?)).collect()
+    };
+
+    let topics = kit.topics();
+    let mut replayed = 0;
+    for topic in [topics.requested(), topics.validated(), topics.withdrawn(), topics.deposited()] {
+        let report = bridge(&["replay", "--topic", &topic, "--idle-ms", "1500"])?.remove(0);
+        ensure!(report["new"] == 0, "replay of {topic} applied something: {report}");
+        ensure!(
+            report["read"].as_u64()
+                == Some(report["duplicates"].as_u64().unwrap_or(0) + report["dead_lettered"].as_u64().unwrap_or(0)),
+            "{report}"
+        );
+        replayed += report["read"].as_u64().unwrap_or(0);
+    }
+    ensure!(replayed >= 5 + 3 + 3 + 2, "replay read {replayed} messages");
+    ensure!(kit.effect_counts().await? == before, "replay changed effects");
+    let status = bridge(&["replay", "--topic", &topics.status()]);
+    ensure!(status.is_err(), "the status topic has no stage to replay into");
+
+    // Dead letters: one, the garbage.
+    let dead_letter_topic = Topics::dead_letter(&requested);
+    let listed = bridge(&["dlq", "list", "--idle-ms", "1500"])?;
+    let entry = listed.iter().find(|entry| entry["topic"] == dead_letter_topic.as_str()).context("dlq topic listed")?;
+    ensure!(entry["records"] == 1 && entry["by_error_class"]["bad_magic"] == 1, "{entry}");
+    let shown = bridge(&["dlq", "show", "--topic", &dead_letter_topic, "--idle-ms", "1500"])?;
+    ensure!(shown.len() == 1 && shown[0]["key"] == "garbage" && shown[0]["original_topic"] == requested.as_str());
+
+    // Redrive goes through the normal path: the garbage is still garbage and
+    // is dead-lettered again, from its new position.
+    let pipeline = kit.spawn_all();
+    let redriven = bridge(&["dlq", "redrive", "--topic", &dead_letter_topic, "--idle-ms", "1500"])?.remove(0);
+    ensure!(redriven["redriven"] == 1, "{redriven}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let written: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = $1 AND published_at IS NOT NULL")
+                .bind(&dead_letter_topic)
+                .fetch_one(&kit.pool)
+                .await?;
+        if written == 2 {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "redriven record not dead-lettered again ({written})");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pipeline.stop().await?;
     kit.assert_books_balance().await
 }
