@@ -527,3 +527,64 @@ async fn a_standby_relay_takes_over_and_status_stays_in_order(kind: BrokerKind) 
     }
     kit.assert_books_balance().await
 }
+
+/// The broker goes away for longer than the producer's message timeout while
+/// the relay holds committed outbox rows. Every produce times out ("maybe
+/// published"), the rows stay unpublished, and once the broker is back they
+/// are sent again; the stages absorb any duplicate. In-process cluster only:
+/// it is the broker a test can switch off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_longer_than_the_message_timeout_loses_nothing() -> Result<()> {
+    let kit = TestKit::start_with(BrokerKind::InProcess, |config| {
+        config.producer_message_timeout_ms = 1_500;
+        config.retry_backoff_max_ms = 500;
+    })
+    .await?;
+    kit.seed_investor("nina", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let stages: Vec<Part> = StageName::ALL.into_iter().map(Part::Stage).collect();
+    let stage_runner = kit.spawn(&stages);
+    let mut ids = Vec::new();
+    for amount in [1_000_00, 1_500_00, 2_000_00] {
+        ids.push(kit.publish(&kit.request("nina", &fund_account, amount)).await?);
+    }
+    // With no relay running, validation's outbox rows wait in Postgres.
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let validated: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM transfers WHERE id = ANY($1) AND state = 'validated'")
+                .bind(&ids)
+                .fetch_one(&kit.pool)
+                .await?;
+        if validated == 3 {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "not validated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    kit.set_broker_up(false)?;
+    let relay = kit.spawn(&[Part::Relay]);
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let failed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL AND last_error IS NOT NULL")
+                .fetch_one(&kit.pool)
+                .await?;
+        if failed > 0 {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "the relay never hit the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    kit.set_broker_up(true)?;
+
+    kit.wait_terminal(&ids, SETTLE).await?;
+    relay.stop().await?;
+    stage_runner.stop().await?;
+    for id in &ids {
+        ensure!(kit.transfer(*id).await?.state == TransferState::Completed);
+    }
+    ensure!(investor_balance(&kit, "nina").await? == (10_000_00 - 4_500_00, 0));
+    kit.assert_books_balance().await
+}

@@ -204,7 +204,8 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report> {
 }
 
 /// Runs every check; a transfer unchanged for `stuck_after_secs` while not
-/// terminal violates I3.
+/// terminal violates I3, and an outbox row unpublished for as long violates
+/// I4.
 pub async fn run_with(conn: &mut PgConnection, stuck_after_secs: i64) -> Result<Report> {
     let mut checks = Vec::with_capacity(CHECKS.len() + 2);
     for (invariant, name, query) in CHECKS {
@@ -220,6 +221,17 @@ pub async fn run_with(conn: &mut PgConnection, stuck_after_secs: i64) -> Result<
     .fetch_one(&mut *conn)
     .await?;
     checks.push(Check { invariant: "I3", name: "no transfer stuck in flight beyond its deadline", violations: stuck });
+    let undelivered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(stuck_after_secs as f64)
+    .fetch_one(&mut *conn)
+    .await?;
+    checks.push(Check {
+        invariant: "I4",
+        name: "no committed outbox row left unpublished beyond the deadline",
+        violations: undelivered,
+    });
     checks.push(Check {
         invariant: "I6",
         name: "every recorded step is a legal transition of the state machine",

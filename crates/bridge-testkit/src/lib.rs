@@ -67,17 +67,23 @@ macro_rules! both_brokers {
     )+};
 }
 
+/// What a test can do to the in-process cluster.
+enum ClusterCommand {
+    BrokerDown,
+    BrokerUp,
+}
+
 /// The in-process cluster lives on a thread of its own because it is not
 /// `Send`; dropping the handle stops it.
 struct InProcessCluster {
-    stop: Option<mpsc::Sender<()>>,
+    commands: Option<mpsc::Sender<(ClusterCommand, mpsc::Sender<Result<(), String>>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl InProcessCluster {
     fn start(topics: Vec<String>, partitions: i32) -> Result<(Self, String)> {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let (command_tx, command_rx) = mpsc::channel::<(ClusterCommand, mpsc::Sender<Result<(), String>>)>();
         let thread = std::thread::spawn(move || {
             let cluster = match MockCluster::new(1) {
                 Ok(cluster) => cluster,
@@ -93,20 +99,38 @@ impl InProcessCluster {
                 }
             }
             let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
-            // Park until the kit is dropped.
-            let _ = stop_rx.recv();
+            // Serve commands until the kit is dropped. The cluster's only
+            // broker has id 1.
+            while let Ok((command, reply)) = command_rx.recv() {
+                let result = match command {
+                    ClusterCommand::BrokerDown => cluster.broker_down(1),
+                    ClusterCommand::BrokerUp => cluster.broker_up(1),
+                };
+                let _ = reply.send(result.map_err(|error| error.to_string()));
+            }
         });
         let servers = ready_rx
             .recv()
             .context("In-process cluster thread died")?
             .map_err(|error| anyhow::anyhow!("Failed to start the in-process cluster: {error}"))?;
-        Ok((Self { stop: Some(stop_tx), thread: Some(thread) }, servers))
+        Ok((Self { commands: Some(command_tx), thread: Some(thread) }, servers))
+    }
+
+    fn send(&self, command: ClusterCommand) -> Result<()> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.commands
+            .as_ref()
+            .context("cluster stopped")?
+            .send((command, reply_tx))
+            .ok()
+            .context("cluster thread gone")?;
+        reply_rx.recv().context("cluster thread gone")?.map_err(|error| anyhow::anyhow!(error))
     }
 }
 
 impl Drop for InProcessCluster {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        drop(self.commands.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -187,6 +211,12 @@ impl TestKit {
             producer,
             _cluster: cluster,
         })
+    }
+
+    /// Takes the in-process cluster's broker down or brings it back.
+    pub fn set_broker_up(&self, up: bool) -> Result<()> {
+        let cluster = self._cluster.as_ref().context("only the in-process cluster can be switched off from a test")?;
+        cluster.send(if up { ClusterCommand::BrokerUp } else { ClusterCommand::BrokerDown })
     }
 
     pub fn topics(&self) -> &Topics {
