@@ -154,9 +154,10 @@ async fn an_unreachable_service_delays_but_loses_nothing() -> Result<()> {
     let kit = TestKit::start_with(BrokerKind::InProcess, |config| config.retry_backoff_max_ms = 300).await?;
     kit.seed_investor("kim", 10_000_00).await?;
     let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
-    // Reserve a port, then free it so nothing listens there for now.
-    let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&format!("http://{address}"), 1_000)?);
+    // Bound but not answering: connections queue and every call times out.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&format!("http://{address}"), 500)?);
     let id = kit.publish(&kit.request("kim", &fund_account, 700_00)).await?;
 
     // Validation needs no outside service; the withdrawal waits.
@@ -168,7 +169,7 @@ async fn an_unreachable_service_delays_but_loses_nothing() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(kit.transfer(id).await?.state == TransferState::Validated, "nothing moves while the bank is down");
 
-    let simulator = kit.start_simulator_on(&address.to_string(), FaultPlan::none()).await?;
+    let simulator = kit.start_simulator_with(listener, FaultPlan::none())?;
     kit.wait_terminal(&[id], SETTLE).await?;
     pipeline.stop().await?;
     simulator.stop().await?;

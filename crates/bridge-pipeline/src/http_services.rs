@@ -10,7 +10,13 @@
 //!   the request was sent): the service may have acted, so we ask it what it
 //!   holds under the key before deciding. Found: that is the answer. Not
 //!   found: it never acted, and retrying is safe.
-//! - the key reused with a different body (409): a defect, never retried.
+//! - the key in use (409): either still in progress or taken by a different
+//!   request; the lookup tells which (in progress: retry later; different:
+//!   a defect, never retried);
+//! - other 4xx (malformed, unauthorised): refused, never retried.
+//!
+//! Only the statuses `settled` and `declined` are final; any other status
+//! ("pending", say) means the money may still move and is retried later.
 
 use std::time::Duration;
 
@@ -51,15 +57,29 @@ struct OperationBody<'a> {
 struct OperationRecord {
     status: String,
     reference: String,
+    #[serde(default)]
+    account_id: Option<String>,
+    #[serde(default)]
+    amount_minor: Option<i64>,
 }
 
 impl OperationRecord {
-    fn outcome(self) -> ServiceOutcome {
-        if self.status == "settled" {
-            ServiceOutcome::Settled { reference: self.reference }
-        } else {
-            ServiceOutcome::Declined { code: self.reference }
+    /// Only the two final statuses are final. Anything else ("pending",
+    /// "processing", a status added later) means the money may still move,
+    /// so it is neither a success nor a reason to compensate: ask again later
+    /// with the same key.
+    fn attempt(self) -> Attempt {
+        match self.status.as_str() {
+            "settled" => Attempt::Final(ServiceOutcome::Settled { reference: self.reference }),
+            "declined" => Attempt::Final(ServiceOutcome::Declined { code: self.reference }),
+            other => Attempt::Transient(format!("operation is {other}, not final yet")),
         }
+    }
+
+    /// Whether the stored operation is the one we asked for.
+    fn matches(&self, movement: &MoneyMovement) -> bool {
+        self.account_id.as_deref().is_none_or(|account| account == movement.account_id)
+            && self.amount_minor.is_none_or(|amount| amount == movement.amount.amount_minor)
     }
 }
 
@@ -68,7 +88,11 @@ enum Attempt {
     Final(ServiceOutcome),
     Transient(String),
     Unknown(String),
-    Conflict,
+    /// 409: the key is in use, either by a request still in progress or by a
+    /// different request. The lookup tells which.
+    KeyInUse,
+    /// Refused as malformed or unauthorised: retrying cannot help.
+    Refused(String),
 }
 
 impl HttpAccountServices {
@@ -113,11 +137,15 @@ impl HttpAccountServices {
     }
 
     /// Resolves an unknown outcome by asking for the operation under the key.
-    async fn lookup(&self, base: &str, service: &str, key: &str) -> Attempt {
+    async fn lookup(&self, base: &str, service: &str, movement: &MoneyMovement) -> Attempt {
+        let key = &movement.idempotency_key;
         let url = Self::url(base, &format!("{service}/v1/operations/{key}"));
         match self.authorise(self.client.get(url)).send().await {
             Ok(response) if response.status() == StatusCode::OK => match response.json::<OperationRecord>().await {
-                Ok(record) => Attempt::Final(record.outcome()),
+                Ok(record) if !record.matches(movement) => {
+                    Attempt::Refused(format!("idempotency key {key} holds a different operation"))
+                }
+                Ok(record) => record.attempt(),
                 Err(error) => Attempt::Transient(format!("unreadable lookup reply: {error}")),
             },
             // Never acted on: the original call may be repeated safely.
@@ -139,14 +167,19 @@ impl HttpAccountServices {
         let attempt = match self.post(base, path, movement).await {
             Attempt::Unknown(reason) => {
                 tracing::info!(idempotency_key = %movement.idempotency_key, reason = %reason, "Outcome unknown; asking the service");
-                self.lookup(base, service, &movement.idempotency_key).await
+                self.lookup(base, service, movement).await
             }
+            Attempt::KeyInUse => self.lookup(base, service, movement).await,
             other => other,
         };
         match attempt {
             Attempt::Final(outcome) => Ok(outcome),
             Attempt::Transient(reason) | Attempt::Unknown(reason) => Err(ServiceError::Unavailable(reason)),
-            Attempt::Conflict => Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone())),
+            Attempt::KeyInUse => Err(ServiceError::Unavailable("idempotency key in use".to_owned())),
+            Attempt::Refused(reason) => {
+                tracing::error!(idempotency_key = %movement.idempotency_key, reason = %reason, "Account service refused the request");
+                Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone()))
+            }
         }
     }
 }
@@ -154,17 +187,20 @@ impl HttpAccountServices {
 async fn classify(response: reqwest::Response) -> Attempt {
     let status = response.status();
     match status {
-        StatusCode::OK | StatusCode::CREATED | StatusCode::PAYMENT_REQUIRED => {
+        _ if status.is_success() || status == StatusCode::PAYMENT_REQUIRED => {
             match response.json::<OperationRecord>().await {
-                Ok(record) => Attempt::Final(record.outcome()),
+                Ok(record) => record.attempt(),
                 // The body was cut off: the service acted, the reply broke.
                 Err(error) => Attempt::Unknown(format!("unreadable {status} reply: {error}")),
             }
         }
-        StatusCode::CONFLICT => Attempt::Conflict,
+        StatusCode::CONFLICT => Attempt::KeyInUse,
         StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
             Attempt::Transient(format!("service answered {status}"))
         }
+        // Malformed, unauthorised, unknown route: nothing happened, and
+        // asking again the same way will not change that.
+        _ if status.is_client_error() => Attempt::Refused(format!("service answered {status}")),
         // 500, 502, 504 and anything unexpected: the service may have acted.
         _ => Attempt::Unknown(format!("service answered {status}")),
     }

@@ -48,6 +48,9 @@ fn client(config: &PipelineConfig) -> Result<StreamConsumer> {
         .set("group.id", format!("{}bridge-tools", config.group_prefix))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        // A start offset older than the log (retention) reads from the
+        // oldest message still there.
+        .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
     for (key, value) in &config.kafka_overrides {
         client.set(key, value);
@@ -142,8 +145,12 @@ where
             _ => false,
         };
         if appended_later || end.is_some_and(|end| inbound.offset > end) {
-            // Past the end; later messages of this partition are skipped.
+            // Past the end: stop fetching this partition, so its traffic
+            // neither reaches us nor keeps the idle timer from running out.
             open.remove(&inbound.partition);
+            let mut done = TopicPartitionList::new();
+            done.add_partition(&range.topic, inbound.partition);
+            let _ = consumer.pause(&done);
             continue;
         }
         let last = end == Some(inbound.offset);
@@ -152,6 +159,9 @@ where
         visited += 1;
         if last {
             open.remove(&partition);
+            let mut done = TopicPartitionList::new();
+            done.add_partition(&range.topic, partition);
+            let _ = consumer.pause(&done);
         }
     }
     Ok(visited)

@@ -40,9 +40,10 @@ pub enum ServiceError {
     /// with the same idempotency key.
     #[error("account service unavailable: {0}")]
     Unavailable(String),
-    /// The idempotency key was used before with a different request. This is
-    /// a defect on our side and must not be retried.
-    #[error("idempotency key {0} reused with a different request")]
+    /// The idempotency key was used before with a different request, or the
+    /// service refused the request as malformed or unauthorised. A defect or
+    /// a configuration error: retrying cannot help.
+    #[error("account service refused request {0} (key reused with a different request, or malformed)")]
     IdempotencyConflict(String),
 }
 
@@ -72,5 +73,34 @@ pub struct Services {
 impl std::fmt::Debug for Services {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Services")
+    }
+}
+
+impl Services {
+    /// For processes that run no stage calling an outside service (the
+    /// validator, completion, the relay): any call is a wiring mistake.
+    pub fn none() -> Self {
+        let services = std::sync::Arc::new(NotConfigured);
+        Self { investor: services.clone(), fund: services }
+    }
+}
+
+struct NotConfigured;
+
+#[async_trait]
+impl InvestorAccountService for NotConfigured {
+    async fn withdraw(&self, _: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        Err(ServiceError::Unavailable("no account services configured in this process".to_owned()))
+    }
+
+    async fn refund(&self, _: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        Err(ServiceError::Unavailable("no account services configured in this process".to_owned()))
+    }
+}
+
+#[async_trait]
+impl FundAccountService for NotConfigured {
+    async fn remit(&self, _: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        Err(ServiceError::Unavailable("no account services configured in this process".to_owned()))
     }
 }

@@ -160,7 +160,10 @@ async fn dead_letter(
     if !inbox::record(&mut tx, stage.as_str(), &format!("dlq:{}", message.position_id())).await? {
         return Ok(Outcome::DeadLettered);
     }
-    let mut headers = message.headers.clone();
+    // The original headers, minus any that pose as ours: a sender must not
+    // be able to steer where a redrive sends its message.
+    let mut headers: Vec<(String, Vec<u8>)> =
+        message.headers.iter().filter(|(name, _)| !name.starts_with("bridge_dlq_")).cloned().collect();
     let now = Utc::now().to_rfc3339();
     for (name, value) in [
         (dlq::ORIGINAL_TOPIC, message.topic.clone()),
@@ -471,11 +474,18 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
     let outcome = match ctx.services.fund.remit(&remit).await? {
         ServiceOutcome::Declined { code } => {
             let refund = movement(&transfer, "refund", &transfer.investor_account_id)?;
-            match ctx.services.investor.refund(&refund).await? {
-                ServiceOutcome::Settled { .. } => DepositOutcome::Reversed { code },
-                ServiceOutcome::Declined { code: refund_code } => {
+            match ctx.services.investor.refund(&refund).await {
+                Ok(ServiceOutcome::Settled { .. }) => DepositOutcome::Reversed { code },
+                Ok(ServiceOutcome::Declined { code: refund_code }) => {
                     DepositOutcome::NeedsPerson { code: format!("DEPOSIT_{code}_REFUND_{refund_code}") }
                 }
+                // The refund was refused outright: still a person's job, and
+                // the transfer must say so rather than vanish into a
+                // dead-letter topic with money in transit.
+                Err(error) if !error.is_retryable() => {
+                    DepositOutcome::NeedsPerson { code: format!("DEPOSIT_{code}_REFUND_REFUSED") }
+                }
+                Err(error) => return Err(error.into()),
             }
         }
         ServiceOutcome::Settled { reference } => DepositOutcome::Deposited { reference },

@@ -356,19 +356,20 @@ impl InProcessServices {
             transfer_id: movement.transfer_id.to_string(),
         };
         match self.bank.execute(operation, &movement.idempotency_key, &request).await {
-            Reply::Done(record) => Ok(outcome_of(&record)),
+            Reply::Done(record) => outcome_of(&record),
             Reply::IdempotencyConflict => Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone())),
             other => Err(ServiceError::Unavailable(format!("{other:?}"))),
         }
     }
 }
 
-/// How a stored record reads to the pipeline.
-pub fn outcome_of(record: &OperationRecord) -> ServiceOutcome {
-    if record.status == "settled" {
-        ServiceOutcome::Settled { reference: record.reference.clone() }
-    } else {
-        ServiceOutcome::Declined { code: record.reference.clone() }
+/// How a stored record reads to the pipeline: only `settled` and `declined`
+/// are final.
+pub fn outcome_of(record: &OperationRecord) -> Result<ServiceOutcome, ServiceError> {
+    match record.status.as_str() {
+        "settled" => Ok(ServiceOutcome::Settled { reference: record.reference.clone() }),
+        "declined" => Ok(ServiceOutcome::Declined { code: record.reference.clone() }),
+        other => Err(ServiceError::Unavailable(format!("operation is {other}, not final yet"))),
     }
 }
 

@@ -361,6 +361,22 @@ impl TestKit {
         }
     }
 
+    /// Waits until every committed outbox row has been published.
+    pub async fn wait_outbox_drained(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            let unpublished = bridge_store::outbox::unpublished_count(&mut conn).await?;
+            if unpublished == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{unpublished} outbox rows still unpublished");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn reconcile(&self) -> Result<Report> {
         let mut conn = self.pool.acquire().await?;
         Ok(reconcile::run(&mut conn).await?)
@@ -565,8 +581,28 @@ impl TestKit {
     /// Serves the simulator with `plan` on `address` ("127.0.0.1:0" for any
     /// free port), keeping its books in this kit's database.
     pub async fn start_simulator_on(&self, address: &str, plan: bridge_sim::FaultPlan) -> Result<RunningSimulator> {
-        let bank = Arc::new(bridge_sim::Bank::new(self.pool.clone(), plan));
         let listener = tokio::net::TcpListener::bind(address).await?;
+        self.serve_simulator(listener, plan)
+    }
+
+    /// Serves the simulator on a socket the test bound earlier. Until then
+    /// the kernel queues connections and nobody answers: a service that is
+    /// up on the network but not responding.
+    pub fn start_simulator_with(
+        &self,
+        listener: std::net::TcpListener,
+        plan: bridge_sim::FaultPlan,
+    ) -> Result<RunningSimulator> {
+        listener.set_nonblocking(true)?;
+        self.serve_simulator(tokio::net::TcpListener::from_std(listener)?, plan)
+    }
+
+    fn serve_simulator(
+        &self,
+        listener: tokio::net::TcpListener,
+        plan: bridge_sim::FaultPlan,
+    ) -> Result<RunningSimulator> {
+        let bank = Arc::new(bridge_sim::Bank::new(self.pool.clone(), plan));
         let url = format!("http://{}", listener.local_addr()?);
         let token = CancellationToken::new();
         let handle =

@@ -90,8 +90,7 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 /// Where the Investor and Fund Account Services are.
 #[derive(Args, Clone, Debug)]
 pub struct ServiceArgs {
-    /// Base URL serving both account services (e.g. a `bridge sim`). Without
-    /// it, and without the two URLs below, an in-process simulator is used.
+    /// Base URL serving both account services (e.g. a `bridge sim`).
     #[arg(long, env = "BRIDGE_ACCOUNT_SERVICES_URL")]
     pub account_services_url: Option<String>,
     /// Base URL of the Investor Account Service (overrides the shared URL).
@@ -106,6 +105,11 @@ pub struct ServiceArgs {
     /// Upper bound of one call to an account service.
     #[arg(long, env = "BRIDGE_ACCOUNT_SERVICE_TIMEOUT_MS", default_value_t = 5_000)]
     pub account_service_timeout_ms: u64,
+    /// Use the in-process simulator instead of real account services. Must
+    /// be asked for: a pipeline that silently simulated the bank would record
+    /// money movements that never happened.
+    #[arg(long, env = "BRIDGE_SIMULATED_SERVICES")]
+    pub simulated_services: bool,
 }
 
 impl ServiceArgs {
@@ -113,14 +117,18 @@ impl ServiceArgs {
         let investor = self.investor_service_url.clone().or_else(|| self.account_services_url.clone());
         let fund = self.fund_service_url.clone().or_else(|| self.account_services_url.clone());
         match (investor, fund) {
-            (None, None) => Ok(bridge_sim::InProcessServices::services(pool.clone())),
+            (None, None) if self.simulated_services => Ok(bridge_sim::InProcessServices::services(pool.clone())),
+            (None, None) => anyhow::bail!(
+                "No account services configured: set BRIDGE_ACCOUNT_SERVICES_URL (or the investor and fund service URLs), \
+                 or pass --simulated-services to use the in-process simulator"
+            ),
             (Some(investor_base_url), Some(fund_base_url)) => HttpAccountServices::services(HttpServicesConfig {
                 investor_base_url,
                 fund_base_url,
                 token: self.account_services_token.clone(),
                 timeout_ms: self.account_service_timeout_ms,
             }),
-            _ => anyhow::bail!("Configure both account services, or neither (then an in-process simulator is used)"),
+            _ => anyhow::bail!("Configure both account services"),
         }
     }
 }
@@ -285,7 +293,10 @@ async fn main() -> Result<()> {
             let config = args.common.pipeline_config(&args.common.brokers);
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
             kafka::ensure_topics(&config).await?;
-            let services = args.services.services(&pool)?;
+            let calls_services = parts
+                .iter()
+                .any(|part| matches!(part, Part::Stage(StageName::Withdrawal) | Part::Stage(StageName::Deposit)));
+            let services = if calls_services { args.services.services(&pool)? } else { Services::none() };
             let pipeline = Pipeline::new(pool, config, services);
             pipeline.run(&parts, shutdown_on_signal()).await?;
         }

@@ -261,16 +261,18 @@ pub async fn dlq(args: DlqArgs) -> Result<()> {
         }
         DlqCommand::Redrive { range, dry_run } => {
             require_dead_letter_topic(&range.topic)?;
+            let original_topic = range.topic.strip_suffix(".dlq").unwrap_or(&range.topic).to_owned();
+            stage_for(&config.topics, &original_topic)?;
             let producer = kafka::upstream_producer(&config)?;
             let redriven = AtomicU64::new(0);
             let read = read_range(&config, &range.range(), |record: Inbound| {
                 let producer = &producer;
                 let redriven = &redriven;
+                let original_topic = &original_topic;
                 async move {
-                    let original = record
-                        .header(dlq::ORIGINAL_TOPIC)
-                        .with_context(|| format!("{} has no original-topic header", record.position_id()))?
-                        .to_owned();
+                    // Back to the topic this dead-letter topic belongs to, never
+                    // to one a header names: headers came from outside.
+                    let original = original_topic.clone();
                     // The original headers, without the dead-letter ones.
                     let headers: Vec<(String, Vec<u8>)> =
                         record.headers.iter().filter(|(name, _)| !name.starts_with("bridge_dlq_")).cloned().collect();

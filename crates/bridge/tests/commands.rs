@@ -62,6 +62,7 @@ async fn operator_commands_on_the_standalone_broker() -> Result<()> {
         ("BRIDGE_TOPIC_PREFIX", kit.config.topics.prefix.as_str()),
         ("BRIDGE_GROUP_PREFIX", kit.config.group_prefix.as_str()),
         ("BRIDGE_TOPIC_PARTITIONS", "3"),
+        ("BRIDGE_SIMULATED_SERVICES", "true"),
     ];
     let run = |args: &[&str]| -> Result<std::process::Output> {
         let output = Command::new(BRIDGE).args(args).envs(env).output()?;
@@ -204,6 +205,8 @@ async fn replay_changes_nothing_and_dead_letters_can_be_redriven() -> Result<()>
     for stage in bridge_pipeline::StageName::ALL {
         kit.wait_caught_up(stage, Duration::from_secs(90)).await?;
     }
+    // The garbage's dead letter is committed; let the relay publish it.
+    kit.wait_outbox_drained(Duration::from_secs(60)).await?;
     pipeline.stop().await?;
     let before = kit.effect_counts().await?;
 
@@ -212,6 +215,7 @@ async fn replay_changes_nothing_and_dead_letters_can_be_redriven() -> Result<()>
         ("KAFKA_BROKERS", kit.config.brokers.as_str()),
         ("BRIDGE_TOPIC_PREFIX", kit.config.topics.prefix.as_str()),
         ("BRIDGE_GROUP_PREFIX", kit.config.group_prefix.as_str()),
+        ("BRIDGE_SIMULATED_SERVICES", "true"),
     ];
     let bridge = |args: &[&str]| -> Result<Vec<serde_json::Value>> {
         let output = Command::new(BRIDGE).args(args).envs(env).output()?;
@@ -219,19 +223,20 @@ async fn replay_changes_nothing_and_dead_letters_can_be_redriven() -> Result<()>
         String::from_utf8(output.stdout)?.lines().map(|line| Ok(serde_json::from_str(line)?)).collect()
     };
 
+    // Requests: four plus the garbage. Validated: the three that passed (one
+    // is below the fund's minimum). Withdrawn: the same three. Deposited:
+    // two (the closed fund's deposit was declined and reversed).
     let topics = kit.topics();
-    let mut replayed = 0;
-    for topic in [topics.requested(), topics.validated(), topics.withdrawn(), topics.deposited()] {
+    for (topic, expected) in
+        [(topics.requested(), 5), (topics.validated(), 3), (topics.withdrawn(), 3), (topics.deposited(), 2)]
+    {
         let report = bridge(&["replay", "--topic", &topic, "--idle-ms", "1500"])?.remove(0);
         ensure!(report["new"] == 0, "replay of {topic} applied something: {report}");
-        ensure!(
-            report["read"].as_u64()
-                == Some(report["duplicates"].as_u64().unwrap_or(0) + report["dead_lettered"].as_u64().unwrap_or(0)),
-            "{report}"
-        );
-        replayed += report["read"].as_u64().unwrap_or(0);
+        let read = report["read"].as_u64().unwrap_or(0);
+        let repeats = report["duplicates"].as_u64().unwrap_or(0) + report["dead_lettered"].as_u64().unwrap_or(0);
+        // At-least-once publishing may have added copies, never fewer.
+        ensure!(read >= expected && read == repeats, "{topic}: expected {expected} messages, {report}");
     }
-    ensure!(replayed >= 5 + 3 + 3 + 2, "replay read {replayed} messages");
     ensure!(kit.effect_counts().await? == before, "replay changed effects");
     let status = bridge(&["replay", "--topic", &topics.status()]);
     ensure!(status.is_err(), "the status topic has no stage to replay into");
