@@ -209,3 +209,40 @@ async fn the_simulator_honours_idempotency_keys_like_a_payment_api() -> Result<(
     ensure!(debits == 1, "debited once");
     simulator.stop().await
 }
+
+/// Bank transfers are accepted as pending and settle later. Pending is not a
+/// result: the step waits for the final answer (settled, or declined and then
+/// compensated) and moves money once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pending_operations_wait_for_their_final_outcome() -> Result<()> {
+    let kit = TestKit::start_with(BrokerKind::InProcess, |config| config.retry_backoff_max_ms = 300).await?;
+    kit.seed_investor("omar", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let closed = kit.seed_fund("closed", 100_00, 10, 1_000_000_00).await?;
+    kit.set_simulated_account_status(&closed, "closed").await?;
+    let slow = OperationFaults { settle_after_ms: 1_500, ..OperationFaults::default() };
+    let plan = FaultPlan { seed: 9, withdrawal: slow, refund: slow, deposit: slow, hang_ms: 0 };
+    let simulator = kit.start_simulator(plan).await?;
+    let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 2_000)?);
+
+    let completed = kit.publish(&kit.request("omar", &fund_account, 3_000_00)).await?;
+    let reversed = kit.publish(&kit.request("omar", &closed, 1_000_00)).await?;
+    kit.wait_terminal(&[completed, reversed], SETTLE).await?;
+    pipeline.stop().await?;
+    simulator.stop().await?;
+
+    ensure!(kit.transfer(completed).await?.state == TransferState::Completed);
+    ensure!(kit.transfer(reversed).await?.state == TransferState::Reversed);
+    // Every operation went through pending, and none is pending any more.
+    let (operations, were_pending, still_pending): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(settles_at), count(*) FILTER (WHERE outcome = 'pending') FROM sim_operations",
+    )
+    .fetch_one(&kit.pool)
+    .await?;
+    ensure!((operations, were_pending, still_pending) == (5, 5, 0), "{operations} {were_pending} {still_pending}");
+    ensure!(
+        settled_operations(&kit).await?
+            == [("deposit".to_owned(), 1), ("refund".to_owned(), 1), ("withdrawal".to_owned(), 2)]
+    );
+    kit.assert_books_balance().await
+}

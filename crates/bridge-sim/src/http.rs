@@ -9,7 +9,8 @@
 //! | `GET /healthz` | liveness |
 //!
 //! Money-moving calls need an `Idempotency-Key` header and, when the server
-//! has a token, `Authorization: Bearer <token>`. Replies: 201 settled, 402
+//! has a token, `Authorization: Bearer <token>`. Replies: 201 settled, 202
+//! pending (settles later; ask again or look the key up), 402
 //! declined (with a code), 409 key reused with another body, 429 rate
 //! limited (with `Retry-After`), 503 unavailable, 504 after hanging, and 502
 //! when the operation was carried out but the reply was lost on the way.
@@ -89,6 +90,7 @@ async fn execute(state: AppState, operation: Operation, headers: HeaderMap, requ
     }
     match state.bank.execute(operation, key, &request).await {
         Reply::Done(record) if record.status == "settled" => (StatusCode::CREATED, Json(record)).into_response(),
+        Reply::Done(record) if record.status == "pending" => (StatusCode::ACCEPTED, Json(record)).into_response(),
         Reply::Done(record) => (StatusCode::PAYMENT_REQUIRED, Json(record)).into_response(),
         Reply::IdempotencyConflict => {
             problem(StatusCode::CONFLICT, "idempotency_key_reused", "this key was used with a different request")

@@ -78,6 +78,9 @@ pub struct OperationFaults {
     /// Added after acting and before replying: the window in which a caller
     /// that dies has moved money without knowing it.
     pub reply_delay_ms: u64,
+    /// When above zero, calls are accepted as `pending` and settle (or are
+    /// declined) this long afterwards, as bank transfers do.
+    pub settle_after_ms: u64,
 }
 
 /// What to inject, per operation, with the seed that makes it reproducible.
@@ -103,6 +106,7 @@ impl FaultPlan {
         let faults = OperationFaults {
             latency_ms: 0,
             reply_delay_ms: 0,
+            settle_after_ms: 0,
             insufficient_funds_bp: 100,
             account_closed_bp: 50,
             account_frozen_bp: 50,
@@ -317,11 +321,18 @@ impl Bank {
                 None => format!("sim-{}", Uuid::new_v4().simple()),
             },
         };
-        let stored = simulator::record_once(&mut conn, &requested).await?;
+        let stored = if faults.settle_after_ms > 0 {
+            simulator::record_once_pending(&mut conn, &requested, faults.settle_after_ms).await?
+        } else {
+            simulator::record_once(&mut conn, &requested).await?
+        };
         if !stored.same_request(&requested) {
             return Ok(None);
         }
-        Ok(Some(stored.into()))
+        // A repeat of a pending operation may find it settled by now.
+        let current =
+            if stored.outcome == "pending" { simulator::find(&mut conn, key).await?.unwrap_or(stored) } else { stored };
+        Ok(Some(current.into()))
     }
 
     /// The stored result under `key`, if any: how a client resolves an

@@ -17,6 +17,34 @@ pub struct SimOperation {
     pub reference: String,
 }
 
+/// Settlement delay of a new operation: it is stored as `pending` and turns
+/// into `outcome` once `settle_after_ms` have passed.
+pub async fn record_once_pending(
+    conn: &mut PgConnection,
+    operation: &SimOperation,
+    settle_after_ms: u64,
+) -> Result<SimOperation> {
+    sqlx::query(
+        "INSERT INTO sim_operations
+             (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference, final_outcome, settles_at)
+         VALUES ($1, $2, $3, $4, $5, 'pending', $7, $6, now() + make_interval(secs => $8))
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(&operation.idempotency_key)
+    .bind(&operation.operation)
+    .bind(&operation.account_id)
+    .bind(operation.amount_minor)
+    .bind(&operation.currency)
+    .bind(&operation.outcome)
+    .bind(&operation.reference)
+    .bind(settle_after_ms as f64 / 1_000.0)
+    .execute(&mut *conn)
+    .await?;
+    find(conn, &operation.idempotency_key)
+        .await?
+        .ok_or_else(|| crate::Error::Corrupt(format!("operation {} vanished", operation.idempotency_key)))
+}
+
 impl SimOperation {
     /// Whether `other` is the same request body, as a payment API compares a
     /// retried request against the one first seen under its idempotency key.
@@ -97,8 +125,16 @@ pub async fn settled_count(conn: &mut PgConnection, operation: &str) -> Result<i
         .await?)
 }
 
-/// The operation stored under `key`, if any.
+/// The operation stored under `key`, if any. A pending operation whose time
+/// has come settles as it is read.
 pub async fn find(conn: &mut PgConnection, key: &str) -> Result<Option<SimOperation>> {
+    sqlx::query(
+        "UPDATE sim_operations SET outcome = final_outcome, final_outcome = NULL
+         WHERE idempotency_key = $1 AND outcome = 'pending' AND settles_at <= now()",
+    )
+    .bind(key)
+    .execute(&mut *conn)
+    .await?;
     let row: Option<(String, String, i64, String, String, String)> = sqlx::query_as(
         "SELECT operation, account_id, amount_minor, currency, outcome, reference
          FROM sim_operations WHERE idempotency_key = $1",
