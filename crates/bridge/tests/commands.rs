@@ -270,3 +270,78 @@ async fn replay_changes_nothing_and_dead_letters_can_be_redriven() -> Result<()>
     pipeline.stop().await?;
     kit.assert_books_balance().await
 }
+
+/// The demo against the simulator running as a separate process with a few
+/// percent of every failure injected: every transfer settles (terminal or
+/// manual review) and both sets of books check out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_against_the_simulator_as_a_separate_process() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    // Port 0: the simulator picks a free port and logs it.
+    let mut simulator = Command::new(BRIDGE)
+        .args(["sim", "--listen", "127.0.0.1:0", "--faults", "demo", "--seed", "5"])
+        .env("DATABASE_URL", &kit.database_url)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = simulator.stderr.take().context("simulator stderr")?;
+    let address = tokio::task::spawn_blocking(move || -> Option<String> {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let address = lines.by_ref().map_while(Result::ok).find_map(|line| {
+            line.split_whitespace().find_map(|field| field.strip_prefix("address=").map(str::to_owned))
+        });
+        // Keep draining so the simulator never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        address
+    })
+    .await?;
+    let Some(address) = address else {
+        simulator.kill()?;
+        anyhow::bail!("simulator did not report its address");
+    };
+    let started = reqwest_free_health_check(&address).await;
+    if let Err(error) = started {
+        simulator.kill()?;
+        return Err(error);
+    }
+    let output = tokio::process::Command::new(BRIDGE)
+        .args(["demo", "--transfers", "80", "--account-services-url", &format!("http://{address}")])
+        .env("DATABASE_URL", &kit.database_url)
+        .env_remove("KAFKA_BROKERS")
+        .output()
+        .await;
+    simulator.kill()?;
+    simulator.wait()?;
+    let output = output?;
+    ensure!(output.status.success(), "demo failed: {}", String::from_utf8_lossy(&output.stderr));
+    let summary = last_json_line(&output.stdout)?;
+    ensure!(summary["in_flight"] == 0 && summary["invariants_ok"] == true, "{summary}");
+    let settled: i64 = ["completed", "rejected", "failed", "reversed", "manual_review"]
+        .iter()
+        .map(|key| summary[key].as_i64().unwrap_or(-1))
+        .sum();
+    ensure!(settled == 80, "{summary}");
+    // The simulator's books are in the same database: reconcile compares them.
+    kit.assert_books_balance().await
+}
+
+/// Waits until something answers HTTP on `address` (the simulator started).
+async fn reqwest_free_health_check(address: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(address).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).await?;
+            if reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        ensure!(std::time::Instant::now() < deadline, "simulator did not start on {address}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
