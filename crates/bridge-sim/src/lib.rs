@@ -233,7 +233,13 @@ impl Bank {
     }
 
     fn next_attempt(&self, key: &str) -> u64 {
+        // Bounded memory: past this many keys the counters start over, which
+        // only changes which later attempts draw a transient fault.
+        const KEYS_TRACKED_MAX: usize = 100_000;
         let mut attempts = self.attempts.lock().expect("attempt counter lock");
+        if attempts.len() >= KEYS_TRACKED_MAX && !attempts.contains_key(key) {
+            attempts.clear();
+        }
         let counter = attempts.entry(key.to_owned()).or_insert(0);
         *counter += 1;
         *counter
