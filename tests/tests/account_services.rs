@@ -220,14 +220,37 @@ async fn pending_operations_wait_for_their_final_outcome() -> Result<()> {
     let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
     let closed = kit.seed_fund("closed", 100_00, 10, 1_000_000_00).await?;
     kit.set_simulated_account_status(&closed, "closed").await?;
-    let slow = OperationFaults { settle_after_ms: 1_500, ..OperationFaults::default() };
+    // Long enough that the checks below run well before anything settles.
+    let slow = OperationFaults { settle_after_ms: 8_000, ..OperationFaults::default() };
     let plan = FaultPlan { seed: 9, withdrawal: slow, refund: slow, deposit: slow, hang_ms: 0 };
     let simulator = kit.start_simulator(plan).await?;
     let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 2_000)?);
 
     let completed = kit.publish(&kit.request("omar", &fund_account, 3_000_00)).await?;
     let reversed = kit.publish(&kit.request("omar", &closed, 1_000_00)).await?;
+
+    // While the bank holds the withdrawal as pending, the step is recorded
+    // durably and the withdrawal stage's partitions move on: its consumer
+    // group commits past the event although nothing has settled yet.
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pending_steps WHERE step = 'withdrawal' AND transfer_id = $1")
+                .bind(completed)
+                .fetch_one(&kit.pool)
+                .await?;
+        if pending == 1 {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "withdrawal never recorded as pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kit.wait_caught_up(bridge_pipeline::StageName::Withdrawal, Duration::from_secs(30)).await?;
+    ensure!(kit.transfer(completed).await?.state == TransferState::Validated, "settled too early for this test");
+
     kit.wait_terminal(&[completed, reversed], SETTLE).await?;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_steps").fetch_one(&kit.pool).await?;
+    ensure!(left == 0, "{left} pending steps left behind");
     pipeline.stop().await?;
     simulator.stop().await?;
 

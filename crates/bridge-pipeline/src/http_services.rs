@@ -72,7 +72,8 @@ impl OperationRecord {
         match self.status.as_str() {
             "settled" => Attempt::Final(ServiceOutcome::Settled { reference: self.reference }),
             "declined" => Attempt::Final(ServiceOutcome::Declined { code: self.reference }),
-            other => Attempt::Transient(format!("operation is {other}, not final yet")),
+            "pending" | "processing" => Attempt::Final(ServiceOutcome::Pending),
+            other => Attempt::Transient(format!("operation is {other}, not a status we know")),
         }
     }
 

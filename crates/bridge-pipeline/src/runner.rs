@@ -70,11 +70,13 @@ pub struct StageContext {
 pub enum Part {
     Stage(StageName),
     Relay,
+    /// Asks outside services about steps they accepted as pending.
+    Settlement,
 }
 
 impl Part {
     pub fn all() -> Vec<Part> {
-        StageName::ALL.into_iter().map(Part::Stage).chain([Part::Relay]).collect()
+        StageName::ALL.into_iter().map(Part::Stage).chain([Part::Relay, Part::Settlement]).collect()
     }
 }
 
@@ -106,6 +108,9 @@ impl Pipeline {
                     run_stage(ctx, stage, token).await.with_context(|| format!("Stage {} failed", stage.as_str()))
                 }),
                 Part::Relay => tasks.spawn(async move { relay::run(ctx, token).await.context("Relay failed") }),
+                Part::Settlement => {
+                    tasks.spawn(async move { run_settlement(ctx, token).await.context("Settlement runner failed") })
+                }
             };
         }
         let mut first_error = None;
@@ -214,5 +219,81 @@ fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer, stage: StageName
         Err(error) => tracing::warn!(stage = stage.as_str(), error = %error, "Final offset commit failed"),
     }
     tracing::info!(stage = stage.as_str(), "Stage stopped");
+    Ok(())
+}
+
+/// Steps claimed per round, and how long a claim lasts before another runner
+/// may take the step over.
+const SETTLEMENT_BATCH_MAX: i64 = 32;
+const SETTLEMENT_LEASE_MS: u64 = 30_000;
+const SETTLEMENT_POLL_INTERVAL_MS: u64 = 250;
+
+/// The settlement runner: for every pending step whose time has come, asks
+/// the service again (same idempotency key, so never a second movement) and
+/// applies the step exactly as the stage would have, or asks again later.
+/// Several runners may run; leases keep them off each other's steps.
+async fn run_settlement(ctx: Arc<StageContext>, shutdown: CancellationToken) -> Result<()> {
+    use bridge_store::pending;
+    tracing::info!("Settlement runner started");
+    while !shutdown.is_cancelled() {
+        let claimed = match ctx.pool.acquire().await {
+            Ok(mut conn) => pending::claim_due(&mut conn, SETTLEMENT_BATCH_MAX, SETTLEMENT_LEASE_MS).await,
+            Err(error) => Err(error.into()),
+        };
+        let due = match claimed {
+            Ok(due) => due,
+            Err(error) => {
+                tracing::warn!(error = %error, "Could not claim pending steps; retrying");
+                Vec::new()
+            }
+        };
+        for step in &due {
+            if shutdown.is_cancelled() {
+                // Unfinished claims expire with their lease.
+                break;
+            }
+            let trace = crate::message::TraceContext::continue_or_start(None);
+            let result = match step.step.as_str() {
+                "withdrawal" => stages::withdrawal_step(&ctx, step.transfer_id, None, &trace).await,
+                "deposit" => stages::deposit_step(&ctx, step.transfer_id, None, &trace).await,
+                other => Err(stages::StageError::Permanent {
+                    class: "processing_error",
+                    message: format!("unknown step {other}"),
+                }),
+            };
+            let (retry_after_ms, status) = match result {
+                Ok(Outcome::Applied) => continue,
+                Ok(Outcome::Duplicate | Outcome::DeadLettered) => {
+                    if let Ok(mut conn) = ctx.pool.acquire().await {
+                        let _ = pending::finish(&mut conn, step.transfer_id, &step.step).await;
+                    }
+                    continue;
+                }
+                Ok(Outcome::Deferred) => (stages::pending_retry_ms(step.attempts), "pending".to_owned()),
+                Err(stages::StageError::Race { .. }) => (100, "lost a race".to_owned()),
+                Err(stages::StageError::Transient(reason)) => {
+                    (stages::pending_retry_ms(step.attempts), format!("retrying: {reason}"))
+                }
+                Err(stages::StageError::Permanent { class, message }) => {
+                    tracing::error!(transfer_id = %step.transfer_id, step = %step.step, error_class = class, error = %message, "Pending step cannot be applied; it needs a person");
+                    (3_600_000, format!("{class}: {message}"))
+                }
+            };
+            if let Ok(mut conn) = ctx.pool.acquire().await {
+                if let Err(error) =
+                    pending::reschedule(&mut conn, step.transfer_id, &step.step, retry_after_ms, &status).await
+                {
+                    tracing::warn!(error = %error, "Could not reschedule a pending step; its lease will expire");
+                }
+            }
+        }
+        if due.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(SETTLEMENT_POLL_INTERVAL_MS)) => {}
+            }
+        }
+    }
+    tracing::info!("Settlement runner stopped");
     Ok(())
 }

@@ -32,6 +32,9 @@ pub enum ServiceOutcome {
     /// The service refused for a business reason (account frozen, closed...).
     /// Final: retrying the same call gives the same answer.
     Declined { code: String },
+    /// Accepted but not settled yet (bank transfers can take days). Not a
+    /// result: ask again later with the same idempotency key.
+    Pending,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use bridge_domain::{check_request, ids, Currency, FailureReason, Money, RequestF
 use bridge_store::ledger::{self, Posting};
 use bridge_store::outbox::{self, OutboxMessage};
 use bridge_store::transfers::{self, Transfer};
-use bridge_store::{accounts, inbox};
+use bridge_store::{accounts, inbox, pending};
 
 use crate::message::{dead_letter_headers as dlq, Envelope, Inbound, TraceContext};
 use crate::runner::{StageContext, StageName};
@@ -32,6 +32,9 @@ pub enum Outcome {
     Duplicate,
     /// The message went to the dead-letter topic (through the outbox).
     DeadLettered,
+    /// The outside service accepted the step but has not settled it; the
+    /// step is recorded in `pending_steps` for the settlement runner.
+    Deferred,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -352,13 +355,15 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
 async fn pending_step(
     ctx: &StageContext,
     stage: StageName,
-    event_id: &str,
+    event_id: Option<&str>,
     transfer_id: Uuid,
     expected: TransferState,
 ) -> Result<Option<Transfer>, StageError> {
     let mut conn = ctx.pool.acquire().await?;
-    if inbox::contains(&mut conn, stage.as_str(), event_id).await? {
-        return Ok(None);
+    if let Some(event_id) = event_id {
+        if inbox::contains(&mut conn, stage.as_str(), event_id).await? {
+            return Ok(None);
+        }
     }
     let transfer = transfers::get(&mut conn, transfer_id)
         .await?
@@ -371,12 +376,16 @@ async fn pending_step(
 async fn begin_step(
     conn: &mut PgConnection,
     stage: StageName,
-    event_id: &str,
+    event_id: Option<&str>,
     transfer_id: Uuid,
     expected: TransferState,
 ) -> Result<Option<Transfer>, StageError> {
-    if !inbox::record(&mut *conn, stage.as_str(), event_id).await? {
-        return Ok(None);
+    // The settlement runner has no event to record; the state check below
+    // (and the version check when advancing) keep it to one application.
+    if let Some(event_id) = event_id {
+        if !inbox::record(&mut *conn, stage.as_str(), event_id).await? {
+            return Ok(None);
+        }
     }
     let transfer = transfers::get(conn, transfer_id).await?;
     Ok(transfer.filter(|transfer| transfer.state == expected))
@@ -397,19 +406,44 @@ fn movement(transfer: &Transfer, step: &str, account_id: &str) -> Result<MoneyMo
 async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
     let event: TransferValidated = decode_payload(message)?;
     let transfer_id = parse_transfer_id(&event.transfer_id)?;
+    let trace = TraceContext::continue_or_start(message.header("traceparent"));
+    withdrawal_step(ctx, transfer_id, Some(&event.event_id), &trace).await
+}
+
+/// How long to wait before asking a service about a pending step again.
+pub fn pending_retry_ms(attempts: i32) -> u64 {
+    let ceiling = (500u64 << attempts.clamp(0, 10)).min(30_000);
+    rand::rng().random_range(ceiling / 2..=ceiling)
+}
+
+/// The withdrawal step for one transfer: from the stage (with the event that
+/// asked for it) or from the settlement runner (without).
+pub async fn withdrawal_step(
+    ctx: &StageContext,
+    transfer_id: Uuid,
+    event_id: Option<&str>,
+    trace: &TraceContext,
+) -> Result<Outcome, StageError> {
     let stage = StageName::Withdrawal;
-    let Some(transfer) = pending_step(ctx, stage, &event.event_id, transfer_id, TransferState::Validated).await? else {
+    let Some(transfer) = pending_step(ctx, stage, event_id, transfer_id, TransferState::Validated).await? else {
         return Ok(Outcome::Duplicate);
     };
     let movement = movement(&transfer, "withdrawal", &transfer.investor_account_id)?;
     let outcome = ctx.services.investor.withdraw(&movement).await?;
-    let trace = TraceContext::continue_or_start(message.header("traceparent"));
 
     let mut tx = ctx.pool.begin().await?;
-    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Validated).await?
-    else {
+    if outcome == ServiceOutcome::Pending {
+        // Not a result: remember the step durably and let the partition move
+        // on. A redelivered event asks the service again, which is harmless.
+        pending::record(&mut tx, transfer_id, "withdrawal", pending_retry_ms(0)).await?;
+        tx.commit().await?;
+        return Ok(Outcome::Deferred);
+    }
+    let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Validated).await? else {
         return Ok(Outcome::Duplicate);
     };
+    pending::finish(&mut tx, transfer_id, "withdrawal").await?;
+    let trace = trace.clone();
     let amount = movement.amount;
     let mut messages = Vec::with_capacity(2);
     let next = match outcome {
@@ -453,6 +487,7 @@ async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
             .await?;
             transfers::advance(&mut tx, &current, &TransferEvent::WithdrawalFailed(FailureReason(code))).await?
         }
+        ServiceOutcome::Pending => unreachable!("pending handled above"),
     };
     messages.push(status_message(ctx, stage, &next, Some(current.state), &trace)?);
     outbox::enqueue(&mut tx, &messages).await?;
@@ -466,15 +501,30 @@ async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
 async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
     let event: FundsWithdrawn = decode_payload(message)?;
     let transfer_id = parse_transfer_id(&event.transfer_id)?;
+    let trace = TraceContext::continue_or_start(message.header("traceparent"));
+    deposit_step(ctx, transfer_id, Some(&event.event_id), &trace).await
+}
+
+/// The deposit step (with its compensation) for one transfer.
+pub async fn deposit_step(
+    ctx: &StageContext,
+    transfer_id: Uuid,
+    event_id: Option<&str>,
+    trace: &TraceContext,
+) -> Result<Outcome, StageError> {
     let stage = StageName::Deposit;
-    let Some(transfer) = pending_step(ctx, stage, &event.event_id, transfer_id, TransferState::Withdrawn).await? else {
+    let Some(transfer) = pending_step(ctx, stage, event_id, transfer_id, TransferState::Withdrawn).await? else {
         return Ok(Outcome::Duplicate);
     };
     let remit = movement(&transfer, "deposit", &transfer.fund_account_id)?;
     let outcome = match ctx.services.fund.remit(&remit).await? {
+        ServiceOutcome::Pending => DepositOutcome::Pending,
         ServiceOutcome::Declined { code } => {
             let refund = movement(&transfer, "refund", &transfer.investor_account_id)?;
             match ctx.services.investor.refund(&refund).await {
+                // The refund itself is under way; the runner asks again and
+                // finds the deposit's decline stored under its own key.
+                Ok(ServiceOutcome::Pending) => DepositOutcome::Pending,
                 Ok(ServiceOutcome::Settled { .. }) => DepositOutcome::Reversed { code },
                 Ok(ServiceOutcome::Declined { code: refund_code }) => {
                     DepositOutcome::NeedsPerson { code: format!("DEPOSIT_{code}_REFUND_{refund_code}") }
@@ -490,13 +540,17 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
         }
         ServiceOutcome::Settled { reference } => DepositOutcome::Deposited { reference },
     };
-    let trace = TraceContext::continue_or_start(message.header("traceparent"));
-
     let mut tx = ctx.pool.begin().await?;
-    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Withdrawn).await?
-    else {
+    if matches!(outcome, DepositOutcome::Pending) {
+        pending::record(&mut tx, transfer_id, "deposit", pending_retry_ms(0)).await?;
+        tx.commit().await?;
+        return Ok(Outcome::Deferred);
+    }
+    let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Withdrawn).await? else {
         return Ok(Outcome::Duplicate);
     };
+    pending::finish(&mut tx, transfer_id, "deposit").await?;
+    let trace = trace.clone();
     let amount = remit.amount;
     let mut messages = Vec::with_capacity(2);
     let next = match outcome {
@@ -553,6 +607,7 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
             .await?;
             transfers::advance(&mut tx, &current, &TransferEvent::DepositFailed(FailureReason(code))).await?
         }
+        DepositOutcome::Pending => unreachable!("pending handled above"),
     };
     messages.push(status_message(ctx, stage, &next, Some(current.state), &trace)?);
     outbox::enqueue(&mut tx, &messages).await?;
@@ -562,6 +617,8 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
 
 /// What the outside services said about a deposit.
 enum DepositOutcome {
+    /// The deposit, or the refund after a declined deposit, is pending.
+    Pending,
     Deposited {
         reference: String,
     },
@@ -582,7 +639,8 @@ async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     let stage = StageName::Completion;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
     let mut tx = ctx.pool.begin().await?;
-    let Some(current) = begin_step(&mut tx, stage, &event.event_id, transfer_id, TransferState::Deposited).await?
+    let Some(current) =
+        begin_step(&mut tx, stage, Some(&event.event_id), transfer_id, TransferState::Deposited).await?
     else {
         if transfers::get(&mut tx, transfer_id).await?.is_none() {
             return Err(permanent("unknown_transfer", format!("transfer {transfer_id} does not exist")));

@@ -386,6 +386,7 @@ pub fn outcome_of(record: &OperationRecord) -> Result<ServiceOutcome, ServiceErr
     match record.status.as_str() {
         "settled" => Ok(ServiceOutcome::Settled { reference: record.reference.clone() }),
         "declined" => Ok(ServiceOutcome::Declined { code: record.reference.clone() }),
+        "pending" => Ok(ServiceOutcome::Pending),
         other => Err(ServiceError::Unavailable(format!("operation is {other}, not final yet"))),
     }
 }

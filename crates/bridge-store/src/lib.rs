@@ -14,6 +14,7 @@ pub mod accounts;
 pub mod inbox;
 pub mod ledger;
 pub mod outbox;
+pub mod pending;
 pub mod reconcile;
 pub mod simulator;
 pub mod transfers;

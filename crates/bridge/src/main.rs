@@ -221,6 +221,10 @@ struct RunArgs {
     /// Run the outbox relay (implied when no --stage is given).
     #[arg(long)]
     relay: bool,
+    /// Run the settlement runner, which finishes steps the account services
+    /// accepted as pending (implied when no --stage is given).
+    #[arg(long)]
+    settlement: bool,
     #[command(flatten)]
     services: ServiceArgs,
 }
@@ -287,15 +291,18 @@ async fn main() -> Result<()> {
             if args.relay {
                 parts.push(Part::Relay);
             }
+            if args.settlement {
+                parts.push(Part::Settlement);
+            }
             if parts.is_empty() {
                 parts = Part::all();
             }
             let config = args.common.pipeline_config(&args.common.brokers);
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
             kafka::ensure_topics(&config).await?;
-            let calls_services = parts
-                .iter()
-                .any(|part| matches!(part, Part::Stage(StageName::Withdrawal) | Part::Stage(StageName::Deposit)));
+            let calls_services = parts.iter().any(|part| {
+                matches!(part, Part::Stage(StageName::Withdrawal) | Part::Stage(StageName::Deposit) | Part::Settlement)
+            });
             let services = if calls_services { args.services.services(&pool)? } else { Services::none() };
             let pipeline = Pipeline::new(pool, config, services);
             pipeline.run(&parts, shutdown_on_signal()).await?;

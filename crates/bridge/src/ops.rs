@@ -74,6 +74,9 @@ struct ReplayReport {
     new: u64,
     duplicates: u64,
     dead_lettered: u64,
+    /// Steps an outside service holds as pending; the settlement runner
+    /// finishes them.
+    deferred: u64,
     dry_run: bool,
 }
 
@@ -113,7 +116,7 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
     };
     let bar = progress_bar();
     // Shared counters: the visitor's futures only borrow them.
-    let counts = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+    let counts = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
     let read = read_range(&config, &args.range.range(), |message: Inbound| {
         let bar = &bar;
         let counts = &counts;
@@ -130,6 +133,7 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
                             Outcome::Applied => 0,
                             Outcome::Duplicate => 1,
                             Outcome::DeadLettered => 2,
+                            Outcome::Deferred => 3,
                         };
                         counts[slot].fetch_add(1, Ordering::Relaxed);
                     }
@@ -147,8 +151,9 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
     })
     .await?;
     bar.finish_and_clear();
-    let [new, duplicates, dead_lettered] = counts.map(AtomicU64::into_inner);
-    (report.read, report.new, report.duplicates, report.dead_lettered) = (read, new, duplicates, dead_lettered);
+    let [new, duplicates, dead_lettered, deferred] = counts.map(AtomicU64::into_inner);
+    (report.read, report.new, report.duplicates, report.dead_lettered, report.deferred) =
+        (read, new, duplicates, dead_lettered, deferred);
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -1,0 +1,84 @@
+//! Steps waiting for an outside service to settle them.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Result;
+
+/// Records that `step` of `transfer_id` is pending at its service, to be
+/// asked about again after `retry_after_ms`. Idempotent.
+pub async fn record(conn: &mut PgConnection, transfer_id: Uuid, step: &str, retry_after_ms: u64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO pending_steps (transfer_id, step, next_run_at)
+         VALUES ($1, $2, now() + make_interval(secs => $3))
+         ON CONFLICT (transfer_id, step) DO NOTHING",
+    )
+    .bind(transfer_id)
+    .bind(step)
+    .bind(retry_after_ms as f64 / 1_000.0)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A claimed step: who, which step, and how many times it was claimed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueStep {
+    pub transfer_id: Uuid,
+    pub step: String,
+    pub attempts: i32,
+}
+
+/// Claims up to `batch_size_max` due steps for `lease_ms`: their next run
+/// moves past the lease, so another runner skips them, and a runner that
+/// dies mid-way leaves them to be claimed again when the lease ends.
+pub async fn claim_due(conn: &mut PgConnection, batch_size_max: i64, lease_ms: u64) -> Result<Vec<DueStep>> {
+    let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "UPDATE pending_steps SET next_run_at = now() + make_interval(secs => $2), attempts = attempts + 1
+         WHERE (transfer_id, step) IN (
+             SELECT transfer_id, step FROM pending_steps WHERE next_run_at <= now()
+             ORDER BY next_run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING transfer_id, step, attempts",
+    )
+    .bind(batch_size_max)
+    .bind(lease_ms as f64 / 1_000.0)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(transfer_id, step, attempts)| DueStep { transfer_id, step, attempts }).collect())
+}
+
+/// Asks again after `retry_after_ms`, noting why.
+pub async fn reschedule(
+    conn: &mut PgConnection,
+    transfer_id: Uuid,
+    step: &str,
+    retry_after_ms: u64,
+    status: &str,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE pending_steps SET next_run_at = now() + make_interval(secs => $3), last_status = $4
+         WHERE transfer_id = $1 AND step = $2",
+    )
+    .bind(transfer_id)
+    .bind(step)
+    .bind(retry_after_ms as f64 / 1_000.0)
+    .bind(status)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Done: called in the transaction that applies the step (or finds it
+/// applied).
+pub async fn finish(conn: &mut PgConnection, transfer_id: Uuid, step: &str) -> Result<()> {
+    sqlx::query("DELETE FROM pending_steps WHERE transfer_id = $1 AND step = $2")
+        .bind(transfer_id)
+        .bind(step)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn count(conn: &mut PgConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM pending_steps").fetch_one(conn).await?)
+}
