@@ -15,8 +15,9 @@
 //!   a defect, never retried);
 //! - other 4xx (malformed, unauthorised): refused, never retried.
 //!
-//! Only the statuses `settled` and `declined` are final; any other status
-//! ("pending", say) means the money may still move and is retried later.
+//! Only the statuses `settled` and `declined` are final. `pending` (or
+//! `processing`, or a 202) means accepted but not settled: the stage records
+//! the step for the settlement runner. Any other status is retried later.
 
 use std::time::Duration;
 

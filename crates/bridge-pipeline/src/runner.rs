@@ -223,9 +223,12 @@ fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer, stage: StageName
 }
 
 /// Steps claimed per round, and how long a claim lasts before another runner
-/// may take the step over.
-const SETTLEMENT_BATCH_MAX: i64 = 32;
-const SETTLEMENT_LEASE_MS: u64 = 30_000;
+/// may take the step over. One step per claim keeps every claim's work (at
+/// worst a deposit call, a refund call and their lookups, each bounded by the
+/// service timeout) well inside its lease, so two runners never work on the
+/// same step at once.
+const SETTLEMENT_BATCH_MAX: i64 = 1;
+const SETTLEMENT_LEASE_MS: u64 = 60_000;
 const SETTLEMENT_POLL_INTERVAL_MS: u64 = 250;
 
 /// The settlement runner: for every pending step whose time has come, asks

@@ -387,7 +387,7 @@ async fn begin_step(
             return Ok(None);
         }
     }
-    let transfer = transfers::get(conn, transfer_id).await?;
+    let transfer = transfers::get_for_update(conn, transfer_id).await?;
     Ok(transfer.filter(|transfer| transfer.state == expected))
 }
 
@@ -435,6 +435,12 @@ pub async fn withdrawal_step(
     if outcome == ServiceOutcome::Pending {
         // Not a result: remember the step durably and let the partition move
         // on. A redelivered event asks the service again, which is harmless.
+        // Checked under the row lock, so a late "pending" cannot bring back
+        // a step another process has just applied.
+        match transfers::get_for_update(&mut tx, transfer_id).await? {
+            Some(current) if current.state == TransferState::Validated => {}
+            _ => return Ok(Outcome::Duplicate),
+        }
         pending::record(&mut tx, transfer_id, "withdrawal", pending_retry_ms(0)).await?;
         tx.commit().await?;
         return Ok(Outcome::Deferred);
@@ -542,6 +548,10 @@ pub async fn deposit_step(
     };
     let mut tx = ctx.pool.begin().await?;
     if matches!(outcome, DepositOutcome::Pending) {
+        match transfers::get_for_update(&mut tx, transfer_id).await? {
+            Some(current) if current.state == TransferState::Withdrawn => {}
+            _ => return Ok(Outcome::Duplicate),
+        }
         pending::record(&mut tx, transfer_id, "deposit", pending_retry_ms(0)).await?;
         tx.commit().await?;
         return Ok(Outcome::Deferred);

@@ -111,6 +111,17 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Transfer>> 
     row.map(from_row).transpose()
 }
 
+/// Reads the transfer and locks its row until the transaction ends, so two
+/// transactions applying the same step queue up and the second sees the
+/// first one's result instead of acting on a stale read.
+pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<Transfer>> {
+    let row: Option<TransferRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    row.map(from_row).transpose()
+}
+
 /// Records a new transfer in state `requested`, version 1. A concurrent
 /// insert of the same id loses with a retryable unique violation.
 pub async fn insert_requested(conn: &mut PgConnection, transfer: &Transfer) -> Result<Transfer> {
