@@ -27,6 +27,8 @@ pub struct Report {
     pub outbox_unpublished: i64,
     /// Transfers waiting for a person (deposit and refund both declined).
     pub manual_review: i64,
+    /// Steps an outside service accepted and has not settled yet.
+    pub pending_steps: i64,
 }
 
 impl Report {
@@ -244,8 +246,9 @@ pub async fn run_with(conn: &mut PgConnection, stuck_after_secs: i64) -> Result<
     )
     .fetch_one(&mut *conn)
     .await?;
-    let outbox_unpublished = crate::outbox::unpublished_count(conn).await?;
-    Ok(Report { checks, in_flight, outbox_unpublished, manual_review })
+    let outbox_unpublished = crate::outbox::unpublished_count(&mut *conn).await?;
+    let pending_steps = crate::pending::count(conn).await?;
+    Ok(Report { checks, in_flight, outbox_unpublished, manual_review, pending_steps })
 }
 
 /// The state machine lives in the domain crate, so the transitions found in

@@ -350,8 +350,8 @@ async fn main() -> Result<()> {
                 println!("{mark} {} {} ({} violations)", check.invariant, check.name, check.violations);
             }
             println!(
-                "in flight: {}, manual review: {}, outbox unpublished: {}",
-                report.in_flight, report.manual_review, report.outbox_unpublished
+                "in flight: {}, manual review: {}, pending at services: {}, outbox unpublished: {}",
+                report.in_flight, report.manual_review, report.pending_steps, report.outbox_unpublished
             );
             if !report.ok() {
                 std::process::exit(1);
