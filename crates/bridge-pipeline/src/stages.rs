@@ -410,6 +410,26 @@ async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     withdrawal_step(ctx, transfer_id, Some(&event.event_id), &trace).await
 }
 
+/// Records a step its service holds as pending, for the settlement runner,
+/// and lets the partition move on. Not a result: a redelivered event asks
+/// the service again, which is harmless. Checked under the transfer's row
+/// lock, so a late "pending" cannot bring back a step another process has
+/// just applied.
+async fn defer(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    transfer_id: Uuid,
+    step: &str,
+    expected: TransferState,
+) -> Result<Outcome, StageError> {
+    match transfers::get_for_update(&mut tx, transfer_id).await? {
+        Some(current) if current.state == expected => {}
+        _ => return Ok(Outcome::Duplicate),
+    }
+    pending::record(&mut tx, transfer_id, step, pending_retry_ms(0)).await?;
+    tx.commit().await?;
+    Ok(Outcome::Deferred)
+}
+
 /// How long to wait before asking a service about a pending step again.
 pub fn pending_retry_ms(attempts: i32) -> u64 {
     let ceiling = (500u64 << attempts.clamp(0, 10)).min(30_000);
@@ -433,17 +453,7 @@ pub async fn withdrawal_step(
 
     let mut tx = ctx.pool.begin().await?;
     if outcome == ServiceOutcome::Pending {
-        // Not a result: remember the step durably and let the partition move
-        // on. A redelivered event asks the service again, which is harmless.
-        // Checked under the row lock, so a late "pending" cannot bring back
-        // a step another process has just applied.
-        match transfers::get_for_update(&mut tx, transfer_id).await? {
-            Some(current) if current.state == TransferState::Validated => {}
-            _ => return Ok(Outcome::Duplicate),
-        }
-        pending::record(&mut tx, transfer_id, "withdrawal", pending_retry_ms(0)).await?;
-        tx.commit().await?;
-        return Ok(Outcome::Deferred);
+        return defer(tx, transfer_id, "withdrawal", TransferState::Validated).await;
     }
     let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Validated).await? else {
         return Ok(Outcome::Duplicate);
@@ -548,13 +558,7 @@ pub async fn deposit_step(
     };
     let mut tx = ctx.pool.begin().await?;
     if matches!(outcome, DepositOutcome::Pending) {
-        match transfers::get_for_update(&mut tx, transfer_id).await? {
-            Some(current) if current.state == TransferState::Withdrawn => {}
-            _ => return Ok(Outcome::Duplicate),
-        }
-        pending::record(&mut tx, transfer_id, "deposit", pending_retry_ms(0)).await?;
-        tx.commit().await?;
-        return Ok(Outcome::Deferred);
+        return defer(tx, transfer_id, "deposit", TransferState::Withdrawn).await;
     }
     let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Withdrawn).await? else {
         return Ok(Outcome::Duplicate);
