@@ -410,6 +410,31 @@ async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     withdrawal_step(ctx, transfer_id, Some(&event.event_id), &trace).await
 }
 
+/// Gives back the fund allocation a failed or reversed transfer had reserved
+/// (and its seat, if that was the investor's only stake).
+async fn release_reservation(conn: &mut PgConnection, transfer: &Transfer) -> Result<(), StageError> {
+    let fund_id = fund_id_of(transfer)?;
+    accounts::adjust_allocation(conn, fund_id, &transfer.investor_account_id, None, -transfer.amount_minor, 0).await?;
+    Ok(())
+}
+
+/// Ends a step's transaction: the status event of the new version after the
+/// step's own outcome events, all through the outbox, then commit.
+async fn commit_step(
+    ctx: &StageContext,
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    stage: StageName,
+    previous: &Transfer,
+    next: &Transfer,
+    mut messages: Vec<OutboxMessage>,
+    trace: &TraceContext,
+) -> Result<Outcome, StageError> {
+    messages.push(status_message(ctx, stage, next, Some(previous.state), trace)?);
+    outbox::enqueue(&mut tx, &messages).await?;
+    tx.commit().await?;
+    Ok(Outcome::Applied)
+}
+
 /// Records a step its service holds as pending, for the settlement runner,
 /// and lets the partition move on. Not a result: a redelivered event asks
 /// the service again, which is harmless. Checked under the transfer's row
@@ -492,23 +517,12 @@ pub async fn withdrawal_step(
         }
         ServiceOutcome::Declined { code } => {
             accounts::adjust_investor(&mut tx, &current.investor_account_id, 0, -amount.amount_minor).await?;
-            accounts::adjust_allocation(
-                &mut tx,
-                fund_id_of(&current)?,
-                &current.investor_account_id,
-                None,
-                -amount.amount_minor,
-                0,
-            )
-            .await?;
+            release_reservation(&mut tx, &current).await?;
             transfers::advance(&mut tx, &current, &TransferEvent::WithdrawalFailed(FailureReason(code))).await?
         }
         ServiceOutcome::Pending => unreachable!("pending handled above"),
     };
-    messages.push(status_message(ctx, stage, &next, Some(current.state), &trace)?);
-    outbox::enqueue(&mut tx, &messages).await?;
-    tx.commit().await?;
-    Ok(Outcome::Applied)
+    commit_step(ctx, tx, stage, &current, &next, messages, &trace).await
 }
 
 /// Deposit: the fund administrator credits the fund account. On a decline the
@@ -610,23 +624,12 @@ pub async fn deposit_step(
                 },
             )
             .await?;
-            accounts::adjust_allocation(
-                &mut tx,
-                fund_id_of(&current)?,
-                &current.investor_account_id,
-                None,
-                -amount.amount_minor,
-                0,
-            )
-            .await?;
+            release_reservation(&mut tx, &current).await?;
             transfers::advance(&mut tx, &current, &TransferEvent::DepositFailed(FailureReason(code))).await?
         }
         DepositOutcome::Pending => unreachable!("pending handled above"),
     };
-    messages.push(status_message(ctx, stage, &next, Some(current.state), &trace)?);
-    outbox::enqueue(&mut tx, &messages).await?;
-    tx.commit().await?;
-    Ok(Outcome::Applied)
+    commit_step(ctx, tx, stage, &current, &next, messages, &trace).await
 }
 
 /// What the outside services said about a deposit.
@@ -672,8 +675,5 @@ async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     )
     .await?;
     let next = transfers::advance(&mut tx, &current, &TransferEvent::Completed).await?;
-    let messages = [status_message(ctx, stage, &next, Some(current.state), &trace)?];
-    outbox::enqueue(&mut tx, &messages).await?;
-    tx.commit().await?;
-    Ok(Outcome::Applied)
+    commit_step(ctx, tx, stage, &current, &next, Vec::new(), &trace).await
 }

@@ -327,18 +327,13 @@ impl Bank {
                 None => format!("sim-{}", Uuid::new_v4().simple()),
             },
         };
-        let stored = if faults.settle_after_ms > 0 {
-            simulator::record_once_pending(&mut conn, &requested, faults.settle_after_ms).await?
-        } else {
-            simulator::record_once(&mut conn, &requested).await?
-        };
+        // Reading the stored operation also settles a pending one whose time
+        // has come, so a repeat may find it final.
+        let stored = simulator::record_once(&mut conn, &requested, faults.settle_after_ms).await?;
         if !stored.same_request(&requested) {
             return Ok(None);
         }
-        // A repeat of a pending operation may find it settled by now.
-        let current =
-            if stored.outcome == "pending" { simulator::find(&mut conn, key).await?.unwrap_or(stored) } else { stored };
-        Ok(Some(current.into()))
+        Ok(Some(stored.into()))
     }
 
     /// The stored result under `key`, if any: how a client resolves an

@@ -17,9 +17,22 @@ pub struct SimOperation {
     pub reference: String,
 }
 
-/// Settlement delay of a new operation: it is stored as `pending` and turns
-/// into `outcome` once `settle_after_ms` have passed.
-pub async fn record_once_pending(
+impl SimOperation {
+    /// Whether `other` is the same request body, as a payment API compares a
+    /// retried request against the one first seen under its idempotency key.
+    pub fn same_request(&self, other: &SimOperation) -> bool {
+        self.operation == other.operation
+            && self.account_id == other.account_id
+            && self.amount_minor == other.amount_minor
+            && self.currency == other.currency
+    }
+}
+
+/// Stores `operation` unless its idempotency key was seen before; returns the
+/// operation stored under the key (the new one or the earlier one). With
+/// `settle_after_ms` above zero a new operation is stored as `pending` and
+/// turns into its outcome that much later (see [`find`]).
+pub async fn record_once(
     conn: &mut PgConnection,
     operation: &SimOperation,
     settle_after_ms: u64,
@@ -27,7 +40,8 @@ pub async fn record_once_pending(
     sqlx::query(
         "INSERT INTO sim_operations
              (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference, final_outcome, settles_at)
-         VALUES ($1, $2, $3, $4, $5, 'pending', $7, $6, now() + make_interval(secs => $8))
+         VALUES ($1, $2, $3, $4, $5, CASE WHEN $8 > 0 THEN 'pending' ELSE $6 END, $7,
+                 CASE WHEN $8 > 0 THEN $6 END, CASE WHEN $8 > 0 THEN now() + make_interval(secs => $8) END)
          ON CONFLICT (idempotency_key) DO NOTHING",
     )
     .bind(&operation.idempotency_key)
@@ -43,55 +57,6 @@ pub async fn record_once_pending(
     find(conn, &operation.idempotency_key)
         .await?
         .ok_or_else(|| crate::Error::Corrupt(format!("operation {} vanished", operation.idempotency_key)))
-}
-
-impl SimOperation {
-    /// Whether `other` is the same request body, as a payment API compares a
-    /// retried request against the one first seen under its idempotency key.
-    pub fn same_request(&self, other: &SimOperation) -> bool {
-        self.operation == other.operation
-            && self.account_id == other.account_id
-            && self.amount_minor == other.amount_minor
-            && self.currency == other.currency
-    }
-}
-
-/// Stores `operation` unless its idempotency key was seen before; returns the
-/// operation stored under the key (the new one or the earlier one).
-pub async fn record_once(conn: &mut PgConnection, operation: &SimOperation) -> Result<SimOperation> {
-    let inserted = sqlx::query(
-        "INSERT INTO sim_operations (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (idempotency_key) DO NOTHING",
-    )
-    .bind(&operation.idempotency_key)
-    .bind(&operation.operation)
-    .bind(&operation.account_id)
-    .bind(operation.amount_minor)
-    .bind(&operation.currency)
-    .bind(&operation.outcome)
-    .bind(&operation.reference)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(operation.clone());
-    }
-    let row: (String, String, i64, String, String, String) = sqlx::query_as(
-        "SELECT operation, account_id, amount_minor, currency, outcome, reference
-         FROM sim_operations WHERE idempotency_key = $1",
-    )
-    .bind(&operation.idempotency_key)
-    .fetch_one(conn)
-    .await?;
-    Ok(SimOperation {
-        idempotency_key: operation.idempotency_key.clone(),
-        operation: row.0,
-        account_id: row.1,
-        amount_minor: row.2,
-        currency: row.3,
-        outcome: row.4,
-        reference: row.5,
-    })
 }
 
 /// `active`, `frozen` or `closed`; accounts the simulator has never heard of
@@ -114,15 +79,6 @@ pub async fn set_account_status(conn: &mut PgConnection, account_id: &str, statu
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// Successful operations per (idempotency key prefix) are what tests compare
-/// with our ledger: the count of settled operations of `operation` kind.
-pub async fn settled_count(conn: &mut PgConnection, operation: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM sim_operations WHERE operation = $1 AND outcome = 'settled'")
-        .bind(operation)
-        .fetch_one(conn)
-        .await?)
 }
 
 /// The operation stored under `key`, if any. A pending operation whose time
