@@ -11,6 +11,19 @@ use bridge_testkit::{BrokerKind, TestKit};
 
 const BRIDGE: &str = env!("CARGO_BIN_EXE_bridge");
 
+/// The environment that points a `bridge` process at the kit's database,
+/// broker, topics and groups, plus `extra`.
+fn kit_env(kit: &TestKit, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("DATABASE_URL", kit.database_url.clone()),
+        ("KAFKA_BROKERS", kit.config.brokers.clone()),
+        ("BRIDGE_TOPIC_PREFIX", kit.config.topics.prefix.clone()),
+        ("BRIDGE_GROUP_PREFIX", kit.config.group_prefix.clone()),
+    ];
+    env.extend(extra.iter().map(|(name, value)| (*name, (*value).to_owned())));
+    env
+}
+
 fn last_json_line(stdout: &[u8]) -> Result<serde_json::Value> {
     let text = String::from_utf8_lossy(stdout);
     let line = text.lines().last().context("no output")?;
@@ -56,16 +69,9 @@ async fn demo_on_the_standalone_broker() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_on_the_standalone_broker() -> Result<()> {
     let kit = TestKit::start(BrokerKind::Standalone).await?;
-    let env = [
-        ("DATABASE_URL", kit.database_url.as_str()),
-        ("KAFKA_BROKERS", kit.config.brokers.as_str()),
-        ("BRIDGE_TOPIC_PREFIX", kit.config.topics.prefix.as_str()),
-        ("BRIDGE_GROUP_PREFIX", kit.config.group_prefix.as_str()),
-        ("BRIDGE_TOPIC_PARTITIONS", "3"),
-        ("BRIDGE_SIMULATED_SERVICES", "true"),
-    ];
+    let env = kit_env(&kit, &[("BRIDGE_TOPIC_PARTITIONS", "3"), ("BRIDGE_SIMULATED_SERVICES", "true")]);
     let run = |args: &[&str]| -> Result<std::process::Output> {
-        let output = Command::new(BRIDGE).args(args).envs(env).output()?;
+        let output = Command::new(BRIDGE).args(args).envs(env.iter().cloned()).output()?;
         ensure!(output.status.success(), "bridge {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
         Ok(output)
     };
@@ -75,7 +81,7 @@ async fn operator_commands_on_the_standalone_broker() -> Result<()> {
     // Logs go to a file: an undrained pipe would fill and block the process.
     let log_path = std::env::temp_dir().join(format!("bridge-run-{}.log", uuid::Uuid::new_v4()));
     let log = std::fs::File::create(&log_path)?;
-    let pipeline = Command::new(BRIDGE).arg("run").envs(env).stdout(Stdio::null()).stderr(log).spawn()?;
+    let pipeline = Command::new(BRIDGE).arg("run").envs(env.iter().cloned()).stdout(Stdio::null()).stderr(log).spawn()?;
     let submitted = run(&["submit", "--namespace", "ops", "--generate", "25"])?;
     let one =
         run(&["submit", "--investor", "ops-inv-00001", "--fund-account", "ops-fa-growth", "--amount-minor", "100000"])?;
@@ -119,23 +125,22 @@ async fn a_stage_killed_after_the_bank_acted_never_withdraws_twice() -> Result<(
         ..FaultPlan::none()
     };
     let simulator = kit.start_simulator(plan).await?;
-    let env = [
-        ("DATABASE_URL", kit.database_url.as_str()),
-        ("KAFKA_BROKERS", kit.config.brokers.as_str()),
-        ("BRIDGE_TOPIC_PREFIX", kit.config.topics.prefix.as_str()),
-        ("BRIDGE_GROUP_PREFIX", kit.config.group_prefix.as_str()),
-        ("BRIDGE_TOPIC_PARTITIONS", "3"),
-        ("BRIDGE_ACCOUNT_SERVICES_URL", simulator.url.as_str()),
-        ("BRIDGE_ACCOUNT_SERVICE_TIMEOUT_MS", "10000"),
-        ("BRIDGE_SESSION_TIMEOUT_MS", "6000"),
-    ];
+    let env = kit_env(
+        &kit,
+        &[
+            ("BRIDGE_TOPIC_PARTITIONS", "3"),
+            ("BRIDGE_ACCOUNT_SERVICES_URL", simulator.url.as_str()),
+            ("BRIDGE_ACCOUNT_SERVICE_TIMEOUT_MS", "10000"),
+            ("BRIDGE_SESSION_TIMEOUT_MS", "6000"),
+        ],
+    );
     let logs = std::env::temp_dir().join(format!("bridge-kill-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&logs)?;
     let spawn_number = std::sync::atomic::AtomicUsize::new(0);
     let spawn = || -> Result<std::process::Child> {
         let number = spawn_number.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = std::fs::File::create(logs.join(format!("run-{number}.log")))?;
-        Ok(Command::new(BRIDGE).arg("run").envs(env).stdout(Stdio::null()).stderr(log).spawn()?)
+        Ok(Command::new(BRIDGE).arg("run").envs(env.iter().cloned()).stdout(Stdio::null()).stderr(log).spawn()?)
     };
     let read_logs = || std::fs::read_to_string(logs.join("run-1.log")).unwrap_or_default();
 
@@ -210,15 +215,9 @@ async fn replay_changes_nothing_and_dead_letters_can_be_redriven() -> Result<()>
     pipeline.stop().await?;
     let before = kit.effect_counts().await?;
 
-    let env = [
-        ("DATABASE_URL", kit.database_url.as_str()),
-        ("KAFKA_BROKERS", kit.config.brokers.as_str()),
-        ("BRIDGE_TOPIC_PREFIX", kit.config.topics.prefix.as_str()),
-        ("BRIDGE_GROUP_PREFIX", kit.config.group_prefix.as_str()),
-        ("BRIDGE_SIMULATED_SERVICES", "true"),
-    ];
+    let env = kit_env(&kit, &[("BRIDGE_SIMULATED_SERVICES", "true")]);
     let bridge = |args: &[&str]| -> Result<Vec<serde_json::Value>> {
-        let output = Command::new(BRIDGE).args(args).envs(env).output()?;
+        let output = Command::new(BRIDGE).args(args).envs(env.iter().cloned()).output()?;
         ensure!(output.status.success(), "bridge {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout)?.lines().map(|line| Ok(serde_json::from_str(line)?)).collect()
     };
