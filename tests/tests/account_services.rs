@@ -52,7 +52,8 @@ async fn transient_failures_and_lost_replies_move_money_once() -> Result<()> {
         unknown_outcome_bp: 2_000,
         ..OperationFaults::default()
     };
-    let plan = FaultPlan { seed: 11, withdrawal: faults, refund: faults, deposit: faults, hang_ms: 400 };
+    let plan =
+        FaultPlan { seed: 11, withdrawal: faults, refund: faults, deposit: faults, hang_ms: 400, ..FaultPlan::none() };
     let simulator = kit.start_simulator(plan).await?;
     let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 250)?);
 
@@ -80,7 +81,7 @@ async fn every_reply_lost_is_resolved_by_looking_up_the_key() -> Result<()> {
     let closed = kit.seed_fund("closed", 100_00, 10, 1_000_000_00).await?;
     kit.set_simulated_account_status(&closed, "closed").await?;
     let lost = OperationFaults { unknown_outcome_bp: 10_000, ..OperationFaults::default() };
-    let plan = FaultPlan { seed: 3, withdrawal: lost, refund: lost, deposit: lost, hang_ms: 0 };
+    let plan = FaultPlan { seed: 3, withdrawal: lost, refund: lost, deposit: lost, hang_ms: 0, ..FaultPlan::none() };
     let simulator = kit.start_simulator(plan).await?;
     let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 2_000)?);
 
@@ -119,7 +120,7 @@ async fn declines_are_compensated_or_reviewed() -> Result<()> {
         },
         deposit: OperationFaults { account_closed_bp: 2_500, ..OperationFaults::default() },
         refund: OperationFaults { account_closed_bp: 3_000, ..OperationFaults::default() },
-        hang_ms: 0,
+        ..FaultPlan::none()
     };
     let simulator = kit.start_simulator(plan).await?;
     let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 2_000)?);
@@ -222,7 +223,7 @@ async fn pending_operations_wait_for_their_final_outcome() -> Result<()> {
     kit.set_simulated_account_status(&closed, "closed").await?;
     // Long enough that the checks below run well before anything settles.
     let slow = OperationFaults { settle_after_ms: 8_000, ..OperationFaults::default() };
-    let plan = FaultPlan { seed: 9, withdrawal: slow, refund: slow, deposit: slow, hang_ms: 0 };
+    let plan = FaultPlan { seed: 9, withdrawal: slow, refund: slow, deposit: slow, hang_ms: 0, ..FaultPlan::none() };
     let simulator = kit.start_simulator(plan).await?;
     let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 2_000)?);
 

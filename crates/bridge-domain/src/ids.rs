@@ -24,6 +24,16 @@ pub fn idempotency_key(transfer_id: Uuid, step: &str) -> String {
     format!("bridge-{transfer_id}-{step}")
 }
 
+/// The transfer and step an idempotency key was made for; `None` for a key
+/// Bridge did not make.
+pub fn parse_idempotency_key(key: &str) -> Option<(Uuid, &str)> {
+    let rest = key.strip_prefix("bridge-")?;
+    // A hyphenated UUID is 36 characters, then '-' and the step.
+    let (id, step) = (rest.get(..36)?, rest.get(36..)?.strip_prefix('-')?);
+    let transfer_id = Uuid::try_parse(id).ok()?;
+    (!step.is_empty()).then_some((transfer_id, step))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,5 +44,16 @@ mod tests {
         assert_eq!(status_event_id(transfer, 1), status_event_id(transfer, 1));
         assert_ne!(status_event_id(transfer, 1), status_event_id(transfer, 2));
         assert_ne!(stage_event_id(transfer, "validated"), stage_event_id(transfer, "withdrawn"));
+    }
+
+    #[test]
+    fn idempotency_keys_parse_back() {
+        let transfer = Uuid::from_u128(42);
+        assert_eq!(parse_idempotency_key(&idempotency_key(transfer, "refund")), Some((transfer, "refund")));
+        for foreign in ["", "bridge-", "bridge-not-a-uuid-withdrawal", "other-00000000-0000-0000-0000-00000000002a-x"] {
+            assert_eq!(parse_idempotency_key(foreign), None, "{foreign}");
+        }
+        assert_eq!(parse_idempotency_key(&format!("bridge-{transfer}")), None);
+        assert_eq!(parse_idempotency_key(&format!("bridge-{transfer}-")), None);
     }
 }

@@ -2,18 +2,22 @@
 //!
 //! ```text
 //! requested ──► validated ──► withdrawn ──► deposited ──► completed
-//!     │             │              │   │
-//!     ▼             ▼              ▼   └──► manual_review
-//!  rejected       failed        reversed
+//!     │             │  │           │   │
+//!     ▼             ▼  │           ▼   │
+//!  rejected       failed│       reversed│
+//!                       └──► manual_review ◄┘
 //! ```
 //!
 //! `rejected` means validation said no (nothing was held); `failed` means the
 //! withdrawal failed after funds were held (hold and reservation released);
 //! `reversed` means the deposit failed after the investor was debited (the
 //! investor is refunded and the reservation released). `manual_review` means
-//! the deposit failed and so did the refund: the money sits in transit and a
-//! person must resolve it. It is not terminal, but it is not in flight either:
-//! no stage will touch it again. Every transition is a new version of the
+//! a person must resolve the transfer: the deposit failed and so did the
+//! refund (the money sits in transit), or a step stayed pending at its service
+//! past its deadline under the `manual_review` policy. It freezes the transfer
+//! where it stood: from `validated` the funds stay held, from `withdrawn` the
+//! money stays in transit, and the reservation is kept either way. It is not
+//! terminal, but it is not in flight either: no stage will touch it again. Every transition is a new version of the
 //! transfer; no version is ever overwritten.
 
 use std::fmt;
@@ -86,6 +90,7 @@ impl TransferState {
             (S::Withdrawn, E::Deposited) => S::Deposited,
             (S::Withdrawn, E::DepositFailed(_)) => S::Reversed,
             (S::Withdrawn, E::CompensationFailed(_)) => S::ManualReview,
+            (S::Validated | S::Withdrawn, E::StepOverdue(_)) => S::ManualReview,
             (S::Deposited, E::Completed) => S::Completed,
             _ => return Err(Error::IllegalTransition { from: self, event: event.name() }),
         };
@@ -156,11 +161,14 @@ pub enum TransferEvent {
     DepositFailed(FailureReason),
     /// The deposit failed and the refund to the investor failed too.
     CompensationFailed(FailureReason),
+    /// A step stayed pending at its service past its deadline, and the
+    /// policy hands such steps to a person.
+    StepOverdue(FailureReason),
     Completed,
 }
 
 impl TransferEvent {
-    const REPRESENTATIVES: [TransferEvent; 8] = [
+    const REPRESENTATIVES: [TransferEvent; 9] = [
         TransferEvent::Validated,
         TransferEvent::Rejected(RejectReason::InsufficientFunds),
         TransferEvent::Withdrawn,
@@ -168,6 +176,7 @@ impl TransferEvent {
         TransferEvent::Deposited,
         TransferEvent::DepositFailed(FailureReason(String::new())),
         TransferEvent::CompensationFailed(FailureReason(String::new())),
+        TransferEvent::StepOverdue(FailureReason(String::new())),
         TransferEvent::Completed,
     ];
 
@@ -180,6 +189,7 @@ impl TransferEvent {
             Self::Deposited => "deposited",
             Self::DepositFailed(_) => "deposit_failed",
             Self::CompensationFailed(_) => "compensation_failed",
+            Self::StepOverdue(_) => "step_overdue",
             Self::Completed => "completed",
         }
     }
@@ -187,9 +197,10 @@ impl TransferEvent {
     pub fn reason_code(&self) -> Option<&str> {
         match self {
             Self::Rejected(reason) => Some(reason.code()),
-            Self::WithdrawalFailed(reason) | Self::DepositFailed(reason) | Self::CompensationFailed(reason) => {
-                Some(reason.code())
-            }
+            Self::WithdrawalFailed(reason)
+            | Self::DepositFailed(reason)
+            | Self::CompensationFailed(reason)
+            | Self::StepOverdue(reason) => Some(reason.code()),
             _ => None,
         }
     }
@@ -227,6 +238,9 @@ mod tests {
         assert!(TransferState::Withdrawn.apply(&TransferEvent::Completed).is_err());
         assert!(!TransferState::Requested.can_become(TransferState::Completed));
         assert!(TransferState::Withdrawn.can_become(TransferState::Reversed));
+        assert!(TransferState::Validated.can_become(TransferState::ManualReview));
+        assert!(!TransferState::Requested.can_become(TransferState::ManualReview));
+        assert!(!TransferState::Deposited.can_become(TransferState::ManualReview));
     }
 
     #[test]

@@ -56,6 +56,32 @@ impl Default for Topics {
     }
 }
 
+/// What happens to a step still pending at its service after its deadline
+/// (or after the settlement runner has asked about it too many times).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeadlinePolicy {
+    /// Keep asking; the reconciler reports the transfer as stuck.
+    KeepPolling,
+    /// Cancel the operation at the service; if the cancellation wins, the
+    /// step fails and is compensated like a decline (a withdrawal fails, a
+    /// deposit is refunded). If the service settled first, the step applies.
+    Fail,
+    /// Stop and hand the transfer to a person (`manual_review`).
+    #[default]
+    ManualReview,
+}
+
+impl DeadlinePolicy {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "keep_polling" => Some(Self::KeepPolling),
+            "fail" => Some(Self::Fail),
+            "manual_review" => Some(Self::ManualReview),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
     /// Kafka bootstrap servers, comma separated.
@@ -81,6 +107,22 @@ pub struct PipelineConfig {
     /// Times one database transaction is retried after a lost race before the
     /// message is handed back to the transient-failure loop.
     pub transaction_attempts_max: u32,
+    /// How long a step may stay pending at its service before
+    /// `pending_deadline_policy` applies.
+    pub pending_deadline_ms: u64,
+    pub pending_deadline_policy: DeadlinePolicy,
+    /// Times the settlement runner asks about one pending step before the
+    /// deadline policy applies even though the deadline has not passed.
+    pub pending_attempts_max: i32,
+    /// How long a transfer's fund reservation (and the investor's hold) waits
+    /// for its withdrawal to settle before it expires: the withdrawal is
+    /// cancelled at the bank and, if the cancellation wins, the transfer
+    /// fails with `RESERVATION_EXPIRED`, freeing the seat and the funds.
+    pub reservation_ttl_ms: u64,
+    /// Calls the settlement runner has in flight at once per step kind
+    /// (withdrawals at the investor's bank, deposits at the fund
+    /// administrator), so a backlog of pending steps cannot flood a service.
+    pub settlement_concurrency_per_service: usize,
     /// Extra librdkafka settings applied last (escape hatch).
     pub kafka_overrides: Vec<(String, String)>,
 }
@@ -99,6 +141,14 @@ impl PipelineConfig {
             producer_message_timeout_ms: 30_000,
             retry_backoff_max_ms: 5_000,
             transaction_attempts_max: 32,
+            // Bank transfers settle in up to three business days; past five
+            // days something is wrong and a person should look.
+            pending_deadline_ms: 5 * 24 * 3_600_000,
+            pending_deadline_policy: DeadlinePolicy::ManualReview,
+            // With the backoff capped at 30 s, about four days of asking.
+            pending_attempts_max: 12_000,
+            reservation_ttl_ms: 7 * 24 * 3_600_000,
+            settlement_concurrency_per_service: 8,
             kafka_overrides: Vec::new(),
         }
     }

@@ -15,6 +15,10 @@
 //!   a defect, never retried);
 //! - other 4xx (malformed, unauthorised): refused, never retried.
 //!
+//! Cancelling (`POST {service}/v1/operations/{key}/cancel` with the
+//! operation's body) is classified the same way: its reply is what the key
+//! holds afterwards.
+//!
 //! Only the statuses `settled` and `declined` are final. `pending` (or
 //! `processing`, or a 202) means accepted but not settled: the stage records
 //! the step for the settlement runner. Any other status is retried later.
@@ -217,11 +221,21 @@ impl InvestorAccountService for HttpAccountServices {
     async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         self.call(&self.config.investor_base_url, "investor", "investor/v1/refunds", movement).await
     }
+
+    async fn cancel_withdrawal(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let path = format!("investor/v1/operations/{}/cancel", movement.idempotency_key);
+        self.call(&self.config.investor_base_url, "investor", &path, movement).await
+    }
 }
 
 #[async_trait]
 impl FundAccountService for HttpAccountServices {
     async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         self.call(&self.config.fund_base_url, "fund", "fund/v1/remittances", movement).await
+    }
+
+    async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let path = format!("fund/v1/operations/{}/cancel", movement.idempotency_key);
+        self.call(&self.config.fund_base_url, "fund", &path, movement).await
     }
 }

@@ -27,5 +27,5 @@ pub mod services;
 pub mod stages;
 pub mod upstream;
 
-pub use config::{PipelineConfig, Topics};
+pub use config::{DeadlinePolicy, PipelineConfig, Topics};
 pub use runner::{Pipeline, StageName};

@@ -56,15 +56,29 @@ impl ServiceError {
     }
 }
 
+/// The decline code a service reports for an operation it cancelled at our
+/// request (see the `cancel_*` calls).
+pub const CANCELLED: &str = "CANCELLED";
+
 #[async_trait]
 pub trait InvestorAccountService: Send + Sync {
     async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError>;
     async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError>;
+    /// Voids the withdrawal under the movement's idempotency key unless it
+    /// has settled: a pending one, or one never received, becomes declined
+    /// with code [`CANCELLED`], and a withdrawal that arrives later under the
+    /// key finds the cancellation instead of moving money. Returns what the
+    /// key holds afterwards (a settled withdrawal stays settled). This is
+    /// how an expired reservation or an overdue step is failed without
+    /// racing a withdrawal in flight.
+    async fn cancel_withdrawal(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError>;
 }
 
 #[async_trait]
 pub trait FundAccountService: Send + Sync {
     async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError>;
+    /// As [`InvestorAccountService::cancel_withdrawal`], for a remittance.
+    async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError>;
 }
 
 #[derive(Clone)]
@@ -90,20 +104,32 @@ impl Services {
 
 struct NotConfigured;
 
+fn not_configured() -> Result<ServiceOutcome, ServiceError> {
+    Err(ServiceError::Unavailable("no account services configured in this process".to_owned()))
+}
+
 #[async_trait]
 impl InvestorAccountService for NotConfigured {
     async fn withdraw(&self, _: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        Err(ServiceError::Unavailable("no account services configured in this process".to_owned()))
+        not_configured()
     }
 
     async fn refund(&self, _: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        Err(ServiceError::Unavailable("no account services configured in this process".to_owned()))
+        not_configured()
+    }
+
+    async fn cancel_withdrawal(&self, _: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        not_configured()
     }
 }
 
 #[async_trait]
 impl FundAccountService for NotConfigured {
     async fn remit(&self, _: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        Err(ServiceError::Unavailable("no account services configured in this process".to_owned()))
+        not_configured()
+    }
+
+    async fn cancel_remittance(&self, _: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        not_configured()
     }
 }

@@ -20,7 +20,7 @@ use bridge_store::{accounts, inbox, pending};
 
 use crate::message::{dead_letter_headers as dlq, Envelope, Inbound, TraceContext};
 use crate::runner::{StageContext, StageName};
-use crate::services::{MoneyMovement, ServiceError, ServiceOutcome};
+use crate::services::{MoneyMovement, ServiceError, ServiceOutcome, CANCELLED};
 use crate::Topics;
 
 /// What happened to a message.
@@ -407,7 +407,7 @@ async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     let event: TransferValidated = decode_payload(message)?;
     let transfer_id = parse_transfer_id(&event.transfer_id)?;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
-    withdrawal_step(ctx, transfer_id, Some(&event.event_id), &trace).await
+    withdrawal_step(ctx, transfer_id, Some(&event.event_id), &trace, Ask::Perform).await
 }
 
 /// Gives back the fund allocation a failed or reversed transfer had reserved
@@ -441,6 +441,7 @@ async fn commit_step(
 /// lock, so a late "pending" cannot bring back a step another process has
 /// just applied.
 async fn defer(
+    ctx: &StageContext,
     mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
     transfer_id: Uuid,
     step: &str,
@@ -450,7 +451,7 @@ async fn defer(
         Some(current) if current.state == expected => {}
         _ => return Ok(Outcome::Duplicate),
     }
-    pending::record(&mut tx, transfer_id, step, pending_retry_ms(0)).await?;
+    pending::record(&mut tx, transfer_id, step, pending_retry_ms(0), ctx.config.pending_deadline_ms).await?;
     tx.commit().await?;
     Ok(Outcome::Deferred)
 }
@@ -461,24 +462,48 @@ pub fn pending_retry_ms(attempts: i32) -> u64 {
     rand::rng().random_range(ceiling / 2..=ceiling)
 }
 
+/// What a step asks of its service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask<'a> {
+    /// Carry the step out (or learn how it went, asking again by key).
+    Perform,
+    /// Cancel it unless it has settled. If the cancellation wins, the step
+    /// is failed and compensated as a decline with `reason` as its code; if
+    /// the service settled first, the step applies as usual.
+    Cancel { reason: &'a str },
+}
+
+/// A cancellation reads as a decline with the caller's reason.
+fn cancelled_as(outcome: ServiceOutcome, reason: &str) -> ServiceOutcome {
+    match outcome {
+        ServiceOutcome::Declined { code } if code == CANCELLED => ServiceOutcome::Declined { code: reason.to_owned() },
+        other => other,
+    }
+}
+
 /// The withdrawal step for one transfer: from the stage (with the event that
-/// asked for it) or from the settlement runner (without).
+/// asked for it), from the settlement runner or a settlement callback
+/// (without).
 pub async fn withdrawal_step(
     ctx: &StageContext,
     transfer_id: Uuid,
     event_id: Option<&str>,
     trace: &TraceContext,
+    ask: Ask<'_>,
 ) -> Result<Outcome, StageError> {
     let stage = StageName::Withdrawal;
     let Some(transfer) = pending_step(ctx, stage, event_id, transfer_id, TransferState::Validated).await? else {
         return Ok(Outcome::Duplicate);
     };
     let movement = movement(&transfer, "withdrawal", &transfer.investor_account_id)?;
-    let outcome = ctx.services.investor.withdraw(&movement).await?;
+    let outcome = match ask {
+        Ask::Perform => ctx.services.investor.withdraw(&movement).await?,
+        Ask::Cancel { reason } => cancelled_as(ctx.services.investor.cancel_withdrawal(&movement).await?, reason),
+    };
 
     let mut tx = ctx.pool.begin().await?;
     if outcome == ServiceOutcome::Pending {
-        return defer(tx, transfer_id, "withdrawal", TransferState::Validated).await;
+        return defer(ctx, tx, transfer_id, "withdrawal", TransferState::Validated).await;
     }
     let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Validated).await? else {
         return Ok(Outcome::Duplicate);
@@ -532,7 +557,7 @@ async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stage
     let event: FundsWithdrawn = decode_payload(message)?;
     let transfer_id = parse_transfer_id(&event.transfer_id)?;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
-    deposit_step(ctx, transfer_id, Some(&event.event_id), &trace).await
+    deposit_step(ctx, transfer_id, Some(&event.event_id), &trace, Ask::Perform).await
 }
 
 /// The deposit step (with its compensation) for one transfer.
@@ -541,13 +566,18 @@ pub async fn deposit_step(
     transfer_id: Uuid,
     event_id: Option<&str>,
     trace: &TraceContext,
+    ask: Ask<'_>,
 ) -> Result<Outcome, StageError> {
     let stage = StageName::Deposit;
     let Some(transfer) = pending_step(ctx, stage, event_id, transfer_id, TransferState::Withdrawn).await? else {
         return Ok(Outcome::Duplicate);
     };
     let remit = movement(&transfer, "deposit", &transfer.fund_account_id)?;
-    let outcome = match ctx.services.fund.remit(&remit).await? {
+    let remitted = match ask {
+        Ask::Perform => ctx.services.fund.remit(&remit).await?,
+        Ask::Cancel { reason } => cancelled_as(ctx.services.fund.cancel_remittance(&remit).await?, reason),
+    };
+    let outcome = match remitted {
         ServiceOutcome::Pending => DepositOutcome::Pending,
         ServiceOutcome::Declined { code } => {
             let refund = movement(&transfer, "refund", &transfer.investor_account_id)?;
@@ -572,7 +602,7 @@ pub async fn deposit_step(
     };
     let mut tx = ctx.pool.begin().await?;
     if matches!(outcome, DepositOutcome::Pending) {
-        return defer(tx, transfer_id, "deposit", TransferState::Withdrawn).await;
+        return defer(ctx, tx, transfer_id, "deposit", TransferState::Withdrawn).await;
     }
     let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Withdrawn).await? else {
         return Ok(Outcome::Duplicate);
@@ -630,6 +660,33 @@ pub async fn deposit_step(
         DepositOutcome::Pending => unreachable!("pending handled above"),
     };
     commit_step(ctx, tx, stage, &current, &next, messages, &trace).await
+}
+
+/// Hands a step that stayed pending past its deadline to a person: the
+/// transfer moves to `manual_review` with `reason`, frozen where it stood
+/// (funds held, or money in transit, and the reservation kept), and the
+/// step is no longer asked about.
+pub async fn hold_for_review(
+    ctx: &StageContext,
+    transfer_id: Uuid,
+    step: &str,
+    reason: &str,
+    trace: &TraceContext,
+) -> Result<Outcome, StageError> {
+    let (stage, expected) = match step {
+        "withdrawal" => (StageName::Withdrawal, TransferState::Validated),
+        "deposit" => (StageName::Deposit, TransferState::Withdrawn),
+        other => return Err(permanent("processing_error", format!("unknown step {other}"))),
+    };
+    let mut tx = ctx.pool.begin().await?;
+    let Some(current) = transfers::get_for_update(&mut tx, transfer_id).await?.filter(|t| t.state == expected) else {
+        return Ok(Outcome::Duplicate);
+    };
+    pending::finish(&mut tx, transfer_id, step).await?;
+    tracing::error!(transfer_id = %transfer_id, step, reason, "Step still pending past its deadline; transfer needs manual review");
+    let next =
+        transfers::advance(&mut tx, &current, &TransferEvent::StepOverdue(FailureReason(reason.to_owned()))).await?;
+    commit_step(ctx, tx, stage, &current, &next, Vec::new(), trace).await
 }
 
 /// What the outside services said about a deposit.

@@ -6,6 +6,7 @@
 //! | `POST /investor/v1/refunds` | credit it back |
 //! | `POST /fund/v1/remittances` | credit a fund account |
 //! | `GET /{service}/v1/operations/{key}` | the result stored under an idempotency key |
+//! | `POST /{service}/v1/operations/{key}/cancel` | void the operation unless it settled (body as for the operation) |
 //! | `GET /healthz` | liveness |
 //!
 //! Money-moving calls need an `Idempotency-Key` header and, when the server
@@ -41,6 +42,8 @@ pub fn router(bank: Arc<Bank>, token: Option<String>) -> Router {
         .route("/fund/v1/remittances", post(remit))
         .route("/investor/v1/operations/{key}", get(lookup))
         .route("/fund/v1/operations/{key}", get(lookup))
+        .route("/investor/v1/operations/{key}/cancel", post(cancel_withdrawal))
+        .route("/fund/v1/operations/{key}/cancel", post(cancel_remittance))
         .with_state(AppState { bank, token })
 }
 
@@ -88,7 +91,11 @@ async fn execute(state: AppState, operation: Operation, headers: HeaderMap, requ
     if request.amount_minor <= 0 {
         return problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount", "amount_minor must be positive");
     }
-    match state.bank.execute(operation, key, &request).await {
+    reply(state.bank.execute(operation, key, &request).await)
+}
+
+fn reply(reply: Reply) -> Response {
+    match reply {
         Reply::Done(record) if record.status == "settled" => (StatusCode::CREATED, Json(record)).into_response(),
         Reply::Done(record) if record.status == "pending" => (StatusCode::ACCEPTED, Json(record)).into_response(),
         Reply::Done(record) => (StatusCode::PAYMENT_REQUIRED, Json(record)).into_response(),
@@ -105,6 +112,37 @@ async fn execute(state: AppState, operation: Operation, headers: HeaderMap, requ
         Reply::ReplyLost(_) => problem(StatusCode::BAD_GATEWAY, "bad_gateway", "upstream reply lost"),
         Reply::Unavailable(detail) => problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &detail),
     }
+}
+
+async fn cancel(
+    state: AppState,
+    operation: Operation,
+    headers: HeaderMap,
+    key: String,
+    request: OperationRequest,
+) -> Response {
+    if !authorised(&state, &headers) {
+        return problem(StatusCode::UNAUTHORIZED, "unauthorised", "missing or wrong bearer token");
+    }
+    reply(state.bank.cancel(operation, &key, &request).await)
+}
+
+async fn cancel_withdrawal(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    Json(request): Json<OperationRequest>,
+) -> Response {
+    cancel(state, Operation::Withdrawal, headers, key, request).await
+}
+
+async fn cancel_remittance(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    Json(request): Json<OperationRequest>,
+) -> Response {
+    cancel(state, Operation::Deposit, headers, key, request).await
 }
 
 async fn withdraw(

@@ -32,6 +32,8 @@ use bridge_pipeline::services::{
 };
 use bridge_store::simulator::{self, SimOperation};
 
+pub use bridge_webhooks::Secret;
+
 /// The three operations the simulated services offer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -93,6 +95,9 @@ pub struct FaultPlan {
     pub deposit: OperationFaults,
     /// How long a "timeout" hangs; longer than the client's timeout.
     pub hang_ms: u64,
+    /// Copies of each settlement callback, sent at once with distinct ids,
+    /// as providers that deliver at least once sometimes do (0 means 1).
+    pub callback_copies: u32,
 }
 
 impl FaultPlan {
@@ -125,6 +130,7 @@ impl FaultPlan {
             refund,
             deposit: OperationFaults { insufficient_funds_bp: 0, ..faults },
             hang_ms: 1_500,
+            callback_copies: 0,
         }
     }
 
@@ -192,6 +198,24 @@ pub enum Reply {
     Unavailable(String),
 }
 
+/// Where the services send settlement callbacks, and the secret they sign
+/// them with (Standard Webhooks).
+#[derive(Clone, Debug)]
+pub struct CallbackTarget {
+    /// Base URL of the receiving API; callbacks go to
+    /// `{base_url}/v1/callbacks/{investor|fund}`.
+    pub base_url: String,
+    pub secret: bridge_webhooks::Secret,
+}
+
+struct Callbacks {
+    target: CallbackTarget,
+    client: reqwest::Client,
+    /// Keys whose callback is scheduled, so a repeated request does not
+    /// schedule a second one.
+    scheduled: Mutex<std::collections::HashSet<String>>,
+}
+
 /// The engine behind both services.
 pub struct Bank {
     pool: PgPool,
@@ -199,6 +223,7 @@ pub struct Bank {
     /// Attempts seen per idempotency key, so transient faults are decided per
     /// attempt (a retry can succeed) yet reproducibly from the seed.
     attempts: Mutex<HashMap<String, u64>>,
+    callbacks: Option<Arc<Callbacks>>,
 }
 
 fn roll(seed: u64, key: &str, salt: u64) -> u32 {
@@ -225,7 +250,19 @@ fn pick<'a>(roll: u32, bands: &[(u32, &'a str)]) -> Option<&'a str> {
 
 impl Bank {
     pub fn new(pool: PgPool, plan: FaultPlan) -> Self {
-        Self { pool, plan, attempts: Mutex::new(HashMap::new()) }
+        Self { pool, plan, attempts: Mutex::new(HashMap::new()), callbacks: None }
+    }
+
+    /// Also announces each pending operation's settlement by a signed
+    /// callback to `target` when it settles.
+    pub fn with_callbacks(mut self, target: CallbackTarget) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("a client with a timeout always builds");
+        self.callbacks =
+            Some(Arc::new(Callbacks { target, client, scheduled: Mutex::new(std::collections::HashSet::new()) }));
+        self
     }
 
     pub fn plan(&self) -> &FaultPlan {
@@ -333,7 +370,70 @@ impl Bank {
         if !stored.same_request(&requested) {
             return Ok(None);
         }
+        if stored.outcome == "pending" {
+            self.schedule_callback(operation, key, faults.settle_after_ms);
+        }
         Ok(Some(stored.into()))
+    }
+
+    /// Cancels the operation under `key` unless it has settled (see
+    /// [`simulator::cancel`]).
+    pub async fn cancel(&self, operation: Operation, key: &str, request: &OperationRequest) -> Reply {
+        let faults = *self.plan.for_operation(operation);
+        if faults.latency_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(faults.latency_ms)).await;
+        }
+        let cancelling = SimOperation {
+            idempotency_key: key.to_owned(),
+            operation: operation.as_str().to_owned(),
+            account_id: request.account_id.clone(),
+            amount_minor: request.amount_minor,
+            currency: request.currency.clone(),
+            outcome: "declined".to_owned(),
+            reference: "CANCELLED".to_owned(),
+        };
+        let stored = match self.pool.acquire().await {
+            Ok(mut conn) => simulator::cancel(&mut conn, &cancelling).await,
+            Err(error) => Err(error.into()),
+        };
+        match stored {
+            Ok(stored) if !stored.same_request(&cancelling) => Reply::IdempotencyConflict,
+            Ok(stored) => Reply::Done(stored.into()),
+            Err(error) => Reply::Unavailable(error.to_string()),
+        }
+    }
+
+    /// After `settle_after_ms`, reads the operation (which settles it) and
+    /// posts its outcome to the callback target, retrying with backoff until
+    /// the receiver accepts it or refuses it for good.
+    fn schedule_callback(&self, operation: Operation, key: &str, settle_after_ms: u64) {
+        let Some(callbacks) = self.callbacks.clone() else { return };
+        if !callbacks.scheduled.lock().expect("callback set lock").insert(key.to_owned()) {
+            return;
+        }
+        let pool = self.pool.clone();
+        let key = key.to_owned();
+        let copies = self.plan.callback_copies.max(1);
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(settle_after_ms + 10)).await;
+            let record = loop {
+                let found = match pool.acquire().await {
+                    Ok(mut conn) => simulator::find(&mut conn, &key).await,
+                    Err(error) => Err(error.into()),
+                };
+                match found {
+                    Ok(Some(found)) if found.outcome != "pending" => break OperationRecord::from(found),
+                    Ok(_) | Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                }
+            };
+            let service = if operation == Operation::Deposit { "fund" } else { "investor" };
+            let sends = (0..copies).map(|copy| {
+                let id = if copy == 0 { format!("cb_{key}") } else { format!("cb_{key}_{copy}") };
+                deliver(&callbacks, service, id, &record)
+            });
+            futures::future::join_all(sends).await;
+            callbacks.scheduled.lock().expect("callback set lock").remove(&key);
+        });
     }
 
     /// The stored result under `key`, if any: how a client resolves an
@@ -342,6 +442,41 @@ impl Bank {
         let mut conn = self.pool.acquire().await?;
         Ok(simulator::find(&mut conn, key).await?.map(Into::into))
     }
+}
+
+/// Posts one callback, signed, retrying transient failures.
+async fn deliver(callbacks: &Callbacks, service: &str, id: String, record: &OperationRecord) {
+    let url = format!("{}/v1/callbacks/{service}", callbacks.target.base_url.trim_end_matches('/'));
+    let body = serde_json::to_vec(record).expect("records serialise");
+    for attempt in 0..10u32 {
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = callbacks.target.secret.sign(&id, timestamp, &body);
+        let sent = callbacks
+            .client
+            .post(&url)
+            .header("content-type", "application/json")
+            .header(bridge_webhooks::ID_HEADER, &id)
+            .header(bridge_webhooks::TIMESTAMP_HEADER, timestamp.to_string())
+            .header(bridge_webhooks::SIGNATURE_HEADER, signature)
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status().is_success() => return,
+            // Refused for good (bad signature, unknown route): retrying the
+            // same bytes cannot help.
+            Ok(response)
+                if response.status().is_client_error() && !matches!(response.status().as_u16(), 408 | 425 | 429) =>
+            {
+                tracing::warn!(url = %url, status = %response.status(), "Callback refused");
+                return;
+            }
+            Ok(_) | Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis((100u64 << attempt.min(6)).min(5_000))).await
+            }
+        }
+    }
+    tracing::warn!(url = %url, id = %id, "Callback not delivered; the receiver must poll");
 }
 
 /// Both services backed by a [`Bank`] in this process, without HTTP. With
@@ -361,17 +496,30 @@ impl InProcessServices {
     }
 
     async fn call(&self, operation: Operation, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        let request = OperationRequest {
-            account_id: movement.account_id.clone(),
-            amount_minor: movement.amount.amount_minor,
-            currency: movement.amount.currency.to_string(),
-            transfer_id: movement.transfer_id.to_string(),
-        };
-        match self.bank.execute(operation, &movement.idempotency_key, &request).await {
+        let reply = self.bank.execute(operation, &movement.idempotency_key, &request_of(movement)).await;
+        Self::read(reply, movement)
+    }
+
+    async fn cancel(&self, operation: Operation, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let reply = self.bank.cancel(operation, &movement.idempotency_key, &request_of(movement)).await;
+        Self::read(reply, movement)
+    }
+
+    fn read(reply: Reply, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        match reply {
             Reply::Done(record) => outcome_of(&record),
             Reply::IdempotencyConflict => Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone())),
             other => Err(ServiceError::Unavailable(format!("{other:?}"))),
         }
+    }
+}
+
+fn request_of(movement: &MoneyMovement) -> OperationRequest {
+    OperationRequest {
+        account_id: movement.account_id.clone(),
+        amount_minor: movement.amount.amount_minor,
+        currency: movement.amount.currency.to_string(),
+        transfer_id: movement.transfer_id.to_string(),
     }
 }
 
@@ -395,12 +543,20 @@ impl InvestorAccountService for InProcessServices {
     async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         self.call(Operation::Refund, movement).await
     }
+
+    async fn cancel_withdrawal(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.cancel(Operation::Withdrawal, movement).await
+    }
 }
 
 #[async_trait]
 impl FundAccountService for InProcessServices {
     async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         self.call(Operation::Deposit, movement).await
+    }
+
+    async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.cancel(Operation::Deposit, movement).await
     }
 }
 

@@ -11,6 +11,8 @@
 //! [`Error::Conflict`], which callers retry from the start of the transaction.
 
 pub mod accounts;
+pub mod callbacks;
+pub mod gauges;
 pub mod inbox;
 pub mod ledger;
 pub mod outbox;

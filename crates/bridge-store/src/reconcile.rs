@@ -73,24 +73,23 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "I1",
-        "money in transit equals the transfers withdrawn and not yet deposited or refunded (manual review included)",
+        "money in transit equals the transfers withdrawn and not yet deposited or refunded (manual review from withdrawn included)",
         "SELECT count(*) FROM (
            SELECT currency, sum(CASE WHEN direction = 'credit' THEN amount_minor ELSE -amount_minor END) AS balance
            FROM ledger_entries WHERE account = 'clearing:in_transit' GROUP BY currency) l
-         FULL JOIN (SELECT currency, sum(amount_minor) AS amount FROM transfers WHERE state IN ('withdrawn', 'manual_review') GROUP BY currency) t
+         FULL JOIN (SELECT currency, sum(amount_minor) AS amount FROM transfer_phases WHERE phase = 'withdrawn' GROUP BY currency) t
            ON t.currency = l.currency
          WHERE coalesce(l.balance, 0) <> coalesce(t.amount, 0)",
     ),
     (
         "I2",
         "each transfer has exactly the postings its state implies, once each",
-        "SELECT count(*) FROM transfers t
+        "SELECT count(*) FROM transfer_phases t
          LEFT JOIN (SELECT transfer_id, string_agg(step, ',' ORDER BY step) AS steps, count(*) AS entries
                     FROM ledger_entries WHERE transfer_id IS NOT NULL GROUP BY transfer_id) l
            ON l.transfer_id = t.id
-         WHERE coalesce(l.steps, '') <> CASE t.state
+         WHERE coalesce(l.steps, '') <> CASE t.phase
              WHEN 'withdrawn' THEN 'withdrawal,withdrawal'
-             WHEN 'manual_review' THEN 'withdrawal,withdrawal'
              WHEN 'deposited' THEN 'deposit,deposit,withdrawal,withdrawal'
              WHEN 'completed' THEN 'deposit,deposit,withdrawal,withdrawal'
              WHEN 'reversed'  THEN 'refund,refund,withdrawal,withdrawal'
@@ -100,7 +99,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "I2",
         "every debit at the simulated services is recorded once in our ledger, or its transfer is in flight (simulator only)",
         "SELECT count(*) FROM sim_operations s
-         LEFT JOIN transfers t
+         LEFT JOIN transfer_phases t
            -- Keys are 'bridge-<transfer uuid>-<step>'; comparing the uuid part
            -- lets Postgres join by the primary key instead of pairing every
            -- operation with every transfer.
@@ -109,7 +108,8 @@ const CHECKS: &[(&str, &str, &str)] = &[
          WHERE s.outcome = 'settled' AND s.operation IN ('withdrawal', 'deposit', 'refund')
            AND NOT EXISTS (SELECT 1 FROM ledger_entries l
                            WHERE l.transfer_id = t.id AND l.step = s.operation AND l.direction = 'debit')
-           AND coalesce(t.state, '') NOT IN ('validated', 'withdrawn')",
+           -- In flight, or frozen in manual review before its ledger caught up.
+           AND coalesce(t.phase, '') NOT IN ('validated', 'withdrawn')",
     ),
     (
         "I2",
@@ -128,10 +128,10 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "I5",
-        "held funds equal the validated transfers awaiting withdrawal",
+        "held funds equal the transfers awaiting withdrawal (manual review from validated included)",
         "SELECT count(*) FROM investor_accounts a
-         LEFT JOIN (SELECT investor_account_id, sum(amount_minor) AS amount FROM transfers
-                    WHERE state = 'validated' GROUP BY investor_account_id) t
+         LEFT JOIN (SELECT investor_account_id, sum(amount_minor) AS amount FROM transfer_phases
+                    WHERE phase = 'validated' GROUP BY investor_account_id) t
            ON t.investor_account_id = a.id
          WHERE a.held_minor <> coalesce(t.amount, 0)",
     ),

@@ -59,6 +59,27 @@ pub async fn record_once(
         .ok_or_else(|| crate::Error::Corrupt(format!("operation {} vanished", operation.idempotency_key)))
 }
 
+/// Cancels the operation under `operation.idempotency_key` if it has not
+/// settled: a pending one becomes declined with code `CANCELLED`, and a key
+/// never seen is stored as cancelled, so a request that arrives later with
+/// that key finds the cancellation instead of moving money. A final
+/// operation is left as it is. Returns what the key now holds.
+pub async fn cancel(conn: &mut PgConnection, operation: &SimOperation) -> Result<SimOperation> {
+    // Settle first whatever was due to settle before now: a cancellation
+    // cannot undo a settlement that has already happened.
+    find(&mut *conn, &operation.idempotency_key).await?;
+    sqlx::query(
+        "UPDATE sim_operations SET outcome = 'declined', reference = 'CANCELLED', final_outcome = NULL
+         WHERE idempotency_key = $1 AND outcome = 'pending'",
+    )
+    .bind(&operation.idempotency_key)
+    .execute(&mut *conn)
+    .await?;
+    let tombstone =
+        SimOperation { outcome: "declined".to_owned(), reference: "CANCELLED".to_owned(), ..operation.clone() };
+    record_once(conn, &tombstone, 0).await
+}
+
 /// `active`, `frozen` or `closed`; accounts the simulator has never heard of
 /// are active.
 pub async fn account_status(conn: &mut PgConnection, account_id: &str) -> Result<String> {

@@ -235,3 +235,17 @@ pub async fn count_by_state(conn: &mut PgConnection, ids: Option<&[Uuid]>) -> Re
         })
         .collect()
 }
+
+/// Transfers validated more than `older_than_ms` ago and still waiting for
+/// their withdrawal: reservations due to expire. Oldest first, at most
+/// `limit`.
+pub async fn validated_before(conn: &mut PgConnection, older_than_ms: u64, limit: i64) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM transfers WHERE state = 'validated' AND updated_at < now() - make_interval(secs => $1)
+         ORDER BY updated_at LIMIT $2",
+    )
+    .bind(older_than_ms as f64 / 1_000.0)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

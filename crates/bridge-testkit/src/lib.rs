@@ -553,6 +553,10 @@ impl InvestorAccountService for LosingFirstReplies {
         let outcome = self.inner.refund(movement).await;
         self.lose_first(&movement.idempotency_key, outcome)
     }
+
+    async fn cancel_withdrawal(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.inner.cancel_withdrawal(movement).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -560,6 +564,10 @@ impl FundAccountService for LosingFirstReplies {
     async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         let outcome = self.inner.remit(movement).await;
         self.lose_first(&movement.idempotency_key, outcome)
+    }
+
+    async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.inner.cancel_remittance(movement).await
     }
 }
 
@@ -602,7 +610,25 @@ impl TestKit {
         listener: tokio::net::TcpListener,
         plan: bridge_sim::FaultPlan,
     ) -> Result<RunningSimulator> {
-        let bank = Arc::new(bridge_sim::Bank::new(self.pool.clone(), plan));
+        self.serve_bank(listener, bridge_sim::Bank::new(self.pool.clone(), plan))
+    }
+
+    /// Serves the simulator with `plan` on a socket bound earlier (so the
+    /// API that it calls back can be told its address first), announcing
+    /// settlements by signed callbacks to `target`.
+    pub fn start_simulator_calling_back(
+        &self,
+        listener: std::net::TcpListener,
+        plan: bridge_sim::FaultPlan,
+        target: bridge_sim::CallbackTarget,
+    ) -> Result<RunningSimulator> {
+        listener.set_nonblocking(true)?;
+        let bank = bridge_sim::Bank::new(self.pool.clone(), plan).with_callbacks(target);
+        self.serve_bank(tokio::net::TcpListener::from_std(listener)?, bank)
+    }
+
+    fn serve_bank(&self, listener: tokio::net::TcpListener, bank: bridge_sim::Bank) -> Result<RunningSimulator> {
+        let bank = Arc::new(bank);
         let url = format!("http://{}", listener.local_addr()?);
         let token = CancellationToken::new();
         let handle =
@@ -624,6 +650,34 @@ impl TestKit {
                 timeout_ms,
             },
         )
+    }
+}
+
+/// Bridge's HTTP API served from the test process.
+pub struct RunningApi {
+    pub url: String,
+    token: CancellationToken,
+    handle: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningApi {
+    pub async fn stop(self) -> Result<()> {
+        self.token.cancel();
+        Ok(self.handle.await??)
+    }
+}
+
+impl TestKit {
+    /// Serves the API (callbacks, health, metrics) on a free port, running
+    /// steps against `services`.
+    pub async fn start_api(&self, services: Services, config: bridge_api::ApiConfig) -> Result<RunningApi> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let pipeline = Pipeline::new(self.pool.clone(), self.config.clone(), services);
+        let router = bridge_api::router(pipeline.context().clone(), config);
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(bridge_api::serve(listener, router, token.clone()));
+        Ok(RunningApi { url, token, handle })
     }
 }
 

@@ -81,7 +81,8 @@ async fn operator_commands_on_the_standalone_broker() -> Result<()> {
     // Logs go to a file: an undrained pipe would fill and block the process.
     let log_path = std::env::temp_dir().join(format!("bridge-run-{}.log", uuid::Uuid::new_v4()));
     let log = std::fs::File::create(&log_path)?;
-    let pipeline = Command::new(BRIDGE).arg("run").envs(env.iter().cloned()).stdout(Stdio::null()).stderr(log).spawn()?;
+    let pipeline =
+        Command::new(BRIDGE).arg("run").envs(env.iter().cloned()).stdout(Stdio::null()).stderr(log).spawn()?;
     let submitted = run(&["submit", "--namespace", "ops", "--generate", "25"])?;
     let one =
         run(&["submit", "--investor", "ops-inv-00001", "--fund-account", "ops-fa-growth", "--amount-minor", "100000"])?;

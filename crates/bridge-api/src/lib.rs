@@ -1,0 +1,281 @@
+//! Bridge's HTTP API.
+//!
+//! | route | does |
+//! | --- | --- |
+//! | `POST /v1/callbacks/{service}` | a settlement callback from `investor` or `fund` (signed) |
+//! | `GET /healthz` | the process is alive |
+//! | `GET /readyz` | the database answers |
+//! | `GET /metrics` | Prometheus text: open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
+//!
+//! **Callbacks.** An account service that accepted a step as pending posts
+//! its outcome when it settles, signed per Standard Webhooks with the secret
+//! configured for that service (several during a rotation). The endpoint
+//! checks the signature and the timestamp (five minutes either way), refuses
+//! a `webhook-id` it has already handled (replay), and then runs the step
+//! exactly as the settlement runner would: it asks the service for the
+//! outcome under the step's idempotency key and applies it in the step's own
+//! transaction, under the transfer's row lock. The callback is a signed
+//! wake-up, not the source of truth: the service's answer under our key is,
+//! so a forged or stale body cannot move money, and a callback racing the
+//! runner's poll (or another copy of itself) finds the step applied and
+//! changes nothing.
+//!
+//! Errors are RFC 9457 `application/problem+json` without internal detail.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use bridge_pipeline::message::TraceContext;
+use bridge_pipeline::runner::StageContext;
+use bridge_pipeline::stages::{self, Ask, Outcome, StageError};
+use bridge_webhooks::{Secret, SignedHeaders};
+
+/// The services that may call back, and the steps each one settles.
+const SERVICES: [(&str, &[&str]); 2] = [("investor", &["withdrawal", "refund"]), ("fund", &["deposit"])];
+
+#[derive(Clone, Debug, Default)]
+pub struct ApiConfig {
+    /// Signing secrets per service (`investor`, `fund`). A service without
+    /// secrets cannot call back.
+    pub callback_secrets: HashMap<String, Vec<Secret>>,
+    /// How far a callback's timestamp may be from our clock.
+    pub callback_tolerance_secs: i64,
+}
+
+impl ApiConfig {
+    pub fn new() -> Self {
+        Self { callback_secrets: HashMap::new(), callback_tolerance_secs: bridge_webhooks::DEFAULT_TOLERANCE_SECS }
+    }
+}
+
+/// What callbacks did, for `/metrics`.
+#[derive(Default)]
+struct CallbackCounters {
+    applied: AtomicU64,
+    already_applied: AtomicU64,
+    still_pending: AtomicU64,
+    replayed: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+}
+
+#[derive(Clone)]
+struct AppState {
+    ctx: Arc<StageContext>,
+    config: Arc<ApiConfig>,
+    counters: Arc<CallbackCounters>,
+}
+
+pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
+    let state = AppState { ctx, config: Arc::new(config), counters: Arc::default() };
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/callbacks/{service}", post(callback))
+        // Callbacks are small JSON documents; anything larger is refused
+        // before it is read.
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
+    let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail});
+    (status, [("content-type", "application/problem+json")], body.to_string()).into_response()
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    match database_answers(&state).await {
+        Ok(()) => "ready".into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "Not ready: database unreachable");
+            problem(StatusCode::SERVICE_UNAVAILABLE, "Not ready", "the database does not answer")
+        }
+    }
+}
+
+async fn database_answers(state: &AppState) -> bridge_store::Result<()> {
+    let mut conn = state.ctx.pool.acquire().await?;
+    bridge_store::gauges::read(&mut conn).await.map(|_| ())
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let gauges = match state.ctx.pool.acquire().await {
+        Ok(mut conn) => bridge_store::gauges::read(&mut conn).await,
+        Err(error) => Err(error.into()),
+    };
+    let gauges = match gauges {
+        Ok(gauges) => gauges,
+        Err(error) => {
+            tracing::warn!(error = %error, "Metrics unavailable");
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "Metrics unavailable", "the database does not answer");
+        }
+    };
+    let mut text = String::new();
+    text.push_str("# HELP bridge_transfers_open Transfers not in a terminal state, per state.\n");
+    text.push_str("# TYPE bridge_transfers_open gauge\n");
+    let mut manual_review = 0;
+    for (state, count) in &gauges.open_transfers {
+        if state == "manual_review" {
+            manual_review = *count;
+        }
+        text.push_str(&format!("bridge_transfers_open{{state=\"{state}\"}} {count}\n"));
+    }
+    let counters = &state.counters;
+    let lines = [
+        (
+            "bridge_transfers_manual_review",
+            "gauge",
+            "Transfers waiting for a person. Alert when above zero.",
+            manual_review,
+        ),
+        ("bridge_pending_steps", "gauge", "Steps pending at an account service.", gauges.pending_steps),
+        ("bridge_pending_steps_overdue", "gauge", "Pending steps past their deadline.", gauges.pending_steps_overdue),
+        ("bridge_outbox_unpublished", "gauge", "Outbox rows not yet published.", gauges.outbox_unpublished),
+        (
+            "bridge_outbox_oldest_age_seconds",
+            "gauge",
+            "Age of the oldest unpublished outbox row.",
+            gauges.outbox_oldest_age_secs,
+        ),
+    ];
+    for (name, kind, help, value) in lines {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    text.push_str("# HELP bridge_callbacks_total Settlement callbacks received, by result.\n");
+    text.push_str("# TYPE bridge_callbacks_total counter\n");
+    for (result, counter) in [
+        ("applied", &counters.applied),
+        ("already_applied", &counters.already_applied),
+        ("still_pending", &counters.still_pending),
+        ("replayed", &counters.replayed),
+        ("refused", &counters.refused),
+        ("failed", &counters.failed),
+    ] {
+        text.push_str(&format!("bridge_callbacks_total{{result=\"{result}\"}} {}\n", counter.load(Ordering::Relaxed)));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// The part of a callback body we read: which operation settled. Whatever
+/// else it says is not trusted; the service is asked.
+#[derive(Deserialize)]
+struct CallbackBody {
+    idempotency_key: String,
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+async fn callback(
+    State(state): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let counters = &state.counters;
+    let Some((service, steps)) = SERVICES.iter().find(|(name, _)| *name == service) else {
+        return problem(StatusCode::NOT_FOUND, "Not found", "no such service");
+    };
+    let secrets = state.config.callback_secrets.get(*service).map(Vec::as_slice).unwrap_or_default();
+    let signed = SignedHeaders {
+        id: header(&headers, bridge_webhooks::ID_HEADER),
+        timestamp: header(&headers, bridge_webhooks::TIMESTAMP_HEADER),
+        signature: header(&headers, bridge_webhooks::SIGNATURE_HEADER),
+    };
+    let now = chrono::Utc::now().timestamp();
+    let webhook_id = match bridge_webhooks::verify(secrets, signed, &body, now, state.config.callback_tolerance_secs) {
+        Ok(id) => id.to_owned(),
+        Err(error) => {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service, error = %error, "Callback refused");
+            return problem(StatusCode::UNAUTHORIZED, "Unauthorized", "signature verification failed");
+        }
+    };
+    let Ok(parsed) = serde_json::from_slice::<CallbackBody>(&body) else {
+        counters.refused.fetch_add(1, Ordering::Relaxed);
+        return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable", "body must be JSON with idempotency_key");
+    };
+    let Some((transfer_id, step)) =
+        bridge_domain::ids::parse_idempotency_key(&parsed.idempotency_key).filter(|(_, step)| steps.contains(step))
+    else {
+        counters.refused.fetch_add(1, Ordering::Relaxed);
+        return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable", "not an operation of ours at this service");
+    };
+
+    let recorded = match state.ctx.pool.acquire().await {
+        Ok(mut conn) => bridge_store::callbacks::record(&mut conn, service, &webhook_id).await,
+        Err(error) => Err(error.into()),
+    };
+    match recorded {
+        Ok(true) => {}
+        Ok(false) => {
+            counters.replayed.fetch_add(1, Ordering::Relaxed);
+            return (StatusCode::OK, Json(json!({"result": "replayed"}))).into_response();
+        }
+        Err(error) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %error, "Callback receipt not stored");
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "try again later");
+        }
+    }
+
+    let trace = TraceContext::continue_or_start(header(&headers, "traceparent"));
+    // A declined deposit's refund settles the deposit step.
+    let result = match step {
+        "withdrawal" => stages::withdrawal_step(&state.ctx, transfer_id, None, &trace, Ask::Perform).await,
+        _ => stages::deposit_step(&state.ctx, transfer_id, None, &trace, Ask::Perform).await,
+    };
+    let (status, result) = match result {
+        Ok(Outcome::Applied) => {
+            counters.applied.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::OK, "applied")
+        }
+        Ok(Outcome::Duplicate | Outcome::DeadLettered) => {
+            counters.already_applied.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::OK, "already_applied")
+        }
+        // The service still says pending (the callback outran its own
+        // books); the settlement runner keeps asking.
+        Ok(Outcome::Deferred) => {
+            counters.still_pending.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::OK, "still_pending")
+        }
+        Err(error) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(transfer_id = %transfer_id, step, error = %error, "Callback could not be applied now");
+            // Forget the receipt so the sender's retry is handled.
+            if let Ok(mut conn) = state.ctx.pool.acquire().await {
+                let _ = bridge_store::callbacks::forget(&mut conn, service, &webhook_id).await;
+            }
+            let status = match error {
+                StageError::Permanent { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            return problem(status, "Not applied", "the callback could not be applied; retry later");
+        }
+    };
+    tracing::info!(transfer_id = %transfer_id, step, result, "Settlement callback handled");
+    (status, Json(json!({"result": result}))).into_response()
+}
