@@ -83,6 +83,9 @@ pub struct OperationFaults {
     /// When above zero, calls are accepted as `pending` and settle (or are
     /// declined) this long afterwards, as bank transfers do.
     pub settle_after_ms: u64,
+    /// With `settle_after_ms`, the share of operations that go through
+    /// pending (decided once per key); 0 means all of them.
+    pub pending_bp: u32,
 }
 
 /// What to inject, per operation, with the seed that makes it reproducible.
@@ -120,15 +123,19 @@ impl FaultPlan {
             server_error_bp: 200,
             timeout_bp: 100,
             unknown_outcome_bp: 200,
+            pending_bp: 0,
         };
         // Refund declines are rarer than debit declines in practice, and
         // each one is a transfer that needs a person.
         let refund = OperationFaults { insufficient_funds_bp: 0, limit_exceeded_bp: 0, account_frozen_bp: 0, ..faults };
+        // One withdrawal or deposit in ten is settled asynchronously, as bank
+        // transfers are, and announced by callback (or found by polling).
+        let asynchronous = OperationFaults { settle_after_ms: 400, pending_bp: 1_000, ..faults };
         Self {
             seed,
-            withdrawal: faults,
+            withdrawal: asynchronous,
             refund,
-            deposit: OperationFaults { insufficient_funds_bp: 0, ..faults },
+            deposit: OperationFaults { insufficient_funds_bp: 0, ..asynchronous },
             hang_ms: 1_500,
             callback_copies: 0,
         }
@@ -366,12 +373,17 @@ impl Bank {
         };
         // Reading the stored operation also settles a pending one whose time
         // has come, so a repeat may find it final.
-        let stored = simulator::record_once(&mut conn, &requested, faults.settle_after_ms).await?;
+        // Whether this operation settles later is decided once per key.
+        const PENDING_SALT: u64 = u64::MAX;
+        let asynchronous = faults.settle_after_ms > 0
+            && (faults.pending_bp == 0 || roll(self.plan.seed, key, PENDING_SALT) < faults.pending_bp);
+        let settle_after_ms = if asynchronous { faults.settle_after_ms } else { 0 };
+        let stored = simulator::record_once(&mut conn, &requested, settle_after_ms).await?;
         if !stored.same_request(&requested) {
             return Ok(None);
         }
         if stored.outcome == "pending" {
-            self.schedule_callback(operation, key, faults.settle_after_ms);
+            self.schedule_callback(operation, key, settle_after_ms);
         }
         Ok(Some(stored.into()))
     }

@@ -68,6 +68,9 @@ struct Summary {
     reversed: i64,
     manual_review: i64,
     in_flight: i64,
+    /// Service operations that were pending first and settled later, by
+    /// callback or by polling.
+    settled_asynchronously: i64,
     invariants_ok: bool,
     elapsed_ms: u128,
 }
@@ -126,20 +129,25 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     let shutdown = CancellationToken::new();
     // The account services are always reached over real HTTP: either the
     // ones named on the command line, or the simulator served from here.
-    let (services_url, simulator) = match args.account_services_url {
-        Some(url) => (url, None),
-        None => {
-            let plan = crate::fault_plan(&args.faults, args.seed)?;
-            let bank = std::sync::Arc::new(bridge_sim::Bank::new(pool.clone(), plan));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let url = format!("http://{}", listener.local_addr()?);
-            let token = shutdown.clone();
-            let server = tokio::spawn(bridge_sim::http::serve(listener, bridge_sim::http::router(bank, None), token));
-            (url, Some(server))
-        }
+    // The built-in simulator announces asynchronous settlements by signed
+    // callbacks to this process's API, as a bank would.
+    let simulator_listener = match &args.account_services_url {
+        Some(_) => None,
+        None => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
     };
-    match &simulator {
-        Some(_) => eprintln!("Account services: simulator at {services_url} (faults: {})", args.faults),
+    let services_url = match (&args.account_services_url, &simulator_listener) {
+        (Some(url), _) => url.clone(),
+        (None, Some(listener)) => format!("http://{}", listener.local_addr()?),
+        (None, None) => unreachable!("a listener is bound when no URL is given"),
+    };
+    let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api_url = format!("http://{}", api_listener.local_addr()?);
+    let callback_secret = bridge_webhooks::Secret::from_bytes(rand_bytes());
+    match &simulator_listener {
+        Some(_) => eprintln!(
+            "Account services: simulator at {services_url} (faults: {}), settlement callbacks to {api_url}",
+            args.faults
+        ),
         None => eprintln!("Account services: {services_url}"),
     }
     let services = HttpAccountServices::services(HttpServicesConfig {
@@ -150,6 +158,25 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         timeout_ms: 1_000,
     })?;
     let pipeline = Pipeline::new(pool.clone(), config.clone(), services);
+    let mut api_config = bridge_api::ApiConfig::new();
+    for service in ["investor", "fund"] {
+        api_config.callback_secrets.insert(service.to_owned(), vec![callback_secret.clone()]);
+    }
+    let api = tokio::spawn(bridge_api::serve(
+        api_listener,
+        bridge_api::router(pipeline.context().clone(), api_config),
+        shutdown.clone(),
+    ));
+    let simulator = match simulator_listener {
+        Some(listener) => {
+            let plan = crate::fault_plan(&args.faults, args.seed)?;
+            let target = bridge_sim::CallbackTarget { base_url: api_url.clone(), secret: callback_secret };
+            let bank = std::sync::Arc::new(bridge_sim::Bank::new(pool.clone(), plan).with_callbacks(target));
+            let router = bridge_sim::http::router(bank, None);
+            Some(tokio::spawn(bridge_sim::http::serve(listener, router, shutdown.clone())))
+        }
+        None => None,
+    };
     let running = {
         let pipeline = pipeline.clone();
         let token = shutdown.clone();
@@ -207,6 +234,7 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     if let Some(server) = simulator {
         server.await.context("Simulator task panicked")?.context("Simulator failed")?;
     }
+    api.await.context("API task panicked")?.context("API failed")?;
     if let Err(error) = &run_result {
         eprintln!("Pipeline stopped with an error: {error:#}");
     }
@@ -228,6 +256,7 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         reversed: count(TransferState::Reversed),
         manual_review: count(TransferState::ManualReview),
         in_flight: args.transfers as i64 - settled_total,
+        settled_asynchronously: asynchronous_operations(&mut conn, &ids).await?,
         invariants_ok: report.ok(),
         elapsed_ms: started.elapsed().as_millis(),
     };
@@ -235,6 +264,14 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     eprintln!("  reasons: {reasons:?}");
     println!("{}", serde_json::to_string(&summary)?);
     Ok(summary.invariants_ok && summary.in_flight == 0 && run_result.is_ok())
+}
+
+/// A fresh signing secret for this run's callbacks.
+fn rand_bytes() -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(Uuid::new_v4().as_bytes());
+    bytes[16..].copy_from_slice(Uuid::new_v4().as_bytes());
+    bytes
 }
 
 fn redact(url: &str) -> String {
@@ -252,6 +289,18 @@ async fn state_counts(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<Vec
 
 fn describe(counts: &[(TransferState, i64)]) -> String {
     counts.iter().map(|(state, count)| format!("{state}={count}")).collect::<Vec<_>>().join(" ")
+}
+
+async fn asynchronous_operations(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<i64> {
+    let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    // Keys are 'bridge-<transfer id>-<step>'.
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM sim_operations
+         WHERE settles_at IS NOT NULL AND substring(idempotency_key FROM 8 FOR 36) = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(conn)
+    .await?)
 }
 
 async fn rejection_reasons(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<BTreeMap<String, i64>> {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use bridge_pipeline::http_services::{HttpAccountServices, HttpServicesConfig};
 use bridge_pipeline::runner::Part;
 use bridge_pipeline::services::Services;
-use bridge_pipeline::{kafka, Pipeline, PipelineConfig, StageName, Topics};
+use bridge_pipeline::{kafka, DeadlinePolicy, Pipeline, PipelineConfig, StageName, Topics};
 use bridge_store::PoolSettings;
 
 /// The database a newcomer's machine most likely has.
@@ -133,6 +133,90 @@ impl ServiceArgs {
     }
 }
 
+/// How steps pending at the account services are followed up.
+#[derive(Args, Clone, Debug)]
+pub struct SettlementArgs {
+    /// How long a step may stay pending at its service before the deadline
+    /// policy applies.
+    #[arg(long, env = "BRIDGE_PENDING_DEADLINE_MS", default_value_t = 5 * 24 * 3_600_000)]
+    pub pending_deadline_ms: u64,
+    /// What happens to a step pending past its deadline: `manual_review`,
+    /// `fail` (cancel it at the service and compensate) or `keep_polling`.
+    #[arg(long, env = "BRIDGE_PENDING_DEADLINE_POLICY", default_value = "manual_review", value_parser = parse_policy)]
+    pub pending_deadline_policy: DeadlinePolicy,
+    /// Times the settlement runner asks about one pending step before the
+    /// deadline policy applies anyway.
+    #[arg(long, env = "BRIDGE_PENDING_ATTEMPTS_MAX", default_value_t = 12_000)]
+    pub pending_attempts_max: i32,
+    /// How long a fund reservation waits for its withdrawal before it expires.
+    #[arg(long, env = "BRIDGE_RESERVATION_TTL_MS", default_value_t = 7 * 24 * 3_600_000)]
+    pub reservation_ttl_ms: u64,
+    /// Calls the settlement runner makes at once to each account service.
+    #[arg(long, env = "BRIDGE_SETTLEMENT_CONCURRENCY", default_value_t = 8)]
+    pub settlement_concurrency: usize,
+}
+
+impl SettlementArgs {
+    pub fn apply(&self, config: &mut PipelineConfig) {
+        config.pending_deadline_ms = self.pending_deadline_ms;
+        config.pending_deadline_policy = self.pending_deadline_policy;
+        config.pending_attempts_max = self.pending_attempts_max;
+        config.reservation_ttl_ms = self.reservation_ttl_ms;
+        config.settlement_concurrency_per_service = self.settlement_concurrency;
+    }
+}
+
+fn parse_policy(text: &str) -> Result<DeadlinePolicy, String> {
+    DeadlinePolicy::parse(text).ok_or_else(|| format!("expected manual_review, fail or keep_polling, got {text:?}"))
+}
+
+/// The HTTP API's settings.
+#[derive(Args, Clone, Debug)]
+pub struct ApiArgs {
+    /// Serve the HTTP API (settlement callbacks, health, metrics) here.
+    #[arg(long, env = "BRIDGE_API_LISTEN")]
+    pub api_listen: Option<String>,
+    /// Secrets (`whsec_...`, comma-separated during a rotation) that sign the
+    /// Investor Account Service's settlement callbacks.
+    #[arg(long, env = "BRIDGE_INVESTOR_CALLBACK_SECRETS", hide_env_values = true)]
+    pub investor_callback_secrets: Option<String>,
+    /// As above, for the Fund Account Service.
+    #[arg(long, env = "BRIDGE_FUND_CALLBACK_SECRETS", hide_env_values = true)]
+    pub fund_callback_secrets: Option<String>,
+}
+
+impl ApiArgs {
+    pub fn config(&self) -> Result<bridge_api::ApiConfig> {
+        let mut config = bridge_api::ApiConfig::new();
+        for (service, secrets) in [("investor", &self.investor_callback_secrets), ("fund", &self.fund_callback_secrets)]
+        {
+            let Some(secrets) = secrets else { continue };
+            let parsed = secrets
+                .split(',')
+                .filter(|secret| !secret.trim().is_empty())
+                .map(bridge_webhooks::Secret::parse)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("The {service} callback secrets are not valid"))?;
+            config.callback_secrets.insert(service.to_owned(), parsed);
+        }
+        Ok(config)
+    }
+
+    /// Serves the API for `pipeline` until `shutdown`, if an address is set.
+    pub async fn serve(
+        &self,
+        pipeline: &Pipeline,
+        shutdown: CancellationToken,
+    ) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+        let Some(address) = &self.api_listen else { return Ok(None) };
+        let listener =
+            tokio::net::TcpListener::bind(address).await.with_context(|| format!("Failed to listen on {address}"))?;
+        tracing::info!(address = %listener.local_addr()?, "API listening");
+        let router = bridge_api::router(pipeline.context().clone(), self.config()?);
+        Ok(Some(tokio::spawn(bridge_api::serve(listener, router, shutdown))))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create the database if missing and apply schema migrations.
@@ -149,6 +233,8 @@ enum Command {
     Reconcile(ReconcileArgs),
     /// Serve the simulated bank and fund administrator over HTTP.
     Sim(SimArgs),
+    /// Serve the HTTP API alone: settlement callbacks, health, metrics.
+    Api(ApiCommandArgs),
     /// Re-drive a range of a stage's input topic through the stage (safe for
     /// any range: repeats are no-ops). Never moves the live groups' offsets.
     Replay(ops::ReplayArgs),
@@ -173,6 +259,25 @@ struct SimArgs {
     /// Seed of the failure injection.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Base URL of the API to send signed settlement callbacks to (e.g. a
+    /// `bridge api`); without it, pending operations are found by polling.
+    #[arg(long, env = "BRIDGE_SIM_CALLBACK_URL")]
+    callback_url: Option<String>,
+    /// Secret (`whsec_...`) the callbacks are signed with.
+    #[arg(long, env = "BRIDGE_SIM_CALLBACK_SECRET", hide_env_values = true, requires = "callback_url")]
+    callback_secret: Option<String>,
+}
+
+#[derive(Args)]
+struct ApiCommandArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(flatten)]
+    settlement: SettlementArgs,
+    #[command(flatten)]
+    services: ServiceArgs,
 }
 
 pub fn fault_plan(name: &str, seed: u64) -> Result<bridge_sim::FaultPlan> {
@@ -227,6 +332,10 @@ struct RunArgs {
     settlement: bool,
     #[command(flatten)]
     services: ServiceArgs,
+    #[command(flatten)]
+    settlement_args: SettlementArgs,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 #[derive(Args)]
@@ -297,15 +406,28 @@ async fn main() -> Result<()> {
             if parts.is_empty() {
                 parts = Part::all();
             }
-            let config = args.common.pipeline_config(&args.common.brokers);
+            let mut config = args.common.pipeline_config(&args.common.brokers);
+            args.settlement_args.apply(&mut config);
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
             kafka::ensure_topics(&config).await?;
-            let calls_services = parts.iter().any(|part| {
-                matches!(part, Part::Stage(StageName::Withdrawal) | Part::Stage(StageName::Deposit) | Part::Settlement)
-            });
+            // Callbacks run the money-moving steps too.
+            let calls_services = args.api.api_listen.is_some()
+                || parts.iter().any(|part| {
+                    matches!(
+                        part,
+                        Part::Stage(StageName::Withdrawal) | Part::Stage(StageName::Deposit) | Part::Settlement
+                    )
+                });
             let services = if calls_services { args.services.services(&pool)? } else { Services::none() };
             let pipeline = Pipeline::new(pool, config, services);
-            pipeline.run(&parts, shutdown_on_signal()).await?;
+            let shutdown = shutdown_on_signal();
+            let api = args.api.serve(&pipeline, shutdown.clone()).await?;
+            let result = pipeline.run(&parts, shutdown.clone()).await;
+            shutdown.cancel();
+            if let Some(api) = api {
+                api.await.context("API task panicked")?.context("API failed")?;
+            }
+            result?;
         }
         Command::Submit(args) => {
             init_logging("warn");
@@ -325,12 +447,31 @@ async fn main() -> Result<()> {
             init_logging("info");
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
             bridge_store::migrate(&pool).await.context("Failed to migrate")?;
-            let bank = std::sync::Arc::new(bridge_sim::Bank::new(pool, fault_plan(&args.faults, args.seed)?));
+            let mut bank = bridge_sim::Bank::new(pool, fault_plan(&args.faults, args.seed)?);
+            if let Some(base_url) = args.callback_url {
+                let secret = args.callback_secret.context("--callback-url needs --callback-secret")?;
+                let secret = bridge_webhooks::Secret::parse(&secret).context("The callback secret is not valid")?;
+                bank = bank.with_callbacks(bridge_sim::CallbackTarget { base_url, secret });
+            }
+            let bank = std::sync::Arc::new(bank);
             let listener = tokio::net::TcpListener::bind(&args.listen)
                 .await
                 .with_context(|| format!("Failed to listen on {}", args.listen))?;
             tracing::info!(address = %listener.local_addr()?, faults = %args.faults, "Account-service simulator listening");
             bridge_sim::http::serve(listener, bridge_sim::http::router(bank, args.token), shutdown_on_signal()).await?;
+        }
+        Command::Api(mut args) => {
+            init_logging("info");
+            let mut config = args.common.pipeline_config(&args.common.brokers);
+            args.settlement.apply(&mut config);
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            let services = args.services.services(&pool)?;
+            let pipeline = Pipeline::new(pool, config, services);
+            args.api.api_listen.get_or_insert_with(|| "127.0.0.1:8080".to_owned());
+            let shutdown = shutdown_on_signal();
+            if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
+                api.await.context("API task panicked")?.context("API failed")?;
+            }
         }
         Command::Replay(args) => {
             init_logging("warn");

@@ -328,6 +328,75 @@ async fn demo_against_the_simulator_as_a_separate_process() -> Result<()> {
     kit.assert_books_balance().await
 }
 
+/// `bridge sim` and `bridge run` as separate processes, wired to each other
+/// by their command lines: the simulator accepts every withdrawal and
+/// deposit as pending and announces each settlement by a signed callback to
+/// the API that `bridge run` serves. No settlement runner runs, so only the
+/// callbacks can finish the transfers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_callbacks_between_separate_processes() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::Standalone).await?;
+    kit.seed_investor("ines", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let free_port = || -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+    let (simulator_address, api_address) =
+        (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
+    let secret =
+        bridge_sim::Secret::from_bytes(*uuid::Uuid::new_v4().as_bytes().repeat(2).first_chunk().context("32")?);
+    let scratch = std::env::temp_dir().join(format!("bridge-callbacks-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&scratch)?;
+    let plan = scratch.join("plan.json");
+    std::fs::write(&plan, r#"{"withdrawal": {"settle_after_ms": 300}, "deposit": {"settle_after_ms": 300}}"#)?;
+
+    let mut simulator = Command::new(BRIDGE)
+        .args(["sim", "--listen", &simulator_address, "--faults", plan.to_str().context("path")?])
+        .args(["--callback-url", &format!("http://{api_address}")])
+        .env("DATABASE_URL", &kit.database_url)
+        .env("BRIDGE_SIM_CALLBACK_SECRET", secret.expose())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(scratch.join("sim.log"))?)
+        .spawn()?;
+    let env = kit_env(
+        &kit,
+        &[
+            ("BRIDGE_ACCOUNT_SERVICES_URL", &format!("http://{simulator_address}")),
+            ("BRIDGE_API_LISTEN", &api_address),
+            ("BRIDGE_INVESTOR_CALLBACK_SECRETS", &secret.expose()),
+            ("BRIDGE_FUND_CALLBACK_SECRETS", &secret.expose()),
+        ],
+    );
+    let run = Command::new(BRIDGE)
+        .args(["run", "--stage", "validator", "--stage", "withdrawal", "--stage", "deposit", "--stage", "completion"])
+        .arg("--relay")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(scratch.join("run.log"))?)
+        .spawn()?;
+    let mut ids = Vec::new();
+    for amount in [1_000_00, 2_000_00, 3_000_00] {
+        ids.push(kit.publish(&kit.request("ines", &fund_account, amount)).await?);
+    }
+    let waited = kit.wait_terminal(&ids, Duration::from_secs(120)).await;
+    let metrics = reqwest::get(format!("http://{api_address}/metrics")).await.and_then(|r| r.error_for_status());
+    let metrics = match metrics {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(error) => error.to_string(),
+    };
+    Command::new("kill").args(["-TERM", &run.id().to_string()]).status()?;
+    let exit = tokio::task::spawn_blocking(move || run.wait_with_output()).await??;
+    simulator.kill()?;
+    simulator.wait()?;
+    let logs = || std::fs::read_to_string(scratch.join("run.log")).unwrap_or_default();
+    waited.with_context(|| format!("run log:\n{}", logs()))?;
+    ensure!(exit.status.success(), "bridge run failed:\n{}", logs());
+    ensure!(metrics.contains("bridge_callbacks_total{result=\"applied\"} 6"), "{metrics}");
+    for id in &ids {
+        ensure!(kit.transfer(*id).await?.state == bridge_domain::TransferState::Completed);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    kit.assert_books_balance().await
+}
+
 /// Waits until something answers HTTP on `address` (the simulator started).
 async fn reqwest_free_health_check(address: &str) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
