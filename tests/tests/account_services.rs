@@ -270,3 +270,56 @@ async fn pending_operations_wait_for_their_final_outcome() -> Result<()> {
     );
     kit.assert_books_balance().await
 }
+
+/// Fund criteria, seats and capacity come from the fund administrator over
+/// HTTP: new terms apply to the next request, unknown funds are reported,
+/// and terms below what is already reserved are refused, not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fund_terms_come_from_the_fund_administrator() -> Result<()> {
+    use bridge_store::accounts::FundTerms;
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("fay", 100_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    kit.seed_fund("stranger", 100_00, 10, 1_000_000_00).await?;
+    let simulator = kit.start_simulator(FaultPlan::none()).await?;
+    let services = kit.http_services(&simulator.url, 2_000)?;
+    let pipeline = bridge_pipeline::Pipeline::new(kit.pool.clone(), kit.config.clone(), services.clone());
+    let publish_terms = |minimum, seats, capacity| {
+        let pool = kit.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await?;
+            let terms = FundTerms {
+                currency: "EUR".to_owned(),
+                minimum_investment_minor: minimum,
+                seats_max: seats,
+                capacity_minor: capacity,
+            };
+            bridge_store::simulator::set_fund_terms(&mut conn, "fund", &terms).await?;
+            anyhow::Ok(())
+        }
+    };
+    ensure!(kit.currency.as_str() == "EUR", "the kit seeds EUR funds");
+
+    publish_terms(5_000_00, 10, 1_000_000_00).await?;
+    let report = bridge_pipeline::fund_terms::sync(pipeline.context()).await?;
+    ensure!(report.updated == ["fund"] && report.unknown == ["stranger"], "{report:?}");
+    ensure!(bridge_pipeline::fund_terms::sync(pipeline.context()).await?.updated.is_empty(), "applied twice");
+
+    let running = kit.spawn_with_services(&Part::all(), services);
+    let small = kit.publish(&kit.request("fay", &fund_account, 1_000_00)).await?;
+    let large = kit.publish(&kit.request("fay", &fund_account, 6_000_00)).await?;
+    kit.wait_terminal(&[small, large], SETTLE).await?;
+    running.stop().await?;
+    ensure!(kit.transfer(small).await?.reason_code.as_deref() == Some("BELOW_MINIMUM_INVESTMENT"));
+    ensure!(kit.transfer(large).await?.state == TransferState::Completed);
+
+    // 6,000.00 is committed: a capacity of 5,000.00 cannot be taken.
+    publish_terms(5_000_00, 10, 5_000_00).await?;
+    let report = bridge_pipeline::fund_terms::sync(pipeline.context()).await?;
+    ensure!(report.refused.len() == 1 && report.updated.is_empty(), "{report:?}");
+    let capacity: i64 =
+        sqlx::query_scalar("SELECT capacity_minor FROM funds WHERE id = 'fund'").fetch_one(&kit.pool).await?;
+    ensure!(capacity == 1_000_000_00);
+    simulator.stop().await?;
+    kit.assert_books_balance().await
+}

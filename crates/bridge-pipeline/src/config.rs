@@ -123,6 +123,9 @@ pub struct PipelineConfig {
     /// (withdrawals at the investor's bank, deposits at the fund
     /// administrator), so a backlog of pending steps cannot flood a service.
     pub settlement_concurrency_per_service: usize,
+    /// How often the settlement runner reads fund terms from the fund
+    /// administrator; 0 turns it off.
+    pub fund_terms_refresh_ms: u64,
     /// Extra librdkafka settings applied last (escape hatch).
     pub kafka_overrides: Vec<(String, String)>,
 }
@@ -149,6 +152,7 @@ impl PipelineConfig {
             pending_attempts_max: 12_000,
             reservation_ttl_ms: 7 * 24 * 3_600_000,
             settlement_concurrency_per_service: 8,
+            fund_terms_refresh_ms: 300_000,
             kafka_overrides: Vec::new(),
         }
     }

@@ -30,7 +30,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use crate::services::{
-    FundAccountService, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
+    FundAccountService, FundTerms, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
 };
 
 #[derive(Clone, Debug)]
@@ -237,5 +237,37 @@ impl FundAccountService for HttpAccountServices {
     async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         let path = format!("fund/v1/operations/{}/cancel", movement.idempotency_key);
         self.call(&self.config.fund_base_url, "fund", &path, movement).await
+    }
+
+    async fn fund_terms(&self, fund_id: &str) -> Result<Option<FundTerms>, ServiceError> {
+        #[derive(Deserialize)]
+        struct Terms {
+            currency: String,
+            minimum_investment_minor: i64,
+            seats_max: i32,
+            capacity_minor: i64,
+        }
+        let url = Self::url(&self.config.fund_base_url, &format!("fund/v1/funds/{fund_id}"));
+        let response = self
+            .authorise(self.client.get(url))
+            .send()
+            .await
+            .map_err(|error| ServiceError::Unavailable(format!("fund terms: {error}")))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            status if status.is_success() => {
+                let terms: Terms = response
+                    .json()
+                    .await
+                    .map_err(|error| ServiceError::Unavailable(format!("unreadable fund terms: {error}")))?;
+                Ok(Some(FundTerms {
+                    currency: terms.currency,
+                    minimum_investment_minor: terms.minimum_investment_minor,
+                    seats_max: terms.seats_max,
+                    capacity_minor: terms.capacity_minor,
+                }))
+            }
+            status => Err(ServiceError::Unavailable(format!("fund terms: service answered {status}"))),
+        }
     }
 }

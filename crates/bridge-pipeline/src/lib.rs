@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod fund_terms;
 pub mod http_services;
 pub mod kafka;
 pub mod message;

@@ -250,6 +250,8 @@ async fn run_settlement(ctx: Arc<StageContext>, shutdown: CancellationToken) -> 
         [("withdrawal", Arc::new(Semaphore::new(permits))), ("deposit", Arc::new(Semaphore::new(permits)))];
     let mut tasks = JoinSet::new();
     let mut next_sweep = tokio::time::Instant::now();
+    let mut next_terms = tokio::time::Instant::now();
+    let terms_in_flight = Arc::new(std::sync::atomic::AtomicBool::new(false));
     while !shutdown.is_cancelled() {
         let mut started = 0;
         for (kind, limit) in &limits {
@@ -278,6 +280,20 @@ async fn run_settlement(ctx: Arc<StageContext>, shutdown: CancellationToken) -> 
         if tokio::time::Instant::now() >= next_sweep {
             next_sweep = tokio::time::Instant::now() + Duration::from_millis(SWEEP_INTERVAL_MS);
             started += expire_reservations(&ctx, &limits[0].1, &mut tasks).await;
+        }
+        let refresh_ms = ctx.config.fund_terms_refresh_ms;
+        if refresh_ms > 0
+            && tokio::time::Instant::now() >= next_terms
+            && !terms_in_flight.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            next_terms = tokio::time::Instant::now() + Duration::from_millis(refresh_ms);
+            let (ctx, in_flight) = (ctx.clone(), terms_in_flight.clone());
+            tasks.spawn(async move {
+                if let Err(error) = crate::fund_terms::sync(&ctx).await {
+                    tracing::warn!(error = format!("{error:#}"), "Could not read fund terms; trying again later");
+                }
+                in_flight.store(false, std::sync::atomic::Ordering::Release);
+            });
         }
         while tasks.try_join_next().is_some() {}
         if started == 0 {

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use bridge_domain::Money;
+pub use bridge_store::accounts::FundTerms;
 
 /// One movement of money at an outside service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +80,9 @@ pub trait FundAccountService: Send + Sync {
     async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError>;
     /// As [`InvestorAccountService::cancel_withdrawal`], for a remittance.
     async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError>;
+    /// The fund's criteria, seats and capacity as the administrator
+    /// publishes them; `None` for a fund it does not know.
+    async fn fund_terms(&self, fund_id: &str) -> Result<Option<FundTerms>, ServiceError>;
 }
 
 #[derive(Clone)]
@@ -131,5 +135,9 @@ impl FundAccountService for NotConfigured {
 
     async fn cancel_remittance(&self, _: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         not_configured()
+    }
+
+    async fn fund_terms(&self, _: &str) -> Result<Option<FundTerms>, ServiceError> {
+        Err(ServiceError::Unavailable("no account services configured in this process".to_owned()))
     }
 }

@@ -7,6 +7,7 @@
 //! | `POST /fund/v1/remittances` | credit a fund account |
 //! | `GET /{service}/v1/operations/{key}` | the result stored under an idempotency key |
 //! | `POST /{service}/v1/operations/{key}/cancel` | void the operation unless it settled (body as for the operation) |
+//! | `GET /fund/v1/funds/{id}` | a fund's terms: currency, minimum investment, seats, capacity |
 //! | `GET /healthz` | liveness |
 //!
 //! Money-moving calls need an `Idempotency-Key` header and, when the server
@@ -42,6 +43,7 @@ pub fn router(bank: Arc<Bank>, token: Option<String>) -> Router {
         .route("/fund/v1/remittances", post(remit))
         .route("/investor/v1/operations/{key}", get(lookup))
         .route("/fund/v1/operations/{key}", get(lookup))
+        .route("/fund/v1/funds/{id}", get(fund_terms))
         .route("/investor/v1/operations/{key}/cancel", post(cancel_withdrawal))
         .route("/fund/v1/operations/{key}/cancel", post(cancel_remittance))
         .with_state(AppState { bank, token })
@@ -159,6 +161,24 @@ async fn refund(State(state): State<AppState>, headers: HeaderMap, Json(request)
 
 async fn remit(State(state): State<AppState>, headers: HeaderMap, Json(request): Json<OperationRequest>) -> Response {
     execute(state, Operation::Deposit, headers, request).await
+}
+
+async fn fund_terms(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if !authorised(&state, &headers) {
+        return problem(StatusCode::UNAUTHORIZED, "unauthorised", "missing or wrong bearer token");
+    }
+    match state.bank.fund_terms(&id).await {
+        Ok(Some(terms)) => Json(json!({
+            "fund_id": id,
+            "currency": terms.currency,
+            "minimum_investment_minor": terms.minimum_investment_minor,
+            "seats_max": terms.seats_max,
+            "capacity_minor": terms.capacity_minor,
+        }))
+        .into_response(),
+        Ok(None) => problem(StatusCode::NOT_FOUND, "not_found", "no such fund"),
+        Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &error.to_string()),
+    }
 }
 
 async fn lookup(State(state): State<AppState>, headers: HeaderMap, Path(key): Path<String>) -> Response {

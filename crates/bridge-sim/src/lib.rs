@@ -28,7 +28,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use bridge_pipeline::services::{
-    FundAccountService, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
+    FundAccountService, FundTerms, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
 };
 use bridge_store::simulator::{self, SimOperation};
 
@@ -448,6 +448,12 @@ impl Bank {
         });
     }
 
+    /// The fund administrator's terms for `fund_id`.
+    pub async fn fund_terms(&self, fund_id: &str) -> bridge_store::Result<Option<FundTerms>> {
+        let mut conn = self.pool.acquire().await?;
+        simulator::fund_terms(&mut conn, fund_id).await
+    }
+
     /// The stored result under `key`, if any: how a client resolves an
     /// unknown outcome.
     pub async fn lookup(&self, key: &str) -> bridge_store::Result<Option<OperationRecord>> {
@@ -569,6 +575,10 @@ impl FundAccountService for InProcessServices {
 
     async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         self.cancel(Operation::Deposit, movement).await
+    }
+
+    async fn fund_terms(&self, fund_id: &str) -> Result<Option<FundTerms>, ServiceError> {
+        self.bank.fund_terms(fund_id).await.map_err(|error| ServiceError::Unavailable(error.to_string()))
     }
 }
 

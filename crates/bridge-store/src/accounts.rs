@@ -359,3 +359,71 @@ pub async fn credit_fund_account(conn: &mut PgConnection, id: &str, amount_minor
     .rows_affected();
     exactly_one(updated, "fund account", id)
 }
+
+/// A fund's terms as its administrator publishes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FundTerms {
+    pub currency: String,
+    pub minimum_investment_minor: i64,
+    pub seats_max: i32,
+    pub capacity_minor: i64,
+}
+
+/// What applying a fund's terms did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TermsApplied {
+    Unchanged,
+    Updated,
+    /// Refused, with why: the fund is unknown here, its currency differs, or
+    /// the new terms are below what is already reserved and completed.
+    Refused(String),
+}
+
+pub async fn fund_ids(conn: &mut PgConnection) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar("SELECT id FROM funds ORDER BY id").fetch_all(conn).await?)
+}
+
+/// Takes the administrator's criteria, seats and capacity for `fund_id`,
+/// bumping the fund's version so a validation that read the old terms loses
+/// its race and decides again. Terms that the fund's current reservations
+/// already exceed are refused (the CHECK constraints would refuse them too).
+pub async fn apply_fund_terms(conn: &mut PgConnection, fund_id: &str, terms: &FundTerms) -> Result<TermsApplied> {
+    let current: Option<(String, i64, i32, i64, i32, i64)> = sqlx::query_as(
+        "SELECT currency, minimum_investment_minor, seats_max, capacity_minor, investors_count,
+                reserved_minor + completed_minor
+         FROM funds WHERE id = $1 FOR UPDATE",
+    )
+    .bind(fund_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((currency, minimum, seats, capacity, investors, committed)) = current else {
+        return Ok(TermsApplied::Refused("unknown fund".to_owned()));
+    };
+    if currency.trim() != terms.currency {
+        return Ok(TermsApplied::Refused(format!("currency {} differs from {}", terms.currency, currency.trim())));
+    }
+    if (minimum, seats, capacity) == (terms.minimum_investment_minor, terms.seats_max, terms.capacity_minor) {
+        return Ok(TermsApplied::Unchanged);
+    }
+    if terms.minimum_investment_minor <= 0 || terms.seats_max <= 0 || terms.capacity_minor <= 0 {
+        return Ok(TermsApplied::Refused("terms must be positive".to_owned()));
+    }
+    if terms.seats_max < investors || terms.capacity_minor < committed {
+        return Ok(TermsApplied::Refused(format!(
+            "{} seats and {} capacity are below the {investors} seats and {committed} already taken",
+            terms.seats_max, terms.capacity_minor
+        )));
+    }
+    sqlx::query(
+        "UPDATE funds SET minimum_investment_minor = $2, seats_max = $3, capacity_minor = $4,
+                          version = version + 1, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(fund_id)
+    .bind(terms.minimum_investment_minor)
+    .bind(terms.seats_max)
+    .bind(terms.capacity_minor)
+    .execute(conn)
+    .await?;
+    Ok(TermsApplied::Updated)
+}

@@ -129,3 +129,37 @@ pub async fn find(conn: &mut PgConnection, key: &str) -> Result<Option<SimOperat
         reference,
     }))
 }
+
+/// Publishes a fund's terms at the simulated fund administrator.
+pub async fn set_fund_terms(conn: &mut PgConnection, fund_id: &str, terms: &crate::accounts::FundTerms) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO sim_funds (id, currency, minimum_investment_minor, seats_max, capacity_minor)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (id) DO UPDATE SET currency = EXCLUDED.currency,
+             minimum_investment_minor = EXCLUDED.minimum_investment_minor,
+             seats_max = EXCLUDED.seats_max, capacity_minor = EXCLUDED.capacity_minor",
+    )
+    .bind(fund_id)
+    .bind(&terms.currency)
+    .bind(terms.minimum_investment_minor)
+    .bind(terms.seats_max)
+    .bind(terms.capacity_minor)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn fund_terms(conn: &mut PgConnection, fund_id: &str) -> Result<Option<crate::accounts::FundTerms>> {
+    let row: Option<(String, i64, i32, i64)> = sqlx::query_as(
+        "SELECT currency, minimum_investment_minor, seats_max, capacity_minor FROM sim_funds WHERE id = $1",
+    )
+    .bind(fund_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(currency, minimum_investment_minor, seats_max, capacity_minor)| crate::accounts::FundTerms {
+        currency: currency.trim().to_owned(),
+        minimum_investment_minor,
+        seats_max,
+        capacity_minor,
+    }))
+}

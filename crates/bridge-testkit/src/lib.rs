@@ -569,6 +569,10 @@ impl FundAccountService for LosingFirstReplies {
     async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         self.inner.cancel_remittance(movement).await
     }
+
+    async fn fund_terms(&self, fund_id: &str) -> Result<Option<bridge_pipeline::services::FundTerms>, ServiceError> {
+        self.inner.fund_terms(fund_id).await
+    }
 }
 
 /// The account-service simulator served over HTTP from the test process.

@@ -154,6 +154,10 @@ pub struct SettlementArgs {
     /// Calls the settlement runner makes at once to each account service.
     #[arg(long, env = "BRIDGE_SETTLEMENT_CONCURRENCY", default_value_t = 8)]
     pub settlement_concurrency: usize,
+    /// How often the settlement runner reads fund terms from the Fund
+    /// Account Service (0: never).
+    #[arg(long, env = "BRIDGE_FUND_TERMS_REFRESH_MS", default_value_t = 300_000)]
+    pub fund_terms_refresh_ms: u64,
 }
 
 impl SettlementArgs {
@@ -163,6 +167,7 @@ impl SettlementArgs {
         config.pending_attempts_max = self.pending_attempts_max;
         config.reservation_ttl_ms = self.reservation_ttl_ms;
         config.settlement_concurrency_per_service = self.settlement_concurrency;
+        config.fund_terms_refresh_ms = self.fund_terms_refresh_ms;
     }
 }
 
@@ -235,6 +240,9 @@ enum Command {
     Sim(SimArgs),
     /// Serve the HTTP API alone: settlement callbacks, health, metrics.
     Api(ApiCommandArgs),
+    /// Read every fund's criteria, seats and capacity from the Fund Account
+    /// Service now (the settlement runner also does it on a schedule).
+    FundsSync(FundsSyncArgs),
     /// Re-drive a range of a stage's input topic through the stage (safe for
     /// any range: repeats are no-ops). Never moves the live groups' offsets.
     Replay(ops::ReplayArgs),
@@ -266,6 +274,14 @@ struct SimArgs {
     /// Secret (`whsec_...`) the callbacks are signed with.
     #[arg(long, env = "BRIDGE_SIM_CALLBACK_SECRET", hide_env_values = true, requires = "callback_url")]
     callback_secret: Option<String>,
+}
+
+#[derive(Args)]
+struct FundsSyncArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    services: ServiceArgs,
 }
 
 #[derive(Args)]
@@ -471,6 +487,27 @@ async fn main() -> Result<()> {
             let shutdown = shutdown_on_signal();
             if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
                 api.await.context("API task panicked")?.context("API failed")?;
+            }
+        }
+        Command::FundsSync(args) => {
+            init_logging("warn");
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            let services = args.services.services(&pool)?;
+            let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers), services);
+            let report = bridge_pipeline::fund_terms::sync(pipeline.context()).await?;
+            println!(
+                "{} funds checked, {} updated {:?}, {} unknown to the administrator {:?}",
+                report.checked,
+                report.updated.len(),
+                report.updated,
+                report.unknown.len(),
+                report.unknown
+            );
+            for (fund, reason) in &report.refused {
+                println!("refused {fund}: {reason}");
+            }
+            if !report.refused.is_empty() {
+                std::process::exit(1);
             }
         }
         Command::Replay(args) => {
