@@ -45,7 +45,8 @@ impl Topics {
     /// Every topic the pipeline reads or writes, dead-letter topics included.
     pub fn all(&self) -> Vec<String> {
         let main = [self.requested(), self.validated(), self.withdrawn(), self.deposited(), self.status()];
-        let dead_letters: Vec<String> = main[..4].iter().map(|topic| Self::dead_letter(topic)).collect();
+        // The status topic has consumers of ours too (the notifier).
+        let dead_letters: Vec<String> = main.iter().map(|topic| Self::dead_letter(topic)).collect();
         main.into_iter().chain(dead_letters).collect()
     }
 }

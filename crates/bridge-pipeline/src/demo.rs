@@ -92,6 +92,11 @@ impl DemoData {
         Self { namespace: namespace.to_owned(), investors, frozen_investor }
     }
 
+    /// Every fund account of this namespace.
+    pub fn fund_accounts(&self) -> Vec<String> {
+        FUNDS.iter().map(|plan| self.fund_account(plan.suffix)).collect()
+    }
+
     pub fn fund_account(&self, suffix: &str) -> String {
         format!("{}-fa-{suffix}", self.namespace)
     }

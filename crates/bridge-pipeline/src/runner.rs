@@ -146,11 +146,37 @@ impl Backoff {
     }
 }
 
+/// What a consumer does with one message: process it to an outcome, or fail
+/// transiently (the message is then retried in place).
+pub type Handler = Arc<
+    dyn for<'a> Fn(&'a Inbound) -> futures::future::BoxFuture<'a, Result<Outcome, stages::StageError>> + Send + Sync,
+>;
+
 async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: CancellationToken) -> Result<()> {
-    let consumer = kafka::consumer(&ctx.config, &stage.group_id(&ctx.config))?;
+    let handler_ctx = ctx.clone();
+    let handler: Handler = Arc::new(move |message| {
+        let ctx = handler_ctx.clone();
+        Box::pin(async move { stages::handle(&ctx, stage, message).await })
+    });
     let topic = stage.input_topic(&ctx.topics);
-    consumer.subscribe(&[&topic]).with_context(|| format!("Failed to subscribe to {topic}"))?;
-    tracing::info!(stage = stage.as_str(), topic = %topic, "Stage started");
+    consume(&ctx, stage.as_str(), &stage.group_id(&ctx.config), &topic, handler, shutdown).await
+}
+
+/// The consume → process → store-offset loop every consumer runs: a
+/// transient failure is retried in place with backoff (holding the
+/// partition, which keeps per-key order), and the offset is stored only once
+/// the handler has finished with the message.
+pub async fn consume(
+    ctx: &StageContext,
+    name: &'static str,
+    group: &str,
+    topic: &str,
+    handler: Handler,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let consumer = kafka::consumer(&ctx.config, group)?;
+    consumer.subscribe(&[topic]).with_context(|| format!("Failed to subscribe to {topic}"))?;
+    tracing::info!(stage = name, topic = %topic, "Consumer started");
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -161,7 +187,7 @@ async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: Cancellat
             Err(error) => {
                 // Broker errors are reported here and recovered by librdkafka;
                 // we keep polling.
-                tracing::warn!(stage = stage.as_str(), error = %error, "Kafka consumer error");
+                tracing::warn!(stage = name, error = %error, "Kafka consumer error");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -169,23 +195,20 @@ async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: Cancellat
         let inbound = Inbound::from_kafka(&message);
         let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
         loop {
-            match stages::handle(&ctx, stage, &inbound).await {
+            match handler(&inbound).await {
                 Ok(outcome) => {
                     tracing::debug!(
-                        stage = stage.as_str(),
+                        stage = name,
                         partition = inbound.partition,
                         offset = inbound.offset,
                         outcome = ?outcome,
                         "Message processed"
                     );
-                    if outcome == Outcome::Duplicate {
-                        tracing::debug!(stage = stage.as_str(), offset = inbound.offset, "Duplicate message skipped");
-                    }
                     break;
                 }
                 Err(error) => {
                     tracing::warn!(
-                        stage = stage.as_str(),
+                        stage = name,
                         partition = inbound.partition,
                         offset = inbound.offset,
                         error = %error,
@@ -195,7 +218,7 @@ async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: Cancellat
                     tokio::select! {
                         // Leave without storing the offset: the message will
                         // be delivered again to whoever owns the partition.
-                        _ = shutdown.cancelled() => return commit_on_exit(&consumer, stage),
+                        _ = shutdown.cancelled() => return commit_on_exit(&consumer, name),
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
@@ -207,18 +230,18 @@ async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: Cancellat
             // rebalance, or we exceeded max.poll.interval.ms while retrying).
             // Its new owner will receive the message again and the inbox
             // absorbs the repeat, so this is not a reason to stop.
-            tracing::warn!(stage = stage.as_str(), partition = inbound.partition, offset = inbound.offset, error = %error, "Could not store offset; the partition's next owner will see the message again");
+            tracing::warn!(stage = name, partition = inbound.partition, offset = inbound.offset, error = %error, "Could not store offset; the partition's next owner will see the message again");
         }
     }
-    commit_on_exit(&consumer, stage)
+    commit_on_exit(&consumer, name)
 }
 
-fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer, stage: StageName) -> Result<()> {
+fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer, name: &str) -> Result<()> {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(error) => tracing::warn!(stage = stage.as_str(), error = %error, "Final offset commit failed"),
+        Err(error) => tracing::warn!(stage = name, error = %error, "Final offset commit failed"),
     }
-    tracing::info!(stage = stage.as_str(), "Stage stopped");
+    tracing::info!(stage = name, "Consumer stopped");
     Ok(())
 }
 

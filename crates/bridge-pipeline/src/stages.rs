@@ -111,31 +111,50 @@ fn fund_id_of(transfer: &Transfer) -> Result<&str, StageError> {
 /// of times, dead-letters what can never succeed, and hands transient
 /// failures back to the caller, which retries the message later.
 pub async fn handle(ctx: &StageContext, stage: StageName, message: &Inbound) -> Result<Outcome, StageError> {
-    let mut races = 0;
-    loop {
-        let attempt = match stage {
+    process(ctx, stage.as_str(), message, || async move {
+        match stage {
             StageName::Validator => validate(ctx, message).await,
             StageName::Withdrawal => withdraw(ctx, message).await,
             StageName::Deposit => deposit(ctx, message).await,
             StageName::Completion => complete(ctx, message).await,
-        };
-        match attempt {
+        }
+    })
+    .await
+}
+
+/// Runs `attempt` for one message of consumer `consumer` (a stage, or
+/// another consumer such as the notifier) with the stages' error policy:
+/// lost races retried at once a bounded number of times, what can never
+/// succeed dead-lettered, transient failures handed back to the caller.
+pub async fn process<F, Fut>(
+    ctx: &StageContext,
+    consumer: &'static str,
+    message: &Inbound,
+    attempt: F,
+) -> Result<Outcome, StageError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Outcome, StageError>>,
+{
+    let mut races = 0;
+    loop {
+        match attempt().await {
             Ok(outcome) => return Ok(outcome),
             Err(StageError::Race { reason, .. }) if races < ctx.config.transaction_attempts_max => {
                 races += 1;
-                tracing::debug!(stage = stage.as_str(), attempt = races, reason = %reason, "Retrying after a lost race");
+                tracing::debug!(stage = consumer, attempt = races, reason = %reason, "Retrying after a lost race");
                 // A short random pause lets the winner finish and spreads the
                 // losers out so they do not collide again in lockstep.
                 let pause_ms = rand::rng().random_range(0..(2u64 << races.min(6)));
                 tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
             }
             Err(StageError::Race { reason, unique_violation: true }) => {
-                return dead_letter(ctx, stage, message, "processing_error", &reason).await;
+                return dead_letter(ctx, consumer, message, "processing_error", &reason).await;
             }
             Err(StageError::Race { reason, .. }) => return Err(StageError::Transient(reason)),
             Err(StageError::Permanent { class, message: reason }) => {
                 tracing::warn!(
-                    stage = stage.as_str(),
+                    stage = consumer,
                     topic = %message.topic,
                     partition = message.partition,
                     offset = message.offset,
@@ -143,7 +162,7 @@ pub async fn handle(ctx: &StageContext, stage: StageName, message: &Inbound) -> 
                     error = %reason,
                     "Dead-lettering a message that cannot be processed"
                 );
-                return dead_letter(ctx, stage, message, class, &reason).await;
+                return dead_letter(ctx, consumer, message, class, &reason).await;
             }
             Err(transient) => return Err(transient),
         }
@@ -154,13 +173,13 @@ pub async fn handle(ctx: &StageContext, stage: StageName, message: &Inbound) -> 
 /// error headers, through the outbox, exactly once per log position.
 async fn dead_letter(
     ctx: &StageContext,
-    stage: StageName,
+    consumer: &str,
     message: &Inbound,
     class: &'static str,
     reason: &str,
 ) -> Result<Outcome, StageError> {
     let mut tx = ctx.pool.begin().await?;
-    if !inbox::record(&mut tx, stage.as_str(), &format!("dlq:{}", message.position_id())).await? {
+    if !inbox::record(&mut tx, consumer, &format!("dlq:{}", message.position_id())).await? {
         return Ok(Outcome::DeadLettered);
     }
     // The original headers, minus any that pose as ours: a sender must not
@@ -174,7 +193,7 @@ async fn dead_letter(
         (dlq::ORIGINAL_OFFSET, message.offset.to_string()),
         (dlq::ERROR_CLASS, class.to_owned()),
         (dlq::ERROR_MESSAGE, reason.chars().take(1_000).collect()),
-        (dlq::STAGE, stage.as_str().to_owned()),
+        (dlq::STAGE, consumer.to_owned()),
         (dlq::FAILED_AT, now),
     ] {
         headers.push((name.to_owned(), value.into_bytes()));

@@ -15,6 +15,7 @@ pub mod callbacks;
 pub mod gauges;
 pub mod inbox;
 pub mod ledger;
+pub mod notifications;
 pub mod outbox;
 pub mod pending;
 pub mod reconcile;

@@ -6,6 +6,8 @@
 //! run in parallel without seeing each other. It drives the pipeline only
 //! through its public entry points and Kafka, as a deployment would.
 
+pub mod receivers;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -453,8 +455,13 @@ impl TestKit {
     /// Waits until the stage's consumer group has committed offsets past the
     /// last message of every partition of its input topic.
     pub async fn wait_caught_up(&self, stage: StageName, timeout: Duration) -> Result<()> {
-        let topic = stage.input_topic(self.topics());
-        let group = stage.group_id(&self.config);
+        self.wait_group_caught_up(&stage.group_id(&self.config), &stage.input_topic(self.topics()), timeout).await
+    }
+
+    /// Waits until consumer group `group` has committed past every message
+    /// now in `topic`.
+    pub async fn wait_group_caught_up(&self, group: &str, topic: &str, timeout: Duration) -> Result<()> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
         let mut ends: HashMap<i32, i64> = HashMap::new();
         for message in self.read_topic(&topic).await? {
             ends.insert(message.partition, message.offset + 1);
@@ -654,6 +661,33 @@ impl TestKit {
                 timeout_ms,
             },
         )
+    }
+}
+
+/// The notifier running in the test process.
+pub struct RunningNotifier {
+    token: CancellationToken,
+    handle: JoinHandle<Result<()>>,
+}
+
+impl RunningNotifier {
+    pub async fn stop(self) -> Result<()> {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .context("Notifier did not stop within 60 s")??
+    }
+}
+
+impl TestKit {
+    /// Runs the notifier (its consumer and its sender) on this runtime.
+    pub fn spawn_notifier(&self, config: bridge_notify::NotifierConfig) -> Result<RunningNotifier> {
+        let pipeline = Pipeline::new(self.pool.clone(), self.config.clone(), Services::none());
+        let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), config)?;
+        let token = CancellationToken::new();
+        let run_token = token.clone();
+        let handle = tokio::spawn(async move { notifier.run(run_token).await });
+        Ok(RunningNotifier { token, handle })
     }
 }
 

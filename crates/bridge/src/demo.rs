@@ -71,6 +71,10 @@ struct Summary {
     /// Service operations that were pending first and settled later, by
     /// callback or by polling.
     settled_asynchronously: i64,
+    /// Status events in the notifier's event log, and webhook deliveries
+    /// the demo's receiver accepted with a valid signature.
+    notifications_logged: i64,
+    webhooks_verified: u64,
     invariants_ok: bool,
     elapsed_ms: u128,
 }
@@ -182,6 +186,30 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         let token = shutdown.clone();
         tokio::spawn(async move { pipeline.run(&Part::all(), token).await })
     };
+    // Every status change of this run's transfers goes to a webhook of each
+    // fund, received here and checked against its signature.
+    let (receiver_url, verified) = start_webhook_receiver(&callback_secret_for_hooks(), shutdown.clone()).await?;
+    let mut subscriptions = Vec::new();
+    {
+        let mut conn = pool.acquire().await?;
+        for fund_account in data.fund_accounts() {
+            let subscription = bridge_store::notifications::NewSubscription {
+                subscriber_kind: "fund".to_owned(),
+                subscriber_id: Some(fund_account.clone()),
+                states: Vec::new(),
+                channel: "webhook".to_owned(),
+                target: format!("{receiver_url}/funds/{fund_account}"),
+                secret: Some(callback_secret_for_hooks().expose()),
+            };
+            subscriptions.push(bridge_store::notifications::subscribe(&mut conn, &subscription).await?);
+        }
+    }
+    let notifier = {
+        let notifier =
+            bridge_notify::Notifier::new(pipeline.context().clone(), bridge_notify::NotifierConfig::default())?;
+        let token = shutdown.clone();
+        tokio::spawn(async move { notifier.run(token).await })
+    };
 
     let requests = data.requests(args.transfers, args.seed);
     let ids: Vec<Uuid> =
@@ -217,9 +245,13 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
             .map(|(_, count)| count)
             .sum();
         let unpublished = bridge_store::outbox::unpublished_count(&mut conn).await?;
+        // Every version of every transfer is a status event the notifier
+        // must log and deliver.
+        let notified = logged_events(&mut conn, &ids).await? == versions(&mut conn, &ids).await?
+            && undelivered(&mut conn, &subscriptions).await? == 0;
         progress.set_position(settled as u64);
         progress.set_message(describe(&counts));
-        if settled as usize == args.transfers && unpublished == 0 {
+        if settled as usize == args.transfers && unpublished == 0 && notified {
             break;
         }
         if Instant::now() > deadline || running.is_finished() {
@@ -231,12 +263,16 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
 
     shutdown.cancel();
     let run_result = running.await.context("Pipeline task panicked")?;
+    let notify_result = notifier.await.context("Notifier task panicked")?;
     if let Some(server) = simulator {
         server.await.context("Simulator task panicked")?.context("Simulator failed")?;
     }
     api.await.context("API task panicked")?.context("API failed")?;
     if let Err(error) = &run_result {
         eprintln!("Pipeline stopped with an error: {error:#}");
+    }
+    if let Err(error) = &notify_result {
+        eprintln!("Notifier stopped with an error: {error:#}");
     }
 
     let mut conn = pool.acquire().await?;
@@ -257,13 +293,15 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         manual_review: count(TransferState::ManualReview),
         in_flight: args.transfers as i64 - settled_total,
         settled_asynchronously: asynchronous_operations(&mut conn, &ids).await?,
+        notifications_logged: logged_events(&mut conn, &ids).await?,
+        webhooks_verified: verified.load(std::sync::atomic::Ordering::Relaxed),
         invariants_ok: report.ok(),
         elapsed_ms: started.elapsed().as_millis(),
     };
     let reasons = rejection_reasons(&mut conn, &ids).await?;
     eprintln!("  reasons: {reasons:?}");
     println!("{}", serde_json::to_string(&summary)?);
-    Ok(summary.invariants_ok && summary.in_flight == 0 && run_result.is_ok())
+    Ok(summary.invariants_ok && summary.in_flight == 0 && run_result.is_ok() && notify_result.is_ok())
 }
 
 /// A fresh signing secret for this run's callbacks.
@@ -289,6 +327,74 @@ async fn state_counts(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<Vec
 
 fn describe(counts: &[(TransferState, i64)]) -> String {
     counts.iter().map(|(state, count)| format!("{state}={count}")).collect::<Vec<_>>().join(" ")
+}
+
+/// The secret the demo's fund webhooks are signed with (fixed per process).
+fn callback_secret_for_hooks() -> bridge_webhooks::Secret {
+    static SECRET: std::sync::OnceLock<bridge_webhooks::Secret> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| bridge_webhooks::Secret::from_bytes(rand_bytes())).clone()
+}
+
+/// A webhook receiver standing in for the funds' systems: counts the
+/// deliveries whose Standard Webhooks signature verifies, refuses others.
+async fn start_webhook_receiver(
+    secret: &bridge_webhooks::Secret,
+    shutdown: CancellationToken,
+) -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    use axum::http::{HeaderMap, StatusCode};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let verified = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (count, secret) = (verified.clone(), secret.clone());
+    let app = axum::Router::new().route(
+        "/funds/{account}",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (count, secret) = (count.clone(), secret.clone());
+            async move {
+                let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+                let signed = bridge_webhooks::SignedHeaders {
+                    id: header(bridge_webhooks::ID_HEADER),
+                    timestamp: header(bridge_webhooks::TIMESTAMP_HEADER),
+                    signature: header(bridge_webhooks::SIGNATURE_HEADER),
+                };
+                let now = chrono::Utc::now().timestamp();
+                match bridge_webhooks::verify(&[secret], signed, &body, now, bridge_webhooks::DEFAULT_TOLERANCE_SECS) {
+                    Ok(_) => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        StatusCode::NO_CONTENT
+                    }
+                    Err(_) => StatusCode::UNAUTHORIZED,
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    });
+    Ok((url, verified))
+}
+
+async fn undelivered(conn: &mut sqlx::PgConnection, subscriptions: &[i64]) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM notification_deliveries WHERE status = 'pending' AND subscription_id = ANY($1)",
+    )
+    .bind(subscriptions)
+    .fetch_one(conn)
+    .await?)
+}
+
+async fn versions(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT coalesce(sum(version), 0)::bigint FROM transfers WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_one(conn)
+        .await?)
+}
+
+async fn logged_events(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM notification_log WHERE transfer_id = ANY($1)")
+        .bind(ids)
+        .fetch_one(conn)
+        .await?)
 }
 
 async fn asynchronous_operations(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<i64> {

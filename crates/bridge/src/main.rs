@@ -5,6 +5,7 @@
 
 mod demo;
 mod local_postgres;
+mod notify;
 mod ops;
 mod submit;
 
@@ -240,6 +241,9 @@ enum Command {
     Sim(SimArgs),
     /// Serve the HTTP API alone: settlement callbacks, health, metrics.
     Api(ApiCommandArgs),
+    /// Deliver status notifications (and manage subscriptions and dead
+    /// letters: subscribe, list, enable, disable, redrive).
+    Notify(notify::NotifyArgs),
     /// Read every fund's criteria, seats and capacity from the Fund Account
     /// Service now (the settlement runner also does it on a schedule).
     FundsSync(FundsSyncArgs),
@@ -346,6 +350,11 @@ struct RunArgs {
     /// accepted as pending (implied when no --stage is given).
     #[arg(long)]
     settlement: bool,
+    /// Run the notifier (implied when no --stage is given).
+    #[arg(long)]
+    notify: bool,
+    #[command(flatten)]
+    notifier: notify::NotifierArgs,
     #[command(flatten)]
     services: ServiceArgs,
     #[command(flatten)]
@@ -419,6 +428,7 @@ async fn main() -> Result<()> {
             if args.settlement {
                 parts.push(Part::Settlement);
             }
+            let notify = args.notify || parts.is_empty();
             if parts.is_empty() {
                 parts = Part::all();
             }
@@ -438,8 +448,19 @@ async fn main() -> Result<()> {
             let pipeline = Pipeline::new(pool, config, services);
             let shutdown = shutdown_on_signal();
             let api = args.api.serve(&pipeline, shutdown.clone()).await?;
+            let notifier = match notify {
+                true => {
+                    let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), args.notifier.config()?)?;
+                    let token = shutdown.clone();
+                    Some(tokio::spawn(async move { notifier.run(token).await }))
+                }
+                false => None,
+            };
             let result = pipeline.run(&parts, shutdown.clone()).await;
             shutdown.cancel();
+            if let Some(notifier) = notifier {
+                notifier.await.context("Notifier task panicked")?.context("Notifier failed")?;
+            }
             if let Some(api) = api {
                 api.await.context("API task panicked")?.context("API failed")?;
             }
@@ -488,6 +509,10 @@ async fn main() -> Result<()> {
             if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
                 api.await.context("API task panicked")?.context("API failed")?;
             }
+        }
+        Command::Notify(args) => {
+            init_logging("info");
+            notify::run(args).await?;
         }
         Command::FundsSync(args) => {
             init_logging("warn");

@@ -102,7 +102,7 @@ async fn operator_commands_on_the_standalone_broker() -> Result<()> {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let _ = std::fs::remove_file(&log_path);
     ensure!(exit.status.success(), "bridge run exited with {:?}: {log}", exit.status);
-    ensure!(log.contains("Relay stopped") && log.contains("Stage stopped"), "no graceful stop in the log: {log}");
+    ensure!(log.contains("Relay stopped") && log.contains("Consumer stopped"), "no graceful stop in the log: {log}");
 
     let report = run(&["reconcile"])?;
     ensure!(String::from_utf8_lossy(&report.stdout).contains("in flight: 0"));

@@ -1,0 +1,284 @@
+//! Notification subscriptions, the event log and the delivery queues.
+//!
+//! Every target (subscription) has its own queue: its deliveries are sent one
+//! at a time, oldest first, so a target hears about a transfer's changes in
+//! order, and a target that is down or slow holds back only its own queue.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Result;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewSubscription {
+    /// `investor`, `fund` or `operator`.
+    pub subscriber_kind: String,
+    /// Investor account id or fund account id; `None` for operators.
+    pub subscriber_id: Option<String>,
+    /// Transfer states to hear about; empty for all.
+    pub states: Vec<String>,
+    /// `webhook`, `slack`, `sms` or `email`.
+    pub channel: String,
+    pub target: String,
+    pub secret: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    pub id: i64,
+    pub subscriber_kind: String,
+    pub subscriber_id: Option<String>,
+    pub states: Vec<String>,
+    pub channel: String,
+    pub target: String,
+    pub enabled: bool,
+    pub disabled_reason: Option<String>,
+}
+
+pub async fn subscribe(conn: &mut PgConnection, new: &NewSubscription) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO notification_subscriptions (subscriber_kind, subscriber_id, states, channel, target, secret)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+    )
+    .bind(&new.subscriber_kind)
+    .bind(&new.subscriber_id)
+    .bind(&new.states)
+    .bind(&new.channel)
+    .bind(&new.target)
+    .bind(&new.secret)
+    .fetch_one(conn)
+    .await?)
+}
+
+pub async fn subscriptions(conn: &mut PgConnection) -> Result<Vec<Subscription>> {
+    let rows: Vec<(i64, String, Option<String>, Vec<String>, String, String, bool, Option<String>)> = sqlx::query_as(
+        "SELECT id, subscriber_kind, subscriber_id, states, channel, target, enabled, disabled_reason
+         FROM notification_subscriptions ORDER BY id",
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, subscriber_kind, subscriber_id, states, channel, target, enabled, disabled_reason)| Subscription {
+            id,
+            subscriber_kind,
+            subscriber_id,
+            states,
+            channel,
+            target,
+            enabled,
+            disabled_reason,
+        })
+        .collect())
+}
+
+/// Enables or disables a target. Enabling clears its failure streak, so the
+/// automatic switch-off starts counting afresh. Returns whether it exists.
+pub async fn set_enabled(conn: &mut PgConnection, id: i64, enabled: bool, reason: Option<&str>) -> Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE notification_subscriptions
+         SET enabled = $2, disabled_reason = CASE WHEN $2 THEN NULL ELSE $3 END,
+             failing_since = CASE WHEN $2 THEN NULL ELSE failing_since END
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(enabled)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// A status event as the notifier keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggedEvent {
+    pub event_id: Uuid,
+    pub transfer_id: Uuid,
+    pub version: i64,
+    pub state: String,
+    pub investor_account_id: String,
+    pub fund_account_id: String,
+    /// The whole event as JSON, as webhooks receive it.
+    pub event: serde_json::Value,
+}
+
+/// Writes `event` to the event log and queues one delivery per matching
+/// enabled-or-not subscription (a disabled target's deliveries wait for it to
+/// be enabled again). Returns `None` when the event was logged before: a
+/// redelivered event notifies nobody twice.
+pub async fn accept(conn: &mut PgConnection, event: &LoggedEvent) -> Result<Option<u64>> {
+    let logged = sqlx::query(
+        "INSERT INTO notification_log (event_id, transfer_id, version, state, event)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event.event_id)
+    .bind(event.transfer_id)
+    .bind(event.version)
+    .bind(&event.state)
+    .bind(&event.event)
+    .execute(&mut *conn)
+    .await?;
+    if logged.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let queued = sqlx::query(
+        "INSERT INTO notification_deliveries (subscription_id, event_id)
+         SELECT id, $1 FROM notification_subscriptions
+         WHERE (cardinality(states) = 0 OR $2 = ANY(states))
+           AND (subscriber_kind = 'operator'
+                OR (subscriber_kind = 'investor' AND subscriber_id = $3)
+                OR (subscriber_kind = 'fund' AND subscriber_id = $4))
+         ORDER BY id
+         ON CONFLICT (subscription_id, event_id) DO NOTHING",
+    )
+    .bind(event.event_id)
+    .bind(&event.state)
+    .bind(&event.investor_account_id)
+    .bind(&event.fund_account_id)
+    .execute(conn)
+    .await?;
+    Ok(Some(queued.rows_affected()))
+}
+
+/// A delivery claimed for sending.
+#[derive(Clone, Debug)]
+pub struct ClaimedDelivery {
+    pub id: i64,
+    pub subscription_id: i64,
+    pub event_id: Uuid,
+    /// Including this one.
+    pub attempts: i32,
+    pub channel: String,
+    pub target: String,
+    pub secret: Option<String>,
+    pub event: serde_json::Value,
+}
+
+/// Claims the head of up to `limit` target queues whose head is due, for
+/// `lease_ms`. A queue whose head is leased (being sent, here or by another
+/// notifier) or waiting for its retry time is skipped as a whole, which is
+/// what keeps each target's deliveries in order.
+pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<Vec<ClaimedDelivery>> {
+    // The conditions on `d` are checked again on the locked row, so two
+    // notifiers cannot both claim a head.
+    let rows: Vec<(i64, i64, Uuid, i32, String, String, Option<String>, serde_json::Value)> = sqlx::query_as(
+        "WITH heads AS (
+             SELECT DISTINCT ON (q.subscription_id) q.id
+             FROM notification_deliveries q
+             JOIN notification_subscriptions s ON s.id = q.subscription_id AND s.enabled
+             WHERE q.status = 'pending'
+             ORDER BY q.subscription_id, q.id),
+         due AS (
+             SELECT d.id FROM notification_deliveries d JOIN heads h ON h.id = d.id
+             WHERE d.next_attempt_at <= now() AND (d.leased_until IS NULL OR d.leased_until < now())
+             ORDER BY d.next_attempt_at LIMIT $1)
+         UPDATE notification_deliveries d
+         SET leased_until = now() + make_interval(secs => $2), attempts = d.attempts + 1
+         FROM due, notification_subscriptions s, notification_log l
+         WHERE d.id = due.id AND s.id = d.subscription_id AND l.event_id = d.event_id
+           AND d.status = 'pending' AND d.next_attempt_at <= now()
+           AND (d.leased_until IS NULL OR d.leased_until < now())
+         RETURNING d.id, d.subscription_id, d.event_id, d.attempts, s.channel, s.target, s.secret, l.event",
+    )
+    .bind(limit)
+    .bind(lease_ms as f64 / 1_000.0)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, subscription_id, event_id, attempts, channel, target, secret, event)| ClaimedDelivery {
+            id,
+            subscription_id,
+            event_id,
+            attempts,
+            channel,
+            target,
+            secret,
+            event,
+        })
+        .collect())
+}
+
+pub async fn mark_delivered(conn: &mut PgConnection, delivery: &ClaimedDelivery) -> Result<()> {
+    sqlx::query(
+        "UPDATE notification_deliveries SET status = 'delivered', finished_at = now(), leased_until = NULL,
+                last_error = NULL
+         WHERE id = $1",
+    )
+    .bind(delivery.id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE notification_subscriptions SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
+    )
+    .bind(delivery.subscription_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records a failed attempt: retried after `retry_after_ms`, or dead-lettered
+/// when `None`. A target failing for longer than `disable_after_ms` is
+/// switched off; returns true when this failure switched it off.
+pub async fn mark_failed(
+    conn: &mut PgConnection,
+    delivery: &ClaimedDelivery,
+    error: &str,
+    retry_after_ms: Option<u64>,
+    disable_after_ms: u64,
+) -> Result<bool> {
+    sqlx::query(
+        "UPDATE notification_deliveries
+         SET status = CASE WHEN $3::float8 IS NULL THEN 'dead' ELSE 'pending' END,
+             next_attempt_at = now() + make_interval(secs => coalesce($3::float8, 0)),
+             finished_at = CASE WHEN $3::float8 IS NULL THEN now() END,
+             leased_until = NULL, last_error = $2
+         WHERE id = $1",
+    )
+    .bind(delivery.id)
+    .bind(error.chars().take(1_000).collect::<String>())
+    .bind(retry_after_ms.map(|ms| ms as f64 / 1_000.0))
+    .execute(&mut *conn)
+    .await?;
+    let disabled: Option<bool> = sqlx::query_scalar(
+        "UPDATE notification_subscriptions
+         SET failing_since = coalesce(failing_since, now()),
+             enabled = NOT (coalesce(failing_since, now()) < now() - make_interval(secs => $2)),
+             disabled_reason = CASE WHEN coalesce(failing_since, now()) < now() - make_interval(secs => $2)
+                                    THEN 'failing since ' || coalesce(failing_since, now())::text || ': ' || $3
+                               END
+         WHERE id = $1 AND enabled
+         RETURNING NOT enabled",
+    )
+    .bind(delivery.subscription_id)
+    .bind(disable_after_ms as f64 / 1_000.0)
+    .bind(error.chars().take(200).collect::<String>())
+    .fetch_optional(conn)
+    .await?;
+    Ok(disabled.unwrap_or(false))
+}
+
+/// Puts dead-lettered deliveries (of one target, or all) back in their
+/// queues, attempts reset. Returns how many.
+pub async fn redrive(conn: &mut PgConnection, subscription_id: Option<i64>) -> Result<u64> {
+    let updated = sqlx::query(
+        "UPDATE notification_deliveries
+         SET status = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL
+         WHERE status = 'dead' AND ($1::bigint IS NULL OR subscription_id = $1)",
+    )
+    .bind(subscription_id)
+    .execute(conn)
+    .await?;
+    Ok(updated.rows_affected())
+}
+
+/// Deliveries per status for one target (or all), for reports and tests.
+pub async fn delivery_counts(conn: &mut PgConnection, subscription_id: Option<i64>) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT status, count(*) FROM notification_deliveries
+         WHERE $1::bigint IS NULL OR subscription_id = $1 GROUP BY status ORDER BY status",
+    )
+    .bind(subscription_id)
+    .fetch_all(conn)
+    .await?)
+}
