@@ -133,7 +133,7 @@ mod tests {
     fn event(state: &str, reason: Option<&str>) -> TransferStatusChanged {
         TransferStatusChanged {
             event_id: "e".into(),
-            transfer_id: "t-1".into(),
+            transfer_id: "t-<1>".into(),
             version: 1,
             state: state.into(),
             previous_state: None,
@@ -164,7 +164,7 @@ mod tests {
             assert_ne!(rendered.subject, "Transfer update", "{state} has no template");
             assert!(rendered.text.contains("1234.56 EUR"), "{}", rendered.text);
             assert!(rendered.short.chars().count() <= 160);
-            assert!(!rendered.html.contains("<a>") && rendered.html.contains("fund-&lt;a&gt;"));
+            assert!(!rendered.html.contains("<1>") && rendered.html.contains("t-&lt;1&gt;"), "{}", rendered.html);
         }
         assert!(render(&event("failed", Some("ACCOUNT_FROZEN"))).short.contains("ACCOUNT_FROZEN"));
     }
