@@ -117,6 +117,11 @@ impl Notifier {
         consumed.and(sent)
     }
 
+    /// Runs the sender alone (deliveries already queued), until `shutdown`.
+    pub async fn run_sender(&self, shutdown: CancellationToken) -> Result<()> {
+        self.send_loop(shutdown).await
+    }
+
     async fn send_loop(&self, shutdown: CancellationToken) -> Result<()> {
         let limit = Arc::new(tokio::sync::Semaphore::new(self.config.targets_in_flight_max.max(1)));
         let mut tasks = JoinSet::new();

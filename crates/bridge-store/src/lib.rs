@@ -141,6 +141,16 @@ pub async fn ensure_database(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// Drops the database `url` names, disconnecting its sessions (Postgres 13+).
+pub async fn drop_database(url: &str) -> Result<()> {
+    let options = PgConnectOptions::from_str(url)?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let mut admin = options.database("postgres").connect().await?;
+    let statement = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", name.replace('"', "\"\""));
+    admin.execute(statement.as_str()).await?;
+    Ok(())
+}
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub async fn migrate(pool: &PgPool) -> Result<()> {

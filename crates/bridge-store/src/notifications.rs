@@ -162,16 +162,17 @@ pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> 
     // The conditions on `d` are checked again on the locked row, so two
     // notifiers cannot both claim a head.
     let rows: Vec<(i64, i64, Uuid, i32, String, String, Option<String>, serde_json::Value)> = sqlx::query_as(
-        "WITH heads AS (
-             SELECT DISTINCT ON (q.subscription_id) q.id
-             FROM notification_deliveries q
-             JOIN notification_subscriptions s ON s.id = q.subscription_id AND s.enabled
-             WHERE q.status = 'pending'
-             ORDER BY q.subscription_id, q.id),
-         due AS (
-             SELECT d.id FROM notification_deliveries d JOIN heads h ON h.id = d.id
-             WHERE d.next_attempt_at <= now() AND (d.leased_until IS NULL OR d.leased_until < now())
-             ORDER BY d.next_attempt_at LIMIT $1)
+        // One index probe per enabled target for its head (rather than a
+        // scan of every pending delivery), so a long backlog at one target
+        // does not make claiming slower for the others.
+        "WITH due AS (
+             SELECT h.id FROM notification_subscriptions s
+             CROSS JOIN LATERAL (
+                 SELECT q.id, q.next_attempt_at, q.leased_until FROM notification_deliveries q
+                 WHERE q.subscription_id = s.id AND q.status = 'pending'
+                 ORDER BY q.id LIMIT 1) h
+             WHERE s.enabled AND h.next_attempt_at <= now() AND (h.leased_until IS NULL OR h.leased_until < now())
+             ORDER BY h.next_attempt_at LIMIT $1)
          UPDATE notification_deliveries d
          SET leased_until = now() + make_interval(secs => $2), attempts = d.attempts + 1
          FROM due, notification_subscriptions s, notification_log l

@@ -3,6 +3,7 @@
 //! This crate wires configuration, logging and process lifetime around the
 //! library crates; it holds no business rules of its own.
 
+mod bench;
 mod demo;
 mod local_postgres;
 mod notify;
@@ -241,6 +242,8 @@ enum Command {
     Sim(SimArgs),
     /// Serve the HTTP API alone: settlement callbacks, health, metrics.
     Api(ApiCommandArgs),
+    /// Measure throughput against this machine's limits.
+    Bench(bench::BenchArgs),
     /// Deliver status notifications (and manage subscriptions and dead
     /// letters: subscribe, list, enable, disable, redrive).
     Notify(notify::NotifyArgs),
@@ -509,6 +512,10 @@ async fn main() -> Result<()> {
             if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
                 api.await.context("API task panicked")?.context("API failed")?;
             }
+        }
+        Command::Bench(args) => {
+            init_logging("warn");
+            bench::run(args).await?;
         }
         Command::Notify(args) => {
             init_logging("info");
