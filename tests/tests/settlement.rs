@@ -37,14 +37,23 @@ async fn api_and_simulator(kit: &TestKit, plan: FaultPlan, secret: &Secret) -> R
     config.callback_secrets.insert("investor".to_owned(), vec![secret.clone()]);
     config.callback_secrets.insert("fund".to_owned(), vec![secret.clone()]);
     let api = kit.start_api(kit.http_services(&simulator_url, 2_000)?, config).await?;
-    let target = CallbackTarget { base_url: api.url.clone(), secret: secret.clone() };
+    let key = key(kit, "callbacks").await?;
+    let target = CallbackTarget { base_url: api.url.clone(), secret: secret.clone(), api_key: Some(key) };
     let simulator = kit.start_simulator_calling_back(listener, plan, target)?;
     Ok((api, simulator))
 }
 
+/// A new API key with one scope.
+async fn key(kit: &TestKit, scope: &str) -> Result<String> {
+    let mut conn = kit.pool.acquire().await?;
+    Ok(bridge_api::auth::create_key(&mut conn, scope, &[scope.to_owned()], None).await?.full_key)
+}
+
 /// The value of one line of the API's Prometheus text.
-async fn metric(api: &RunningApi, line_prefix: &str) -> Result<i64> {
-    let text = reqwest::get(format!("{}/metrics", api.url)).await?.text().await?;
+async fn metric(kit: &TestKit, api: &RunningApi, line_prefix: &str) -> Result<i64> {
+    let admin = key(kit, "admin").await?;
+    let client = reqwest::Client::new();
+    let text = client.get(format!("{}/metrics", api.url)).bearer_auth(admin).send().await?.text().await?;
     let line =
         text.lines().find(|line| line.starts_with(line_prefix)).with_context(|| format!("{line_prefix} in {text}"))?;
     Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
@@ -86,9 +95,9 @@ async fn callbacks_settle_pending_steps_without_polling() -> Result<()> {
     // operations, each pending first, each announced by a callback. The
     // declined deposit's callback starts the refund, which is pending in
     // turn; the refund's own callback then reverses the transfer.
-    ensure!(metric(&api, "bridge_callbacks_total{result=\"applied\"}").await? == 4);
-    ensure!(metric(&api, "bridge_callbacks_total{result=\"still_pending\"}").await? == 1);
-    ensure!(metric(&api, "bridge_pending_steps ").await? == 0);
+    ensure!(metric(&kit, &api, "bridge_callbacks_total{result=\"applied\"}").await? == 4);
+    ensure!(metric(&kit, &api, "bridge_callbacks_total{result=\"still_pending\"}").await? == 1);
+    ensure!(metric(&kit, &api, "bridge_pending_steps ").await? == 0);
     pipeline.stop().await?;
     simulator.stop().await?;
     api.stop().await?;
@@ -121,9 +130,9 @@ async fn callbacks_and_polling_racing_settle_each_step_once() -> Result<()> {
     let steps = 2 * ids.len() as i64;
     let deadline = Instant::now() + Duration::from_secs(30);
     let (applied, already) = loop {
-        let applied = metric(&api, "bridge_callbacks_total{result=\"applied\"}").await?;
-        let already = metric(&api, "bridge_callbacks_total{result=\"already_applied\"}").await?;
-        let pending = metric(&api, "bridge_callbacks_total{result=\"still_pending\"}").await?;
+        let applied = metric(&kit, &api, "bridge_callbacks_total{result=\"applied\"}").await?;
+        let already = metric(&kit, &api, "bridge_callbacks_total{result=\"already_applied\"}").await?;
+        let pending = metric(&kit, &api, "bridge_callbacks_total{result=\"still_pending\"}").await?;
         if applied + already + pending >= 3 * steps {
             break (applied, already);
         }
@@ -178,9 +187,11 @@ async fn callbacks_are_verified_and_never_trusted_blindly() -> Result<()> {
 
     let client = reqwest::Client::new();
     let body = serde_json::json!({"idempotency_key": key, "status": "settled", "reference": "forged"}).to_string();
+    let callbacks_key = self::key(&kit, "callbacks").await?;
     let send = |service: &str, id: &str, timestamp: i64, signature: String| {
         client
             .post(format!("{}/v1/callbacks/{service}", api.url))
+            .bearer_auth(&callbacks_key)
             .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
@@ -202,7 +213,7 @@ async fn callbacks_are_verified_and_never_trusted_blindly() -> Result<()> {
     let replay = send("investor", "m5", now, secret.sign("m5", now, body.as_bytes())).await?;
     ensure!(replay.json::<serde_json::Value>().await?["result"] == "replayed");
     ensure!(kit.transfer(id).await?.state == TransferState::Validated, "a claim alone moved the transfer");
-    ensure!(metric(&api, "bridge_callbacks_total{result=\"refused\"}").await? == 3);
+    ensure!(metric(&kit, &api, "bridge_callbacks_total{result=\"refused\"}").await? == 3);
 
     pipeline.stop().await?;
     simulator.stop().await?;
@@ -266,7 +277,7 @@ async fn overdue_withdrawal_goes_to_manual_review() -> Result<()> {
     ensure!(last == 3, "{last} status events (requested, validated, manual_review)");
 
     let api = kit.start_api(bridge_pipeline::services::Services::none(), ApiConfig::new()).await?;
-    ensure!(metric(&api, "bridge_transfers_manual_review").await? == 1);
+    ensure!(metric(&kit, &api, "bridge_transfers_manual_review").await? == 1);
     api.stop().await?;
     kit.assert_books_balance().await
 }

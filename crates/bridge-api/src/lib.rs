@@ -1,11 +1,22 @@
 //! Bridge's HTTP API.
 //!
-//! | route | does |
-//! | --- | --- |
-//! | `POST /v1/callbacks/{service}` | a settlement callback from `investor` or `fund` (signed) |
-//! | `GET /healthz` | the process is alive |
-//! | `GET /readyz` | the database answers |
-//! | `GET /metrics` | Prometheus text: open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
+//! | route | scope | does |
+//! | --- | --- | --- |
+//! | `POST /v1/transfers` | `transfers:write` | creates a transfer (`Idempotency-Key` required), 202 with its status URL |
+//! | `GET /v1/transfers/{id}` | `transfers:read` | current state and version |
+//! | `GET /v1/transfers/{id}/history` | `transfers:read` | every version, in order |
+//! | `GET /v1/transfers?investor=&fund=&state=&cursor=&limit=` | `transfers:read` | newest first, cursor pages |
+//! | `GET /v1/investors/{id}/balance` | `transfers:read` | balance, held, available |
+//! | `GET /v1/funds/{id}` | `transfers:read` | criteria, seats and capacity left, reserved and completed |
+//! | `POST /v1/callbacks/{service}` | `callbacks` | a settlement callback from `investor` or `fund` (also signed) |
+//! | `GET /metrics` | `admin` | Prometheus text: open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
+//! | `GET /healthz` | none | the process is alive |
+//! | `GET /readyz` | none | the database answers |
+//!
+//! **Authentication.** `Authorization: Bearer brk_...` API keys (see
+//! `auth.rs`), each with scopes and optionally bound to one investor, whose
+//! key then sees and creates only that investor's transfers (another
+//! investor's transfer reads as not found). Each key is rate limited.
 //!
 //! **Callbacks.** An account service that accepted a step as pending posts
 //! its outcome when it settles, signed per Standard Webhooks with the secret
@@ -21,6 +32,13 @@
 //! changes nothing.
 //!
 //! Errors are RFC 9457 `application/problem+json` without internal detail.
+
+// Handlers return a ready response as their error (the axum idiom); it is
+// built once per failed request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+pub mod auth;
+pub mod transfers;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,11 +69,19 @@ pub struct ApiConfig {
     pub callback_secrets: HashMap<String, Vec<Secret>>,
     /// How far a callback's timestamp may be from our clock.
     pub callback_tolerance_secs: i64,
+    /// Requests per second each API key may make, and the burst above it.
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
 }
 
 impl ApiConfig {
     pub fn new() -> Self {
-        Self { callback_secrets: HashMap::new(), callback_tolerance_secs: bridge_webhooks::DEFAULT_TOLERANCE_SECS }
+        Self {
+            callback_secrets: HashMap::new(),
+            callback_tolerance_secs: bridge_webhooks::DEFAULT_TOLERANCE_SECS,
+            rate_per_second: 100,
+            rate_burst: 200,
+        }
     }
 }
 
@@ -71,23 +97,57 @@ struct CallbackCounters {
 }
 
 #[derive(Clone)]
-struct AppState {
+pub struct AppState {
     ctx: Arc<StageContext>,
     config: Arc<ApiConfig>,
     counters: Arc<CallbackCounters>,
+    limiter: auth::RateLimiter,
 }
 
 pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
-    let state = AppState { ctx, config: Arc::new(config), counters: Arc::default() };
+    let limiter = auth::rate_limiter(config.rate_per_second, config.rate_burst);
+    let state = AppState { ctx, config: Arc::new(config), counters: Arc::default(), limiter };
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/v1/transfers", post(transfers::create).get(transfers::list))
+        .route("/v1/transfers/{id}", get(transfers::get))
+        .route("/v1/transfers/{id}/history", get(transfers::history))
+        .route("/v1/investors/{id}/balance", get(transfers::balance))
+        .route("/v1/funds/{id}", get(transfers::fund))
         .route("/v1/callbacks/{service}", post(callback))
-        // Callbacks are small JSON documents; anything larger is refused
+        // Requests are small JSON documents; anything larger is refused
         // before it is read.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::map_response(as_problem))
         .with_state(state)
+}
+
+/// Every error leaves as `application/problem+json`, including the ones
+/// axum produces itself (malformed JSON or path, unknown route, wrong
+/// method), and none carries internal detail.
+async fn as_problem(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"));
+    if !status.is_client_error() && !status.is_server_error() || is_problem {
+        return response;
+    }
+    let title = status.canonical_reason().unwrap_or("Error");
+    let mut replaced = problem(status, title, "the request could not be processed as sent");
+    for name in ["allow", "retry-after", "www-authenticate"] {
+        if let Some(value) = response.headers().get(name) {
+            replaced.headers_mut().insert(name, value.clone());
+        }
+    }
+    replaced
+}
+
+pub(crate) fn unavailable() -> Response {
+    problem(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", "try again later")
 }
 
 /// Serves until `shutdown` is cancelled.
@@ -99,7 +159,7 @@ pub async fn serve(
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
-fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
+pub(crate) fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
     let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail});
     (status, [("content-type", "application/problem+json")], body.to_string()).into_response()
 }
@@ -119,7 +179,10 @@ async fn database_answers(state: &AppState) -> bridge_store::Result<()> {
     bridge_store::gauges::read(&mut conn).await.map(|_| ())
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<AppState>, caller: auth::Caller) -> Response {
+    if let Err(response) = caller.require("admin") {
+        return response;
+    }
     let gauges = match state.ctx.pool.acquire().await {
         Ok(mut conn) => bridge_store::gauges::read(&mut conn).await,
         Err(error) => Err(error.into()),
@@ -190,10 +253,14 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 async fn callback(
     State(state): State<AppState>,
+    caller: auth::Caller,
     Path(service): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(response) = caller.require("callbacks") {
+        return response;
+    }
     let counters = &state.counters;
     let Some((service, steps)) = SERVICES.iter().find(|(name, _)| *name == service) else {
         return problem(StatusCode::NOT_FOUND, "Not found", "no such service");

@@ -216,7 +216,7 @@ fn millis(time: DateTime<Utc>) -> i64 {
 
 fn status_message(
     ctx: &StageContext,
-    stage: StageName,
+    origin: &str,
     transfer: &Transfer,
     previous: Option<TransferState>,
     trace: &TraceContext,
@@ -238,13 +238,13 @@ fn status_message(
         reference: transfer.reference.clone(),
         occurred_at: millis(now),
     };
-    envelope::<TransferStatusChanged>(ctx, stage, event_id, transfer, trace, now, ctx.topics.status(), &event)
+    envelope::<TransferStatusChanged>(ctx, origin, event_id, transfer, trace, now, ctx.topics.status(), &event)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn envelope<T: Event>(
     ctx: &StageContext,
-    stage: StageName,
+    origin: &str,
     event_id: Uuid,
     transfer: &Transfer,
     trace: &TraceContext,
@@ -254,7 +254,7 @@ fn envelope<T: Event>(
 ) -> Result<OutboxMessage, StageError> {
     let payload = encode(event).map_err(|error| permanent("processing_error", error.to_string()))?;
     let subject = transfer.id.to_string();
-    let source = format!("{}/{}", ctx.source, stage.as_str());
+    let source = format!("{}/{}", ctx.source, origin);
     Ok(Envelope { event_id, ce_type: T::CE_TYPE, source: &source, subject: &subject, time, trace }
         .into_outbox(topic, &subject, payload))
 }
@@ -304,15 +304,19 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     };
 
     let mut tx = ctx.pool.begin().await?;
-    if let Some(existing) = transfers::get(&mut tx, transfer_id).await? {
-        if existing.same_request_as(&candidate) {
-            return Ok(Outcome::Duplicate);
+    // A transfer created through the HTTP API is already recorded, in state
+    // requested, with its status event; it is validated like any other.
+    let recorded = match transfers::get(&mut tx, transfer_id).await? {
+        Some(existing) if !existing.same_request_as(&candidate) => {
+            return Err(permanent(
+                "conflicting_duplicate",
+                format!("transfer {transfer_id} already exists with a different request; the first request stands"),
+            ));
         }
-        return Err(permanent(
-            "conflicting_duplicate",
-            format!("transfer {transfer_id} already exists with a different request; the first request stands"),
-        ));
-    }
+        Some(existing) if existing.state == TransferState::Requested => Some(existing),
+        Some(_) => return Ok(Outcome::Duplicate),
+        None => None,
+    };
 
     let investor = accounts::investor(&mut tx, &request.investor_account_id).await?;
     let fund = accounts::fund_by_account(&mut tx, &request.fund_account_id).await?;
@@ -329,8 +333,19 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     });
     candidate.fund_id = fund.as_ref().map(|view| view.fund_id.clone());
 
-    let requested = transfers::insert_requested(&mut tx, &candidate).await?;
-    let mut messages = vec![status_message(ctx, StageName::Validator, &requested, None, &trace)?];
+    let (requested, mut messages) = match recorded {
+        Some(existing) => {
+            if existing.fund_id != candidate.fund_id {
+                transfers::set_fund(&mut tx, transfer_id, candidate.fund_id.as_deref()).await?;
+            }
+            (Transfer { fund_id: candidate.fund_id.clone(), ..existing }, Vec::new())
+        }
+        None => {
+            let requested = transfers::insert_requested(&mut tx, &candidate).await?;
+            let status = status_message(ctx, StageName::Validator.as_str(), &requested, None, &trace)?;
+            (requested, vec![status])
+        }
+    };
     let next = match (decision, investor, fund) {
         (Ok(()), Some(investor), Some(fund)) => {
             accounts::update_investor(&mut tx, &request.investor_account_id, investor.version, 0, request.amount_minor)
@@ -350,7 +365,7 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
             let event = stage_event!(TransferValidated, validated, event_id, now);
             messages.push(envelope(
                 ctx,
-                StageName::Validator,
+                StageName::Validator.as_str(),
                 event_id,
                 &validated,
                 &trace,
@@ -363,10 +378,53 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
         (Err(reason), _, _) => transfers::advance(&mut tx, &requested, &TransferEvent::Rejected(reason)).await?,
         (Ok(()), _, _) => unreachable!("check_request accepts only requests whose accounts exist"),
     };
-    messages.push(status_message(ctx, StageName::Validator, &next, Some(requested.state), &trace)?);
+    messages.push(status_message(ctx, StageName::Validator.as_str(), &next, Some(requested.state), &trace)?);
     outbox::enqueue(&mut tx, &messages).await?;
     tx.commit().await?;
     Ok(Outcome::Applied)
+}
+
+/// Records a transfer requested through the HTTP API, in the caller's
+/// transaction: the transfer in state `requested` (version 1), its status
+/// event, and the request event the validator consumes, as an upstream
+/// system would have published it. The validator then finds the transfer
+/// recorded and validates it.
+pub async fn record_api_request(
+    ctx: &StageContext,
+    conn: &mut PgConnection,
+    request: &TransferRequested,
+    traceparent: Option<&str>,
+) -> Result<Transfer, StageError> {
+    const ORIGIN: &str = "api";
+    let transfer_id = parse_transfer_id(&request.transfer_id)?;
+    let requested_at = DateTime::from_timestamp_millis(request.requested_at)
+        .ok_or_else(|| permanent("invalid_request", "requested_at is out of range"))?;
+    let trace = TraceContext::continue_or_start(traceparent);
+    let fund_id = accounts::fund_by_account(&mut *conn, &request.fund_account_id).await?.map(|view| view.fund_id);
+    let candidate = Transfer {
+        id: transfer_id,
+        investor_account_id: request.investor_account_id.clone(),
+        fund_account_id: request.fund_account_id.clone(),
+        fund_id,
+        amount_minor: request.amount_minor,
+        currency: request.currency.clone(),
+        reference: request.reference.clone(),
+        source_system: request.source_system.clone(),
+        requested_at,
+        state: TransferState::Requested,
+        reason_code: None,
+        version: 1,
+        traceparent: Some(trace.child_traceparent()),
+    };
+    let requested = transfers::insert_requested(&mut *conn, &candidate).await?;
+    let now = Utc::now();
+    let event_id = ids::stage_event_id(transfer_id, "requested");
+    let messages = [
+        status_message(ctx, ORIGIN, &requested, None, &trace)?,
+        envelope(ctx, ORIGIN, event_id, &requested, &trace, now, ctx.topics.requested(), request)?,
+    ];
+    outbox::enqueue(conn, &messages).await?;
+    Ok(requested)
 }
 
 /// Loads the transfer an outcome event refers to, outside any transaction,
@@ -448,7 +506,7 @@ async fn commit_step(
     mut messages: Vec<OutboxMessage>,
     trace: &TraceContext,
 ) -> Result<Outcome, StageError> {
-    messages.push(status_message(ctx, stage, next, Some(previous.state), trace)?);
+    messages.push(status_message(ctx, stage.as_str(), next, Some(previous.state), trace)?);
     outbox::enqueue(&mut tx, &messages).await?;
     tx.commit().await?;
     Ok(Outcome::Applied)
@@ -556,7 +614,16 @@ pub async fn withdrawal_step(
             let event_id = ids::stage_event_id(transfer_id, "withdrawn");
             let now = Utc::now();
             let outcome_event = stage_event!(FundsWithdrawn, next, event_id, now, external_reference = reference);
-            messages.push(envelope(ctx, stage, event_id, &next, &trace, now, ctx.topics.withdrawn(), &outcome_event)?);
+            messages.push(envelope(
+                ctx,
+                stage.as_str(),
+                event_id,
+                &next,
+                &trace,
+                now,
+                ctx.topics.withdrawn(),
+                &outcome_event,
+            )?);
             next
         }
         ServiceOutcome::Declined { code } => {
@@ -649,7 +716,16 @@ pub async fn deposit_step(
             let event_id = ids::stage_event_id(transfer_id, "deposited");
             let now = Utc::now();
             let outcome_event = stage_event!(FundsDeposited, next, event_id, now, external_reference = reference);
-            messages.push(envelope(ctx, stage, event_id, &next, &trace, now, ctx.topics.deposited(), &outcome_event)?);
+            messages.push(envelope(
+                ctx,
+                stage.as_str(),
+                event_id,
+                &next,
+                &trace,
+                now,
+                ctx.topics.deposited(),
+                &outcome_event,
+            )?);
             next
         }
         DepositOutcome::NeedsPerson { code } => {

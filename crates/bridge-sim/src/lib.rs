@@ -213,6 +213,8 @@ pub struct CallbackTarget {
     /// `{base_url}/v1/callbacks/{investor|fund}`.
     pub base_url: String,
     pub secret: bridge_webhooks::Secret,
+    /// Bridge's API key for the `callbacks` scope, sent as a bearer token.
+    pub api_key: Option<String>,
 }
 
 struct Callbacks {
@@ -469,9 +471,11 @@ async fn deliver(callbacks: &Callbacks, service: &str, id: String, record: &Oper
     for attempt in 0..10u32 {
         let timestamp = chrono::Utc::now().timestamp();
         let signature = callbacks.target.secret.sign(&id, timestamp, &body);
-        let sent = callbacks
-            .client
-            .post(&url)
+        let mut request = callbacks.client.post(&url);
+        if let Some(key) = &callbacks.target.api_key {
+            request = request.bearer_auth(key);
+        }
+        let sent = request
             .header("content-type", "application/json")
             .header(bridge_webhooks::ID_HEADER, &id)
             .header(bridge_webhooks::TIMESTAMP_HEADER, timestamp.to_string())

@@ -11,6 +11,7 @@
 //! [`Error::Conflict`], which callers retry from the start of the transaction.
 
 pub mod accounts;
+pub mod api;
 pub mod callbacks;
 pub mod gauges;
 pub mod inbox;

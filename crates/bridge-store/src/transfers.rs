@@ -249,3 +249,10 @@ pub async fn validated_before(conn: &mut PgConnection, older_than_ms: u64, limit
     .fetch_all(conn)
     .await?)
 }
+
+/// Sets the fund a transfer's fund account belongs to, as the validator
+/// found it.
+pub async fn set_fund(conn: &mut PgConnection, id: Uuid, fund_id: Option<&str>) -> Result<()> {
+    sqlx::query("UPDATE transfers SET fund_id = $2 WHERE id = $1").bind(id).bind(fund_id).execute(conn).await?;
+    Ok(())
+}

@@ -217,12 +217,11 @@ async fn one_run(
         anyhow::ensure!(Instant::now() < deadline, "only {delivered} of {deliveries} delivered after 600 s");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let finished: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
-        "SELECT max(finished_at) FROM notification_deliveries WHERE subscription_id = ANY($1)",
-    )
-    .bind(&measured)
-    .fetch_one(&mut *conn)
-    .await?;
+    let finished: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT max(finished_at) FROM notification_deliveries WHERE subscription_id = ANY($1)")
+            .bind(&measured)
+            .fetch_one(&mut *conn)
+            .await?;
     let elapsed = (finished - started).to_std().unwrap_or_default();
     shutdown.cancel();
     sender.await??;

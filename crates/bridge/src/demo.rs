@@ -174,7 +174,21 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     let simulator = match simulator_listener {
         Some(listener) => {
             let plan = crate::fault_plan(&args.faults, args.seed)?;
-            let target = bridge_sim::CallbackTarget { base_url: api_url.clone(), secret: callback_secret };
+            let key = {
+                let mut conn = pool.acquire().await?;
+                bridge_api::auth::create_key(
+                    &mut conn,
+                    &format!("{namespace} simulator"),
+                    &["callbacks".to_owned()],
+                    None,
+                )
+                .await?
+            };
+            let target = bridge_sim::CallbackTarget {
+                base_url: api_url.clone(),
+                secret: callback_secret,
+                api_key: Some(key.full_key),
+            };
             let bank = std::sync::Arc::new(bridge_sim::Bank::new(pool.clone(), plan).with_callbacks(target));
             let router = bridge_sim::http::router(bank, None);
             Some(tokio::spawn(bridge_sim::http::serve(listener, router, shutdown.clone())))

@@ -242,6 +242,8 @@ enum Command {
     Sim(SimArgs),
     /// Serve the HTTP API alone: settlement callbacks, health, metrics.
     Api(ApiCommandArgs),
+    /// Create, list and revoke API keys.
+    Keys(KeysArgs),
     /// Measure throughput against this machine's limits.
     Bench(bench::BenchArgs),
     /// Deliver status notifications (and manage subscriptions and dead
@@ -281,6 +283,37 @@ struct SimArgs {
     /// Secret (`whsec_...`) the callbacks are signed with.
     #[arg(long, env = "BRIDGE_SIM_CALLBACK_SECRET", hide_env_values = true, requires = "callback_url")]
     callback_secret: Option<String>,
+    /// Bridge API key (scope `callbacks`) the callbacks are sent with.
+    #[arg(long, env = "BRIDGE_SIM_CALLBACK_API_KEY", hide_env_values = true)]
+    callback_api_key: Option<String>,
+}
+
+#[derive(Args)]
+struct KeysArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    action: KeysAction,
+}
+
+#[derive(clap::Subcommand)]
+enum KeysAction {
+    /// Create a key; it is printed once and stored only as a hash.
+    Create {
+        /// What the key is for (shown in lists).
+        #[arg(long)]
+        name: String,
+        /// Comma-separated: transfers:write, transfers:read, callbacks, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// Bind the key to one investor account.
+        #[arg(long)]
+        investor: Option<String>,
+    },
+    /// List keys (prefix, name, scopes, binding, revoked or not).
+    List,
+    /// Revoke the key with this prefix (the 8 hex digits after `brk_`).
+    Revoke { prefix: String },
 }
 
 #[derive(Args)]
@@ -491,7 +524,8 @@ async fn main() -> Result<()> {
             if let Some(base_url) = args.callback_url {
                 let secret = args.callback_secret.context("--callback-url needs --callback-secret")?;
                 let secret = bridge_webhooks::Secret::parse(&secret).context("The callback secret is not valid")?;
-                bank = bank.with_callbacks(bridge_sim::CallbackTarget { base_url, secret });
+                let api_key = args.callback_api_key.clone();
+                bank = bank.with_callbacks(bridge_sim::CallbackTarget { base_url, secret, api_key });
             }
             let bank = std::sync::Arc::new(bank);
             let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -511,6 +545,38 @@ async fn main() -> Result<()> {
             let shutdown = shutdown_on_signal();
             if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
                 api.await.context("API task panicked")?.context("API failed")?;
+            }
+        }
+        Command::Keys(args) => {
+            init_logging("warn");
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            let mut conn = pool.acquire().await?;
+            match args.action {
+                KeysAction::Create { name, scopes, investor } => {
+                    let created = bridge_api::auth::create_key(&mut conn, &name, &scopes, investor.as_deref()).await?;
+                    println!("{}", created.full_key);
+                    eprintln!("Key {} created; it is shown only now.", created.key.prefix);
+                }
+                KeysAction::List => {
+                    for key in bridge_store::api::keys(&mut conn).await? {
+                        println!(
+                            "brk_{} {:?} scopes={} investor={} created={} {}",
+                            key.prefix,
+                            key.name,
+                            key.scopes.join(","),
+                            key.investor_account_id.as_deref().unwrap_or("*"),
+                            key.created_at.to_rfc3339(),
+                            key.revoked_at.map_or("active".to_owned(), |at| format!("revoked {}", at.to_rfc3339()))
+                        );
+                    }
+                }
+                KeysAction::Revoke { prefix } => {
+                    let prefix = prefix.trim_start_matches("brk_").split('_').next().unwrap_or_default().to_owned();
+                    if !bridge_store::api::revoke_key(&mut conn, &prefix).await? {
+                        anyhow::bail!("No active key with prefix {prefix}");
+                    }
+                    println!("revoked brk_{prefix}");
+                }
             }
         }
         Command::Bench(args) => {

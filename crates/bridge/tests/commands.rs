@@ -348,11 +348,18 @@ async fn settlement_callbacks_between_separate_processes() -> Result<()> {
     let plan = scratch.join("plan.json");
     std::fs::write(&plan, r#"{"withdrawal": {"settle_after_ms": 300}, "deposit": {"settle_after_ms": 300}}"#)?;
 
+    let (callbacks_key, admin_key) = {
+        let mut conn = kit.pool.acquire().await?;
+        let callbacks = bridge_api::auth::create_key(&mut conn, "bank", &["callbacks".to_owned()], None).await?;
+        let admin = bridge_api::auth::create_key(&mut conn, "ops", &["admin".to_owned()], None).await?;
+        (callbacks.full_key, admin.full_key)
+    };
     let mut simulator = Command::new(BRIDGE)
         .args(["sim", "--listen", &simulator_address, "--faults", plan.to_str().context("path")?])
         .args(["--callback-url", &format!("http://{api_address}")])
         .env("DATABASE_URL", &kit.database_url)
         .env("BRIDGE_SIM_CALLBACK_SECRET", secret.expose())
+        .env("BRIDGE_SIM_CALLBACK_API_KEY", &callbacks_key)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(scratch.join("sim.log"))?)
         .spawn()?;
@@ -377,7 +384,12 @@ async fn settlement_callbacks_between_separate_processes() -> Result<()> {
         ids.push(kit.publish(&kit.request("ines", &fund_account, amount)).await?);
     }
     let waited = kit.wait_terminal(&ids, Duration::from_secs(120)).await;
-    let metrics = reqwest::get(format!("http://{api_address}/metrics")).await.and_then(|r| r.error_for_status());
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{api_address}/metrics"))
+        .bearer_auth(&admin_key)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status());
     let metrics = match metrics {
         Ok(response) => response.text().await.unwrap_or_default(),
         Err(error) => error.to_string(),

@@ -1,0 +1,332 @@
+//! The HTTP API as its clients use it: API keys, scopes, investor-bound
+//! keys, Idempotency-Key, cursor pages, problem responses, rate limits.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use bridge_api::ApiConfig;
+use bridge_pipeline::runner::Part;
+use bridge_sim::InProcessServices;
+use bridge_testkit::{BrokerKind, RunningApi, TestKit};
+
+const SETTLE: Duration = Duration::from_secs(120);
+
+async fn key(kit: &TestKit, scopes: &[&str], investor: Option<&str>) -> Result<String> {
+    let mut conn = kit.pool.acquire().await?;
+    let scopes: Vec<String> = scopes.iter().map(|scope| (*scope).to_owned()).collect();
+    Ok(bridge_api::auth::create_key(&mut conn, "test", &scopes, investor).await?.full_key)
+}
+
+async fn api(kit: &TestKit, config: ApiConfig) -> Result<RunningApi> {
+    kit.start_api(InProcessServices::services(kit.pool.clone()), config).await
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(api: &RunningApi) -> Self {
+        Self { http: reqwest::Client::new(), base: api.url.clone() }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        idempotency: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value)> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(idempotency) = idempotency {
+            request = request.header("idempotency-key", idempotency);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let problem = response
+            .headers()
+            .get("content-type")
+            .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"));
+        let text = response.text().await?;
+        ensure!(status.is_success() || problem, "{status} without a problem document: {text}");
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+}
+
+fn transfer_body(investor: &str, fund_account: &str, amount_minor: i64) -> Value {
+    json!({"investor_account_id": investor, "fund_account_id": fund_account, "amount_minor": amount_minor, "currency": "EUR", "reference": "api test"})
+}
+
+async fn wait_state(client: &Client, key: &str, id: &str, terminal: &[&str]) -> Result<Value> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (status, body) = client.call(Method::GET, &format!("/v1/transfers/{id}"), Some(key), None, None).await?;
+        if status == StatusCode::OK && terminal.contains(&body["state"].as_str().unwrap_or_default()) {
+            return Ok(body);
+        }
+        ensure!(Instant::now() < deadline, "transfer {id} stuck: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A transfer created and followed through the API alone: 202 and a status
+/// URL, the same answer for a retried request, a problem for a reused key
+/// with another body, then state, history, balance, fund and pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_is_created_and_followed_through_the_api() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("ana", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let pipeline = kit.spawn(&Part::all());
+    let api = api(&kit, ApiConfig::new()).await?;
+    let client = Client::new(&api);
+    let writer = key(&kit, &["transfers:write", "transfers:read"], None).await?;
+
+    let body = transfer_body("ana", &fund_account, 2_500_00);
+    let (status, created) =
+        client.call(Method::POST, "/v1/transfers", Some(&writer), Some("order-1"), Some(&body)).await?;
+    ensure!(status == StatusCode::ACCEPTED, "{status} {created}");
+    let id = created["transfer_id"].as_str().context("transfer_id")?.to_owned();
+    ensure!(created["status_url"] == format!("/v1/transfers/{id}"));
+    let (status, again) =
+        client.call(Method::POST, "/v1/transfers", Some(&writer), Some("order-1"), Some(&body)).await?;
+    ensure!(status == StatusCode::ACCEPTED && again == created, "a retry answered {status} {again}");
+    let other = transfer_body("ana", &fund_account, 2_600_00);
+    let (status, _) = client.call(Method::POST, "/v1/transfers", Some(&writer), Some("order-1"), Some(&other)).await?;
+    ensure!(status == StatusCode::UNPROCESSABLE_ENTITY, "{status}");
+
+    let done = wait_state(&client, &writer, &id, &["completed"]).await?;
+    ensure!(done["version"] == 5 && done["amount_minor"] == 2_500_00, "{done}");
+    let (_, history) =
+        client.call(Method::GET, &format!("/v1/transfers/{id}/history"), Some(&writer), None, None).await?;
+    let states: Vec<&str> =
+        history["versions"].as_array().context("versions")?.iter().filter_map(|v| v["state"].as_str()).collect();
+    ensure!(states == ["requested", "validated", "withdrawn", "deposited", "completed"], "{states:?}");
+    let (_, balance) = client.call(Method::GET, "/v1/investors/ana/balance", Some(&writer), None, None).await?;
+    ensure!(
+        balance["balance_minor"] == 7_500_00 && balance["held_minor"] == 0 && balance["available_minor"] == 7_500_00
+    );
+    let (_, fund) = client.call(Method::GET, "/v1/funds/fund", Some(&writer), None, None).await?;
+    ensure!(fund["completed_minor"] == 2_500_00 && fund["seats_left"] == 9 && fund["reserved_minor"] == 0, "{fund}");
+
+    // A request the validator refuses is created all the same, and the
+    // refusal reads back with its reason.
+    let body = transfer_body("ana", &fund_account, 50_000_00);
+    let (_, refused) = client.call(Method::POST, "/v1/transfers", Some(&writer), Some("order-2"), Some(&body)).await?;
+    let refused_id = refused["transfer_id"].as_str().context("id")?.to_owned();
+    let refused = wait_state(&client, &writer, &refused_id, &["rejected"]).await?;
+    ensure!(refused["reason_code"] == "INSUFFICIENT_FUNDS", "{refused}");
+    let body = transfer_body("ana", &fund_account, 100_00);
+    client.call(Method::POST, "/v1/transfers", Some(&writer), Some("order-3"), Some(&body)).await?;
+
+    let (_, page) = client.call(Method::GET, "/v1/transfers?investor=ana&limit=2", Some(&writer), None, None).await?;
+    ensure!(page["items"].as_array().map(Vec::len) == Some(2), "{page}");
+    let cursor = page["next_cursor"].as_str().context("a second page")?;
+    let (_, rest) = client
+        .call(Method::GET, &format!("/v1/transfers?investor=ana&limit=2&cursor={cursor}"), Some(&writer), None, None)
+        .await?;
+    ensure!(rest["items"].as_array().map(Vec::len) == Some(1) && rest["next_cursor"].is_null(), "{rest}");
+    let first = page["items"].as_array().context("items")?;
+    ensure!(first.iter().chain(rest["items"].as_array().context("items")?).any(|t| t["id"] == id.as_str()));
+    let (_, rejected) = client.call(Method::GET, "/v1/transfers?state=rejected", Some(&writer), None, None).await?;
+    ensure!(rejected["items"].as_array().map(Vec::len) == Some(1));
+
+    pipeline.stop().await?;
+    api.stop().await?;
+    kit.assert_books_balance().await
+}
+
+/// Sixteen identical requests at once create one transfer and all get the
+/// same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_requests_at_once_create_one_transfer() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let api = api(&kit, ApiConfig::new()).await?;
+    let client = Client::new(&api);
+    let writer = key(&kit, &["transfers:write"], None).await?;
+    let body = transfer_body("ana", "fund-account", 1_000_00);
+    let answers = futures::future::join_all(
+        (0..16).map(|_| client.call(Method::POST, "/v1/transfers", Some(&writer), Some("same"), Some(&body))),
+    )
+    .await;
+    let mut ids = std::collections::HashSet::new();
+    for answer in answers {
+        let (status, created) = answer?;
+        ensure!(status == StatusCode::ACCEPTED, "{status} {created}");
+        ids.insert(created["transfer_id"].as_str().unwrap_or_default().to_owned());
+    }
+    ensure!(ids.len() == 1, "{ids:?}");
+    let (transfers, requests): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM transfers), (SELECT count(*) FROM outbox WHERE topic = $1)")
+            .bind(kit.topics().requested())
+            .fetch_one(&kit.pool)
+            .await?;
+    ensure!((transfers, requests) == (1, 1), "{transfers} transfers, {requests} request events");
+    api.stop().await
+}
+
+/// Every endpoint × every kind of caller, with the status each must get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("ana", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let secret = bridge_sim::Secret::from_bytes([3; 32]);
+    let mut config = ApiConfig::new();
+    config.callback_secrets.insert("investor".to_owned(), vec![secret.clone()]);
+    let api = api(&kit, config).await?;
+    let client = Client::new(&api);
+    let writer = key(&kit, &["transfers:write", "transfers:read"], None).await?;
+    let (_, created) = client
+        .call(
+            Method::POST,
+            "/v1/transfers",
+            Some(&writer),
+            Some("seed"),
+            Some(&transfer_body("ana", &fund_account, 100_00)),
+        )
+        .await?;
+    let id = created["transfer_id"].as_str().context("id")?.to_owned();
+
+    let revoked = key(&kit, &["transfers:write", "transfers:read", "callbacks", "admin"], None).await?;
+    {
+        let mut conn = kit.pool.acquire().await?;
+        let prefix = revoked.split('_').nth(1).context("prefix")?;
+        ensure!(bridge_store::api::revoke_key(&mut conn, prefix).await?);
+    }
+    let mut callers: Vec<(&str, Option<String>)> = vec![
+        ("none", None),
+        ("wrong", Some("brk_00000000_bm90LWEta2V5LWF0LWFsbC1ub3QtYS1rZXktYXQtYWxs".to_owned())),
+        ("malformed", Some("not-a-key".to_owned())),
+        ("revoked", Some(revoked)),
+        ("other investor", Some(key(&kit, &["transfers:write", "transfers:read"], Some("bob")).await?)),
+        ("own investor", Some(key(&kit, &["transfers:write", "transfers:read"], Some("ana")).await?)),
+    ];
+    for scope in bridge_api::auth::SCOPES {
+        callers.push((scope, Some(key(&kit, &[scope], None).await?)));
+    }
+
+    let callback_body = json!({"idempotency_key": bridge_domain::ids::idempotency_key(id.parse()?, "withdrawal")});
+    // (method, path, body, expected per caller in the order above, then
+    // transfers:write, transfers:read, callbacks, admin).
+    use StatusCode as S;
+    let (u, f, n) = (S::UNAUTHORIZED, S::FORBIDDEN, S::NOT_FOUND);
+    let post_body = transfer_body("ana", &fund_account, 100_00);
+    let matrix: Vec<(Method, String, Option<Value>, [StatusCode; 10])> = vec![
+        (Method::POST, "/v1/transfers".into(), Some(post_body), [u, u, u, u, f, S::ACCEPTED, S::ACCEPTED, f, f, f]),
+        (Method::GET, format!("/v1/transfers/{id}"), None, [u, u, u, u, n, S::OK, f, S::OK, f, f]),
+        (Method::GET, format!("/v1/transfers/{id}/history"), None, [u, u, u, u, n, S::OK, f, S::OK, f, f]),
+        (Method::GET, "/v1/transfers?investor=ana".into(), None, [u, u, u, u, f, S::OK, f, S::OK, f, f]),
+        (Method::GET, "/v1/investors/ana/balance".into(), None, [u, u, u, u, n, S::OK, f, S::OK, f, f]),
+        (Method::GET, "/v1/funds/fund".into(), None, [u, u, u, u, S::OK, S::OK, f, S::OK, f, f]),
+        (Method::POST, "/v1/callbacks/investor".into(), Some(callback_body), [u, u, u, u, f, f, f, f, S::OK, f]),
+        (Method::GET, "/metrics".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
+        (Method::GET, "/healthz".into(), None, [S::OK; 10]),
+        (Method::GET, "/readyz".into(), None, [S::OK; 10]),
+    ];
+    let mut wrong = Vec::new();
+    for (method, path, body, expected) in &matrix {
+        for ((name, key), expected) in callers.iter().zip(expected) {
+            let mut request = client.http.request(method.clone(), format!("{}{path}", client.base));
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            if let Some(body) = body {
+                // Signed with this request's own webhook-id, so callbacks
+                // are never refused as replays.
+                let id = format!("matrix-{name}-{}", uuid::Uuid::new_v4());
+                let text = body.to_string();
+                let timestamp = chrono_now();
+                request = request
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", format!("matrix-{name}"))
+                    .header("webhook-id", &id)
+                    .header("webhook-timestamp", timestamp.to_string())
+                    .header("webhook-signature", secret.sign(&id, timestamp, text.as_bytes()))
+                    .body(text);
+            }
+            let status = request.send().await?.status();
+            if status != *expected {
+                wrong.push(format!("{method} {path} as {name}: {status}, expected {expected}"));
+            }
+        }
+    }
+    ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
+    api.stop().await
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64
+}
+
+/// Errors are problem documents, bodies are bounded, keys are rate limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn errors_are_problems_bodies_are_bounded_and_keys_rate_limited() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let mut config = ApiConfig::new();
+    config.rate_per_second = 1;
+    config.rate_burst = 5;
+    let api = api(&kit, config).await?;
+    let client = Client::new(&api);
+    let writer = key(&kit, &["transfers:write", "transfers:read"], None).await?;
+    let http = &client.http;
+    let problem = |response: reqwest::Response| async move {
+        let status = response.status();
+        let kind = response.headers().get("content-type").map(|v| v.to_str().unwrap_or_default().to_owned());
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        (status, kind, body)
+    };
+    let url = |path: &str| format!("{}{path}", api.url);
+
+    let (status, kind, body) = problem(
+        http.post(url("/v1/transfers"))
+            .bearer_auth(&writer)
+            .header("idempotency-key", "k")
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await?,
+    )
+    .await;
+    ensure!(
+        status == 422 && kind.as_deref() == Some("application/problem+json") && body["status"] == 422,
+        "{status} {body}"
+    );
+    let big = "x".repeat(100 * 1024);
+    let (status, kind, _) = problem(
+        http.post(url("/v1/transfers")).bearer_auth(&writer).header("idempotency-key", "k").body(big).send().await?,
+    )
+    .await;
+    ensure!(status == 413 && kind.as_deref() == Some("application/problem+json"), "{status}");
+    let (status, kind, _) = problem(http.get(url("/v1/nothing-here")).bearer_auth(&writer).send().await?).await;
+    ensure!(status == 404 && kind.as_deref() == Some("application/problem+json"), "{status}");
+    let (status, _, body) = problem(http.get(url("/v1/transfers/not-a-uuid")).bearer_auth(&writer).send().await?).await;
+    ensure!(status == 400 && !body.to_string().contains("uuid::"), "{status} {body}");
+
+    // Five requests were the burst; within the same second the next ones
+    // are refused with a Retry-After, and other keys are not affected.
+    let mut limited = None;
+    for _ in 0..5 {
+        let response = http.get(url("/v1/funds/none")).bearer_auth(&writer).send().await?;
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(response);
+            break;
+        }
+    }
+    let limited = limited.context("never rate limited")?;
+    ensure!(limited.headers().get("retry-after").is_some());
+    let other = key(&kit, &["transfers:read"], None).await?;
+    ensure!(http.get(url("/v1/funds/none")).bearer_auth(&other).send().await?.status() == StatusCode::NOT_FOUND);
+    api.stop().await
+}
