@@ -190,11 +190,19 @@ pub struct ApiArgs {
     /// As above, for the Fund Account Service.
     #[arg(long, env = "BRIDGE_FUND_CALLBACK_SECRETS", hide_env_values = true)]
     pub fund_callback_secrets: Option<String>,
+    /// Requests per second each API key may make.
+    #[arg(long, env = "BRIDGE_API_RATE_PER_SECOND", default_value_t = 100)]
+    pub api_rate_per_second: u32,
+    /// Requests an API key may make at once above that rate.
+    #[arg(long, env = "BRIDGE_API_RATE_BURST", default_value_t = 200)]
+    pub api_rate_burst: u32,
 }
 
 impl ApiArgs {
     pub fn config(&self) -> Result<bridge_api::ApiConfig> {
         let mut config = bridge_api::ApiConfig::new();
+        config.rate_per_second = self.api_rate_per_second;
+        config.rate_burst = self.api_rate_burst;
         for (service, secrets) in [("investor", &self.investor_callback_secrets), ("fund", &self.fund_callback_secrets)]
         {
             let Some(secrets) = secrets else { continue };
