@@ -17,12 +17,23 @@ use crate::templates;
 
 /// A Twilio-style SMS API: `POST {base_url}/2010-04-01/Accounts/{account}/Messages.json`,
 /// form-encoded `To`, `From`, `Body`, HTTP basic auth.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SmsProvider {
     pub base_url: String,
     pub account_sid: String,
     pub auth_token: String,
     pub from: String,
+}
+
+impl std::fmt::Debug for SmsProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmsProvider")
+            .field("base_url", &self.base_url)
+            .field("account_sid", &self.account_sid)
+            .field("auth_token", &"[REDACTED]")
+            .field("from", &self.from)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug)]

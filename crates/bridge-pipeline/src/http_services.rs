@@ -33,7 +33,7 @@ use crate::services::{
     FundAccountService, FundTerms, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
 };
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HttpServicesConfig {
     /// Base URL of the Investor Account Service, e.g. `https://bank.example/`.
     pub investor_base_url: String,
@@ -43,6 +43,17 @@ pub struct HttpServicesConfig {
     pub token: Option<String>,
     /// Upper bound of one call, connection included.
     pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for HttpServicesConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServicesConfig")
+            .field("investor_base_url", &self.investor_base_url)
+            .field("fund_base_url", &self.fund_base_url)
+            .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
 }
 
 pub struct HttpAccountServices {

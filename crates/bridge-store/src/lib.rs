@@ -13,6 +13,7 @@
 pub mod accounts;
 pub mod api;
 pub mod callbacks;
+pub mod credentials;
 pub mod gauges;
 pub mod inbox;
 pub mod ledger;

@@ -4,6 +4,7 @@
 //! library crates; it holds no business rules of its own.
 
 mod bench;
+mod credentials;
 mod demo;
 mod local_postgres;
 mod notify;
@@ -115,6 +116,11 @@ pub struct ServiceArgs {
 }
 
 impl ServiceArgs {
+    /// Reads `credential:<name>` settings from the encrypted store.
+    pub async fn resolve_credentials(&mut self, pool: &sqlx::PgPool) -> Result<()> {
+        credentials::resolve_option(pool, &mut self.account_services_token).await
+    }
+
     pub fn services(&self, pool: &sqlx::PgPool) -> Result<Services> {
         let investor = self.investor_service_url.clone().or_else(|| self.account_services_url.clone());
         let fund = self.fund_service_url.clone().or_else(|| self.account_services_url.clone());
@@ -199,6 +205,12 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
+    /// Reads `credential:<name>` settings from the encrypted store.
+    pub async fn resolve_credentials(&mut self, pool: &sqlx::PgPool) -> Result<()> {
+        credentials::resolve_option(pool, &mut self.investor_callback_secrets).await?;
+        credentials::resolve_option(pool, &mut self.fund_callback_secrets).await
+    }
+
     pub fn config(&self) -> Result<bridge_api::ApiConfig> {
         let mut config = bridge_api::ApiConfig::new();
         config.rate_per_second = self.api_rate_per_second;
@@ -250,6 +262,8 @@ enum Command {
     Sim(SimArgs),
     /// Serve the HTTP API alone: settlement callbacks, health, metrics.
     Api(ApiCommandArgs),
+    /// Store, list and rotate encrypted credentials.
+    Credentials(credentials::CredentialsArgs),
     /// Create, list and revoke API keys.
     Keys(KeysArgs),
     /// Measure throughput against this machine's limits.
@@ -479,6 +493,10 @@ async fn main() -> Result<()> {
             let mut config = args.common.pipeline_config(&args.common.brokers);
             args.settlement_args.apply(&mut config);
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            let mut args = args;
+            args.services.resolve_credentials(&pool).await?;
+            args.api.resolve_credentials(&pool).await?;
+            args.notifier.resolve_credentials(&pool).await?;
             kafka::ensure_topics(&config).await?;
             // Callbacks run the money-moving steps too.
             let calls_services = args.api.api_listen.is_some()
@@ -547,6 +565,8 @@ async fn main() -> Result<()> {
             let mut config = args.common.pipeline_config(&args.common.brokers);
             args.settlement.apply(&mut config);
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            args.services.resolve_credentials(&pool).await?;
+            args.api.resolve_credentials(&pool).await?;
             let services = args.services.services(&pool)?;
             let pipeline = Pipeline::new(pool, config, services);
             args.api.api_listen.get_or_insert_with(|| "127.0.0.1:8080".to_owned());
@@ -554,6 +574,10 @@ async fn main() -> Result<()> {
             if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
                 api.await.context("API task panicked")?.context("API failed")?;
             }
+        }
+        Command::Credentials(args) => {
+            init_logging("warn");
+            credentials::run(args).await?;
         }
         Command::Keys(args) => {
             init_logging("warn");
@@ -595,9 +619,10 @@ async fn main() -> Result<()> {
             init_logging("info");
             notify::run(args).await?;
         }
-        Command::FundsSync(args) => {
+        Command::FundsSync(mut args) => {
             init_logging("warn");
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            args.services.resolve_credentials(&pool).await?;
             let services = args.services.services(&pool)?;
             let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers), services);
             let report = bridge_pipeline::fund_terms::sync(pipeline.context()).await?;

@@ -48,6 +48,12 @@ pub struct NotifierArgs {
 }
 
 impl NotifierArgs {
+    /// Reads a `credential:<name>` SMS token from the encrypted store.
+    pub async fn resolve_credentials(&mut self, pool: &sqlx::PgPool) -> Result<()> {
+        self.sms_token = crate::credentials::resolve(pool, &self.sms_token).await?;
+        Ok(())
+    }
+
     pub fn config(&self) -> Result<NotifierConfig> {
         let mut config = NotifierConfig {
             attempts_max: self.notify_attempts_max,
@@ -132,8 +138,9 @@ fn new_secret() -> bridge_webhooks::Secret {
     bridge_webhooks::Secret::from_bytes(bytes)
 }
 
-pub async fn run(args: NotifyArgs) -> Result<()> {
+pub async fn run(mut args: NotifyArgs) -> Result<()> {
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+    args.notifier.resolve_credentials(&pool).await?;
     match args.action.unwrap_or(NotifyAction::Run) {
         NotifyAction::Run => {
             let config = args.common.pipeline_config(&args.common.brokers);

@@ -426,3 +426,118 @@ async fn reqwest_free_health_check(address: &str) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `bridge` with `args`, `env` and `stdin`; returns its stdout, or the
+/// error with its stderr.
+fn bridge(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new(BRIDGE)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut input = child.stdin.take().context("stdin")?;
+    input.write_all(stdin.unwrap_or_default().as_bytes())?;
+    drop(input);
+    let output = child.wait_with_output()?;
+    ensure!(output.status.success(), "bridge {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// The account services' token lives only encrypted in Postgres: `bridge
+/// run` reads it through `credential:<name>` and a simulator that demands
+/// it completes the transfer; the token appears in no log line even at
+/// debug level; rotation moves it to a new master key without touching the
+/// value, after which the old key can go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_encrypted_at_rest_rotated_and_never_logged() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::Standalone).await?;
+    kit.seed_investor("cleo", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let database = kit.database_url.clone();
+    let token = format!("tok_{}", uuid::Uuid::new_v4().simple());
+    let k1 = bridge(&["credentials", "generate-key", "k1"], &[], None)?.trim().to_owned();
+    let k2 = bridge(&["credentials", "generate-key", "k2"], &[], None)?.trim().to_owned();
+    let with_keys = |keys: &str| -> Vec<(&'static str, String)> {
+        vec![("DATABASE_URL", database.clone()), ("BRIDGE_MASTER_KEYS", keys.to_owned())]
+    };
+    let run_with = |args: &[&str], pairs: &[(&'static str, String)], stdin: Option<&str>| {
+        let env: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        bridge(args, &env, stdin)
+    };
+
+    run_with(&["credentials", "set", "account_services_token"], &with_keys(&k1), Some(&format!("{token}\n")))?;
+    let (key_id, wrapped, sealed): (String, Vec<u8>, Vec<u8>) =
+        sqlx::query_as("SELECT key_id, wrapped_key, ciphertext FROM credentials WHERE name = 'account_services_token'")
+            .fetch_one(&kit.pool)
+            .await?;
+    ensure!(key_id == "k1");
+    let dump = [wrapped, sealed].concat();
+    ensure!(!dump.windows(token.len()).any(|window| window == token.as_bytes()), "plaintext at rest");
+    let listed = run_with(&["credentials", "list"], &with_keys(&k1), None)?;
+    ensure!(listed.contains("account_services_token (master key k1)") && !listed.contains(&token), "{listed}");
+
+    // A simulator that answers only with the token.
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let simulator_address = format!("127.0.0.1:{free_port}");
+    let mut simulator = Command::new(BRIDGE)
+        .args(["sim", "--listen", &simulator_address])
+        .env("DATABASE_URL", &kit.database_url)
+        .env("BRIDGE_SIM_TOKEN", &token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    reqwest_free_health_check(&simulator_address).await?;
+    let logs = std::env::temp_dir().join(format!("bridge-credentials-{}.log", uuid::Uuid::new_v4()));
+    let mut env = kit_env(
+        &kit,
+        &[
+            ("BRIDGE_ACCOUNT_SERVICES_URL", &format!("http://{simulator_address}")),
+            ("BRIDGE_ACCOUNT_SERVICES_TOKEN", "credential:account_services_token"),
+            ("RUST_LOG", "debug,rdkafka=info,sqlx=info,hyper_util=info,h2=info,rustls=info"),
+        ],
+    );
+    env.push(("BRIDGE_MASTER_KEYS", k1.clone()));
+    let run = Command::new(BRIDGE)
+        .arg("run")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&logs)?)
+        .spawn()?;
+    let id = kit.publish(&kit.request("cleo", &fund_account, 1_000_00)).await?;
+    let waited = kit.wait_terminal(&[id], Duration::from_secs(120)).await;
+    Command::new("kill").args(["-TERM", &run.id().to_string()]).status()?;
+    let exit = tokio::task::spawn_blocking(move || run.wait_with_output()).await??;
+    let log = std::fs::read_to_string(&logs).unwrap_or_default();
+    let _ = std::fs::remove_file(&logs);
+    waited.with_context(|| format!("run log:\n{log}"))?;
+    ensure!(exit.status.success());
+    ensure!(
+        kit.transfer(id).await?.state == bridge_domain::TransferState::Completed,
+        "the token did not open the bank"
+    );
+    ensure!(log.lines().count() > 20 && log.contains("DEBUG"), "too little logged to prove anything");
+    ensure!(!log.contains(&token), "the token reached a log line");
+
+    // Rotation: with both keys configured, every credential moves to k2;
+    // afterwards k2 alone reads it and k1 alone no longer does.
+    let rotated = run_with(&["credentials", "rotate"], &with_keys(&format!("{k2},{k1}")), None)?;
+    ensure!(rotated.contains("1 credentials now sealed under master key k2"), "{rotated}");
+    let (key_id, after): (String, Vec<u8>) =
+        sqlx::query_as("SELECT key_id, ciphertext FROM credentials WHERE name = 'account_services_token'")
+            .fetch_one(&kit.pool)
+            .await?;
+    ensure!(key_id == "k2" && after == dump[dump.len() - after.len()..], "the value was re-encrypted or not moved");
+    let mut only_k2 = with_keys(&k2);
+    only_k2.push(("BRIDGE_ACCOUNT_SERVICES_URL", format!("http://{simulator_address}")));
+    only_k2.push(("BRIDGE_ACCOUNT_SERVICES_TOKEN", "credential:account_services_token".to_owned()));
+    run_with(&["funds-sync"], &only_k2, None).context("k2 alone must read the rotated credential")?;
+    let mut only_k1 = only_k2.clone();
+    only_k1[1].1 = k1.clone();
+    ensure!(run_with(&["funds-sync"], &only_k1, None).is_err(), "the retired key still opens the credential");
+    simulator.kill()?;
+    simulator.wait()?;
+    Ok(())
+}
