@@ -232,6 +232,9 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
         (Method::GET, "/v1/funds/fund".into(), None, [u, u, u, u, S::OK, S::OK, f, S::OK, f, f]),
         (Method::POST, "/v1/callbacks/investor".into(), Some(callback_body), [u, u, u, u, f, f, f, f, S::OK, f]),
         (Method::GET, "/metrics".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
+        (Method::GET, "/v1/admin/notifications/subscriptions".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
+        (Method::POST, "/v1/admin/notifications/redrive".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
+        (Method::GET, "/v1/admin/dead-letters".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
         (Method::GET, "/healthz".into(), None, [S::OK; 10]),
         (Method::GET, "/readyz".into(), None, [S::OK; 10]),
     ];
@@ -328,5 +331,77 @@ async fn errors_are_problems_bodies_are_bounded_and_keys_rate_limited() -> Resul
     ensure!(limited.headers().get("retry-after").is_some());
     let other = key(&kit, &["transfers:read"], None).await?;
     ensure!(http.get(url("/v1/funds/none")).bearer_auth(&other).send().await?.status() == StatusCode::NOT_FOUND);
+    api.stop().await
+}
+
+/// Operators inspect and redrive dead letters and manage notification
+/// targets over the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operators_manage_dead_letters_and_notification_targets() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let pipeline = kit.spawn(&Part::all());
+    let api = api(&kit, ApiConfig::new()).await?;
+    let client = Client::new(&api);
+    let admin = key(&kit, &["admin"], None).await?;
+
+    let requested = kit.topics().requested();
+    kit.publish_raw(&requested, Some(b"k"), b"\xc3\x01not avro", &[]).await?;
+    let dead_letter_topic = bridge_pipeline::Topics::dead_letter(&requested);
+    let deadline = Instant::now() + SETTLE;
+    let listed = loop {
+        let (status, listed) = client
+            .call(Method::GET, &format!("/v1/admin/dead-letters/{dead_letter_topic}"), Some(&admin), None, None)
+            .await?;
+        ensure!(status == StatusCode::OK, "{status} {listed}");
+        if listed["total"] == 1 {
+            break listed;
+        }
+        ensure!(Instant::now() < deadline, "nothing dead-lettered: {listed}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let record = &listed["records"][0];
+    ensure!(record["error_class"].is_string() && record["payload_bytes"] == 10 && record["key"] == "k", "{listed}");
+    let (status, report) = client
+        .call(
+            Method::POST,
+            &format!("/v1/admin/dead-letters/{dead_letter_topic}/redrive"),
+            Some(&admin),
+            None,
+            Some(&json!({"dry_run": true})),
+        )
+        .await?;
+    ensure!(
+        status == StatusCode::OK && report["read"] == 1 && report["redriven"] == 1 && report["dry_run"] == true,
+        "{report}"
+    );
+    let (status, _) =
+        client.call(Method::GET, "/v1/admin/dead-letters/some-other-topic.dlq", Some(&admin), None, None).await?;
+    ensure!(status == StatusCode::NOT_FOUND);
+
+    let subscription = json!({"subscriber_kind": "operator", "channel": "webhook", "target": "https://ops.example.com/hook", "states": ["manual_review"]});
+    let (status, created) = client
+        .call(Method::POST, "/v1/admin/notifications/subscriptions", Some(&admin), None, Some(&subscription))
+        .await?;
+    ensure!(
+        status == StatusCode::CREATED && created["signing_secret"].as_str().is_some_and(|s| s.starts_with("whsec_")),
+        "{created}"
+    );
+    let id = created["id"].as_i64().context("id")?;
+    let bad = json!({"subscriber_kind": "operator", "channel": "sms", "target": "12345"});
+    let (status, _) =
+        client.call(Method::POST, "/v1/admin/notifications/subscriptions", Some(&admin), None, Some(&bad)).await?;
+    ensure!(status == StatusCode::UNPROCESSABLE_ENTITY);
+    let path = format!("/v1/admin/notifications/subscriptions/{id}/disable");
+    ensure!(client.call(Method::POST, &path, Some(&admin), None, None).await?.0 == StatusCode::OK);
+    let (_, list) = client.call(Method::GET, "/v1/admin/notifications/subscriptions", Some(&admin), None, None).await?;
+    ensure!(
+        list["items"][0]["enabled"] == false && list["items"][0]["disabled_reason"] == "disabled by an operator",
+        "{list}"
+    );
+    let path = format!("/v1/admin/notifications/subscriptions/{id}/enable");
+    ensure!(client.call(Method::POST, &path, Some(&admin), None, None).await?.0 == StatusCode::OK);
+    let (_, list) = client.call(Method::GET, "/v1/admin/notifications/subscriptions", Some(&admin), None, None).await?;
+    ensure!(list["items"][0]["enabled"] == true, "{list}");
+    pipeline.stop().await?;
     api.stop().await
 }

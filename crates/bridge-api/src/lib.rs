@@ -9,6 +9,12 @@
 //! | `GET /v1/investors/{id}/balance` | `transfers:read` | balance, held, available |
 //! | `GET /v1/funds/{id}` | `transfers:read` | criteria, seats and capacity left, reserved and completed |
 //! | `POST /v1/callbacks/{service}` | `callbacks` | a settlement callback from `investor` or `fund` (also signed) |
+//! | `GET /v1/admin/dead-letters` | `admin` | every dead-letter topic, records per error class |
+//! | `GET /v1/admin/dead-letters/{topic}?partition=&from_offset=&to_offset=` | `admin` | the records (up to 500) |
+//! | `POST /v1/admin/dead-letters/{topic}/redrive` `{partition, from_offset, to_offset, dry_run}` | `admin` | back through the normal path |
+//! | `GET`/`POST /v1/admin/notifications/subscriptions` | `admin` | list (with delivery counts) / create (a webhook's secret is in the reply, once) |
+//! | `POST /v1/admin/notifications/subscriptions/{id}/enable`, `/disable` | `admin` | switch a target |
+//! | `POST /v1/admin/notifications/redrive?subscription=` | `admin` | dead-lettered deliveries back in their queues |
 //! | `GET /metrics` | `admin` | Prometheus text: open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
 //! | `GET /healthz` | none | the process is alive |
 //! | `GET /readyz` | none | the database answers |
@@ -37,6 +43,7 @@
 // built once per failed request, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod admin;
 pub mod auth;
 pub mod transfers;
 
@@ -117,6 +124,13 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .route("/v1/investors/{id}/balance", get(transfers::balance))
         .route("/v1/funds/{id}", get(transfers::fund))
         .route("/v1/callbacks/{service}", post(callback))
+        .route("/v1/admin/dead-letters", get(admin::dead_letter_topics))
+        .route("/v1/admin/dead-letters/{topic}", get(admin::dead_letters_in))
+        .route("/v1/admin/dead-letters/{topic}/redrive", post(admin::redrive_dead_letters))
+        .route("/v1/admin/notifications/subscriptions", get(admin::subscriptions).post(admin::subscribe))
+        .route("/v1/admin/notifications/subscriptions/{id}/enable", post(admin::enable))
+        .route("/v1/admin/notifications/subscriptions/{id}/disable", post(admin::disable))
+        .route("/v1/admin/notifications/redrive", post(admin::redrive_notifications))
         // Requests are small JSON documents; anything larger is refused
         // before it is read.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))

@@ -16,6 +16,7 @@
 //!   preserves per-transfer ordering.
 
 pub mod config;
+pub mod dead_letters;
 pub mod demo;
 pub mod fund_terms;
 pub mod http_services;

@@ -1,7 +1,6 @@
 //! Operator commands: replay a range of a topic through its stage, and
 //! inspect and redrive dead-letter topics.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
@@ -10,10 +9,11 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use bridge_pipeline::message::{dead_letter_headers as dlq, Inbound};
+use bridge_pipeline::dead_letters;
+use bridge_pipeline::message::Inbound;
 use bridge_pipeline::reader::{read_range, Bound, Range};
 use bridge_pipeline::stages::{self, Outcome, StageError};
-use bridge_pipeline::{kafka, upstream, Pipeline, StageName, Topics};
+use bridge_pipeline::{Pipeline, StageName, Topics};
 
 use crate::{Common, ServiceArgs};
 
@@ -189,111 +189,26 @@ enum DlqCommand {
     },
 }
 
-#[derive(Serialize)]
-struct DeadLetter {
-    partition: i32,
-    offset: i64,
-    original_topic: Option<String>,
-    original_partition: Option<String>,
-    original_offset: Option<String>,
-    error_class: Option<String>,
-    error_message: Option<String>,
-    stage: Option<String>,
-    failed_at: Option<String>,
-    key: Option<String>,
-    payload_bytes: usize,
-    payload_hex_head: String,
-}
-
-fn describe(record: &Inbound) -> DeadLetter {
-    let payload = record.payload.as_deref().unwrap_or_default();
-    let header = |name: &str| record.header(name).map(str::to_owned);
-    DeadLetter {
-        partition: record.partition,
-        offset: record.offset,
-        original_topic: header(dlq::ORIGINAL_TOPIC),
-        original_partition: header(dlq::ORIGINAL_PARTITION),
-        original_offset: header(dlq::ORIGINAL_OFFSET),
-        error_class: header(dlq::ERROR_CLASS),
-        error_message: header(dlq::ERROR_MESSAGE),
-        stage: header(dlq::STAGE),
-        failed_at: header(dlq::FAILED_AT),
-        key: record.key.as_deref().map(|key| String::from_utf8_lossy(key).into_owned()),
-        payload_bytes: payload.len(),
-        payload_hex_head: payload.iter().take(32).map(|byte| format!("{byte:02x}")).collect(),
-    }
-}
-
-fn require_dead_letter_topic(topic: &str) -> Result<()> {
-    if !topic.ends_with(".dlq") {
-        bail!("{topic} is not a dead-letter topic (they end in .dlq)");
-    }
-    Ok(())
-}
-
 pub async fn dlq(args: DlqArgs) -> Result<()> {
     let config = args.common.pipeline_config(&args.common.brokers);
     match args.command {
         DlqCommand::List { idle_ms } => {
-            for topic in config.topics.all().into_iter().filter(|topic| topic.ends_with(".dlq")) {
-                let mut classes: BTreeMap<String, u64> = BTreeMap::new();
-                let range = Range {
-                    topic: topic.clone(),
-                    partitions: Vec::new(),
-                    from: None,
-                    to: None,
-                    idle_ms,
-                    appended_before: Some(Utc::now()),
-                };
-                let total = read_range(&config, &range, |record: Inbound| {
-                    *classes.entry(record.header(dlq::ERROR_CLASS).unwrap_or("unknown").to_owned()).or_default() += 1;
-                    async { Ok(()) }
-                })
-                .await?;
-                println!("{}", serde_json::json!({"topic": topic, "records": total, "by_error_class": classes}));
+            for topic in dead_letters::summary(&config, idle_ms).await? {
+                println!("{}", serde_json::to_string(&topic)?);
             }
         }
         DlqCommand::Show { range } => {
-            require_dead_letter_topic(&range.topic)?;
-            read_range(&config, &range.range(), |record: Inbound| {
-                let line = serde_json::to_string(&describe(&record));
-                async move {
-                    println!("{}", line?);
-                    Ok(())
-                }
+            dead_letters::show(&config, &range.range(), |record| {
+                println!("{}", serde_json::to_string(&record)?);
+                Ok(())
             })
             .await?;
         }
         DlqCommand::Redrive { range, dry_run } => {
-            require_dead_letter_topic(&range.topic)?;
-            let original_topic = range.topic.strip_suffix(".dlq").unwrap_or(&range.topic).to_owned();
-            stage_for(&config.topics, &original_topic)?;
-            let producer = kafka::upstream_producer(&config)?;
-            let redriven = AtomicU64::new(0);
-            let read = read_range(&config, &range.range(), |record: Inbound| {
-                let producer = &producer;
-                let redriven = &redriven;
-                let original_topic = &original_topic;
-                async move {
-                    // Back to the topic this dead-letter topic belongs to, never
-                    // to one a header names: headers came from outside.
-                    let original = original_topic.clone();
-                    // The original headers, without the dead-letter ones.
-                    let headers: Vec<(String, Vec<u8>)> =
-                        record.headers.iter().filter(|(name, _)| !name.starts_with("bridge_dlq_")).cloned().collect();
-                    if !dry_run {
-                        let payload = record.payload.as_deref().unwrap_or_default();
-                        upstream::publish_raw(producer, &original, record.key.as_deref(), payload, &headers).await?;
-                    }
-                    redriven.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                }
-            })
-            .await?;
-            let redriven = redriven.into_inner();
+            let report = dead_letters::redrive(&config, &range.range(), dry_run).await?;
             println!(
                 "{}",
-                serde_json::json!({"topic": range.topic, "read": read, "redriven": redriven, "dry_run": dry_run})
+                serde_json::json!({"topic": range.topic, "read": report.read, "redriven": report.redriven, "dry_run": dry_run})
             );
         }
     }

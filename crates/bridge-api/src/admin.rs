@@ -1,0 +1,260 @@
+//! Operator endpoints (scope `admin`): dead-letter topics, notification
+//! subscriptions, and the targets' switches.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::json;
+
+use bridge_pipeline::dead_letters;
+use bridge_pipeline::reader::{Bound, Range};
+use bridge_store::notifications::{self, NewSubscription};
+
+use crate::auth::Caller;
+use crate::{problem, unavailable, AppState};
+
+/// How long a partition must stay quiet to count as read to its end.
+const IDLE_MS: u64 = 1_500;
+/// At most this many records per page of a dead-letter topic.
+const SHOW_MAX: usize = 500;
+
+fn admin(caller: &Caller) -> Result<(), Response> {
+    caller.require("admin")
+}
+
+pub async fn dead_letter_topics(State(state): State<AppState>, caller: Caller) -> Response {
+    if let Err(response) = admin(&caller) {
+        return response;
+    }
+    match dead_letters::summary(&state.ctx.config, IDLE_MS).await {
+        Ok(topics) => Json(json!({"topics": topics})).into_response(),
+        Err(error) => {
+            tracing::warn!(error = format!("{error:#}"), "Dead-letter summary failed");
+            unavailable()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeQuery {
+    partition: Option<i32>,
+    from_offset: Option<i64>,
+    to_offset: Option<i64>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+fn range(topic: &str, query: &RangeQuery) -> Range {
+    Range {
+        topic: topic.to_owned(),
+        partitions: query.partition.into_iter().collect(),
+        from: query.from_offset.map(Bound::Offset),
+        to: query.to_offset.map(Bound::Offset),
+        idle_ms: IDLE_MS,
+        appended_before: Some(Utc::now()),
+    }
+}
+
+fn ours(state: &AppState, topic: &str) -> Result<(), Response> {
+    dead_letters::original_topic(&state.ctx.config, topic)
+        .map(|_| ())
+        .map_err(|_| problem(StatusCode::NOT_FOUND, "Not Found", "no such dead-letter topic"))
+}
+
+pub async fn dead_letters_in(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(topic): Path<String>,
+    Query(query): Query<RangeQuery>,
+) -> Response {
+    if let Err(response) = admin(&caller).and_then(|()| ours(&state, &topic)) {
+        return response;
+    }
+    let mut records = Vec::new();
+    let shown = dead_letters::show(&state.ctx.config, &range(&topic, &query), |record| {
+        if records.len() < SHOW_MAX {
+            records.push(record);
+        }
+        Ok(())
+    })
+    .await;
+    match shown {
+        Ok(total) => Json(json!({"topic": topic, "total": total, "records": records})).into_response(),
+        Err(error) => {
+            tracing::warn!(error = format!("{error:#}"), "Dead-letter read failed");
+            unavailable()
+        }
+    }
+}
+
+pub async fn redrive_dead_letters(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(topic): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = admin(&caller).and_then(|()| ours(&state, &topic)) {
+        return response;
+    }
+    let query: RangeQuery = match serde_json::from_slice(if body.is_empty() { b"{}" } else { &body }) {
+        Ok(query) => query,
+        Err(error) => return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Content", &error.to_string()),
+    };
+    match dead_letters::redrive(&state.ctx.config, &range(&topic, &query), query.dry_run).await {
+        Ok(report) => {
+            Json(json!({"topic": topic, "read": report.read, "redriven": report.redriven, "dry_run": report.dry_run}))
+                .into_response()
+        }
+        Err(error) => {
+            tracing::warn!(error = format!("{error:#}"), "Redrive failed");
+            unavailable()
+        }
+    }
+}
+
+pub async fn subscriptions(State(state): State<AppState>, caller: Caller) -> Response {
+    if let Err(response) = admin(&caller) {
+        return response;
+    }
+    let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
+    let Ok(all) = notifications::subscriptions(&mut conn).await else { return unavailable() };
+    let mut items = Vec::new();
+    for subscription in all {
+        let Ok(counts) = notifications::delivery_counts(&mut conn, Some(subscription.id)).await else {
+            return unavailable();
+        };
+        items.push(json!({
+            "id": subscription.id,
+            "subscriber_kind": subscription.subscriber_kind,
+            "subscriber_id": subscription.subscriber_id,
+            "states": subscription.states,
+            "channel": subscription.channel,
+            "target": subscription.target,
+            "enabled": subscription.enabled,
+            "disabled_reason": subscription.disabled_reason,
+            "deliveries": counts.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        }));
+    }
+    Json(json!({"items": items})).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscribe {
+    subscriber_kind: String,
+    #[serde(default)]
+    subscriber_id: Option<String>,
+    #[serde(default)]
+    states: Vec<String>,
+    channel: String,
+    target: String,
+}
+
+pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Bytes) -> Response {
+    if let Err(response) = admin(&caller) {
+        return response;
+    }
+    let request: Subscribe = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Content", &error.to_string()),
+    };
+    let invalid = |detail: &str| problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Content", detail);
+    if !["investor", "fund", "operator"].contains(&request.subscriber_kind.as_str()) {
+        return invalid("subscriber_kind must be investor, fund or operator");
+    }
+    if (request.subscriber_kind == "operator") != request.subscriber_id.is_none() {
+        return invalid("subscriber_id names the investor or fund account, and only operators go without");
+    }
+    if request.states.iter().any(|state| bridge_domain::TransferState::parse(state).is_err()) {
+        return invalid("unknown state in states");
+    }
+    if let Err(reason) = validate_target(&request.channel, &request.target) {
+        return invalid(&reason);
+    }
+    // A webhook gets its signing secret now, shown in this response only.
+    let secret = (request.channel == "webhook").then(|| {
+        let mut bytes = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+        bridge_webhooks::Secret::from_bytes(bytes).expose()
+    });
+    let new = NewSubscription {
+        subscriber_kind: request.subscriber_kind,
+        subscriber_id: request.subscriber_id,
+        states: request.states,
+        channel: request.channel,
+        target: request.target,
+        secret: secret.clone(),
+    };
+    let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
+    match notifications::subscribe(&mut conn, &new).await {
+        Ok(id) => (StatusCode::CREATED, Json(json!({"id": id, "signing_secret": secret}))).into_response(),
+        Err(_) => unavailable(),
+    }
+}
+
+/// The same checks `bridge notify subscribe` makes.
+fn validate_target(channel: &str, target: &str) -> Result<(), String> {
+    let ok = match channel {
+        "webhook" | "slack" => target.starts_with("https://") || target.starts_with("http://"),
+        "sms" => {
+            let digits = target.strip_prefix('+').unwrap_or_default();
+            (7..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0')
+        }
+        "email" => target.split_once('@').is_some_and(|(user, host)| !user.is_empty() && host.contains('.')),
+        _ => return Err("channel must be webhook, slack, sms or email".to_owned()),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("not a valid {channel} target"))
+    }
+}
+
+async fn switch(state: &AppState, id: i64, enabled: bool) -> Response {
+    let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
+    let reason = (!enabled).then_some("disabled by an operator");
+    match notifications::set_enabled(&mut conn, id, enabled, reason).await {
+        Ok(true) => Json(json!({"id": id, "enabled": enabled})).into_response(),
+        Ok(false) => problem(StatusCode::NOT_FOUND, "Not Found", "no such subscription"),
+        Err(_) => unavailable(),
+    }
+}
+
+pub async fn enable(State(state): State<AppState>, caller: Caller, Path(id): Path<i64>) -> Response {
+    match admin(&caller) {
+        Ok(()) => switch(&state, id, true).await,
+        Err(response) => response,
+    }
+}
+
+pub async fn disable(State(state): State<AppState>, caller: Caller, Path(id): Path<i64>) -> Response {
+    match admin(&caller) {
+        Ok(()) => switch(&state, id, false).await,
+        Err(response) => response,
+    }
+}
+
+#[derive(Deserialize)]
+pub struct RedriveNotifications {
+    subscription: Option<i64>,
+}
+
+pub async fn redrive_notifications(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<RedriveNotifications>,
+) -> Response {
+    if let Err(response) = admin(&caller) {
+        return response;
+    }
+    let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
+    match notifications::redrive(&mut conn, query.subscription).await {
+        Ok(count) => Json(json!({"redriven": count})).into_response(),
+        Err(_) => unavailable(),
+    }
+}
