@@ -405,3 +405,66 @@ async fn operators_manage_dead_letters_and_notification_targets() -> Result<()> 
     pipeline.stop().await?;
     api.stop().await
 }
+
+/// Behind an identity provider: JWTs with the pinned algorithm, issuer,
+/// audience and an unexpired `exp` are accepted with their scopes and
+/// investor binding; anything else is refused like a wrong key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jwt_bearer_tokens_are_checked_strictly() -> Result<()> {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("ana", 10_000_00).await?;
+    kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let secret = b"an identity provider's shared secret, 32+ bytes long";
+    let mut config = ApiConfig::new();
+    config.jwt = Some(bridge_api::auth::JwtConfig::new("HS256", secret, "https://idp.example", "bridge")?);
+    let api = api(&kit, config).await?;
+    let client = Client::new(&api);
+    let now = chrono_now();
+    let token = |alg: Algorithm, claims: Value| {
+        encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret)).expect("encodes")
+    };
+    let good = json!({"sub": "svc-1", "iss": "https://idp.example", "aud": "bridge", "exp": now + 300, "scope": "transfers:read"});
+    let status = |token: String| {
+        let client = &client;
+        async move { client.call(Method::GET, "/v1/funds/fund", Some(&token), None, None).await.map(|(s, _)| s) }
+    };
+    ensure!(status(token(Algorithm::HS256, good.clone())).await? == StatusCode::OK);
+    let mut wrong_audience = good.clone();
+    wrong_audience["aud"] = json!("someone-else");
+    let mut wrong_issuer = good.clone();
+    wrong_issuer["iss"] = json!("https://evil.example");
+    let mut expired = good.clone();
+    expired["exp"] = json!(now - 600);
+    let mut no_expiry = good.clone();
+    no_expiry.as_object_mut().context("object")?.remove("exp");
+    for (what, refused) in [
+        ("wrong audience", token(Algorithm::HS256, wrong_audience)),
+        ("wrong issuer", token(Algorithm::HS256, wrong_issuer)),
+        ("expired", token(Algorithm::HS256, expired)),
+        ("no exp", token(Algorithm::HS256, no_expiry)),
+        ("another algorithm", token(Algorithm::HS512, good.clone())),
+        ("unsigned", {
+            let signed = token(Algorithm::HS256, good.clone());
+            let mut parts: Vec<&str> = signed.split('.').collect();
+            let none = base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                br#"{"alg":"none","typ":"JWT"}"#,
+            );
+            parts[0] = &none;
+            format!("{}.{}.", parts[0], parts[1])
+        }),
+    ] {
+        ensure!(status(refused).await? == StatusCode::UNAUTHORIZED, "{what} was accepted");
+    }
+    let mut no_scope = good.clone();
+    no_scope["scope"] = json!("transfers:write");
+    ensure!(status(token(Algorithm::HS256, no_scope)).await? == StatusCode::FORBIDDEN);
+    let mut bound = good;
+    bound["bridge_investor"] = json!("bob");
+    let (code, _) = client
+        .call(Method::GET, "/v1/investors/ana/balance", Some(&token(Algorithm::HS256, bound)), None, None)
+        .await?;
+    ensure!(code == StatusCode::NOT_FOUND, "a token bound to bob read ana's balance: {code}");
+    api.stop().await
+}

@@ -2,6 +2,11 @@
 //! finds the stored row; the secret (32 random bytes, base64url) is compared
 //! by its SHA-256 in constant time. Keys carry scopes and may be bound to one
 //! investor. Each key has its own rate limit.
+//!
+//! Deployments behind an identity provider may also accept JWT bearer
+//! tokens: one pinned algorithm, issuer and audience checked, `exp`
+//! required; scopes from the `scope` claim (space-separated), an investor
+//! binding from `bridge_investor`. A token is rate limited by its subject.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -90,6 +95,69 @@ impl Caller {
     }
 }
 
+/// How JWT bearer tokens are checked, when they are accepted at all.
+#[derive(Clone)]
+pub struct JwtConfig {
+    pub algorithm: jsonwebtoken::Algorithm,
+    pub key: jsonwebtoken::DecodingKey,
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("algorithm", &self.algorithm)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtConfig {
+    /// `algorithm` as JWT names it (RS256, ES256, HS256, ...); `key` is a
+    /// PEM public key, or for the HS algorithms the shared secret.
+    pub fn new(algorithm: &str, key: &[u8], issuer: &str, audience: &str) -> anyhow::Result<Self> {
+        use jsonwebtoken::{Algorithm, DecodingKey};
+        let algorithm: Algorithm =
+            algorithm.parse().map_err(|_| anyhow::anyhow!("unknown JWT algorithm {algorithm}"))?;
+        let key = match algorithm {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => DecodingKey::from_secret(key),
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => DecodingKey::from_rsa_pem(key)?,
+            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(key)?,
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(key)?,
+        };
+        Ok(Self { algorithm, key, issuer: issuer.to_owned(), audience: audience.to_owned() })
+    }
+
+    fn verify(&self, token: &str) -> Option<Caller> {
+        #[derive(serde::Deserialize)]
+        struct Claims {
+            sub: String,
+            #[serde(default)]
+            scope: String,
+            #[serde(default)]
+            bridge_investor: Option<String>,
+        }
+        let mut validation = jsonwebtoken::Validation::new(self.algorithm);
+        validation.algorithms = vec![self.algorithm];
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &validation).ok()?.claims;
+        Some(Caller {
+            key_id: Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("jwt:{}:{}", self.issuer, claims.sub).as_bytes()),
+            scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
+            investor_account_id: claims.bridge_investor,
+        })
+    }
+}
+
 pub type RateLimiter = Arc<DefaultKeyedRateLimiter<Uuid>>;
 
 pub fn rate_limiter(per_second: u32, burst: u32) -> RateLimiter {
@@ -114,8 +182,11 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .ok_or_else(unauthorized)?;
-        let (prefix, secret) =
-            presented.strip_prefix("brk_").and_then(|rest| rest.split_once('_')).ok_or_else(unauthorized)?;
+        let Some((prefix, secret)) = presented.strip_prefix("brk_").and_then(|rest| rest.split_once('_')) else {
+            let caller = state.config.jwt.as_ref().and_then(|jwt| jwt.verify(presented)).ok_or_else(unauthorized)?;
+            limit(state, &caller.key_id)?;
+            return Ok(caller);
+        };
         let found = match state.ctx.pool.acquire().await {
             Ok(mut conn) => api::key_by_prefix(&mut conn, prefix).await,
             Err(error) => Err(error.into()),
@@ -132,13 +203,18 @@ impl FromRequestParts<AppState> for Caller {
         if !matches || key.revoked_at.is_some() {
             return Err(unauthorized());
         }
-        if let Err(not_until) = state.limiter.check_key(&key.id) {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-            let mut response = problem(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", "slow down");
-            let seconds = wait.as_secs().max(1).to_string();
-            response.headers_mut().insert("retry-after", seconds.parse().expect("digits"));
-            return Err(response);
-        }
+        limit(state, &key.id)?;
         Ok(Caller { key_id: key.id, scopes: key.scopes, investor_account_id: key.investor_account_id })
     }
+}
+
+fn limit(state: &AppState, caller: &Uuid) -> Result<(), Response> {
+    if let Err(not_until) = state.limiter.check_key(caller) {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+        let mut response = problem(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", "slow down");
+        let seconds = wait.as_secs().max(1).to_string();
+        response.headers_mut().insert("retry-after", seconds.parse().expect("digits"));
+        return Err(response);
+    }
+    Ok(())
 }

@@ -79,6 +79,8 @@ pub struct ApiConfig {
     /// Requests per second each API key may make, and the burst above it.
     pub rate_per_second: u32,
     pub rate_burst: u32,
+    /// Accept JWT bearer tokens checked this way, besides API keys.
+    pub jwt: Option<auth::JwtConfig>,
 }
 
 impl ApiConfig {
@@ -88,6 +90,7 @@ impl ApiConfig {
             callback_tolerance_secs: bridge_webhooks::DEFAULT_TOLERANCE_SECS,
             rate_per_second: 100,
             rate_burst: 200,
+            jwt: None,
         }
     }
 }

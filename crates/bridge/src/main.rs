@@ -202,6 +202,17 @@ pub struct ApiArgs {
     /// Requests an API key may make at once above that rate.
     #[arg(long, env = "BRIDGE_API_RATE_BURST", default_value_t = 200)]
     pub api_rate_burst: u32,
+    /// Also accept JWT bearer tokens signed with this algorithm only (e.g.
+    /// RS256, ES256); needs the key file, issuer and audience.
+    #[arg(long, env = "BRIDGE_JWT_ALGORITHM", requires_all = ["jwt_key_file", "jwt_issuer", "jwt_audience"])]
+    pub jwt_algorithm: Option<String>,
+    /// PEM public key of the identity provider (for HS algorithms: the secret).
+    #[arg(long, env = "BRIDGE_JWT_KEY_FILE")]
+    pub jwt_key_file: Option<String>,
+    #[arg(long, env = "BRIDGE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    #[arg(long, env = "BRIDGE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
 }
 
 impl ApiArgs {
@@ -215,6 +226,12 @@ impl ApiArgs {
         let mut config = bridge_api::ApiConfig::new();
         config.rate_per_second = self.api_rate_per_second;
         config.rate_burst = self.api_rate_burst;
+        if let (Some(algorithm), Some(path), Some(issuer), Some(audience)) =
+            (&self.jwt_algorithm, &self.jwt_key_file, &self.jwt_issuer, &self.jwt_audience)
+        {
+            let key = std::fs::read(path).with_context(|| format!("Failed to read the JWT key {path}"))?;
+            config.jwt = Some(bridge_api::auth::JwtConfig::new(algorithm, &key, issuer, audience)?);
+        }
         for (service, secrets) in [("investor", &self.investor_callback_secrets), ("fund", &self.fund_callback_secrets)]
         {
             let Some(secrets) = secrets else { continue };
