@@ -261,6 +261,8 @@ impl ApiArgs {
     }
 }
 
+// Parsed once at start-up; the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Create the database if missing and apply schema migrations.
