@@ -26,6 +26,14 @@ fn admin(caller: &Caller) -> Result<(), Response> {
     caller.require("admin")
 }
 
+/// Every dead-letter topic with its records per error class.
+#[utoipa::path(get, path = "/v1/admin/dead-letters", tag = "operations", responses(
+        (status = 200, body = serde_json::Value),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn dead_letter_topics(State(state): State<AppState>, caller: Caller) -> Response {
     if let Err(response) = admin(&caller) {
         return response;
@@ -66,6 +74,19 @@ fn ours(state: &AppState, topic: &str) -> Result<(), Response> {
         .map_err(|_| problem(StatusCode::NOT_FOUND, "Not Found", "no such dead-letter topic"))
 }
 
+/// Records of one dead-letter topic (up to 500).
+#[utoipa::path(get, path = "/v1/admin/dead-letters/{topic}", tag = "operations",
+    params(("topic" = String, Path), ("partition" = Option<i32>, Query), ("from_offset" = Option<i64>, Query),
+        ("to_offset" = Option<i64>, Query)),
+    responses(
+        (status = 200, body = serde_json::Value),
+        (status = 400, description = "Malformed query", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not a dead-letter topic of this pipeline", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn dead_letters_in(
     State(state): State<AppState>,
     caller: Caller,
@@ -92,6 +113,18 @@ pub async fn dead_letters_in(
     }
 }
 
+/// Sends a range of dead letters back through the normal path.
+#[utoipa::path(post, path = "/v1/admin/dead-letters/{topic}/redrive", tag = "operations",
+    params(("topic" = String, Path)), request_body(content = serde_json::Value, description = "partition, from_offset, to_offset, dry_run"),
+    responses(
+        (status = 200, body = serde_json::Value),
+        (status = 404, description = "Not a dead-letter topic of this pipeline", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Malformed range", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn redrive_dead_letters(
     State(state): State<AppState>,
     caller: Caller,
@@ -117,6 +150,14 @@ pub async fn redrive_dead_letters(
     }
 }
 
+/// Notification subscriptions with their deliveries per status.
+#[utoipa::path(get, path = "/v1/admin/notifications/subscriptions", tag = "operations", responses(
+        (status = 200, body = serde_json::Value),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn subscriptions(State(state): State<AppState>, caller: Caller) -> Response {
     if let Err(response) = admin(&caller) {
         return response;
@@ -155,6 +196,18 @@ pub struct Subscribe {
     target: String,
 }
 
+/// Subscribes a target; a webhook's signing secret is in this reply only.
+#[utoipa::path(post, path = "/v1/admin/notifications/subscriptions", tag = "operations",
+    request_body(content = serde_json::Value, description = "subscriber_kind, subscriber_id, states, channel, target"),
+    responses(
+        (status = 201, body = serde_json::Value),
+        (status = 413, description = "Body too large", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid subscription", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Bytes) -> Response {
     if let Err(response) = admin(&caller) {
         return response;
@@ -175,6 +228,10 @@ pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Byte
     }
     if let Err(reason) = validate_target(&request.channel, &request.target) {
         return invalid(&reason);
+    }
+    let printable = |text: &str| text.len() <= 512 && !text.chars().any(char::is_control);
+    if !printable(&request.target) || !request.subscriber_id.as_deref().is_none_or(crate::transfers::account_id_ok) {
+        return invalid("targets and ids may not contain control characters");
     }
     // A webhook gets its signing secret now, shown in this response only.
     let secret = (request.channel == "webhook").then(|| {
@@ -225,6 +282,18 @@ async fn switch(state: &AppState, id: i64, enabled: bool) -> Response {
     }
 }
 
+/// Enables a target.
+#[utoipa::path(post, path = "/v1/admin/notifications/subscriptions/{id}/enable", tag = "operations",
+    params(("id" = i64, Path)),
+    responses(
+        (status = 200, body = serde_json::Value),
+        (status = 400, description = "Not a subscription id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn enable(State(state): State<AppState>, caller: Caller, Path(id): Path<i64>) -> Response {
     match admin(&caller) {
         Ok(()) => switch(&state, id, true).await,
@@ -232,6 +301,18 @@ pub async fn enable(State(state): State<AppState>, caller: Caller, Path(id): Pat
     }
 }
 
+/// Disables a target; its deliveries wait.
+#[utoipa::path(post, path = "/v1/admin/notifications/subscriptions/{id}/disable", tag = "operations",
+    params(("id" = i64, Path)),
+    responses(
+        (status = 200, body = serde_json::Value),
+        (status = 400, description = "Not a subscription id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn disable(State(state): State<AppState>, caller: Caller, Path(id): Path<i64>) -> Response {
     match admin(&caller) {
         Ok(()) => switch(&state, id, false).await,
@@ -244,6 +325,17 @@ pub struct RedriveNotifications {
     subscription: Option<i64>,
 }
 
+/// Puts dead-lettered deliveries back in their queues.
+#[utoipa::path(post, path = "/v1/admin/notifications/redrive", tag = "operations",
+    params(("subscription" = Option<i64>, Query)),
+    responses(
+        (status = 200, body = serde_json::Value),
+        (status = 400, description = "Malformed query", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn redrive_notifications(
     State(state): State<AppState>,
     caller: Caller,

@@ -16,6 +16,7 @@
 //! | `POST /v1/admin/notifications/subscriptions/{id}/enable`, `/disable` | `admin` | switch a target |
 //! | `POST /v1/admin/notifications/redrive?subscription=` | `admin` | dead-lettered deliveries back in their queues |
 //! | `GET /metrics` | `admin` | Prometheus text: open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
+//! | `GET /openapi.json` | any | this API described (OpenAPI 3.1, generated from the code) |
 //! | `GET /healthz` | none | the process is alive |
 //! | `GET /readyz` | none | the database answers |
 //!
@@ -45,6 +46,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod openapi;
 pub mod transfers;
 
 use std::collections::HashMap;
@@ -118,9 +120,10 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
     let limiter = auth::rate_limiter(config.rate_per_second, config.rate_burst);
     let state = AppState { ctx, config: Arc::new(config), counters: Arc::default(), limiter };
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_document))
         .route("/v1/transfers", post(transfers::create).get(transfers::list))
         .route("/v1/transfers/{id}", get(transfers::get))
         .route("/v1/transfers/{id}/history", get(transfers::history))
@@ -163,6 +166,25 @@ async fn as_problem(response: Response) -> Response {
     replaced
 }
 
+/// Alive.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Alive", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The OpenAPI document; any valid credentials may read it.
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
+        (status = 200, description = "The OpenAPI document", body = serde_json::Value),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn openapi_document(_caller: auth::Caller) -> Response {
+    Json(openapi::document()).into_response()
+}
+
 pub(crate) fn unavailable() -> Response {
     problem(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", "try again later")
 }
@@ -181,6 +203,10 @@ pub(crate) fn problem(status: StatusCode, title: &str, detail: &str) -> Response
     (status, [("content-type", "application/problem+json")], body.to_string()).into_response()
 }
 
+/// Ready when the database answers.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Ready", body = String, content_type = "text/plain"),
+    (status = 503, description = "The database does not answer", body = crate::openapi::Problem, content_type = "application/problem+json")))]
 async fn ready(State(state): State<AppState>) -> Response {
     match database_answers(&state).await {
         Ok(()) => "ready".into_response(),
@@ -196,6 +222,14 @@ async fn database_answers(state: &AppState) -> bridge_store::Result<()> {
     bridge_store::gauges::read(&mut conn).await.map(|_| ())
 }
 
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+        (status = 200, description = "Metrics", body = String, content_type = "text/plain"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 async fn metrics(State(state): State<AppState>, caller: auth::Caller) -> Response {
     if let Err(response) = caller.require("admin") {
         return response;
@@ -268,6 +302,21 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
+/// A settlement callback from an account service (Standard Webhooks signed).
+#[utoipa::path(post, path = "/v1/callbacks/{service}", tag = "callbacks",
+    params(("service" = String, Path, description = "investor or fund"),
+        ("webhook-id" = String, Header), ("webhook-timestamp" = String, Header), ("webhook-signature" = String, Header)),
+    request_body(content = serde_json::Value, description = "At least the operation's idempotency_key"),
+    responses(
+        (status = 200, description = "Handled: applied, already_applied, still_pending or replayed", body = serde_json::Value),
+        (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not an operation of ours", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 async fn callback(
     State(state): State<AppState>,
     caller: auth::Caller,

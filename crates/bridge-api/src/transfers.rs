@@ -4,8 +4,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -24,25 +22,36 @@ use crate::{problem, unavailable, AppState};
 /// same key pair always names the same transfer.
 const API_NAMESPACE: Uuid = Uuid::from_u128(0x7f1e_93b2_44c1_4d0a_8e5f_61a2_0b9c_d3e4);
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTransfer {
-    /// Optional for a key bound to an investor (it is filled in).
-    #[serde(default)]
-    pub investor_account_id: Option<String>,
+    /// A key bound to an investor may name only that investor.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    pub investor_account_id: String,
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     pub fund_account_id: String,
     /// Integer minor units (cents): 1050 is 10.50.
+    #[schema(minimum = 1)]
     pub amount_minor: i64,
     /// ISO 4217, e.g. EUR.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
+    /// Up to 140 characters, no control characters.
     #[serde(default)]
+    #[schema(max_length = 140, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
     pub reference: String,
 }
 
 /// Checks the shape of a request; the validator decides the rest (funds,
 /// fund criteria) and answers with a rejection reason on the status topic.
+/// Account ids are 1 to 128 visible ASCII characters: nothing a database,
+/// a log line or a terminal could misread.
+pub fn account_id_ok(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())
+}
+
 pub fn check_shape(request: &CreateTransfer, investor: &str) -> Result<(), String> {
-    let id_ok = |id: &str| !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic());
+    let id_ok = account_id_ok;
     if !id_ok(investor) {
         return Err("investor_account_id must be 1 to 128 visible ASCII characters".to_owned());
     }
@@ -61,10 +70,76 @@ pub fn check_shape(request: &CreateTransfer, investor: &str) -> Result<(), Strin
     Ok(())
 }
 
-#[derive(Serialize)]
-struct Accepted {
+/// The request is recorded; follow it at `status_url`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Accepted {
     transfer_id: Uuid,
     status_url: String,
+}
+
+/// A transfer's current state.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TransferView {
+    id: Uuid,
+    /// requested, validated, withdrawn, deposited, completed, rejected,
+    /// failed, reversed or manual_review.
+    state: String,
+    version: i64,
+    reason_code: Option<String>,
+    terminal: bool,
+    investor_account_id: String,
+    fund_account_id: String,
+    amount_minor: i64,
+    currency: String,
+    reference: String,
+    requested_at: DateTime<Utc>,
+}
+
+/// One version of a transfer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct VersionView {
+    version: i64,
+    state: String,
+    previous_state: Option<String>,
+    reason_code: Option<String>,
+    event_id: Uuid,
+    recorded_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct History {
+    transfer: TransferView,
+    versions: Vec<VersionView>,
+}
+
+/// Newest first; pass `next_cursor` back as `cursor` for the next page.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TransferPage {
+    items: Vec<TransferView>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Balance {
+    investor_account_id: String,
+    currency: String,
+    balance_minor: i64,
+    held_minor: i64,
+    available_minor: i64,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct FundView {
+    id: String,
+    name: String,
+    currency: String,
+    minimum_investment_minor: i64,
+    seats_max: i32,
+    seats_left: i32,
+    capacity_minor: i64,
+    capacity_left_minor: i64,
+    reserved_minor: i64,
+    completed_minor: i64,
 }
 
 fn accepted(transfer_id: Uuid) -> Response {
@@ -75,6 +150,19 @@ fn accepted(transfer_id: Uuid) -> Response {
     response
 }
 
+/// Create a transfer.
+#[utoipa::path(post, path = "/v1/transfers", tag = "transfers", request_body = CreateTransfer,
+    params(("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, description = "Your key for this request; a retry with the same key and body gets the same answer")),
+    responses(
+        (status = 202, description = "Recorded; follow the status URL", body = Accepted),
+        (status = 400, description = "Idempotency-Key missing", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "This Idempotency-Key was used with another body", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Malformed request", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -104,20 +192,10 @@ pub async fn create(
             "an Idempotency-Key header (1 to 255 characters) is required",
         );
     };
-    let investor = match (&request.investor_account_id, &caller.investor_account_id) {
-        (Some(asked), _) if !caller.may_act_for(asked) => {
-            return problem(StatusCode::FORBIDDEN, "Forbidden", "this key acts for another investor");
-        }
-        (Some(asked), _) => asked.clone(),
-        (None, Some(bound)) => bound.clone(),
-        (None, None) => {
-            return problem(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Unprocessable Content",
-                "investor_account_id is required",
-            );
-        }
-    };
+    let investor = request.investor_account_id.clone();
+    if !caller.may_act_for(&investor) {
+        return problem(StatusCode::FORBIDDEN, "Forbidden", "this key acts for another investor");
+    }
     if let Err(reason) = check_shape(&request, &investor) {
         return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Content", &reason);
     }
@@ -154,7 +232,7 @@ pub async fn create(
         Ok(None) => accepted(transfer_id),
         Ok(Some((earlier, id))) if earlier == fingerprint => accepted(id),
         Ok(Some(_)) => problem(
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::CONFLICT,
             "Idempotency-Key reused",
             "this Idempotency-Key was used for a different request",
         ),
@@ -165,20 +243,20 @@ pub async fn create(
     }
 }
 
-fn view(transfer: &Transfer) -> serde_json::Value {
-    json!({
-        "id": transfer.id,
-        "state": transfer.state.as_str(),
-        "version": transfer.version,
-        "reason_code": transfer.reason_code,
-        "terminal": transfer.state.is_terminal(),
-        "investor_account_id": transfer.investor_account_id,
-        "fund_account_id": transfer.fund_account_id,
-        "amount_minor": transfer.amount_minor,
-        "currency": transfer.currency,
-        "reference": transfer.reference,
-        "requested_at": transfer.requested_at,
-    })
+fn view(transfer: &Transfer) -> TransferView {
+    TransferView {
+        id: transfer.id,
+        state: transfer.state.as_str().to_owned(),
+        version: transfer.version,
+        reason_code: transfer.reason_code.clone(),
+        terminal: transfer.state.is_terminal(),
+        investor_account_id: transfer.investor_account_id.clone(),
+        fund_account_id: transfer.fund_account_id.clone(),
+        amount_minor: transfer.amount_minor,
+        currency: transfer.currency.clone(),
+        reference: transfer.reference.clone(),
+        requested_at: transfer.requested_at,
+    }
 }
 
 /// The transfer, if it exists and the caller may see it. Another investor's
@@ -193,6 +271,17 @@ async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> Result<Transfer
     }
 }
 
+/// A transfer's current state and version.
+#[utoipa::path(get, path = "/v1/transfers/{id}", tag = "transfers", params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, body = TransferView),
+        (status = 400, description = "Not a transfer id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> Response {
     match visible(&state, &caller, id).await {
         Ok(transfer) => Json(view(&transfer)).into_response(),
@@ -200,6 +289,17 @@ pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<U
     }
 }
 
+/// Every version of a transfer, in order.
+#[utoipa::path(get, path = "/v1/transfers/{id}/history", tag = "transfers", params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, body = History),
+        (status = 400, description = "Not a transfer id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn history(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> Response {
     let transfer = match visible(&state, &caller, id).await {
         Ok(transfer) => transfer,
@@ -207,41 +307,69 @@ pub async fn history(State(state): State<AppState>, caller: Caller, Path(id): Pa
     };
     let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
     match transfers::history(&mut conn, id).await {
-        Ok(versions) => Json(json!({
-            "transfer": view(&transfer),
-            "versions": versions.iter().map(|version| json!({
-                "version": version.version,
-                "state": version.state.as_str(),
-                "previous_state": version.previous_state.map(|state| state.as_str()),
-                "reason_code": version.reason_code,
-                "event_id": version.event_id,
-                "recorded_at": version.recorded_at,
-            })).collect::<Vec<_>>(),
-        }))
+        Ok(versions) => Json(History {
+            transfer: view(&transfer),
+            versions: versions
+                .into_iter()
+                .map(|version| VersionView {
+                    version: version.version,
+                    state: version.state.as_str().to_owned(),
+                    previous_state: version.previous_state.map(|state| state.as_str().to_owned()),
+                    reason_code: version.reason_code,
+                    event_id: version.event_id,
+                    recorded_at: version.recorded_at,
+                })
+                .collect(),
+        })
         .into_response(),
         Err(_) => unavailable(),
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Investor account id.
+    #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     investor: Option<String>,
+    /// Fund account id.
+    #[param(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     fund: Option<String>,
+    /// A transfer state.
+    #[param(pattern = "^(requested|validated|withdrawn|deposited|completed|rejected|failed|reversed|manual_review)$")]
     state: Option<String>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,16}_[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
     cursor: Option<String>,
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
 }
 
+/// A cursor is the last row's creation time (microseconds) and id.
 fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, Uuid)> {
-    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()?;
-    let (micros, id) = text.split_once('/')?;
+    let (micros, id) = cursor.split_once('_')?;
+    if micros.is_empty() || micros.len() > 16 || !micros.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     Some((DateTime::from_timestamp_micros(micros.parse().ok()?)?, Uuid::parse_str(id).ok()?))
 }
 
 fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}/{id}", at.timestamp_micros()))
+    format!("{}_{}", at.timestamp_micros(), id.hyphenated())
 }
 
+/// Transfers, newest first, a page at a time.
+#[utoipa::path(get, path = "/v1/transfers", tag = "transfers", params(ListQuery),
+    responses(
+        (status = 200, body = TransferPage),
+        (status = 400, description = "Malformed query", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown state or invalid cursor", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn list(State(state): State<AppState>, caller: Caller, Query(query): Query<ListQuery>) -> Response {
     if let Err(response) = caller.require("transfers:read") {
         return response;
@@ -258,12 +386,22 @@ pub async fn list(State(state): State<AppState>, caller: Caller, Query(query): Q
             return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Content", "unknown state");
         }
     }
+    if !query.investor.as_deref().is_none_or(account_id_ok) || !query.fund.as_deref().is_none_or(account_id_ok) {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Unprocessable Content",
+            "account ids are 1 to 128 visible ASCII characters",
+        );
+    }
+    if query.limit.is_some_and(|limit| !(1..=200).contains(&limit)) {
+        return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Content", "limit is 1 to 200");
+    }
     let cursor = match query.cursor.as_deref().map(decode_cursor) {
         Some(None) => return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Content", "invalid cursor"),
         Some(cursor) => cursor,
         None => None,
     };
-    let limit = query.limit.unwrap_or(50).clamp(1, 200);
+    let limit = query.limit.unwrap_or(50);
     let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
     let page = match api::list_transfers(
         &mut conn,
@@ -288,49 +426,72 @@ pub async fn list(State(state): State<AppState>, caller: Caller, Query(query): Q
         }
     }
     let next = if more { page.get(limit as usize - 1).map(|(id, at)| encode_cursor(*at, *id)) } else { None };
-    Json(json!({"items": items, "next_cursor": next})).into_response()
+    Json(TransferPage { items, next_cursor: next }).into_response()
 }
 
+/// An investor's balance, held funds and what is available.
+#[utoipa::path(get, path = "/v1/investors/{id}/balance", tag = "accounts", params(("id" = String, Path)),
+    responses(
+        (status = 200, body = Balance),
+        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn balance(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Response {
     if let Err(response) = caller.require("transfers:read") {
         return response;
     }
-    if !caller.may_act_for(&id) {
+    if !account_id_ok(&id) || !caller.may_act_for(&id) {
         return problem(StatusCode::NOT_FOUND, "Not Found", "no such investor account");
     }
     let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
     match accounts::investor(&mut conn, &id).await {
-        Ok(Some(account)) => Json(json!({
-            "investor_account_id": id,
-            "currency": account.value.currency.as_str(),
-            "balance_minor": account.value.balance_minor,
-            "held_minor": account.value.held_minor,
-            "available_minor": account.value.available_minor(),
-        }))
+        Ok(Some(account)) => Json(Balance {
+            investor_account_id: id,
+            currency: account.value.currency.as_str().to_owned(),
+            balance_minor: account.value.balance_minor,
+            held_minor: account.value.held_minor,
+            available_minor: account.value.available_minor(),
+        })
         .into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "Not Found", "no such investor account"),
         Err(_) => unavailable(),
     }
 }
 
+/// A fund's criteria, seats and capacity left, reserved and completed allocation.
+#[utoipa::path(get, path = "/v1/funds/{id}", tag = "accounts", params(("id" = String, Path)),
+    responses(
+        (status = 200, body = FundView),
+        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
 pub async fn fund(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Response {
     if let Err(response) = caller.require("transfers:read") {
         return response;
     }
+    if !account_id_ok(&id) {
+        return problem(StatusCode::NOT_FOUND, "Not Found", "no such fund");
+    }
     let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
     match api::fund(&mut conn, &id).await {
-        Ok(Some(fund)) => Json(json!({
-            "id": fund.id,
-            "name": fund.name,
-            "currency": fund.currency,
-            "minimum_investment_minor": fund.minimum_investment_minor,
-            "seats_max": fund.seats_max,
-            "seats_left": fund.seats_max - fund.investors_count,
-            "capacity_minor": fund.capacity_minor,
-            "capacity_left_minor": fund.capacity_minor - fund.reserved_minor - fund.completed_minor,
-            "reserved_minor": fund.reserved_minor,
-            "completed_minor": fund.completed_minor,
-        }))
+        Ok(Some(fund)) => Json(FundView {
+            seats_left: fund.seats_max - fund.investors_count,
+            capacity_left_minor: fund.capacity_minor - fund.reserved_minor - fund.completed_minor,
+            id: fund.id,
+            name: fund.name,
+            currency: fund.currency,
+            minimum_investment_minor: fund.minimum_investment_minor,
+            seats_max: fund.seats_max,
+            capacity_minor: fund.capacity_minor,
+            reserved_minor: fund.reserved_minor,
+            completed_minor: fund.completed_minor,
+        })
         .into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "Not Found", "no such fund"),
         Err(_) => unavailable(),
@@ -344,7 +505,7 @@ mod tests {
     use super::*;
 
     fn request(fund: String, amount_minor: i64, currency: String, reference: String) -> CreateTransfer {
-        CreateTransfer { investor_account_id: None, fund_account_id: fund, amount_minor, currency, reference }
+        CreateTransfer { investor_account_id: String::new(), fund_account_id: fund, amount_minor, currency, reference }
     }
 
     proptest! {
