@@ -218,6 +218,7 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
     }
 
     let callback_body = json!({"idempotency_key": bridge_domain::ids::idempotency_key(id.parse()?, "withdrawal")});
+    let dead_letters = bridge_pipeline::Topics::dead_letter(&kit.topics().requested());
     // (method, path, body, expected per caller in the order above, then
     // transfers:write, transfers:read, callbacks, admin).
     use StatusCode as S;
@@ -235,6 +236,31 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
         (Method::GET, "/v1/admin/notifications/subscriptions".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
         (Method::POST, "/v1/admin/notifications/redrive".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
         (Method::GET, "/v1/admin/dead-letters".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
+        (Method::GET, format!("/v1/admin/dead-letters/{}", dead_letters), None, [u, u, u, u, f, f, f, f, f, S::OK]),
+        (
+            Method::POST,
+            format!("/v1/admin/dead-letters/{}/redrive", dead_letters),
+            Some(json!({"dry_run": true})),
+            [u, u, u, u, f, f, f, f, f, S::OK],
+        ),
+        (
+            Method::POST,
+            "/v1/admin/notifications/subscriptions".into(),
+            Some(json!({"subscriber_kind": "operator", "channel": "sms", "target": "+447700900123"})),
+            [u, u, u, u, f, f, f, f, f, S::CREATED],
+        ),
+        (
+            Method::POST,
+            "/v1/admin/notifications/subscriptions/999999/disable".into(),
+            None,
+            [u, u, u, u, f, f, f, f, f, n],
+        ),
+        (
+            Method::POST,
+            "/v1/admin/notifications/subscriptions/999999/enable".into(),
+            None,
+            [u, u, u, u, f, f, f, f, f, n],
+        ),
         (Method::GET, "/openapi.json".into(), None, [u, u, u, u, S::OK, S::OK, S::OK, S::OK, S::OK, S::OK]),
         (Method::GET, "/healthz".into(), None, [S::OK; 10]),
         (Method::GET, "/readyz".into(), None, [S::OK; 10]),
@@ -341,7 +367,9 @@ async fn errors_are_problems_bodies_are_bounded_and_keys_rate_limited() -> Resul
 async fn operators_manage_dead_letters_and_notification_targets() -> Result<()> {
     let kit = TestKit::start(BrokerKind::InProcess).await?;
     let pipeline = kit.spawn(&Part::all());
-    let api = api(&kit, ApiConfig::new()).await?;
+    let mut config = ApiConfig::new();
+    config.keyring = Some(bridge_testkit::keyring());
+    let api = api(&kit, config).await?;
     let client = Client::new(&api);
     let admin = key(&kit, &["admin"], None).await?;
 
@@ -388,6 +416,13 @@ async fn operators_manage_dead_letters_and_notification_targets() -> Result<()> 
         "{created}"
     );
     let id = created["id"].as_i64().context("id")?;
+    // Only a reference to the encrypted store is kept with the subscription.
+    let stored: Option<String> = sqlx::query_scalar("SELECT secret FROM notification_subscriptions WHERE id = $1")
+        .bind(id)
+        .fetch_one(&kit.pool)
+        .await?;
+    let shown = created["signing_secret"].as_str().unwrap_or_default();
+    ensure!(stored.as_deref().is_some_and(|s| s.starts_with("credential:") && !s.contains(shown)), "{stored:?}");
     let bad = json!({"subscriber_kind": "operator", "channel": "sms", "target": "12345"});
     let (status, _) =
         client.call(Method::POST, "/v1/admin/notifications/subscriptions", Some(&admin), None, Some(&bad)).await?;

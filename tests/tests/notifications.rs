@@ -18,6 +18,12 @@ use bridge_testkit::{BrokerKind, TestKit};
 const SETTLE: Duration = Duration::from_secs(120);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// The keyring every test's notifier opens signing secrets with.
+fn keyring() -> std::sync::Arc<bridge_secrets::Keyring> {
+    static KEYRING: std::sync::OnceLock<std::sync::Arc<bridge_secrets::Keyring>> = std::sync::OnceLock::new();
+    KEYRING.get_or_init(bridge_testkit::keyring).clone()
+}
+
 async fn subscribe(
     kit: &TestKit,
     kind: &str,
@@ -26,6 +32,10 @@ async fn subscribe(
     target: &str,
     states: &[&str],
 ) -> Result<i64> {
+    let secret = match channel {
+        "webhook" => Some(bridge_testkit::sealed_secret(&kit.pool, &keyring(), SECRET).await?),
+        _ => None,
+    };
     let mut conn = kit.pool.acquire().await?;
     Ok(notifications::subscribe(
         &mut conn,
@@ -35,13 +45,14 @@ async fn subscribe(
             states: states.iter().map(|state| (*state).to_owned()).collect(),
             channel: channel.to_owned(),
             target: target.to_owned(),
-            secret: (channel == "webhook").then(|| SECRET.to_owned()),
+            secret,
         },
     )
     .await?)
 }
 
 fn quick(config: &mut NotifierConfig) {
+    config.keyring = Some(keyring());
     config.retry_base_ms = 200;
     config.poll_interval_ms = 20;
     config.channels.request_timeout_ms = 1_000;

@@ -239,15 +239,33 @@ pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Byte
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
         bridge_webhooks::Secret::from_bytes(bytes).expose()
     });
+    let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
+    // Kept encrypted; the subscription holds a reference.
+    let reference = match (&secret, &state.config.keyring) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "webhook subscriptions need the credentials store's master keys, which are not configured",
+            );
+        }
+        (Some(secret), Some(keyring)) => {
+            let value = bridge_secrets::SecretString::from(secret.clone());
+            match bridge_secrets::store_new(&mut conn, keyring, "webhook-secret", &value).await {
+                Ok(reference) => Some(reference),
+                Err(_) => return unavailable(),
+            }
+        }
+    };
     let new = NewSubscription {
         subscriber_kind: request.subscriber_kind,
         subscriber_id: request.subscriber_id,
         states: request.states,
         channel: request.channel,
         target: request.target,
-        secret: secret.clone(),
+        secret: reference,
     };
-    let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
     match notifications::subscribe(&mut conn, &new).await {
         Ok(id) => (StatusCode::CREATED, Json(json!({"id": id, "signing_secret": secret}))).into_response(),
         Err(_) => unavailable(),

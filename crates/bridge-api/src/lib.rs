@@ -83,6 +83,8 @@ pub struct ApiConfig {
     pub rate_burst: u32,
     /// Accept JWT bearer tokens checked this way, besides API keys.
     pub jwt: Option<auth::JwtConfig>,
+    /// Seals the signing secrets of webhook subscriptions created here.
+    pub keyring: Option<Arc<bridge_secrets::Keyring>>,
 }
 
 impl ApiConfig {
@@ -93,6 +95,7 @@ impl ApiConfig {
             rate_per_second: 100,
             rate_burst: 200,
             jwt: None,
+            keyring: None,
         }
     }
 }

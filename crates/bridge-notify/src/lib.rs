@@ -59,6 +59,9 @@ pub struct NotifierConfig {
     /// How often the sender looks for due deliveries when idle.
     pub poll_interval_ms: u64,
     pub channels: channels::ChannelsConfig,
+    /// Opens webhook signing secrets, which are kept in the encrypted
+    /// credentials store.
+    pub keyring: Option<Arc<bridge_secrets::Keyring>>,
 }
 
 impl Default for NotifierConfig {
@@ -72,6 +75,7 @@ impl Default for NotifierConfig {
             lease_ms: 60_000,
             poll_interval_ms: 100,
             channels: channels::ChannelsConfig::default(),
+            keyring: None,
         }
     }
 }
@@ -84,6 +88,9 @@ pub struct Notifier {
     /// finished, or the consumer queued new ones. Polling covers other
     /// notifier processes.
     wake: Arc<tokio::sync::Notify>,
+    /// Signing secrets opened so far, by reference: opened once, not per
+    /// delivery.
+    secrets: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
 
 impl Notifier {
@@ -91,7 +98,7 @@ impl Notifier {
     /// used; its account services are not.
     pub fn new(ctx: Arc<StageContext>, config: NotifierConfig) -> Result<Self> {
         let channels = Arc::new(Channels::new(config.channels.clone())?);
-        Ok(Self { ctx, config, channels, wake: Arc::new(tokio::sync::Notify::new()) })
+        Ok(Self { ctx, config, channels, wake: Arc::new(tokio::sync::Notify::new()), secrets: Arc::default() })
     }
 
     pub fn group_id(&self) -> String {
@@ -144,9 +151,9 @@ impl Notifier {
             for delivery in claimed {
                 let permit = limit.clone().try_acquire_owned().expect("claimed no more than the free permits");
                 let (ctx, channels, config) = (self.ctx.clone(), self.channels.clone(), self.config.clone());
-                let wake = self.wake.clone();
+                let (wake, secrets) = (self.wake.clone(), self.secrets.clone());
                 tasks.spawn(async move {
-                    send_one(&ctx, &channels, &config, delivery).await;
+                    send_one(&ctx, &channels, &config, &secrets, delivery).await;
                     drop(permit);
                     wake.notify_one();
                 });
@@ -205,8 +212,47 @@ pub fn retry_delay_ms(config: &NotifierConfig, attempts: i32) -> u64 {
     rand::rng().random_range(ceiling / 2..=ceiling)
 }
 
-async fn send_one(ctx: &StageContext, channels: &Channels, config: &NotifierConfig, delivery: ClaimedDelivery) {
-    let result = channels.send(&delivery).await;
+/// The delivery with its signing secret opened from the credentials store.
+async fn with_secret(
+    ctx: &StageContext,
+    config: &NotifierConfig,
+    cache: &std::sync::Mutex<std::collections::HashMap<String, String>>,
+    mut delivery: ClaimedDelivery,
+) -> Result<ClaimedDelivery, SendError> {
+    let Some(reference) = delivery.secret.clone() else { return Ok(delivery) };
+    if !reference.starts_with(bridge_secrets::REFERENCE_PREFIX) {
+        return Err(SendError::Permanent("signing secret is not in the credentials store".to_owned()));
+    }
+    if let Some(secret) = cache.lock().expect("secret cache").get(&reference) {
+        delivery.secret = Some(secret.clone());
+        return Ok(delivery);
+    }
+    let keyring = config
+        .keyring
+        .as_ref()
+        .ok_or_else(|| SendError::Permanent("no master keys configured to open the signing secret".to_owned()))?;
+    let mut conn = ctx.pool.acquire().await.map_err(|error| SendError::Transient(error.to_string()))?;
+    let opened = bridge_secrets::open_reference(&mut conn, keyring, &reference).await.map_err(|error| match error {
+        bridge_secrets::Error::Store(error) => SendError::Transient(error.to_string()),
+        other => SendError::Permanent(other.to_string()),
+    })?;
+    let secret = secrecy::ExposeSecret::expose_secret(&opened).to_owned();
+    cache.lock().expect("secret cache").insert(reference, secret.clone());
+    delivery.secret = Some(secret);
+    Ok(delivery)
+}
+
+async fn send_one(
+    ctx: &StageContext,
+    channels: &Channels,
+    config: &NotifierConfig,
+    cache: &std::sync::Mutex<std::collections::HashMap<String, String>>,
+    delivery: ClaimedDelivery,
+) {
+    let result = match with_secret(ctx, config, cache, delivery.clone()).await {
+        Ok(opened) => channels.send(&opened).await,
+        Err(error) => Err(error),
+    };
     let recorded = match ctx.pool.acquire().await {
         Ok(mut conn) => match &result {
             Ok(()) => notifications::mark_delivered(&mut conn, &delivery).await.map(|()| false),

@@ -181,6 +181,34 @@ pub async fn rotate(pool: &sqlx::PgPool, keyring: &Keyring) -> Result<usize, Err
     Ok(rewrapped)
 }
 
+/// The prefix of a setting or column that names a stored credential.
+pub const REFERENCE_PREFIX: &str = "credential:";
+
+/// Stores `value` under a new unique name starting with `prefix` and
+/// returns the reference (`credential:<name>`) to keep in its place.
+pub async fn store_new(
+    conn: &mut PgConnection,
+    keyring: &Keyring,
+    prefix: &str,
+    value: &SecretString,
+) -> Result<String, Error> {
+    let mut id = [0u8; 16];
+    rand::rng().fill_bytes(&mut id);
+    let name = format!("{prefix}-{}", id.iter().map(|byte| format!("{byte:02x}")).collect::<String>());
+    put(conn, keyring, &name, value).await?;
+    Ok(format!("{REFERENCE_PREFIX}{name}"))
+}
+
+/// Opens a `credential:<name>` reference.
+pub async fn open_reference(
+    conn: &mut PgConnection,
+    keyring: &Keyring,
+    reference: &str,
+) -> Result<SecretString, Error> {
+    let name = reference.strip_prefix(REFERENCE_PREFIX).ok_or_else(|| Error::Missing(reference.to_owned()))?;
+    get(conn, keyring, name).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

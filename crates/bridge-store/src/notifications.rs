@@ -20,6 +20,8 @@ pub struct NewSubscription {
     /// `webhook`, `slack`, `sms` or `email`.
     pub channel: String,
     pub target: String,
+    /// A webhook's signing secret as a `credential:<name>` reference to the
+    /// encrypted credentials store; never the secret itself.
     pub secret: Option<String>,
 }
 
@@ -141,7 +143,7 @@ pub async fn accept(conn: &mut PgConnection, event: &LoggedEvent) -> Result<Opti
 }
 
 /// A delivery claimed for sending.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClaimedDelivery {
     pub id: i64,
     pub subscription_id: i64,
@@ -152,6 +154,20 @@ pub struct ClaimedDelivery {
     pub target: String,
     pub secret: Option<String>,
     pub event: serde_json::Value,
+}
+
+impl std::fmt::Debug for ClaimedDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimedDelivery")
+            .field("id", &self.id)
+            .field("subscription_id", &self.subscription_id)
+            .field("event_id", &self.event_id)
+            .field("attempts", &self.attempts)
+            .field("channel", &self.channel)
+            .field("target", &self.target)
+            .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Claims the head of up to `limit` target queues whose head is due, for

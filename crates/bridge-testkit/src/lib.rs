@@ -664,6 +664,20 @@ impl TestKit {
     }
 }
 
+/// A keyring with one fresh master key, for the credentials store.
+pub fn keyring() -> Arc<bridge_secrets::Keyring> {
+    let entry = bridge_secrets::Keyring::generate_entry("test");
+    Arc::new(bridge_secrets::Keyring::parse(&entry).expect("a generated key parses"))
+}
+
+/// Stores `secret` in the credentials store and returns the reference a
+/// webhook subscription keeps.
+pub async fn sealed_secret(pool: &PgPool, keyring: &bridge_secrets::Keyring, secret: &str) -> Result<String> {
+    let mut conn = pool.acquire().await?;
+    let value = bridge_secrets::SecretString::from(secret.to_owned());
+    Ok(bridge_secrets::store_new(&mut conn, keyring, "webhook-secret", &value).await?)
+}
+
 /// The notifier running in the test process.
 pub struct RunningNotifier {
     token: CancellationToken,

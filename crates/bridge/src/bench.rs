@@ -140,8 +140,10 @@ async fn one_run(
     slow: bool,
     deliveries: usize,
 ) -> Result<Run> {
-    let secret = bridge_webhooks::Secret::from_bytes([7; 32]).expose();
+    let keyring = Arc::new(bridge_secrets::Keyring::parse(&bridge_secrets::Keyring::generate_entry("bench"))?);
     let mut conn = pool.acquire().await?;
+    let value = bridge_secrets::SecretString::from(bridge_webhooks::Secret::from_bytes([7; 32]).expose());
+    let secret = bridge_secrets::store_new(&mut conn, &keyring, "webhook-secret", &value).await?;
     let mut measured = Vec::new();
     for target in 0..targets {
         let subscription = NewSubscription {
@@ -191,7 +193,7 @@ async fn one_run(
     tx.commit().await?;
 
     let pipeline = Pipeline::new(pool.clone(), PipelineConfig::new("unused:9092"), Services::none());
-    let mut config = NotifierConfig::default();
+    let mut config = NotifierConfig { keyring: Some(keyring), ..NotifierConfig::default() };
     config.channels.request_timeout_ms = 5_000;
     let notifier = Arc::new(Notifier::new(pipeline.context().clone(), config)?);
     let shutdown = CancellationToken::new();

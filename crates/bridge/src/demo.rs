@@ -203,9 +203,15 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     // Every status change of this run's transfers goes to a webhook of each
     // fund, received here and checked against its signature.
     let (receiver_url, verified) = start_webhook_receiver(&callback_secret_for_hooks(), shutdown.clone()).await?;
+    // The demo's master key lives only in this process; the funds' webhook
+    // secret is stored encrypted under it, as in a deployment.
+    let keyring =
+        std::sync::Arc::new(bridge_secrets::Keyring::parse(&bridge_secrets::Keyring::generate_entry("demo"))?);
     let mut subscriptions = Vec::new();
     {
         let mut conn = pool.acquire().await?;
+        let value = bridge_secrets::SecretString::from(callback_secret_for_hooks().expose());
+        let reference = bridge_secrets::store_new(&mut conn, &keyring, &format!("{namespace}-webhook"), &value).await?;
         for fund_account in data.fund_accounts() {
             let subscription = bridge_store::notifications::NewSubscription {
                 subscriber_kind: "fund".to_owned(),
@@ -213,14 +219,14 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
                 states: Vec::new(),
                 channel: "webhook".to_owned(),
                 target: format!("{receiver_url}/funds/{fund_account}"),
-                secret: Some(callback_secret_for_hooks().expose()),
+                secret: Some(reference.clone()),
             };
             subscriptions.push(bridge_store::notifications::subscribe(&mut conn, &subscription).await?);
         }
     }
     let notifier = {
-        let notifier =
-            bridge_notify::Notifier::new(pipeline.context().clone(), bridge_notify::NotifierConfig::default())?;
+        let config = bridge_notify::NotifierConfig { keyring: Some(keyring.clone()), ..Default::default() };
+        let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), config)?;
         let token = shutdown.clone();
         tokio::spawn(async move { notifier.run(token).await })
     };

@@ -226,6 +226,7 @@ impl ApiArgs {
         let mut config = bridge_api::ApiConfig::new();
         config.rate_per_second = self.api_rate_per_second;
         config.rate_burst = self.api_rate_burst;
+        config.keyring = credentials::keyring().ok().map(std::sync::Arc::new);
         if let (Some(algorithm), Some(path), Some(issuer), Some(audience)) =
             (&self.jwt_algorithm, &self.jwt_key_file, &self.jwt_issuer, &self.jwt_audience)
         {

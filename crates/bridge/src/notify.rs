@@ -80,6 +80,9 @@ impl NotifierArgs {
             }
             None => None,
         };
+        // Webhook signing secrets are in the encrypted store; without master
+        // keys the notifier can deliver every other channel.
+        config.keyring = crate::credentials::keyring().ok().map(std::sync::Arc::new);
         Ok(config)
     }
 }
@@ -162,13 +165,22 @@ pub async fn run(mut args: NotifyArgs) -> Result<()> {
             bridge_notify::channels::validate_target(&channel, &target).map_err(anyhow::Error::msg)?;
             let secret = (channel == "webhook").then(new_secret);
             let mut conn = pool.acquire().await?;
+            // The secret is kept encrypted; the subscription holds a reference.
+            let reference = match &secret {
+                Some(secret) => {
+                    let keyring = crate::credentials::keyring().context("Webhook secrets are stored encrypted")?;
+                    let value = bridge_secrets::SecretString::from(secret.expose());
+                    Some(bridge_secrets::store_new(&mut conn, &keyring, "webhook-secret", &value).await?)
+                }
+                None => None,
+            };
             let subscription = NewSubscription {
                 subscriber_kind: kind,
                 subscriber_id: id,
                 states,
                 channel,
                 target,
-                secret: secret.as_ref().map(bridge_webhooks::Secret::expose),
+                secret: reference,
             };
             let id = notifications::subscribe(&mut conn, &subscription).await?;
             println!("subscription {id}");
