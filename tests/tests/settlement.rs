@@ -361,3 +361,42 @@ async fn expired_reservations_free_their_seats() -> Result<()> {
     ensure!(expiry.and_then(|event| event.reason_code).as_deref() == Some("RESERVATION_EXPIRED"));
     kit.assert_books_balance().await
 }
+
+/// With a dozen withdrawals pending at once, the settlement runner never has
+/// more than its limit of calls in flight at the bank, and does use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_settlement_runner_bounds_its_calls_per_service() -> Result<()> {
+    let kit =
+        TestKit::start_with(BrokerKind::InProcess, |config| config.settlement_concurrency_per_service = 2).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_00).await?;
+    // Every call takes 200 ms, so calls the runner makes together overlap.
+    let slow = OperationFaults { settle_after_ms: 2_500, latency_ms: 200, ..OperationFaults::default() };
+    let simulator = kit.start_simulator(FaultPlan { withdrawal: slow, ..FaultPlan::none() }).await?;
+    let services = kit.http_services(&simulator.url, 5_000)?;
+    let stages = kit.spawn_with_services(&stages_and_relay(), services.clone());
+    let mut ids = Vec::new();
+    for investor in 0..12 {
+        let investor = format!("inv-{investor}");
+        kit.seed_investor(&investor, 1_000_00).await?;
+        ids.push(kit.publish(&kit.request(&investor, &fund_account, 500_00)).await?);
+    }
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_steps").fetch_one(&kit.pool).await?;
+        if pending == 12 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "{pending} withdrawals pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // From here on only the runner calls the bank about withdrawals.
+    simulator.bank.reset_max_in_flight();
+    let runner = kit.spawn_with_services(&[Part::Settlement], services);
+    kit.wait_terminal(&ids, SETTLE).await?;
+    let most = simulator.bank.max_in_flight(bridge_sim::Operation::Withdrawal);
+    runner.stop().await?;
+    stages.stop().await?;
+    simulator.stop().await?;
+    ensure!(most == 2, "{most} withdrawal calls in flight at once (limit 2)");
+    kit.assert_books_balance().await
+}

@@ -233,6 +233,19 @@ pub struct Bank {
     /// attempt (a retry can succeed) yet reproducibly from the seed.
     attempts: Mutex<HashMap<String, u64>>,
     callbacks: Option<Arc<Callbacks>>,
+    /// Calls being served now, and the most ever served at once, per
+    /// operation: how tests see that a caller bounds its concurrency.
+    in_flight: [std::sync::atomic::AtomicUsize; 3],
+    max_in_flight: [std::sync::atomic::AtomicUsize; 3],
+}
+
+/// Counts a call in flight for as long as it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn roll(seed: u64, key: &str, salt: u64) -> u32 {
@@ -259,7 +272,14 @@ fn pick<'a>(roll: u32, bands: &[(u32, &'a str)]) -> Option<&'a str> {
 
 impl Bank {
     pub fn new(pool: PgPool, plan: FaultPlan) -> Self {
-        Self { pool, plan, attempts: Mutex::new(HashMap::new()), callbacks: None }
+        Self {
+            pool,
+            plan,
+            attempts: Mutex::new(HashMap::new()),
+            callbacks: None,
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
+        }
     }
 
     /// Also announces each pending operation's settlement by a signed
@@ -291,7 +311,27 @@ impl Bank {
         *counter
     }
 
+    fn enter(&self, operation: Operation) -> InFlight<'_> {
+        let index = operation as usize;
+        let now = self.in_flight[index].fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.max_in_flight[index].fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        InFlight(&self.in_flight[index])
+    }
+
+    /// The most calls of `operation` ever served at once since the last
+    /// reset.
+    pub fn max_in_flight(&self, operation: Operation) -> usize {
+        self.max_in_flight[operation as usize].load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn reset_max_in_flight(&self) {
+        for (max, now) in self.max_in_flight.iter().zip(&self.in_flight) {
+            max.store(now.load(std::sync::atomic::Ordering::SeqCst), std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     pub async fn execute(&self, operation: Operation, key: &str, request: &OperationRequest) -> Reply {
+        let _in_flight = self.enter(operation);
         let faults = *self.plan.for_operation(operation);
         if faults.latency_ms > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(faults.latency_ms)).await;

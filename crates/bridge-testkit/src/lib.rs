@@ -585,6 +585,8 @@ impl FundAccountService for LosingFirstReplies {
 /// The account-service simulator served over HTTP from the test process.
 pub struct RunningSimulator {
     pub url: String,
+    /// The engine, for what only the simulator can see (calls in flight).
+    pub bank: Arc<bridge_sim::Bank>,
     token: CancellationToken,
     handle: JoinHandle<std::io::Result<()>>,
 }
@@ -642,9 +644,12 @@ impl TestKit {
         let bank = Arc::new(bank);
         let url = format!("http://{}", listener.local_addr()?);
         let token = CancellationToken::new();
-        let handle =
-            tokio::spawn(bridge_sim::http::serve(listener, bridge_sim::http::router(bank, None), token.clone()));
-        Ok(RunningSimulator { url, token, handle })
+        let handle = tokio::spawn(bridge_sim::http::serve(
+            listener,
+            bridge_sim::http::router(bank.clone(), None),
+            token.clone(),
+        ));
+        Ok(RunningSimulator { url, token, handle, bank })
     }
 
     pub async fn start_simulator(&self, plan: bridge_sim::FaultPlan) -> Result<RunningSimulator> {
