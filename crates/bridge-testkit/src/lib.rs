@@ -755,4 +755,12 @@ impl RunningPipeline {
     pub fn is_finished(&self) -> bool {
         self.handle.is_finished()
     }
+
+    /// Stops at once, as a crash would: every task is dropped wherever it
+    /// is (a transaction in progress rolls back with its connection), no
+    /// offset is committed, no producer is flushed.
+    pub async fn crash(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
 }
