@@ -299,3 +299,92 @@ pub async fn delivery_counts(conn: &mut PgConnection, subscription_id: Option<i6
     .fetch_all(conn)
     .await?)
 }
+
+/// Empties the rebuild table before a rebuild.
+pub async fn clear_rebuild(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("TRUNCATE notification_log_rebuild").execute(conn).await?;
+    Ok(())
+}
+
+/// Adds one status event read back from the topic (repeats are ignored).
+pub async fn rebuild_insert(conn: &mut PgConnection, event: &LoggedEvent) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO notification_log_rebuild (event_id, transfer_id, version, state, event)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event.event_id)
+    .bind(event.transfer_id)
+    .bind(event.version)
+    .bind(&event.state)
+    .bind(&event.event)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How the rebuilt log compares with the live one and with the transfers'
+/// own history (the source of truth).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RebuildComparison {
+    pub rebuilt: i64,
+    pub live: i64,
+    /// On the topic but not in the live log: events the notifier lost.
+    pub missing_from_log: i64,
+    /// In the live log but not on the topic (retention, or a wrong topic).
+    pub missing_from_topic: i64,
+    /// The same event id with another transfer, version or state.
+    pub differing: i64,
+    /// Transfer versions whose status event is on neither: never published.
+    pub versions_never_published: i64,
+}
+
+pub async fn compare_rebuild(conn: &mut PgConnection) -> Result<RebuildComparison> {
+    let row: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM notification_log_rebuild),
+                (SELECT count(*) FROM notification_log),
+                (SELECT count(*) FROM notification_log_rebuild r
+                  WHERE NOT EXISTS (SELECT 1 FROM notification_log l WHERE l.event_id = r.event_id)),
+                (SELECT count(*) FROM notification_log l
+                  WHERE NOT EXISTS (SELECT 1 FROM notification_log_rebuild r WHERE r.event_id = l.event_id)),
+                (SELECT count(*) FROM notification_log l JOIN notification_log_rebuild r USING (event_id)
+                  WHERE (l.transfer_id, l.version, l.state) IS DISTINCT FROM (r.transfer_id, r.version, r.state)),
+                (SELECT count(*) FROM transfer_versions v
+                  WHERE NOT EXISTS (SELECT 1 FROM notification_log_rebuild r
+                                    WHERE r.transfer_id = v.transfer_id AND r.version = v.version)
+                    AND NOT EXISTS (SELECT 1 FROM notification_log l
+                                    WHERE l.transfer_id = v.transfer_id AND l.version = v.version))",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(RebuildComparison {
+        rebuilt: row.0,
+        live: row.1,
+        missing_from_log: row.2,
+        missing_from_topic: row.3,
+        differing: row.4,
+        versions_never_published: row.5,
+    })
+}
+
+/// The rebuilt events the live log lacks, oldest version first.
+pub async fn missing_from_log(conn: &mut PgConnection) -> Result<Vec<LoggedEvent>> {
+    let rows: Vec<(Uuid, Uuid, i64, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT r.event_id, r.transfer_id, r.version, r.state, r.event FROM notification_log_rebuild r
+         WHERE NOT EXISTS (SELECT 1 FROM notification_log l WHERE l.event_id = r.event_id)
+         ORDER BY r.transfer_id, r.version",
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(event_id, transfer_id, version, state, event)| LoggedEvent {
+            investor_account_id: event["investor_account_id"].as_str().unwrap_or_default().to_owned(),
+            fund_account_id: event["fund_account_id"].as_str().unwrap_or_default().to_owned(),
+            event_id,
+            transfer_id,
+            version,
+            state,
+            event,
+        })
+        .collect())
+}

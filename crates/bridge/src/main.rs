@@ -282,6 +282,10 @@ enum Command {
     Sim(SimArgs),
     /// Serve the HTTP API alone: settlement callbacks, health, metrics.
     Api(ApiCommandArgs),
+    /// Read the status topic back into a fresh copy of the event log, compare
+    /// it with the live one and the transfers' history; --apply feeds what
+    /// the live log lacks through the notifier (logged and notified once).
+    Rebuild(RebuildArgs),
     /// Store, list and rotate encrypted credentials.
     Credentials(credentials::CredentialsArgs),
     /// Create, list and revoke API keys.
@@ -328,6 +332,18 @@ struct SimArgs {
     /// Bridge API key (scope `callbacks`) the callbacks are sent with.
     #[arg(long, env = "BRIDGE_SIM_CALLBACK_API_KEY", hide_env_values = true)]
     callback_api_key: Option<String>,
+}
+
+#[derive(Args)]
+struct RebuildArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Add the events the live log lacks (and queue their notifications).
+    #[arg(long)]
+    apply: bool,
+    /// A partition quiet for this long counts as read to its end.
+    #[arg(long, default_value_t = 2_000)]
+    idle_ms: u64,
 }
 
 #[derive(Args)]
@@ -593,6 +609,17 @@ async fn main() -> Result<()> {
             let shutdown = shutdown_on_signal();
             if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
                 api.await.context("API task panicked")?.context("API failed")?;
+            }
+        }
+        Command::Rebuild(args) => {
+            init_logging("warn");
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers), Services::none());
+            let report = bridge_notify::rebuild::run(pipeline.context(), args.apply, args.idle_ms).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            let lossless = report.comparison.versions_never_published == 0 && report.comparison.differing == 0;
+            if !(report.consistent() || (args.apply && lossless)) {
+                std::process::exit(1);
             }
         }
         Command::Credentials(args) => {

@@ -106,6 +106,13 @@ async fn operator_commands_on_the_standalone_broker() -> Result<()> {
 
     let report = run(&["reconcile"])?;
     ensure!(String::from_utf8_lossy(&report.stdout).contains("in flight: 0"));
+
+    // The event log, rebuilt from the status topic: whatever the notifier
+    // had not logged when it stopped is fed through it; then all agree.
+    run(&["rebuild", "--apply", "--idle-ms", "1500"])?;
+    let rebuilt: serde_json::Value = serde_json::from_slice(&run(&["rebuild", "--idle-ms", "1500"])?.stdout)?;
+    ensure!(rebuilt["comparison"]["missing_from_log"] == 0 && rebuilt["applied"] == 0, "{rebuilt}");
+    ensure!(rebuilt["comparison"]["versions_never_published"] == 0, "{rebuilt}");
     kit.assert_books_balance().await
 }
 
