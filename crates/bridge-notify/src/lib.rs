@@ -254,6 +254,9 @@ async fn send_one(
         Ok(opened) => channels.send(&opened).await,
         Err(error) => Err(error),
     };
+    if result.is_ok() {
+        bridge_pipeline::failpoint::hit("notifier.mid_delivery");
+    }
     let recorded = match ctx.pool.acquire().await {
         Ok(mut conn) => match &result {
             Ok(()) => notifications::mark_delivered(&mut conn, &delivery).await.map(|()| false),

@@ -18,6 +18,7 @@
 pub mod config;
 pub mod dead_letters;
 pub mod demo;
+pub mod failpoint;
 pub mod fund_terms;
 pub mod http_services;
 pub mod kafka;

@@ -149,6 +149,7 @@ pub async fn publish_batch(ctx: &StageContext, producer: &FutureProducer) -> Res
         tx.commit().await?;
         return Ok(0);
     }
+    crate::failpoint::hit("relay.after_claim");
     let mut deliveries = Vec::with_capacity(rows.len());
     let mut failed = Vec::new();
     for row in &rows {
@@ -187,6 +188,9 @@ pub async fn publish_batch(ctx: &StageContext, producer: &FutureProducer) -> Res
             Ok(Err((error, _))) => failed.push((id, error.to_string())),
             Err(_) => failed.push((id, "delivery future cancelled".to_owned())),
         }
+    }
+    if !published.is_empty() {
+        crate::failpoint::hit("relay.after_produce");
     }
     outbox::mark_published(&mut tx, &published).await?;
     if let Some((_, error)) = failed.first() {

@@ -193,6 +193,9 @@ pub async fn consume(
             }
         };
         let inbound = Inbound::from_kafka(&message);
+        if crate::failpoint::any() {
+            crate::failpoint::hit(&format!("{name}.after_poll"));
+        }
         let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
         loop {
             match handler(&inbound).await {
@@ -223,6 +226,9 @@ pub async fn consume(
                     }
                 }
             }
+        }
+        if crate::failpoint::any() {
+            crate::failpoint::hit(&format!("{name}.after_commit"));
         }
         // Only now, with the transaction committed, may the offset move.
         if let Err(error) = consumer.store_offset_from_message(&message) {

@@ -380,6 +380,7 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     };
     messages.push(status_message(ctx, StageName::Validator.as_str(), &next, Some(requested.state), &trace)?);
     outbox::enqueue(&mut tx, &messages).await?;
+    crate::failpoint::hit("stage.inside_tx");
     tx.commit().await?;
     Ok(Outcome::Applied)
 }
@@ -508,6 +509,7 @@ async fn commit_step(
 ) -> Result<Outcome, StageError> {
     messages.push(status_message(ctx, stage.as_str(), next, Some(previous.state), trace)?);
     outbox::enqueue(&mut tx, &messages).await?;
+    crate::failpoint::hit("stage.inside_tx");
     tx.commit().await?;
     Ok(Outcome::Applied)
 }

@@ -26,6 +26,10 @@ pub struct NotifierArgs {
     /// Targets served at once.
     #[arg(long, env = "BRIDGE_NOTIFY_TARGETS_IN_FLIGHT", default_value_t = 64)]
     pub notify_targets_in_flight: usize,
+    /// How long a claimed delivery is one notifier's before another may
+    /// take it over (after a crash); longer than any send.
+    #[arg(long, env = "BRIDGE_NOTIFY_LEASE_MS", default_value_t = 60_000)]
+    pub notify_lease_ms: u64,
     /// Upper bound of one webhook, Slack, SMS or SMTP exchange.
     #[arg(long, env = "BRIDGE_NOTIFY_TIMEOUT_MS", default_value_t = 5_000)]
     pub notify_timeout_ms: u64,
@@ -60,6 +64,7 @@ impl NotifierArgs {
             retry_base_ms: self.notify_retry_base_ms,
             disable_after_ms: self.notify_disable_after_ms,
             targets_in_flight_max: self.notify_targets_in_flight,
+            lease_ms: self.notify_lease_ms,
             ..NotifierConfig::default()
         };
         config.channels.request_timeout_ms = self.notify_timeout_ms;
