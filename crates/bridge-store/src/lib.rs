@@ -17,6 +17,7 @@ pub mod credentials;
 pub mod gauges;
 pub mod inbox;
 pub mod ledger;
+pub mod local_cluster;
 pub mod notifications;
 pub mod outbox;
 pub mod pending;

@@ -166,10 +166,16 @@ impl TestKit {
 
     /// Starts a kit; `adjust` may change the pipeline settings first.
     pub async fn start_with(kind: BrokerKind, adjust: impl FnOnce(&mut PipelineConfig)) -> Result<Self> {
-        init_tracing();
         let server = std::env::var("BRIDGE_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let (base, _) = server.rsplit_once('/').context("BRIDGE_TEST_DATABASE_URL has no database path")?;
+        Self::start_on(kind, &server, adjust).await
+    }
+
+    /// Starts a kit on the Postgres server at `server` (a URL with any
+    /// database name; the kit creates its own database there).
+    pub async fn start_on(kind: BrokerKind, server: &str, adjust: impl FnOnce(&mut PipelineConfig)) -> Result<Self> {
+        init_tracing();
+        let (base, _) = server.rsplit_once('/').context("the database URL has no database path")?;
         let run = Uuid::new_v4().simple().to_string();
         let database_url = format!("{base}/bridge_test_{}", &run[..16]);
         bridge_store::ensure_database(&database_url).await.context("Failed to create the test database")?;

@@ -2,105 +2,11 @@
 //! local server, else a private throw-away cluster started from the locally
 //! installed server binaries.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-/// A private cluster in a temporary directory, stopped and removed on drop.
-pub struct TemporaryCluster {
-    pub url: String,
-    directory: PathBuf,
-    pg_ctl: PathBuf,
-    as_postgres_user: bool,
-}
-
-impl Drop for TemporaryCluster {
-    fn drop(&mut self) {
-        let data = self.directory.join("data");
-        let _ =
-            command(&self.pg_ctl, self.as_postgres_user).args(["stop", "-m", "fast", "-w", "-D"]).arg(&data).output();
-        let _ = std::fs::remove_dir_all(&self.directory);
-    }
-}
-
-fn command(program: &Path, as_postgres_user: bool) -> Command {
-    if as_postgres_user {
-        // initdb and postgres refuse to run as root.
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(program);
-        command
-    } else {
-        Command::new(program)
-    }
-}
-
-fn find_binary(name: &str) -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).collect())
-        .unwrap_or_default();
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = entries.flatten().map(|entry| entry.path().join("bin").join(name)).collect();
-        versions.sort();
-        candidates.extend(versions.into_iter().rev());
-    }
-    candidates.into_iter().find(|path| path.is_file())
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|out| out.stdout.starts_with(b"0")).unwrap_or(false)
-}
-
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("Failed to find a free port")?;
-    Ok(listener.local_addr()?.port())
-}
-
-impl TemporaryCluster {
-    pub fn start() -> Result<Self> {
-        let (Some(initdb), Some(pg_ctl)) = (find_binary("initdb"), find_binary("pg_ctl")) else {
-            bail!("No PostgreSQL server binaries (initdb, pg_ctl) found on PATH or under /usr/lib/postgresql");
-        };
-        let as_postgres_user = is_root();
-        let directory = std::env::temp_dir().join(format!("bridge-demo-pg-{}", std::process::id()));
-        let data = directory.join("data");
-        std::fs::create_dir_all(&directory)?;
-        if as_postgres_user {
-            let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&directory).status()?;
-            if !status.success() {
-                bail!("Failed to hand {} to the postgres user", directory.display());
-            }
-        }
-        let port = free_port()?;
-        let cluster = TemporaryCluster {
-            url: format!("postgres://postgres@127.0.0.1:{port}/bridge"),
-            directory: directory.clone(),
-            pg_ctl: pg_ctl.clone(),
-            as_postgres_user,
-        };
-        let output = command(&initdb, as_postgres_user)
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-            .arg(&data)
-            .output()
-            .context("Failed to run initdb")?;
-        if !output.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let options = format!("-p {port} -c listen_addresses=127.0.0.1 -k {}", directory.display());
-        let output = command(&pg_ctl, as_postgres_user)
-            .args(["start", "-w", "-t", "60", "-o", &options, "-l"])
-            .arg(directory.join("postgres.log"))
-            .arg("-D")
-            .arg(&data)
-            .output()
-            .context("Failed to run pg_ctl")?;
-        if !output.status.success() {
-            bail!("pg_ctl start failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        Ok(cluster)
-    }
-}
+pub use bridge_store::local_cluster::TemporaryCluster;
 
 /// Returns a usable database URL and, when one had to be started, the
 /// temporary cluster serving it (keep it alive while the URL is in use).
