@@ -2,7 +2,8 @@
 # The whole test suite, on a fresh machine or a warm one:
 # starts Postgres if it is not running, builds and starts the standalone
 # broker (tansu) if needed, runs every test against real Postgres, the
-# in-process Kafka cluster and the standalone broker, then stops the broker.
+# in-process Kafka cluster and the standalone broker, then stops the broker,
+# then fuzzes the decoders and the request rules for a short while.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +20,10 @@ psql -qAt -h 127.0.0.1 -U postgres -d postgres \
   while read -r database; do dropdb -h 127.0.0.1 -U postgres --if-exists "$database" || true; done
 
 cargo nextest run --workspace --no-fail-fast "$@"
+
+# A short fuzzing run of the decoders and the request rules (the suite's
+# own proptests cover the same ground in a different way); skipped when a
+# test filter was given, and lengthened with BRIDGE_FUZZ_SECONDS.
+if [[ $# -eq 0 ]]; then
+    scripts/fuzz.sh "${BRIDGE_FUZZ_SECONDS:-20}"
+fi

@@ -124,3 +124,22 @@ proptest! {
         let _ = decode::<TransferRequested>(&bytes);
     }
 }
+
+/// The fuzz target for the decoders starts from a valid encoding of each
+/// event; this keeps those seeds equal to what the schemas produce today.
+/// `BRIDGE_UPDATE_FUZZ_SEEDS=1` rewrites them after a schema change.
+#[test]
+fn fuzz_seed_corpus_matches_the_schemas() {
+    let directory = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/decode_events");
+    let seeds =
+        [("seed-transfer-requested", encode(&request()).unwrap()), ("seed-status-changed", encode(&status()).unwrap())];
+    for (name, bytes) in seeds {
+        let path = directory.join(name);
+        if std::env::var_os("BRIDGE_UPDATE_FUZZ_SEEDS").is_some() {
+            std::fs::create_dir_all(&directory).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let stored = std::fs::read(&path).unwrap_or_default();
+        assert_eq!(stored, bytes, "{} is stale: run with BRIDGE_UPDATE_FUZZ_SEEDS=1", path.display());
+    }
+}

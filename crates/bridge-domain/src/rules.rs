@@ -16,8 +16,12 @@ pub struct AccountSnapshot {
 }
 
 impl AccountSnapshot {
+    /// Balance minus holds. Saturating: the stored values cannot overflow
+    /// (the database keeps both within bounds), but a decision must not
+    /// panic on any input, and a saturated value still compares correctly
+    /// with any amount (found by the `check_request` fuzz target).
     pub fn available_minor(&self) -> i64 {
-        self.balance_minor - self.held_minor
+        self.balance_minor.saturating_sub(self.held_minor)
     }
 }
 
