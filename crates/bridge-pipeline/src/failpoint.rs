@@ -13,8 +13,27 @@
 //! | `relay.after_claim` | the relay has claimed outbox rows, before producing |
 //! | `relay.after_produce` | the broker acknowledged, before the rows are marked published |
 //! | `notifier.mid_delivery` | a notification was sent, before it is recorded as delivered |
+//!
+//! A pause instead of a death: `<consumer>.pause_after_poll:<ms>` makes the
+//! consumer hold its first message that long before processing it, as a
+//! process stalled by a long GC pause or a frozen VM would (a zombie that
+//! outlives its group membership and then carries on).
 
 use std::sync::OnceLock;
+
+/// The pause armed for `name` (`name:<ms>`), once per process.
+pub async fn pause(name: &str) {
+    static PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let prefix = format!("{name}:");
+    let Some(ms) = armed().iter().find_map(|armed| armed.strip_prefix(&prefix)?.parse::<u64>().ok()) else {
+        return;
+    };
+    if !PAUSED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("failpoint {name}: pausing {ms} ms");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        eprintln!("failpoint {name}: resuming");
+    }
+}
 
 fn armed() -> &'static [String] {
     static ARMED: OnceLock<Vec<String>> = OnceLock::new();

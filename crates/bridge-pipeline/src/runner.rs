@@ -195,6 +195,7 @@ pub async fn consume(
         let inbound = Inbound::from_kafka(&message);
         if crate::failpoint::any() {
             crate::failpoint::hit(&format!("{name}.after_poll"));
+            crate::failpoint::pause(&format!("{name}.pause_after_poll")).await;
         }
         let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
         loop {

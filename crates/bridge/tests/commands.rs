@@ -659,3 +659,69 @@ async fn processes_killed_at_every_failpoint_lose_nothing() -> Result<()> {
     ensure!(ids.len() as i64 == versions, "{} distinct webhook ids for {versions} versions", ids.len());
     Ok(())
 }
+
+/// A zombie: the withdrawal stage of one process stalls with a message in
+/// hand for longer than its poll interval, so the group gives its
+/// partitions to a second process, and then it wakes up and carries on with
+/// the stale message. The step still applies once (the bank is asked under
+/// the same key, and the transfer's row lock and state decide), and the
+/// zombie's offset for a partition it no longer owns is not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_consumer_resuming_after_a_rebalance_applies_nothing_twice() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::Standalone).await?;
+    kit.seed_investor("zed", 100_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_00).await?;
+    let env = kit_env(&kit, &[("BRIDGE_SIMULATED_SERVICES", "true"), ("BRIDGE_SESSION_TIMEOUT_MS", "6000")]);
+    let logs = std::env::temp_dir().join(format!("bridge-zombie-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&logs)?;
+    let spawn = |name: &str, failpoints: &str| -> Result<std::process::Child> {
+        Ok(Command::new(BRIDGE)
+            .args(["run", "--kafka-option", "max.poll.interval.ms=7000"])
+            .envs(env.iter().cloned())
+            .env("BRIDGE_FAILPOINTS", failpoints)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(logs.join(name))?)
+            .spawn()?)
+    };
+    let zombie = spawn("zombie.log", "withdrawal.pause_after_poll:12000")?;
+    let mut ids = Vec::new();
+    for amount in [100_00, 200_00, 300_00, 400_00, 500_00] {
+        ids.push(kit.publish(&kit.request("zed", &fund_account, amount)).await?);
+    }
+    let read = |name: &str| std::fs::read_to_string(logs.join(name)).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !read("zombie.log").contains("pausing") {
+        ensure!(std::time::Instant::now() < deadline, "the zombie never paused:\n{}", read("zombie.log"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let successor = spawn("successor.log", "")?;
+    let waited = kit.wait_terminal(&ids, Duration::from_secs(120)).await;
+    // Let the zombie wake up and finish what it held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !read("zombie.log").contains("resuming") {
+        ensure!(std::time::Instant::now() < deadline, "the zombie never resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for process in [&zombie, &successor] {
+        Command::new("kill").args(["-TERM", &process.id().to_string()]).status()?;
+    }
+    let zombie = tokio::task::spawn_blocking(move || zombie.wait_with_output()).await??;
+    let successor = tokio::task::spawn_blocking(move || successor.wait_with_output()).await??;
+    let (zombie_log, successor_log) = (read("zombie.log"), read("successor.log"));
+    let _ = std::fs::remove_dir_all(&logs);
+    waited.with_context(|| format!("zombie:\n{zombie_log}\nsuccessor:\n{successor_log}"))?;
+    ensure!(zombie.status.success() && successor.status.success(), "a process did not stop cleanly");
+    // The zombie really outlived its membership.
+    ensure!(zombie_log.contains("maximum poll interval"), "the zombie kept its partitions:\n{zombie_log}");
+    for id in &ids {
+        ensure!(kit.transfer(*id).await?.state == bridge_domain::TransferState::Completed);
+    }
+    let withdrawals: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sim_operations WHERE operation = 'withdrawal' AND outcome = 'settled'",
+    )
+    .fetch_one(&kit.pool)
+    .await?;
+    ensure!(withdrawals == 5, "{withdrawals} withdrawals at the bank");
+    kit.assert_books_balance().await
+}
