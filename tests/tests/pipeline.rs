@@ -588,3 +588,38 @@ async fn an_outage_longer_than_the_message_timeout_loses_nothing() -> Result<()>
     ensure!(investor_balance(&kit, "nina").await? == (10_000_00 - 4_500_00, 0));
     kit.assert_books_balance().await
 }
+
+/// The broker answers with errors (in-process cluster, injected): produce
+/// requests fail as if leadership moved or the request timed out, offset
+/// commits fail as if the group coordinator were away. Clients retry; every
+/// transfer completes once, and every status event is published under one
+/// id however often it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_request_errors_delay_but_lose_nothing() -> Result<()> {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let kit = TestKit::start_with(BrokerKind::InProcess, |config| config.retry_backoff_max_ms = 300).await?;
+    kit.seed_investor("rex", 100_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_00).await?;
+    let mut produce_errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 10];
+    produce_errors.extend([RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 5]);
+    kit.inject_request_errors(RDKafkaApiKey::Produce, produce_errors)?;
+    kit.inject_request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 10],
+    )?;
+    let pipeline = kit.spawn_all();
+    let mut ids = Vec::new();
+    for amount in 1..=10 {
+        ids.push(kit.publish(&kit.request("rex", &fund_account, amount * 100_00)).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await?;
+    pipeline.stop().await?;
+    for id in &ids {
+        ensure!(kit.transfer(*id).await?.state == TransferState::Completed);
+    }
+    let status = kit.read_topic(&kit.topics().status()).await?;
+    let distinct: std::collections::HashSet<_> =
+        status.iter().filter_map(|m| m.header("ce_id").map(str::to_owned)).collect();
+    ensure!(distinct.len() == 5 * ids.len(), "{} distinct status events", distinct.len());
+    kit.assert_books_balance().await
+}

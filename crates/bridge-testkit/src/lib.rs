@@ -73,6 +73,8 @@ macro_rules! both_brokers {
 enum ClusterCommand {
     BrokerDown,
     BrokerUp,
+    /// The next requests of this kind fail with these errors, in order.
+    RequestErrors(rdkafka::types::RDKafkaApiKey, Vec<rdkafka::types::RDKafkaRespErr>),
 }
 
 /// The in-process cluster lives on a thread of its own because it is not
@@ -107,6 +109,10 @@ impl InProcessCluster {
                 let result = match command {
                     ClusterCommand::BrokerDown => cluster.broker_down(1),
                     ClusterCommand::BrokerUp => cluster.broker_up(1),
+                    ClusterCommand::RequestErrors(api, errors) => {
+                        cluster.request_errors(api, &errors);
+                        Ok(())
+                    }
                 };
                 let _ = reply.send(result.map_err(|error| error.to_string()));
             }
@@ -225,6 +231,17 @@ impl TestKit {
     pub fn set_broker_up(&self, up: bool) -> Result<()> {
         let cluster = self._cluster.as_ref().context("only the in-process cluster can be switched off from a test")?;
         cluster.send(if up { ClusterCommand::BrokerUp } else { ClusterCommand::BrokerDown })
+    }
+
+    /// The in-process broker answers the next requests of kind `api` with
+    /// `errors`, one per request.
+    pub fn inject_request_errors(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: Vec<rdkafka::types::RDKafkaRespErr>,
+    ) -> Result<()> {
+        let cluster = self._cluster.as_ref().context("only the in-process cluster injects request errors")?;
+        cluster.send(ClusterCommand::RequestErrors(api, errors))
     }
 
     pub fn topics(&self) -> &Topics {
