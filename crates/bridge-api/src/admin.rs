@@ -226,7 +226,7 @@ pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Byte
     if request.states.iter().any(|state| bridge_domain::TransferState::parse(state).is_err()) {
         return invalid("unknown state in states");
     }
-    if let Err(reason) = validate_target(&request.channel, &request.target) {
+    if let Err(reason) = bridge_notify::channels::validate_target(&request.channel, &request.target) {
         return invalid(&reason);
     }
     let printable = |text: &str| text.len() <= 512 && !text.chars().any(char::is_control);
@@ -269,24 +269,6 @@ pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Byte
     match notifications::subscribe(&mut conn, &new).await {
         Ok(id) => (StatusCode::CREATED, Json(json!({"id": id, "signing_secret": secret}))).into_response(),
         Err(_) => unavailable(),
-    }
-}
-
-/// The same checks `bridge notify subscribe` makes.
-fn validate_target(channel: &str, target: &str) -> Result<(), String> {
-    let ok = match channel {
-        "webhook" | "slack" => target.starts_with("https://") || target.starts_with("http://"),
-        "sms" => {
-            let digits = target.strip_prefix('+').unwrap_or_default();
-            (7..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0')
-        }
-        "email" => target.split_once('@').is_some_and(|(user, host)| !user.is_empty() && host.contains('.')),
-        _ => return Err("channel must be webhook, slack, sms or email".to_owned()),
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("not a valid {channel} target"))
     }
 }
 
