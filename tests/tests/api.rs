@@ -277,7 +277,7 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
                 // are never refused as replays.
                 let id = format!("matrix-{name}-{}", uuid::Uuid::new_v4());
                 let text = body.to_string();
-                let timestamp = chrono_now();
+                let timestamp = bridge_testkit::unix_now();
                 request = request
                     .header("content-type", "application/json")
                     .header("idempotency-key", format!("matrix-{name}"))
@@ -294,10 +294,6 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
     }
     ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
     api.stop().await
-}
-
-fn chrono_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64
 }
 
 /// Errors are problem documents, bodies are bounded, keys are rate limited.
@@ -456,7 +452,7 @@ async fn jwt_bearer_tokens_are_checked_strictly() -> Result<()> {
     config.jwt = Some(bridge_api::auth::JwtConfig::new("HS256", secret, "https://idp.example", "bridge")?);
     let api = api(&kit, config).await?;
     let client = Client::new(&api);
-    let now = chrono_now();
+    let now = bridge_testkit::unix_now();
     let token = |alg: Algorithm, claims: Value| {
         encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret)).expect("encodes")
     };

@@ -198,7 +198,7 @@ async fn callbacks_are_verified_and_never_trusted_blindly() -> Result<()> {
             .body(body.clone())
             .send()
     };
-    let now = chrono_now();
+    let now = bridge_testkit::unix_now();
     let other = Secret::from_bytes([9; 32]);
     ensure!(send("investor", "m1", now, other.sign("m1", now, body.as_bytes())).await?.status() == 401);
     let stale = now - 301;
@@ -219,10 +219,6 @@ async fn callbacks_are_verified_and_never_trusted_blindly() -> Result<()> {
     simulator.stop().await?;
     api.stop().await?;
     kit.assert_books_balance().await
-}
-
-fn chrono_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64
 }
 
 /// Runs one transfer whose withdrawal (or deposit) the bank never settles,

@@ -417,14 +417,11 @@ pub async fn list(State(state): State<AppState>, caller: Caller, Query(query): Q
         Err(_) => return unavailable(),
     };
     let more = page.len() as i64 > limit;
-    let mut items = Vec::new();
-    for (id, _) in page.iter().take(limit as usize) {
-        match transfers::get(&mut conn, *id).await {
-            Ok(Some(transfer)) => items.push(view(&transfer)),
-            Ok(None) => {}
-            Err(_) => return unavailable(),
-        }
-    }
+    // One query for the page's rows, put back in the page's order.
+    let ids: Vec<Uuid> = page.iter().take(limit as usize).map(|(id, _)| *id).collect();
+    let Ok(mut rows) = transfers::get_many(&mut conn, &ids).await else { return unavailable() };
+    rows.sort_by_key(|transfer| ids.iter().position(|id| *id == transfer.id));
+    let items = rows.iter().map(view).collect();
     let next = if more { page.get(limit as usize - 1).map(|(id, at)| encode_cursor(*at, *id)) } else { None };
     Json(TransferPage { items, next_cursor: next }).into_response()
 }

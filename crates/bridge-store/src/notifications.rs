@@ -109,18 +109,7 @@ pub struct LoggedEvent {
 /// be enabled again). Returns `None` when the event was logged before: a
 /// redelivered event notifies nobody twice.
 pub async fn accept(conn: &mut PgConnection, event: &LoggedEvent) -> Result<Option<u64>> {
-    let logged = sqlx::query(
-        "INSERT INTO notification_log (event_id, transfer_id, version, state, event)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(event.event_id)
-    .bind(event.transfer_id)
-    .bind(event.version)
-    .bind(&event.state)
-    .bind(&event.event)
-    .execute(&mut *conn)
-    .await?;
-    if logged.rows_affected() == 0 {
+    if !insert_event(&mut *conn, "notification_log", event).await? {
         return Ok(None);
     }
     let queued = sqlx::query(
@@ -308,10 +297,16 @@ pub async fn clear_rebuild(conn: &mut PgConnection) -> Result<()> {
 
 /// Adds one status event read back from the topic (repeats are ignored).
 pub async fn rebuild_insert(conn: &mut PgConnection, event: &LoggedEvent) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO notification_log_rebuild (event_id, transfer_id, version, state, event)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
-    )
+    insert_event(conn, "notification_log_rebuild", event).await.map(|_| ())
+}
+
+/// Adds `event` to `table` (the live log or the rebuild, which share their
+/// shape) unless it is there; true when it was new.
+async fn insert_event(conn: &mut PgConnection, table: &'static str, event: &LoggedEvent) -> Result<bool> {
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO {table} (event_id, transfer_id, version, state, event)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING"
+    ))
     .bind(event.event_id)
     .bind(event.transfer_id)
     .bind(event.version)
@@ -319,7 +314,7 @@ pub async fn rebuild_insert(conn: &mut PgConnection, event: &LoggedEvent) -> Res
     .bind(&event.event)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(inserted.rows_affected() == 1)
 }
 
 /// How the rebuilt log compares with the live one and with the transfers'

@@ -111,6 +111,16 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Transfer>> 
     row.map(from_row).transpose()
 }
 
+/// The transfers with these ids, in no particular order; missing ids are
+/// left out.
+pub async fn get_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
+    let rows: Vec<TransferRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1)"))
+        .bind(ids)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(from_row).collect()
+}
+
 /// Reads the transfer and locks its row until the transaction ends, so two
 /// transactions applying the same step queue up and the second sees the
 /// first one's result instead of acting on a stale read.

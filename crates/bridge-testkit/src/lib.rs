@@ -692,6 +692,11 @@ impl TestKit {
     }
 }
 
+/// Seconds since the Unix epoch, as signed timestamps carry them.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64
+}
+
 /// A keyring with one fresh master key, for the credentials store.
 pub fn keyring() -> Arc<bridge_secrets::Keyring> {
     let entry = bridge_secrets::Keyring::generate_entry("test");
