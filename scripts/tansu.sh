@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
-# The standalone Kafka-protocol broker used by the test suite: tansu 0.6.0
-# with its in-memory storage engine (feature "dynostore").
+# The standalone Kafka-protocol broker used by the test suite: tansu 0.6.0.
+# The shared broker keeps its log in memory (feature "dynostore"); the test
+# that stops and restarts a broker runs its own on a SQLite file (feature
+# "libsql"), so what was acknowledged before the stop is still there after.
 #
 #   scripts/tansu.sh install   build it once into the tools cache (~10 min)
 #   scripts/tansu.sh start     start it on $BRIDGE_TANSU_PORT (default 19092)
 #   scripts/tansu.sh stop      stop the broker started by `start`
+#   scripts/tansu.sh path      print the binary's path (building it if needed)
 #
 # The binary lives in $BRIDGE_TOOLS_DIR (default ~/.cache/bridge-tools), so a
 # machine builds it once and every later run, CI included, reuses it.
 set -euo pipefail
 
 version=0.6.0
+features=dynostore,libsql
 tools=${BRIDGE_TOOLS_DIR:-$HOME/.cache/bridge-tools}
 binary=$tools/bin/tansu
 port=${BRIDGE_TANSU_PORT:-19092}
 state=${BRIDGE_TANSU_STATE:-$(cd "$(dirname "$0")/.." && pwd)/.tmp/tansu}
 
 install() {
-  if [ -x "$binary" ] && "$binary" --version 2>/dev/null | grep -q "$version"; then
+  # The marker records the features the binary was built with, so a change
+  # of features rebuilds it instead of reusing a binary that lacks one.
+  if [ -x "$binary" ] && "$binary" --version 2>/dev/null | grep -q "$version" \
+    && [ "$(cat "$binary.features" 2>/dev/null)" = "$features" ]; then
     return 0
   fi
   echo "Building tansu $version into $tools (one time, about ten minutes)" >&2
   mkdir -p "$tools"
   CARGO_TARGET_DIR=$tools/target cargo install tansu --version "$version" --locked \
-    --features dynostore --root "$tools" --force
+    --features "$features" --root "$tools" --force
+  echo "$features" >"$binary.features"
   # The build directory is large and not needed once the binary exists.
   rm -rf "$tools/target"
 }
@@ -71,7 +79,8 @@ stop() {
 
 case "${1:-}" in
   install) install ;;
+  path) install >&2; echo "$binary" ;;
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 install|start|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|path" >&2; exit 2 ;;
 esac

@@ -13,6 +13,8 @@ trap 'scripts/tansu.sh stop' EXIT
 
 export BRIDGE_TEST_DATABASE_URL=${BRIDGE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 export BRIDGE_TEST_TANSU_BROKERS=127.0.0.1:${BRIDGE_TANSU_PORT:-19092}
+# The test that kills and restarts a broker runs a private one of its own.
+export BRIDGE_TEST_TANSU_BINARY=$(scripts/tansu.sh path)
 
 # Databases left by earlier runs of the suite.
 psql -qAt -h 127.0.0.1 -U postgres -d postgres \

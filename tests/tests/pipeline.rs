@@ -623,3 +623,56 @@ async fn broker_request_errors_delay_but_lose_nothing() -> Result<()> {
     ensure!(distinct.len() == 5 * ids.len(), "{} distinct status events", distinct.len());
     kit.assert_books_balance().await
 }
+
+/// With retention at zero the relay prunes published outbox rows and inbox
+/// rows as it goes. Unpublished rows and dead-letter records stay, and a
+/// full redelivery of every topic afterwards (fresh consumer groups) still
+/// moves no money twice: the transfer's state is the second guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pruned_outbox_and_inbox_leave_nothing_to_apply_twice() -> Result<()> {
+    let mut kit = TestKit::start_with(BrokerKind::InProcess, |config| {
+        config.outbox_retention_ms = 0;
+        config.inbox_retention_ms = 0;
+    })
+    .await?;
+    kit.seed_investor("paz", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let pipeline = kit.spawn_all();
+    let mut ids = Vec::new();
+    for amount in [1_000_00, 2_000_00, 3_000_00] {
+        ids.push(kit.publish(&kit.request("paz", &fund_account, amount)).await?);
+    }
+    kit.publish_raw(&kit.topics().requested(), Some(b"poison"), b"not avro", &[]).await?;
+    kit.wait_terminal(&ids, SETTLE).await?;
+    wait_for_messages(&kit, &Topics::dead_letter(&kit.topics().requested()), 1).await?;
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let (outbox, inbox, dlq_records): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM inbox WHERE message_id NOT LIKE 'dlq:%'),
+                    (SELECT count(*) FROM inbox WHERE message_id LIKE 'dlq:%')",
+        )
+        .fetch_one(&kit.pool)
+        .await?;
+        if outbox == 0 && inbox == 0 {
+            ensure!(dlq_records == 1, "the dead-letter record must survive pruning, found {dlq_records}");
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "not pruned: {outbox} outbox rows, {inbox} inbox rows");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pipeline.stop().await?;
+    let (ledger, versions, _, bank) = kit.effect_counts().await?;
+
+    kit.forget_committed_offsets();
+    let again = kit.spawn_all();
+    for stage in StageName::ALL {
+        kit.wait_caught_up(stage, SETTLE).await?;
+    }
+    kit.wait_outbox_drained(SETTLE).await?;
+    again.stop().await?;
+    let (ledger_after, versions_after, _, bank_after) = kit.effect_counts().await?;
+    ensure!((ledger, versions, bank) == (ledger_after, versions_after, bank_after), "redelivery after pruning changed the books");
+    let dead_letters = kit.read_topic(&Topics::dead_letter(&kit.topics().requested())).await?;
+    ensure!(dead_letters.len() == 1, "the poison message was dead-lettered {} times", dead_letters.len());
+    kit.assert_books_balance().await
+}

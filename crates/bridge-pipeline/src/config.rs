@@ -127,6 +127,11 @@ pub struct PipelineConfig {
     /// How often the settlement runner reads fund terms from the fund
     /// administrator; 0 turns it off.
     pub fund_terms_refresh_ms: u64,
+    /// How long published outbox rows are kept before the relay prunes them.
+    pub outbox_retention_ms: u64,
+    /// How long inbox rows (applied message ids) are kept. Past it, a
+    /// redelivered message is still recognised by its transfer's state.
+    pub inbox_retention_ms: u64,
     /// Extra librdkafka settings applied last (escape hatch).
     pub kafka_overrides: Vec<(String, String)>,
 }
@@ -154,6 +159,8 @@ impl PipelineConfig {
             reservation_ttl_ms: 7 * 24 * 3_600_000,
             settlement_concurrency_per_service: 8,
             fund_terms_refresh_ms: 300_000,
+            outbox_retention_ms: 3_600_000,
+            inbox_retention_ms: 7 * 24 * 3_600_000,
             kafka_overrides: Vec::new(),
         }
     }

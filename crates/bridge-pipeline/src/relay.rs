@@ -98,7 +98,15 @@ async fn publish_until_shutdown(
     let poll_interval = Duration::from_millis(ctx.config.relay_poll_interval_ms);
     let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
     let mut last_lock_check = std::time::Instant::now();
+    let mut next_prune = std::time::Instant::now();
     while !shutdown.is_cancelled() {
+        // The leader, being one, also keeps the outbox and the inbox small.
+        if std::time::Instant::now() >= next_prune {
+            next_prune = std::time::Instant::now() + prune_interval(ctx.config.outbox_retention_ms);
+            if let Err(error) = prune(ctx).await {
+                tracing::warn!(error = format!("{error:#}"), "Could not prune the outbox and inbox; trying later");
+            }
+        }
         // A leader whose lock session died would no longer be the only
         // publisher; check the session now and then and step down if it is
         // gone.
@@ -138,6 +146,38 @@ async fn publish_until_shutdown(
     // Deliver what librdkafka still holds; the rows stay unpublished if this
     // fails and are sent again by the next relay.
     let _ = producer.flush(Duration::from_secs(5));
+    Ok(())
+}
+
+/// Pruning runs about ten times per retention period, at most once a second
+/// and at least once a minute.
+fn prune_interval(retention_ms: u64) -> Duration {
+    Duration::from_millis((retention_ms / 10).clamp(1_000, 60_000))
+}
+/// Rows deleted per statement, so a pruning pass never holds long locks.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Deletes published outbox rows and inbox rows past their retention.
+async fn prune(ctx: &StageContext) -> Result<()> {
+    let mut conn = ctx.pool.acquire().await?;
+    let (mut outbox_rows, mut inbox_rows) = (0, 0);
+    loop {
+        let deleted = outbox::prune_published(&mut conn, ctx.config.outbox_retention_ms, PRUNE_BATCH).await?;
+        outbox_rows += deleted;
+        if (deleted as i64) < PRUNE_BATCH {
+            break;
+        }
+    }
+    loop {
+        let deleted = bridge_store::inbox::prune(&mut conn, ctx.config.inbox_retention_ms, PRUNE_BATCH).await?;
+        inbox_rows += deleted;
+        if (deleted as i64) < PRUNE_BATCH {
+            break;
+        }
+    }
+    if outbox_rows + inbox_rows > 0 {
+        tracing::info!(outbox_rows, inbox_rows, "Pruned rows past their retention");
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Runs stages and the relay as tasks: consume, process, store the offset.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,10 +163,21 @@ async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: Cancellat
     consume(&ctx, stage.as_str(), &stage.group_id(&ctx.config), &topic, handler, shutdown).await
 }
 
-/// The consume → process → store-offset loop every consumer runs: a
-/// transient failure is retried in place with backoff (holding the
-/// partition, which keeps per-key order), and the offset is stored only once
-/// the handler has finished with the message.
+/// Messages a partition's lane may hold beyond the one in hand. Bounded, so
+/// a partition that cannot make progress stops the reading (backpressure)
+/// instead of filling memory.
+const LANE_DEPTH: usize = 256;
+
+/// The consume → process → store-offset loop every consumer runs.
+///
+/// One reader takes messages off the consumer and hands each to the lane of
+/// its partition: a task that processes that partition's messages one after
+/// another, in log order. Partitions proceed side by side (their
+/// transactions commit together, and their calls to outside services
+/// overlap), while each partition, and so each transfer, keeps its order. A
+/// transient failure is retried in place with backoff, holding only its own
+/// partition; the offset is stored only once the handler has finished with
+/// the message.
 pub async fn consume(
     ctx: &StageContext,
     name: &'static str,
@@ -174,9 +186,11 @@ pub async fn consume(
     handler: Handler,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let consumer = kafka::consumer(&ctx.config, group)?;
+    let consumer = Arc::new(kafka::consumer(&ctx.config, group)?);
     consumer.subscribe(&[topic]).with_context(|| format!("Failed to subscribe to {topic}"))?;
     tracing::info!(stage = name, topic = %topic, "Consumer started");
+    let mut lanes: HashMap<i32, tokio::sync::mpsc::Sender<Inbound>> = HashMap::new();
+    let mut lane_tasks = JoinSet::new();
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -193,54 +207,101 @@ pub async fn consume(
             }
         };
         let inbound = Inbound::from_kafka(&message);
+        drop(message);
         if crate::failpoint::any() {
             crate::failpoint::hit(&format!("{name}.after_poll"));
             crate::failpoint::pause(&format!("{name}.pause_after_poll")).await;
         }
-        let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
-        loop {
-            match handler(&inbound).await {
-                Ok(outcome) => {
-                    tracing::debug!(
-                        stage = name,
-                        partition = inbound.partition,
-                        offset = inbound.offset,
-                        outcome = ?outcome,
-                        "Message processed"
-                    );
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(
-                        stage = name,
-                        partition = inbound.partition,
-                        offset = inbound.offset,
-                        error = %error,
-                        "Transient failure; retrying the message"
-                    );
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        // Leave without storing the offset: the message will
-                        // be delivered again to whoever owns the partition.
-                        _ = shutdown.cancelled() => return commit_on_exit(&consumer, name),
-                        _ = tokio::time::sleep(delay) => {}
+        let partition = inbound.partition;
+        let lane = lanes.entry(partition).or_insert_with(|| {
+            let (sender, receiver) = tokio::sync::mpsc::channel(LANE_DEPTH);
+            let lane = Lane {
+                name,
+                consumer: consumer.clone(),
+                handler: handler.clone(),
+                shutdown: shutdown.clone(),
+                backoff_max_ms: ctx.config.retry_backoff_max_ms,
+            };
+            lane_tasks.spawn(lane.run(receiver));
+            sender
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            sent = lane.send(inbound) => if sent.is_err() {
+                // The lane stopped, which it does only on shutdown.
+                break;
+            }
+        }
+    }
+    // Lanes finish the message in hand and leave the rest queued: those
+    // offsets are not stored, so the partitions' next owner reads them again.
+    drop(lanes);
+    while lane_tasks.join_next().await.is_some() {}
+    commit_on_exit(&consumer, name)
+}
+
+/// Processes one partition's messages in order.
+struct Lane {
+    name: &'static str,
+    consumer: Arc<rdkafka::consumer::StreamConsumer>,
+    handler: Handler,
+    shutdown: CancellationToken,
+    backoff_max_ms: u64,
+}
+
+impl Lane {
+    async fn run(self, mut receiver: tokio::sync::mpsc::Receiver<Inbound>) {
+        let name = self.name;
+        while let Some(inbound) = receiver.recv().await {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let mut backoff = Backoff::new(self.backoff_max_ms);
+            loop {
+                match (self.handler)(&inbound).await {
+                    Ok(outcome) => {
+                        tracing::debug!(
+                            stage = name,
+                            partition = inbound.partition,
+                            offset = inbound.offset,
+                            outcome = ?outcome,
+                            "Message processed"
+                        );
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            stage = name,
+                            partition = inbound.partition,
+                            offset = inbound.offset,
+                            error = %error,
+                            "Transient failure; retrying the message"
+                        );
+                        let delay = backoff.next_delay();
+                        tokio::select! {
+                            // Leave without storing the offset: the message
+                            // will be delivered again to whoever owns the
+                            // partition.
+                            _ = self.shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
                     }
                 }
             }
-        }
-        if crate::failpoint::any() {
-            crate::failpoint::hit(&format!("{name}.after_commit"));
-        }
-        // Only now, with the transaction committed, may the offset move.
-        if let Err(error) = consumer.store_offset_from_message(&message) {
-            // The partition was revoked while we processed the message (a
-            // rebalance, or we exceeded max.poll.interval.ms while retrying).
-            // Its new owner will receive the message again and the inbox
-            // absorbs the repeat, so this is not a reason to stop.
-            tracing::warn!(stage = name, partition = inbound.partition, offset = inbound.offset, error = %error, "Could not store offset; the partition's next owner will see the message again");
+            if crate::failpoint::any() {
+                crate::failpoint::hit(&format!("{name}.after_commit"));
+            }
+            // Only now, with the transaction committed, may the offset move.
+            if let Err(error) = self.consumer.store_offset(&inbound.topic, inbound.partition, inbound.offset) {
+                // The partition was revoked while we processed the message (a
+                // rebalance, or we exceeded max.poll.interval.ms while
+                // retrying). Its new owner will receive the message again and
+                // the inbox absorbs the repeat, so this is not a reason to
+                // stop.
+                tracing::warn!(stage = name, partition = inbound.partition, offset = inbound.offset, error = %error, "Could not store offset; the partition's next owner will see the message again");
+            }
         }
     }
-    commit_on_exit(&consumer, name)
 }
 
 fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer, name: &str) -> Result<()> {

@@ -7,6 +7,7 @@
 //! through its public entry points and Kafka, as a deployment would.
 
 pub mod receivers;
+pub mod tansu;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
@@ -208,9 +209,13 @@ impl TestKit {
                 Some(cluster)
             }
             BrokerKind::Standalone => {
-                config.brokers = std::env::var("BRIDGE_TEST_TANSU_BROKERS").context(
-                    "BRIDGE_TEST_TANSU_BROKERS is not set: run the suite with scripts/test.sh, which starts the standalone broker",
-                )?;
+                // `adjust` may point the kit at a broker of its own (one the
+                // test stops and restarts); otherwise the suite's shared one.
+                if config.brokers.is_empty() {
+                    config.brokers = std::env::var("BRIDGE_TEST_TANSU_BROKERS").context(
+                        "BRIDGE_TEST_TANSU_BROKERS is not set: run the suite with scripts/test.sh, which starts the standalone broker",
+                    )?;
+                }
                 kafka::ensure_topics(&config).await?;
                 None
             }

@@ -1,5 +1,8 @@
 //! `bridge bench`: measurements against this machine's own limits.
 //!
+//! `bridge bench pipeline` runs the whole pipeline under load (see
+//! `bench_pipeline`).
+//!
 //! `bridge bench notify` measures the notifier's sender: deliveries per
 //! second to local webhook receivers with 1, 10 and 100 targets, and again
 //! with one extra target that takes a second to answer every request (it
@@ -31,6 +34,8 @@ pub struct BenchArgs {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// The whole pipeline under an open-loop load, with the Postgres ceiling.
+    Pipeline(crate::bench_pipeline::PipelineBenchArgs),
     /// Notification deliveries per second to local webhook receivers.
     Notify(NotifyBenchArgs),
 }
@@ -65,6 +70,7 @@ struct Run {
 
 pub async fn run(args: BenchArgs) -> Result<()> {
     match args.what {
+        BenchWhat::Pipeline(args) => crate::bench_pipeline::run(args).await,
         BenchWhat::Notify(args) => notify(args).await,
     }
 }

@@ -4,11 +4,13 @@
 //! library crates; it holds no business rules of its own.
 
 mod bench;
+mod bench_pipeline;
 mod credentials;
 mod demo;
 mod local_postgres;
 mod notify;
 mod ops;
+mod plot;
 mod submit;
 
 use anyhow::{Context, Result};
@@ -65,6 +67,12 @@ pub struct Common {
     /// Postgres connections per process.
     #[arg(long, env = "BRIDGE_DB_CONNECTIONS_MAX", default_value_t = 16, global = true)]
     pub db_connections_max: u32,
+    /// How long published outbox rows are kept before they are pruned.
+    #[arg(long, env = "BRIDGE_OUTBOX_RETENTION_MS", default_value_t = 3_600_000, global = true)]
+    pub outbox_retention_ms: u64,
+    /// How long applied message ids are kept in the inbox.
+    #[arg(long, env = "BRIDGE_INBOX_RETENTION_MS", default_value_t = 604_800_000, global = true)]
+    pub inbox_retention_ms: u64,
 }
 
 impl Common {
@@ -76,6 +84,8 @@ impl Common {
         config.topic_replication = self.topic_replication;
         config.kafka_overrides = self.kafka_options.clone();
         config.session_timeout_ms = self.session_timeout_ms;
+        config.outbox_retention_ms = self.outbox_retention_ms;
+        config.inbox_retention_ms = self.inbox_retention_ms;
         config
     }
 
