@@ -346,19 +346,12 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
             (requested, vec![status])
         }
     };
+    let mut reservation = None;
     let next = match (decision, investor, fund) {
         (Ok(()), Some(investor), Some(fund)) => {
             accounts::update_investor(&mut tx, &request.investor_account_id, investor.version, 0, request.amount_minor)
                 .await?;
-            accounts::adjust_allocation(
-                &mut tx,
-                &fund.fund_id,
-                &request.investor_account_id,
-                Some(fund.fund.version),
-                request.amount_minor,
-                0,
-            )
-            .await?;
+            reservation = Some(fund.fund_id.clone());
             let validated = transfers::advance(&mut tx, &requested, &TransferEvent::Validated).await?;
             let event_id = ids::stage_event_id(transfer_id, "validated");
             let now = Utc::now();
@@ -380,6 +373,12 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     };
     messages.push(status_message(ctx, StageName::Validator.as_str(), &next, Some(requested.state), &trace)?);
     outbox::enqueue(&mut tx, &messages).await?;
+    // The fund's row is the one every validation into the fund updates: it
+    // is touched last, so its lock is held only for this statement and the
+    // commit.
+    if let Some(fund_id) = reservation {
+        accounts::adjust_allocation(&mut tx, &fund_id, &request.investor_account_id, request.amount_minor, 0).await?;
+    }
     crate::failpoint::hit("stage.inside_tx");
     tx.commit().await?;
     Ok(Outcome::Applied)
@@ -429,20 +428,18 @@ pub async fn record_api_request(
 }
 
 /// Loads the transfer an outcome event refers to, outside any transaction,
-/// and says whether the step still has to be done.
+/// and says whether the step still has to be done. The transfer's state is
+/// the whole answer: the inbox row of an applied step is written in the same
+/// transaction that moves the state on, so a message already in the inbox
+/// always finds the state past `expected` (and a look at the inbox would be
+/// one more round trip for nothing). The step's transaction still records
+/// the inbox row and checks the state again under the row lock.
 async fn pending_step(
     ctx: &StageContext,
-    stage: StageName,
-    event_id: Option<&str>,
     transfer_id: Uuid,
     expected: TransferState,
 ) -> Result<Option<Transfer>, StageError> {
     let mut conn = ctx.pool.acquire().await?;
-    if let Some(event_id) = event_id {
-        if inbox::contains(&mut conn, stage.as_str(), event_id).await? {
-            return Ok(None);
-        }
-    }
     let transfer = transfers::get(&mut conn, transfer_id)
         .await?
         .ok_or_else(|| permanent("unknown_transfer", format!("transfer {transfer_id} does not exist")))?;
@@ -492,7 +489,7 @@ async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
 /// (and its seat, if that was the investor's only stake).
 async fn release_reservation(conn: &mut PgConnection, transfer: &Transfer) -> Result<(), StageError> {
     let fund_id = fund_id_of(transfer)?;
-    accounts::adjust_allocation(conn, fund_id, &transfer.investor_account_id, None, -transfer.amount_minor, 0).await?;
+    accounts::adjust_allocation(conn, fund_id, &transfer.investor_account_id, -transfer.amount_minor, 0).await?;
     Ok(())
 }
 
@@ -571,7 +568,7 @@ pub async fn withdrawal_step(
     ask: Ask<'_>,
 ) -> Result<Outcome, StageError> {
     let stage = StageName::Withdrawal;
-    let Some(transfer) = pending_step(ctx, stage, event_id, transfer_id, TransferState::Validated).await? else {
+    let Some(transfer) = pending_step(ctx, transfer_id, TransferState::Validated).await? else {
         return Ok(Outcome::Duplicate);
     };
     let movement = movement(&transfer, "withdrawal", &transfer.investor_account_id)?;
@@ -657,7 +654,7 @@ pub async fn deposit_step(
     ask: Ask<'_>,
 ) -> Result<Outcome, StageError> {
     let stage = StageName::Deposit;
-    let Some(transfer) = pending_step(ctx, stage, event_id, transfer_id, TransferState::Withdrawn).await? else {
+    let Some(transfer) = pending_step(ctx, transfer_id, TransferState::Withdrawn).await? else {
         return Ok(Outcome::Duplicate);
     };
     let remit = movement(&transfer, "deposit", &transfer.fund_account_id)?;
@@ -701,7 +698,6 @@ pub async fn deposit_step(
     let mut messages = Vec::with_capacity(2);
     let next = match outcome {
         DepositOutcome::Deposited { reference } => {
-            accounts::credit_fund_account(&mut tx, &current.fund_account_id, amount.amount_minor).await?;
             let fund_ledger = ledger::fund_account(&current.fund_account_id);
             ledger::post(
                 &mut tx,
@@ -728,6 +724,9 @@ pub async fn deposit_step(
                 ctx.topics.deposited(),
                 &outcome_event,
             )?);
+            // The fund account's row last: every deposit into the fund
+            // updates it.
+            accounts::credit_fund_account(&mut tx, &current.fund_account_id, amount.amount_minor).await?;
             next
         }
         DepositOutcome::NeedsPerson { code } => {
@@ -819,15 +818,15 @@ async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
         return Ok(Outcome::Duplicate);
     };
     let amount_minor = current.amount_minor;
+    let next = transfers::advance(&mut tx, &current, &TransferEvent::Completed).await?;
+    // The fund's row last: it is shared by every transfer into the fund.
     accounts::adjust_allocation(
         &mut tx,
         fund_id_of(&current)?,
         &current.investor_account_id,
-        None,
         -amount_minor,
         amount_minor,
     )
     .await?;
-    let next = transfers::advance(&mut tx, &current, &TransferEvent::Completed).await?;
     commit_step(ctx, tx, stage, &current, &next, Vec::new(), &trace).await
 }

@@ -250,15 +250,26 @@ pub struct FundDelta {
     pub investors: i32,
 }
 
-pub async fn update_fund(conn: &mut PgConnection, id: &str, expected_version: i64, delta: FundDelta) -> Result<()> {
+/// Applies `delta` to a fund's totals and seat count.
+///
+/// A fund is the hottest row in the system: every validation, completion and
+/// release of every investor in it updates the same row. So this is not a
+/// read-then-version-check (which would make concurrent transactions on one
+/// fund abort each other and retry in a storm) but one atomic update whose
+/// guard restates the fund's limits: it waits only for the row lock, and it
+/// applies only if the fund still has room for the delta. A fund that filled
+/// up since the caller's decision is a conflict, so the caller decides again
+/// on fresh data (and rejects). The CHECK constraints stay as the last line.
+pub async fn update_fund(conn: &mut PgConnection, id: &str, delta: FundDelta) -> Result<()> {
     let updated = sqlx::query(
         "UPDATE funds
-         SET reserved_minor = reserved_minor + $3, completed_minor = completed_minor + $4,
-             investors_count = investors_count + $5, version = version + 1, updated_at = now()
-         WHERE id = $1 AND version = $2",
+         SET reserved_minor = reserved_minor + $2, completed_minor = completed_minor + $3,
+             investors_count = investors_count + $4, version = version + 1, updated_at = now()
+         WHERE id = $1
+           AND reserved_minor + $2 + completed_minor + $3 <= capacity_minor
+           AND investors_count + $4 <= seats_max",
     )
     .bind(id)
-    .bind(expected_version)
     .bind(delta.reserved_minor)
     .bind(delta.completed_minor)
     .bind(delta.investors)
@@ -268,16 +279,15 @@ pub async fn update_fund(conn: &mut PgConnection, id: &str, expected_version: i6
     exactly_one(updated, "fund", id)
 }
 
-/// Changes an investor's allocation in a fund and keeps the fund's totals and
-/// seat count in step with it, all version-checked. A caller that decided on
-/// the basis of a fund snapshot passes that snapshot's version as
-/// `fund_version_read`, so a fund changed since the decision is a conflict
-/// rather than a silent over-commitment.
+/// Changes an investor's allocation in a fund (version-checked: one row per
+/// investor and fund) and keeps the fund's totals and seat count in step
+/// with it (`update_fund`: atomic, guarded by the fund's limits, so a fund
+/// filled since the caller's decision is a conflict rather than a silent
+/// over-commitment).
 pub async fn adjust_allocation(
     conn: &mut PgConnection,
     fund_id: &str,
     investor_account_id: &str,
-    fund_version_read: Option<i64>,
     reserved_delta_minor: i64,
     completed_delta_minor: i64,
 ) -> Result<()> {
@@ -326,38 +336,30 @@ pub async fn adjust_allocation(
         (true, false) => -1,
         _ => 0,
     };
-    let fund_version = match fund_version_read {
-        Some(version) => version,
-        None => {
-            sqlx::query_scalar("SELECT version FROM funds WHERE id = $1").bind(fund_id).fetch_one(&mut *conn).await?
-        }
-    };
     update_fund(
         conn,
         fund_id,
-        fund_version,
         FundDelta { reserved_minor: reserved_delta_minor, completed_minor: completed_delta_minor, investors },
     )
     .await
 }
 
+/// Credits a fund account: one atomic increment, since every deposit into
+/// the fund updates this one row (see `update_fund`).
 pub async fn credit_fund_account(conn: &mut PgConnection, id: &str, amount_minor: i64) -> Result<()> {
-    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM fund_accounts WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let version = version.ok_or_else(|| Error::Corrupt(format!("fund account {id} vanished")))?;
     let updated = sqlx::query(
-        "UPDATE fund_accounts SET balance_minor = balance_minor + $3, version = version + 1, updated_at = now()
-         WHERE id = $1 AND version = $2",
+        "UPDATE fund_accounts SET balance_minor = balance_minor + $2, version = version + 1, updated_at = now()
+         WHERE id = $1",
     )
     .bind(id)
-    .bind(version)
     .bind(amount_minor)
     .execute(conn)
     .await?
     .rows_affected();
-    exactly_one(updated, "fund account", id)
+    if updated != 1 {
+        return Err(Error::Corrupt(format!("fund account {id} vanished")));
+    }
+    Ok(())
 }
 
 /// A fund's terms as its administrator publishes them.

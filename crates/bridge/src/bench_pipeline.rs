@@ -68,6 +68,10 @@ pub struct PipelineBenchArgs {
     /// Investors the load is spread over.
     #[arg(long, default_value_t = 2_000)]
     investors: usize,
+    /// Funds the load is spread over. Every transfer into a fund updates the
+    /// fund's row, so one fund serialises its validations and completions.
+    #[arg(long, default_value_t = 20)]
+    funds: usize,
     /// Where the JSON result and the SVG plot are written.
     #[arg(long, default_value = "target/bench")]
     out_dir: PathBuf,
@@ -143,6 +147,8 @@ struct BenchResult {
     brokers: String,
     partitions: i32,
     processes_per_stage: usize,
+    funds: usize,
+    investors: usize,
     offered_rate: u32,
     transfers: usize,
     elapsed_secs: f64,
@@ -201,8 +207,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
     config.group_prefix = prefix.clone();
     config.topic_partitions = args.partitions;
     kafka::ensure_topics(&config).await?;
-    let investors = seed(&pool, args.investors, args.transfers + args.warmup).await?;
-    let fund_account = "bench-fa".to_owned();
+    let (investors, fund_accounts) = seed(&pool, args.investors, args.funds, args.transfers + args.warmup).await?;
 
     let mut children = Children::spawn(args, url, &prefix)?;
     let tracks: Arc<Mutex<HashMap<Uuid, Track>>> = Arc::default();
@@ -210,13 +215,13 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
 
     // Warm-up: consumer groups join and settle; nothing of it is measured.
     let producer = kafka::upstream_producer(&config)?;
-    let warmup: Vec<TransferRequested> = requests(&investors, &fund_account, args.warmup);
+    let warmup: Vec<TransferRequested> = requests(&investors, &fund_accounts, args.warmup);
     eprintln!("Warm-up: {} transfers while the consumer groups settle", warmup.len());
     publish_all(&producer, &config.topics, &warmup, 0, &tracks).await?;
     wait_terminal(&tracks, &warmup, Duration::from_secs(180), &mut children).await?;
 
     let xacts_before = transactions(&pool).await?;
-    let measured = requests(&investors, &fund_account, args.transfers);
+    let measured = requests(&investors, &fund_accounts, args.transfers);
     let lag_reader = LagReader::new(&config)?;
     let started = Instant::now();
     let started_wall = chrono::Utc::now();
@@ -324,6 +329,8 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
         brokers: args.brokers.clone(),
         partitions: args.partitions,
         processes_per_stage: args.processes_per_stage,
+        funds: args.funds,
+        investors: args.investors,
         offered_rate: args.rate,
         transfers: ids.len(),
         elapsed_secs: elapsed.as_secs_f64(),
@@ -344,28 +351,35 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
     })
 }
 
-/// Investors with more than enough money, and one fund with a seat for each
-/// of them: every measured transfer is meant to complete.
-async fn seed(pool: &sqlx::PgPool, investors: usize, transfers: usize) -> Result<Vec<String>> {
+/// Investors with more than enough money, and funds with a seat for each of
+/// them: every measured transfer is meant to complete.
+async fn seed(
+    pool: &sqlx::PgPool,
+    investors: usize,
+    funds: usize,
+    transfers: usize,
+) -> Result<(Vec<String>, Vec<String>)> {
     let eur = Currency::parse("EUR").expect("EUR");
     let mut tx = pool.begin().await?;
-    accounts::seed_fund(
-        &mut tx,
-        &FundSeed {
-            id: "bench-fund".to_owned(),
-            name: "Benchmark Fund".to_owned(),
-            currency: eur,
-            minimum_investment_minor: 1_00,
-            seats_max: investors as i32,
-            capacity_minor: 1_000_000_000_000_00,
-        },
-    )
-    .await?;
-    accounts::seed_fund_account(
-        &mut tx,
-        &FundAccountSeed { id: "bench-fa".to_owned(), fund_id: "bench-fund".to_owned(), currency: eur },
-    )
-    .await?;
+    let mut fund_accounts = Vec::with_capacity(funds);
+    for index in 0..funds.max(1) {
+        let (fund_id, account_id) = (format!("bench-fund-{index:03}"), format!("bench-fa-{index:03}"));
+        accounts::seed_fund(
+            &mut tx,
+            &FundSeed {
+                id: fund_id.clone(),
+                name: format!("Benchmark Fund {index}"),
+                currency: eur,
+                minimum_investment_minor: 1_00,
+                seats_max: investors as i32,
+                capacity_minor: 1_000_000_000_000_00,
+            },
+        )
+        .await?;
+        accounts::seed_fund_account(&mut tx, &FundAccountSeed { id: account_id.clone(), fund_id, currency: eur })
+            .await?;
+        fund_accounts.push(account_id);
+    }
     let balance = (transfers as i64 / investors as i64 + 2) * 1_000_00;
     let mut ids = Vec::with_capacity(investors);
     for index in 0..investors {
@@ -375,17 +389,17 @@ async fn seed(pool: &sqlx::PgPool, investors: usize, transfers: usize) -> Result
         ids.push(id);
     }
     tx.commit().await?;
-    Ok(ids)
+    Ok((ids, fund_accounts))
 }
 
-fn requests(investors: &[String], fund_account: &str, count: usize) -> Vec<TransferRequested> {
+fn requests(investors: &[String], fund_accounts: &[String], count: usize) -> Vec<TransferRequested> {
     let mut rng = rand::rng();
     let now_ms = chrono::Utc::now().timestamp_millis();
     (0..count)
         .map(|index| TransferRequested {
             transfer_id: Uuid::new_v4().to_string(),
             investor_account_id: investors[rng.random_range(0..investors.len())].clone(),
-            fund_account_id: fund_account.to_owned(),
+            fund_account_id: fund_accounts[rng.random_range(0..fund_accounts.len())].clone(),
             amount_minor: rng.random_range(1_00..=1_000_00),
             currency: "EUR".to_owned(),
             requested_at: now_ms,
@@ -644,6 +658,14 @@ impl Children {
                 peak_rss_mib: rss,
             })
             .collect();
+        if let Some((cpu, rss)) = proc_usage(std::process::id()) {
+            usage.push(ProcessUsage {
+                name: "bench (load generator and status follower)".to_owned(),
+                cpu_seconds: cpu,
+                cpu_share_of_run: cpu / wall,
+                peak_rss_mib: rss,
+            });
+        }
         for (name, after) in outside_after {
             let before = self.outside_before.get(&name).copied().unwrap_or(0.0);
             usage.push(ProcessUsage {
@@ -836,4 +858,24 @@ fn plot(result: &BenchResult) -> String {
             Panel { title: "consumer lag per stage", unit: "messages", series: lag },
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let p = Percentiles::of((1..=100).map(f64::from).collect());
+        assert_eq!((p.p50, p.p95, p.p99, p.max, p.count), (50.0, 95.0, 99.0, 100.0, 100));
+        let one = Percentiles::of(vec![7.0]);
+        assert_eq!((one.p50, one.p99, one.max), (7.0, 7.0, 7.0));
+        assert_eq!(Percentiles::of(Vec::new()).count, 0);
+    }
+
+    #[test]
+    fn reads_cpu_time_of_a_process() {
+        let (cpu, rss) = proc_usage(std::process::id()).expect("this process is in /proc");
+        assert!(cpu >= 0.0 && rss > 0.0);
+    }
 }
