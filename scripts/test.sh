@@ -2,8 +2,9 @@
 # The whole test suite, on a fresh machine or a warm one:
 # starts Postgres if it is not running, builds and starts the standalone
 # broker (tansu) if needed, runs every test against real Postgres, the
-# in-process Kafka cluster and the standalone broker, then stops the broker,
-# then fuzzes the decoders and the request rules for a short while.
+# in-process Kafka cluster and the standalone broker, runs the Python client
+# examples against the pipeline, then stops the broker, then fuzzes the
+# decoders and the request rules for a short while.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,12 @@ psql -qAt -h 127.0.0.1 -U postgres -d postgres \
   while read -r database; do dropdb -h 127.0.0.1 -U postgres --if-exists "$database" || true; done
 
 cargo nextest run --workspace --no-fail-fast "$@"
+
+# Clients that are not ours: the Python examples publish requests and follow
+# their status against the pipeline (skipped when a test filter was given).
+if [[ $# -eq 0 ]]; then
+    scripts/examples.sh
+fi
 
 # A short fuzzing run of the decoders and the request rules (the suite's
 # own proptests cover the same ground in a different way); skipped when a

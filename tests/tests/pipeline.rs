@@ -676,3 +676,51 @@ async fn pruned_outbox_and_inbox_leave_nothing_to_apply_twice() -> Result<()> {
     ensure!(dead_letters.len() == 1, "the poison message was dead-lettered {} times", dead_letters.len());
     kit.assert_books_balance().await
 }
+
+/// Partitions proceed side by side: while one transfer's withdrawal keeps
+/// failing transiently (its bank is down) and is retried in place, holding
+/// its partition, the transfers on every other partition complete. Those
+/// behind it on its own partition wait (that is per-transfer order), and
+/// everything completes once the bank is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_partition_does_not_hold_up_the_others() -> Result<()> {
+    use bridge_testkit::UnavailableForOneAccount;
+    let kit = TestKit::start_with(BrokerKind::InProcess, |config| {
+        config.topic_partitions = 4;
+        config.retry_backoff_max_ms = 200;
+    })
+    .await?;
+    kit.seed_investor("stuck", 10_000_00).await?;
+    kit.seed_investor("free", 100_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let (services, bank) = UnavailableForOneAccount::services(kit.pool.clone(), "stuck");
+    let pipeline = kit.spawn_with_services(&Part::all(), services);
+    let stuck = kit.publish(&kit.request("stuck", &fund_account, 1_000_00)).await?;
+    let mut others = Vec::new();
+    for amount in 1..=16 {
+        others.push(kit.publish(&kit.request("free", &fund_account, amount * 100_00)).await?);
+    }
+    // Which partition of the withdrawal stage's topic each transfer is on.
+    let validated = wait_for_messages(&kit, &kit.topics().validated(), 17).await?;
+    let partition_of = |id: Uuid| {
+        validated.iter().find(|m| m.key.as_deref() == Some(id.to_string().as_bytes())).map(|m| m.partition)
+    };
+    let held = partition_of(stuck).context("the stuck transfer was validated")?;
+    let (behind, free): (Vec<Uuid>, Vec<Uuid>) = others.iter().partition(|id| partition_of(**id) == Some(held));
+    ensure!(!free.is_empty(), "every transfer landed on one partition; the test needs others");
+    kit.wait_terminal(&free, SETTLE).await?;
+    ensure!(kit.transfer(stuck).await?.state == TransferState::Validated, "the stuck withdrawal went through");
+    for id in &free {
+        ensure!(kit.transfer(*id).await?.state == TransferState::Completed);
+    }
+    bank.set_down(false);
+    let mut all = others.clone();
+    all.push(stuck);
+    kit.wait_terminal(&all, SETTLE).await?;
+    pipeline.stop().await?;
+    for id in &all {
+        ensure!(kit.transfer(*id).await?.state == TransferState::Completed);
+    }
+    eprintln!("{} transfers on other partitions completed while one was stuck; {} waited behind it", free.len(), behind.len());
+    kit.assert_books_balance().await
+}

@@ -96,6 +96,8 @@ pub struct PipelineConfig {
     pub topic_replication: i32,
     /// Consumer session timeout. Low values detect dead consumers sooner.
     pub session_timeout_ms: u32,
+    /// Longest a consumer's fetch waits at the broker for new data.
+    pub fetch_wait_max_ms: u32,
     /// Outbox rows the relay claims and publishes per database transaction.
     pub relay_batch_size_max: i64,
     /// How long the relay sleeps without a notification before polling.
@@ -145,6 +147,7 @@ impl PipelineConfig {
             topic_partitions: 6,
             topic_replication: 1,
             session_timeout_ms: 10_000,
+            fetch_wait_max_ms: 20,
             relay_batch_size_max: 500,
             relay_poll_interval_ms: 500,
             producer_message_timeout_ms: 30_000,

@@ -48,7 +48,13 @@ pub fn consumer(config: &PipelineConfig, group_id: &str) -> Result<StreamConsume
         // but in-flight transactional messages of other writers must not be
         // read.
         .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // How long a fetch may wait at the broker for data. Kafka answers a
+        // waiting fetch as soon as data arrives, so this only bounds idle
+        // polling; some Kafka-protocol brokers (tansu 0.6) hold every fetch
+        // for the full time instead, which at librdkafka's default of 500 ms
+        // added half a second to each hop of a transfer.
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string());
     apply_overrides(&mut client, config);
     client.create().context("Failed to create Kafka consumer")
 }

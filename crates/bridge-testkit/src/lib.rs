@@ -610,6 +610,49 @@ impl FundAccountService for LosingFirstReplies {
     }
 }
 
+/// The simulator, except that the investor's bank is unavailable for one
+/// account while `down` is set: every withdrawal from it fails as a
+/// transient error (the stage retries it in place), everyone else's goes
+/// through.
+pub struct UnavailableForOneAccount {
+    inner: Arc<InProcessServices>,
+    account: String,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl UnavailableForOneAccount {
+    pub fn services(pool: PgPool, account: &str) -> (Services, Arc<Self>) {
+        let services = Arc::new(Self {
+            inner: Arc::new(InProcessServices::new(pool)),
+            account: account.to_owned(),
+            down: std::sync::atomic::AtomicBool::new(true),
+        });
+        (Services { investor: services.clone(), fund: services.inner.clone() }, services)
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl InvestorAccountService for UnavailableForOneAccount {
+    async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        if movement.account_id == self.account && self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ServiceError::Unavailable(format!("bank of {} is down", self.account)));
+        }
+        self.inner.withdraw(movement).await
+    }
+
+    async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.inner.refund(movement).await
+    }
+
+    async fn cancel_withdrawal(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.inner.cancel_withdrawal(movement).await
+    }
+}
+
 /// The account-service simulator served over HTTP from the test process.
 pub struct RunningSimulator {
     pub url: String,

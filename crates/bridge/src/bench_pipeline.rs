@@ -380,7 +380,8 @@ async fn seed(
             .await?;
         fund_accounts.push(account_id);
     }
-    let balance = (transfers as i64 / investors as i64 + 2) * 1_000_00;
+    // Ten times what the average investor spends, so none runs out.
+    let balance = (transfers as i64 / investors as i64 + 2) * 10 * 1_000_00;
     let mut ids = Vec::with_capacity(investors);
     for index in 0..investors {
         let id = format!("bench-inv-{index:06}");

@@ -67,6 +67,11 @@ pub struct Common {
     /// Postgres connections per process.
     #[arg(long, env = "BRIDGE_DB_CONNECTIONS_MAX", default_value_t = 16, global = true)]
     pub db_connections_max: u32,
+    /// Longest a consumer's fetch waits at the broker for new data (bounds
+    /// each hop's latency on brokers that do not answer a waiting fetch
+    /// early).
+    #[arg(long, env = "BRIDGE_FETCH_WAIT_MAX_MS", default_value_t = 20, global = true)]
+    pub fetch_wait_max_ms: u32,
     /// How long published outbox rows are kept before they are pruned.
     #[arg(long, env = "BRIDGE_OUTBOX_RETENTION_MS", default_value_t = 3_600_000, global = true)]
     pub outbox_retention_ms: u64,
@@ -85,6 +90,7 @@ impl Common {
         config.kafka_overrides = self.kafka_options.clone();
         config.session_timeout_ms = self.session_timeout_ms;
         config.outbox_retention_ms = self.outbox_retention_ms;
+        config.fetch_wait_max_ms = self.fetch_wait_max_ms;
         config.inbox_retention_ms = self.inbox_retention_ms;
         config
     }

@@ -22,7 +22,7 @@ const WIDTH: f64 = 900.0;
 const PANEL_HEIGHT: f64 = 260.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 160.0;
-const TOP: f64 = 40.0;
+const TOP: f64 = 60.0;
 const BOTTOM: f64 = 40.0;
 
 pub fn svg(title: &str, panels: &[Panel<'_>]) -> String {

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs the Python examples (examples/python) against a running pipeline, to
+# show that a client that is not ours, knowing only schemas/ and the topic
+# conventions, can publish requests and follow their status.
+#
+# Needs Postgres and the standalone broker up (scripts/test.sh starts both)
+# and a built `bridge` binary ($BRIDGE_BIN, default target/debug/bridge).
+# The Python packages go into a virtualenv in the tools cache, once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tools=${BRIDGE_TOOLS_DIR:-$HOME/.cache/bridge-tools}
+venv=$tools/examples-venv
+requirements=examples/python/requirements.txt
+if ! cmp -s "$requirements" "$venv/requirements.txt" 2>/dev/null; then
+  echo "Installing the examples' Python packages into $venv" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q -r "$requirements"
+  cp "$requirements" "$venv/requirements.txt"
+fi
+
+bridge=${BRIDGE_BIN:-target/debug/bridge}
+brokers=${KAFKA_BROKERS:-127.0.0.1:${BRIDGE_TANSU_PORT:-19092}}
+server=${BRIDGE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+run=$(python3 -c 'import uuid; print(uuid.uuid4().hex[:10])')
+database_url="${server%/*}/bridge_examples_$run"
+prefix="ex$run."
+work=$(mktemp -d)
+pipeline_pid=
+cleanup() {
+  if [ -n "$pipeline_pid" ]; then kill "$pipeline_pid" 2>/dev/null || true; wait "$pipeline_pid" 2>/dev/null || true; fi
+  dropdb -h 127.0.0.1 -U postgres --if-exists "bridge_examples_$run" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+export DATABASE_URL=$database_url KAFKA_BROKERS=$brokers BRIDGE_TOPIC_PREFIX=$prefix BRIDGE_GROUP_PREFIX=$prefix
+"$bridge" migrate >/dev/null
+"$bridge" seed --namespace ex --investors 20 >/dev/null
+RUST_LOG=warn "$bridge" run --simulated-services --stage validator --stage withdrawal --stage deposit \
+  --stage completion --relay >"$work/pipeline.log" 2>&1 &
+pipeline_pid=$!
+
+cd examples/python
+"$venv/bin/python" producer.py --brokers "$brokers" --topic-prefix "$prefix" \
+  --investor ex-inv-00001 --investor ex-inv-00002 --investor ex-inv-00003 \
+  --fund-account ex-fa-growth --count 12 >"$work/ids.txt"
+echo "Python producer published $(wc -l <"$work/ids.txt") transfer requests" >&2
+if ! "$venv/bin/python" status_consumer.py --brokers "$brokers" --topic-prefix "$prefix" \
+  --group "${prefix}python-example" --wait-for "$work/ids.txt" --timeout 180 >"$work/events.jsonl"; then
+  echo "The Python status consumer did not see every transfer finish; pipeline log:" >&2
+  tail -50 "$work/pipeline.log" >&2
+  exit 1
+fi
+echo "Python status consumer decoded $(wc -l <"$work/events.jsonl") status events" >&2
