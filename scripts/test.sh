@@ -28,6 +28,8 @@ cargo nextest run --workspace --no-fail-fast "$@"
 # their status against the pipeline (skipped when a test filter was given).
 if [[ $# -eq 0 ]]; then
     scripts/examples.sh
+    # docker-compose.yml and deploy/ against their schemas (no engine needed).
+    scripts/validate-deploy.sh
 fi
 
 # A short fuzzing run of the decoders and the request rules (the suite's

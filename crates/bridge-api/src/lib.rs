@@ -147,6 +147,15 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .with_state(state)
 }
 
+/// Liveness and readiness alone, for processes that do not serve the API
+/// (stages, relay, notifier), so an orchestrator can probe them the same way.
+pub fn health_router(ctx: Arc<StageContext>) -> Router {
+    let config = ApiConfig::default();
+    let limiter = auth::rate_limiter(config.rate_per_second, config.rate_burst);
+    let state = AppState { ctx, config: Arc::new(config), counters: Arc::default(), limiter };
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(ready)).with_state(state)
+}
+
 /// Every error leaves as `application/problem+json`, including the ones
 /// axum produces itself (malformed JSON or path, unknown route, wrong
 /// method), and none carries internal detail.

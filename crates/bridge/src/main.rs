@@ -72,6 +72,10 @@ pub struct Common {
     /// early).
     #[arg(long, env = "BRIDGE_FETCH_WAIT_MAX_MS", default_value_t = 20, global = true)]
     pub fetch_wait_max_ms: u32,
+    /// Address for `/healthz` and `/readyz` alone (for orchestrator probes of
+    /// processes that do not serve the API).
+    #[arg(long, env = "BRIDGE_HEALTH_LISTEN", global = true)]
+    pub health_listen: Option<String>,
     /// How long published outbox rows are kept before they are pruned.
     #[arg(long, env = "BRIDGE_OUTBOX_RETENTION_MS", default_value_t = 3_600_000, global = true)]
     pub outbox_retention_ms: u64,
@@ -93,6 +97,17 @@ impl Common {
         config.fetch_wait_max_ms = self.fetch_wait_max_ms;
         config.inbox_retention_ms = self.inbox_retention_ms;
         config
+    }
+
+    /// Serves the health endpoints when `--health-listen` is given.
+    pub async fn serve_health(&self, pipeline: &Pipeline, shutdown: CancellationToken) -> Result<()> {
+        let Some(address) = &self.health_listen else { return Ok(()) };
+        let listener =
+            tokio::net::TcpListener::bind(address).await.with_context(|| format!("Failed to listen on {address}"))?;
+        tracing::info!(address = %listener.local_addr()?, "Health endpoints listening");
+        let router = bridge_api::health_router(pipeline.context().clone());
+        tokio::spawn(bridge_api::serve(listener, router, shutdown));
+        Ok(())
     }
 
     pub fn pool_settings(&self) -> PoolSettings {
@@ -562,6 +577,7 @@ async fn main() -> Result<()> {
             let pipeline = Pipeline::new(pool, config, services);
             let shutdown = shutdown_on_signal();
             let api = args.api.serve(&pipeline, shutdown.clone()).await?;
+            args.common.serve_health(&pipeline, shutdown.clone()).await?;
             let notifier = match notify {
                 true => {
                     let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), args.notifier.config()?)?;

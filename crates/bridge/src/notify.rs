@@ -155,7 +155,9 @@ pub async fn run(mut args: NotifyArgs) -> Result<()> {
             bridge_pipeline::kafka::ensure_topics(&config).await?;
             let pipeline = Pipeline::new(pool, config, Services::none());
             let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), args.notifier.config()?)?;
-            notifier.run(crate::shutdown_on_signal()).await?;
+            let shutdown = crate::shutdown_on_signal();
+            args.common.serve_health(&pipeline, shutdown.clone()).await?;
+            notifier.run(shutdown).await?;
         }
         NotifyAction::Subscribe { kind, id, channel, target, states } => {
             if !["investor", "fund", "operator"].contains(&kind.as_str()) {
