@@ -62,7 +62,7 @@ def main() -> int:
             if event["event_id"] in seen_events:
                 continue
             seen_events.add(event["event_id"])
-            print(json.dumps(event), flush=True)
+            print(json.dumps(event, default=str), flush=True)
             if event["state"] in END_STATES:
                 finished[event["transfer_id"]] = event["state"]
             if waiting and waiting <= finished.keys():

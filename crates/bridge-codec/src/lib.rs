@@ -88,9 +88,55 @@ struct Registry {
     newest: HashMap<&'static str, ([u8; 8], Schema)>,
 }
 
+/// The CRC-64-AVRO fingerprint of the schema's Parsing Canonical Form as the
+/// Avro specification defines it, which is what every other Avro library
+/// (Java's SchemaNormalization, fastavro, ...) computes.
 fn fingerprint(schema: &Schema) -> [u8; 8] {
-    let bytes = schema.fingerprint::<Rabin>().bytes;
-    bytes.try_into().expect("Rabin fingerprints are 8 bytes")
+    rabin(&canonical_form(schema))
+}
+
+/// The fingerprint apache-avro computes itself. Records written before the
+/// codec followed the specification carry it, so it stays readable.
+fn legacy_fingerprint(schema: &Schema) -> [u8; 8] {
+    rabin(&schema.canonical_form())
+}
+
+fn rabin(text: &str) -> [u8; 8] {
+    use digest::Digest;
+    let mut digest = Rabin::new();
+    digest.update(text.as_bytes());
+    digest.finalize().as_slice().try_into().expect("Rabin fingerprints are 8 bytes")
+}
+
+/// The specification's Parsing Canonical Form. apache-avro 0.21 strips
+/// `logicalType` but then leaves the primitive it annotated as an object:
+/// `{"type":"long"}` where the specification's [PRIMITIVE] rule gives
+/// `"long"`, so its fingerprint of any schema with a logical type differs
+/// from everyone else's. In canonical form a one-member object naming a
+/// type can only come from that, so it is reduced here.
+pub fn canonical_form(schema: &Schema) -> String {
+    let text = schema.canonical_form();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    const OPEN: &str = "{\"type\":\"";
+    while let Some(start) = rest.find(OPEN) {
+        let after = &rest[start + OPEN.len()..];
+        match after.find('"') {
+            Some(end) if after[end..].starts_with("\"}") && !after[..end].contains(['{', ',', ':']) => {
+                out.push_str(&rest[..start]);
+                out.push('"');
+                out.push_str(&after[..end]);
+                out.push('"');
+                rest = &after[end + 2..];
+            }
+            _ => {
+                out.push_str(&rest[..start + OPEN.len()]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn registry() -> &'static Registry {
@@ -109,6 +155,7 @@ fn registry() -> &'static Registry {
                 if index == 0 {
                     newest.insert(*name, (print, schema.clone()));
                 }
+                by_fingerprint.insert(legacy_fingerprint(&schema), (*name, schema.clone()));
                 by_fingerprint.insert(print, (*name, schema));
             }
         }

@@ -56,8 +56,29 @@ fn reference_fingerprint(canonical: &str) -> [u8; 8] {
 fn payload_starts_with_marker_and_specification_fingerprint() {
     let bytes = encode(&request()).unwrap();
     assert_eq!(&bytes[..2], &[0xC3, 0x01]);
-    let canonical = schema_of::<TransferRequested>().canonical_form();
+    let canonical = canonical_form(schema_of::<TransferRequested>());
+    // The specification's [PRIMITIVE] rule: a logical type's annotation is
+    // stripped and what remains is the bare primitive name.
+    assert!(canonical.contains(r#"{"name":"requested_at","type":"long"}"#), "{canonical}");
     assert_eq!(bytes[2..10], reference_fingerprint(&canonical));
+    // What another implementation computes from the same file: fastavro's
+    // CRC-64-AVRO fingerprint of schemas/transfer_requested.avsc.
+    assert_eq!(hex(&bytes[2..10]), "5690d5477086cb6a");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Records written before the fingerprint followed the specification carry
+/// apache-avro's own; they still decode.
+#[test]
+fn records_with_the_earlier_fingerprint_still_decode() {
+    let mut bytes = encode(&request()).unwrap();
+    let legacy = legacy_fingerprint(schema_of::<TransferRequested>());
+    assert_ne!(bytes[2..10], legacy, "the two fingerprints differ for a schema with a logical type");
+    bytes[2..10].copy_from_slice(&legacy);
+    assert_eq!(decode::<TransferRequested>(&bytes).unwrap(), request());
 }
 
 #[test]
