@@ -4,7 +4,8 @@
 # conventions, can publish requests and follow their status.
 #
 # Needs Postgres and the standalone broker up (scripts/test.sh starts both)
-# and a built `bridge` binary ($BRIDGE_BIN, default target/debug/bridge).
+# and a built `bridge` binary ($BRIDGE_BIN, default the debug build the test
+# run made, in $CARGO_TARGET_DIR or target/).
 # The Python packages go into a virtualenv in the tools cache, once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ if ! cmp -s "$requirements" "$venv/requirements.txt" 2>/dev/null; then
   cp "$requirements" "$venv/requirements.txt"
 fi
 
-bridge=${BRIDGE_BIN:-target/debug/bridge}
+bridge=${BRIDGE_BIN:-${CARGO_TARGET_DIR:-target}/debug/bridge}
 brokers=${KAFKA_BROKERS:-127.0.0.1:${BRIDGE_TANSU_PORT:-19092}}
 server=${BRIDGE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 run=$(python3 -c 'import uuid; print(uuid.uuid4().hex[:10])')

@@ -251,56 +251,53 @@ struct Lane {
 
 impl Lane {
     async fn run(self, mut receiver: tokio::sync::mpsc::Receiver<Inbound>) {
-        let name = self.name;
+        use tracing::Instrument;
         while let Some(inbound) = receiver.recv().await {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            let mut backoff = Backoff::new(self.backoff_max_ms);
-            loop {
-                match (self.handler)(&inbound).await {
-                    Ok(outcome) => {
-                        tracing::debug!(
-                            stage = name,
-                            partition = inbound.partition,
-                            offset = inbound.offset,
-                            outcome = ?outcome,
-                            "Message processed"
-                        );
-                        break;
-                    }
-                    Err(error) => {
-                        tracing::warn!(
-                            stage = name,
-                            partition = inbound.partition,
-                            offset = inbound.offset,
-                            error = %error,
-                            "Transient failure; retrying the message"
-                        );
-                        let delay = backoff.next_delay();
-                        tokio::select! {
-                            // Leave without storing the offset: the message
-                            // will be delivered again to whoever owns the
-                            // partition.
-                            _ = self.shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(delay) => {}
-                        }
+            let span = message_span(self.name, &inbound);
+            if !self.process(&inbound).instrument(span).await {
+                return;
+            }
+        }
+    }
+
+    /// Processes one message until it is done (then stores its offset) or
+    /// shutdown interrupts the retries. Returns false on shutdown.
+    async fn process(&self, inbound: &Inbound) -> bool {
+        let name = self.name;
+        let mut backoff = Backoff::new(self.backoff_max_ms);
+        loop {
+            match (self.handler)(inbound).await {
+                Ok(outcome) => {
+                    tracing::debug!(outcome = ?outcome, "Message processed");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "Transient failure; retrying the message");
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        // Leave without storing the offset: the message will
+                        // be delivered again to whoever owns the partition.
+                        _ = self.shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }
-            if crate::failpoint::any() {
-                crate::failpoint::hit(&format!("{name}.after_commit"));
-            }
-            // Only now, with the transaction committed, may the offset move.
-            if let Err(error) = self.consumer.store_offset(&inbound.topic, inbound.partition, inbound.offset) {
-                // The partition was revoked while we processed the message (a
-                // rebalance, or we exceeded max.poll.interval.ms while
-                // retrying). Its new owner will receive the message again and
-                // the inbox absorbs the repeat, so this is not a reason to
-                // stop.
-                tracing::warn!(stage = name, partition = inbound.partition, offset = inbound.offset, error = %error, "Could not store offset; the partition's next owner will see the message again");
-            }
         }
+        if crate::failpoint::any() {
+            crate::failpoint::hit(&format!("{name}.after_commit"));
+        }
+        // Only now, with the transaction committed, may the offset move.
+        if let Err(error) = self.consumer.store_offset(&inbound.topic, inbound.partition, inbound.offset) {
+            // The partition was revoked while we processed the message (a
+            // rebalance, or we exceeded max.poll.interval.ms while retrying).
+            // Its new owner will receive the message again and the inbox
+            // absorbs the repeat, so this is not a reason to stop.
+            tracing::warn!(error = %error, "Could not store offset; the partition's next owner will see the message again");
+        }
+        true
     }
 }
 
@@ -311,6 +308,22 @@ fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer, name: &str) -> R
     }
     tracing::info!(stage = name, "Consumer stopped");
     Ok(())
+}
+
+/// The span every log line about one message carries: where it came from,
+/// the transfer (our keys are transfer ids) and the trace it belongs to.
+fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::Span {
+    let transfer_id = inbound.key.as_deref().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or("");
+    let trace_id = inbound.header("traceparent").and_then(|value| value.split('-').nth(1)).unwrap_or("");
+    tracing::info_span!(
+        "message",
+        stage,
+        topic = %inbound.topic,
+        partition = inbound.partition,
+        offset = inbound.offset,
+        transfer_id,
+        trace_id
+    )
 }
 
 /// How long a claim lasts before another runner may take the step over. A

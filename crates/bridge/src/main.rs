@@ -494,10 +494,24 @@ struct ReconcileArgs {
     common: Common,
 }
 
+/// Logs to stderr, filtered by `RUST_LOG`. `BRIDGE_LOG_FORMAT=json` writes
+/// one JSON object per line for log pipelines; lines logged while a message
+/// is processed carry its `span`: stage, topic, partition, offset,
+/// `transfer_id` and `trace_id`.
 fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let format = std::env::var("BRIDGE_LOG_FORMAT").unwrap_or_default();
+    match format.as_str() {
+        "json" => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+        _ => {
+            builder.init();
+            if !format.is_empty() && format != "text" {
+                tracing::warn!(format = %format, "Unknown BRIDGE_LOG_FORMAT; logging as text (json or text)");
+            }
+        }
+    }
 }
 
 /// Cancelled on SIGTERM or Ctrl-C.

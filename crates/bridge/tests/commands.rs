@@ -725,3 +725,49 @@ async fn a_zombie_consumer_resuming_after_a_rebalance_applies_nothing_twice() ->
     ensure!(withdrawals == 5, "{withdrawals} withdrawals at the bank");
     kit.assert_books_balance().await
 }
+
+/// `BRIDGE_LOG_FORMAT=json`: every line a process writes is one JSON object,
+/// and the lines logged while a message is processed name its transfer and
+/// the trace the upstream system started, so a log pipeline can follow one
+/// transfer across processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_the_transfer_and_the_trace() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::Standalone).await?;
+    kit.seed_investor("jo", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let env = kit_env(&kit, &[("BRIDGE_LOG_FORMAT", "json"), ("RUST_LOG", "info,bridge_pipeline=debug")]);
+    let child = Command::new(BRIDGE)
+        .args(["run", "--stage", "validator"])
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let id = kit.publish(&kit.request("jo", &fund_account, 1_000_00)).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !matches!(kit.transfer(id).await, Ok(t) if t.state == bridge_domain::TransferState::Validated) {
+        ensure!(std::time::Instant::now() < deadline, "never validated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+    ensure!(output.status.success());
+    let request = kit.read_topic(&kit.topics().requested()).await?;
+    let traceparent = request[0].header("traceparent").context("the request carries a traceparent")?;
+    let trace_id = traceparent.split('-').nth(1).context("traceparent has a trace id")?;
+
+    let text = String::from_utf8(output.stderr)?;
+    let mut about_the_message = 0;
+    for line in text.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("a log line is not JSON: {line}"))?;
+        ensure!(value["level"].is_string() && value["timestamp"].is_string(), "{line}");
+        if value["message"] == "Message processed" {
+            ensure!(value["span"]["transfer_id"] == id.to_string().as_str(), "{line}");
+            ensure!(value["span"]["trace_id"] == trace_id, "{line}");
+            ensure!(value["span"]["stage"] == "validator", "{line}");
+            about_the_message += 1;
+        }
+    }
+    ensure!(about_the_message == 1, "{about_the_message} lines about the message in:\n{text}");
+    Ok(())
+}
