@@ -147,13 +147,25 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .with_state(state)
 }
 
-/// Liveness and readiness alone, for processes that do not serve the API
-/// (stages, relay, notifier), so an orchestrator can probe them the same way.
+/// Liveness, readiness and the process's metrics, for processes that do not
+/// serve the API (stages, relay, notifier), so an orchestrator can probe and
+/// scrape them the same way.
 pub fn health_router(ctx: Arc<StageContext>) -> Router {
     let config = ApiConfig::default();
     let limiter = auth::rate_limiter(config.rate_per_second, config.rate_burst);
     let state = AppState { ctx, config: Arc::new(config), counters: Arc::default(), limiter };
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(ready)).with_state(state)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(ready))
+        // The process's own metrics, without credentials: this listener is
+        // for the orchestrator and the scraper, not for clients.
+        .route(
+            "/metrics",
+            get(|| async {
+                ([("content-type", "text/plain; version=0.0.4")], bridge_pipeline::metrics::render())
+            }),
+        )
+        .with_state(state)
 }
 
 /// Every error leaves as `application/problem+json`, including the ones

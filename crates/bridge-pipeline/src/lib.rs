@@ -23,6 +23,7 @@ pub mod fund_terms;
 pub mod http_services;
 pub mod kafka;
 pub mod message;
+pub mod metrics;
 pub mod reader;
 pub mod relay;
 pub mod runner;

@@ -241,6 +241,7 @@ pub async fn publish_batch(ctx: &StageContext, producer: &FutureProducer) -> Res
         crate::failpoint::hit("relay.after_produce");
     }
     outbox::mark_published(&mut tx, &published).await?;
+    crate::metrics::relay_batch(published.len(), failed.len());
     if let Some((_, error)) = failed.first() {
         tracing::warn!(failed = failed.len(), error = %error, "Some outbox rows were not acknowledged; they will be retried");
         let ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();

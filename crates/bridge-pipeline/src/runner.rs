@@ -267,15 +267,18 @@ impl Lane {
     /// shutdown interrupts the retries. Returns false on shutdown.
     async fn process(&self, inbound: &Inbound) -> bool {
         let name = self.name;
+        let started = std::time::Instant::now();
         let mut backoff = Backoff::new(self.backoff_max_ms);
         loop {
             match (self.handler)(inbound).await {
                 Ok(outcome) => {
                     tracing::debug!(outcome = ?outcome, "Message processed");
+                    crate::metrics::message_finished(name, outcome.as_label(), started.elapsed());
                     break;
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "Transient failure; retrying the message");
+                    crate::metrics::message_retried(name);
                     let delay = backoff.next_delay();
                     tokio::select! {
                         // Leave without storing the offset: the message will

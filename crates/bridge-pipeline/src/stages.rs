@@ -37,6 +37,18 @@ pub enum Outcome {
     Deferred,
 }
 
+impl Outcome {
+    /// The outcome's name on metrics.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::DeadLettered => "dead_lettered",
+            Self::Deferred => "deferred",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     /// Another transaction changed a row we read. Retry the attempt at once.

@@ -729,13 +729,22 @@ async fn a_zombie_consumer_resuming_after_a_rebalance_applies_nothing_twice() ->
 /// `BRIDGE_LOG_FORMAT=json`: every line a process writes is one JSON object,
 /// and the lines logged while a message is processed name its transfer and
 /// the trace the upstream system started, so a log pipeline can follow one
-/// transfer across processes.
+/// transfer across processes. The same process answers probes and serves
+/// its metrics on `--health-listen`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_name_the_transfer_and_the_trace() -> Result<()> {
+async fn a_stage_process_logs_json_and_serves_its_metrics() -> Result<()> {
     let kit = TestKit::start(BrokerKind::Standalone).await?;
     kit.seed_investor("jo", 10_000_00).await?;
     let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
-    let env = kit_env(&kit, &[("BRIDGE_LOG_FORMAT", "json"), ("RUST_LOG", "info,bridge_pipeline=debug")]);
+    let health = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+    let env = kit_env(
+        &kit,
+        &[
+            ("BRIDGE_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,bridge_pipeline=debug"),
+            ("BRIDGE_HEALTH_LISTEN", health.as_str()),
+        ],
+    );
     let child = Command::new(BRIDGE)
         .args(["run", "--stage", "validator"])
         .envs(env.iter().cloned())
@@ -748,9 +757,18 @@ async fn json_logs_name_the_transfer_and_the_trace() -> Result<()> {
         ensure!(std::time::Instant::now() < deadline, "never validated");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let client = reqwest::Client::new();
+    ensure!(client.get(format!("http://{health}/readyz")).send().await?.status().is_success());
+    let metrics = client.get(format!("http://{health}/metrics")).send().await?.text().await?;
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
     let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
     ensure!(output.status.success());
+    for expected in [
+        r#"bridge_messages_total{consumer="validator",outcome="applied"} 1"#,
+        r#"bridge_message_duration_seconds_count{consumer="validator"} 1"#,
+    ] {
+        ensure!(metrics.contains(expected), "{expected} not in:\n{metrics}");
+    }
     let request = kit.read_topic(&kit.topics().requested()).await?;
     let traceparent = request[0].header("traceparent").context("the request carries a traceparent")?;
     let trace_id = traceparent.split('-').nth(1).context("traceparent has a trace id")?;
