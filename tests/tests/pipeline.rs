@@ -671,7 +671,10 @@ async fn pruned_outbox_and_inbox_leave_nothing_to_apply_twice() -> Result<()> {
     kit.wait_outbox_drained(SETTLE).await?;
     again.stop().await?;
     let (ledger_after, versions_after, _, bank_after) = kit.effect_counts().await?;
-    ensure!((ledger, versions, bank) == (ledger_after, versions_after, bank_after), "redelivery after pruning changed the books");
+    ensure!(
+        (ledger, versions, bank) == (ledger_after, versions_after, bank_after),
+        "redelivery after pruning changed the books"
+    );
     let dead_letters = kit.read_topic(&Topics::dead_letter(&kit.topics().requested())).await?;
     ensure!(dead_letters.len() == 1, "the poison message was dead-lettered {} times", dead_letters.len());
     kit.assert_books_balance().await
@@ -702,9 +705,8 @@ async fn a_stuck_partition_does_not_hold_up_the_others() -> Result<()> {
     }
     // Which partition of the withdrawal stage's topic each transfer is on.
     let validated = wait_for_messages(&kit, &kit.topics().validated(), 17).await?;
-    let partition_of = |id: Uuid| {
-        validated.iter().find(|m| m.key.as_deref() == Some(id.to_string().as_bytes())).map(|m| m.partition)
-    };
+    let partition_of =
+        |id: Uuid| validated.iter().find(|m| m.key.as_deref() == Some(id.to_string().as_bytes())).map(|m| m.partition);
     let held = partition_of(stuck).context("the stuck transfer was validated")?;
     let (behind, free): (Vec<Uuid>, Vec<Uuid>) = others.iter().partition(|id| partition_of(**id) == Some(held));
     ensure!(!free.is_empty(), "every transfer landed on one partition; the test needs others");
@@ -721,6 +723,10 @@ async fn a_stuck_partition_does_not_hold_up_the_others() -> Result<()> {
     for id in &all {
         ensure!(kit.transfer(*id).await?.state == TransferState::Completed);
     }
-    eprintln!("{} transfers on other partitions completed while one was stuck; {} waited behind it", free.len(), behind.len());
+    eprintln!(
+        "{} transfers on other partitions completed while one was stuck; {} waited behind it",
+        free.len(),
+        behind.len()
+    );
     kit.assert_books_balance().await
 }

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
 
-use bridge_codec::{Event, FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated};
+use bridge_codec::{
+    Event, FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated,
+};
 
 fn schemas_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
@@ -134,9 +136,10 @@ fn breaking_changes_are_caught() {
     // A compatible change (a new optional field with a default) passes the
     // compatibility rule; only the release rule asks for v2.
     let mut json: serde_json::Value = serde_json::from_str(&text).expect("json");
-    json["fields"].as_array_mut().expect("fields").push(
-        serde_json::json!({"name": "channel", "type": ["null", "string"], "default": null}),
-    );
+    json["fields"]
+        .as_array_mut()
+        .expect("fields")
+        .push(serde_json::json!({"name": "channel", "type": ["null", "string"], "default": null}));
     let compatible = Schema::parse_str(&json.to_string()).expect("parses");
     let problems = violations("transfer_requested", &compatible, TransferRequested::SCHEMA_VERSIONS);
     assert_eq!(problems.len(), 1, "{problems:?}");

@@ -286,7 +286,11 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
         last_done = done;
         last_sample = now;
         progress.set_position(done as u64);
-        progress.set_message(format!("{:.0}/s, p99 {:.0} ms", samples.last().map_or(0.0, |s| s.completed_per_sec), window.p99));
+        progress.set_message(format!(
+            "{:.0}/s, p99 {:.0} ms",
+            samples.last().map_or(0.0, |s| s.completed_per_sec),
+            window.p99
+        ));
         if done == ids.len() {
             break;
         }
@@ -355,7 +359,11 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
         completed_per_sec: ids.len() as f64 / elapsed.as_secs_f64(),
         outcomes,
         end_to_end_ms: Percentiles::of(end_to_end),
-        stage_ms: stage_names.iter().zip(per_stage).map(|((name, _, _), values)| ((*name).to_owned(), Percentiles::of(values))).collect(),
+        stage_ms: stage_names
+            .iter()
+            .zip(per_stage)
+            .map(|((name, _, _), values)| ((*name).to_owned(), Percentiles::of(values)))
+            .collect(),
         db_transactions_per_transfer: xacts as f64 / ids.len() as f64,
         lag_max,
         processes,
@@ -494,7 +502,10 @@ fn now_ms() -> i64 {
 
 /// Reads the status topic from the start and records every transfer's
 /// states; a terminal state (or manual review) ends its track.
-fn follow_status(config: &PipelineConfig, tracks: Arc<Mutex<HashMap<Uuid, Track>>>) -> Result<tokio::task::JoinHandle<()>> {
+fn follow_status(
+    config: &PipelineConfig,
+    tracks: Arc<Mutex<HashMap<Uuid, Track>>>,
+) -> Result<tokio::task::JoinHandle<()>> {
     let consumer = kafka::consumer(config, &format!("{}bench-follower-{}", config.group_prefix, Uuid::new_v4()))?;
     consumer.subscribe(&[&config.topics.status()])?;
     Ok(tokio::spawn(async move {
@@ -775,7 +786,8 @@ async fn pgbench(server_base: &str, seconds: u32) -> Result<Vec<PgbenchPoint>> {
     std::fs::write(&setup, PGBENCH_SETUP)?;
     std::fs::write(&script, PGBENCH_STAGE)?;
     let result = (|| -> Result<Vec<PgbenchPoint>> {
-        let status = Command::new("psql").args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-f"]).arg(&setup).status()?;
+        let status =
+            Command::new("psql").args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-f"]).arg(&setup).status()?;
         ensure!(status.success(), "psql could not set up the pgbench tables");
         let mut points = Vec::new();
         for clients in [1u32, 2, 4, 8, 16, 32] {
@@ -806,7 +818,8 @@ async fn pgbench(server_base: &str, seconds: u32) -> Result<Vec<PgbenchPoint>> {
 fn print_summary(result: &BenchResult) {
     println!("| measure | value |");
     println!("| --- | ---: |");
-    let offered = if result.offered_rate == 0 { "as fast as possible".to_owned() } else { format!("{}/s", result.offered_rate) };
+    let offered =
+        if result.offered_rate == 0 { "as fast as possible".to_owned() } else { format!("{}/s", result.offered_rate) };
     println!("| offered load | {offered} (achieved {:.0}/s) |", result.offered_per_sec);
     println!("| transfers | {} in {:.1} s |", result.transfers, result.elapsed_secs);
     println!("| completed transfers/s | {:.0} |", result.completed_per_sec);
@@ -856,8 +869,7 @@ fn plot(result: &BenchResult) -> String {
                 .collect(),
         })
         .collect();
-    let offered =
-        if result.offered_rate == 0 { "max".to_owned() } else { format!("{}/s", result.offered_rate) };
+    let offered = if result.offered_rate == 0 { "max".to_owned() } else { format!("{}/s", result.offered_rate) };
     svg(
         &format!(
             "bridge bench pipeline: {} transfers, offered {offered}, {} process(es) per stage, {:.0} completed/s",
