@@ -29,10 +29,7 @@ fn admin(caller: &Caller) -> Result<(), Response> {
 /// Every dead-letter topic with its records per error class.
 #[utoipa::path(get, path = "/v1/admin/dead-letters", tag = "operations", responses(
         (status = 200, body = serde_json::Value),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 pub async fn dead_letter_topics(State(state): State<AppState>, caller: Caller) -> Response {
     if let Err(response) = admin(&caller) {
@@ -82,10 +79,7 @@ fn ours(state: &AppState, topic: &str) -> Result<(), Response> {
         (status = 200, body = serde_json::Value),
         (status = 400, description = "Malformed query", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, description = "Not a dead-letter topic of this pipeline", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 pub async fn dead_letters_in(
     State(state): State<AppState>,
@@ -120,10 +114,7 @@ pub async fn dead_letters_in(
         (status = 200, body = serde_json::Value),
         (status = 404, description = "Not a dead-letter topic of this pipeline", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 422, description = "Malformed range", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 pub async fn redrive_dead_letters(
     State(state): State<AppState>,
@@ -153,10 +144,7 @@ pub async fn redrive_dead_letters(
 /// Notification subscriptions with their deliveries per status.
 #[utoipa::path(get, path = "/v1/admin/notifications/subscriptions", tag = "operations", responses(
         (status = 200, body = serde_json::Value),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 pub async fn subscriptions(State(state): State<AppState>, caller: Caller) -> Response {
     if let Err(response) = admin(&caller) {
@@ -203,10 +191,7 @@ pub struct Subscribe {
         (status = 201, body = serde_json::Value),
         (status = 413, description = "Body too large", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid subscription", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Bytes) -> Response {
     if let Err(response) = admin(&caller) {
@@ -289,10 +274,7 @@ async fn switch(state: &AppState, id: i64, enabled: bool) -> Response {
         (status = 200, body = serde_json::Value),
         (status = 400, description = "Not a subscription id", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 pub async fn enable(State(state): State<AppState>, caller: Caller, Path(id): Path<i64>) -> Response {
     match admin(&caller) {
@@ -308,10 +290,7 @@ pub async fn enable(State(state): State<AppState>, caller: Caller, Path(id): Pat
         (status = 200, body = serde_json::Value),
         (status = 400, description = "Not a subscription id", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 pub async fn disable(State(state): State<AppState>, caller: Caller, Path(id): Path<i64>) -> Response {
     match admin(&caller) {
@@ -331,10 +310,7 @@ pub struct RedriveNotifications {
     responses(
         (status = 200, body = serde_json::Value),
         (status = 400, description = "Malformed query", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 pub async fn redrive_notifications(
     State(state): State<AppState>,

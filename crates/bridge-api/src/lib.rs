@@ -198,10 +198,7 @@ async fn healthz() -> &'static str {
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
         (status = 200, description = "The OpenAPI document", body = serde_json::Value),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 async fn openapi_document(_caller: auth::Caller) -> Response {
     Json(openapi::document()).into_response()
@@ -247,10 +244,7 @@ async fn database_answers(state: &AppState) -> bridge_store::Result<()> {
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses(
         (status = 200, description = "Metrics", body = String, content_type = "text/plain"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 async fn metrics(State(state): State<AppState>, caller: auth::Caller) -> Response {
     if let Err(response) = caller.require("admin") {
@@ -334,10 +328,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 422, description = "Not an operation of ours", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::Guarded,
     ), security(("bearer" = [])))]
 async fn callback(
     State(state): State<AppState>,

@@ -158,10 +158,7 @@ fn accepted(transfer_id: Uuid) -> Response {
         (status = 400, description = "Idempotency-Key missing", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 409, description = "This Idempotency-Key was used with another body", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 422, description = "Malformed request", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
@@ -277,10 +274,7 @@ async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> Result<Transfer
         (status = 200, body = TransferView),
         (status = 400, description = "Not a transfer id", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> Response {
     match visible(&state, &caller, id).await {
@@ -295,10 +289,7 @@ pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<U
         (status = 200, body = History),
         (status = 400, description = "Not a transfer id", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn history(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> Response {
     let transfer = match visible(&state, &caller, id).await {
@@ -365,10 +356,7 @@ fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
         (status = 200, body = TransferPage),
         (status = 400, description = "Malformed query", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown state or invalid cursor", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn list(State(state): State<AppState>, caller: Caller, Query(query): Query<ListQuery>) -> Response {
     if let Err(response) = caller.require("transfers:read") {
@@ -431,10 +419,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller, Query(query): Q
     responses(
         (status = 200, body = Balance),
         (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn balance(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Response {
     if let Err(response) = caller.require("transfers:read") {
@@ -463,10 +448,7 @@ pub async fn balance(State(state): State<AppState>, caller: Caller, Path(id): Pa
     responses(
         (status = 200, body = FundView),
         (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing scope or another investor's", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Try again later", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::openapi::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn fund(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Response {
     if let Err(response) = caller.require("transfers:read") {
