@@ -12,7 +12,6 @@ import argparse
 import datetime
 import random
 import sys
-import time
 import uuid
 
 from confluent_kafka import Producer
@@ -79,5 +78,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    time.sleep(0)
     sys.exit(main())

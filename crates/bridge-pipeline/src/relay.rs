@@ -168,21 +168,8 @@ const PRUNE_BATCH: i64 = 10_000;
 /// Deletes published outbox rows and inbox rows past their retention.
 async fn prune(ctx: &StageContext) -> Result<()> {
     let mut conn = ctx.pool.acquire().await?;
-    let (mut outbox_rows, mut inbox_rows) = (0, 0);
-    loop {
-        let deleted = outbox::prune_published(&mut conn, ctx.config.outbox_retention_ms, PRUNE_BATCH).await?;
-        outbox_rows += deleted;
-        if (deleted as i64) < PRUNE_BATCH {
-            break;
-        }
-    }
-    loop {
-        let deleted = bridge_store::inbox::prune(&mut conn, ctx.config.inbox_retention_ms, PRUNE_BATCH).await?;
-        inbox_rows += deleted;
-        if (deleted as i64) < PRUNE_BATCH {
-            break;
-        }
-    }
+    let outbox_rows = outbox::prune_published(&mut conn, ctx.config.outbox_retention_ms, PRUNE_BATCH).await?;
+    let inbox_rows = bridge_store::inbox::prune(&mut conn, ctx.config.inbox_retention_ms, PRUNE_BATCH).await?;
     if outbox_rows + inbox_rows > 0 {
         tracing::info!(outbox_rows, inbox_rows, "Pruned rows past their retention");
     }

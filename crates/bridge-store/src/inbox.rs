@@ -25,25 +25,23 @@ pub async fn contains(conn: &mut PgConnection, consumer: &str, message_id: &str)
     Ok(found)
 }
 
-/// Deletes up to `limit` inbox rows older than `older_than_ms`, oldest
-/// first, and returns how many went. Safe because the inbox is the first of
-/// two guards: every step also checks the transfer's state under its row
+/// Deletes inbox rows older than `older_than_ms`, oldest first, `batch` per
+/// statement, and returns how many went. Safe because the inbox is the first
+/// of two guards: every step also checks the transfer's state under its row
 /// lock, so a message redelivered after its row was pruned finds the step
 /// done. Dead-letter records (`dlq:` ids) are kept: they alone stop a
 /// replayed poison message from being dead-lettered twice.
-pub async fn prune(conn: &mut PgConnection, older_than_ms: u64, limit: i64) -> Result<u64> {
-    let deleted = sqlx::query(
+pub async fn prune(conn: &mut PgConnection, older_than_ms: u64, batch: i64) -> Result<u64> {
+    crate::delete_in_batches(
+        conn,
         "DELETE FROM inbox WHERE (consumer, message_id) IN (
              SELECT consumer, message_id FROM inbox
               WHERE received_at < now() - make_interval(secs => $1::double precision / 1000)
                 AND message_id NOT LIKE 'dlq:%'
               ORDER BY received_at
               LIMIT $2)",
+        older_than_ms,
+        batch,
     )
-    .bind(older_than_ms as i64)
-    .bind(limit)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(deleted)
+    .await
 }

@@ -122,6 +122,21 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool> {
     Ok(pool)
 }
 
+/// Runs `sql` (a DELETE of at most `$2` rows older than `$1` milliseconds)
+/// until it deletes fewer than `batch`, so pruning never holds many locks or
+/// a long transaction. Returns the rows deleted in all.
+async fn delete_in_batches(conn: &mut sqlx::PgConnection, sql: &str, older_than_ms: u64, batch: i64) -> Result<u64> {
+    let mut total = 0;
+    loop {
+        let deleted =
+            sqlx::query(sql).bind(older_than_ms as i64).bind(batch).execute(&mut *conn).await?.rows_affected();
+        total += deleted;
+        if (deleted as i64) < batch {
+            return Ok(total);
+        }
+    }
+}
+
 /// Creates the database named in `url` if it does not exist, by connecting to
 /// the server's `postgres` maintenance database.
 pub async fn ensure_database(url: &str) -> Result<()> {

@@ -97,22 +97,20 @@ pub async fn unpublished_count(conn: &mut PgConnection) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(conn).await?)
 }
 
-/// Deletes up to `limit` rows published more than `older_than_ms` ago,
-/// oldest first, and returns how many went. Unpublished rows are never
-/// touched. Keeps the table, and the relay's claim, small however long the
-/// pipeline runs.
-pub async fn prune_published(conn: &mut PgConnection, older_than_ms: u64, limit: i64) -> Result<u64> {
-    let deleted = sqlx::query(
+/// Deletes rows published more than `older_than_ms` ago, oldest first,
+/// `batch` per statement, and returns how many went. Unpublished rows are
+/// never touched. Keeps the table, and the relay's claim, small however long
+/// the pipeline runs.
+pub async fn prune_published(conn: &mut PgConnection, older_than_ms: u64, batch: i64) -> Result<u64> {
+    crate::delete_in_batches(
+        conn,
         "DELETE FROM outbox WHERE id IN (
              SELECT id FROM outbox
               WHERE published_at < now() - make_interval(secs => $1::double precision / 1000)
               ORDER BY id
               LIMIT $2)",
+        older_than_ms,
+        batch,
     )
-    .bind(older_than_ms as i64)
-    .bind(limit)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(deleted)
+    .await
 }
