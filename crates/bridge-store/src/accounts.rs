@@ -231,59 +231,51 @@ pub async fn update_investor(
     exactly_one(updated, "investor account", id)
 }
 
-/// Reads the investor's version and applies the deltas against it.
+/// Applies the deltas to an investor account in one atomic update, for steps
+/// that act on money already decided (a settled withdrawal, a released hold,
+/// a refund): they need no decision on a read balance, so a read and a
+/// version check would be a round trip for nothing. The row lock orders
+/// concurrent changes and the CHECK constraints still refuse a negative
+/// available balance.
 pub async fn adjust_investor(
     conn: &mut PgConnection,
     id: &str,
     balance_delta_minor: i64,
     held_delta_minor: i64,
 ) -> Result<()> {
-    let current =
-        investor(&mut *conn, id).await?.ok_or_else(|| Error::Corrupt(format!("investor account {id} vanished")))?;
-    update_investor(conn, id, current.version, balance_delta_minor, held_delta_minor).await
+    let updated = sqlx::query(
+        "UPDATE investor_accounts
+         SET balance_minor = balance_minor + $2, held_minor = held_minor + $3,
+             version = version + 1, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(balance_delta_minor)
+    .bind(held_delta_minor)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    if updated != 1 {
+        return Err(Error::Corrupt(format!("investor account {id} vanished")));
+    }
+    Ok(())
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FundDelta {
-    pub reserved_minor: i64,
-    pub completed_minor: i64,
-    pub investors: i32,
-}
-
-/// Applies `delta` to a fund's totals and seat count.
+/// Changes an investor's allocation in a fund and, in the same statement,
+/// the fund's totals and seat count.
 ///
 /// A fund is the hottest row in the system: every validation, completion and
 /// release of every investor in it updates the same row. So this is not a
 /// read-then-version-check (which would make concurrent transactions on one
-/// fund abort each other and retry in a storm) but one atomic update whose
-/// guard restates the fund's limits: it waits only for the row lock, and it
-/// applies only if the fund still has room for the delta. A fund that filled
-/// up since the caller's decision is a conflict, so the caller decides again
-/// on fresh data (and rejects). The CHECK constraints stay as the last line.
-pub async fn update_fund(conn: &mut PgConnection, id: &str, delta: FundDelta) -> Result<()> {
-    let updated = sqlx::query(
-        "UPDATE funds
-         SET reserved_minor = reserved_minor + $2, completed_minor = completed_minor + $3,
-             investors_count = investors_count + $4, version = version + 1, updated_at = now()
-         WHERE id = $1
-           AND reserved_minor + $2 + completed_minor + $3 <= capacity_minor
-           AND investors_count + $4 <= seats_max",
-    )
-    .bind(id)
-    .bind(delta.reserved_minor)
-    .bind(delta.completed_minor)
-    .bind(delta.investors)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    exactly_one(updated, "fund", id)
-}
-
-/// Changes an investor's allocation in a fund (version-checked: one row per
-/// investor and fund) and keeps the fund's totals and seat count in step
-/// with it (`update_fund`: atomic, guarded by the fund's limits, so a fund
-/// filled since the caller's decision is a conflict rather than a silent
-/// over-commitment).
+/// fund abort each other and retry in a storm) but one atomic statement: the
+/// allocation is upserted by its deltas, the seat change follows from its
+/// total before and after, and the fund's update carries a guard that
+/// restates the fund's limits. It waits only for row locks, and it applies
+/// only if the fund still has room. A fund that filled up since the caller's
+/// decision is a conflict, so the caller decides again on fresh data (and
+/// rejects). The CHECK constraints stay as the last line (a release of an
+/// allocation that does not exist fails on them). Being one statement, it
+/// is also one round trip where a read and two writes were three.
 pub async fn adjust_allocation(
     conn: &mut PgConnection,
     fund_id: &str,
@@ -291,61 +283,52 @@ pub async fn adjust_allocation(
     reserved_delta_minor: i64,
     completed_delta_minor: i64,
 ) -> Result<()> {
-    let before = allocation(&mut *conn, fund_id, investor_account_id).await?;
-    let old = before.map(|row| row.value).unwrap_or_default();
-    let new = Allocation {
-        reserved_minor: old.reserved_minor + reserved_delta_minor,
-        completed_minor: old.completed_minor + completed_delta_minor,
-    };
-    match before {
-        Some(row) => {
-            let updated = sqlx::query(
-                "UPDATE allocations SET reserved_minor = $4, completed_minor = $5,
-                        version = version + 1, updated_at = now()
-                 WHERE fund_id = $1 AND investor_account_id = $2 AND version = $3",
-            )
-            .bind(fund_id)
-            .bind(investor_account_id)
-            .bind(row.version)
-            .bind(new.reserved_minor)
-            .bind(new.completed_minor)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if updated != 1 {
-                return Err(conflict("allocation", &format!("{fund_id}/{investor_account_id}")));
-            }
-        }
-        None => {
-            // A concurrent first insert for the same pair fails with a
-            // unique violation, which is retryable.
-            sqlx::query(
-                "INSERT INTO allocations (fund_id, investor_account_id, reserved_minor, completed_minor)
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(fund_id)
-            .bind(investor_account_id)
-            .bind(new.reserved_minor)
-            .bind(new.completed_minor)
-            .execute(&mut *conn)
-            .await?;
-        }
-    }
-    let investors = match (old.holds_seat(), new.holds_seat()) {
-        (false, true) => 1,
-        (true, false) => -1,
-        _ => 0,
-    };
-    update_fund(
-        conn,
-        fund_id,
-        FundDelta { reserved_minor: reserved_delta_minor, completed_minor: completed_delta_minor, investors },
+    let updated = sqlx::query(
+        "WITH updated AS (
+             UPDATE allocations
+             SET reserved_minor = reserved_minor + $3, completed_minor = completed_minor + $4,
+                 version = version + 1, updated_at = now()
+             WHERE fund_id = $1 AND investor_account_id = $2
+             RETURNING reserved_minor + completed_minor AS total_after
+         ),
+         -- Not ON CONFLICT: Postgres checks the proposed row before the
+         -- conflict, so a negative delta (a completion, a release) would fail
+         -- the CHECKs even when the row exists. A concurrent first insert
+         -- for the same pair loses with a retryable unique violation.
+         inserted AS (
+             INSERT INTO allocations (fund_id, investor_account_id, reserved_minor, completed_minor)
+             SELECT $1, $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM updated)
+             RETURNING reserved_minor + completed_minor AS total_after
+         ),
+         allocation AS (SELECT total_after FROM updated UNION ALL SELECT total_after FROM inserted),
+         seat AS (
+             SELECT CASE
+                 WHEN total_after - $3 - $4 <= 0 AND total_after > 0 THEN 1
+                 WHEN total_after - $3 - $4 > 0 AND total_after <= 0 THEN -1
+                 ELSE 0
+             END AS delta
+             FROM allocation
+         )
+         UPDATE funds
+         SET reserved_minor = reserved_minor + $3, completed_minor = completed_minor + $4,
+             investors_count = investors_count + seat.delta, version = version + 1, updated_at = now()
+         FROM seat
+         WHERE funds.id = $1
+           AND funds.reserved_minor + $3 + funds.completed_minor + $4 <= funds.capacity_minor
+           AND funds.investors_count + seat.delta <= funds.seats_max",
     )
-    .await
+    .bind(fund_id)
+    .bind(investor_account_id)
+    .bind(reserved_delta_minor)
+    .bind(completed_delta_minor)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    exactly_one(updated, "fund", fund_id)
 }
 
 /// Credits a fund account: one atomic increment, since every deposit into
-/// the fund updates this one row (see `update_fund`).
+/// the fund updates this one row (see `adjust_allocation`).
 pub async fn credit_fund_account(conn: &mut PgConnection, id: &str, amount_minor: i64) -> Result<()> {
     let updated = sqlx::query(
         "UPDATE fund_accounts SET balance_minor = balance_minor + $2, version = version + 1, updated_at = now()

@@ -4,7 +4,7 @@
 //! lock), publishes them, and stamps `published_at` only after the broker has
 //! acknowledged each one (invariant I4).
 
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Transaction};
 use uuid::Uuid;
 
 use crate::Result;
@@ -29,23 +29,28 @@ pub struct OutboxRow {
     pub message: OutboxMessage,
 }
 
+/// Writes `messages` to the outbox, in order, as one multi-row insert: a
+/// step's outcome event and status event cost one round trip, not one each.
 pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Result<()> {
-    for message in messages {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let mut insert = QueryBuilder::<Postgres>::new(
+        "INSERT INTO outbox (event_id, topic, message_key, payload, header_names, header_values) ",
+    );
+    // The row ids follow the VALUES order, which is the order the relay
+    // publishes in.
+    insert.push_values(messages, |mut row, message| {
         let (names, values): (Vec<&str>, Vec<&[u8]>) =
             message.headers.iter().map(|(name, value)| (name.as_str(), value.as_slice())).unzip();
-        sqlx::query(
-            "INSERT INTO outbox (event_id, topic, message_key, payload, header_names, header_values)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(message.event_id)
-        .bind(&message.topic)
-        .bind(message.key.as_deref())
-        .bind(&message.payload)
-        .bind(&names)
-        .bind(&values)
-        .execute(&mut *conn)
-        .await?;
-    }
+        row.push_bind(message.event_id)
+            .push_bind(&message.topic)
+            .push_bind(message.key.as_deref())
+            .push_bind(&message.payload)
+            .push_bind(names)
+            .push_bind(values);
+    });
+    insert.build().execute(conn).await?;
     Ok(())
 }
 

@@ -139,10 +139,16 @@ pub async fn insert_requested(conn: &mut PgConnection, transfer: &Transfer) -> R
     stored.state = TransferState::Requested;
     stored.version = 1;
     stored.reason_code = None;
+    // The row and its first version in one statement (one round trip).
     sqlx::query(
-        "INSERT INTO transfers (id, investor_account_id, fund_account_id, fund_id, amount_minor, currency,
-                                reference, source_system, requested_at, state, version, traceparent)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'requested', 1, $10)",
+        "WITH inserted AS (
+             INSERT INTO transfers (id, investor_account_id, fund_account_id, fund_id, amount_minor, currency,
+                                    reference, source_system, requested_at, state, version, traceparent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'requested', 1, $10)
+             RETURNING id
+         )
+         INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
+         SELECT id, 1, 'requested', NULL, NULL, $11 FROM inserted",
     )
     .bind(stored.id)
     .bind(&stored.investor_account_id)
@@ -154,9 +160,9 @@ pub async fn insert_requested(conn: &mut PgConnection, transfer: &Transfer) -> R
     .bind(&stored.source_system)
     .bind(stored.requested_at)
     .bind(&stored.traceparent)
+    .bind(ids::status_event_id(stored.id, stored.version))
     .execute(&mut *conn)
     .await?;
-    record_version(conn, &stored, None).await?;
     Ok(stored)
 }
 
@@ -170,39 +176,31 @@ pub async fn advance(conn: &mut PgConnection, current: &Transfer, event: &Transf
     next.state = next_state;
     next.version = current.version + 1;
     next.reason_code = event.reason_code().map(str::to_owned);
+    // The version-checked update and the history row in one statement (one
+    // round trip): the history row is written only if the update matched.
     let updated = sqlx::query(
-        "UPDATE transfers SET state = $3, reason_code = $4, version = $5, updated_at = now()
-         WHERE id = $1 AND version = $2",
+        "WITH updated AS (
+             UPDATE transfers SET state = $3, reason_code = $4, version = $5, updated_at = now()
+             WHERE id = $1 AND version = $2
+             RETURNING id
+         )
+         INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
+         SELECT id, $5, $3, $6, $4, $7 FROM updated",
     )
     .bind(current.id)
     .bind(current.version)
     .bind(next.state.as_str())
     .bind(&next.reason_code)
     .bind(next.version)
+    .bind(current.state.as_str())
+    .bind(ids::status_event_id(next.id, next.version))
     .execute(&mut *conn)
     .await?
     .rows_affected();
     if updated != 1 {
         return Err(Error::Conflict { entity: "transfer", id: current.id.to_string() });
     }
-    record_version(conn, &next, Some(current.state)).await?;
     Ok(next)
-}
-
-async fn record_version(conn: &mut PgConnection, transfer: &Transfer, previous: Option<TransferState>) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(transfer.id)
-    .bind(transfer.version)
-    .bind(transfer.state.as_str())
-    .bind(previous.map(TransferState::as_str))
-    .bind(&transfer.reason_code)
-    .bind(ids::status_event_id(transfer.id, transfer.version))
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 pub async fn history(conn: &mut PgConnection, id: Uuid) -> Result<Vec<TransferVersion>> {
