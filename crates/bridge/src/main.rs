@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_pipeline;
+mod config;
 mod credentials;
 mod demo;
 mod local_postgres;
@@ -33,6 +34,10 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/bridg
     about = "Moves money from investor bank accounts into investment funds, one Kafka stage at a time."
 )]
 struct Cli {
+    /// A TOML file of settings, keyed by their long flag names
+    /// (`database-url = "..."`). Flags and environment variables win over it.
+    #[arg(long, env = "BRIDGE_CONFIG", global = true)]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -303,6 +308,10 @@ enum Command {
     Seed(SeedArgs),
     /// Run pipeline stages and the outbox relay until SIGTERM or Ctrl-C.
     Run(RunArgs),
+    /// Print the settings `bridge run` would use (flags, environment
+    /// variables, `--config` file, defaults), where each came from, secrets
+    /// redacted. The output is itself a valid configuration file.
+    Config(RunArgs),
     /// Publish transfer requests to the request topic, as an upstream system would.
     Submit(submit::SubmitArgs),
     /// Seed, submit, run everything until every transfer is terminal, and check the books.
@@ -533,8 +542,12 @@ pub fn shutdown_on_signal() -> CancellationToken {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let resolved = config::resolve_args::<Cli>(std::env::args_os().collect())?;
+    let cli = Cli::parse_from(&resolved.args);
     match cli.command {
+        Command::Config(_) => {
+            print!("{}", config::render(&config::effective::<Cli>(&resolved, "config")?));
+        }
         Command::Migrate(args) => {
             init_logging("info");
             bridge_store::ensure_database(&args.common.database_url).await.context("Failed to create the database")?;

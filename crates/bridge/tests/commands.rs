@@ -789,3 +789,88 @@ async fn a_stage_process_logs_json_and_serves_its_metrics() -> Result<()> {
     ensure!(about_the_message == 1, "{about_the_message} lines about the message in:\n{text}");
     Ok(())
 }
+
+/// Settings come from flags, then environment variables, then the
+/// `--config` file, then defaults; `bridge config` shows each with where it
+/// came from, never shows a secret, and prints a file that reads back to the
+/// same settings. A key no command knows is refused, and a real command
+/// takes its settings from the file.
+#[tokio::test]
+async fn configuration_layers_file_environment_and_flags_and_redacts_secrets() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("bridge-config-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("bridge.toml");
+    std::fs::write(
+        &file,
+        r#"
+database-url = "postgres://bridge:file-password@db.example:5432/bridge"
+topic_partitions = 12
+session-timeout-ms = 7000
+stage = ["validator", "deposit"]
+account-services-token = "token-from-file"
+simulated-services = true
+"#,
+    )?;
+    let config = |args: &[&str], env: &[(&str, &str)]| -> Result<(bool, String, String)> {
+        let output = Command::new(BRIDGE).arg("config").args(args).env_clear().envs(env.iter().copied()).output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    };
+    let file_arg = file.to_string_lossy().into_owned();
+    let (ok, shown, stderr) =
+        config(&["--config", &file_arg, "--session-timeout-ms", "8000"], &[("BRIDGE_TOPIC_PARTITIONS", "3")])?;
+    ensure!(ok, "bridge config failed: {stderr}");
+    let line = |name: &str| -> Result<String> {
+        shown
+            .lines()
+            .find(|line| line.trim_start_matches("# ").starts_with(&format!("{name} ")))
+            .map(str::to_owned)
+            .with_context(|| format!("no line for {name} in:\n{shown}"))
+    };
+    ensure!(!shown.contains("file-password") && !shown.contains("token-from-file"), "a secret leaked:\n{shown}");
+    let database = line("database-url")?;
+    ensure!(database.contains("bridge:<redacted>@db.example:5432/bridge") && database.contains("# file"), "{database}");
+    ensure!(line("topic-partitions")?.starts_with("topic-partitions = 3 "), "environment beats the file");
+    ensure!(line("topic-partitions")?.contains("environment; variable BRIDGE_TOPIC_PARTITIONS"), "{shown}");
+    ensure!(line("session-timeout-ms")?.starts_with("session-timeout-ms = 8000 "), "the flag beats the file");
+    ensure!(line("session-timeout-ms")?.contains("command line"), "{shown}");
+    ensure!(line("stage")?.starts_with(r#"stage = ["validator", "deposit"]"#), "{}", line("stage")?);
+    ensure!(line("account-services-token")?.contains("<redacted>"), "{}", line("account-services-token")?);
+    ensure!(line("simulated-services")?.starts_with("simulated-services = true"), "{shown}");
+    ensure!(line("fetch-wait-max-ms")?.starts_with("fetch-wait-max-ms = 20 ") && shown.contains("# default"), "{shown}");
+
+    // What it printed is a configuration file that reads back the same
+    // (the redacted lines are comments, so the secrets fall back to unset).
+    let printed = dir.join("printed.toml");
+    std::fs::write(&printed, &shown)?;
+    let (ok, again, stderr) = config(&["--config", &printed.to_string_lossy()], &[])?;
+    ensure!(ok, "the printed configuration does not read back: {stderr}");
+    for name in ["topic-partitions", "session-timeout-ms", "stage", "simulated-services", "fetch-wait-max-ms"] {
+        let value = |text: &str| {
+            text.lines().find(|line| line.starts_with(&format!("{name} "))).and_then(|line| line.split(" # ").next()).map(|value| value.trim().to_owned())
+        };
+        ensure!(value(&shown) == value(&again), "{name}: {:?} then {:?}", value(&shown), value(&again));
+    }
+
+    // A typo is an error, not a silent default.
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "topic-partition = 3\n")?;
+    let (ok, _, stderr) = config(&["--config", &typo.to_string_lossy()], &[])?;
+    ensure!(!ok && stderr.contains("unknown setting \"topic-partition\""), "{stderr}");
+
+    // A real command reads its database from the file.
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let real = dir.join("real.toml");
+    std::fs::write(&real, format!("database-url = {:?}\n", kit.database_url))?;
+    let output = Command::new(BRIDGE).args(["migrate", "--config", &real.to_string_lossy()]).env_clear().output()?;
+    ensure!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("migrated"),
+        "migrate with a configuration file: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! One configuration for every subcommand: command-line flags, environment
+//! variables and a TOML file, in that order of precedence, over the
+//! documented defaults (`bridge <command> --help` lists every setting with
+//! its variable and default).
+//!
+//! The file (`--config <path>` or `BRIDGE_CONFIG`) uses the flags' long
+//! names as keys, e.g. `database-url = "postgres://…"`,
+//! `topic-partitions = 12`, `stage = ["validator"]`. A key no subcommand
+//! knows is an error (a typo must not silently fall back to a default); a
+//! key another subcommand knows is ignored, so one file serves them all.
+//! clap stays the one typed definition of every setting: the file's values
+//! are handed to it as flags, only for settings that neither a flag nor a
+//! variable set, and so pass through the same parsers and checks.
+//!
+//! `bridge config` prints the settings `bridge run` would use, where each
+//! came from, and secrets redacted.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+
+use anyhow::{bail, Context, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory};
+
+/// The flag and variable that name the configuration file.
+const FLAG: &str = "config";
+const VARIABLE: &str = "BRIDGE_CONFIG";
+
+/// What a redacted value is shown as.
+pub const REDACTED: &str = "<redacted>";
+
+/// The command line with the configuration file's settings added as flags,
+/// and the names of the settings the file supplied.
+pub fn resolve_args<C: CommandFactory>(args: Vec<OsString>) -> Result<Resolved> {
+    let Some(path) = file_path(&args) else { return Ok(Resolved { args, from_file: BTreeSet::new() }) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("Failed to read the configuration file {path}"))?;
+    let table: toml::Table = text.parse().with_context(|| format!("The configuration file {path} is not valid TOML"))?;
+    // Parse once without the file to learn which settings a flag or a
+    // variable already set; a parse error is reported by the real parse.
+    let command = C::command();
+    let Ok(matches) = command.clone().try_get_matches_from(&args) else {
+        return Ok(Resolved { args, from_file: BTreeSet::new() });
+    };
+    let (leaf, leaf_matches) = leaf(&command, &matches);
+    let known = all_long_names(&command);
+    let mut extended = args.clone();
+    let mut from_file = BTreeSet::new();
+    for (key, value) in &table {
+        let name = key.replace('_', "-");
+        if name == FLAG {
+            bail!("{path}: a configuration file cannot name another one");
+        }
+        if !known.contains(&name) {
+            bail!("{path}: unknown setting {key:?} (settings are the long flag names of `bridge <command> --help`)");
+        }
+        let Some(arg) = leaf.get_arguments().find(|arg| arg.get_long() == Some(name.as_str())) else { continue };
+        let id = arg.get_id().as_str();
+        if !matches!(leaf_matches.value_source(id), None | Some(ValueSource::DefaultValue)) {
+            continue;
+        }
+        from_file.insert(name.clone());
+        let takes_value = arg.get_num_args().is_some_and(|range| range.takes_values());
+        match value {
+            toml::Value::Boolean(set) if !takes_value => {
+                if *set {
+                    extended.push(format!("--{name}").into());
+                }
+            }
+            toml::Value::Array(items) => {
+                for item in items {
+                    extended.push(format!("--{name}={}", scalar(&path, key, item)?).into());
+                }
+            }
+            other => extended.push(format!("--{name}={}", scalar(&path, key, other)?).into()),
+        }
+    }
+    Ok(Resolved { args: extended, from_file })
+}
+
+/// A command line with the configuration file applied.
+pub struct Resolved {
+    pub args: Vec<OsString>,
+    pub from_file: BTreeSet<String>,
+}
+
+fn scalar(path: &str, key: &str, value: &toml::Value) -> Result<String> {
+    Ok(match value {
+        toml::Value::String(text) => text.clone(),
+        toml::Value::Integer(number) => number.to_string(),
+        toml::Value::Boolean(flag) => flag.to_string(),
+        toml::Value::Float(_) => bail!("{path}: {key} must not be a float (money and durations are integers)"),
+        other => bail!("{path}: {key} has a value of type {} that no setting takes", other.type_str()),
+    })
+}
+
+/// `--config <path>`, `--config=<path>`, or the variable.
+fn file_path(args: &[OsString]) -> Option<String> {
+    let mut args = args.iter().map(|arg| arg.to_string_lossy().into_owned());
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            break;
+        }
+        if arg == format!("--{FLAG}") {
+            return args.next();
+        }
+        if let Some(path) = arg.strip_prefix(&format!("--{FLAG}=")) {
+            return Some(path.to_owned());
+        }
+    }
+    std::env::var(VARIABLE).ok().filter(|path| !path.is_empty())
+}
+
+/// The innermost subcommand named on the command line, and its matches.
+fn leaf<'a>(command: &'a clap::Command, matches: &'a ArgMatches) -> (&'a clap::Command, &'a ArgMatches) {
+    match matches.subcommand() {
+        Some((name, sub_matches)) => match command.find_subcommand(name) {
+            Some(sub) => leaf(sub, sub_matches),
+            None => (command, matches),
+        },
+        None => (command, matches),
+    }
+}
+
+fn all_long_names(command: &clap::Command) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> =
+        command.get_arguments().filter_map(|arg| arg.get_long()).map(str::to_owned).collect();
+    for sub in command.get_subcommands() {
+        names.extend(all_long_names(sub));
+    }
+    names
+}
+
+/// One setting as `bridge config` shows it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Setting {
+    pub name: String,
+    /// The values as given (several for a repeatable flag), redacted.
+    pub values: Vec<String>,
+    pub source: &'static str,
+    pub variable: Option<String>,
+    /// A repeatable setting, shown as a list whatever its count.
+    pub repeatable: bool,
+}
+
+/// The settings of subcommand `name` as parsed from `args` (already
+/// resolved), with secrets redacted: settings whose variable hides its value
+/// in `--help` are secrets, and so is the password of any URL.
+pub fn effective<C: CommandFactory>(resolved: &Resolved, name: &str) -> Result<Vec<Setting>> {
+    let command = C::command();
+    let matches = command.clone().try_get_matches_from(&resolved.args)?;
+    let (leaf_command, leaf_matches) = leaf(&command, &matches);
+    if leaf_command.get_name() != name {
+        bail!("expected the {name} subcommand");
+    }
+    let mut settings = Vec::new();
+    for arg in leaf_command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        let id = arg.get_id().as_str();
+        if long == FLAG || matches!(id, "help" | "version") {
+            continue;
+        }
+        let source = match leaf_matches.value_source(id) {
+            Some(ValueSource::CommandLine) if resolved.from_file.contains(long) => "file",
+            Some(ValueSource::CommandLine) => "command line",
+            Some(ValueSource::EnvVariable) => "environment",
+            Some(ValueSource::DefaultValue) => "default",
+            Some(_) => "other",
+            None => "unset",
+        };
+        let secret = arg.is_hide_env_values_set();
+        let values = leaf_matches
+            .get_raw(id)
+            .map(|raw| {
+                raw.map(|value| {
+                    let text = value.to_string_lossy();
+                    if secret && !text.is_empty() {
+                        REDACTED.to_owned()
+                    } else {
+                        redact_url_password(&text)
+                    }
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        let variable = arg.get_env().map(|variable| variable.to_string_lossy().into_owned());
+        let repeatable = matches!(arg.get_action(), clap::ArgAction::Append);
+        settings.push(Setting { name: long.to_owned(), values, source, variable, repeatable });
+    }
+    Ok(settings)
+}
+
+/// `scheme://user:password@host/…` with the password replaced.
+pub fn redact_url_password(text: &str) -> String {
+    let Some((scheme, rest)) = text.split_once("://") else { return text.to_owned() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let Some((credentials, host)) = authority.rsplit_once('@') else { return text.to_owned() };
+    let Some((user, _password)) = credentials.split_once(':') else { return text.to_owned() };
+    format!("{scheme}://{user}:{REDACTED}@{host}{tail}")
+}
+
+/// The settings as a TOML document that can be used as a configuration file
+/// (secrets left out, each line saying where the value came from).
+pub fn render(settings: &[Setting]) -> String {
+    let mut out = String::new();
+    for setting in settings {
+        let origin = match &setting.variable {
+            Some(variable) => format!("{}; variable {variable}", setting.source),
+            None => setting.source.to_owned(),
+        };
+        let quoted: Vec<String> = setting.values.iter().map(|value| toml_value(value)).collect();
+        let redacted = setting.values.iter().any(|value| value.contains(REDACTED));
+        let line = match quoted.as_slice() {
+            [] => format!("# {} is not set", setting.name),
+            [one] if !setting.repeatable => format!("{} = {one}", setting.name),
+            many => format!("{} = [{}]", setting.name, many.join(", ")),
+        };
+        // A redacted value would be wrong if fed back; leave it commented.
+        let line = if redacted && !line.starts_with('#') { format!("# {line}") } else { line };
+        out.push_str(&format!("{line:<60} # {origin}\n"));
+    }
+    out
+}
+
+fn toml_value(text: &str) -> String {
+    if text.parse::<i64>().is_ok() || text == "true" || text == "false" {
+        text.to_owned()
+    } else {
+        toml::Value::String(text.to_owned()).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_passwords_are_redacted_and_other_urls_kept() {
+        assert_eq!(
+            redact_url_password("postgres://bridge:s3cret@db:5432/bridge"),
+            format!("postgres://bridge:{REDACTED}@db:5432/bridge")
+        );
+        assert_eq!(redact_url_password("postgres://postgres@127.0.0.1/x"), "postgres://postgres@127.0.0.1/x");
+        assert_eq!(redact_url_password("127.0.0.1:9092"), "127.0.0.1:9092");
+    }
+}
