@@ -8,6 +8,12 @@
 //! the Avro binary datum. Any Avro library can read our topics with the files
 //! in `schemas/` alone.
 //!
+//! With a schema registry (Confluent's REST API), payloads are written in
+//! Confluent's wire format instead: `00`, the 4-byte big-endian schema id the
+//! registry gave, then the datum. The decoder reads both framings; a
+//! registry id's schema must first be handed over with [`learn_schema`]
+//! (this crate does no IO; `bridge-pipeline`'s registry client fetches it).
+//!
 //! Decoding never panics: every malformed input maps to a [`DecodeError`] with
 //! a stable class, which the pipeline puts on the dead-letter record.
 
@@ -15,7 +21,7 @@ mod events;
 
 use std::collections::HashMap;
 use std::io::Cursor;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 
 use apache_avro::rabin::Rabin;
 use apache_avro::Schema;
@@ -30,6 +36,9 @@ pub const CONTENT_TYPE: &str = "application/avro";
 /// Single-object encoding marker from the Avro specification.
 const MAGIC: [u8; 2] = [0xC3, 0x01];
 const HEADER_LEN: usize = 10;
+/// Confluent wire format: magic byte 0, then a 4-byte big-endian schema id.
+const CONFLUENT_MAGIC: u8 = 0;
+const CONFLUENT_HEADER_LEN: usize = 5;
 
 /// The most a single decode may allocate. Our events are a few hundred bytes;
 /// without this bound a forged length prefix in a malformed message could make
@@ -57,10 +66,12 @@ pub enum EncodeError {
 /// dead-letter records and in metrics.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("payload is {len} bytes, shorter than the 10-byte single-object header")]
+    #[error("payload is {len} bytes, shorter than its framing header (10 bytes single-object, 5 Confluent)")]
     Truncated { len: usize },
-    #[error("payload does not start with the single-object marker C3 01 (found {found:02X?})")]
+    #[error("payload starts with neither the single-object marker C3 01 nor the Confluent magic byte 00 (found {found:02X?})")]
     BadMagic { found: [u8; 2] },
+    #[error("schema id {id} is not a known version of {expected}")]
+    UnknownSchemaId { id: u32, expected: &'static str },
     #[error("unknown schema fingerprint {fingerprint} for {expected}")]
     UnknownFingerprint { fingerprint: String, expected: &'static str },
     #[error("datum does not match schema {name}: {message}")]
@@ -75,6 +86,7 @@ impl DecodeError {
             Self::Truncated { .. } => "truncated",
             Self::BadMagic { .. } => "bad_magic",
             Self::UnknownFingerprint { .. } => "unknown_fingerprint",
+            Self::UnknownSchemaId { .. } => "unknown_schema_id",
             Self::Datum { .. } => "schema_mismatch",
             Self::TrailingBytes { .. } => "trailing_bytes",
         }
@@ -173,13 +185,66 @@ pub fn fingerprint_of<T: Event>() -> [u8; 8] {
     registry().newest[T::NAME].0
 }
 
-/// Encodes `event` in single-object encoding.
-pub fn encode<T: Event>(event: &T) -> Result<Vec<u8>, EncodeError> {
-    let (print, schema) = &registry().newest[T::NAME];
+/// The schema text of `T`'s newest version, as registered with a registry.
+pub fn schema_text_of<T: Event>() -> &'static str {
+    T::SCHEMA_VERSIONS[0]
+}
+
+/// Schemas learned from a schema registry, by id, with their record's full
+/// name.
+fn registry_schemas() -> &'static RwLock<HashMap<u32, (String, Schema)>> {
+    static SCHEMAS: OnceLock<RwLock<HashMap<u32, (String, Schema)>>> = OnceLock::new();
+    SCHEMAS.get_or_init(Default::default)
+}
+
+/// Remembers the schema a registry holds under `id`, so payloads framed with
+/// that id decode. Errors if the text is not an Avro schema.
+pub fn learn_schema(id: u32, text: &str) -> Result<(), String> {
+    let schema = Schema::parse_str(text).map_err(|error| format!("schema {id} from the registry: {error}"))?;
+    let name = match &schema {
+        Schema::Record(record) => record.name.fullname(None),
+        other => return Err(format!("schema {id} from the registry is not a record: {other:?}")),
+    };
+    registry_schemas().write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(id, (name, schema));
+    Ok(())
+}
+
+/// The registry schema id of a payload in Confluent's wire format.
+pub fn confluent_schema_id(payload: &[u8]) -> Option<u32> {
+    match payload {
+        [CONFLUENT_MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// Whether the schema under `id` has been learned.
+pub fn knows_schema_id(id: u32) -> bool {
+    registry_schemas().read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains_key(&id)
+}
+
+/// Encodes `event` in Confluent's wire format under the registry's `id` for
+/// `T`'s newest schema.
+pub fn encode_confluent<T: Event>(event: &T, id: u32) -> Result<Vec<u8>, EncodeError> {
+    let datum = datum(event)?;
+    let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
+    out.push(CONFLUENT_MAGIC);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&datum);
+    Ok(out)
+}
+
+fn datum<T: Event>(event: &T) -> Result<Vec<u8>, EncodeError> {
+    let schema = &registry().newest[T::NAME].1;
     let failed = |error: apache_avro::Error| EncodeError::Avro { name: T::NAME, message: error.to_string() };
     let value = apache_avro::to_value(event).map_err(failed)?;
     let value = value.resolve(schema).map_err(failed)?;
-    let datum = apache_avro::to_avro_datum(schema, value).map_err(failed)?;
+    apache_avro::to_avro_datum(schema, value).map_err(failed)
+}
+
+/// Encodes `event` in single-object encoding.
+pub fn encode<T: Event>(event: &T) -> Result<Vec<u8>, EncodeError> {
+    let print = &registry().newest[T::NAME].0;
+    let datum = datum(event)?;
     let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(print);
@@ -187,9 +252,12 @@ pub fn encode<T: Event>(event: &T) -> Result<Vec<u8>, EncodeError> {
     Ok(out)
 }
 
-/// Decodes a single-object encoded `T`, written with any known version of its
-/// schema, into the current shape.
+/// Decodes a `T` written with any known version of its schema, in
+/// single-object encoding or Confluent's wire format, into the current shape.
 pub fn decode<T: Event>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.first() == Some(&CONFLUENT_MAGIC) {
+        return decode_confluent(bytes);
+    }
     if bytes.len() < HEADER_LEN {
         if bytes.len() >= 2 && bytes[..2] != MAGIC {
             return Err(DecodeError::BadMagic { found: [bytes[0], bytes[1]] });
@@ -205,8 +273,21 @@ pub fn decode<T: Event>(bytes: &[u8]) -> Result<T, DecodeError> {
         Some((name, schema)) if *name == T::NAME => schema,
         _ => return Err(DecodeError::UnknownFingerprint { fingerprint: hex(&print), expected: T::NAME }),
     };
-    let reader = &registry.newest[T::NAME].1;
-    let datum = &bytes[HEADER_LEN..];
+    decode_datum(writer, &bytes[HEADER_LEN..])
+}
+
+fn decode_confluent<T: Event>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let Some(id) = confluent_schema_id(bytes) else { return Err(DecodeError::Truncated { len: bytes.len() }) };
+    let schemas = registry_schemas().read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match schemas.get(&id) {
+        Some((name, writer)) if name == T::NAME => decode_datum(writer, &bytes[CONFLUENT_HEADER_LEN..]),
+        _ => Err(DecodeError::UnknownSchemaId { id, expected: T::NAME }),
+    }
+}
+
+/// Reads `datum` written with `writer` into `T`'s newest schema.
+fn decode_datum<T: Event>(writer: &Schema, datum: &[u8]) -> Result<T, DecodeError> {
+    let reader = &registry().newest[T::NAME].1;
     let mut cursor = Cursor::new(datum);
     let mismatch = |error: apache_avro::Error| DecodeError::Datum { name: T::NAME, message: error.to_string() };
     let value = apache_avro::from_avro_datum(writer, &mut cursor, Some(reader)).map_err(mismatch)?;

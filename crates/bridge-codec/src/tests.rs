@@ -164,3 +164,36 @@ fn fuzz_seed_corpus_matches_the_schemas() {
         assert_eq!(stored, bytes, "{} is stale: run with BRIDGE_UPDATE_FUZZ_SEEDS=1", path.display());
     }
 }
+
+#[test]
+fn confluent_framing_round_trips_once_the_id_is_learned() {
+    // Ids are process-wide; these are far from any other test's.
+    let id = 70_001;
+    let bytes = encode_confluent(&request(), id).unwrap();
+    assert_eq!(bytes[0], 0);
+    assert_eq!(&bytes[1..5], &id.to_be_bytes());
+    assert_eq!(confluent_schema_id(&bytes), Some(id));
+    // Unknown until the registry's schema is handed over.
+    let error = decode::<TransferRequested>(&bytes).unwrap_err();
+    assert_eq!(error.class(), "unknown_schema_id");
+    learn_schema(id, schema_text_of::<TransferRequested>()).unwrap();
+    assert!(knows_schema_id(id));
+    assert_eq!(decode::<TransferRequested>(&bytes).unwrap(), request());
+    // The same datum after a single-object header decodes the same: the
+    // framings differ only in their headers.
+    let single = encode(&request()).unwrap();
+    assert_eq!(&single[10..], &bytes[5..]);
+}
+
+#[test]
+fn a_confluent_id_of_another_record_or_a_short_header_is_refused() {
+    let id = 70_002;
+    learn_schema(id, schema_text_of::<TransferStatusChanged>()).unwrap();
+    let status_bytes = encode_confluent(&status(), id).unwrap();
+    assert_eq!(decode::<TransferStatusChanged>(&status_bytes).unwrap(), status());
+    let error = decode::<TransferRequested>(&status_bytes).unwrap_err();
+    assert_eq!(error, DecodeError::UnknownSchemaId { id, expected: TransferRequested::NAME });
+    assert_eq!(decode::<TransferRequested>(&[0, 0, 1]).unwrap_err().class(), "truncated");
+    assert!(learn_schema(70_003, "\"string\"").is_err(), "a registry schema that is not a record is refused");
+    assert!(learn_schema(70_004, "not json").is_err());
+}

@@ -134,6 +134,13 @@ pub struct PipelineConfig {
     /// How long inbox rows (applied message ids) are kept. Past it, a
     /// redelivered message is still recognised by its transfer's state.
     pub inbox_retention_ms: u64,
+    /// A schema registry (Confluent's REST API). When set, events are
+    /// written in Confluent's wire format under ids registered for
+    /// `<topic>-value`; without it, in Avro single-object encoding. Both are
+    /// read either way.
+    pub schema_registry_url: Option<String>,
+    /// Upper bound of one call to the schema registry.
+    pub schema_registry_timeout_ms: u64,
     /// Extra librdkafka settings applied last (escape hatch).
     pub kafka_overrides: Vec<(String, String)>,
 }
@@ -164,6 +171,8 @@ impl PipelineConfig {
             fund_terms_refresh_ms: 300_000,
             outbox_retention_ms: 3_600_000,
             inbox_retention_ms: 7 * 24 * 3_600_000,
+            schema_registry_url: None,
+            schema_registry_timeout_ms: 5_000,
             kafka_overrides: Vec::new(),
         }
     }

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod reader;
 pub mod relay;
 pub mod runner;
+pub mod schema_registry;
 pub mod services;
 pub mod stages;
 pub mod upstream;

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::message::Inbound;
+use crate::schema_registry::SchemaRegistry;
 use crate::services::Services;
 use crate::stages::{self, Outcome};
 use crate::{kafka, relay, PipelineConfig, Topics};
@@ -64,6 +65,22 @@ pub struct StageContext {
     pub config: PipelineConfig,
     /// CloudEvents `source` prefix of events this process emits.
     pub source: String,
+    /// The schema registry, when one is configured.
+    pub registry: Option<Arc<SchemaRegistry>>,
+}
+
+impl StageContext {
+    /// Encodes an event for `topic`: in Confluent's wire format under the
+    /// registry's id when a registry is configured, else single-object.
+    pub fn encode<T: bridge_codec::Event>(&self, topic: &str, event: &T) -> Result<Vec<u8>, stages::StageError> {
+        let encoded = match &self.registry {
+            None => bridge_codec::encode(event),
+            Some(registry) => registry.encode(topic, event).ok_or_else(|| {
+                stages::StageError::Transient(format!("no schema registered for {topic} yet (Pipeline::prepare)"))
+            })?,
+        };
+        encoded.map_err(|error| stages::StageError::Permanent { class: "processing_error", message: error.to_string() })
+    }
 }
 
 /// A part of the pipeline that can run in a process.
@@ -89,7 +106,21 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(pool: PgPool, config: PipelineConfig, services: Services) -> Self {
         let topics = config.topics.clone();
-        Self { ctx: Arc::new(StageContext { pool, topics, services, config, source: "/bridge".to_owned() }) }
+        let registry = config
+            .schema_registry_url
+            .as_deref()
+            .map(|url| Arc::new(SchemaRegistry::new(url, config.schema_registry_timeout_ms)));
+        Self { ctx: Arc::new(StageContext { pool, topics, services, config, source: "/bridge".to_owned(), registry }) }
+    }
+
+    /// What must happen before the pipeline writes an event: registering
+    /// its schemas when a registry is configured. `run` does it; a process
+    /// that only serves the API calls it itself.
+    pub async fn prepare(&self) -> Result<()> {
+        if let Some(registry) = &self.ctx.registry {
+            registry.register(&self.ctx.topics).await.context("Failed to register schemas")?;
+        }
+        Ok(())
     }
 
     pub fn context(&self) -> &Arc<StageContext> {
@@ -100,6 +131,7 @@ impl Pipeline {
     /// stage finishes the message in hand, stores its offset and commits
     /// offsets synchronously before returning.
     pub async fn run(&self, parts: &[Part], shutdown: CancellationToken) -> Result<()> {
+        self.prepare().await?;
         let mut tasks = JoinSet::new();
         for part in parts {
             let ctx = self.ctx.clone();
@@ -217,6 +249,7 @@ pub async fn consume(
             let (sender, receiver) = tokio::sync::mpsc::channel(LANE_DEPTH);
             let lane = Lane {
                 name,
+                registry: ctx.registry.clone(),
                 consumer: consumer.clone(),
                 handler: handler.clone(),
                 shutdown: shutdown.clone(),
@@ -243,6 +276,7 @@ pub async fn consume(
 /// Processes one partition's messages in order.
 struct Lane {
     name: &'static str,
+    registry: Option<Arc<SchemaRegistry>>,
     consumer: Arc<rdkafka::consumer::StreamConsumer>,
     handler: Handler,
     shutdown: CancellationToken,
@@ -270,7 +304,11 @@ impl Lane {
         let started = std::time::Instant::now();
         let mut backoff = Backoff::new(self.backoff_max_ms);
         loop {
-            match (self.handler)(inbound).await {
+            let result = match self.learn_writer(inbound).await {
+                Ok(()) => (self.handler)(inbound).await,
+                Err(error) => Err(error),
+            };
+            match result {
                 Ok(outcome) => {
                     tracing::debug!(outcome = ?outcome, "Message processed");
                     crate::metrics::message_finished(name, outcome.as_label(), started.elapsed());
@@ -301,6 +339,16 @@ impl Lane {
             tracing::warn!(error = %error, "Could not store offset; the partition's next owner will see the message again");
         }
         true
+    }
+}
+
+impl Lane {
+    /// With a registry, makes the writer schema of a Confluent-framed
+    /// payload known before the handler decodes it. A registry that cannot
+    /// be asked is a transient failure: the partition waits for it.
+    async fn learn_writer(&self, inbound: &Inbound) -> Result<(), stages::StageError> {
+        let (Some(registry), Some(payload)) = (&self.registry, inbound.payload.as_deref()) else { return Ok(()) };
+        registry.learn_writer(payload).await.map_err(|error| stages::StageError::Transient(error.to_string()))
     }
 }
 

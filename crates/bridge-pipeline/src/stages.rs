@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use bridge_codec::{
-    decode, encode, Event, FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated,
+    decode, Event, FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated,
 };
 use bridge_domain::{check_request, ids, Currency, FailureReason, Money, RequestFacts, TransferEvent, TransferState};
 use bridge_store::ledger::{self, Posting};
@@ -264,7 +264,7 @@ fn envelope<T: Event>(
     topic: String,
     event: &T,
 ) -> Result<OutboxMessage, StageError> {
-    let payload = encode(event).map_err(|error| permanent("processing_error", error.to_string()))?;
+    let payload = ctx.encode(&topic, event)?;
     let subject = transfer.id.to_string();
     let source = format!("{}/{}", ctx.source, origin);
     Ok(Envelope { event_id, ce_type: T::CE_TYPE, source: &source, subject: &subject, time, trace }

@@ -7,6 +7,7 @@
 //! through its public entry points and Kafka, as a deployment would.
 
 pub mod receivers;
+pub mod schema_registry;
 pub mod tansu;
 
 use std::collections::{HashMap, HashSet};

@@ -33,8 +33,10 @@ pub const REDACTED: &str = "<redacted>";
 /// and the names of the settings the file supplied.
 pub fn resolve_args<C: CommandFactory>(args: Vec<OsString>) -> Result<Resolved> {
     let Some(path) = file_path(&args) else { return Ok(Resolved { args, from_file: BTreeSet::new() }) };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("Failed to read the configuration file {path}"))?;
-    let table: toml::Table = text.parse().with_context(|| format!("The configuration file {path} is not valid TOML"))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("Failed to read the configuration file {path}"))?;
+    let table: toml::Table =
+        text.parse().with_context(|| format!("The configuration file {path} is not valid TOML"))?;
     // Parse once without the file to learn which settings a flag or a
     // variable already set; a parse error is reported by the real parse.
     let command = C::command();

@@ -87,6 +87,11 @@ pub struct Common {
     /// How long applied message ids are kept in the inbox.
     #[arg(long, env = "BRIDGE_INBOX_RETENTION_MS", default_value_t = 604_800_000, global = true)]
     pub inbox_retention_ms: u64,
+    /// A schema registry (Confluent's REST API): events are then written in
+    /// Confluent's wire format under ids registered for `<topic>-value`.
+    /// Both that and Avro single-object encoding are read either way.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL", global = true)]
+    pub schema_registry_url: Option<String>,
 }
 
 impl Common {
@@ -101,6 +106,7 @@ impl Common {
         config.outbox_retention_ms = self.outbox_retention_ms;
         config.fetch_wait_max_ms = self.fetch_wait_max_ms;
         config.inbox_retention_ms = self.inbox_retention_ms;
+        config.schema_registry_url = self.schema_registry_url.clone();
         config
     }
 
@@ -664,6 +670,7 @@ async fn main() -> Result<()> {
             args.api.resolve_credentials(&pool).await?;
             let services = args.services.services(&pool)?;
             let pipeline = Pipeline::new(pool, config, services);
+            pipeline.prepare().await?;
             args.api.api_listen.get_or_insert_with(|| "127.0.0.1:8080".to_owned());
             let shutdown = shutdown_on_signal();
             if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
@@ -674,6 +681,7 @@ async fn main() -> Result<()> {
             init_logging("warn");
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
             let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers), Services::none());
+            pipeline.prepare().await?;
             let report = bridge_notify::rebuild::run(pipeline.context(), args.apply, args.idle_ms).await?;
             println!("{}", serde_json::to_string(&report)?);
             let lossless = report.comparison.versions_never_published == 0 && report.comparison.differing == 0;

@@ -107,6 +107,7 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
     let services = args.services.services(&pool)?;
     let pipeline = Pipeline::new(pool, config.clone(), services);
+    pipeline.prepare().await?;
     let ctx = pipeline.context();
     let mut report = ReplayReport {
         topic: args.range.topic.clone(),
@@ -124,6 +125,9 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
             bar.inc(1);
             if args.dry_run {
                 return Ok(());
+            }
+            if let (Some(registry), Some(payload)) = (&ctx.registry, message.payload.as_deref()) {
+                registry.learn_writer(payload).await?;
             }
             let mut attempts = 0;
             loop {

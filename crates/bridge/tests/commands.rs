@@ -840,7 +840,10 @@ simulated-services = true
     ensure!(line("stage")?.starts_with(r#"stage = ["validator", "deposit"]"#), "{}", line("stage")?);
     ensure!(line("account-services-token")?.contains("<redacted>"), "{}", line("account-services-token")?);
     ensure!(line("simulated-services")?.starts_with("simulated-services = true"), "{shown}");
-    ensure!(line("fetch-wait-max-ms")?.starts_with("fetch-wait-max-ms = 20 ") && shown.contains("# default"), "{shown}");
+    ensure!(
+        line("fetch-wait-max-ms")?.starts_with("fetch-wait-max-ms = 20 ") && shown.contains("# default"),
+        "{shown}"
+    );
 
     // What it printed is a configuration file that reads back the same
     // (the redacted lines are comments, so the secrets fall back to unset).
@@ -850,7 +853,10 @@ simulated-services = true
     ensure!(ok, "the printed configuration does not read back: {stderr}");
     for name in ["topic-partitions", "session-timeout-ms", "stage", "simulated-services", "fetch-wait-max-ms"] {
         let value = |text: &str| {
-            text.lines().find(|line| line.starts_with(&format!("{name} "))).and_then(|line| line.split(" # ").next()).map(|value| value.trim().to_owned())
+            text.lines()
+                .find(|line| line.starts_with(&format!("{name} ")))
+                .and_then(|line| line.split(" # ").next())
+                .map(|value| value.trim().to_owned())
         };
         ensure!(value(&shown) == value(&again), "{name}: {:?} then {:?}", value(&shown), value(&again));
     }
