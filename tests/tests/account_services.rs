@@ -68,6 +68,19 @@ async fn transient_failures_and_lost_replies_move_money_once() -> Result<()> {
     let states = count_states(&kit, &ids).await?;
     ensure!(states.get("completed") == Some(&16), "{states:?}");
     ensure!(settled_operations(&kit).await? == [("deposit".to_owned(), 16), ("withdrawal".to_owned(), 16)]);
+    // The calls' metrics: every step settled once, and the injected faults
+    // show as calls that found the service unavailable.
+    let metrics = bridge_pipeline::metrics::render();
+    let count = |service: &str, operation: &str, outcome: &str| -> u64 {
+        let prefix = format!(
+            r#"bridge_external_call_duration_seconds_count{{service="{service}",operation="{operation}",outcome="{outcome}"}} "#
+        );
+        metrics.lines().find_map(|line| line.strip_prefix(&prefix)).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    ensure!(count("investor", "withdrawals", "settled") == 16, "{metrics}");
+    ensure!(count("fund", "remittances", "settled") == 16, "{metrics}");
+    let unavailable = count("investor", "withdrawals", "unavailable") + count("fund", "remittances", "unavailable");
+    ensure!(unavailable > 0, "faults were injected but no call counts as unavailable:\n{metrics}");
     kit.assert_books_balance().await
 }
 

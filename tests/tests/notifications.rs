@@ -145,6 +145,12 @@ async fn every_channel_delivers() -> Result<()> {
     }
     pipeline.stop().await?;
     notifier.stop().await?;
+    let metrics = bridge_pipeline::metrics::render();
+    for (channel, count) in [("webhook", 5), ("slack", 1), ("sms", 1), ("email", 1)] {
+        let line =
+            format!(r#"bridge_notification_deliveries_total{{channel="{channel}",outcome="delivered"}} {count}"#);
+        ensure!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    }
 
     let hooks = webhook.accepted();
     ensure!(hooks.len() == 5, "{} webhook requests", hooks.len());

@@ -259,7 +259,10 @@ async fn send_one(
     }
     let recorded = match ctx.pool.acquire().await {
         Ok(mut conn) => match &result {
-            Ok(()) => notifications::mark_delivered(&mut conn, &delivery).await.map(|()| false),
+            Ok(()) => {
+                bridge_pipeline::metrics::notification_delivery(&delivery.channel, "delivered");
+                notifications::mark_delivered(&mut conn, &delivery).await.map(|()| false)
+            }
             Err(error) => {
                 let retry = match error {
                     SendError::Permanent(_) => None,
@@ -269,6 +272,8 @@ async fn send_one(
                 if retry.is_none() {
                     tracing::warn!(delivery = delivery.id, target = delivery.subscription_id, attempts = delivery.attempts, error = %error, "Delivery dead-lettered");
                 }
+                let outcome = if retry.is_some() { "retry" } else { "dead" };
+                bridge_pipeline::metrics::notification_delivery(&delivery.channel, outcome);
                 notifications::mark_failed(&mut conn, &delivery, &error.to_string(), retry, config.disable_after_ms)
                     .await
             }

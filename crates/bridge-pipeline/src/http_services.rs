@@ -181,6 +181,27 @@ impl HttpAccountServices {
         path: &str,
         movement: &MoneyMovement,
     ) -> Result<ServiceOutcome, ServiceError> {
+        let started = std::time::Instant::now();
+        let result = self.call_once(base, service, path, movement).await;
+        let outcome = match &result {
+            Ok(ServiceOutcome::Settled { .. }) => "settled",
+            Ok(ServiceOutcome::Declined { .. }) => "declined",
+            Ok(ServiceOutcome::Pending) => "pending",
+            Err(error) if error.is_retryable() => "unavailable",
+            Err(_) => "refused",
+        };
+        let operation = path.rsplit('/').next().unwrap_or(path);
+        crate::metrics::external_call(service, operation, outcome, started.elapsed());
+        result
+    }
+
+    async fn call_once(
+        &self,
+        base: &str,
+        service: &str,
+        path: &str,
+        movement: &MoneyMovement,
+    ) -> Result<ServiceOutcome, ServiceError> {
         let attempt = match self.post(base, path, movement).await {
             Attempt::Unknown(reason) => {
                 tracing::info!(idempotency_key = %movement.idempotency_key, reason = %reason, "Outcome unknown; asking the service");

@@ -31,10 +31,13 @@ fn apply_overrides(client: &mut ClientConfig, config: &PipelineConfig) {
 /// database transaction that consumed the message committed, and librdkafka
 /// commits stored offsets in the background; so a crash can re-deliver a
 /// message (which the inbox absorbs) but never skip one.
-pub fn consumer(config: &PipelineConfig, group_id: &str) -> Result<StreamConsumer> {
+pub fn consumer(config: &PipelineConfig, name: &str, group_id: &str) -> Result<StreamConsumer<LagContext>> {
     let mut client = base(config);
     client
         .set("group.id", group_id)
+        // librdkafka's statistics carry each partition's lag; `LagContext`
+        // publishes it as a metric.
+        .set("statistics.interval.ms", "5000")
         // Commit only what we stored after our own commit.
         .set("enable.auto.offset.store", "false")
         .set("enable.auto.commit", "true")
@@ -56,8 +59,32 @@ pub fn consumer(config: &PipelineConfig, group_id: &str) -> Result<StreamConsume
         // added half a second to each hop of a transfer.
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string());
     apply_overrides(&mut client, config);
-    client.create().context("Failed to create Kafka consumer")
+    client.create_with_context(LagContext { name: name.to_owned() }).context("Failed to create Kafka consumer")
 }
+
+/// Publishes the lag of each partition a consumer reads, from librdkafka's
+/// periodic statistics: the partition's high watermark minus the offset the
+/// consumer stored (which it does only after the message's transaction
+/// committed), so it counts what is not yet done.
+pub struct LagContext {
+    name: String,
+}
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, stats) in &stats.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; a lag
+                // of -1 means not known yet.
+                if *partition >= 0 && stats.desired && stats.consumer_lag_stored >= 0 {
+                    crate::metrics::consumer_lag(&self.name, topic, *partition, stats.consumer_lag_stored);
+                }
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
 
 /// The relay's producer.
 pub fn producer(config: &PipelineConfig) -> Result<FutureProducer> {

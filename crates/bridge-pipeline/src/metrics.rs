@@ -1,5 +1,8 @@
 //! Process metrics in the Prometheus text format: what each consumer did
-//! with its messages and how long that took, and what the relay published.
+//! with its messages, how long that took and how far behind its partitions
+//! are; what the relay published and in what batches; calls to the account
+//! services by outcome and latency; notification deliveries by channel and
+//! outcome.
 //! Served on the health listener (`--health-listen`) at `/metrics`, next to
 //! the probes, so every process can be scraped, not only the API.
 
@@ -9,6 +12,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -23,13 +27,37 @@ struct Consumer {
     consumer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Partition {
+    consumer: String,
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExternalCall {
+    service: String,
+    operation: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Delivery {
+    channel: String,
+    outcome: String,
+}
+
 struct Metrics {
     registry: Registry,
     messages: Family<Outcome, Counter>,
     retries: Family<Consumer, Counter>,
     duration: Family<Consumer, Histogram>,
+    lag: Family<Partition, Gauge>,
     relay_published: Counter,
     relay_failed: Counter,
+    relay_batch_size: Histogram,
+    external_calls: Family<ExternalCall, Histogram>,
+    deliveries: Family<Delivery, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -55,7 +83,40 @@ fn metrics() -> &'static Metrics {
         registry.register("relay_published", "Outbox rows the broker acknowledged", relay_published.clone());
         let relay_failed = Counter::default();
         registry.register("relay_failed", "Outbox rows sent but not acknowledged (sent again)", relay_failed.clone());
-        Metrics { registry, messages, retries, duration, relay_published, relay_failed }
+        let lag = Family::<Partition, Gauge>::default();
+        registry.register(
+            "consumer_lag",
+            "Messages in a partition behind the one this consumer last finished (from the last fetch's high watermark)",
+            lag.clone(),
+        );
+        // 1 to 1,024 rows.
+        let relay_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        registry.register("relay_batch_size", "Outbox rows the relay sent per batch", relay_batch_size.clone());
+        let external_calls =
+            Family::<ExternalCall, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        registry.register(
+            "external_call_duration_seconds",
+            "Calls to the account services by operation and outcome (settled, declined, pending, unavailable, refused), retries and lookups included",
+            external_calls.clone(),
+        );
+        let deliveries = Family::<Delivery, Counter>::default();
+        registry.register(
+            "notification_deliveries",
+            "Notification attempts by channel and outcome (delivered, retry, dead)",
+            deliveries.clone(),
+        );
+        Metrics {
+            registry,
+            messages,
+            retries,
+            duration,
+            lag,
+            relay_published,
+            relay_failed,
+            relay_batch_size,
+            external_calls,
+            deliveries,
+        }
     })
 }
 
@@ -76,6 +137,27 @@ pub fn relay_batch(published: usize, failed: usize) {
     let metrics = metrics();
     metrics.relay_published.inc_by(published as u64);
     metrics.relay_failed.inc_by(failed as u64);
+    metrics.relay_batch_size.observe((published + failed) as f64);
+}
+
+/// How many messages of `topic`/`partition` lie beyond the one `consumer`
+/// just finished.
+pub fn consumer_lag(consumer: &str, topic: &str, partition: i32, lag: i64) {
+    let key = Partition { consumer: consumer.to_owned(), topic: topic.to_owned(), partition };
+    metrics().lag.get_or_create(&key).set(lag.max(0));
+}
+
+/// A call to an account service finished with `outcome` after `took`.
+pub fn external_call(service: &str, operation: &str, outcome: &str, took: Duration) {
+    let key =
+        ExternalCall { service: service.to_owned(), operation: operation.to_owned(), outcome: outcome.to_owned() };
+    metrics().external_calls.get_or_create(&key).observe(took.as_secs_f64());
+}
+
+/// A notification attempt on `channel` ended with `outcome`.
+pub fn notification_delivery(channel: &str, outcome: &str) {
+    let key = Delivery { channel: channel.to_owned(), outcome: outcome.to_owned() };
+    metrics().deliveries.get_or_create(&key).inc();
 }
 
 /// Everything recorded so far, in the Prometheus text format.
@@ -98,5 +180,20 @@ mod tests {
         assert!(text.contains(r#"bridge_messages_total{consumer="unit-test",outcome="applied"} 1"#), "{text}");
         assert!(text.contains(r#"bridge_message_retries_total{consumer="unit-test"} 1"#), "{text}");
         assert!(text.contains(r#"bridge_message_duration_seconds_count{consumer="unit-test"} 1"#), "{text}");
+        consumer_lag("unit-test", "t", 3, 41);
+        external_call("investor", "withdrawals", "settled", Duration::from_millis(2));
+        notification_delivery("webhook", "delivered");
+        relay_batch(7, 1);
+        let text = render();
+        assert!(text.contains(r#"bridge_consumer_lag{consumer="unit-test",topic="t",partition="3"} 41"#), "{text}");
+        assert!(
+            text.contains(r#"bridge_external_call_duration_seconds_count{service="investor",operation="withdrawals",outcome="settled"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"bridge_notification_deliveries_total{channel="webhook",outcome="delivered"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("bridge_relay_batch_size_count 1"), "{text}");
     }
 }

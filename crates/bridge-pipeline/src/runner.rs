@@ -218,7 +218,7 @@ pub async fn consume(
     handler: Handler,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let consumer = Arc::new(kafka::consumer(&ctx.config, group)?);
+    let consumer = Arc::new(kafka::consumer(&ctx.config, name, group)?);
     consumer.subscribe(&[topic]).with_context(|| format!("Failed to subscribe to {topic}"))?;
     tracing::info!(stage = name, topic = %topic, "Consumer started");
     let mut lanes: HashMap<i32, tokio::sync::mpsc::Sender<Inbound>> = HashMap::new();
@@ -277,7 +277,7 @@ pub async fn consume(
 struct Lane {
     name: &'static str,
     registry: Option<Arc<SchemaRegistry>>,
-    consumer: Arc<rdkafka::consumer::StreamConsumer>,
+    consumer: Arc<rdkafka::consumer::StreamConsumer<kafka::LagContext>>,
     handler: Handler,
     shutdown: CancellationToken,
     backoff_max_ms: u64,
@@ -352,7 +352,7 @@ impl Lane {
     }
 }
 
-fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer, name: &str) -> Result<()> {
+fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer<kafka::LagContext>, name: &str) -> Result<()> {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(error) => tracing::warn!(stage = name, error = %error, "Final offset commit failed"),

@@ -506,7 +506,8 @@ fn follow_status(
     config: &PipelineConfig,
     tracks: Arc<Mutex<HashMap<Uuid, Track>>>,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let consumer = kafka::consumer(config, &format!("{}bench-follower-{}", config.group_prefix, Uuid::new_v4()))?;
+    let group = format!("{}bench-follower-{}", config.group_prefix, Uuid::new_v4());
+    let consumer = kafka::consumer(config, "bench-follower", &group)?;
     consumer.subscribe(&[&config.topics.status()])?;
     Ok(tokio::spawn(async move {
         loop {

@@ -759,7 +759,21 @@ async fn a_stage_process_logs_json_and_serves_its_metrics() -> Result<()> {
     }
     let client = reqwest::Client::new();
     ensure!(client.get(format!("http://{health}/readyz")).send().await?.status().is_success());
-    let metrics = client.get(format!("http://{health}/metrics")).send().await?.text().await?;
+    // Lag comes from librdkafka's statistics, every 5 s: once they have
+    // come, the partition that held the message shows nothing left to do.
+    let lag_prefix =
+        format!(r#"bridge_consumer_lag{{consumer="validator",topic="{}",partition="#, kit.topics().requested());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let metrics = client.get(format!("http://{health}/metrics")).send().await?.text().await?;
+        if metrics.lines().any(|line| line.starts_with(&lag_prefix)) {
+            break metrics;
+        }
+        ensure!(std::time::Instant::now() < deadline, "no consumer lag in:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let lags: Vec<&str> = metrics.lines().filter(|line| line.starts_with(&lag_prefix)).collect();
+    ensure!(lags.iter().all(|line| line.ends_with(" 0")), "lag left after the only message was processed: {lags:?}");
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
     let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
     ensure!(output.status.success());
