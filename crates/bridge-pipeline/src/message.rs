@@ -100,27 +100,64 @@ fn read_headers(message: &BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
     pub trace_id: String,
+    /// The exported span events are written under, when traces are on.
+    pub span_id: Option<String>,
 }
 
 impl TraceContext {
+    /// The trace to write events in. With traces exported, the current
+    /// span (a message's, whose parent is this same `traceparent`) is the
+    /// parent of what it writes, so the next hop's span hangs under it.
+    /// Otherwise the trace id of `traceparent`, or a new trace.
     pub fn continue_or_start(traceparent: Option<&str>) -> Self {
-        let parsed = traceparent.and_then(|value| {
-            let parts: Vec<&str> = value.split('-').collect();
-            let valid = parts.len() == 4
-                && parts[0] == "00"
-                && parts[1].len() == 32
-                && parts[1].bytes().all(|b| b.is_ascii_hexdigit())
-                && parts[1] != "00000000000000000000000000000000";
-            valid.then(|| parts[1].to_ascii_lowercase())
-        });
-        Self { trace_id: parsed.unwrap_or_else(|| Uuid::new_v4().simple().to_string()) }
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let current = tracing::Span::current().context();
+        let exported = current.span().span_context().clone();
+        if exported.is_valid() {
+            return Self { trace_id: exported.trace_id().to_string(), span_id: Some(exported.span_id().to_string()) };
+        }
+        let parsed = traceparent.and_then(parse_traceparent).map(|(trace_id, _)| trace_id);
+        Self { trace_id: parsed.unwrap_or_else(|| Uuid::new_v4().simple().to_string()), span_id: None }
     }
 
-    /// A `traceparent` for a new span (hop) of this trace.
+    /// A `traceparent` for the next hop of this trace: under the current
+    /// exported span, or under a new span id when nothing is exported.
     pub fn child_traceparent(&self) -> String {
-        let span = Uuid::new_v4().simple().to_string();
-        format!("00-{}-{}-01", self.trace_id, &span[..16])
+        let span = match &self.span_id {
+            Some(span_id) => span_id.clone(),
+            None => Uuid::new_v4().simple().to_string()[..16].to_owned(),
+        };
+        format!("00-{}-{span}-01", self.trace_id)
     }
+}
+
+/// (trace id, parent span id) of a W3C `traceparent`, lower-case; `None` if
+/// it is not a valid version-00 value.
+fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |text: &str, len: usize| text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && parts[1] != "00000000000000000000000000000000"
+        && hex(parts[2], 16)
+        && parts[2] != "0000000000000000";
+    valid.then(|| (parts[1].to_ascii_lowercase(), parts[2].to_ascii_lowercase()))
+}
+
+/// The OpenTelemetry context of a remote parent named by `traceparent`.
+pub fn remote_parent(traceparent: &str) -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+    let (trace_id, span_id) = parse_traceparent(traceparent)?;
+    let context = SpanContext::new(
+        TraceId::from_hex(&trace_id).ok()?,
+        SpanId::from_hex(&span_id).ok()?,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    Some(opentelemetry::Context::new().with_remote_span_context(context))
 }
 
 /// Builds an outbox message with CloudEvents binary-mode headers.

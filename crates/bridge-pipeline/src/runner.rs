@@ -366,7 +366,7 @@ fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer<kafka::LagContext
 fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::Span {
     let transfer_id = inbound.key.as_deref().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or("");
     let trace_id = inbound.header("traceparent").and_then(|value| value.split('-').nth(1)).unwrap_or("");
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "message",
         stage,
         topic = %inbound.topic,
@@ -374,7 +374,14 @@ fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::Span {
         offset = inbound.offset,
         transfer_id,
         trace_id
-    )
+    );
+    // With traces exported, the message's span continues the trace of the
+    // span that wrote the message (no-op otherwise).
+    if let Some(parent) = inbound.header("traceparent").and_then(crate::message::remote_parent) {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let _ = span.set_parent(parent);
+    }
+    span
 }
 
 /// How long a claim lasts before another runner may take the step over. A

@@ -13,6 +13,7 @@ mod notify;
 mod ops;
 mod plot;
 mod submit;
+mod telemetry;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -514,18 +515,30 @@ struct ReconcileArgs {
 /// is processed carry its `span`: stage, topic, partition, offset,
 /// `transfer_id` and `trace_id`.
 fn init_logging(default_level: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Traces are an addition: a process that cannot build its exporter
+    // still runs, and says why it exports nothing.
+    let (traces, traces_error) = match telemetry::layer() {
+        Ok(layer) => (layer, None),
+        Err(error) => (None, Some(error)),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(traces);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let format = std::env::var("BRIDGE_LOG_FORMAT").unwrap_or_default();
     match format.as_str() {
-        "json" => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+        "json" => registry.with(fmt.json().flatten_event(true).with_current_span(true).with_span_list(false)).init(),
         _ => {
-            builder.init();
+            registry.with(fmt).init();
             if !format.is_empty() && format != "text" {
                 tracing::warn!(format = %format, "Unknown BRIDGE_LOG_FORMAT; logging as text (json or text)");
             }
         }
+    }
+    if let Some(error) = traces_error {
+        tracing::error!(error = format!("{error:#}"), "Traces will not be exported");
     }
 }
 
@@ -548,6 +561,14 @@ pub fn shutdown_on_signal() -> CancellationToken {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let result = run().await;
+    // The batch exporter's thread sends what is still buffered; waiting for
+    // it blocks, so not on a runtime thread.
+    let _ = tokio::task::spawn_blocking(telemetry::shutdown).await;
+    result
+}
+
+async fn run() -> Result<()> {
     let resolved = config::resolve_args::<Cli>(std::env::args_os().collect())?;
     let cli = Cli::parse_from(&resolved.args);
     match cli.command {

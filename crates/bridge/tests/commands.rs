@@ -894,3 +894,118 @@ simulated-services = true
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// With an OTLP endpoint configured, one trace holds a transfer's journey:
+/// each stage's span is the child of the span that wrote the event it
+/// consumed (the validator's of the request's own traceparent), and the
+/// notifier's spans for the status events belong to the same trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_follow_a_transfer_through_every_stage_over_otlp() -> Result<()> {
+    use bridge_testkit::receivers::{Behaviour, HttpReceiver};
+    let kit = TestKit::start(BrokerKind::Standalone).await?;
+    kit.seed_investor("otto", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let collector = HttpReceiver::start(Behaviour::default()).await?;
+    let env = kit_env(
+        &kit,
+        &[
+            ("BRIDGE_SIMULATED_SERVICES", "true"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_SERVICE_NAME", "bridge-under-test"),
+        ],
+    );
+    let log_path = std::env::temp_dir().join(format!("bridge-traces-{}.log", uuid::Uuid::new_v4()));
+    let child = Command::new(BRIDGE)
+        .arg("run")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()?;
+    let id = kit.publish(&kit.request("otto", &fund_account, 1_000_00)).await?;
+    let waited = kit.wait_terminal(&[id], Duration::from_secs(90)).await;
+    // The notifier reads the last status event a moment after it is written.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    let exit = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    waited.with_context(|| format!("the transfer did not finish; log:\n{log}"))?;
+    ensure!(exit.status.success(), "bridge run failed: {log}");
+
+    let request = kit.read_topic(&kit.topics().requested()).await?;
+    let traceparent = request[0].header("traceparent").context("the request carries a traceparent")?.to_owned();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    let (trace_id, request_span) = (parts[1], parts[2]);
+
+    // Every exported span, from every export request (OTLP/HTTP JSON).
+    struct Span {
+        trace_id: String,
+        span_id: String,
+        parent: String,
+        stage: String,
+        transfer: String,
+    }
+    let attribute = |span: &serde_json::Value, key: &str| -> String {
+        span["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|attribute| attribute["key"] == key)
+            .and_then(|attribute| attribute["value"]["stringValue"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut spans = Vec::new();
+    let requests = collector.received();
+    ensure!(!requests.is_empty(), "nothing was exported; log:\n{log}");
+    for export in &requests {
+        ensure!(export.path == "/v1/traces", "exported to {}", export.path);
+        let body: serde_json::Value = serde_json::from_slice(&export.body)?;
+        for resource in body["resourceSpans"].as_array().into_iter().flatten() {
+            let service = resource["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|attribute| attribute["key"] == "service.name")
+                .and_then(|attribute| attribute["value"]["stringValue"].as_str());
+            ensure!(service == Some("bridge-under-test"), "service name {service:?}");
+            for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                for span in scope["spans"].as_array().into_iter().flatten().filter(|span| span["name"] == "message") {
+                    spans.push(Span {
+                        trace_id: span["traceId"].as_str().unwrap_or_default().to_owned(),
+                        span_id: span["spanId"].as_str().unwrap_or_default().to_owned(),
+                        parent: span["parentSpanId"].as_str().unwrap_or_default().to_owned(),
+                        stage: attribute(span, "stage"),
+                        transfer: attribute(span, "transfer_id"),
+                    });
+                }
+            }
+        }
+    }
+    let ours: Vec<&Span> = spans.iter().filter(|span| span.transfer == id.to_string()).collect();
+    ensure!(ours.iter().all(|span| span.trace_id == trace_id), "a span of the transfer left its trace");
+    let stage = |name: &str| -> Result<&Span> {
+        let found: Vec<&&Span> = ours.iter().filter(|span| span.stage == name).collect();
+        ensure!(found.len() == 1, "{} {name} spans", found.len());
+        Ok(found[0])
+    };
+    let validator = stage("validator")?;
+    ensure!(validator.parent == request_span, "the validator's span is not the request's child");
+    let withdrawal = stage("withdrawal")?;
+    ensure!(withdrawal.parent == validator.span_id, "withdrawal is not under the validator");
+    let deposit = stage("deposit")?;
+    ensure!(deposit.parent == withdrawal.span_id, "deposit is not under the withdrawal");
+    let completion = stage("completion")?;
+    ensure!(completion.parent == deposit.span_id, "completion is not under the deposit");
+    // The notifier heard the five status events, each under the span that
+    // wrote it.
+    let writers: Vec<&str> = [validator, withdrawal, deposit, completion].iter().map(|s| s.span_id.as_str()).collect();
+    let notified: Vec<&&Span> = ours.iter().filter(|span| span.stage == "notifier").collect();
+    ensure!(notified.len() == 5, "{} notifier spans", notified.len());
+    ensure!(
+        notified.iter().all(|span| writers.contains(&span.parent.as_str())),
+        "a notifier span has a foreign parent"
+    );
+    Ok(())
+}
