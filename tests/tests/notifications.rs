@@ -154,6 +154,13 @@ async fn every_channel_delivers() -> Result<()> {
 
     let hooks = webhook.accepted();
     ensure!(hooks.len() == 5, "{} webhook requests", hooks.len());
+    // Each webhook carries the transfer's trace on (W3C traceparent).
+    let requested = kit.read_topic(&kit.topics().requested()).await?;
+    let trace_id = requested[0].header("traceparent").and_then(|value| value.split('-').nth(1)).context("trace id")?;
+    for hook in &hooks {
+        let traceparent = hook.header("traceparent").context("a webhook without a traceparent")?;
+        ensure!(traceparent.split('-').nth(1) == Some(trace_id), "{traceparent} is not in trace {trace_id}");
+    }
     let mut versions = Vec::new();
     for request in &hooks {
         verify_independently(request)?;

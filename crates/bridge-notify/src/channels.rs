@@ -174,17 +174,17 @@ impl Channels {
         let timestamp = chrono::Utc::now().timestamp();
         let signature =
             secrets.iter().map(|secret| secret.sign(&id, timestamp, body.as_bytes())).collect::<Vec<_>>().join(" ");
-        let response = self
+        let mut request = self
             .http
             .post(&delivery.target)
             .header("content-type", "application/json")
             .header(bridge_webhooks::ID_HEADER, &id)
             .header(bridge_webhooks::TIMESTAMP_HEADER, timestamp.to_string())
-            .header(bridge_webhooks::SIGNATURE_HEADER, signature)
-            .body(body)
-            .send()
-            .await
-            .map_err(transport_error)?;
+            .header(bridge_webhooks::SIGNATURE_HEADER, signature);
+        if let Some(traceparent) = &delivery.traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let response = request.body(body).send().await.map_err(transport_error)?;
         let status = response.status();
         classify_http(status, &response.text().await.unwrap_or_default())
     }

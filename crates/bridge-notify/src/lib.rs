@@ -194,6 +194,12 @@ async fn accept(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageE
         fund_account_id: event.fund_account_id.clone(),
         event: serde_json::to_value(&event)
             .map_err(|error| StageError::Permanent { class: "invalid_event", message: error.to_string() })?,
+        // Under this message's span: a receiver's work joins the transfer's
+        // trace.
+        traceparent: Some(
+            bridge_pipeline::message::TraceContext::continue_or_start(message.header("traceparent"))
+                .child_traceparent(),
+        ),
     };
     let mut tx = ctx.pool.begin().await?;
     let accepted = notifications::accept(&mut tx, &logged).await?;

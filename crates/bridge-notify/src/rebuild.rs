@@ -44,6 +44,9 @@ fn logged(message: &Inbound) -> Option<LoggedEvent> {
         investor_account_id: event.investor_account_id.clone(),
         fund_account_id: event.fund_account_id.clone(),
         event: serde_json::to_value(&event).ok()?,
+        // The message's own: a rebuilt event's deliveries continue the
+        // trace of the stage that wrote it.
+        traceparent: message.header("traceparent").map(str::to_owned),
     })
 }
 

@@ -102,6 +102,8 @@ pub struct LoggedEvent {
     pub fund_account_id: String,
     /// The whole event as JSON, as webhooks receive it.
     pub event: serde_json::Value,
+    /// The trace the event belongs to, passed on to webhook receivers.
+    pub traceparent: Option<String>,
 }
 
 /// Writes `event` to the event log and queues one delivery per matching
@@ -143,6 +145,7 @@ pub struct ClaimedDelivery {
     pub target: String,
     pub secret: Option<String>,
     pub event: serde_json::Value,
+    pub traceparent: Option<String>,
 }
 
 impl std::fmt::Debug for ClaimedDelivery {
@@ -166,7 +169,8 @@ impl std::fmt::Debug for ClaimedDelivery {
 pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<Vec<ClaimedDelivery>> {
     // The conditions on `d` are checked again on the locked row, so two
     // notifiers cannot both claim a head.
-    let rows: Vec<(i64, i64, Uuid, i32, String, String, Option<String>, serde_json::Value)> = sqlx::query_as(
+    type Row = (i64, i64, Uuid, i32, String, String, Option<String>, serde_json::Value, Option<String>);
+    let rows: Vec<Row> = sqlx::query_as(
         // One index probe per enabled target for its head (rather than a
         // scan of every pending delivery), so a long backlog at one target
         // does not make claiming slower for the others.
@@ -184,7 +188,8 @@ pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> 
          WHERE d.id = due.id AND s.id = d.subscription_id AND l.event_id = d.event_id
            AND d.status = 'pending' AND d.next_attempt_at <= now()
            AND (d.leased_until IS NULL OR d.leased_until < now())
-         RETURNING d.id, d.subscription_id, d.event_id, d.attempts, s.channel, s.target, s.secret, l.event",
+         RETURNING d.id, d.subscription_id, d.event_id, d.attempts, s.channel, s.target, s.secret, l.event,
+                   l.traceparent",
     )
     .bind(limit)
     .bind(lease_ms as f64 / 1_000.0)
@@ -192,7 +197,7 @@ pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> 
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, subscription_id, event_id, attempts, channel, target, secret, event)| ClaimedDelivery {
+        .map(|(id, subscription_id, event_id, attempts, channel, target, secret, event, traceparent)| ClaimedDelivery {
             id,
             subscription_id,
             event_id,
@@ -201,6 +206,7 @@ pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> 
             target,
             secret,
             event,
+            traceparent,
         })
         .collect())
 }
@@ -304,14 +310,15 @@ pub async fn rebuild_insert(conn: &mut PgConnection, event: &LoggedEvent) -> Res
 /// shape) unless it is there; true when it was new.
 async fn insert_event(conn: &mut PgConnection, table: &'static str, event: &LoggedEvent) -> Result<bool> {
     let inserted = sqlx::query(&format!(
-        "INSERT INTO {table} (event_id, transfer_id, version, state, event)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING"
+        "INSERT INTO {table} (event_id, transfer_id, version, state, event, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING"
     ))
     .bind(event.event_id)
     .bind(event.transfer_id)
     .bind(event.version)
     .bind(&event.state)
     .bind(&event.event)
+    .bind(&event.traceparent)
     .execute(conn)
     .await?;
     Ok(inserted.rows_affected() == 1)
@@ -363,8 +370,8 @@ pub async fn compare_rebuild(conn: &mut PgConnection) -> Result<RebuildCompariso
 
 /// The rebuilt events the live log lacks, oldest version first.
 pub async fn missing_from_log(conn: &mut PgConnection) -> Result<Vec<LoggedEvent>> {
-    let rows: Vec<(Uuid, Uuid, i64, String, serde_json::Value)> = sqlx::query_as(
-        "SELECT r.event_id, r.transfer_id, r.version, r.state, r.event FROM notification_log_rebuild r
+    let rows: Vec<(Uuid, Uuid, i64, String, serde_json::Value, Option<String>)> = sqlx::query_as(
+        "SELECT r.event_id, r.transfer_id, r.version, r.state, r.event, r.traceparent FROM notification_log_rebuild r
          WHERE NOT EXISTS (SELECT 1 FROM notification_log l WHERE l.event_id = r.event_id)
          ORDER BY r.transfer_id, r.version",
     )
@@ -372,7 +379,7 @@ pub async fn missing_from_log(conn: &mut PgConnection) -> Result<Vec<LoggedEvent
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(event_id, transfer_id, version, state, event)| LoggedEvent {
+        .map(|(event_id, transfer_id, version, state, event, traceparent)| LoggedEvent {
             investor_account_id: event["investor_account_id"].as_str().unwrap_or_default().to_owned(),
             fund_account_id: event["fund_account_id"].as_str().unwrap_or_default().to_owned(),
             event_id,
@@ -380,6 +387,7 @@ pub async fn missing_from_log(conn: &mut PgConnection) -> Result<Vec<LoggedEvent
             version,
             state,
             event,
+            traceparent,
         })
         .collect())
 }

@@ -193,6 +193,7 @@ async fn one_run(
             investor_account_id: investor,
             fund_account_id: format!("{namespace}-fund"),
             event,
+            traceparent: None,
         };
         notifications::accept(&mut tx, &logged).await?;
     }
