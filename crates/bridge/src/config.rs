@@ -38,9 +38,11 @@ pub fn resolve_args<C: CommandFactory>(args: Vec<OsString>) -> Result<Resolved> 
     let table: toml::Table =
         text.parse().with_context(|| format!("The configuration file {path} is not valid TOML"))?;
     // Parse once without the file to learn which settings a flag or a
-    // variable already set; a parse error is reported by the real parse.
+    // variable already set. Missing required settings are not an error
+    // here (the file may supply them); any other error is reported by the
+    // real parse.
     let command = C::command();
-    let Ok(matches) = command.clone().try_get_matches_from(&args) else {
+    let Ok(matches) = command.clone().ignore_errors(true).try_get_matches_from(&args) else {
         return Ok(Resolved { args, from_file: BTreeSet::new() });
     };
     let (leaf, leaf_matches) = leaf(&command, &matches);

@@ -629,6 +629,8 @@ async fn run() -> Result<()> {
                 });
             let services = if calls_services { args.services.services(&pool)? } else { Services::none() };
             let pipeline = Pipeline::new(pool, config, services);
+            // Before the API takes requests, whose events need the ids.
+            pipeline.prepare().await?;
             let shutdown = shutdown_on_signal();
             let api = args.api.serve(&pipeline, shutdown.clone()).await?;
             args.common.serve_health(&pipeline, shutdown.clone()).await?;

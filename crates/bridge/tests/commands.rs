@@ -891,6 +891,19 @@ simulated-services = true
         "migrate with a configuration file: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // A setting a command requires may come from the file too.
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!("database-url = {:?}\nname = \"from-file\"\nscopes = [\"admin\"]\n", kit.database_url),
+    )?;
+    let output =
+        Command::new(BRIDGE).args(["keys", "create", "--config", &keys.to_string_lossy()]).env_clear().output()?;
+    ensure!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).starts_with("brk_"),
+        "keys create with its required settings in the file: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -923,9 +936,23 @@ async fn traces_follow_a_transfer_through_every_stage_over_otlp() -> Result<()> 
         .stderr(std::fs::File::create(&log_path)?)
         .spawn()?;
     let id = kit.publish(&kit.request("otto", &fund_account, 1_000_00)).await?;
-    let waited = kit.wait_terminal(&[id], Duration::from_secs(90)).await;
-    // The notifier reads the last status event a moment after it is written.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut waited = kit.wait_terminal(&[id], Duration::from_secs(90)).await;
+    // The notifier reads the last status event a moment after it is written:
+    // wait until it has logged all five.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while waited.is_ok() {
+        let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM notification_log WHERE transfer_id = $1")
+            .bind(id)
+            .fetch_one(&kit.pool)
+            .await?;
+        if logged == 5 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            waited = Err(anyhow::anyhow!("the notifier logged {logged} of 5 status events"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
     let exit = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
