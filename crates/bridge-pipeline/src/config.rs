@@ -98,6 +98,9 @@ pub struct PipelineConfig {
     pub session_timeout_ms: u32,
     /// Longest a consumer's fetch waits at the broker for new data.
     pub fetch_wait_max_ms: u32,
+    /// Most messages of one partition the completion stage applies in one
+    /// set-based transaction, when that many are queued; 1 turns it off.
+    pub batch_size_max: usize,
     /// Outbox rows the relay claims and publishes per database transaction.
     pub relay_batch_size_max: i64,
     /// How long the relay sleeps without a notification before polling.
@@ -155,6 +158,7 @@ impl PipelineConfig {
             topic_replication: 1,
             session_timeout_ms: 10_000,
             fetch_wait_max_ms: 20,
+            batch_size_max: 64,
             relay_batch_size_max: 500,
             relay_poll_interval_ms: 500,
             producer_message_timeout_ms: 30_000,

@@ -56,6 +56,7 @@ struct Metrics {
     relay_published: Counter,
     relay_failed: Counter,
     relay_batch_size: Histogram,
+    batch_size: Family<Consumer, Histogram>,
     external_calls: Family<ExternalCall, Histogram>,
     deliveries: Family<Delivery, Counter>,
 }
@@ -63,6 +64,11 @@ struct Metrics {
 fn duration_histogram() -> Histogram {
     // 1 ms to about 16 s.
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+fn batch_histogram() -> Histogram {
+    // 1 to 1,024 messages.
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
 }
 
 fn metrics() -> &'static Metrics {
@@ -89,9 +95,14 @@ fn metrics() -> &'static Metrics {
             "Messages in a partition behind the one this consumer last finished (from the last fetch's high watermark)",
             lag.clone(),
         );
-        // 1 to 1,024 rows.
-        let relay_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        let relay_batch_size = batch_histogram();
         registry.register("relay_batch_size", "Outbox rows the relay sent per batch", relay_batch_size.clone());
+        let batch_size = Family::<Consumer, Histogram>::new_with_constructor(batch_histogram as fn() -> Histogram);
+        registry.register(
+            "batch_size",
+            "Messages a consumer applied together in one set-based transaction",
+            batch_size.clone(),
+        );
         let external_calls =
             Family::<ExternalCall, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
         registry.register(
@@ -114,6 +125,7 @@ fn metrics() -> &'static Metrics {
             relay_published,
             relay_failed,
             relay_batch_size,
+            batch_size,
             external_calls,
             deliveries,
         }
@@ -138,6 +150,11 @@ pub fn relay_batch(published: usize, failed: usize) {
     metrics.relay_published.inc_by(published as u64);
     metrics.relay_failed.inc_by(failed as u64);
     metrics.relay_batch_size.observe((published + failed) as f64);
+}
+
+/// A consumer applied `size` messages in one set-based transaction.
+pub fn batch_applied(consumer: &str, size: usize) {
+    metrics().batch_size.get_or_create(&Consumer { consumer: consumer.to_owned() }).observe(size as f64);
 }
 
 /// How many messages of `topic`/`partition` lie beyond the one `consumer`

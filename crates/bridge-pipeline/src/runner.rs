@@ -185,14 +185,31 @@ pub type Handler = Arc<
     dyn for<'a> Fn(&'a Inbound) -> futures::future::BoxFuture<'a, Result<Outcome, stages::StageError>> + Send + Sync,
 >;
 
+/// What a consumer may do with several queued messages of one partition at
+/// once: apply them all in one transaction (`Some`, an outcome each), or
+/// nothing (`None`: they are then handled one by one).
+pub type BatchHandler =
+    Arc<dyn for<'a> Fn(&'a [Inbound]) -> futures::future::BoxFuture<'a, Option<Vec<Outcome>>> + Send + Sync>;
+
 async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: CancellationToken) -> Result<()> {
     let handler_ctx = ctx.clone();
     let handler: Handler = Arc::new(move |message| {
         let ctx = handler_ctx.clone();
         Box::pin(async move { stages::handle(&ctx, stage, message).await })
     });
+    let batch = match stage {
+        StageName::Completion if ctx.config.batch_size_max > 1 => {
+            let batch_ctx = ctx.clone();
+            let batch: BatchHandler = Arc::new(move |messages| {
+                let ctx = batch_ctx.clone();
+                Box::pin(async move { stages::complete_batch(&ctx, messages).await })
+            });
+            Some(batch)
+        }
+        _ => None,
+    };
     let topic = stage.input_topic(&ctx.topics);
-    consume(&ctx, stage.as_str(), &stage.group_id(&ctx.config), &topic, handler, shutdown).await
+    consume_batched(&ctx, stage.as_str(), &stage.group_id(&ctx.config), &topic, handler, batch, shutdown).await
 }
 
 /// Messages a partition's lane may hold beyond the one in hand. Bounded, so
@@ -216,6 +233,20 @@ pub async fn consume(
     group: &str,
     topic: &str,
     handler: Handler,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    consume_batched(ctx, name, group, topic, handler, None, shutdown).await
+}
+
+/// `consume`, where a lane that finds several messages queued may first
+/// offer them to `batch`.
+pub async fn consume_batched(
+    ctx: &StageContext,
+    name: &'static str,
+    group: &str,
+    topic: &str,
+    handler: Handler,
+    batch: Option<BatchHandler>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let consumer = Arc::new(kafka::consumer(&ctx.config, name, group)?);
@@ -252,6 +283,8 @@ pub async fn consume(
                 registry: ctx.registry.clone(),
                 consumer: consumer.clone(),
                 handler: handler.clone(),
+                batch: batch.clone(),
+                batch_size_max: ctx.config.batch_size_max,
                 shutdown: shutdown.clone(),
                 backoff_max_ms: ctx.config.retry_backoff_max_ms,
             };
@@ -279,6 +312,8 @@ struct Lane {
     registry: Option<Arc<SchemaRegistry>>,
     consumer: Arc<rdkafka::consumer::StreamConsumer<kafka::LagContext>>,
     handler: Handler,
+    batch: Option<BatchHandler>,
+    batch_size_max: usize,
     shutdown: CancellationToken,
     backoff_max_ms: u64,
 }
@@ -286,15 +321,54 @@ struct Lane {
 impl Lane {
     async fn run(self, mut receiver: tokio::sync::mpsc::Receiver<Inbound>) {
         use tracing::Instrument;
-        while let Some(inbound) = receiver.recv().await {
+        while let Some(first) = receiver.recv().await {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            let span = message_span(self.name, &inbound);
-            if !self.process(&inbound).instrument(span).await {
-                return;
+            // What is already queued behind it, never waiting for more: a
+            // batch forms only under load, and adds no latency.
+            let mut queued = vec![first];
+            if self.batch.is_some() {
+                while queued.len() < self.batch_size_max {
+                    match receiver.try_recv() {
+                        Ok(inbound) => queued.push(inbound),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if queued.len() > 1 && self.apply_batch(&queued).await {
+                continue;
+            }
+            for inbound in &queued {
+                let span = message_span(self.name, inbound);
+                if !self.process(inbound).instrument(span).await {
+                    return;
+                }
             }
         }
+    }
+
+    /// Offers `queued` to the batch handler; true if it applied them all
+    /// (their offsets are then stored), false to take them one by one.
+    async fn apply_batch(&self, queued: &[Inbound]) -> bool {
+        let (Some(batch), Some(last)) = (&self.batch, queued.last()) else { return false };
+        for inbound in queued {
+            if self.learn_writer(inbound).await.is_err() {
+                return false;
+            }
+        }
+        let started = std::time::Instant::now();
+        let Some(outcomes) = batch(queued).await else { return false };
+        crate::metrics::batch_applied(self.name, queued.len());
+        for outcome in outcomes {
+            crate::metrics::message_finished(self.name, outcome.as_label(), started.elapsed());
+        }
+        // The last offset covers the batch: every message before it in the
+        // partition is applied.
+        if let Err(error) = self.consumer.store_offset(&last.topic, last.partition, last.offset) {
+            tracing::warn!(error = %error, "Could not store offset; the partition's next owner will see the batch again");
+        }
+        true
     }
 
     /// Processes one message until it is done (then stores its offset) or
@@ -363,7 +437,7 @@ fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer<kafka::LagContext
 
 /// The span every log line about one message carries: where it came from,
 /// the transfer (our keys are transfer ids) and the trace it belongs to.
-fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::Span {
+pub(crate) fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::Span {
     let transfer_id = inbound.key.as_deref().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or("");
     let trace_id = inbound.header("traceparent").and_then(|value| value.split('-').nth(1)).unwrap_or("");
     let span = tracing::info_span!(

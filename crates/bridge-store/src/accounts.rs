@@ -327,6 +327,68 @@ pub async fn adjust_allocation(
     exactly_one(updated, "fund", fund_id)
 }
 
+/// Turns reserved allocations into completed ones for a batch of
+/// completions, `(fund, investor, amount)` each, set-based: rows are locked
+/// allocations first, then funds, each in key order, the order every other
+/// writer of these rows follows too (`adjust_allocation` updates an
+/// allocation, then its fund), so batches and single steps cannot deadlock.
+/// A completion changes no total, so no limit can refuse it; the CHECK
+/// constraints still refuse a reservation that is not there.
+pub async fn complete_allocations(conn: &mut PgConnection, completions: &[(String, String, i64)]) -> Result<()> {
+    let funds: Vec<&str> = completions.iter().map(|(fund, _, _)| fund.as_str()).collect();
+    let investors: Vec<&str> = completions.iter().map(|(_, investor, _)| investor.as_str()).collect();
+    let amounts: Vec<i64> = completions.iter().map(|(_, _, amount)| *amount).collect();
+    let pairs =
+        completions.iter().map(|(fund, investor, _)| (fund, investor)).collect::<std::collections::HashSet<_>>();
+    let pairs = pairs.len() as u64;
+    let locked: u64 = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM (
+             SELECT 1 FROM allocations a
+             JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS i(fund_id, investor_account_id)) i
+               ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
+             ORDER BY a.fund_id, a.investor_account_id FOR UPDATE OF a) locked",
+    )
+    .bind(&funds)
+    .bind(&investors)
+    .fetch_one(&mut *conn)
+    .await? as u64;
+    sqlx::query("SELECT 1 FROM funds WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&funds)
+        .execute(&mut *conn)
+        .await?;
+    let updated = sqlx::query(
+        "UPDATE allocations a
+         SET reserved_minor = a.reserved_minor - i.amount, completed_minor = a.completed_minor + i.amount,
+             version = a.version + 1, updated_at = now()
+         FROM (SELECT fund_id, investor_account_id, sum(amount) AS amount
+               FROM unnest($1::text[], $2::text[], $3::bigint[]) AS i(fund_id, investor_account_id, amount)
+               GROUP BY 1, 2) i
+         WHERE a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id",
+    )
+    .bind(&funds)
+    .bind(&investors)
+    .bind(&amounts)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if locked != pairs || updated != pairs {
+        return Err(Error::Corrupt(format!("{} of {pairs} allocations to complete are missing", pairs - updated)));
+    }
+    sqlx::query(
+        "UPDATE funds f
+         SET reserved_minor = f.reserved_minor - i.amount, completed_minor = f.completed_minor + i.amount,
+             version = f.version + 1, updated_at = now()
+         FROM (SELECT fund_id, sum(amount) AS amount FROM unnest($1::text[], $2::bigint[]) AS i(fund_id, amount)
+               GROUP BY 1) i
+         WHERE f.id = i.fund_id",
+    )
+    .bind(&funds)
+    .bind(&amounts)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Credits a fund account: one atomic increment, since every deposit into
 /// the fund updates this one row (see `adjust_allocation`).
 pub async fn credit_fund_account(conn: &mut PgConnection, id: &str, amount_minor: i64) -> Result<()> {

@@ -16,6 +16,21 @@ pub async fn record(conn: &mut PgConnection, consumer: &str, message_id: &str) -
     Ok(inserted == 1)
 }
 
+/// Records that `consumer` applied every one of `message_ids`, in one
+/// statement. Returns how many were new; fewer than given means some had
+/// been applied before, and the caller must roll back.
+pub async fn record_many(conn: &mut PgConnection, consumer: &str, message_ids: &[String]) -> Result<u64> {
+    let inserted = sqlx::query(
+        "INSERT INTO inbox (consumer, message_id) SELECT $1, id FROM unnest($2::text[]) AS id ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(message_ids)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(inserted)
+}
+
 pub async fn contains(conn: &mut PgConnection, consumer: &str, message_id: &str) -> Result<bool> {
     let found: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND message_id = $2)")
         .bind(consumer)

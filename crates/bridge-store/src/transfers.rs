@@ -132,6 +132,79 @@ pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<
     row.map(from_row).transpose()
 }
 
+/// Reads the transfers with these ids and locks their rows until the
+/// transaction ends, in id order (so two batches lock in the same order and
+/// cannot deadlock on each other).
+pub async fn get_many_for_update(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
+    let rows: Vec<TransferRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE"))
+            .bind(ids)
+            .fetch_all(conn)
+            .await?;
+    rows.into_iter().map(from_row).collect()
+}
+
+/// `advance` for many transfers by the same event, in one statement:
+/// version-checked updates and their history rows. Returns the new states;
+/// a conflict if any transfer changed since it was read.
+pub async fn advance_many(
+    conn: &mut PgConnection,
+    current: &[Transfer],
+    event: &TransferEvent,
+) -> Result<Vec<Transfer>> {
+    let mut next = Vec::with_capacity(current.len());
+    for transfer in current {
+        let state = transfer
+            .state
+            .apply(event)
+            .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", transfer.id)))?;
+        next.push(Transfer {
+            state,
+            version: transfer.version + 1,
+            reason_code: event.reason_code().map(str::to_owned),
+            ..transfer.clone()
+        });
+    }
+    let ids: Vec<Uuid> = current.iter().map(|transfer| transfer.id).collect();
+    let versions: Vec<i64> = current.iter().map(|transfer| transfer.version).collect();
+    let previous: Vec<&str> = current.iter().map(|transfer| transfer.state.as_str()).collect();
+    let states: Vec<&str> = next.iter().map(|transfer| transfer.state.as_str()).collect();
+    let reasons: Vec<Option<String>> = next.iter().map(|transfer| transfer.reason_code.clone()).collect();
+    let event_ids: Vec<Uuid> =
+        next.iter().map(|transfer| ids::status_event_id(transfer.id, transfer.version)).collect();
+    let updated = sqlx::query(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::uuid[])
+                 AS i(id, version, previous_state, state, reason_code, event_id)
+         ),
+         updated AS (
+             UPDATE transfers t SET state = input.state, reason_code = input.reason_code,
+                    version = input.version + 1, updated_at = now()
+             FROM input WHERE t.id = input.id AND t.version = input.version
+             RETURNING t.id
+         )
+         INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
+         SELECT input.id, input.version + 1, input.state, input.previous_state, input.reason_code, input.event_id
+         FROM input JOIN updated ON updated.id = input.id",
+    )
+    .bind(&ids)
+    .bind(&versions)
+    .bind(&previous)
+    .bind(&states)
+    .bind(&reasons)
+    .bind(&event_ids)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if updated != current.len() as u64 {
+        return Err(Error::Conflict {
+            entity: "transfer",
+            id: format!("{} of a batch", current.len() as u64 - updated),
+        });
+    }
+    Ok(next)
+}
+
 /// Records a new transfer in state `requested`, version 1. A concurrent
 /// insert of the same id loses with a retryable unique violation.
 pub async fn insert_requested(conn: &mut PgConnection, transfer: &Transfer) -> Result<Transfer> {

@@ -88,6 +88,10 @@ pub struct Common {
     /// How long applied message ids are kept in the inbox.
     #[arg(long, env = "BRIDGE_INBOX_RETENTION_MS", default_value_t = 604_800_000, global = true)]
     pub inbox_retention_ms: u64,
+    /// Most queued messages of one partition the completion stage applies
+    /// in one set-based transaction (1: one message per transaction).
+    #[arg(long, env = "BRIDGE_BATCH_SIZE_MAX", default_value_t = 64, global = true)]
+    pub batch_size_max: usize,
     /// A schema registry (Confluent's REST API): events are then written in
     /// Confluent's wire format under ids registered for `<topic>-value`.
     /// Both that and Avro single-object encoding are read either way.
@@ -108,6 +112,7 @@ impl Common {
         config.fetch_wait_max_ms = self.fetch_wait_max_ms;
         config.inbox_retention_ms = self.inbox_retention_ms;
         config.schema_registry_url = self.schema_registry_url.clone();
+        config.batch_size_max = self.batch_size_max.max(1);
         config
     }
 

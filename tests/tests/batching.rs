@@ -1,0 +1,131 @@
+//! The completion stage applies a partition's queued messages in one
+//! set-based transaction; a batch holding a repeat, garbage, or a transfer
+//! in the wrong state falls back to one message at a time, and nothing
+//! applies twice or is lost.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use bridge_pipeline::runner::Part;
+use bridge_pipeline::{StageName, Topics};
+use bridge_testkit::{BrokerKind, TestKit};
+use uuid::Uuid;
+
+const SETTLE: Duration = Duration::from_secs(120);
+
+async fn wait_all_deposited(kit: &TestKit, ids: &[Uuid]) -> Result<()> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let deposited: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM transfers WHERE id = ANY($1) AND state = 'deposited'")
+                .bind(ids)
+                .fetch_one(&kit.pool)
+                .await?;
+        if deposited == ids.len() as i64 {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{deposited} of {} deposited", ids.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn batch_metric(consumer: &str, suffix: &str) -> u64 {
+    let prefix = format!(r#"bridge_batch_size_{suffix}{{consumer="{consumer}"}} "#);
+    bridge_pipeline::metrics::render()
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_completions_apply_in_batches_and_bad_batches_fall_back() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    for investor in 0..8 {
+        kit.seed_investor(&format!("inv-{investor}"), 1_000_000_00).await?;
+    }
+    let funds = [
+        kit.seed_fund("a", 100_00, 100, 100_000_000_00).await?,
+        kit.seed_fund("b", 100_00, 100, 100_000_000_00).await?,
+    ];
+    // Everything but completion, so deposited events queue up.
+    let upstream = kit.spawn(&[
+        Part::Stage(StageName::Validator),
+        Part::Stage(StageName::Withdrawal),
+        Part::Stage(StageName::Deposit),
+        Part::Relay,
+    ]);
+    let mut ids = Vec::new();
+    for index in 0..60 {
+        let request = kit.request(&format!("inv-{}", index % 8), &funds[index % 2], 1_000_00 + index as i64);
+        ids.push(kit.publish(&request).await?);
+    }
+    wait_all_deposited(&kit, &ids).await?;
+    kit.wait_outbox_drained(SETTLE).await?;
+    // A repeat of a deposited event and a message that does not decode, in
+    // the backlog: their batches must fall back, not fail or double-apply.
+    let deposited_topic = kit.topics().deposited();
+    let backlog = kit.read_topic(&deposited_topic).await?;
+    ensure!(backlog.len() == 60, "{} deposited events", backlog.len());
+    let repeat = &backlog[7];
+    kit.publish_raw(
+        &deposited_topic,
+        repeat.key.as_deref(),
+        repeat.payload.as_deref().unwrap_or_default(),
+        &repeat.headers,
+    )
+    .await?;
+    kit.publish_raw(&deposited_topic, Some(b"garbage"), b"not avro", &[]).await?;
+
+    let completion = kit.spawn(&[Part::Stage(StageName::Completion), Part::Relay]);
+    kit.wait_terminal(&ids, SETTLE).await?;
+    let dead = {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let dead = kit.read_topic(&Topics::dead_letter(&deposited_topic)).await?;
+            if !dead.is_empty() || Instant::now() > deadline {
+                break dead;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    kit.wait_outbox_drained(SETTLE).await?;
+    completion.stop().await?;
+    upstream.stop().await?;
+
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM transfers WHERE id = ANY($1) AND state = 'completed'")
+            .bind(&ids)
+            .fetch_one(&kit.pool)
+            .await?;
+    ensure!(completed == 60, "{completed} of 60 completed");
+    // Exactly five versions each (requested … completed): the repeat
+    // applied nothing.
+    let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM transfer_versions WHERE transfer_id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(&kit.pool)
+        .await?;
+    ensure!(versions == 300, "{versions} versions for 60 transfers");
+    ensure!(
+        dead.len() == 1 && dead[0].payload.as_deref() == Some(b"not avro".as_slice()),
+        "{} dead letters",
+        dead.len()
+    );
+    // Batches did happen, and carried more than one message each on average.
+    let (batches, messages) = (batch_metric("completion", "count"), batch_metric("completion", "sum"));
+    eprintln!("completion: {messages} messages applied in {batches} batches");
+    ensure!(batches >= 1 && messages > batches, "{batches} batches with {messages} messages");
+    ensure!(messages <= 60, "{messages} messages applied in batches, more than there were transfers");
+    // The status topic has each completion once.
+    let status = kit.read_topic(&kit.topics().status()).await?;
+    let completions = status
+        .iter()
+        .filter_map(|message| {
+            bridge_codec::decode::<bridge_codec::TransferStatusChanged>(message.payload.as_deref()?).ok()
+        })
+        .filter(|event| event.state == "completed")
+        .map(|event| event.event_id)
+        .collect::<std::collections::HashSet<_>>();
+    ensure!(completions.len() == 60, "{} distinct completed events", completions.len());
+    kit.assert_books_balance().await
+}
