@@ -186,10 +186,9 @@ pub type Handler = Arc<
 >;
 
 /// What a consumer may do with several queued messages of one partition at
-/// once: apply them all in one transaction (`Some`, an outcome each), or
-/// nothing (`None`: they are then handled one by one).
-pub type BatchHandler =
-    Arc<dyn for<'a> Fn(&'a [Inbound]) -> futures::future::BoxFuture<'a, Option<Vec<Outcome>>> + Send + Sync>;
+/// once: apply them all in one transaction (true), or nothing (false: they
+/// are then handled one by one).
+pub type BatchHandler = Arc<dyn for<'a> Fn(&'a [Inbound]) -> futures::future::BoxFuture<'a, bool> + Send + Sync>;
 
 async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: CancellationToken) -> Result<()> {
     let handler_ctx = ctx.clone();
@@ -358,10 +357,12 @@ impl Lane {
             }
         }
         let started = std::time::Instant::now();
-        let Some(outcomes) = batch(queued).await else { return false };
+        if !batch(queued).await {
+            return false;
+        }
         crate::metrics::batch_applied(self.name, queued.len());
-        for outcome in outcomes {
-            crate::metrics::message_finished(self.name, outcome.as_label(), started.elapsed());
+        for _ in queued {
+            crate::metrics::message_finished(self.name, Outcome::Applied.as_label(), started.elapsed());
         }
         // The last offset covers the batch: every message before it in the
         // partition is applied.
@@ -414,9 +415,7 @@ impl Lane {
         }
         true
     }
-}
 
-impl Lane {
     /// With a registry, makes the writer schema of a Confluent-framed
     /// payload known before the handler decodes it. A registry that cannot
     /// be asked is a transient failure: the partition waits for it.
@@ -439,7 +438,8 @@ fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer<kafka::LagContext
 /// the transfer (our keys are transfer ids) and the trace it belongs to.
 pub(crate) fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::Span {
     let transfer_id = inbound.key.as_deref().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or("");
-    let trace_id = inbound.header("traceparent").and_then(|value| value.split('-').nth(1)).unwrap_or("");
+    let traceparent = inbound.header("traceparent");
+    let trace_id = traceparent.and_then(|value| value.split('-').nth(1)).unwrap_or("");
     let span = tracing::info_span!(
         "message",
         stage,
@@ -451,7 +451,7 @@ pub(crate) fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::S
     );
     // With traces exported, the message's span continues the trace of the
     // span that wrote the message (no-op otherwise).
-    if let Some(parent) = inbound.header("traceparent").and_then(crate::message::remote_parent) {
+    if let Some(parent) = traceparent.and_then(crate::message::remote_parent) {
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         let _ = span.set_parent(parent);
     }

@@ -848,48 +848,44 @@ async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
 /// transfers with their history, one pass over allocations and funds, one
 /// outbox insert, one commit, whatever the number of messages.
 ///
-/// This is only the fast path for the usual case. `None` means "not
+/// This is only the fast path for the usual case. False means "not
 /// applied, take them one by one": a message that does not decode, two
 /// messages for one transfer, one applied before, a transfer not (or no
 /// longer) deposited, or any error. The transaction is then rolled back
 /// whole, and `handle` decides each message with its full error policy, so
 /// a bad message neither takes its neighbours down nor applies twice.
-pub async fn complete_batch(ctx: &StageContext, messages: &[Inbound]) -> Option<Vec<Outcome>> {
-    let mut batch = Vec::with_capacity(messages.len());
+pub async fn complete_batch(ctx: &StageContext, messages: &[Inbound]) -> bool {
+    let mut batch = std::collections::HashMap::with_capacity(messages.len());
     for message in messages {
-        let event: FundsDeposited = decode_payload(message).ok()?;
-        let transfer_id = parse_transfer_id(&event.transfer_id).ok()?;
-        batch.push((message, event, transfer_id));
+        let Ok(event) = decode_payload::<FundsDeposited>(message) else { return false };
+        let Ok(transfer_id) = parse_transfer_id(&event.transfer_id) else { return false };
+        if batch.insert(transfer_id, (message, event)).is_some() {
+            return false;
+        }
     }
-    let mut ids: Vec<Uuid> = batch.iter().map(|(_, _, id)| *id).collect();
-    ids.sort();
-    ids.dedup();
-    if ids.len() != batch.len() {
-        return None;
-    }
-    match try_complete_batch(ctx, &batch, &ids).await {
+    match try_complete_batch(ctx, &batch).await {
         Ok(applied) => applied,
         Err(error) => {
             tracing::debug!(error = %error, size = batch.len(), "Batch not applied; taking its messages one by one");
-            None
+            false
         }
     }
 }
 
-async fn try_complete_batch(
-    ctx: &StageContext,
-    batch: &[(&Inbound, FundsDeposited, Uuid)],
-    ids: &[Uuid],
-) -> Result<Option<Vec<Outcome>>, StageError> {
+/// The messages of a batch by transfer (one each).
+type CompletionBatch<'a> = std::collections::HashMap<Uuid, (&'a Inbound, FundsDeposited)>;
+
+async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> Result<bool, StageError> {
     let stage = StageName::Completion;
     let mut tx = ctx.pool.begin().await?;
-    let event_ids: Vec<String> = batch.iter().map(|(_, event, _)| event.event_id.clone()).collect();
+    let event_ids: Vec<String> = batch.values().map(|(_, event)| event.event_id.clone()).collect();
     if inbox::record_many(&mut tx, stage.as_str(), &event_ids).await? != batch.len() as u64 {
-        return Ok(None);
+        return Ok(false);
     }
-    let current = transfers::get_many_for_update(&mut tx, ids).await?;
+    let ids: Vec<Uuid> = batch.keys().copied().collect();
+    let current = transfers::get_many_for_update(&mut tx, &ids).await?;
     if current.len() != ids.len() || current.iter().any(|transfer| transfer.state != TransferState::Deposited) {
-        return Ok(None);
+        return Ok(false);
     }
     let next = transfers::advance_many(&mut tx, &current, &TransferEvent::Completed).await?;
     let mut completions = Vec::with_capacity(current.len());
@@ -898,7 +894,7 @@ async fn try_complete_batch(
         completions.push((fund_id_of(before)?.to_owned(), before.investor_account_id.clone(), before.amount_minor));
         // Each status event under the span of the message that caused it,
         // so a transfer's trace stays one tree.
-        let (message, _, _) = batch.iter().find(|(_, _, id)| *id == before.id).expect("every transfer is in the batch");
+        let (message, _) = batch[&before.id];
         let span = crate::runner::message_span(stage.as_str(), message);
         let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
         messages.push(status_message(ctx, stage.as_str(), after, Some(before.state), &trace)?);
@@ -907,5 +903,5 @@ async fn try_complete_batch(
     outbox::enqueue(&mut tx, &messages).await?;
     crate::failpoint::hit("stage.inside_tx");
     tx.commit().await?;
-    Ok(Some(vec![Outcome::Applied; batch.len()]))
+    Ok(true)
 }

@@ -31,15 +31,6 @@ pub async fn record_many(conn: &mut PgConnection, consumer: &str, message_ids: &
     Ok(inserted)
 }
 
-pub async fn contains(conn: &mut PgConnection, consumer: &str, message_id: &str) -> Result<bool> {
-    let found: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND message_id = $2)")
-        .bind(consumer)
-        .bind(message_id)
-        .fetch_one(conn)
-        .await?;
-    Ok(found)
-}
-
 /// Deletes inbox rows older than `older_than_ms`, oldest first, `batch` per
 /// statement, and returns how many went. Safe because the inbox is the first
 /// of two guards: every step also checks the transfer's state under its row

@@ -973,16 +973,15 @@ async fn traces_follow_a_transfer_through_every_stage_over_otlp() -> Result<()> 
         stage: String,
         transfer: String,
     }
-    let attribute = |span: &serde_json::Value, key: &str| -> String {
-        span["attributes"]
+    // An OTLP attribute list's string value under `key`.
+    fn attribute<'a>(attributes: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+        attributes
             .as_array()
             .into_iter()
             .flatten()
             .find(|attribute| attribute["key"] == key)
             .and_then(|attribute| attribute["value"]["stringValue"].as_str())
-            .unwrap_or_default()
-            .to_owned()
-    };
+    }
     let mut spans = Vec::new();
     let requests = collector.received();
     ensure!(!requests.is_empty(), "nothing was exported; log:\n{log}");
@@ -990,12 +989,7 @@ async fn traces_follow_a_transfer_through_every_stage_over_otlp() -> Result<()> 
         ensure!(export.path == "/v1/traces", "exported to {}", export.path);
         let body: serde_json::Value = serde_json::from_slice(&export.body)?;
         for resource in body["resourceSpans"].as_array().into_iter().flatten() {
-            let service = resource["resource"]["attributes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|attribute| attribute["key"] == "service.name")
-                .and_then(|attribute| attribute["value"]["stringValue"].as_str());
+            let service = attribute(&resource["resource"]["attributes"], "service.name");
             ensure!(service == Some("bridge-under-test"), "service name {service:?}");
             for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
                 for span in scope["spans"].as_array().into_iter().flatten().filter(|span| span["name"] == "message") {
@@ -1003,8 +997,8 @@ async fn traces_follow_a_transfer_through_every_stage_over_otlp() -> Result<()> 
                         trace_id: span["traceId"].as_str().unwrap_or_default().to_owned(),
                         span_id: span["spanId"].as_str().unwrap_or_default().to_owned(),
                         parent: span["parentSpanId"].as_str().unwrap_or_default().to_owned(),
-                        stage: attribute(span, "stage"),
-                        transfer: attribute(span, "transfer_id"),
+                        stage: attribute(&span["attributes"], "stage").unwrap_or_default().to_owned(),
+                        transfer: attribute(&span["attributes"], "transfer_id").unwrap_or_default().to_owned(),
                     });
                 }
             }
