@@ -1,7 +1,7 @@
-//! The completion stage applies a partition's queued messages in one
-//! set-based transaction; a batch holding a repeat, garbage, or a transfer
-//! in the wrong state falls back to one message at a time, and nothing
-//! applies twice or is lost.
+//! The validator and the completion stage apply a partition's queued
+//! messages in one set-based transaction; a batch holding a repeat, garbage,
+//! or a transfer in the wrong state falls back to one message at a time,
+//! and nothing applies twice or is lost.
 
 use std::time::{Duration, Instant};
 
@@ -127,5 +127,120 @@ async fn queued_completions_apply_in_batches_and_bad_batches_fall_back() -> Resu
         .map(|event| event.event_id)
         .collect::<std::collections::HashSet<_>>();
     ensure!(completions.len() == 60, "{} distinct completed events", completions.len());
+    kit.assert_books_balance().await
+}
+
+async fn states(kit: &TestKit, ids: &[Uuid]) -> Result<std::collections::BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state || coalesce(':' || reason_code, ''), count(*) FROM transfers WHERE id = ANY($1) GROUP BY 1",
+    )
+    .bind(ids)
+    .fetch_all(&kit.pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_requests_validate_in_batches_as_one_at_a_time_would() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    for investor in 0..6 {
+        kit.seed_investor(&format!("inv-{investor}"), 1_000_000_00).await?;
+    }
+    kit.seed_investor("tight", 1_500_00).await?;
+    let open = kit.seed_fund("open", 100_00, 100, 100_000_000_00).await?;
+    let small = kit.seed_fund("small", 100_00, 2, 100_000_000_00).await?;
+    let capped = kit.seed_fund("capped", 100_00, 100, 2_500_00).await?;
+
+    // The whole backlog is published before the validator starts, so its
+    // lanes find it queued. Each group below decides differently depending
+    // on what the requests before it took, whichever order they come in.
+    let mut ordinary = Vec::new();
+    for index in 0..30 {
+        let request = kit.request(&format!("inv-{}", index % 6), &open, 1_000_00 + index as i64);
+        ordinary.push(kit.publish(&request).await?);
+    }
+    let repeated = kit.request("inv-5", &open, 777_00);
+    ordinary.push(kit.publish(&repeated).await?);
+    // One balance for two requests.
+    let mut tight = Vec::new();
+    for _ in 0..2 {
+        tight.push(kit.publish(&kit.request("tight", &open, 1_000_00)).await?);
+    }
+    // Two seats for three investors.
+    let mut seats = Vec::new();
+    for investor in 0..3 {
+        seats.push(kit.publish(&kit.request(&format!("inv-{investor}"), &small, 200_00)).await?);
+    }
+    // Room for two of three.
+    let mut capacity = Vec::new();
+    for _ in 0..3 {
+        capacity.push(kit.publish(&kit.request("inv-3", &capped, 1_000_00)).await?);
+    }
+    // A repeat and a message that does not decode, in the backlog.
+    kit.publish(&repeated).await?;
+    let requested_topic = kit.topics().requested();
+    kit.publish_raw(&requested_topic, Some(b"garbage"), b"not avro", &[]).await?;
+
+    let pipeline = kit.spawn(&[
+        Part::Stage(StageName::Validator),
+        Part::Stage(StageName::Withdrawal),
+        Part::Stage(StageName::Deposit),
+        Part::Stage(StageName::Completion),
+        Part::Relay,
+    ]);
+    let all: Vec<Uuid> = [&ordinary, &tight, &seats, &capacity].into_iter().flatten().copied().collect();
+    kit.wait_terminal(&all, SETTLE).await?;
+    let dead = {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let dead = kit.read_topic(&Topics::dead_letter(&requested_topic)).await?;
+            if !dead.is_empty() || Instant::now() > deadline {
+                break dead;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    kit.wait_outbox_drained(SETTLE).await?;
+    pipeline.stop().await?;
+
+    let expect = |pairs: &[(&str, i64)]| pairs.iter().map(|(state, count)| ((*state).to_owned(), *count)).collect();
+    ensure!(states(&kit, &ordinary).await? == expect(&[("completed", 31)]), "{:?}", states(&kit, &ordinary).await?);
+    let tight_states = states(&kit, &tight).await?;
+    ensure!(tight_states == expect(&[("completed", 1), ("rejected:INSUFFICIENT_FUNDS", 1)]), "{tight_states:?}");
+    let seat_states = states(&kit, &seats).await?;
+    ensure!(seat_states == expect(&[("completed", 2), ("rejected:FUND_FULL", 1)]), "{seat_states:?}");
+    let capacity_states = states(&kit, &capacity).await?;
+    ensure!(
+        capacity_states == expect(&[("completed", 2), ("rejected:FUND_CAPACITY_EXCEEDED", 1)]),
+        "{capacity_states:?}"
+    );
+    // Five versions for each completed transfer, two for each rejected one:
+    // the repeat applied nothing.
+    let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM transfer_versions WHERE transfer_id = ANY($1)")
+        .bind(&all)
+        .fetch_one(&kit.pool)
+        .await?;
+    ensure!(versions == 36 * 5 + 3 * 2, "{versions} versions");
+    ensure!(
+        dead.len() == 1 && dead[0].payload.as_deref() == Some(b"not avro".as_slice()),
+        "{} dead letters",
+        dead.len()
+    );
+    let (batches, messages) = (batch_metric("validator", "count"), batch_metric("validator", "sum"));
+    eprintln!("validator: {messages} messages applied in {batches} batches");
+    ensure!(batches >= 1 && messages > batches, "{batches} batches with {messages} messages");
+    ensure!(messages <= all.len() as u64, "{messages} messages applied in batches, more than there were requests");
+    // Each transfer's first status event once, with its decision after it.
+    let status = kit.read_topic(&kit.topics().status()).await?;
+    let mut seen = std::collections::HashMap::<String, Vec<i64>>::new();
+    for event in status.iter().filter_map(|message| {
+        bridge_codec::decode::<bridge_codec::TransferStatusChanged>(message.payload.as_deref()?).ok()
+    }) {
+        seen.entry(event.transfer_id.clone()).or_default().push(event.version);
+    }
+    for id in &all {
+        let versions = seen.get(&id.to_string()).cloned().unwrap_or_default();
+        ensure!(versions.starts_with(&[1, 2]), "transfer {id}: status versions {versions:?}");
+    }
     kit.assert_books_balance().await
 }

@@ -14,7 +14,7 @@ pub mod rules;
 pub mod transfer;
 
 pub use money::{Currency, Money};
-pub use rules::{check_request, AccountSnapshot, FundSnapshot, RequestFacts};
+pub use rules::{check_request, AccountSnapshot, FundSnapshot, RequestFacts, RunningBooks};
 pub use transfer::{FailureReason, RejectReason, TransferEvent, TransferState};
 
 /// Errors raised by domain rules.

@@ -97,9 +97,12 @@ pub fn producer(config: &PipelineConfig) -> Result<FutureProducer> {
         // ordering even with several requests in flight.
         .set("enable.idempotence", "true")
         .set("max.in.flight.requests.per.connection", "5")
-        // A few milliseconds of batching costs little latency and saves many
-        // requests under load.
-        .set("linger.ms", "5")
+        // The relay hands over a whole claimed batch at once and then waits
+        // for its acknowledgements, so a long linger would only delay every
+        // batch; one millisecond lets librdkafka put the batch's messages
+        // for a partition into one request instead of sending the first
+        // alone.
+        .set("linger.ms", "1")
         .set("message.timeout.ms", config.producer_message_timeout_ms.to_string())
         // Bounded in-memory queue.
         .set("queue.buffering.max.messages", "100000")

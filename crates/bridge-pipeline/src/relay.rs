@@ -139,10 +139,15 @@ async fn publish_until_shutdown(
                     tracing::warn!(error = %error, "Outbox listener failed; falling back to polling");
                     tokio::time::sleep(poll_interval).await;
                 }
-                // Every stage commit notifies; lingering a moment lets the
-                // commits of the other partitions join the same batch
-                // (one claim, one mark) instead of a batch each.
-                tokio::time::sleep(RELAY_LINGER).await;
+                // Every stage commit notifies. The next claim takes every row
+                // committed so far, so the notifications that queued up
+                // while the last batch was in flight are spent too: one
+                // claim for all of them, not one (mostly empty) each. The
+                // relay does not wait for more commits to join a batch:
+                // under load they join on their own, while the previous
+                // batch is being acknowledged, and at low load a wait would
+                // only add latency to every hop.
+                while listener.next_buffered().is_some() {}
             }
             _ = tokio::time::sleep(poll_interval) => {}
         }
@@ -152,10 +157,6 @@ async fn publish_until_shutdown(
     let _ = producer.flush(Duration::from_secs(5));
     Ok(())
 }
-
-/// How long the relay waits after a notification before claiming, as a
-/// producer lingers before sending: a little latency for much larger batches.
-const RELAY_LINGER: Duration = Duration::from_millis(5);
 
 /// Pruning runs about ten times per retention period, at most once a second
 /// and at least once a minute.

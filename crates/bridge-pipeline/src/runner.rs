@@ -196,12 +196,19 @@ async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: Cancellat
         let ctx = handler_ctx.clone();
         Box::pin(async move { stages::handle(&ctx, stage, message).await })
     });
+    // The validator and completion apply a partition's queued messages
+    // set-based; the money stages call an outside service per message.
     let batch = match stage {
-        StageName::Completion if ctx.config.batch_size_max > 1 => {
+        StageName::Validator | StageName::Completion if ctx.config.batch_size_max > 1 => {
             let batch_ctx = ctx.clone();
             let batch: BatchHandler = Arc::new(move |messages| {
                 let ctx = batch_ctx.clone();
-                Box::pin(async move { stages::complete_batch(&ctx, messages).await })
+                Box::pin(async move {
+                    match stage {
+                        StageName::Validator => stages::validate_batch(&ctx, messages).await,
+                        _ => stages::complete_batch(&ctx, messages).await,
+                    }
+                })
             });
             Some(batch)
         }

@@ -293,27 +293,9 @@ macro_rules! stage_event {
 /// investor's funds and reserves the fund allocation in the same transaction
 /// that records the transfer.
 async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
-    let request: TransferRequested = decode_payload(message)?;
-    let transfer_id = parse_transfer_id(&request.transfer_id)?;
-    let requested_at = DateTime::from_timestamp_millis(request.requested_at).ok_or_else(|| {
-        permanent("invalid_request", format!("requested_at {} is out of range", request.requested_at))
-    })?;
+    let mut candidate = requested_transfer(message)?;
+    let transfer_id = candidate.id;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
-    let mut candidate = Transfer {
-        id: transfer_id,
-        investor_account_id: request.investor_account_id.clone(),
-        fund_account_id: request.fund_account_id.clone(),
-        fund_id: None,
-        amount_minor: request.amount_minor,
-        currency: request.currency.clone(),
-        reference: request.reference.clone(),
-        source_system: request.source_system.clone(),
-        requested_at,
-        state: TransferState::Requested,
-        reason_code: None,
-        version: 1,
-        traceparent: message.header("traceparent").map(str::to_owned),
-    };
 
     let mut tx = ctx.pool.begin().await?;
     // A transfer created through the HTTP API is already recorded, in state
@@ -330,70 +312,206 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
         None => None,
     };
 
-    let investor = accounts::investor(&mut tx, &request.investor_account_id).await?;
-    let fund = accounts::fund_by_account(&mut tx, &request.fund_account_id).await?;
+    let investor = accounts::investor(&mut tx, &candidate.investor_account_id).await?;
+    let fund = accounts::fund_by_account(&mut tx, &candidate.fund_account_id).await?;
     let allocation = match (&investor, &fund) {
-        (Some(_), Some(fund)) => accounts::allocation(&mut tx, &fund.fund_id, &request.investor_account_id).await?,
+        (Some(_), Some(fund)) => accounts::allocation(&mut tx, &fund.fund_id, &candidate.investor_account_id).await?,
         _ => None,
     };
     let decision = check_request(&RequestFacts {
-        amount_minor: request.amount_minor,
-        currency: &request.currency,
+        amount_minor: candidate.amount_minor,
+        currency: &candidate.currency,
         investor: investor.map(|row| row.value),
         fund: fund.as_ref().map(|view| view.fund.value),
         investor_holds_seat: allocation.is_some_and(|row| row.value.holds_seat()),
     });
     candidate.fund_id = fund.as_ref().map(|view| view.fund_id.clone());
 
-    let (requested, mut messages) = match recorded {
+    let (requested, newly_recorded) = match recorded {
         Some(existing) => {
             if existing.fund_id != candidate.fund_id {
                 transfers::set_fund(&mut tx, transfer_id, candidate.fund_id.as_deref()).await?;
             }
-            (Transfer { fund_id: candidate.fund_id.clone(), ..existing }, Vec::new())
+            (Transfer { fund_id: candidate.fund_id.clone(), ..existing }, false)
         }
-        None => {
-            let requested = transfers::insert_requested(&mut tx, &candidate).await?;
-            let status = status_message(ctx, StageName::Validator.as_str(), &requested, None, &trace)?;
-            (requested, vec![status])
-        }
+        None => (transfers::insert_requested(&mut tx, &candidate).await?, true),
     };
     let mut reservation = None;
     let next = match (decision, investor, fund) {
         (Ok(()), Some(investor), Some(fund)) => {
-            accounts::update_investor(&mut tx, &request.investor_account_id, investor.version, 0, request.amount_minor)
-                .await?;
+            accounts::update_investor(
+                &mut tx,
+                &requested.investor_account_id,
+                investor.version,
+                0,
+                requested.amount_minor,
+            )
+            .await?;
             reservation = Some(fund.fund_id.clone());
-            let validated = transfers::advance(&mut tx, &requested, &TransferEvent::Validated).await?;
-            let event_id = ids::stage_event_id(transfer_id, "validated");
-            let now = Utc::now();
-            let event = stage_event!(TransferValidated, validated, event_id, now);
-            messages.push(envelope(
-                ctx,
-                StageName::Validator.as_str(),
-                event_id,
-                &validated,
-                &trace,
-                now,
-                ctx.topics.validated(),
-                &event,
-            )?);
-            validated
+            transfers::advance(&mut tx, &requested, &TransferEvent::Validated).await?
         }
         (Err(reason), _, _) => transfers::advance(&mut tx, &requested, &TransferEvent::Rejected(reason)).await?,
         (Ok(()), _, _) => unreachable!("check_request accepts only requests whose accounts exist"),
     };
-    messages.push(status_message(ctx, StageName::Validator.as_str(), &next, Some(requested.state), &trace)?);
+    let messages = validation_messages(ctx, &requested, newly_recorded, &next, &trace)?;
     outbox::enqueue(&mut tx, &messages).await?;
     // The fund's row is the one every validation into the fund updates: it
     // is touched last, so its lock is held only for this statement and the
     // commit.
     if let Some(fund_id) = reservation {
-        accounts::adjust_allocation(&mut tx, &fund_id, &request.investor_account_id, request.amount_minor, 0).await?;
+        accounts::adjust_allocation(&mut tx, &fund_id, &requested.investor_account_id, requested.amount_minor, 0)
+            .await?;
     }
     crate::failpoint::hit("stage.inside_tx");
     tx.commit().await?;
     Ok(Outcome::Applied)
+}
+
+/// The transfer a request asks for, in state `requested` at version 1.
+fn requested_transfer(message: &Inbound) -> Result<Transfer, StageError> {
+    let request: TransferRequested = decode_payload(message)?;
+    let requested_at = DateTime::from_timestamp_millis(request.requested_at).ok_or_else(|| {
+        permanent("invalid_request", format!("requested_at {} is out of range", request.requested_at))
+    })?;
+    Ok(Transfer {
+        id: parse_transfer_id(&request.transfer_id)?,
+        investor_account_id: request.investor_account_id,
+        fund_account_id: request.fund_account_id,
+        fund_id: None,
+        amount_minor: request.amount_minor,
+        currency: request.currency,
+        reference: request.reference,
+        source_system: request.source_system,
+        requested_at,
+        state: TransferState::Requested,
+        reason_code: None,
+        version: 1,
+        traceparent: message.header("traceparent").map(str::to_owned),
+    })
+}
+
+/// What a validation emits, in this order: the status event of the new
+/// transfer (unless it was recorded before, by the API), the validated
+/// event if it was accepted, and the status event of the decision.
+fn validation_messages(
+    ctx: &StageContext,
+    requested: &Transfer,
+    newly_recorded: bool,
+    decided: &Transfer,
+    trace: &TraceContext,
+) -> Result<Vec<OutboxMessage>, StageError> {
+    let origin = StageName::Validator.as_str();
+    let mut messages = Vec::with_capacity(3);
+    if newly_recorded {
+        messages.push(status_message(ctx, origin, requested, None, trace)?);
+    }
+    if decided.state == TransferState::Validated {
+        let event_id = ids::stage_event_id(decided.id, "validated");
+        let now = Utc::now();
+        let event = stage_event!(TransferValidated, decided, event_id, now);
+        messages.push(envelope(ctx, origin, event_id, decided, trace, now, ctx.topics.validated(), &event)?);
+    }
+    messages.push(status_message(ctx, origin, decided, Some(requested.state), trace)?);
+    Ok(messages)
+}
+
+/// The validator for several requests of one partition in one transaction,
+/// set-based: one read of the transfers, one locking read of the investors
+/// (in key order), one read of the funds and one of the seats; the requests
+/// are then decided one after another in the partition's order, each
+/// against the books the ones before it left (`RunningBooks`), so the batch
+/// decides exactly as one message at a time would; then one insert of the
+/// transfers with their history, one update of the holds, one outbox
+/// insert, and the allocations and funds (locked in key order, each fund's
+/// update guarded by its limits), whatever the number of requests.
+///
+/// Like `complete_batch`, only the fast path for the usual case. False
+/// means "not applied, take them one by one": a message that does not
+/// decode or is not a valid request, two messages for one transfer, a
+/// transfer recorded before (a repeat, or one created through the API), a
+/// fund that filled up since it was read, or any error. The transaction is
+/// rolled back whole and `handle` decides each message with its full error
+/// policy.
+pub async fn validate_batch(ctx: &StageContext, messages: &[Inbound]) -> bool {
+    let mut requests = Vec::with_capacity(messages.len());
+    let mut seen = std::collections::HashSet::with_capacity(messages.len());
+    for message in messages {
+        let Ok(requested) = requested_transfer(message) else { return false };
+        if !seen.insert(requested.id) {
+            return false;
+        }
+        requests.push((message, requested));
+    }
+    match try_validate_batch(ctx, &requests).await {
+        Ok(applied) => applied,
+        Err(error) => {
+            tracing::debug!(error = %error, size = requests.len(), "Batch not applied; taking its messages one by one");
+            false
+        }
+    }
+}
+
+async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)]) -> Result<bool, StageError> {
+    let stage = StageName::Validator.as_str();
+    let mut tx = ctx.pool.begin().await?;
+    let ids: Vec<Uuid> = requests.iter().map(|(_, requested)| requested.id).collect();
+    if !transfers::get_many(&mut tx, &ids).await?.is_empty() {
+        return Ok(false);
+    }
+    let investor_ids: Vec<&str> =
+        requests.iter().map(|(_, requested)| requested.investor_account_id.as_str()).collect();
+    let investors = accounts::investors_for_update(&mut tx, &investor_ids).await?;
+    let account_ids: Vec<&str> = requests.iter().map(|(_, requested)| requested.fund_account_id.as_str()).collect();
+    let funds = accounts::funds_by_accounts(&mut tx, &account_ids).await?;
+    let pairs: Vec<(&str, &str)> = requests
+        .iter()
+        .filter_map(|(_, requested)| {
+            let fund = funds.get(&requested.fund_account_id)?;
+            Some((fund.fund_id.as_str(), requested.investor_account_id.as_str()))
+        })
+        .collect();
+    let seats = accounts::seats_held(&mut tx, &pairs).await?;
+
+    let mut books = bridge_domain::RunningBooks::new(investors, seats);
+    let mut decided = Vec::with_capacity(requests.len());
+    let mut holds: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let mut reservations = Vec::new();
+    for (_, requested) in requests {
+        let fund = funds.get(&requested.fund_account_id);
+        let decision = books.decide(
+            &requested.investor_account_id,
+            fund.map(|view| (view.fund_id.as_str(), view.fund.value)),
+            requested.amount_minor,
+            &requested.currency,
+        );
+        let requested = Transfer { fund_id: fund.map(|view| view.fund_id.clone()), ..requested.clone() };
+        let event = match decision {
+            Ok(()) => {
+                *holds.entry(requested.investor_account_id.clone()).or_default() += requested.amount_minor;
+                let fund_id = fund.map(|view| view.fund_id.clone()).unwrap_or_default();
+                reservations.push((fund_id, requested.investor_account_id.clone(), requested.amount_minor));
+                TransferEvent::Validated
+            }
+            Err(reason) => TransferEvent::Rejected(reason),
+        };
+        decided.push((requested, event));
+    }
+    let next = transfers::insert_decided(&mut tx, &decided).await?;
+    let mut messages = Vec::with_capacity(3 * requests.len());
+    for (((message, _), (requested, _)), after) in requests.iter().zip(&decided).zip(&next) {
+        // Each transfer's events under the span of the message that
+        // caused them, so its trace stays one tree.
+        let span = crate::runner::message_span(stage, message);
+        let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
+        messages.extend(validation_messages(ctx, requested, true, after, &trace)?);
+    }
+    accounts::hold_many(&mut tx, &holds.into_iter().collect::<Vec<_>>()).await?;
+    outbox::enqueue(&mut tx, &messages).await?;
+    // The funds' rows last, as in a single validation.
+    accounts::reserve_allocations(&mut tx, &reservations).await?;
+    crate::failpoint::hit("stage.inside_tx");
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Records a transfer requested through the HTTP API, in the caller's

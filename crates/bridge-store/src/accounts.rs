@@ -5,6 +5,8 @@
 //! updated means someone else got there first, reported as
 //! [`Error::Conflict`] so the caller retries the whole transaction.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+
 use sqlx::PgConnection;
 
 use bridge_domain::{AccountSnapshot, Currency, FundSnapshot, Money};
@@ -129,6 +131,54 @@ pub async fn investor(conn: &mut PgConnection, id: &str) -> Result<Option<Versio
     .transpose()
 }
 
+/// The investor accounts with these ids, by id, locked until the transaction
+/// ends; unknown ids are left out. Rows are locked in id order, so two
+/// batches lock in the same order and cannot deadlock on each other.
+pub async fn investors_for_update(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, AccountSnapshot>> {
+    let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT id, currency, balance_minor, held_minor FROM investor_accounts
+         WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(id, code, balance_minor, held_minor)| {
+            Ok((id, AccountSnapshot { currency: currency(&code)?, balance_minor, held_minor }))
+        })
+        .collect()
+}
+
+/// Adds to the held amounts of investor accounts, `(account, amount)` each,
+/// one account at most once, in one statement. The rows are the caller's,
+/// locked by `investors_for_update`; the CHECK constraints still refuse a
+/// negative available balance whatever the caller computed.
+pub async fn hold_many(conn: &mut PgConnection, holds: &[(String, i64)]) -> Result<()> {
+    if holds.is_empty() {
+        return Ok(());
+    }
+    let (ids, amounts): (Vec<&str>, Vec<i64>) = holds.iter().map(|(id, amount)| (id.as_str(), *amount)).unzip();
+    let updated = sqlx::query(
+        "UPDATE investor_accounts a
+         SET held_minor = a.held_minor + i.amount, version = a.version + 1, updated_at = now()
+         FROM unnest($1::text[], $2::bigint[]) AS i(id, amount)
+         WHERE a.id = i.id",
+    )
+    .bind(&ids)
+    .bind(&amounts)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    if updated != holds.len() as u64 {
+        return Err(Error::Corrupt(format!(
+            "{} of {} investor accounts to hold vanished",
+            holds.len() as u64 - updated,
+            holds.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The fund behind a fund account.
 #[derive(Clone, Debug)]
 pub struct FundView {
@@ -137,41 +187,67 @@ pub struct FundView {
     pub fund: Versioned<FundSnapshot>,
 }
 
-pub async fn fund_by_account(conn: &mut PgConnection, fund_account_id: &str) -> Result<Option<FundView>> {
-    type Row = (String, String, String, i64, i32, i32, i64, i64, i64, i64);
-    let row: Option<Row> = sqlx::query_as(
-        "SELECT f.id, a.currency, f.currency, f.minimum_investment_minor, f.seats_max,
-                f.investors_count, f.capacity_minor, f.reserved_minor, f.completed_minor, f.version
-         FROM fund_accounts a JOIN funds f ON f.id = a.fund_id WHERE a.id = $1",
-    )
-    .bind(fund_account_id)
-    .fetch_optional(conn)
-    .await?;
-    let Some((fund_id, account_code, fund_code, minimum, seats_max, investors, capacity, reserved, completed, version)) =
-        row
-    else {
-        return Ok(None);
-    };
+/// A fund account and the fund behind it.
+type FundViewRow = (String, String, String, String, i64, i32, i32, i64, i64, i64, i64);
+
+const FUND_VIEW: &str = "SELECT a.id, f.id, a.currency, f.currency, f.minimum_investment_minor, f.seats_max,
+        f.investors_count, f.capacity_minor, f.reserved_minor, f.completed_minor, f.version
+ FROM fund_accounts a JOIN funds f ON f.id = a.fund_id";
+
+fn fund_view(row: FundViewRow) -> Result<(String, FundView)> {
+    let (
+        account_id,
+        fund_id,
+        account_code,
+        fund_code,
+        minimum,
+        seats_max,
+        investors,
+        capacity,
+        reserved,
+        completed,
+        version,
+    ) = row;
     let fund_currency = currency(&fund_code)?;
     let account_currency = currency(&account_code)?;
-    Ok(Some(FundView {
-        fund_id,
-        account_currency,
-        fund: Versioned {
-            value: FundSnapshot {
-                // A fund account in another currency than its fund cannot
-                // receive this transfer; surface it as a currency mismatch.
-                currency: if account_currency == fund_currency { fund_currency } else { account_currency },
-                minimum_investment_minor: minimum,
-                seats_max,
-                investors_count: investors,
-                capacity_minor: capacity,
-                reserved_minor: reserved,
-                completed_minor: completed,
+    Ok((
+        account_id,
+        FundView {
+            fund_id,
+            account_currency,
+            fund: Versioned {
+                value: FundSnapshot {
+                    // A fund account in another currency than its fund cannot
+                    // receive this transfer; surface it as a currency mismatch.
+                    currency: if account_currency == fund_currency { fund_currency } else { account_currency },
+                    minimum_investment_minor: minimum,
+                    seats_max,
+                    investors_count: investors,
+                    capacity_minor: capacity,
+                    reserved_minor: reserved,
+                    completed_minor: completed,
+                },
+                version,
             },
-            version,
         },
-    }))
+    ))
+}
+
+pub async fn fund_by_account(conn: &mut PgConnection, fund_account_id: &str) -> Result<Option<FundView>> {
+    let row: Option<FundViewRow> =
+        sqlx::query_as(&format!("{FUND_VIEW} WHERE a.id = $1")).bind(fund_account_id).fetch_optional(conn).await?;
+    Ok(row.map(fund_view).transpose()?.map(|(_, view)| view))
+}
+
+/// `fund_by_account` for many accounts, by account id; unknown accounts are
+/// left out.
+pub async fn funds_by_accounts(
+    conn: &mut PgConnection,
+    fund_account_ids: &[&str],
+) -> Result<HashMap<String, FundView>> {
+    let rows: Vec<FundViewRow> =
+        sqlx::query_as(&format!("{FUND_VIEW} WHERE a.id = ANY($1)")).bind(fund_account_ids).fetch_all(conn).await?;
+    rows.into_iter().map(fund_view).collect()
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -203,6 +279,23 @@ pub async fn allocation(
         value: Allocation { reserved_minor, completed_minor },
         version,
     }))
+}
+
+/// Which of these `(fund, investor)` pairs hold a seat in their fund (a
+/// reserved or completed allocation).
+pub async fn seats_held(conn: &mut PgConnection, pairs: &[(&str, &str)]) -> Result<HashSet<(String, String)>> {
+    let (funds, investors): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT a.fund_id, a.investor_account_id FROM allocations a
+         JOIN unnest($1::text[], $2::text[]) AS i(fund_id, investor_account_id)
+           ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
+         WHERE a.reserved_minor + a.completed_minor > 0",
+    )
+    .bind(&funds)
+    .bind(&investors)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Changes an investor's balance and held amount, checked against the version
@@ -338,24 +431,9 @@ pub async fn complete_allocations(conn: &mut PgConnection, completions: &[(Strin
     let funds: Vec<&str> = completions.iter().map(|(fund, _, _)| fund.as_str()).collect();
     let investors: Vec<&str> = completions.iter().map(|(_, investor, _)| investor.as_str()).collect();
     let amounts: Vec<i64> = completions.iter().map(|(_, _, amount)| *amount).collect();
-    let pairs =
-        completions.iter().map(|(fund, investor, _)| (fund, investor)).collect::<std::collections::HashSet<_>>();
+    let pairs = completions.iter().map(|(fund, investor, _)| (fund, investor)).collect::<HashSet<_>>();
     let pairs = pairs.len() as u64;
-    let locked: u64 = sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM (
-             SELECT 1 FROM allocations a
-             JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS i(fund_id, investor_account_id)) i
-               ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
-             ORDER BY a.fund_id, a.investor_account_id FOR UPDATE OF a) locked",
-    )
-    .bind(&funds)
-    .bind(&investors)
-    .fetch_one(&mut *conn)
-    .await? as u64;
-    sqlx::query("SELECT 1 FROM funds WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .bind(&funds)
-        .execute(&mut *conn)
-        .await?;
+    let locked = lock_allocations_then_funds(conn, &funds, &investors).await?;
     let updated = sqlx::query(
         "UPDATE allocations a
          SET reserved_minor = a.reserved_minor - i.amount, completed_minor = a.completed_minor + i.amount,
@@ -386,6 +464,99 @@ pub async fn complete_allocations(conn: &mut PgConnection, completions: &[(Strin
     .bind(&amounts)
     .execute(&mut *conn)
     .await?;
+    Ok(())
+}
+
+/// Locks the existing allocations of these `(fund, investor)` pairs, then
+/// their funds, each in key order: the order every writer of these rows
+/// follows (`adjust_allocation` updates an allocation, then its fund), so
+/// batches and single steps cannot deadlock on them. Returns how many
+/// allocations it locked.
+async fn lock_allocations_then_funds(conn: &mut PgConnection, funds: &[&str], investors: &[&str]) -> Result<u64> {
+    let locked = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM (
+             SELECT 1 FROM allocations a
+             JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS i(fund_id, investor_account_id)) i
+               ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
+             ORDER BY a.fund_id, a.investor_account_id FOR UPDATE OF a) locked",
+    )
+    .bind(funds)
+    .bind(investors)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query("SELECT 1 FROM funds WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(funds)
+        .execute(&mut *conn)
+        .await?;
+    Ok(locked as u64)
+}
+
+/// Reserves allocations for a batch of accepted requests, `(fund, investor,
+/// amount)` each, set-based: `adjust_allocation`'s reservation for all of
+/// them in one statement, after locking the rows in key order. Each
+/// allocation grows by its pair's total (created if it is new), each fund's
+/// reserved total by its requests' sum and its seat count by the pairs that
+/// had no seat before; each fund's update carries the same guard as
+/// `adjust_allocation`, so a fund that filled up since the caller decided
+/// refuses the whole batch with a conflict.
+pub async fn reserve_allocations(conn: &mut PgConnection, reservations: &[(String, String, i64)]) -> Result<()> {
+    if reservations.is_empty() {
+        return Ok(());
+    }
+    let mut pairs: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for (fund, investor, amount) in reservations {
+        *pairs.entry((fund.as_str(), investor.as_str())).or_default() += amount;
+    }
+    let funds: Vec<&str> = pairs.keys().map(|(fund, _)| *fund).collect();
+    let investors: Vec<&str> = pairs.keys().map(|(_, investor)| *investor).collect();
+    let amounts: Vec<i64> = pairs.values().copied().collect();
+    let distinct_funds = funds.iter().collect::<HashSet<_>>().len() as u64;
+    lock_allocations_then_funds(conn, &funds, &investors).await?;
+    let updated = sqlx::query(
+        "WITH input AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) AS i(fund_id, investor_account_id, amount)
+         ),
+         updated AS (
+             UPDATE allocations a
+             SET reserved_minor = a.reserved_minor + input.amount, version = a.version + 1, updated_at = now()
+             FROM input
+             WHERE a.fund_id = input.fund_id AND a.investor_account_id = input.investor_account_id
+             RETURNING a.fund_id, a.reserved_minor + a.completed_minor AS total_after, input.amount
+         ),
+         -- Not ON CONFLICT, for the reason `adjust_allocation` gives; a
+         -- concurrent first insert of a pair loses with a retryable unique
+         -- violation.
+         inserted AS (
+             INSERT INTO allocations (fund_id, investor_account_id, reserved_minor, completed_minor)
+             SELECT input.fund_id, input.investor_account_id, input.amount, 0 FROM input
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM allocations a
+                 WHERE a.fund_id = input.fund_id AND a.investor_account_id = input.investor_account_id)
+             RETURNING fund_id, reserved_minor + completed_minor AS total_after, reserved_minor AS amount
+         ),
+         per_fund AS (
+             SELECT fund_id, sum(amount) AS amount,
+                    count(*) FILTER (WHERE total_after - amount <= 0 AND total_after > 0) AS seats
+             FROM (SELECT * FROM updated UNION ALL SELECT * FROM inserted) changed
+             GROUP BY fund_id
+         )
+         UPDATE funds f
+         SET reserved_minor = f.reserved_minor + p.amount, investors_count = f.investors_count + p.seats,
+             version = f.version + 1, updated_at = now()
+         FROM per_fund p
+         WHERE f.id = p.fund_id
+           AND f.reserved_minor + p.amount + f.completed_minor <= f.capacity_minor
+           AND f.investors_count + p.seats <= f.seats_max",
+    )
+    .bind(&funds)
+    .bind(&investors)
+    .bind(&amounts)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if updated != distinct_funds {
+        return Err(conflict("fund", &format!("{} of a batch", distinct_funds - updated)));
+    }
     Ok(())
 }
 

@@ -239,6 +239,75 @@ pub async fn insert_requested(conn: &mut PgConnection, transfer: &Transfer) -> R
     Ok(stored)
 }
 
+/// Records new transfers whose request is already decided, in one
+/// statement: each transfer at version 2 in its decided state, with both of
+/// its history rows (requested, then the decision), exactly what
+/// `insert_requested` followed by `advance` writes. A transfer that exists
+/// already loses with a unique violation.
+pub async fn insert_decided(conn: &mut PgConnection, decided: &[(Transfer, TransferEvent)]) -> Result<Vec<Transfer>> {
+    let mut next = Vec::with_capacity(decided.len());
+    for (requested, event) in decided {
+        let state = TransferState::Requested
+            .apply(event)
+            .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", requested.id)))?;
+        next.push(Transfer {
+            state,
+            version: 2,
+            reason_code: event.reason_code().map(str::to_owned),
+            ..requested.clone()
+        });
+    }
+    let column = |field: fn(&Transfer) -> Option<&str>| next.iter().map(field).collect::<Vec<_>>();
+    let ids: Vec<Uuid> = next.iter().map(|transfer| transfer.id).collect();
+    let amounts: Vec<i64> = next.iter().map(|transfer| transfer.amount_minor).collect();
+    let requested_at: Vec<DateTime<Utc>> = next.iter().map(|transfer| transfer.requested_at).collect();
+    let first_events: Vec<Uuid> = ids.iter().map(|id| ids::status_event_id(*id, 1)).collect();
+    let second_events: Vec<Uuid> = ids.iter().map(|id| ids::status_event_id(*id, 2)).collect();
+    let inserted = sqlx::query(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                                  $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::text[],
+                                  $13::uuid[], $14::uuid[])
+                 AS i(id, investor_account_id, fund_account_id, fund_id, amount_minor, currency, reference,
+                      source_system, requested_at, state, reason_code, traceparent, first_event, second_event)
+         ),
+         inserted AS (
+             INSERT INTO transfers (id, investor_account_id, fund_account_id, fund_id, amount_minor, currency,
+                                    reference, source_system, requested_at, state, reason_code, version, traceparent)
+             SELECT id, investor_account_id, fund_account_id, fund_id, amount_minor, currency, reference,
+                    source_system, requested_at, state, reason_code, 2, traceparent
+             FROM input
+             RETURNING id
+         )
+         INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
+         SELECT input.id, 1, 'requested', NULL, NULL, input.first_event FROM input JOIN inserted USING (id)
+         UNION ALL
+         SELECT input.id, 2, input.state, 'requested', input.reason_code, input.second_event
+         FROM input JOIN inserted USING (id)",
+    )
+    .bind(&ids)
+    .bind(column(|transfer| Some(transfer.investor_account_id.as_str())))
+    .bind(column(|transfer| Some(transfer.fund_account_id.as_str())))
+    .bind(column(|transfer| transfer.fund_id.as_deref()))
+    .bind(&amounts)
+    .bind(column(|transfer| Some(transfer.currency.as_str())))
+    .bind(column(|transfer| Some(transfer.reference.as_str())))
+    .bind(column(|transfer| Some(transfer.source_system.as_str())))
+    .bind(&requested_at)
+    .bind(column(|transfer| Some(transfer.state.as_str())))
+    .bind(column(|transfer| transfer.reason_code.as_deref()))
+    .bind(column(|transfer| transfer.traceparent.as_deref()))
+    .bind(&first_events)
+    .bind(&second_events)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted != 2 * next.len() as u64 {
+        return Err(Error::Corrupt(format!("{inserted} history rows written for {} new transfers", next.len())));
+    }
+    Ok(next)
+}
+
 /// Moves `current` along the state machine by `event`, version-checked, and
 /// appends the new version to the history. Returns the new state of the
 /// transfer. An illegal event is refused before anything is written.

@@ -45,9 +45,12 @@ pub fn resolve_args<C: CommandFactory>(args: Vec<OsString>) -> Result<Resolved> 
     let Ok(matches) = command.clone().ignore_errors(true).try_get_matches_from(&args) else {
         return Ok(Resolved { args, from_file: BTreeSet::new() });
     };
-    let (leaf, leaf_matches) = leaf(&command, &matches);
+    // A setting goes right after the (sub)command that defines it: the
+    // database flag of `keys` is not a flag of `keys create`, so appended
+    // after `create` it would not be read.
+    let levels = levels(&command, &matches, &args);
+    let mut insertions: Vec<Vec<OsString>> = vec![Vec::new(); levels.len()];
     let known = all_long_names(&command);
-    let mut extended = args.clone();
     let mut from_file = BTreeSet::new();
     for (key, value) in &table {
         let name = key.replace('_', "-");
@@ -57,28 +60,63 @@ pub fn resolve_args<C: CommandFactory>(args: Vec<OsString>) -> Result<Resolved> 
         if !known.contains(&name) {
             bail!("{path}: unknown setting {key:?} (settings are the long flag names of `bridge <command> --help`)");
         }
-        let Some(arg) = leaf.get_arguments().find(|arg| arg.get_long() == Some(name.as_str())) else { continue };
+        // The innermost (sub)command on the command line that has the
+        // setting; a setting of another command is ignored.
+        let Some((level, arg)) = levels.iter().enumerate().rev().find_map(|(level, (command, _, _))| {
+            command.get_arguments().find(|arg| arg.get_long() == Some(name.as_str())).map(|arg| (level, arg))
+        }) else {
+            continue;
+        };
         let id = arg.get_id().as_str();
-        if !matches!(leaf_matches.value_source(id), None | Some(ValueSource::DefaultValue)) {
+        if !matches!(levels[level].1.value_source(id), None | Some(ValueSource::DefaultValue)) {
             continue;
         }
         from_file.insert(name.clone());
         let takes_value = arg.get_num_args().is_some_and(|range| range.takes_values());
+        let flags = &mut insertions[level];
         match value {
             toml::Value::Boolean(set) if !takes_value => {
                 if *set {
-                    extended.push(format!("--{name}").into());
+                    flags.push(format!("--{name}").into());
                 }
             }
             toml::Value::Array(items) => {
                 for item in items {
-                    extended.push(format!("--{name}={}", scalar(&path, key, item)?).into());
+                    flags.push(format!("--{name}={}", scalar(&path, key, item)?).into());
                 }
             }
-            other => extended.push(format!("--{name}={}", scalar(&path, key, other)?).into()),
+            other => flags.push(format!("--{name}={}", scalar(&path, key, other)?).into()),
         }
     }
+    let mut extended = args;
+    // From the last position back, so each insertion leaves the earlier
+    // positions where they were.
+    for ((_, _, at), flags) in levels.iter().zip(insertions).rev() {
+        extended.splice(*at..*at, flags);
+    }
     Ok(Resolved { args: extended, from_file })
+}
+
+/// The command and each subcommand named on the command line, with its
+/// matches and the position in `args` just after its name (for the
+/// command itself, after the program's name).
+fn levels<'a>(
+    command: &'a clap::Command,
+    matches: &'a ArgMatches,
+    args: &[OsString],
+) -> Vec<(&'a clap::Command, &'a ArgMatches, usize)> {
+    let mut levels = vec![(command, matches, args.len().min(1))];
+    let (mut command, mut matches, mut after) = (command, matches, args.len().min(1));
+    while let Some((name, sub_matches)) = matches.subcommand() {
+        let Some(sub) = command.find_subcommand(name) else { break };
+        // The subcommand's name is the first argument after its parent's
+        // that spells it.
+        let Some(offset) = args[after..].iter().position(|arg| arg.to_str() == Some(name)) else { break };
+        after += offset + 1;
+        levels.push((sub, sub_matches, after));
+        (command, matches) = (sub, sub_matches);
+    }
+    levels
 }
 
 /// A command line with the configuration file applied.

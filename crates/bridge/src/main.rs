@@ -88,7 +88,7 @@ pub struct Common {
     /// How long applied message ids are kept in the inbox.
     #[arg(long, env = "BRIDGE_INBOX_RETENTION_MS", default_value_t = 604_800_000, global = true)]
     pub inbox_retention_ms: u64,
-    /// Most queued messages of one partition the completion stage applies
+    /// Most queued messages of one partition the validator and the completion stage apply
     /// in one set-based transaction (1: one message per transaction).
     #[arg(long, env = "BRIDGE_BATCH_SIZE_MAX", default_value_t = 64, global = true)]
     pub batch_size_max: usize,

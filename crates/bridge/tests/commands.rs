@@ -904,6 +904,11 @@ simulated-services = true
         "keys create with its required settings in the file: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // In the file's database: the database setting belongs to `keys`, not
+    // to `keys create`, and must still be taken from the file.
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE name = 'from-file'").fetch_one(&kit.pool).await?;
+    ensure!(stored == 1, "{stored} keys named from-file in the file's database");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
