@@ -730,3 +730,22 @@ async fn a_stuck_partition_does_not_hold_up_the_others() -> Result<()> {
     );
     kit.assert_books_balance().await
 }
+
+/// Commits wake the relay (a NOTIFY after each commit that wrote outbox
+/// rows): with the relay's poll a minute apart, a transfer still passes
+/// all four stages, each hop an outbox row to publish, within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commits_wake_the_relay_between_its_polls() -> Result<()> {
+    let mut kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.config.relay_poll_interval_ms = 60_000;
+    kit.seed_investor("inv-wake", 1_000_00).await?;
+    let fund = kit.seed_fund("wake", 100_00, 10, 1_000_000_00).await?;
+    let pipeline = kit.spawn_all();
+    // The relay's first claim finds nothing; it then sleeps until woken.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let id = kit.publish(&kit.request("inv-wake", &fund, 500_00)).await?;
+    kit.wait_terminal(&[id], Duration::from_secs(20)).await.context("not woken: the relay waited for its poll")?;
+    let state = kit.transfer(id).await?.state;
+    ensure!(state == TransferState::Completed, "{state:?}");
+    pipeline.stop().await
+}

@@ -222,6 +222,9 @@ pub async fn create(
             stages::record_api_request(&state.ctx, &mut tx, &requested, traceparent).await?;
         }
         tx.commit().await?;
+        if earlier.is_none() {
+            state.ctx.relay_waker.wake();
+        }
         Ok(earlier)
     }
     .await;

@@ -67,6 +67,8 @@ pub struct StageContext {
     pub source: String,
     /// The schema registry, when one is configured.
     pub registry: Option<Arc<SchemaRegistry>>,
+    /// Wakes the relay after a commit that wrote outbox rows.
+    pub relay_waker: relay::Waker,
 }
 
 impl StageContext {
@@ -110,7 +112,18 @@ impl Pipeline {
             .schema_registry_url
             .as_deref()
             .map(|url| Arc::new(SchemaRegistry::new(url, config.schema_registry_timeout_ms)));
-        Self { ctx: Arc::new(StageContext { pool, topics, services, config, source: "/bridge".to_owned(), registry }) }
+        let relay_waker = relay::Waker::new(pool.clone());
+        Self {
+            ctx: Arc::new(StageContext {
+                pool,
+                topics,
+                services,
+                config,
+                source: "/bridge".to_owned(),
+                registry,
+                relay_waker,
+            }),
+        }
     }
 
     /// What must happen before the pipeline writes an event: registering

@@ -218,8 +218,15 @@ async fn dead_letter(
         headers,
     };
     outbox::enqueue(&mut tx, &[record]).await?;
-    tx.commit().await?;
+    commit(ctx, tx).await?;
     Ok(Outcome::DeadLettered)
+}
+
+/// Commits a transaction that wrote outbox rows, then wakes the relay.
+async fn commit(ctx: &StageContext, tx: sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), StageError> {
+    tx.commit().await?;
+    ctx.relay_waker.wake();
+    Ok(())
 }
 
 fn millis(time: DateTime<Utc>) -> i64 {
@@ -363,7 +370,7 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
             .await?;
     }
     crate::failpoint::hit("stage.inside_tx");
-    tx.commit().await?;
+    commit(ctx, tx).await?;
     Ok(Outcome::Applied)
 }
 
@@ -416,14 +423,17 @@ fn validation_messages(
 }
 
 /// The validator for several requests of one partition in one transaction,
-/// set-based: one read of the transfers, one locking read of the investors
-/// (in key order), one read of the funds and one of the seats; the requests
-/// are then decided one after another in the partition's order, each
-/// against the books the ones before it left (`RunningBooks`), so the batch
-/// decides exactly as one message at a time would; then one insert of the
-/// transfers with their history, one update of the holds, one outbox
-/// insert, and the allocations and funds (locked in key order, each fund's
-/// update guarded by its limits), whatever the number of requests.
+/// set-based: one read each of the transfers, the investors, the funds and
+/// the seats; the requests are then decided one after another in the
+/// partition's order, each against the books the ones before it left
+/// (`RunningBooks`), so the batch decides exactly as one message at a time
+/// would; then one insert of the transfers with their history, the holds
+/// (investors locked in key order, each hold guarded by the available
+/// balance), one outbox insert, and the allocations and funds (locked in
+/// key order, each fund's update guarded by its limits), whatever the
+/// number of requests. Rows are locked only for the transaction's tail,
+/// and a guard that finds the books changed since they were read refuses
+/// the batch.
 ///
 /// Like `complete_batch`, only the fast path for the usual case. False
 /// means "not applied, take them one by one": a message that does not
@@ -460,7 +470,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)
     }
     let investor_ids: Vec<&str> =
         requests.iter().map(|(_, requested)| requested.investor_account_id.as_str()).collect();
-    let investors = accounts::investors_for_update(&mut tx, &investor_ids).await?;
+    let investors = accounts::investors_by_id(&mut tx, &investor_ids).await?;
     let account_ids: Vec<&str> = requests.iter().map(|(_, requested)| requested.fund_account_id.as_str()).collect();
     let funds = accounts::funds_by_accounts(&mut tx, &account_ids).await?;
     let pairs: Vec<(&str, &str)> = requests
@@ -510,7 +520,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)
     // The funds' rows last, as in a single validation.
     accounts::reserve_allocations(&mut tx, &reservations).await?;
     crate::failpoint::hit("stage.inside_tx");
-    tx.commit().await?;
+    commit(ctx, tx).await?;
     Ok(true)
 }
 
@@ -637,7 +647,7 @@ async fn commit_step(
     messages.push(status_message(ctx, stage.as_str(), next, Some(previous.state), trace)?);
     outbox::enqueue(&mut tx, &messages).await?;
     crate::failpoint::hit("stage.inside_tx");
-    tx.commit().await?;
+    commit(ctx, tx).await?;
     Ok(Outcome::Applied)
 }
 
@@ -1020,6 +1030,6 @@ async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> 
     accounts::complete_allocations(&mut tx, &completions).await?;
     outbox::enqueue(&mut tx, &messages).await?;
     crate::failpoint::hit("stage.inside_tx");
-    tx.commit().await?;
+    commit(ctx, tx).await?;
     Ok(true)
 }

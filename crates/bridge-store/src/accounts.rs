@@ -131,17 +131,15 @@ pub async fn investor(conn: &mut PgConnection, id: &str) -> Result<Option<Versio
     .transpose()
 }
 
-/// The investor accounts with these ids, by id, locked until the transaction
-/// ends; unknown ids are left out. Rows are locked in id order, so two
-/// batches lock in the same order and cannot deadlock on each other.
-pub async fn investors_for_update(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, AccountSnapshot>> {
-    let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-        "SELECT id, currency, balance_minor, held_minor FROM investor_accounts
-         WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-    )
-    .bind(ids)
-    .fetch_all(conn)
-    .await?;
+/// The investor accounts with these ids, by id; unknown ids are left out.
+/// Not locked: a batch decides on them and `hold_many` re-checks each
+/// account's available balance when it takes the holds.
+pub async fn investors_by_id(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, AccountSnapshot>> {
+    let rows: Vec<(String, String, i64, i64)> =
+        sqlx::query_as("SELECT id, currency, balance_minor, held_minor FROM investor_accounts WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(conn)
+            .await?;
     rows.into_iter()
         .map(|(id, code, balance_minor, held_minor)| {
             Ok((id, AccountSnapshot { currency: currency(&code)?, balance_minor, held_minor }))
@@ -150,31 +148,36 @@ pub async fn investors_for_update(conn: &mut PgConnection, ids: &[&str]) -> Resu
 }
 
 /// Adds to the held amounts of investor accounts, `(account, amount)` each,
-/// one account at most once, in one statement. The rows are the caller's,
-/// locked by `investors_for_update`; the CHECK constraints still refuse a
-/// negative available balance whatever the caller computed.
+/// one account at most once. The rows are locked in key order first (so
+/// two batches cannot deadlock on each other), and only now, near the end
+/// of the caller's transaction: locked from the caller's first read, they
+/// would stall every withdrawal of those investors for the whole batch.
+/// Each hold applies only if the account still has that much available; a
+/// hold taken elsewhere since the caller read the account (the only change
+/// that lowers what is available) makes this a conflict, and the caller
+/// decides again.
 pub async fn hold_many(conn: &mut PgConnection, holds: &[(String, i64)]) -> Result<()> {
     if holds.is_empty() {
         return Ok(());
     }
     let (ids, amounts): (Vec<&str>, Vec<i64>) = holds.iter().map(|(id, amount)| (id.as_str(), *amount)).unzip();
+    sqlx::query("SELECT 1 FROM investor_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut *conn)
+        .await?;
     let updated = sqlx::query(
         "UPDATE investor_accounts a
          SET held_minor = a.held_minor + i.amount, version = a.version + 1, updated_at = now()
          FROM unnest($1::text[], $2::bigint[]) AS i(id, amount)
-         WHERE a.id = i.id",
+         WHERE a.id = i.id AND a.balance_minor - a.held_minor >= i.amount",
     )
     .bind(&ids)
     .bind(&amounts)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?
     .rows_affected();
     if updated != holds.len() as u64 {
-        return Err(Error::Corrupt(format!(
-            "{} of {} investor accounts to hold vanished",
-            holds.len() as u64 - updated,
-            holds.len()
-        )));
+        return Err(conflict("investor account", &format!("{} of a batch", holds.len() as u64 - updated)));
     }
     Ok(())
 }

@@ -9,8 +9,19 @@ use uuid::Uuid;
 
 use crate::Result;
 
-/// The Postgres notification channel the outbox trigger signals on insert.
+/// The Postgres notification channel that wakes the relay.
 pub const NOTIFY_CHANNEL: &str = "bridge_outbox";
+
+/// Wakes the relay: to be sent after a transaction that wrote outbox rows
+/// committed, never inside it. Postgres holds a database-wide lock from the
+/// commit of a transaction that issued NOTIFY until that commit is durable,
+/// so a NOTIFY inside the writers' transactions made their commits queue
+/// one behind another instead of sharing WAL flushes. On its own, with
+/// nothing to make durable, it holds that lock only for a moment.
+pub async fn wake_relay(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')").bind(NOTIFY_CHANNEL).execute(conn).await?;
+    Ok(())
+}
 
 /// One message to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
