@@ -72,7 +72,15 @@ start() {
 
 stop() {
   if [ -f "$state/pid" ]; then
-    kill "$(cat "$state/pid")" 2>/dev/null || true
+    local pid
+    pid=$(cat "$state/pid")
+    kill "$pid" 2>/dev/null || true
+    # Wait for it to go, so a `start` right after finds the port free
+    # instead of reusing a broker that is shutting down.
+    for _ in $(seq 100); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
     rm -f "$state/pid"
   fi
 }

@@ -137,6 +137,7 @@ pub async fn investor(conn: &mut PgConnection, id: &str) -> Result<Option<Versio
 pub async fn investors_by_id(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, AccountSnapshot>> {
     let rows: Vec<(String, String, i64, i64)> =
         sqlx::query_as("SELECT id, currency, balance_minor, held_minor FROM investor_accounts WHERE id = ANY($1)")
+            .persistent(false)
             .bind(ids)
             .fetch_all(conn)
             .await?;
@@ -162,6 +163,7 @@ pub async fn hold_many(conn: &mut PgConnection, holds: &[(String, i64)]) -> Resu
     }
     let (ids, amounts): (Vec<&str>, Vec<i64>) = holds.iter().map(|(id, amount)| (id.as_str(), *amount)).unzip();
     sqlx::query("SELECT 1 FROM investor_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .persistent(false)
         .bind(&ids)
         .execute(&mut *conn)
         .await?;
@@ -171,6 +173,7 @@ pub async fn hold_many(conn: &mut PgConnection, holds: &[(String, i64)]) -> Resu
          FROM unnest($1::text[], $2::bigint[]) AS i(id, amount)
          WHERE a.id = i.id AND a.balance_minor - a.held_minor >= i.amount",
     )
+    .persistent(false)
     .bind(&ids)
     .bind(&amounts)
     .execute(&mut *conn)
@@ -294,6 +297,7 @@ pub async fn seats_held(conn: &mut PgConnection, pairs: &[(&str, &str)]) -> Resu
            ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
          WHERE a.reserved_minor + a.completed_minor > 0",
     )
+    .persistent(false)
     .bind(&funds)
     .bind(&investors)
     .fetch_all(conn)
@@ -446,6 +450,7 @@ pub async fn complete_allocations(conn: &mut PgConnection, completions: &[(Strin
                GROUP BY 1, 2) i
          WHERE a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id",
     )
+    .persistent(false)
     .bind(&funds)
     .bind(&investors)
     .bind(&amounts)
@@ -463,6 +468,7 @@ pub async fn complete_allocations(conn: &mut PgConnection, completions: &[(Strin
                GROUP BY 1) i
          WHERE f.id = i.fund_id",
     )
+    .persistent(false)
     .bind(&funds)
     .bind(&amounts)
     .execute(&mut *conn)
@@ -483,11 +489,13 @@ async fn lock_allocations_then_funds(conn: &mut PgConnection, funds: &[&str], in
                ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
              ORDER BY a.fund_id, a.investor_account_id FOR UPDATE OF a) locked",
     )
+    .persistent(false)
     .bind(funds)
     .bind(investors)
     .fetch_one(&mut *conn)
     .await?;
     sqlx::query("SELECT 1 FROM funds WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .persistent(false)
         .bind(funds)
         .execute(&mut *conn)
         .await?;
@@ -551,6 +559,7 @@ pub async fn reserve_allocations(conn: &mut PgConnection, reservations: &[(Strin
            AND f.reserved_minor + p.amount + f.completed_minor <= f.capacity_minor
            AND f.investors_count + p.seats <= f.seats_max",
     )
+    .persistent(false)
     .bind(&funds)
     .bind(&investors)
     .bind(&amounts)

@@ -9,6 +9,16 @@
 //! Concurrency control is optimistic: every mutable row carries a `version`,
 //! updates say `WHERE version = $expected`, and a lost race surfaces as
 //! [`Error::Conflict`], which callers retry from the start of the transaction.
+//!
+//! Statements over a batch's arrays (`= ANY($1)`, joins to `unnest(...)`)
+//! are not kept as prepared statements (`.persistent(false)`): Postgres
+//! plans them for each execution, against the table as it is then and the
+//! array as given. Prepared, they were planned once against tables that
+//! were still empty when a process started, and the plan kept (a hash join
+//! over a sequential scan) read the whole `transfers` table for every
+//! completion batch as it grew: 2,547 buffers per call in a run of 100,000
+//! transfers, where an index lookup reads a few per row. Planning costs a
+//! fraction of a millisecond per batch.
 
 pub mod accounts;
 pub mod api;

@@ -74,6 +74,7 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, batch_size_max: i64) -> R
          FROM outbox WHERE published_at IS NULL
          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
+    .persistent(false)
     .bind(batch_size_max)
     .fetch_all(&mut **tx)
     .await?;
@@ -91,6 +92,7 @@ pub async fn mark_published(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> 
         return Ok(());
     }
     sqlx::query("UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)")
+        .persistent(false)
         .bind(ids)
         .execute(&mut **tx)
         .await?;
@@ -102,6 +104,7 @@ pub async fn mark_failed(tx: &mut Transaction<'_, Postgres>, ids: &[i64], error:
         return Ok(());
     }
     sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)")
+        .persistent(false)
         .bind(ids)
         .bind(error)
         .execute(&mut **tx)
