@@ -17,16 +17,6 @@ use bridge_testkit::{BrokerKind, TestKit};
 
 const SETTLE: Duration = Duration::from_secs(120);
 
-async fn count_states(kit: &TestKit, ids: &[Uuid]) -> Result<std::collections::BTreeMap<String, i64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT state || coalesce(':' || reason_code, ''), count(*) FROM transfers WHERE id = ANY($1) GROUP BY 1",
-    )
-    .bind(ids)
-    .fetch_all(&kit.pool)
-    .await?;
-    Ok(rows.into_iter().collect())
-}
-
 async fn settled_operations(kit: &TestKit) -> Result<Vec<(String, i64)>> {
     Ok(sqlx::query_as(
         "SELECT operation, count(*) FROM sim_operations WHERE outcome = 'settled' GROUP BY operation ORDER BY operation",
@@ -65,7 +55,7 @@ async fn transient_failures_and_lost_replies_move_money_once() -> Result<()> {
     pipeline.stop().await?;
     simulator.stop().await?;
 
-    let states = count_states(&kit, &ids).await?;
+    let states = kit.state_counts(&ids).await?;
     ensure!(states.get("completed") == Some(&16), "{states:?}");
     ensure!(settled_operations(&kit).await? == [("deposit".to_owned(), 16), ("withdrawal".to_owned(), 16)]);
     // The calls' metrics: every step settled once, and the injected faults
@@ -149,7 +139,7 @@ async fn declines_are_compensated_or_reviewed() -> Result<()> {
     pipeline.stop().await?;
     simulator.stop().await?;
 
-    let states = count_states(&kit, &ids).await?;
+    let states = kit.state_counts(&ids).await?;
     let get = |key: &str| states.get(key).copied().unwrap_or(0);
     let failed = get("failed:INSUFFICIENT_FUNDS") + get("failed:ACCOUNT_FROZEN") + get("failed:LIMIT_EXCEEDED");
     let reversed = get("reversed:ACCOUNT_CLOSED");

@@ -130,16 +130,6 @@ async fn queued_completions_apply_in_batches_and_bad_batches_fall_back() -> Resu
     kit.assert_books_balance().await
 }
 
-async fn states(kit: &TestKit, ids: &[Uuid]) -> Result<std::collections::BTreeMap<String, i64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT state || coalesce(':' || reason_code, ''), count(*) FROM transfers WHERE id = ANY($1) GROUP BY 1",
-    )
-    .bind(ids)
-    .fetch_all(&kit.pool)
-    .await?;
-    Ok(rows.into_iter().collect())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queued_requests_validate_in_batches_as_one_at_a_time_would() -> Result<()> {
     let kit = TestKit::start(BrokerKind::InProcess).await?;
@@ -204,12 +194,13 @@ async fn queued_requests_validate_in_batches_as_one_at_a_time_would() -> Result<
     pipeline.stop().await?;
 
     let expect = |pairs: &[(&str, i64)]| pairs.iter().map(|(state, count)| ((*state).to_owned(), *count)).collect();
-    ensure!(states(&kit, &ordinary).await? == expect(&[("completed", 31)]), "{:?}", states(&kit, &ordinary).await?);
-    let tight_states = states(&kit, &tight).await?;
+    let ordinary_states = kit.state_counts(&ordinary).await?;
+    ensure!(ordinary_states == expect(&[("completed", 31)]), "{ordinary_states:?}");
+    let tight_states = kit.state_counts(&tight).await?;
     ensure!(tight_states == expect(&[("completed", 1), ("rejected:INSUFFICIENT_FUNDS", 1)]), "{tight_states:?}");
-    let seat_states = states(&kit, &seats).await?;
+    let seat_states = kit.state_counts(&seats).await?;
     ensure!(seat_states == expect(&[("completed", 2), ("rejected:FUND_FULL", 1)]), "{seat_states:?}");
-    let capacity_states = states(&kit, &capacity).await?;
+    let capacity_states = kit.state_counts(&capacity).await?;
     ensure!(
         capacity_states == expect(&[("completed", 2), ("rejected:FUND_CAPACITY_EXCEEDED", 1)]),
         "{capacity_states:?}"

@@ -10,7 +10,7 @@ pub mod receivers;
 pub mod schema_registry;
 pub mod tansu;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -362,6 +362,18 @@ impl TestKit {
 
     /// Waits until every transfer in `ids` exists and has stopped moving
     /// (terminal, or in manual review) and the outbox is drained.
+    /// How many of these transfers are in each state, keyed `state` or
+    /// `state:REASON_CODE`.
+    pub async fn state_counts(&self, ids: &[Uuid]) -> Result<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT state || coalesce(':' || reason_code, ''), count(*) FROM transfers WHERE id = ANY($1) GROUP BY 1",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     pub async fn wait_terminal(&self, ids: &[Uuid], timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
