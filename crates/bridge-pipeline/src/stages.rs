@@ -484,8 +484,6 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)
 
     let mut books = bridge_domain::RunningBooks::new(investors, seats);
     let mut decided = Vec::with_capacity(requests.len());
-    let mut holds: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
-    let mut reservations = Vec::new();
     for (_, requested) in requests {
         let fund = funds.get(&requested.fund_account_id);
         let decision = books.decide(
@@ -494,17 +492,11 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)
             requested.amount_minor,
             &requested.currency,
         );
-        let requested = Transfer { fund_id: fund.map(|view| view.fund_id.clone()), ..requested.clone() };
         let event = match decision {
-            Ok(()) => {
-                *holds.entry(requested.investor_account_id.clone()).or_default() += requested.amount_minor;
-                let fund_id = fund.map(|view| view.fund_id.clone()).unwrap_or_default();
-                reservations.push((fund_id, requested.investor_account_id.clone(), requested.amount_minor));
-                TransferEvent::Validated
-            }
+            Ok(()) => TransferEvent::Validated,
             Err(reason) => TransferEvent::Rejected(reason),
         };
-        decided.push((requested, event));
+        decided.push((Transfer { fund_id: fund.map(|view| view.fund_id.clone()), ..requested.clone() }, event));
     }
     let next = transfers::insert_decided(&mut tx, &decided).await?;
     let mut messages = Vec::with_capacity(3 * requests.len());
@@ -515,10 +507,19 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)
         let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
         messages.extend(validation_messages(ctx, requested, true, after, &trace)?);
     }
-    accounts::hold_many(&mut tx, &holds.into_iter().collect::<Vec<_>>()).await?;
+    // What the accepted requests take: (fund, investor, amount) each.
+    let taken: Vec<(&str, &str, i64)> = decided
+        .iter()
+        .filter(|(_, event)| matches!(event, TransferEvent::Validated))
+        .map(|(accepted, _)| {
+            let fund_id = accepted.fund_id.as_deref().unwrap_or_default();
+            (fund_id, accepted.investor_account_id.as_str(), accepted.amount_minor)
+        })
+        .collect();
+    accounts::hold_many(&mut tx, &taken).await?;
     outbox::enqueue(&mut tx, &messages).await?;
     // The funds' rows last, as in a single validation.
-    accounts::reserve_allocations(&mut tx, &reservations).await?;
+    accounts::reserve_allocations(&mut tx, &taken).await?;
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
     Ok(true)

@@ -148,8 +148,8 @@ pub async fn investors_by_id(conn: &mut PgConnection, ids: &[&str]) -> Result<Ha
         .collect()
 }
 
-/// Adds to the held amounts of investor accounts, `(account, amount)` each,
-/// one account at most once. The rows are locked in key order first (so
+/// Holds the amounts of accepted requests, `(fund, investor, amount)` each
+/// (an investor's amounts added up). The rows are locked in key order first (so
 /// two batches cannot deadlock on each other), and only now, near the end
 /// of the caller's transaction: locked from the caller's first read, they
 /// would stall every withdrawal of those investors for the whole batch.
@@ -157,11 +157,15 @@ pub async fn investors_by_id(conn: &mut PgConnection, ids: &[&str]) -> Result<Ha
 /// hold taken elsewhere since the caller read the account (the only change
 /// that lowers what is available) makes this a conflict, and the caller
 /// decides again.
-pub async fn hold_many(conn: &mut PgConnection, holds: &[(String, i64)]) -> Result<()> {
-    if holds.is_empty() {
+pub async fn hold_many(conn: &mut PgConnection, requests: &[(&str, &str, i64)]) -> Result<()> {
+    if requests.is_empty() {
         return Ok(());
     }
-    let (ids, amounts): (Vec<&str>, Vec<i64>) = holds.iter().map(|(id, amount)| (id.as_str(), *amount)).unzip();
+    let mut holds: BTreeMap<&str, i64> = BTreeMap::new();
+    for (_, investor, amount) in requests {
+        *holds.entry(investor).or_default() += amount;
+    }
+    let (ids, amounts): (Vec<&str>, Vec<i64>) = holds.iter().map(|(id, amount)| (*id, *amount)).unzip();
     sqlx::query("SELECT 1 FROM investor_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
         .persistent(false)
         .bind(&ids)
@@ -510,13 +514,13 @@ async fn lock_allocations_then_funds(conn: &mut PgConnection, funds: &[&str], in
 /// had no seat before; each fund's update carries the same guard as
 /// `adjust_allocation`, so a fund that filled up since the caller decided
 /// refuses the whole batch with a conflict.
-pub async fn reserve_allocations(conn: &mut PgConnection, reservations: &[(String, String, i64)]) -> Result<()> {
+pub async fn reserve_allocations(conn: &mut PgConnection, reservations: &[(&str, &str, i64)]) -> Result<()> {
     if reservations.is_empty() {
         return Ok(());
     }
     let mut pairs: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for (fund, investor, amount) in reservations {
-        *pairs.entry((fund.as_str(), investor.as_str())).or_default() += amount;
+        *pairs.entry((fund, investor)).or_default() += amount;
     }
     let funds: Vec<&str> = pairs.keys().map(|(fund, _)| *fund).collect();
     let investors: Vec<&str> = pairs.keys().map(|(_, investor)| *investor).collect();
