@@ -1,8 +1,10 @@
-//! The validator and the completion stage apply a partition's queued
-//! messages in one set-based transaction; a batch holding a repeat, garbage,
-//! or a transfer in the wrong state falls back to one message at a time,
-//! and nothing applies twice or is lost.
+//! Every stage applies a partition's queued messages in one set-based
+//! transaction (the money stages after asking their service about them
+//! concurrently); a batch holding a repeat, garbage, a transfer in the wrong
+//! state or a step its service did not settle falls back to one message at
+//! a time, and nothing applies twice or is lost.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -13,20 +15,59 @@ use uuid::Uuid;
 
 const SETTLE: Duration = Duration::from_secs(120);
 
-async fn wait_all_deposited(kit: &TestKit, ids: &[Uuid]) -> Result<()> {
+fn counts(pairs: &[(&str, i64)]) -> BTreeMap<String, i64> {
+    pairs.iter().map(|(state, count)| ((*state).to_owned(), *count)).collect()
+}
+
+/// Waits until the transfers' states are `expected` and the outbox is
+/// drained, so every event they announce is on its topic.
+async fn wait_states(kit: &TestKit, ids: &[Uuid], expected: &BTreeMap<String, i64>) -> Result<()> {
     let deadline = Instant::now() + SETTLE;
     loop {
-        let deposited: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM transfers WHERE id = ANY($1) AND state = 'deposited'")
-                .bind(ids)
-                .fetch_one(&kit.pool)
-                .await?;
-        if deposited == ids.len() as i64 {
-            return Ok(());
+        let states = kit.state_counts(ids).await?;
+        if &states == expected {
+            return kit.wait_outbox_drained(SETTLE).await;
         }
-        ensure!(Instant::now() < deadline, "{deposited} of {} deposited", ids.len());
+        ensure!(Instant::now() < deadline, "states {states:?}, waiting for {expected:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits for the first dead letter of `topic` and returns them all.
+async fn wait_dead_letters(kit: &TestKit, topic: &str) -> Result<Vec<bridge_pipeline::message::Inbound>> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let dead = kit.read_topic(&Topics::dead_letter(topic)).await?;
+        if !dead.is_empty() || Instant::now() > deadline {
+            return Ok(dead);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Publishes a copy of the `index`th message of `topic` and a message that
+/// does not decode after it.
+async fn publish_repeat_and_garbage(kit: &TestKit, topic: &str, index: usize) -> Result<()> {
+    let backlog = kit.read_topic(topic).await?;
+    let repeat = backlog.get(index).ok_or_else(|| anyhow::anyhow!("{} messages on {topic}", backlog.len()))?;
+    kit.publish_raw(topic, repeat.key.as_deref(), repeat.payload.as_deref().unwrap_or_default(), &repeat.headers)
+        .await?;
+    kit.publish_raw(topic, Some(b"garbage"), b"not avro", &[]).await
+}
+
+/// Distinct status events in each state.
+async fn status_events_by_state(kit: &TestKit) -> Result<BTreeMap<String, usize>> {
+    let status = kit.read_topic(&kit.topics().status()).await?;
+    let mut ids = std::collections::HashSet::new();
+    let mut by_state = BTreeMap::new();
+    for event in status.iter().filter_map(|message| {
+        bridge_codec::decode::<bridge_codec::TransferStatusChanged>(message.payload.as_deref()?).ok()
+    }) {
+        if ids.insert(event.event_id) {
+            *by_state.entry(event.state).or_default() += 1;
+        }
+    }
+    Ok(by_state)
 }
 
 fn batch_metric(consumer: &str, suffix: &str) -> u64 {
@@ -60,35 +101,16 @@ async fn queued_completions_apply_in_batches_and_bad_batches_fall_back() -> Resu
         let request = kit.request(&format!("inv-{}", index % 8), &funds[index % 2], 1_000_00 + index as i64);
         ids.push(kit.publish(&request).await?);
     }
-    wait_all_deposited(&kit, &ids).await?;
-    kit.wait_outbox_drained(SETTLE).await?;
+    wait_states(&kit, &ids, &counts(&[("deposited", 60)])).await?;
     // A repeat of a deposited event and a message that does not decode, in
     // the backlog: their batches must fall back, not fail or double-apply.
     let deposited_topic = kit.topics().deposited();
-    let backlog = kit.read_topic(&deposited_topic).await?;
-    ensure!(backlog.len() == 60, "{} deposited events", backlog.len());
-    let repeat = &backlog[7];
-    kit.publish_raw(
-        &deposited_topic,
-        repeat.key.as_deref(),
-        repeat.payload.as_deref().unwrap_or_default(),
-        &repeat.headers,
-    )
-    .await?;
-    kit.publish_raw(&deposited_topic, Some(b"garbage"), b"not avro", &[]).await?;
+    ensure!(kit.read_topic(&deposited_topic).await?.len() == 60, "deposited events missing");
+    publish_repeat_and_garbage(&kit, &deposited_topic, 7).await?;
 
     let completion = kit.spawn(&[Part::Stage(StageName::Completion), Part::Relay]);
     kit.wait_terminal(&ids, SETTLE).await?;
-    let dead = {
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let dead = kit.read_topic(&Topics::dead_letter(&deposited_topic)).await?;
-            if !dead.is_empty() || Instant::now() > deadline {
-                break dead;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
+    let dead = wait_dead_letters(&kit, &deposited_topic).await?;
     kit.wait_outbox_drained(SETTLE).await?;
     completion.stop().await?;
     upstream.stop().await?;
@@ -117,16 +139,8 @@ async fn queued_completions_apply_in_batches_and_bad_batches_fall_back() -> Resu
     ensure!(batches >= 1 && messages > batches, "{batches} batches with {messages} messages");
     ensure!(messages <= 60, "{messages} messages applied in batches, more than there were transfers");
     // The status topic has each completion once.
-    let status = kit.read_topic(&kit.topics().status()).await?;
-    let completions = status
-        .iter()
-        .filter_map(|message| {
-            bridge_codec::decode::<bridge_codec::TransferStatusChanged>(message.payload.as_deref()?).ok()
-        })
-        .filter(|event| event.state == "completed")
-        .map(|event| event.event_id)
-        .collect::<std::collections::HashSet<_>>();
-    ensure!(completions.len() == 60, "{} distinct completed events", completions.len());
+    let completions = status_events_by_state(&kit).await?.get("completed").copied();
+    ensure!(completions == Some(60), "{completions:?} distinct completed events");
     kit.assert_books_balance().await
 }
 
@@ -180,29 +194,19 @@ async fn queued_requests_validate_in_batches_as_one_at_a_time_would() -> Result<
     ]);
     let all: Vec<Uuid> = [&ordinary, &tight, &seats, &capacity].into_iter().flatten().copied().collect();
     kit.wait_terminal(&all, SETTLE).await?;
-    let dead = {
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let dead = kit.read_topic(&Topics::dead_letter(&requested_topic)).await?;
-            if !dead.is_empty() || Instant::now() > deadline {
-                break dead;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
+    let dead = wait_dead_letters(&kit, &requested_topic).await?;
     kit.wait_outbox_drained(SETTLE).await?;
     pipeline.stop().await?;
 
-    let expect = |pairs: &[(&str, i64)]| pairs.iter().map(|(state, count)| ((*state).to_owned(), *count)).collect();
     let ordinary_states = kit.state_counts(&ordinary).await?;
-    ensure!(ordinary_states == expect(&[("completed", 31)]), "{ordinary_states:?}");
+    ensure!(ordinary_states == counts(&[("completed", 31)]), "{ordinary_states:?}");
     let tight_states = kit.state_counts(&tight).await?;
-    ensure!(tight_states == expect(&[("completed", 1), ("rejected:INSUFFICIENT_FUNDS", 1)]), "{tight_states:?}");
+    ensure!(tight_states == counts(&[("completed", 1), ("rejected:INSUFFICIENT_FUNDS", 1)]), "{tight_states:?}");
     let seat_states = kit.state_counts(&seats).await?;
-    ensure!(seat_states == expect(&[("completed", 2), ("rejected:FUND_FULL", 1)]), "{seat_states:?}");
+    ensure!(seat_states == counts(&[("completed", 2), ("rejected:FUND_FULL", 1)]), "{seat_states:?}");
     let capacity_states = kit.state_counts(&capacity).await?;
     ensure!(
-        capacity_states == expect(&[("completed", 2), ("rejected:FUND_CAPACITY_EXCEEDED", 1)]),
+        capacity_states == counts(&[("completed", 2), ("rejected:FUND_CAPACITY_EXCEEDED", 1)]),
         "{capacity_states:?}"
     );
     // Five versions for each completed transfer, two for each rejected one:
@@ -233,5 +237,113 @@ async fn queued_requests_validate_in_batches_as_one_at_a_time_would() -> Result<
         let versions = seen.get(&id.to_string()).cloned().unwrap_or_default();
         ensure!(versions.starts_with(&[1, 2]), "transfer {id}: status versions {versions:?}");
     }
+    kit.assert_books_balance().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_money_steps_apply_in_batches_and_unsettled_ones_go_one_by_one() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    for investor in 0..8 {
+        kit.seed_investor(&format!("inv-{investor}"), 1_000_000_00).await?;
+    }
+    kit.seed_investor("frozen", 1_000_000_00).await?;
+    let open = kit.seed_fund("open", 100_00, 100, 100_000_000_00).await?;
+    let closed = kit.seed_fund("closed", 100_00, 100, 100_000_000_00).await?;
+    // The investor's bank declines withdrawals from "frozen"; the fund's
+    // administrator declines deposits into "closed", so those are refunded.
+    kit.set_simulated_account_status("frozen", "frozen").await?;
+    kit.set_simulated_account_status(&closed, "closed").await?;
+
+    // Validate everything first, so each money stage finds its input queued.
+    let validator = kit.spawn(&[Part::Stage(StageName::Validator), Part::Relay]);
+    let mut ordinary = Vec::new();
+    for index in 0..40 {
+        let request = kit.request(&format!("inv-{}", index % 8), &open, 1_000_00 + index as i64);
+        ordinary.push(kit.publish(&request).await?);
+    }
+    let mut declined = Vec::new();
+    for _ in 0..2 {
+        declined.push(kit.publish(&kit.request("frozen", &open, 500_00)).await?);
+    }
+    let mut refunded = Vec::new();
+    for investor in 0..2 {
+        refunded.push(kit.publish(&kit.request(&format!("inv-{investor}"), &closed, 700_00)).await?);
+    }
+    let all: Vec<Uuid> = [&ordinary, &declined, &refunded].into_iter().flatten().copied().collect();
+    wait_states(&kit, &all, &counts(&[("validated", 44)])).await?;
+    let validated_topic = kit.topics().validated();
+    publish_repeat_and_garbage(&kit, &validated_topic, 3).await?;
+
+    let withdrawal = kit.spawn(&[Part::Stage(StageName::Withdrawal)]);
+    wait_states(&kit, &all, &counts(&[("withdrawn", 42), ("failed:ACCOUNT_FROZEN", 2)])).await?;
+    let withdrawn_topic = kit.topics().withdrawn();
+    publish_repeat_and_garbage(&kit, &withdrawn_topic, 5).await?;
+
+    let rest = kit.spawn(&[Part::Stage(StageName::Deposit), Part::Stage(StageName::Completion)]);
+    wait_states(
+        &kit,
+        &all,
+        &counts(&[("completed", 40), ("failed:ACCOUNT_FROZEN", 2), ("reversed:ACCOUNT_CLOSED", 2)]),
+    )
+    .await?;
+    let dead_validated = wait_dead_letters(&kit, &validated_topic).await?;
+    let dead_withdrawn = wait_dead_letters(&kit, &withdrawn_topic).await?;
+    kit.wait_outbox_drained(SETTLE).await?;
+    rest.stop().await?;
+    withdrawal.stop().await?;
+    validator.stop().await?;
+
+    for dead in [&dead_validated, &dead_withdrawn] {
+        ensure!(
+            dead.len() == 1 && dead[0].payload.as_deref() == Some(b"not avro".as_slice()),
+            "{} dead letters",
+            dead.len()
+        );
+    }
+    // Versions: five for a completed transfer; requested, validated, failed
+    // for a declined withdrawal; requested … withdrawn, reversed for a
+    // refunded deposit. The repeats applied nothing.
+    let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM transfer_versions WHERE transfer_id = ANY($1)")
+        .bind(&all)
+        .fetch_one(&kit.pool)
+        .await?;
+    ensure!(versions == 40 * 5 + 2 * 3 + 2 * 4, "{versions} versions");
+    // The services were asked for exactly the steps there were: a batch
+    // asks only about transfers waiting for its step, and a step asked
+    // again (after a batch fell back) is the same operation under its key.
+    let operations: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT operation, outcome, count(*) FROM sim_operations GROUP BY 1, 2 ORDER BY 1, 2")
+            .fetch_all(&kit.pool)
+            .await?;
+    let expected_operations = [
+        ("deposit", "declined", 2),
+        ("deposit", "settled", 40),
+        ("refund", "settled", 2),
+        ("withdrawal", "declined", 2),
+        ("withdrawal", "settled", 42),
+    ];
+    ensure!(
+        operations
+            .iter()
+            .map(|(operation, outcome, count)| (operation.as_str(), outcome.as_str(), *count))
+            .eq(expected_operations),
+        "{operations:?}"
+    );
+    for stage in ["withdrawal", "deposit"] {
+        let (batches, messages) = (batch_metric(stage, "count"), batch_metric(stage, "sum"));
+        eprintln!("{stage}: {messages} messages applied in whole batches of {batches}");
+        ensure!(batches >= 1 && messages > batches, "{stage}: {batches} batches with {messages} messages");
+        ensure!(messages <= 42, "{stage}: {messages} messages applied in batches, more than there were steps");
+    }
+    // Each outcome announced once on the status topic.
+    let by_state = status_events_by_state(&kit).await?;
+    let announced = |state: &str| by_state.get(state).copied().unwrap_or_default();
+    ensure!(
+        (announced("withdrawn"), announced("deposited"), announced("completed")) == (42, 40, 40)
+            && (announced("failed"), announced("reversed")) == (2, 2),
+        "{by_state:?}"
+    );
+    let withdrawn_events = kit.read_topic(&withdrawn_topic).await?.len();
+    ensure!(withdrawn_events == 42 + 2, "{withdrawn_events} messages on the withdrawn topic (42 and the two added)");
     kit.assert_books_balance().await
 }

@@ -98,7 +98,7 @@ pub struct PipelineConfig {
     pub session_timeout_ms: u32,
     /// Longest a consumer's fetch waits at the broker for new data.
     pub fetch_wait_max_ms: u32,
-    /// Most messages of one partition the validator and the completion stage apply in one
+    /// Most messages of one partition a stage applies in one
     /// set-based transaction, when that many are queued; 1 turns it off.
     pub batch_size_max: usize,
     /// Outbox rows the relay claims and publishes per database transaction.

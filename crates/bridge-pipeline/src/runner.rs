@@ -199,8 +199,8 @@ pub type Handler = Arc<
 >;
 
 /// What a consumer may do with several queued messages of one partition at
-/// once: apply them all in one transaction (true), or nothing (false: they
-/// are then handled one by one).
+/// once: apply them all (true), or not all (false: they are then handled
+/// one by one, and any the batch did apply are found applied).
 pub type BatchHandler = Arc<dyn for<'a> Fn(&'a [Inbound]) -> futures::future::BoxFuture<'a, bool> + Send + Sync>;
 
 async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: CancellationToken) -> Result<()> {
@@ -209,24 +209,23 @@ async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: Cancellat
         let ctx = handler_ctx.clone();
         Box::pin(async move { stages::handle(&ctx, stage, message).await })
     });
-    // The validator and completion apply a partition's queued messages
-    // set-based; the money stages call an outside service per message.
-    let batch = match stage {
-        StageName::Validator | StageName::Completion if ctx.config.batch_size_max > 1 => {
-            let batch_ctx = ctx.clone();
-            let batch: BatchHandler = Arc::new(move |messages| {
-                let ctx = batch_ctx.clone();
-                Box::pin(async move {
-                    match stage {
-                        StageName::Validator => stages::validate_batch(&ctx, messages).await,
-                        _ => stages::complete_batch(&ctx, messages).await,
-                    }
-                })
-            });
-            Some(batch)
-        }
-        _ => None,
-    };
+    // Every stage applies a partition's queued messages set-based; the
+    // money stages first ask their service about them concurrently.
+    let batch = (ctx.config.batch_size_max > 1).then(|| {
+        let batch_ctx = ctx.clone();
+        let batch: BatchHandler = Arc::new(move |messages| {
+            let ctx = batch_ctx.clone();
+            Box::pin(async move {
+                match stage {
+                    StageName::Validator => stages::validate_batch(&ctx, messages).await,
+                    StageName::Withdrawal => stages::withdraw_batch(&ctx, messages).await,
+                    StageName::Deposit => stages::deposit_batch(&ctx, messages).await,
+                    StageName::Completion => stages::complete_batch(&ctx, messages).await,
+                }
+            })
+        });
+        batch
+    });
     let topic = stage.input_topic(&ctx.topics);
     consume_batched(&ctx, stage.as_str(), &stage.group_id(&ctx.config), &topic, handler, batch, shutdown).await
 }

@@ -594,6 +594,85 @@ pub async fn credit_fund_account(conn: &mut PgConnection, id: &str, amount_minor
     Ok(())
 }
 
+/// `adjust_investor` for many accounts in one statement, `(account,
+/// balance delta, held delta)` each (an account's deltas added up). The rows
+/// are locked in key order first, as `hold_many` does, so batches cannot
+/// deadlock on each other.
+pub async fn adjust_investors(conn: &mut PgConnection, changes: &[(&str, i64, i64)]) -> Result<()> {
+    let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for (id, balance, held) in changes {
+        let total = totals.entry(id).or_default();
+        total.0 += balance;
+        total.1 += held;
+    }
+    let ids: Vec<&str> = totals.keys().copied().collect();
+    let balances: Vec<i64> = totals.values().map(|(balance, _)| *balance).collect();
+    let helds: Vec<i64> = totals.values().map(|(_, held)| *held).collect();
+    sqlx::query("SELECT 1 FROM investor_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .persistent(false)
+        .bind(&ids)
+        .execute(&mut *conn)
+        .await?;
+    let updated = sqlx::query(
+        "UPDATE investor_accounts a
+         SET balance_minor = a.balance_minor + i.balance, held_minor = a.held_minor + i.held,
+             version = a.version + 1, updated_at = now()
+         FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS i(id, balance, held)
+         WHERE a.id = i.id",
+    )
+    .persistent(false)
+    .bind(&ids)
+    .bind(&balances)
+    .bind(&helds)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if updated != totals.len() as u64 {
+        return Err(Error::Corrupt(format!(
+            "{} of {} investor accounts vanished",
+            totals.len() as u64 - updated,
+            totals.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `credit_fund_account` for many deposits in one statement, `(account,
+/// amount)` each (an account's amounts added up), the rows locked in key
+/// order first.
+pub async fn credit_fund_accounts(conn: &mut PgConnection, credits: &[(&str, i64)]) -> Result<()> {
+    let mut totals: BTreeMap<&str, i64> = BTreeMap::new();
+    for (id, amount) in credits {
+        *totals.entry(id).or_default() += amount;
+    }
+    let (ids, amounts): (Vec<&str>, Vec<i64>) = totals.iter().map(|(id, amount)| (*id, *amount)).unzip();
+    sqlx::query("SELECT 1 FROM fund_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .persistent(false)
+        .bind(&ids)
+        .execute(&mut *conn)
+        .await?;
+    let updated = sqlx::query(
+        "UPDATE fund_accounts a
+         SET balance_minor = a.balance_minor + i.amount, version = a.version + 1, updated_at = now()
+         FROM unnest($1::text[], $2::bigint[]) AS i(id, amount)
+         WHERE a.id = i.id",
+    )
+    .persistent(false)
+    .bind(&ids)
+    .bind(&amounts)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if updated != totals.len() as u64 {
+        return Err(Error::Corrupt(format!(
+            "{} of {} fund accounts vanished",
+            totals.len() as u64 - updated,
+            totals.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A fund's terms as its administrator publishes them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FundTerms {

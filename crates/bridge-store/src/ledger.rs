@@ -52,3 +52,37 @@ pub async fn post(conn: &mut PgConnection, posting: &Posting<'_>) -> Result<()> 
     .await?;
     Ok(())
 }
+
+/// `post` for many postings in one statement: a debit and a credit row for
+/// each, planned at each execution (see the crate's note on batch arrays).
+pub async fn post_many(conn: &mut PgConnection, postings: &[Posting<'_>]) -> Result<()> {
+    if postings.is_empty() {
+        return Ok(());
+    }
+    let posting_ids: Vec<Uuid> = postings.iter().map(|_| Uuid::new_v4()).collect();
+    let transfer_ids: Vec<Option<Uuid>> = postings.iter().map(|posting| posting.transfer_id).collect();
+    let steps: Vec<&str> = postings.iter().map(|posting| posting.step).collect();
+    let debits: Vec<&str> = postings.iter().map(|posting| posting.debit_account).collect();
+    let credits: Vec<&str> = postings.iter().map(|posting| posting.credit_account).collect();
+    let amounts: Vec<i64> = postings.iter().map(|posting| posting.amount.amount_minor).collect();
+    let currencies: Vec<&str> = postings.iter().map(|posting| posting.amount.currency.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO ledger_entries (posting_id, transfer_id, step, account, direction, amount_minor, currency)
+         SELECT p.posting_id, p.transfer_id, p.step, side.account, side.direction, p.amount_minor, p.currency
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])
+                  AS p(posting_id, transfer_id, step, debit_account, credit_account, amount_minor, currency)
+         CROSS JOIN LATERAL (VALUES (p.debit_account, 'debit'), (p.credit_account, 'credit'))
+                  AS side(account, direction)",
+    )
+    .persistent(false)
+    .bind(&posting_ids)
+    .bind(&transfer_ids)
+    .bind(&steps)
+    .bind(&debits)
+    .bind(&credits)
+    .bind(&amounts)
+    .bind(&currencies)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -360,8 +360,6 @@ impl TestKit {
         transfers::get(&mut conn, id).await?.with_context(|| format!("transfer {id} not found"))
     }
 
-    /// Waits until every transfer in `ids` exists and has stopped moving
-    /// (terminal, or in manual review) and the outbox is drained.
     /// How many of these transfers are in each state, keyed `state` or
     /// `state:REASON_CODE`.
     pub async fn state_counts(&self, ids: &[Uuid]) -> Result<BTreeMap<String, i64>> {
@@ -374,6 +372,8 @@ impl TestKit {
         Ok(rows.into_iter().collect())
     }
 
+    /// Waits until every transfer in `ids` exists and has stopped moving
+    /// (terminal, or in manual review) and the outbox is drained.
     pub async fn wait_terminal(&self, ids: &[Uuid], timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {

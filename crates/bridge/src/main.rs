@@ -88,8 +88,8 @@ pub struct Common {
     /// How long applied message ids are kept in the inbox.
     #[arg(long, env = "BRIDGE_INBOX_RETENTION_MS", default_value_t = 604_800_000, global = true)]
     pub inbox_retention_ms: u64,
-    /// Most queued messages of one partition the validator and the completion stage apply
-    /// in one set-based transaction (1: one message per transaction).
+    /// Most queued messages of one partition a stage applies in one
+    /// set-based transaction (1: one message per transaction).
     #[arg(long, env = "BRIDGE_BATCH_SIZE_MAX", default_value_t = 64, global = true)]
     pub batch_size_max: usize,
     /// A schema registry (Confluent's REST API): events are then written in
