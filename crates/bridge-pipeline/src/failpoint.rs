@@ -9,7 +9,7 @@
 //! | --- | --- |
 //! | `<consumer>.after_poll` | a consumer (`validator`, `withdrawal`, `deposit`, `completion`, `notifier`) has received a message, before processing it |
 //! | `stage.inside_tx` | a stage's transaction is written, before its commit |
-//! | `<consumer>.after_commit` | the message is processed and committed, before its offset is stored |
+//! | `<consumer>.after_commit` | the message (or a batch of them) is processed and committed, before its offset is stored |
 //! | `relay.after_claim` | the relay has claimed outbox rows, before producing |
 //! | `relay.after_produce` | the broker acknowledged, before the rows are marked published |
 //! | `notifier.mid_delivery` | a notification was sent, before it is recorded as delivered |

@@ -383,6 +383,9 @@ impl Lane {
         for _ in queued {
             crate::metrics::message_finished(self.name, Outcome::Applied.as_label(), started.elapsed());
         }
+        if crate::failpoint::any() {
+            crate::failpoint::hit(&format!("{}.after_commit", self.name));
+        }
         // The last offset covers the batch: every message before it in the
         // partition is applied.
         if let Err(error) = self.consumer.store_offset(&last.topic, last.partition, last.offset) {
