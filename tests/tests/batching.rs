@@ -255,9 +255,6 @@ async fn queued_money_steps_apply_in_batches_and_unsettled_ones_go_one_by_one() 
     kit.set_simulated_account_status(&closed, "closed").await?;
 
     // Validate everything first, so each money stage finds its input queued.
-    // Enough of it that every partition holds runs of ordinary steps between
-    // the few that must fall back (a lane's first message goes alone, and
-    // any batch holding a decline, a repeat or garbage is not counted).
     let validator = kit.spawn(&[Part::Stage(StageName::Validator), Part::Relay]);
     let mut ordinary = Vec::new();
     for index in 0..120 {
@@ -332,13 +329,16 @@ async fn queued_money_steps_apply_in_batches_and_unsettled_ones_go_one_by_one() 
             .eq(expected_operations),
         "{operations:?}"
     );
-    // How many whole batches form depends on how fast the consumer hands
-    // the backlog to the lanes: one run in about ten saw none for one stage,
-    // a race not yet found, so the count is reported, not required.
+    // The batch path ran: a lane's first message goes alone and the rest of
+    // its backlog queues behind it, and a decline, a repeat or garbage in a
+    // batch no longer keeps the batch's other steps from applying in it.
     for stage in ["withdrawal", "deposit"] {
         let (batches, messages) = (batch_metric(stage, "count"), batch_metric(stage, "sum"));
-        eprintln!("{stage}: {messages} messages applied in whole batches of {batches}");
-        ensure!(messages <= 122, "{stage}: {messages} messages applied in batches, more than there were steps");
+        eprintln!("{stage}: {messages} messages applied in {batches} batches");
+        ensure!(
+            batches > 0 && messages > batches && messages <= 122,
+            "{stage}: {messages} messages applied in {batches} batches"
+        );
     }
     // Each outcome announced once on the status topic.
     let by_state = status_events_by_state(&kit).await?;

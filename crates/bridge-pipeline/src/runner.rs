@@ -199,9 +199,11 @@ pub type Handler = Arc<
 >;
 
 /// What a consumer may do with several queued messages of one partition at
-/// once: apply them all (true), or not all (false: they are then handled
-/// one by one, and any the batch did apply are found applied).
-pub type BatchHandler = Arc<dyn for<'a> Fn(&'a [Inbound]) -> futures::future::BoxFuture<'a, bool> + Send + Sync>;
+/// once: apply as many of them as it can, set-based, and say which (one flag
+/// per message, in order). The rest are then handled one by one in
+/// partition order, so one message that cannot take the fast path does not
+/// send its neighbours down the slow one.
+pub type BatchHandler = Arc<dyn for<'a> Fn(&'a [Inbound]) -> futures::future::BoxFuture<'a, Vec<bool>> + Send + Sync>;
 
 async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: CancellationToken) -> Result<()> {
     let handler_ctx = ctx.clone();
@@ -354,10 +356,20 @@ impl Lane {
                     }
                 }
             }
-            if queued.len() > 1 && self.apply_batch(&queued).await {
+            let applied = if queued.len() > 1 { self.apply_batch(&queued).await } else { Vec::new() };
+            if !queued.is_empty() && applied.len() == queued.len() && applied.iter().all(|&done| done) {
+                // The last offset covers the batch: every message before it
+                // in the partition is applied.
+                self.store_offset(&queued[queued.len() - 1]);
                 continue;
             }
-            for inbound in &queued {
+            for (index, inbound) in queued.iter().enumerate() {
+                if applied.get(index).copied().unwrap_or(false) {
+                    // Earlier messages are done by now (this loop runs in
+                    // order), so the offset may move past this one.
+                    self.store_offset(inbound);
+                    continue;
+                }
                 let span = message_span(self.name, inbound);
                 if !self.process(inbound).instrument(span).await {
                     return;
@@ -366,32 +378,39 @@ impl Lane {
         }
     }
 
-    /// Offers `queued` to the batch handler; true if it applied them all
-    /// (their offsets are then stored), false to take them one by one.
-    async fn apply_batch(&self, queued: &[Inbound]) -> bool {
-        let (Some(batch), Some(last)) = (&self.batch, queued.last()) else { return false };
+    /// Offers `queued` to the batch handler and returns which messages it
+    /// applied (empty: none). Their offsets are the caller's to store.
+    async fn apply_batch(&self, queued: &[Inbound]) -> Vec<bool> {
+        let Some(batch) = &self.batch else { return Vec::new() };
         for inbound in queued {
             if self.learn_writer(inbound).await.is_err() {
-                return false;
+                return Vec::new();
             }
         }
         let started = std::time::Instant::now();
-        if !batch(queued).await {
-            return false;
+        let applied = batch(queued).await;
+        let count = applied.iter().filter(|&&done| done).count();
+        if count == 0 {
+            return applied;
         }
-        crate::metrics::batch_applied(self.name, queued.len());
-        for _ in queued {
+        crate::metrics::batch_applied(self.name, count);
+        for _ in 0..count {
             crate::metrics::message_finished(self.name, Outcome::Applied.as_label(), started.elapsed());
         }
         if crate::failpoint::any() {
             crate::failpoint::hit(&format!("{}.after_commit", self.name));
         }
-        // The last offset covers the batch: every message before it in the
-        // partition is applied.
-        if let Err(error) = self.consumer.store_offset(&last.topic, last.partition, last.offset) {
-            tracing::warn!(error = %error, "Could not store offset; the partition's next owner will see the batch again");
+        applied
+    }
+
+    fn store_offset(&self, inbound: &Inbound) {
+        if let Err(error) = self.consumer.store_offset(&inbound.topic, inbound.partition, inbound.offset) {
+            // The partition was revoked while we processed the message (a
+            // rebalance, or we exceeded max.poll.interval.ms while retrying).
+            // Its new owner will receive the message again and the inbox
+            // absorbs the repeat, so this is not a reason to stop.
+            tracing::warn!(error = %error, "Could not store offset; the partition's next owner will see the message again");
         }
-        true
     }
 
     /// Processes one message until it is done (then stores its offset) or
@@ -428,13 +447,7 @@ impl Lane {
             crate::failpoint::hit(&format!("{name}.after_commit"));
         }
         // Only now, with the transaction committed, may the offset move.
-        if let Err(error) = self.consumer.store_offset(&inbound.topic, inbound.partition, inbound.offset) {
-            // The partition was revoked while we processed the message (a
-            // rebalance, or we exceeded max.poll.interval.ms while retrying).
-            // Its new owner will receive the message again and the inbox
-            // absorbs the repeat, so this is not a reason to stop.
-            tracing::warn!(error = %error, "Could not store offset; the partition's next owner will see the message again");
-        }
+        self.store_offset(inbound);
         true
     }
 

@@ -438,30 +438,39 @@ fn validation_messages(
 /// and a guard that finds the books changed since they were read refuses
 /// the batch.
 ///
-/// Like `complete_batch`, only the fast path for the usual case. False
-/// means "not applied, take them one by one": a message that does not
-/// decode or is not a valid request, two messages for one transfer, a
-/// transfer recorded before (a repeat, or one created through the API), a
-/// fund that filled up since it was read, or any error. The transaction is
-/// rolled back whole and `handle` decides each message with its full error
-/// policy.
-pub async fn validate_batch(ctx: &StageContext, messages: &[Inbound]) -> bool {
+/// Like `complete_batch`, only the fast path for the usual case, and for
+/// the messages before the first that does not decode, is not a valid
+/// request or names a transfer a message before it named: the decisions
+/// depend on the order, so the batch stops there and that message and those
+/// after it go one by one. The batch as a whole is not applied (the
+/// transaction is rolled back and `handle` decides each message with its
+/// full error policy) if a transfer was recorded before (a repeat, or one
+/// created through the API), a fund filled up since it was read, or on any
+/// error.
+pub async fn validate_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<bool> {
     let mut requests = Vec::with_capacity(messages.len());
     let mut seen = std::collections::HashSet::with_capacity(messages.len());
     for message in messages {
-        let Ok(requested) = requested_transfer(message) else { return false };
+        let Ok(requested) = requested_transfer(message) else { break };
         if !seen.insert(requested.id) {
-            return false;
+            break;
         }
         requests.push((message, requested));
     }
-    match try_validate_batch(ctx, &requests).await {
-        Ok(applied) => applied,
-        Err(error) => {
-            tracing::debug!(error = %error, size = requests.len(), "Batch not applied; taking its messages one by one");
-            false
-        }
-    }
+    let applied = !requests.is_empty()
+        && match try_validate_batch(ctx, &requests).await {
+            Ok(applied) => applied,
+            Err(error) => {
+                tracing::debug!(error = %error, size = requests.len(), "Batch not applied; taking its messages one by one");
+                false
+            }
+        };
+    prefix_applied(messages.len(), if applied { requests.len() } else { 0 })
+}
+
+/// The batch handler's answer when the first `applied` messages were.
+fn prefix_applied(len: usize, applied: usize) -> Vec<bool> {
+    (0..len).map(|index| index < applied).collect()
 }
 
 async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)]) -> Result<bool, StageError> {
@@ -1001,13 +1010,13 @@ const SERVICE_CALLS_IN_FLIGHT: usize = 8;
 
 /// Withdrawal for several queued messages of one partition. See
 /// [`money_batch`].
-pub async fn withdraw_batch(ctx: &StageContext, messages: &[Inbound]) -> bool {
+pub async fn withdraw_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<bool> {
     money_batch(ctx, MoneyStep::Withdrawal, messages).await
 }
 
 /// Deposit for several queued messages of one partition. See
 /// [`money_batch`].
-pub async fn deposit_batch(ctx: &StageContext, messages: &[Inbound]) -> bool {
+pub async fn deposit_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<bool> {
     money_batch(ctx, MoneyStep::Deposit, messages).await
 }
 
@@ -1018,35 +1027,44 @@ pub async fn deposit_batch(ctx: &StageContext, messages: &[Inbound]) -> bool {
 /// of the transfers with their history, one ledger insert, one update of
 /// the accounts, one outbox insert, one commit.
 ///
-/// Only settled steps take this path. True means every message was applied.
-/// False means "take them one by one": a message that does not decode, two
-/// messages for one transfer, a transfer unknown or not waiting for this
-/// step, a service that declined, holds the step as pending or failed, or
-/// any error. The messages are then handled one by one with the full
-/// policy: a step this batch applied is found applied, and a step it did not
-/// asks the service again under the same idempotency key, which answers as
-/// it did the first time. So a bad message neither takes its neighbours down
-/// nor applies twice, and no money moves twice.
-async fn money_batch(ctx: &StageContext, step: MoneyStep, messages: &[Inbound]) -> bool {
+/// Only settled steps take this path; the answer says which messages were
+/// applied. The others go one by one with the full policy: a message that
+/// does not decode, a second message for a transfer, a transfer unknown or
+/// not waiting for this step, a step the service declined, holds as pending
+/// or failed to answer, and every message if the transaction fails. Steps of
+/// different transfers do not depend on each other, so those may come after
+/// the batch that passed them in the partition; a transfer's own messages
+/// stay in order, as only its first in the batch can take the batch. A step
+/// asked about here and then taken one by one asks the service again under
+/// the same idempotency key, which answers as it did the first time. So a
+/// bad message neither takes its neighbours down nor applies twice, and no
+/// money moves twice.
+async fn money_batch(ctx: &StageContext, step: MoneyStep, messages: &[Inbound]) -> Vec<bool> {
     let mut batch = Vec::with_capacity(messages.len());
     let mut seen = std::collections::HashSet::with_capacity(messages.len());
-    for message in messages {
-        let Ok((event_id, transfer_id)) = step.decode(message) else { return false };
-        if !seen.insert(transfer_id) {
-            return false;
+    for (index, message) in messages.iter().enumerate() {
+        let Ok((event_id, transfer_id)) = step.decode(message) else { continue };
+        if seen.insert(transfer_id) {
+            batch.push(MoneyBatchItem { index, message, event_id, transfer_id });
         }
-        batch.push(MoneyBatchItem { message, event_id, transfer_id });
     }
+    let mut applied = vec![false; messages.len()];
     match try_money_batch(ctx, step, &batch).await {
-        Ok(applied) => applied,
+        Ok(done) => {
+            for item in batch.iter().filter(|item| done.contains(&item.transfer_id)) {
+                applied[item.index] = true;
+            }
+        }
         Err(error) => {
             tracing::debug!(error = %error, size = batch.len(), "Batch not applied; taking its messages one by one");
-            false
         }
     }
+    applied
 }
 
 struct MoneyBatchItem<'a> {
+    /// Where the message stands in the lane's queue.
+    index: usize,
     message: &'a Inbound,
     event_id: String,
     transfer_id: Uuid,
@@ -1056,18 +1074,23 @@ async fn try_money_batch(
     ctx: &StageContext,
     step: MoneyStep,
     batch: &[MoneyBatchItem<'_>],
-) -> Result<bool, StageError> {
+) -> Result<std::collections::HashSet<Uuid>, StageError> {
     use futures::StreamExt;
 
+    let none = std::collections::HashSet::new;
     let ids: Vec<Uuid> = batch.iter().map(|item| item.transfer_id).collect();
     // Read outside any transaction, as `pending_step` does: no row is held
-    // while the services are asked.
-    let waiting = {
+    // while the services are asked. A transfer not waiting for this step (a
+    // repeat, or one the settlement runner moved on) is left out here.
+    let waiting: Vec<Transfer> = {
         let mut conn = ctx.pool.acquire().await?;
         transfers::get_many(&mut conn, &ids).await?
-    };
-    if waiting.len() != batch.len() || waiting.iter().any(|transfer| transfer.state != step.expected()) {
-        return Ok(false);
+    }
+    .into_iter()
+    .filter(|transfer| transfer.state == step.expected())
+    .collect();
+    if waiting.is_empty() {
+        return Ok(none());
     }
     let movements = waiting.iter().map(|transfer| step.movement(transfer)).collect::<Result<Vec<_>, _>>()?;
     // The calls are made up front (a future does nothing until polled) so
@@ -1082,20 +1105,23 @@ async fn try_money_batch(
         }
     }
     if settled.is_empty() {
-        return Ok(false);
+        return Ok(none());
     }
 
     let stage = step.stage();
     let mut tx = ctx.pool.begin().await?;
     let event_ids: Vec<String> =
         batch.iter().filter(|item| settled.contains_key(&item.transfer_id)).map(|item| item.event_id.clone()).collect();
+    // Something else applied one of them since the read above (another
+    // process after a rebalance, or the settlement runner): the batch is
+    // rolled back whole, and each message finds its own answer one by one.
     if inbox::record_many(&mut tx, stage.as_str(), &event_ids).await? != settled.len() as u64 {
-        return Ok(false);
+        return Ok(none());
     }
     let settled_ids: Vec<Uuid> = settled.keys().copied().collect();
     let current = transfers::get_many_for_update(&mut tx, &settled_ids).await?;
     if current.len() != settled.len() || current.iter().any(|transfer| transfer.state != step.expected()) {
-        return Ok(false);
+        return Ok(none());
     }
     pending::finish_many(&mut tx, &settled_ids, step.name()).await?;
 
@@ -1155,7 +1181,7 @@ async fn try_money_batch(
     }
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
-    Ok(current.len() == batch.len())
+    Ok(settled_ids.into_iter().collect())
 }
 
 /// Hands a step that stayed pending past its deadline to a person: the
@@ -1236,28 +1262,33 @@ async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
 /// transfers with their history, one pass over allocations and funds, one
 /// outbox insert, one commit, whatever the number of messages.
 ///
-/// This is only the fast path for the usual case. False means "not
-/// applied, take them one by one": a message that does not decode, two
-/// messages for one transfer, one applied before, a transfer not (or no
-/// longer) deposited, or any error. The transaction is then rolled back
-/// whole, and `handle` decides each message with its full error policy, so
-/// a bad message neither takes its neighbours down nor applies twice.
-pub async fn complete_batch(ctx: &StageContext, messages: &[Inbound]) -> bool {
+/// This is only the fast path for the usual case, taken by the messages
+/// before the first that does not decode or names a transfer a message
+/// before it named; that one and those after it go one by one. The batch
+/// is not applied at all if a message was applied before, a transfer is not
+/// (or no longer) deposited, or on any error: the transaction is then
+/// rolled back whole, and `handle` decides each message with its full error
+/// policy, so a bad message neither takes its neighbours down nor applies
+/// twice.
+pub async fn complete_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<bool> {
     let mut batch = std::collections::HashMap::with_capacity(messages.len());
     for message in messages {
-        let Ok(event) = decode_payload::<FundsDeposited>(message) else { return false };
-        let Ok(transfer_id) = parse_transfer_id(&event.transfer_id) else { return false };
-        if batch.insert(transfer_id, (message, event)).is_some() {
-            return false;
+        let Ok(event) = decode_payload::<FundsDeposited>(message) else { break };
+        let Ok(transfer_id) = parse_transfer_id(&event.transfer_id) else { break };
+        if batch.contains_key(&transfer_id) {
+            break;
         }
+        batch.insert(transfer_id, (message, event));
     }
-    match try_complete_batch(ctx, &batch).await {
-        Ok(applied) => applied,
-        Err(error) => {
-            tracing::debug!(error = %error, size = batch.len(), "Batch not applied; taking its messages one by one");
-            false
-        }
-    }
+    let applied = !batch.is_empty()
+        && match try_complete_batch(ctx, &batch).await {
+            Ok(applied) => applied,
+            Err(error) => {
+                tracing::debug!(error = %error, size = batch.len(), "Batch not applied; taking its messages one by one");
+                false
+            }
+        };
+    prefix_applied(messages.len(), if applied { batch.len() } else { 0 })
 }
 
 /// The messages of a batch by transfer (one each).
