@@ -749,3 +749,86 @@ async fn commits_wake_the_relay_between_its_polls() -> Result<()> {
     ensure!(state == TransferState::Completed, "{state:?}");
     pipeline.stop().await
 }
+
+/// The relay's claim starts from a cursor, not the start of the outbox, and
+/// the cursor never passes a row it has not seen: a row written (with the
+/// lower id) by a transaction still open during a claim, and committed
+/// after it, is claimed by the next; so is a row whose publication failed,
+/// and the row a full claim had no room for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_claim_cursor_passes_no_row_it_has_not_seen() -> Result<()> {
+    use bridge_store::outbox::{self, OutboxMessage};
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let message = |topic: &str| OutboxMessage {
+        event_id: Uuid::new_v4(),
+        topic: topic.to_owned(),
+        key: None,
+        payload: b"payload".to_vec(),
+        headers: Vec::new(),
+    };
+    let topics = |claim: &outbox::Claim| claim.rows.iter().map(|row| row.message.topic.clone()).collect::<Vec<_>>();
+    async fn publish(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, claim: &outbox::Claim) -> Result<()> {
+        let ids: Vec<i64> = claim.rows.iter().map(|row| row.id).collect();
+        Ok(outbox::mark_published(tx, &ids).await?)
+    }
+
+    // "slow" is written first, so it has the lower id, but commits last.
+    let mut slow = kit.pool.begin().await?;
+    outbox::enqueue(&mut slow, &[message("slow")]).await?;
+    let mut quick = kit.pool.begin().await?;
+    outbox::enqueue(&mut quick, &[message("quick")]).await?;
+    quick.commit().await?;
+
+    let mut relay = kit.pool.begin().await?;
+    let first = outbox::claim(&mut relay, 0, 100).await?;
+    ensure!(topics(&first) == ["quick"], "first claim: {:?}", topics(&first));
+    publish(&mut relay, &first).await?;
+    relay.commit().await?;
+    let start = first.next_start(&[]);
+    ensure!(start > 0 && start <= first.rows[0].writer, "cursor {start} passed the open writer");
+
+    slow.commit().await?;
+    let mut relay = kit.pool.begin().await?;
+    let second = outbox::claim(&mut relay, start, 100).await?;
+    ensure!(topics(&second) == ["slow"], "second claim: {:?}", topics(&second));
+    // Its publication fails: the cursor stays at its row.
+    relay.commit().await?;
+    let start = second.next_start(&[second.rows[0].id]);
+    ensure!(start <= second.rows[0].writer, "cursor {start} passed an unpublished row");
+
+    // Two more transactions; a claim with room for one row.
+    for topic in ["third", "fourth"] {
+        let mut tx = kit.pool.begin().await?;
+        outbox::enqueue(&mut tx, &[message(topic)]).await?;
+        tx.commit().await?;
+    }
+    let mut relay = kit.pool.begin().await?;
+    let third = outbox::claim(&mut relay, start, 2).await?;
+    ensure!(topics(&third) == ["slow", "third"], "third claim: {:?}", topics(&third));
+    publish(&mut relay, &third).await?;
+    relay.commit().await?;
+    let start = third.next_start(&[]);
+
+    let mut relay = kit.pool.begin().await?;
+    let fourth = outbox::claim(&mut relay, start, 2).await?;
+    ensure!(topics(&fourth) == ["fourth"], "fourth claim: {:?}", topics(&fourth));
+    publish(&mut relay, &fourth).await?;
+    relay.commit().await?;
+
+    // Everything published, the cursor moves past every writer so far, as
+    // soon as no transaction older than them runs anywhere in the cluster
+    // (transaction ids are the cluster's, and other tests run beside this).
+    let (mut start, deadline) = (fourth.next_start(&[]), std::time::Instant::now() + SETTLE);
+    while start <= fourth.rows[0].writer {
+        ensure!(std::time::Instant::now() < deadline, "cursor {start} did not move past the published rows");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut relay = kit.pool.begin().await?;
+        let empty = outbox::claim(&mut relay, start, 100).await?;
+        relay.commit().await?;
+        ensure!(empty.rows.is_empty(), "published rows claimed again: {:?}", topics(&empty));
+        let next = empty.next_start(&[]);
+        ensure!(next >= start, "the cursor moved back from {start} to {next}");
+        start = next;
+    }
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! The outbox relay: the only component that produces to Kafka.
 //!
-//! It claims unpublished rows with `FOR UPDATE SKIP LOCKED`, hands them all to
-//! the idempotent producer, waits for every delivery report, and stamps the
+//! It claims unpublished rows with `FOR UPDATE` (from a cursor; see
+//! `outbox::claim`), hands them all to the idempotent producer, waits for every delivery report, and stamps the
 //! acknowledged rows published in the same transaction that holds their
 //! locks. A row whose delivery failed or timed out stays unpublished and is
 //! sent again: it may already be in the topic ("maybe published"), which
@@ -13,8 +13,8 @@
 //! connection of its own. The others wait as hot standbys and take over when
 //! the leader's session ends (process exit, crash, lost connection). One
 //! publisher is what keeps the status events of a transfer in version order:
-//! two relays claiming neighbouring rows with `SKIP LOCKED` could publish
-//! version 2 before version 1.
+//! two relays claiming neighbouring rows side by side could publish version
+//! 2 before version 1.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +99,9 @@ async fn publish_until_shutdown(
     let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
     let mut last_lock_check = std::time::Instant::now();
     let mut next_prune = std::time::Instant::now();
+    // Where the next claim starts (a writing transaction's id; see
+    // `outbox::Claim::next_start`).
+    let mut claim_start = 0;
     while !shutdown.is_cancelled() {
         // The leader, being one, also keeps the outbox and the inbox small.
         if std::time::Instant::now() >= next_prune {
@@ -106,6 +109,11 @@ async fn publish_until_shutdown(
             if let Err(error) = prune(ctx).await {
                 tracing::warn!(error = format!("{error:#}"), "Could not prune the outbox and inbox; trying later");
             }
+            // Once per pass the claim looks at the whole table again: the
+            // cursor passes no row it could not see (see
+            // `outbox::Claim::next_start`), and this bounds the cost of
+            // being wrong about that to one pruning interval.
+            claim_start = 0;
         }
         // A leader whose lock session died would no longer be the only
         // publisher; check the session now and then and step down if it is
@@ -114,7 +122,7 @@ async fn publish_until_shutdown(
             sqlx::query("SELECT 1").execute(&mut *lock_session).await.context("Relay lock session lost")?;
             last_lock_check = std::time::Instant::now();
         }
-        match publish_batch(ctx, &producer).await {
+        match publish_batch(ctx, &producer, &mut claim_start).await {
             Ok(published) if published as i64 >= ctx.config.relay_batch_size_max => {
                 backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
                 continue;
@@ -216,18 +224,22 @@ async fn prune(ctx: &StageContext) -> Result<()> {
     Ok(())
 }
 
-/// Publishes one batch. Returns the number of rows claimed.
-pub async fn publish_batch(ctx: &StageContext, producer: &FutureProducer) -> Result<usize> {
+/// Publishes one batch, claimed from `claim_start` on, and moves
+/// `claim_start` on once the batch is committed. Returns the number of rows
+/// claimed.
+pub async fn publish_batch(ctx: &StageContext, producer: &FutureProducer, claim_start: &mut i64) -> Result<usize> {
     let mut tx = ctx.pool.begin().await.context("Failed to begin relay transaction")?;
-    let rows = outbox::claim(&mut tx, ctx.config.relay_batch_size_max).await?;
+    let claim = outbox::claim(&mut tx, *claim_start, ctx.config.relay_batch_size_max).await?;
+    let rows = &claim.rows;
     if rows.is_empty() {
         tx.commit().await?;
+        *claim_start = claim.next_start(&[]);
         return Ok(0);
     }
     crate::failpoint::hit("relay.after_claim");
     let mut deliveries = Vec::with_capacity(rows.len());
     let mut failed = Vec::new();
-    for row in &rows {
+    for row in rows {
         let mut headers = OwnedHeaders::new_with_capacity(row.message.headers.len());
         for (key, value) in &row.message.headers {
             headers = headers.insert(Header { key, value: Some(value) });
@@ -275,6 +287,8 @@ pub async fn publish_batch(ctx: &StageContext, producer: &FutureProducer) -> Res
         outbox::mark_failed(&mut tx, &ids, error).await?;
     }
     tx.commit().await.context("Failed to commit relay transaction")?;
+    let unpublished: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
+    *claim_start = claim.next_start(&unpublished);
     if !failed.is_empty() {
         anyhow::bail!("{} of {} outbox rows were not acknowledged", failed.len(), rows.len());
     }
