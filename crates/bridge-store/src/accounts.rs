@@ -166,11 +166,7 @@ pub async fn hold_many(conn: &mut PgConnection, requests: &[(&str, &str, i64)]) 
         *holds.entry(investor).or_default() += amount;
     }
     let (ids, amounts): (Vec<&str>, Vec<i64>) = holds.iter().map(|(id, amount)| (*id, *amount)).unzip();
-    sqlx::query("SELECT 1 FROM investor_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .persistent(false)
-        .bind(&ids)
-        .execute(&mut *conn)
-        .await?;
+    lock_in_key_order(conn, "investor_accounts", &ids).await?;
     let updated = sqlx::query(
         "UPDATE investor_accounts a
          SET held_minor = a.held_minor + i.amount, version = a.version + 1, updated_at = now()
@@ -498,12 +494,29 @@ async fn lock_allocations_then_funds(conn: &mut PgConnection, funds: &[&str], in
     .bind(investors)
     .fetch_one(&mut *conn)
     .await?;
-    sqlx::query("SELECT 1 FROM funds WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+    lock_in_key_order(conn, "funds", funds).await?;
+    Ok(locked as u64)
+}
+
+/// Locks the rows of `table` (keyed by a text `id`) with these ids, in key
+/// order: the order every batch takes them in, so two batches, or a batch
+/// and a single step, wait for each other instead of deadlocking.
+async fn lock_in_key_order(conn: &mut PgConnection, table: &'static str, ids: &[&str]) -> Result<()> {
+    sqlx::query(&format!("SELECT 1 FROM {table} WHERE id = ANY($1) ORDER BY id FOR UPDATE"))
         .persistent(false)
-        .bind(funds)
+        .bind(ids)
         .execute(&mut *conn)
         .await?;
-    Ok(locked as u64)
+    Ok(())
+}
+
+/// Rows just locked cannot vanish before the update that follows: if fewer
+/// than `expected` were updated, the books are not what the schema allows.
+fn all_updated(updated: u64, expected: usize, what: &str) -> Result<()> {
+    if updated == expected as u64 {
+        return Ok(());
+    }
+    Err(Error::Corrupt(format!("{} of {expected} {what} vanished", expected as u64 - updated)))
 }
 
 /// Reserves allocations for a batch of accepted requests, `(fund, investor,
@@ -608,11 +621,7 @@ pub async fn adjust_investors(conn: &mut PgConnection, changes: &[(&str, i64, i6
     let ids: Vec<&str> = totals.keys().copied().collect();
     let balances: Vec<i64> = totals.values().map(|(balance, _)| *balance).collect();
     let helds: Vec<i64> = totals.values().map(|(_, held)| *held).collect();
-    sqlx::query("SELECT 1 FROM investor_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .persistent(false)
-        .bind(&ids)
-        .execute(&mut *conn)
-        .await?;
+    lock_in_key_order(conn, "investor_accounts", &ids).await?;
     let updated = sqlx::query(
         "UPDATE investor_accounts a
          SET balance_minor = a.balance_minor + i.balance, held_minor = a.held_minor + i.held,
@@ -627,14 +636,7 @@ pub async fn adjust_investors(conn: &mut PgConnection, changes: &[(&str, i64, i6
     .execute(&mut *conn)
     .await?
     .rows_affected();
-    if updated != totals.len() as u64 {
-        return Err(Error::Corrupt(format!(
-            "{} of {} investor accounts vanished",
-            totals.len() as u64 - updated,
-            totals.len()
-        )));
-    }
-    Ok(())
+    all_updated(updated, totals.len(), "investor accounts")
 }
 
 /// `credit_fund_account` for many deposits in one statement, `(account,
@@ -646,11 +648,7 @@ pub async fn credit_fund_accounts(conn: &mut PgConnection, credits: &[(&str, i64
         *totals.entry(id).or_default() += amount;
     }
     let (ids, amounts): (Vec<&str>, Vec<i64>) = totals.iter().map(|(id, amount)| (*id, *amount)).unzip();
-    sqlx::query("SELECT 1 FROM fund_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .persistent(false)
-        .bind(&ids)
-        .execute(&mut *conn)
-        .await?;
+    lock_in_key_order(conn, "fund_accounts", &ids).await?;
     let updated = sqlx::query(
         "UPDATE fund_accounts a
          SET balance_minor = a.balance_minor + i.amount, version = a.version + 1, updated_at = now()
@@ -663,14 +661,7 @@ pub async fn credit_fund_accounts(conn: &mut PgConnection, credits: &[(&str, i64
     .execute(&mut *conn)
     .await?
     .rows_affected();
-    if updated != totals.len() as u64 {
-        return Err(Error::Corrupt(format!(
-            "{} of {} fund accounts vanished",
-            totals.len() as u64 - updated,
-            totals.len()
-        )));
-    }
-    Ok(())
+    all_updated(updated, totals.len(), "fund accounts")
 }
 
 /// A fund's terms as its administrator publishes them.
