@@ -528,9 +528,11 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)
             (fund_id, accepted.investor_account_id.as_str(), accepted.amount_minor)
         })
         .collect();
-    accounts::hold_many(&mut tx, &taken).await?;
     outbox::enqueue(&mut tx, &messages).await?;
-    // The funds' rows last, as in a single validation.
+    // The rows other transactions wait for last, so they are held for the
+    // shortest time: the investors', then the funds' (as in a single
+    // validation).
+    accounts::hold_many(&mut tx, &taken).await?;
     accounts::reserve_allocations(&mut tx, &taken).await?;
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
@@ -1147,14 +1149,6 @@ async fn try_money_batch(
             amount: money_of(transfer)?,
         });
     }
-    if step == MoneyStep::Withdrawal {
-        // The held funds become a debit of the balance.
-        let debits: Vec<(&str, i64, i64)> = current
-            .iter()
-            .map(|transfer| (transfer.investor_account_id.as_str(), -transfer.amount_minor, -transfer.amount_minor))
-            .collect();
-        accounts::adjust_investors(&mut tx, &debits).await?;
-    }
     ledger::post_many(&mut tx, &postings).await?;
     let next = transfers::advance_many(&mut tx, &current, &step.applied()).await?;
 
@@ -1172,12 +1166,23 @@ async fn try_money_batch(
         messages.push(status_message(ctx, stage.as_str(), after, Some(before.state), &trace)?);
     }
     outbox::enqueue(&mut tx, &messages).await?;
-    if step == MoneyStep::Deposit {
-        // The fund accounts' rows last, as in `deposit_step`: every deposit
-        // into a fund updates its row.
-        let credits: Vec<(&str, i64)> =
-            current.iter().map(|transfer| (transfer.fund_account_id.as_str(), transfer.amount_minor)).collect();
-        accounts::credit_fund_accounts(&mut tx, &credits).await?;
+    // The accounts' rows last, so they are locked for the shortest time:
+    // other batches wait for an investor's row (a validation holding funds,
+    // another withdrawal), and every deposit into a fund updates its row.
+    match step {
+        MoneyStep::Withdrawal => {
+            // The held funds become a debit of the balance.
+            let debits: Vec<(&str, i64, i64)> = current
+                .iter()
+                .map(|transfer| (transfer.investor_account_id.as_str(), -transfer.amount_minor, -transfer.amount_minor))
+                .collect();
+            accounts::adjust_investors(&mut tx, &debits).await?;
+        }
+        MoneyStep::Deposit => {
+            let credits: Vec<(&str, i64)> =
+                current.iter().map(|transfer| (transfer.fund_account_id.as_str(), transfer.amount_minor)).collect();
+            accounts::credit_fund_accounts(&mut tx, &credits).await?;
+        }
     }
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
