@@ -457,20 +457,18 @@ pub async fn validate_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<boo
         }
         requests.push((message, requested));
     }
-    let applied = !requests.is_empty()
-        && match try_validate_batch(ctx, &requests).await {
-            Ok(applied) => applied,
-            Err(error) => {
-                tracing::debug!(error = %error, size = requests.len(), "Batch not applied; taking its messages one by one");
-                false
-            }
-        };
-    prefix_applied(messages.len(), if applied { requests.len() } else { 0 })
+    let result = if requests.is_empty() { Ok(false) } else { try_validate_batch(ctx, &requests).await };
+    prefix_answer(messages.len(), requests.len(), result)
 }
 
-/// The batch handler's answer when the first `applied` messages were.
-fn prefix_applied(len: usize, applied: usize) -> Vec<bool> {
-    (0..len).map(|index| index < applied).collect()
+/// The batch handler's answer when the first `size` of `len` messages went
+/// into a transaction whose `result` says whether it applied them.
+fn prefix_answer(len: usize, size: usize, result: Result<bool, StageError>) -> Vec<bool> {
+    let applied = result.unwrap_or_else(|error| {
+        tracing::debug!(error = %error, size, "Batch not applied; taking its messages one by one");
+        false
+    });
+    (0..len).map(|index| applied && index < size).collect()
 }
 
 async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)]) -> Result<bool, StageError> {
@@ -1285,15 +1283,8 @@ pub async fn complete_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<boo
         }
         batch.insert(transfer_id, (message, event));
     }
-    let applied = !batch.is_empty()
-        && match try_complete_batch(ctx, &batch).await {
-            Ok(applied) => applied,
-            Err(error) => {
-                tracing::debug!(error = %error, size = batch.len(), "Batch not applied; taking its messages one by one");
-                false
-            }
-        };
-    prefix_applied(messages.len(), if applied { batch.len() } else { 0 })
+    let result = if batch.is_empty() { Ok(false) } else { try_complete_batch(ctx, &batch).await };
+    prefix_answer(messages.len(), batch.len(), result)
 }
 
 /// The messages of a batch by transfer (one each).
