@@ -86,6 +86,22 @@ pub struct PipelineBenchArgs {
     timeout_secs: u64,
 }
 
+/// What the status follower has seen, shared with the publisher and the
+/// once-a-second sampler. The sampler reads the two running figures, not
+/// the tracks: going over every transfer each second cost the benchmark
+/// CPU in proportion to the run's size, on the cores the pipeline uses.
+#[derive(Default)]
+struct Tracking {
+    tracks: HashMap<Uuid, Track>,
+    /// Transfers that reached a terminal state (or manual review).
+    finished: usize,
+    /// End-to-end latencies (ms) of the transfers finished since the
+    /// sampler last took them.
+    recent: Vec<f64>,
+}
+
+type Tracks = Arc<Mutex<Tracking>>;
+
 /// What one transfer did, as seen on the status topic.
 #[derive(Default, Clone)]
 struct Track {
@@ -210,7 +226,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
     let (investors, fund_accounts) = seed(&pool, args.investors, args.funds, args.transfers + args.warmup).await?;
 
     let mut children = Children::spawn(args, url, &prefix)?;
-    let tracks: Arc<Mutex<HashMap<Uuid, Track>>> = Arc::default();
+    let tracks: Tracks = Arc::default();
     let follower = follow_status(&config, tracks.clone())?;
 
     // Warm-up: consumer groups join and settle; nothing of it is measured.
@@ -221,6 +237,12 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
     wait_terminal(&tracks, &warmup, Duration::from_secs(180), &mut children).await?;
 
     let xacts_before = transactions(&pool).await?;
+    // The warm-up's transfers, all finished by now, are not measured.
+    let finished_before = {
+        let mut tracking = tracks.lock().expect("tracks lock");
+        tracking.recent.clear();
+        tracking.finished
+    };
     let measured = requests(&investors, &fund_accounts, args.transfers);
     // Lag is read on a thread of its own: its round trips to the broker
     // must not stretch the one-second sampling below.
@@ -260,19 +282,8 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
         children.sample();
         let now = Instant::now();
         let (done, window) = {
-            let tracks = tracks.lock().expect("tracks lock");
-            let done = ids.iter().filter(|id| tracks.get(id).is_some_and(|t| t.terminal.is_some())).count();
-            let window: Vec<f64> = ids
-                .iter()
-                .filter_map(|id| tracks.get(id))
-                .filter_map(|t| match (t.published_at, &t.terminal) {
-                    (Some(sent), Some((at, _))) if *at > last_sample => {
-                        Some(at.duration_since(sent).as_secs_f64() * 1_000.0)
-                    }
-                    _ => None,
-                })
-                .collect();
-            (done, window)
+            let mut tracking = tracks.lock().expect("tracks lock");
+            (tracking.finished - finished_before, std::mem::take(&mut tracking.recent))
         };
         let window = Percentiles::of(window);
         let lag = latest_lag.lock().expect("lag lock").clone();
@@ -302,7 +313,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
     progress.finish();
     lag_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let published_by = publisher.await??;
-    let tracks = tracks.lock().expect("tracks lock").clone();
+    let tracks = tracks.lock().expect("tracks lock").tracks.clone();
     let last_terminal = ids.iter().filter_map(|id| tracks[id].terminal.as_ref().map(|(at, _)| *at)).max();
     let elapsed = last_terminal.map_or(started.elapsed(), |at| at.duration_since(started));
     let xacts = transactions(&pool).await? - xacts_before;
@@ -444,7 +455,7 @@ async fn publish_all(
     topics: &Topics,
     requests: &[TransferRequested],
     rate: u32,
-    tracks: &Arc<Mutex<HashMap<Uuid, Track>>>,
+    tracks: &Tracks,
 ) -> Result<Duration> {
     let started = Instant::now();
     let topic = topics.requested();
@@ -465,8 +476,8 @@ async fn publish_all(
             headers = headers.insert(Header { key, value: Some(value) });
         }
         {
-            let mut tracks = tracks.lock().expect("tracks lock");
-            let track = tracks.entry(id).or_default();
+            let mut tracking = tracks.lock().expect("tracks lock");
+            let track = tracking.tracks.entry(id).or_default();
             track.published_at = Some(Instant::now());
             track.published_ms = now_ms();
         }
@@ -502,10 +513,7 @@ fn now_ms() -> i64 {
 
 /// Reads the status topic from the start and records every transfer's
 /// states; a terminal state (or manual review) ends its track.
-fn follow_status(
-    config: &PipelineConfig,
-    tracks: Arc<Mutex<HashMap<Uuid, Track>>>,
-) -> Result<tokio::task::JoinHandle<()>> {
+fn follow_status(config: &PipelineConfig, tracks: Tracks) -> Result<tokio::task::JoinHandle<()>> {
     let group = format!("{}bench-follower-{}", config.group_prefix, Uuid::new_v4());
     let consumer = kafka::consumer(config, "bench-follower", &group)?;
     consumer.subscribe(&[&config.topics.status()])?;
@@ -518,18 +526,21 @@ fn follow_status(
             let Some(Ok(event)) = message.payload().map(decode::<TransferStatusChanged>) else { continue };
             let Ok(id) = Uuid::parse_str(&event.transfer_id) else { continue };
             let now = Instant::now();
-            let mut tracks = tracks.lock().expect("tracks lock");
-            let track = tracks.entry(id).or_default();
+            let mut tracking = tracks.lock().expect("tracks lock");
+            let track = tracking.tracks.entry(id).or_default();
             track.states.entry(event.state.clone()).or_insert(event.occurred_at);
             if (event.terminal || event.state == "manual_review") && track.terminal.is_none() {
                 track.terminal = Some((now, event.state));
+                let latency = track.published_at.map(|sent| now.duration_since(sent).as_secs_f64() * 1_000.0);
+                tracking.finished += 1;
+                tracking.recent.extend(latency);
             }
         }
     }))
 }
 
 async fn wait_terminal(
-    tracks: &Arc<Mutex<HashMap<Uuid, Track>>>,
+    tracks: &Tracks,
     requests: &[TransferRequested],
     timeout: Duration,
     children: &mut Children,
@@ -538,8 +549,8 @@ async fn wait_terminal(
     let deadline = Instant::now() + timeout;
     loop {
         let done = {
-            let tracks = tracks.lock().expect("tracks lock");
-            ids.iter().filter(|id| tracks.get(id).is_some_and(|t| t.terminal.is_some())).count()
+            let tracking = tracks.lock().expect("tracks lock");
+            ids.iter().filter(|id| tracking.tracks.get(id).is_some_and(|t| t.terminal.is_some())).count()
         };
         if done == ids.len() {
             return Ok(());
