@@ -1,9 +1,9 @@
 //! The outbox relay: the only component that produces to Kafka.
 //!
 //! It claims unpublished rows with `FOR UPDATE` (from a cursor; see
-//! `outbox::claim`), hands them all to the idempotent producer, waits for every delivery report, and stamps the
-//! acknowledged rows published in the same transaction that holds their
-//! locks. A row whose delivery failed or timed out stays unpublished and is
+//! `outbox::claim`), hands them all to the idempotent producer, waits for
+//! every delivery report, and stamps the acknowledged rows published in the
+//! same transaction that holds their locks. A row whose delivery failed or timed out stays unpublished and is
 //! sent again: it may already be in the topic ("maybe published"), which
 //! consumers absorb through their inbox. Duplicates in a topic are allowed;
 //! duplicate effects are not.

@@ -357,12 +357,6 @@ impl Lane {
                 }
             }
             let applied = if queued.len() > 1 { self.apply_batch(&queued).await } else { Vec::new() };
-            if !queued.is_empty() && applied.len() == queued.len() && applied.iter().all(|&done| done) {
-                // The last offset covers the batch: every message before it
-                // in the partition is applied.
-                self.store_offset(&queued[queued.len() - 1]);
-                continue;
-            }
             for (index, inbound) in queued.iter().enumerate() {
                 if applied.get(index).copied().unwrap_or(false) {
                     // Earlier messages are done by now (this loop runs in

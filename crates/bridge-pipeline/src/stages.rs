@@ -724,7 +724,7 @@ pub async fn withdrawal_step(
     let Some(transfer) = pending_step(ctx, transfer_id, TransferState::Validated).await? else {
         return Ok(Outcome::Duplicate);
     };
-    let movement = movement(&transfer, "withdrawal", &transfer.investor_account_id)?;
+    let movement = MoneyStep::Withdrawal.movement(&transfer)?;
     let outcome = match ask {
         Ask::Perform => ctx.services.investor.withdraw(&movement).await?,
         Ask::Cancel { reason } => cancelled_as(ctx.services.investor.cancel_withdrawal(&movement).await?, reason),
@@ -763,19 +763,7 @@ pub async fn withdrawal_step(
             )
             .await?;
             let next = transfers::advance(&mut tx, &current, &TransferEvent::Withdrawn).await?;
-            let event_id = ids::stage_event_id(transfer_id, "withdrawn");
-            let now = Utc::now();
-            let outcome_event = stage_event!(FundsWithdrawn, next, event_id, now, external_reference = reference);
-            messages.push(envelope(
-                ctx,
-                stage.as_str(),
-                event_id,
-                &next,
-                &trace,
-                now,
-                ctx.topics.withdrawn(),
-                &outcome_event,
-            )?);
+            messages.push(MoneyStep::Withdrawal.outcome_message(ctx, &next, reference, &trace)?);
             next
         }
         ServiceOutcome::Declined { code } => {
@@ -810,7 +798,7 @@ pub async fn deposit_step(
     let Some(transfer) = pending_step(ctx, transfer_id, TransferState::Withdrawn).await? else {
         return Ok(Outcome::Duplicate);
     };
-    let remit = movement(&transfer, "deposit", &transfer.fund_account_id)?;
+    let remit = MoneyStep::Deposit.movement(&transfer)?;
     let remitted = match ask {
         Ask::Perform => ctx.services.fund.remit(&remit).await?,
         Ask::Cancel { reason } => cancelled_as(ctx.services.fund.cancel_remittance(&remit).await?, reason),
@@ -864,19 +852,7 @@ pub async fn deposit_step(
             )
             .await?;
             let next = transfers::advance(&mut tx, &current, &TransferEvent::Deposited).await?;
-            let event_id = ids::stage_event_id(transfer_id, "deposited");
-            let now = Utc::now();
-            let outcome_event = stage_event!(FundsDeposited, next, event_id, now, external_reference = reference);
-            messages.push(envelope(
-                ctx,
-                stage.as_str(),
-                event_id,
-                &next,
-                &trace,
-                now,
-                ctx.topics.deposited(),
-                &outcome_event,
-            )?);
+            messages.push(MoneyStep::Deposit.outcome_message(ctx, &next, reference, &trace)?);
             // The fund account's row last: every deposit into the fund
             // updates it.
             accounts::credit_fund_account(&mut tx, &current.fund_account_id, amount.amount_minor).await?;
@@ -911,7 +887,7 @@ pub async fn deposit_step(
     commit_step(ctx, tx, stage, &current, &next, messages, &trace).await
 }
 
-/// A money stage's step, for the batch path they share.
+/// A money stage's step: what the one-message and batch paths share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum MoneyStep {
     Withdrawal,
