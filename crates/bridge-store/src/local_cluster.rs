@@ -52,9 +52,33 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|out| out.stdout.starts_with(b"0")).unwrap_or(false)
 }
 
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("Failed to find a free port")?;
-    Ok(listener.local_addr()?.port())
+/// A port for a server this process is about to start on 127.0.0.1.
+///
+/// Not one the kernel hands out for port 0: those come from the ephemeral
+/// range, which is also where every outgoing connection on the machine gets
+/// its local port, so between picking such a port and the server binding it
+/// (a second or more, while `initdb` runs) any client connecting anywhere
+/// could take it, and the server fails with "Address already in use". Under
+/// a test suite's hundreds of connections a second that happens. Ports below
+/// the ephemeral range are only ever taken by a listener, and a listener that
+/// holds one now is seen here; the start is random so that two servers
+/// started at once do not try the same ports in the same order.
+pub fn unused_port() -> Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (ephemeral_low / 2, ephemeral_low);
+    let span = u32::from(high.saturating_sub(low)).max(1);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
+        ^ std::process::id().rotate_left(16);
+    for step in 0..span.min(1_000) {
+        let port = low + ((seed.wrapping_add(step.wrapping_mul(7_919))) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("No unused port between {low} and {high}")
 }
 
 impl TemporaryCluster {
@@ -73,7 +97,7 @@ impl TemporaryCluster {
                 bail!("Failed to hand {} to the postgres user", directory.display());
             }
         }
-        let port = free_port()?;
+        let port = unused_port()?;
         let options = format!("-p {port} -c listen_addresses=127.0.0.1 -k {}", directory.display());
         let cluster = TemporaryCluster {
             url: format!("postgres://postgres@127.0.0.1:{port}/bridge"),
@@ -117,5 +141,26 @@ impl TemporaryCluster {
             bail!("pg_ctl restart failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unused_ports_are_free_and_below_the_range_outgoing_connections_use() {
+        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .map(|range| range.split_whitespace().next().unwrap_or("32768").parse().unwrap_or(32_768))
+            .unwrap_or(32_768);
+        // A port some listener holds is never handed out.
+        let held = std::net::TcpListener::bind(("127.0.0.1", unused_port().unwrap())).unwrap();
+        let held_port = held.local_addr().unwrap().port();
+        for _ in 0..50 {
+            let port = unused_port().unwrap();
+            assert!(port < ephemeral_low, "{port} is in the ephemeral range from {ephemeral_low}");
+            assert_ne!(port, held_port);
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
     }
 }

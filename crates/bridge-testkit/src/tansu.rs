@@ -5,7 +5,6 @@
 //! file in its own directory, on its own port: killed and started again, it
 //! comes back with every record it acknowledged and every committed offset.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,9 +27,10 @@ impl PrivateTansu {
         )?;
         let dir = std::env::temp_dir().join(format!("bridge-tansu-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
-        // A port the kernel just handed out and nobody holds; the broker binds
-        // it a moment later.
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        // Outside the range the kernel gives outgoing connections, so none
+        // takes it before the broker binds it, nor while a test has the
+        // broker killed (see `unused_port`).
+        let port = bridge_store::local_cluster::unused_port()?;
         let mut broker = Self { binary: binary.into(), dir, port, child: None };
         broker.resume()?;
         Ok(broker)
