@@ -32,17 +32,39 @@ impl SimOperation {
 /// operation stored under the key (the new one or the earlier one). With
 /// `settle_after_ms` above zero a new operation is stored as `pending` and
 /// turns into its outcome that much later (see [`find`]).
+///
+/// One statement does what a bank's idempotent endpoint does on every call:
+/// store the new operation, or settle the stored one if its time has come, or
+/// read it back. Its sub-statements share one snapshot, so an operation that
+/// another call stored under the same key after that snapshot was taken is
+/// invisible to all three and the statement returns no row; [`find`], a
+/// statement of its own with a newer snapshot, reads it then.
 pub async fn record_once(
     conn: &mut PgConnection,
     operation: &SimOperation,
     settle_after_ms: u64,
 ) -> Result<SimOperation> {
-    sqlx::query(
-        "INSERT INTO sim_operations
-             (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference, final_outcome, settles_at)
-         VALUES ($1, $2, $3, $4, $5, CASE WHEN $8 > 0 THEN 'pending' ELSE $6 END, $7,
-                 CASE WHEN $8 > 0 THEN $6 END, CASE WHEN $8 > 0 THEN now() + make_interval(secs => $8) END)
-         ON CONFLICT (idempotency_key) DO NOTHING",
+    let row: Option<(String, String, i64, String, String, String)> = sqlx::query_as(
+        "WITH new AS (
+             INSERT INTO sim_operations
+                 (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference,
+                  final_outcome, settles_at)
+             VALUES ($1, $2, $3, $4, $5, CASE WHEN $8 > 0 THEN 'pending' ELSE $6 END, $7,
+                     CASE WHEN $8 > 0 THEN $6 END,
+                     CASE WHEN $8 > 0 THEN now() + make_interval(secs => $8) END)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING operation, account_id, amount_minor, currency, outcome, reference
+         ), due AS (
+             UPDATE sim_operations SET outcome = final_outcome, final_outcome = NULL
+             WHERE idempotency_key = $1 AND outcome = 'pending' AND settles_at <= now()
+             RETURNING operation, account_id, amount_minor, currency, outcome, reference
+         )
+         SELECT * FROM new
+         UNION ALL SELECT * FROM due
+         UNION ALL
+         SELECT operation, account_id, amount_minor, currency, outcome, reference
+         FROM sim_operations
+         WHERE idempotency_key = $1 AND NOT EXISTS (SELECT FROM due)",
     )
     .bind(&operation.idempotency_key)
     .bind(&operation.operation)
@@ -52,11 +74,13 @@ pub async fn record_once(
     .bind(&operation.outcome)
     .bind(&operation.reference)
     .bind(settle_after_ms as f64 / 1_000.0)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    find(conn, &operation.idempotency_key)
-        .await?
-        .ok_or_else(|| crate::Error::Corrupt(format!("operation {} vanished", operation.idempotency_key)))
+    let stored = match row {
+        Some(row) => Some(sim_operation(&operation.idempotency_key, row)),
+        None => find(conn, &operation.idempotency_key).await?,
+    };
+    stored.ok_or_else(|| crate::Error::Corrupt(format!("operation {} vanished", operation.idempotency_key)))
 }
 
 /// Cancels the operation under `operation.idempotency_key` if it has not
@@ -119,15 +143,14 @@ pub async fn find(conn: &mut PgConnection, key: &str) -> Result<Option<SimOperat
     .bind(key)
     .fetch_optional(conn)
     .await?;
-    Ok(row.map(|(operation, account_id, amount_minor, currency, outcome, reference)| SimOperation {
-        idempotency_key: key.to_owned(),
-        operation,
-        account_id,
-        amount_minor,
-        currency,
-        outcome,
-        reference,
-    }))
+    Ok(row.map(|row| sim_operation(key, row)))
+}
+
+fn sim_operation(
+    key: &str,
+    (operation, account_id, amount_minor, currency, outcome, reference): (String, String, i64, String, String, String),
+) -> SimOperation {
+    SimOperation { idempotency_key: key.to_owned(), operation, account_id, amount_minor, currency, outcome, reference }
 }
 
 /// Publishes a fund's terms at the simulated fund administrator.
