@@ -326,3 +326,51 @@ async fn fund_terms_come_from_the_fund_administrator() -> Result<()> {
     simulator.stop().await?;
     kit.assert_books_balance().await
 }
+
+/// Two requests under one idempotency key racing at the simulator's books:
+/// the second starts while the first is stored but not yet committed, waits
+/// for it, and must answer with what the first stored, not fail and not
+/// store a second operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_racing_an_uncommitted_one_under_its_key_gets_the_stored_operation() -> Result<()> {
+    use bridge_store::simulator::{record_once, SimOperation};
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let operation = |reference: &str| SimOperation {
+        idempotency_key: "key-race".to_owned(),
+        operation: "withdrawal".to_owned(),
+        account_id: "acc-1".to_owned(),
+        amount_minor: 1500,
+        currency: "EUR".to_owned(),
+        outcome: "settled".to_owned(),
+        reference: reference.to_owned(),
+    };
+    let mut first = kit.pool.begin().await?;
+    let stored = record_once(&mut first, &operation("first"), 0).await?;
+    let pool = kit.pool.clone();
+    let second = tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        record_once(&mut conn, &operation("second"), 0).await
+    });
+    // Until the first commits, the second waits on the key.
+    let waiting = async {
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%sim_operations%'",
+            )
+            .fetch_one(&kit.pool)
+            .await?;
+            if blocked > 0 {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), waiting).await??;
+    first.commit().await?;
+    let answer = second.await??;
+    ensure!(answer == stored, "the racing request got {answer:?}, the first stored {stored:?}");
+    let stored_count: i64 = sqlx::query_scalar("SELECT count(*) FROM sim_operations").fetch_one(&kit.pool).await?;
+    ensure!(stored_count == 1, "{stored_count} operations stored under one key");
+    Ok(())
+}
