@@ -3,10 +3,10 @@
 //! It claims unpublished rows with `FOR UPDATE` (from a cursor; see
 //! `outbox::claim`), hands them all to the idempotent producer, waits for
 //! every delivery report, and stamps the acknowledged rows published in the
-//! same transaction that holds their locks. A row whose delivery failed or timed out stays unpublished and is
-//! sent again: it may already be in the topic ("maybe published"), which
-//! consumers absorb through their inbox. Duplicates in a topic are allowed;
-//! duplicate effects are not.
+//! same transaction that holds their locks. A row whose delivery failed or
+//! timed out stays unpublished and is sent again: it may already be in the
+//! topic ("maybe published"), which consumers absorb through their inbox.
+//! Duplicates in a topic are allowed; duplicate effects are not.
 //!
 //! Several relays may run (one per `bridge run` process), but only one
 //! publishes at a time: the holder of a Postgres advisory lock, taken on a

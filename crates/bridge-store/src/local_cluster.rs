@@ -64,10 +64,7 @@ fn is_root() -> bool {
 /// holds one now is seen here; the start is random so that two servers
 /// started at once do not try the same ports in the same order.
 pub fn unused_port() -> Result<u16> {
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
+    let ephemeral_low = ephemeral_ports_start();
     let (low, high) = (ephemeral_low / 2, ephemeral_low);
     let span = u32::from(high.saturating_sub(low)).max(1);
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
@@ -79,6 +76,15 @@ pub fn unused_port() -> Result<u16> {
         }
     }
     bail!("No unused port between {low} and {high}")
+}
+
+/// The first port of the kernel's ephemeral range (Linux's default when it
+/// cannot be read).
+fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
 }
 
 impl TemporaryCluster {
@@ -150,9 +156,7 @@ mod tests {
 
     #[test]
     fn unused_ports_are_free_and_below_the_range_outgoing_connections_use() {
-        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .map(|range| range.split_whitespace().next().unwrap_or("32768").parse().unwrap_or(32_768))
-            .unwrap_or(32_768);
+        let ephemeral_low = ephemeral_ports_start();
         // A port some listener holds is never handed out.
         let held = std::net::TcpListener::bind(("127.0.0.1", unused_port().unwrap())).unwrap();
         let held_port = held.local_addr().unwrap().port();

@@ -28,6 +28,15 @@ impl SimOperation {
     }
 }
 
+/// The statement that settles the pending operation under key `$1` once its
+/// time has come; [`find`] runs it alone, [`record_once`] inside its own.
+macro_rules! settle_due {
+    () => {
+        "UPDATE sim_operations SET outcome = final_outcome, final_outcome = NULL
+         WHERE idempotency_key = $1 AND outcome = 'pending' AND settles_at <= now()"
+    };
+}
+
 /// Stores `operation` unless its idempotency key was seen before; returns the
 /// operation stored under the key (the new one or the earlier one). With
 /// `settle_after_ms` above zero a new operation is stored as `pending` and
@@ -37,14 +46,14 @@ impl SimOperation {
 /// store the new operation, or settle the stored one if its time has come, or
 /// read it back. Its sub-statements share one snapshot, so an operation that
 /// another call stored under the same key after that snapshot was taken is
-/// invisible to all three and the statement returns no row; [`find`], a
-/// statement of its own with a newer snapshot, reads it then.
+/// invisible to all three and the statement returns no row; [`find`], whose
+/// statements each take a newer snapshot, reads it then.
 pub async fn record_once(
     conn: &mut PgConnection,
     operation: &SimOperation,
     settle_after_ms: u64,
 ) -> Result<SimOperation> {
-    let row: Option<(String, String, i64, String, String, String)> = sqlx::query_as(
+    let row: Option<(String, String, i64, String, String, String)> = sqlx::query_as(concat!(
         "WITH new AS (
              INSERT INTO sim_operations
                  (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference,
@@ -54,9 +63,9 @@ pub async fn record_once(
                      CASE WHEN $8 > 0 THEN now() + make_interval(secs => $8) END)
              ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING operation, account_id, amount_minor, currency, outcome, reference
-         ), due AS (
-             UPDATE sim_operations SET outcome = final_outcome, final_outcome = NULL
-             WHERE idempotency_key = $1 AND outcome = 'pending' AND settles_at <= now()
+         ), due AS (",
+        settle_due!(),
+        "
              RETURNING operation, account_id, amount_minor, currency, outcome, reference
          )
          SELECT * FROM new
@@ -65,7 +74,7 @@ pub async fn record_once(
          SELECT operation, account_id, amount_minor, currency, outcome, reference
          FROM sim_operations
          WHERE idempotency_key = $1 AND NOT EXISTS (SELECT FROM due)",
-    )
+    ))
     .bind(&operation.idempotency_key)
     .bind(&operation.operation)
     .bind(&operation.account_id)
@@ -129,13 +138,7 @@ pub async fn set_account_status(conn: &mut PgConnection, account_id: &str, statu
 /// The operation stored under `key`, if any. A pending operation whose time
 /// has come settles as it is read.
 pub async fn find(conn: &mut PgConnection, key: &str) -> Result<Option<SimOperation>> {
-    sqlx::query(
-        "UPDATE sim_operations SET outcome = final_outcome, final_outcome = NULL
-         WHERE idempotency_key = $1 AND outcome = 'pending' AND settles_at <= now()",
-    )
-    .bind(key)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(settle_due!()).bind(key).execute(&mut *conn).await?;
     let row: Option<(String, String, i64, String, String, String)> = sqlx::query_as(
         "SELECT operation, account_id, amount_minor, currency, outcome, reference
          FROM sim_operations WHERE idempotency_key = $1",
