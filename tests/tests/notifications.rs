@@ -11,7 +11,7 @@ use hmac::{Hmac, Mac};
 
 use bridge_notify::{NotifierConfig, SmsProvider, SmtpServer};
 use bridge_pipeline::runner::Part;
-use bridge_store::notifications::{self, NewSubscription};
+use bridge_store::notifications::{self, LoggedEvent, NewSubscription};
 use bridge_testkit::receivers::{Behaviour, HttpReceiver, Received, SmtpSink};
 use bridge_testkit::{BrokerKind, TestKit};
 
@@ -287,6 +287,86 @@ async fn a_dead_target_does_not_slow_the_others() -> Result<()> {
     ensure!(tried == 1, "{tried} of the hanging target's deliveries tried");
     pipeline.stop().await?;
     notifier.stop().await
+}
+
+/// A delivery queued by a transaction that drew the lower id but commits
+/// later does not overtake a target's head: while a transaction that could
+/// still queue ahead of the head is open, the target waits; then its queue
+/// runs in its writers' order, one delivery in flight at a time. A redriven
+/// delivery joins the back of its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_committed_late_does_not_overtake_the_head() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let target = subscribe(&kit, "operator", None, "email", "ops@example.com", &[]).await?;
+    let event = || LoggedEvent {
+        event_id: uuid::Uuid::new_v4(),
+        transfer_id: uuid::Uuid::new_v4(),
+        version: 1,
+        state: "completed".to_owned(),
+        investor_account_id: "inv".to_owned(),
+        fund_account_id: "fund".to_owned(),
+        event: serde_json::json!({}),
+        traceparent: None,
+    };
+    let (early, late, third) = (event(), event(), event());
+    let accept = |event: &LoggedEvent| {
+        let (pool, event) = (kit.pool.clone(), event.clone());
+        async move {
+            let mut tx = pool.begin().await?;
+            ensure!(notifications::accept(&mut tx, &event).await? == Some(1));
+            tx.commit().await?;
+            Ok(())
+        }
+    };
+    let mut conn = kit.pool.acquire().await?;
+
+    // `early` draws the first delivery id and stays open while `late`
+    // commits behind it.
+    let mut open = kit.pool.begin().await?;
+    ensure!(notifications::accept(&mut open, &early).await? == Some(1));
+    accept(&late).await?;
+    let claimed = notifications::claim_heads(&mut conn, 10, 60_000).await?;
+    ensure!(claimed.is_empty(), "claimed {:?} while an older writer was open", events_of(&claimed));
+    open.commit().await?;
+
+    let head = claim_one(&mut conn).await?;
+    ensure!(head.event_id == early.event_id && head.subscription_id == target, "the head is not the first writer's");
+    let claimed = notifications::claim_heads(&mut conn, 10, 60_000).await?;
+    ensure!(claimed.is_empty(), "claimed {:?} while the head was in flight", events_of(&claimed));
+    notifications::mark_delivered(&mut conn, &head).await?;
+    let next = claim_one(&mut conn).await?;
+    ensure!(next.event_id == late.event_id, "the second writer's delivery is not next");
+
+    notifications::mark_failed(&mut conn, &next, "gone", None, 3_600_000).await?;
+    accept(&third).await?;
+    ensure!(notifications::redrive(&mut conn, Some(target)).await? == 1);
+    let mut order = Vec::new();
+    for _ in 0..2 {
+        let head = claim_one(&mut conn).await?;
+        notifications::mark_delivered(&mut conn, &head).await?;
+        order.push(head.event_id);
+    }
+    ensure!(order == [third.event_id, late.event_id], "after the redrive the queue ran {order:?}");
+    Ok(())
+}
+
+fn events_of(claimed: &[notifications::ClaimedDelivery]) -> Vec<uuid::Uuid> {
+    claimed.iter().map(|delivery| delivery.event_id).collect()
+}
+
+/// The one head due: waits while transactions older than its writer, in
+/// any database of the server, are still open.
+async fn claim_one(conn: &mut sqlx::PgConnection) -> Result<notifications::ClaimedDelivery> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let mut claimed = notifications::claim_heads(conn, 10, 60_000).await?;
+        ensure!(claimed.len() <= 1, "claimed {:?} at once from one target", events_of(&claimed));
+        if let Some(head) = claimed.pop() {
+            return Ok(head);
+        }
+        ensure!(Instant::now() < deadline, "no head became due");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A status event delivered again (here: published twice) notifies nobody

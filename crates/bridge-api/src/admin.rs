@@ -304,7 +304,7 @@ pub struct RedriveNotifications {
     subscription: Option<i64>,
 }
 
-/// Puts dead-lettered deliveries back in their queues.
+/// Puts dead-lettered deliveries back at the end of their queues.
 #[utoipa::path(post, path = "/v1/admin/notifications/redrive", tag = "operations",
     params(("subscription" = Option<i64>, Query)),
     responses(

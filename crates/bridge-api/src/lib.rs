@@ -14,7 +14,7 @@
 //! | `POST /v1/admin/dead-letters/{topic}/redrive` `{partition, from_offset, to_offset, dry_run}` | `admin` | back through the normal path |
 //! | `GET`/`POST /v1/admin/notifications/subscriptions` | `admin` | list (with delivery counts) / create (a webhook's secret is in the reply, once) |
 //! | `POST /v1/admin/notifications/subscriptions/{id}/enable`, `/disable` | `admin` | switch a target |
-//! | `POST /v1/admin/notifications/redrive?subscription=` | `admin` | dead-lettered deliveries back in their queues |
+//! | `POST /v1/admin/notifications/redrive?subscription=` | `admin` | dead-lettered deliveries to the back of their queues |
 //! | `GET /metrics` | `admin` | Prometheus text: open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
 //! | `GET /openapi.json` | any | this API described (OpenAPI 3.1, generated from the code) |
 //! | `GET /healthz` | none | the process is alive |

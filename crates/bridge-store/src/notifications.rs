@@ -165,7 +165,15 @@ impl std::fmt::Debug for ClaimedDelivery {
 /// Claims the head of up to `limit` target queues whose head is due, for
 /// `lease_ms`. A queue whose head is leased (being sent, here or by another
 /// notifier) or waiting for its retry time is skipped as a whole, which is
-/// what keeps each target's deliveries in order.
+/// what keeps each target's deliveries in order, one at a time.
+///
+/// A queue runs in the order of the transactions that queued its deliveries
+/// (`writer_xid`, then id), and its head is taken only once every transaction
+/// older than the head's writer has ended: until then one of them could still
+/// queue a delivery ahead of it. So a head, once claimable, stays the head
+/// until it is delivered or dead. Ordering by id alone let a delivery whose
+/// transaction drew a lower id but committed later slip in front of a head
+/// already in flight.
 pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<Vec<ClaimedDelivery>> {
     // The conditions on `d` are checked again on the locked row, so two
     // notifiers cannot both claim a head.
@@ -177,10 +185,11 @@ pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> 
         "WITH due AS (
              SELECT h.id FROM notification_subscriptions s
              CROSS JOIN LATERAL (
-                 SELECT q.id, q.next_attempt_at, q.leased_until FROM notification_deliveries q
+                 SELECT q.id, q.writer_xid, q.next_attempt_at, q.leased_until FROM notification_deliveries q
                  WHERE q.subscription_id = s.id AND q.status = 'pending'
-                 ORDER BY q.id LIMIT 1) h
-             WHERE s.enabled AND h.next_attempt_at <= now() AND (h.leased_until IS NULL OR h.leased_until < now())
+                 ORDER BY q.writer_xid, q.id LIMIT 1) h
+             WHERE s.enabled AND h.writer_xid < pg_snapshot_xmin(pg_current_snapshot())
+               AND h.next_attempt_at <= now() AND (h.leased_until IS NULL OR h.leased_until < now())
              ORDER BY h.next_attempt_at LIMIT $1)
          UPDATE notification_deliveries d
          SET leased_until = now() + make_interval(secs => $2), attempts = d.attempts + 1
@@ -271,11 +280,14 @@ pub async fn mark_failed(
 }
 
 /// Puts dead-lettered deliveries (of one target, or all) back in their
-/// queues, attempts reset. Returns how many.
+/// queues, attempts reset. Returns how many. They join the back of their
+/// queues, in their old order: put back in front, one could become the head
+/// while the head it overtook is in flight.
 pub async fn redrive(conn: &mut PgConnection, subscription_id: Option<i64>) -> Result<u64> {
     let updated = sqlx::query(
         "UPDATE notification_deliveries
-         SET status = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL
+         SET status = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL,
+             writer_xid = pg_current_xact_id()
          WHERE status = 'dead' AND ($1::bigint IS NULL OR subscription_id = $1)",
     )
     .bind(subscription_id)

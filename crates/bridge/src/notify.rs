@@ -131,7 +131,7 @@ enum NotifyAction {
     Enable { id: i64 },
     /// Stop delivering to a target; its deliveries wait.
     Disable { id: i64 },
-    /// Put dead-lettered deliveries back in their queues.
+    /// Put dead-lettered deliveries back at the end of their queues.
     Redrive {
         /// Only this subscription's.
         #[arg(long)]
