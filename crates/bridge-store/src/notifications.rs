@@ -281,8 +281,8 @@ pub async fn mark_failed(
 
 /// Puts dead-lettered deliveries (of one target, or all) back in their
 /// queues, attempts reset. Returns how many. They join the back of their
-/// queues, in their old order: put back in front, one could become the head
-/// while the head it overtook is in flight.
+/// queues, in id order among themselves: put back in front, one could
+/// become the head while the head it overtook is in flight.
 pub async fn redrive(conn: &mut PgConnection, subscription_id: Option<i64>) -> Result<u64> {
     let updated = sqlx::query(
         "UPDATE notification_deliveries
