@@ -181,14 +181,15 @@ pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> 
     let rows: Vec<Row> = sqlx::query_as(
         // One index probe per enabled target for its head (rather than a
         // scan of every pending delivery), so a long backlog at one target
-        // does not make claiming slower for the others.
+        // does not make claiming slower for the others. The horizon is a
+        // subquery so that it is taken once per claim, not once per target.
         "WITH due AS (
              SELECT h.id FROM notification_subscriptions s
              CROSS JOIN LATERAL (
                  SELECT q.id, q.writer_xid, q.next_attempt_at, q.leased_until FROM notification_deliveries q
                  WHERE q.subscription_id = s.id AND q.status = 'pending'
                  ORDER BY q.writer_xid, q.id LIMIT 1) h
-             WHERE s.enabled AND h.writer_xid < pg_snapshot_xmin(pg_current_snapshot())
+             WHERE s.enabled AND h.writer_xid < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
                AND h.next_attempt_at <= now() AND (h.leased_until IS NULL OR h.leased_until < now())
              ORDER BY h.next_attempt_at LIMIT $1)
          UPDATE notification_deliveries d
