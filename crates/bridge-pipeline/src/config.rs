@@ -101,6 +101,11 @@ pub struct PipelineConfig {
     /// Most messages of one partition a stage applies in one
     /// set-based transaction, when that many are queued; 1 turns it off.
     pub batch_size_max: usize,
+    /// Most set-based transactions a stage has in flight at once in one
+    /// process. Partitions' batches that find them all busy wait and go
+    /// together into the next one (up to `batch_size_max` messages, whole
+    /// batches only), so a busier stage makes larger transactions.
+    pub batches_in_flight: usize,
     /// Outbox rows the relay claims and publishes per database transaction.
     pub relay_batch_size_max: i64,
     /// How long the relay sleeps without a notification before polling.
@@ -159,6 +164,7 @@ impl PipelineConfig {
             session_timeout_ms: 10_000,
             fetch_wait_max_ms: 20,
             batch_size_max: 64,
+            batches_in_flight: 1,
             relay_batch_size_max: 500,
             relay_poll_interval_ms: 500,
             producer_message_timeout_ms: 30_000,

@@ -20,6 +20,7 @@ pub mod dead_letters;
 pub mod demo;
 pub mod failpoint;
 pub mod fund_terms;
+pub mod group_commit;
 pub mod http_services;
 pub mod kafka;
 pub mod message;

@@ -69,6 +69,8 @@ pub struct StageContext {
     pub registry: Option<Arc<SchemaRegistry>>,
     /// Wakes the relay after a commit that wrote outbox rows.
     pub relay_waker: relay::Waker,
+    /// Each stage's shared set-based transactions.
+    pub(crate) groups: stages::Groups,
 }
 
 impl StageContext {
@@ -113,6 +115,7 @@ impl Pipeline {
             .as_deref()
             .map(|url| Arc::new(SchemaRegistry::new(url, config.schema_registry_timeout_ms)));
         let relay_waker = relay::Waker::new(pool.clone());
+        let groups = stages::Groups::new(&config);
         Self {
             ctx: Arc::new(StageContext {
                 pool,
@@ -122,6 +125,7 @@ impl Pipeline {
                 source: "/bridge".to_owned(),
                 registry,
                 relay_waker,
+                groups,
             }),
         }
     }
@@ -387,7 +391,8 @@ impl Lane {
         if count == 0 {
             return applied;
         }
-        crate::metrics::batch_applied(self.name, count);
+        // The batch size metric counts whole transactions, which may hold
+        // other partitions' messages too; it is recorded where they run.
         for _ in 0..count {
             crate::metrics::message_finished(self.name, Outcome::Applied.as_label(), started.elapsed());
         }

@@ -4,7 +4,8 @@
 //! before that transaction, with an idempotency key, so repeating a step after
 //! a crash asks the service the same question and gets the first answer.
 //! Under load each stage also has a batch path that applies a partition's
-//! queued messages in one set-based transaction, falling back to this
+//! queued messages in one set-based transaction (shared with other
+//! partitions' batches that wait at the same time), falling back to this
 //! one-message path for anything out of the ordinary.
 
 use chrono::{DateTime, Utc};
@@ -21,6 +22,7 @@ use bridge_store::outbox::{self, OutboxMessage};
 use bridge_store::transfers::{self, Transfer};
 use bridge_store::{accounts, inbox, pending};
 
+use crate::group_commit::GroupCommit;
 use crate::message::{dead_letter_headers as dlq, Envelope, Inbound, TraceContext};
 use crate::runner::{StageContext, StageName};
 use crate::services::{MoneyMovement, ServiceError, ServiceOutcome, CANCELLED};
@@ -455,23 +457,51 @@ pub async fn validate_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<boo
         if !seen.insert(requested.id) {
             break;
         }
-        requests.push((message, requested));
+        requests.push((message.clone(), requested));
     }
-    let result = if requests.is_empty() { Ok(false) } else { try_validate_batch(ctx, &requests).await };
-    prefix_answer(messages.len(), requests.len(), result)
+    if requests.is_empty() {
+        return vec![false; messages.len()];
+    }
+    // The transaction may take other partitions' requests too (see
+    // `group_commit`); it applies all of them or none.
+    let mut applied = ctx
+        .groups
+        .validator
+        .apply(requests, |requests| async move {
+            let result = if distinct(requests.iter().map(|(_, requested)| requested.id)) {
+                try_validate_batch(ctx, &requests).await
+            } else {
+                Ok(false)
+            };
+            all_or_none(requests.len(), result)
+        })
+        .await;
+    // The messages after the batch go one by one.
+    applied.resize(messages.len(), false);
+    applied
 }
 
-/// The batch handler's answer when the first `size` of `len` messages went
-/// into a transaction whose `result` says whether it applied them.
-fn prefix_answer(len: usize, size: usize, result: Result<bool, StageError>) -> Vec<bool> {
+/// A shared transaction's answer for its `size` items when it applies all of
+/// them or none.
+fn all_or_none(size: usize, result: Result<bool, StageError>) -> Vec<bool> {
     let applied = result.unwrap_or_else(|error| {
         tracing::debug!(error = %error, size, "Batch not applied; taking its messages one by one");
         false
     });
-    (0..len).map(|index| applied && index < size).collect()
+    vec![applied; size]
 }
 
-async fn try_validate_batch(ctx: &StageContext, requests: &[(&Inbound, Transfer)]) -> Result<bool, StageError> {
+/// Whether no transfer is named twice. Within a lane's batch a second
+/// message for a transfer ends the batch; batches of different partitions
+/// name different transfers unless a transfer's messages were published
+/// under different keys, and a shared transaction with such a pair is not
+/// applied (each message then goes one by one, in its own partition's order).
+fn distinct(ids: impl Iterator<Item = Uuid>) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    ids.into_iter().all(|id| seen.insert(id))
+}
+
+async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]) -> Result<bool, StageError> {
     let stage = StageName::Validator.as_str();
     let mut tx = ctx.pool.begin().await?;
     let ids: Vec<Uuid> = requests.iter().map(|(_, requested)| requested.id).collect();
@@ -979,6 +1009,26 @@ impl MoneyStep {
     }
 }
 
+/// Each stage's shared transactions (see `group_commit`).
+pub(crate) struct Groups {
+    validator: GroupCommit<(Inbound, Transfer)>,
+    withdrawal: GroupCommit<SettledStep>,
+    deposit: GroupCommit<SettledStep>,
+    completion: GroupCommit<(Uuid, Inbound, FundsDeposited)>,
+}
+
+impl Groups {
+    pub(crate) fn new(config: &crate::PipelineConfig) -> Self {
+        let (slots, size) = (config.batches_in_flight, config.batch_size_max);
+        Self {
+            validator: GroupCommit::new(StageName::Validator.as_str(), slots, size),
+            withdrawal: GroupCommit::new(StageName::Withdrawal.as_str(), slots, size),
+            deposit: GroupCommit::new(StageName::Deposit.as_str(), slots, size),
+            completion: GroupCommit::new(StageName::Completion.as_str(), slots, size),
+        }
+    }
+}
+
 /// Service calls one lane's batch has in flight at once. Bounded, so a
 /// partition's backlog cannot flood a bank; with the default six partitions
 /// a process asks a service at most 48 things at a time.
@@ -999,9 +1049,9 @@ pub async fn deposit_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<bool
 /// A money stage's step for several messages of one partition: the
 /// service is asked about all of them concurrently (a lane would otherwise
 /// wait out each call in turn), and the steps it settled are applied in one
-/// transaction, set-based: one inbox insert, one locking read, one update
-/// of the transfers with their history, one ledger insert, one update of
-/// the accounts, one outbox insert, one commit.
+/// set-based transaction (`apply_money_batch`), which may hold other
+/// partitions' settled steps too (see `group_commit`). The calls stay the
+/// lane's own, so a slow service holds only the partitions it is slow for.
 ///
 /// Only settled steps take this path; the answer says which messages were
 /// applied. The others go one by one with the full policy: a message that
@@ -1025,15 +1075,36 @@ async fn money_batch(ctx: &StageContext, step: MoneyStep, messages: &[Inbound]) 
         }
     }
     let mut applied = vec![false; messages.len()];
-    match try_money_batch(ctx, step, &batch).await {
-        Ok(done) => {
-            for item in batch.iter().filter(|item| done.contains(&item.transfer_id)) {
-                applied[item.index] = true;
-            }
-        }
+    let settled = match settle_money_batch(ctx, step, &batch).await {
+        Ok(settled) => settled,
         Err(error) => {
             tracing::debug!(error = %error, size = batch.len(), "Batch not applied; taking its messages one by one");
+            return applied;
         }
+    };
+    if settled.is_empty() {
+        return applied;
+    }
+    let indexes: Vec<usize> = settled.iter().map(|(index, _)| *index).collect();
+    let steps = settled.into_iter().map(|(_, step)| step).collect();
+    // The calls were this lane's own; the transaction may take other
+    // partitions' settled steps too (see `group_commit`).
+    let group = match step {
+        MoneyStep::Withdrawal => &ctx.groups.withdrawal,
+        MoneyStep::Deposit => &ctx.groups.deposit,
+    };
+    let done = group
+        .apply(steps, |steps| async move {
+            let result = if distinct(steps.iter().map(|settled| settled.transfer_id)) {
+                apply_money_batch(ctx, step, &steps).await
+            } else {
+                Ok(false)
+            };
+            all_or_none(steps.len(), result)
+        })
+        .await;
+    for (index, done) in indexes.into_iter().zip(done) {
+        applied[index] = done;
     }
     applied
 }
@@ -1046,14 +1117,24 @@ struct MoneyBatchItem<'a> {
     transfer_id: Uuid,
 }
 
-async fn try_money_batch(
+/// A step its service settled, ready for the batch's transaction.
+pub(crate) struct SettledStep {
+    message: Inbound,
+    event_id: String,
+    transfer_id: Uuid,
+    /// The service's reference for the movement.
+    reference: String,
+}
+
+/// Asks the service about the batch's steps, concurrently, and answers the
+/// ones it settled, each with its message's index in the lane's queue.
+async fn settle_money_batch(
     ctx: &StageContext,
     step: MoneyStep,
     batch: &[MoneyBatchItem<'_>],
-) -> Result<std::collections::HashSet<Uuid>, StageError> {
+) -> Result<Vec<(usize, SettledStep)>, StageError> {
     use futures::StreamExt;
 
-    let none = std::collections::HashSet::new;
     let ids: Vec<Uuid> = batch.iter().map(|item| item.transfer_id).collect();
     // Read outside any transaction, as `pending_step` does: no row is held
     // while the services are asked. A transfer not waiting for this step (a
@@ -1066,7 +1147,7 @@ async fn try_money_batch(
     .filter(|transfer| transfer.state == step.expected())
     .collect();
     if waiting.is_empty() {
-        return Ok(none());
+        return Ok(Vec::new());
     }
     let movements = waiting.iter().map(|transfer| step.movement(transfer)).collect::<Result<Vec<_>, _>>()?;
     // The calls are made up front (a future does nothing until polled) so
@@ -1080,24 +1161,40 @@ async fn try_money_batch(
             settled.insert(transfer.id, reference);
         }
     }
-    if settled.is_empty() {
-        return Ok(none());
-    }
+    Ok(batch
+        .iter()
+        .filter_map(|item| {
+            let reference = settled.remove(&item.transfer_id)?;
+            let step = SettledStep {
+                message: item.message.clone(),
+                event_id: item.event_id.clone(),
+                transfer_id: item.transfer_id,
+                reference,
+            };
+            Some((item.index, step))
+        })
+        .collect())
+}
 
+/// Applies settled steps in one transaction, set-based, all of them or none:
+/// one inbox insert, one locking read, one update of the transfers with their
+/// history, one ledger insert, one update of the accounts, one outbox insert,
+/// one commit.
+async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[SettledStep]) -> Result<bool, StageError> {
     let stage = step.stage();
     let mut tx = ctx.pool.begin().await?;
-    let event_ids: Vec<String> =
-        batch.iter().filter(|item| settled.contains_key(&item.transfer_id)).map(|item| item.event_id.clone()).collect();
-    // Something else applied one of them since the read above (another
-    // process after a rebalance, or the settlement runner): the batch is
-    // rolled back whole, and each message finds its own answer one by one.
+    let event_ids: Vec<String> = settled.iter().map(|step| step.event_id.clone()).collect();
+    // Something else applied one of them since the read before the calls
+    // (another process after a rebalance, or the settlement runner): the
+    // batch is rolled back whole, and each message finds its own answer one
+    // by one.
     if inbox::record_many(&mut tx, stage.as_str(), &event_ids).await? != settled.len() as u64 {
-        return Ok(none());
+        return Ok(false);
     }
-    let settled_ids: Vec<Uuid> = settled.keys().copied().collect();
+    let settled_ids: Vec<Uuid> = settled.iter().map(|step| step.transfer_id).collect();
     let current = transfers::get_many_for_update(&mut tx, &settled_ids).await?;
     if current.len() != settled.len() || current.iter().any(|transfer| transfer.state != step.expected()) {
-        return Ok(none());
+        return Ok(false);
     }
     pending::finish_many(&mut tx, &settled_ids, step.name()).await?;
 
@@ -1126,17 +1223,17 @@ async fn try_money_batch(
     ledger::post_many(&mut tx, &postings).await?;
     let next = transfers::advance_many(&mut tx, &current, &step.applied()).await?;
 
-    let messages_by_transfer: std::collections::HashMap<Uuid, &Inbound> =
-        batch.iter().map(|item| (item.transfer_id, item.message)).collect();
+    let by_transfer: std::collections::HashMap<Uuid, &SettledStep> =
+        settled.iter().map(|settled| (settled.transfer_id, settled)).collect();
     let mut messages = Vec::with_capacity(2 * next.len());
     for (before, after) in current.iter().zip(&next) {
         // Each event under the span of the message that caused it, so a
         // transfer's trace stays one tree.
-        let message = messages_by_transfer[&before.id];
+        let settled = by_transfer[&before.id];
+        let message = &settled.message;
         let span = crate::runner::message_span(stage.as_str(), message);
         let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
-        let reference = settled.remove(&before.id).unwrap_or_default();
-        messages.push(step.outcome_message(ctx, after, reference, &trace)?);
+        messages.push(step.outcome_message(ctx, after, settled.reference.clone(), &trace)?);
         messages.push(status_message(ctx, stage.as_str(), after, Some(before.state), &trace)?);
     }
     outbox::enqueue(&mut tx, &messages).await?;
@@ -1160,7 +1257,7 @@ async fn try_money_batch(
     }
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
-    Ok(settled_ids.into_iter().collect())
+    Ok(true)
 }
 
 /// Hands a step that stayed pending past its deadline to a person: the
@@ -1250,21 +1347,42 @@ async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
 /// policy, so a bad message neither takes its neighbours down nor applies
 /// twice.
 pub async fn complete_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<bool> {
-    let mut batch = std::collections::HashMap::with_capacity(messages.len());
+    let mut batch = Vec::with_capacity(messages.len());
+    let mut seen = std::collections::HashSet::with_capacity(messages.len());
     for message in messages {
         let Ok(event) = decode_payload::<FundsDeposited>(message) else { break };
         let Ok(transfer_id) = parse_transfer_id(&event.transfer_id) else { break };
-        if batch.contains_key(&transfer_id) {
+        if !seen.insert(transfer_id) {
             break;
         }
-        batch.insert(transfer_id, (message, event));
+        batch.push((transfer_id, message.clone(), event));
     }
-    let result = if batch.is_empty() { Ok(false) } else { try_complete_batch(ctx, &batch).await };
-    prefix_answer(messages.len(), batch.len(), result)
+    if batch.is_empty() {
+        return vec![false; messages.len()];
+    }
+    // The transaction may take other partitions' messages too (see
+    // `group_commit`); it applies all of them or none.
+    let mut applied = ctx
+        .groups
+        .completion
+        .apply(batch, |batch| async move {
+            let result = if distinct(batch.iter().map(|(transfer_id, _, _)| *transfer_id)) {
+                let by_transfer: CompletionBatch<'_> =
+                    batch.iter().map(|(transfer_id, message, event)| (*transfer_id, (message, event))).collect();
+                try_complete_batch(ctx, &by_transfer).await
+            } else {
+                Ok(false)
+            };
+            all_or_none(batch.len(), result)
+        })
+        .await;
+    // The messages after the batch go one by one.
+    applied.resize(messages.len(), false);
+    applied
 }
 
 /// The messages of a batch by transfer (one each).
-type CompletionBatch<'a> = std::collections::HashMap<Uuid, (&'a Inbound, FundsDeposited)>;
+type CompletionBatch<'a> = std::collections::HashMap<Uuid, (&'a Inbound, &'a FundsDeposited)>;
 
 async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> Result<bool, StageError> {
     let stage = StageName::Completion;

@@ -92,6 +92,10 @@ pub struct Common {
     /// set-based transaction (1: one message per transaction).
     #[arg(long, env = "BRIDGE_BATCH_SIZE_MAX", default_value_t = 64, global = true)]
     pub batch_size_max: usize,
+    /// Most set-based transactions a stage has in flight at once; batches of
+    /// several partitions that find them busy share the next one.
+    #[arg(long, env = "BRIDGE_BATCHES_IN_FLIGHT", default_value_t = 1, global = true)]
+    pub batches_in_flight: usize,
     /// A schema registry (Confluent's REST API): events are then written in
     /// Confluent's wire format under ids registered for `<topic>-value`.
     /// Both that and Avro single-object encoding are read either way.
@@ -113,6 +117,7 @@ impl Common {
         config.inbox_retention_ms = self.inbox_retention_ms;
         config.schema_registry_url = self.schema_registry_url.clone();
         config.batch_size_max = self.batch_size_max.max(1);
+        config.batches_in_flight = self.batches_in_flight.max(1);
         config
     }
 
