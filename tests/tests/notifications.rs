@@ -244,6 +244,59 @@ async fn retries_back_off_and_dead_letters_are_redriven() -> Result<()> {
     notifier.stop().await
 }
 
+/// Delivered rows are pruned once past their retention, and only those:
+/// dead deliveries stay for an operator, and every event stays in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delivered_notifications_are_pruned_after_their_retention() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("pat", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let healthy = HttpReceiver::start(Behaviour::default()).await?;
+    let broken = HttpReceiver::start(Behaviour { always_fail: true, ..Behaviour::default() }).await?;
+    let healthy_id = subscribe(&kit, "investor", Some("pat"), "webhook", &format!("{}/h", healthy.url), &[]).await?;
+    let broken_id = subscribe(&kit, "operator", None, "webhook", &format!("{}/h", broken.url), &["completed"]).await?;
+    let notifier_with = |retention_ms: u64| {
+        let mut config = NotifierConfig::default();
+        quick(&mut config);
+        config.attempts_max = 2;
+        config.delivered_retention_ms = retention_ms;
+        config.prune_interval_ms = 20;
+        kit.spawn_notifier(config)
+    };
+    let pipeline = kit.spawn(&Part::all());
+
+    // Within their retention, delivered rows stay while pruning runs.
+    let notifier = notifier_with(3_600_000)?;
+    let first = kit.publish(&kit.request("pat", &fund_account, 1_000_00)).await?;
+    kit.wait_terminal(&[first], SETTLE).await?;
+    wait_deliveries(&kit, healthy_id, 5, 0).await?;
+    wait_deliveries(&kit, broken_id, 0, 1).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(counts(&kit, healthy_id).await? == (0, 5, 0), "pruned within the retention");
+    notifier.stop().await?;
+
+    // Past it, they go; the dead ones and the event log stay.
+    let notifier = notifier_with(0)?;
+    let second = kit.publish(&kit.request("pat", &fund_account, 2_000_00)).await?;
+    kit.wait_terminal(&[second], SETTLE).await?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let now = (healthy.accepted().len(), counts(&kit, healthy_id).await?, counts(&kit, broken_id).await?);
+        if now == (10, (0, 0, 0), (0, 0, 2)) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "(sent, healthy, broken) {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM notification_log WHERE transfer_id = ANY($1)")
+        .bind([first, second])
+        .fetch_one(&kit.pool)
+        .await?;
+    ensure!(logged == 10, "{logged} events in the log");
+    pipeline.stop().await?;
+    notifier.stop().await
+}
+
 /// A target that hangs past the request timeout, with its queue full,
 /// while another target is healthy: the healthy one gets everything while
 /// the hanging one has not got through its first few attempts.

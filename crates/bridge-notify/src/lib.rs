@@ -59,6 +59,11 @@ pub struct NotifierConfig {
     pub lease_ms: u64,
     /// How often the sender looks for due deliveries when idle.
     pub poll_interval_ms: u64,
+    /// How long a delivered notification's row is kept (the event itself
+    /// stays in the event log). Pending and dead deliveries are never pruned.
+    pub delivered_retention_ms: u64,
+    /// How often the sender prunes delivered rows past their retention.
+    pub prune_interval_ms: u64,
     pub channels: channels::ChannelsConfig,
     /// Opens webhook signing secrets, which are kept in the encrypted
     /// credentials store.
@@ -75,11 +80,16 @@ impl Default for NotifierConfig {
             disable_after_ms: 24 * 3_600_000,
             lease_ms: 60_000,
             poll_interval_ms: 100,
+            delivered_retention_ms: 7 * 24 * 3_600_000,
+            prune_interval_ms: 60_000,
             channels: channels::ChannelsConfig::default(),
             keyring: None,
         }
     }
 }
+
+/// Delivered rows deleted per statement when pruning.
+const PRUNE_BATCH: i64 = 10_000;
 
 pub struct Notifier {
     ctx: Arc<StageContext>,
@@ -133,8 +143,27 @@ impl Notifier {
     async fn send_loop(&self, shutdown: CancellationToken) -> Result<()> {
         let limit = Arc::new(tokio::sync::Semaphore::new(self.config.targets_in_flight_max.max(1)));
         let mut tasks = JoinSet::new();
+        let mut next_prune = tokio::time::Instant::now();
+        let mut pruning: Option<tokio::task::JoinHandle<()>> = None;
         tracing::info!("Notification sender started");
         while !shutdown.is_cancelled() {
+            // Delivered rows would otherwise pile up by one per event and
+            // target for ever. One pass at a time, beside the sends.
+            if tokio::time::Instant::now() >= next_prune && pruning.as_ref().is_none_or(|pass| pass.is_finished()) {
+                next_prune = tokio::time::Instant::now() + Duration::from_millis(self.config.prune_interval_ms);
+                let (pool, retention_ms) = (self.ctx.pool.clone(), self.config.delivered_retention_ms);
+                pruning = Some(tokio::spawn(async move {
+                    let pruned = match pool.acquire().await {
+                        Ok(mut conn) => notifications::prune_delivered(&mut conn, retention_ms, PRUNE_BATCH).await,
+                        Err(error) => Err(error.into()),
+                    };
+                    match pruned {
+                        Ok(0) => {}
+                        Ok(rows) => tracing::info!(rows, "Pruned delivered notifications past their retention"),
+                        Err(error) => tracing::warn!(error = %error, "Could not prune delivered notifications"),
+                    }
+                }));
+            }
             let free = limit.available_permits();
             let claimed = if free == 0 {
                 Ok(Vec::new())
@@ -171,6 +200,9 @@ impl Notifier {
         // Sends in flight finish within the request timeout; a delivery cut
         // short is retried when its lease ends.
         while tasks.join_next().await.is_some() {}
+        if let Some(pass) = pruning {
+            let _ = pass.await;
+        }
         tracing::info!("Notification sender stopped");
         Ok(())
     }

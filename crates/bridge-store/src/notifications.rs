@@ -297,6 +297,26 @@ pub async fn redrive(conn: &mut PgConnection, subscription_id: Option<i64>) -> R
     Ok(updated.rows_affected())
 }
 
+/// Deletes deliveries delivered more than `older_than_ms` ago, oldest first,
+/// `batch` per statement, and returns how many went. Pending and dead
+/// deliveries are never touched; the events themselves stay in
+/// `notification_log`. The rows are found through the index of delivered
+/// rows, so a pass reads only what it deletes.
+pub async fn prune_delivered(conn: &mut PgConnection, older_than_ms: u64, batch: i64) -> Result<u64> {
+    crate::delete_in_batches(
+        conn,
+        "DELETE FROM notification_deliveries WHERE id IN (
+             SELECT id FROM notification_deliveries
+              WHERE status = 'delivered'
+                AND finished_at < now() - make_interval(secs => $1::double precision / 1000)
+              ORDER BY finished_at
+              LIMIT $2)",
+        older_than_ms,
+        batch,
+    )
+    .await
+}
+
 /// Deliveries per status for one target (or all), for reports and tests.
 pub async fn delivery_counts(conn: &mut PgConnection, subscription_id: Option<i64>) -> Result<Vec<(String, i64)>> {
     Ok(sqlx::query_as(

@@ -30,6 +30,10 @@ pub struct NotifierArgs {
     /// take it over (after a crash); longer than any send.
     #[arg(long, env = "BRIDGE_NOTIFY_LEASE_MS", default_value_t = 60_000)]
     pub notify_lease_ms: u64,
+    /// How long a delivered notification's row is kept before it is pruned
+    /// (the event stays in the event log; pending and dead ones are kept).
+    #[arg(long, env = "BRIDGE_NOTIFY_DELIVERED_RETENTION_MS", default_value_t = 7 * 24 * 3_600_000)]
+    pub notify_delivered_retention_ms: u64,
     /// Upper bound of one webhook, Slack, SMS or SMTP exchange.
     #[arg(long, env = "BRIDGE_NOTIFY_TIMEOUT_MS", default_value_t = 5_000)]
     pub notify_timeout_ms: u64,
@@ -65,6 +69,7 @@ impl NotifierArgs {
             disable_after_ms: self.notify_disable_after_ms,
             targets_in_flight_max: self.notify_targets_in_flight,
             lease_ms: self.notify_lease_ms,
+            delivered_retention_ms: self.notify_delivered_retention_ms,
             ..NotifierConfig::default()
         };
         config.channels.request_timeout_ms = self.notify_timeout_ms;
