@@ -7,8 +7,8 @@
 //! queued for the same funds' rows. Here a lane hands its batch to its
 //! stage's `GroupCommit` instead of running the transaction itself. While a
 //! stage's transactions are all in flight, the batches of other lanes wait;
-//! the next transaction takes all of them at once (up to a size), in the
-//! order they came. Nothing waits for more to arrive: a lone batch finds a
+//! the next transaction takes all of them at once (whole batches, up to
+//! `BRIDGE_BATCH_SIZE_MAX` messages), in the order they came. Nothing waits for more to arrive: a lone batch finds a
 //! free slot and runs at once, so this adds no latency at low load, and the
 //! busier the stage, the larger its transactions.
 //!
@@ -38,8 +38,8 @@ pub struct GroupCommit<T> {
     waiting: Mutex<VecDeque<Waiting<T>>>,
     /// One permit per transaction that may be in flight at once.
     slots: Semaphore,
-    /// A transaction takes lanes' batches until it holds this many items
-    /// (whole batches only, so it may hold a little more).
+    /// A transaction takes lanes' whole batches while it holds no more than
+    /// this many items (a first batch larger than this goes alone).
     size_max: usize,
 }
 
@@ -49,19 +49,31 @@ struct Waiting<T> {
     answer: oneshot::Sender<Vec<bool>>,
 }
 
-impl<T: Send> GroupCommit<T> {
+/// What a transaction did with its items.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Per item, in order, whether it was applied.
+    Done(Vec<bool>),
+    /// Nothing was applied because of something one of its batches holds (a
+    /// repeat, a transfer that moved on, a row changed since it was read).
+    /// A transaction of several lanes' batches is then tried again batch by
+    /// batch, so one lane's repeat does not send the others one by one.
+    Refused,
+}
+
+impl<T: Send + Clone> GroupCommit<T> {
     pub fn new(stage: &'static str, in_flight_max: usize, size_max: usize) -> Self {
         Self { stage, waiting: Mutex::new(VecDeque::new()), slots: Semaphore::new(in_flight_max.max(1)), size_max }
     }
 
     /// Applies `items` with `apply`, in one transaction with the batches of
     /// other lanes that are waiting too. `apply` gets every item of the
-    /// transaction and answers, per item and in order, whether it was
-    /// applied; this returns the answers for `items`.
+    /// transaction; this returns, per item of `items` and in order, whether
+    /// it was applied.
     pub async fn apply<F, Fut>(&self, items: Vec<T>, apply: F) -> Vec<bool>
     where
         F: Fn(Vec<T>) -> Fut,
-        Fut: Future<Output = Vec<bool>>,
+        Fut: Future<Output = Verdict>,
     {
         let count = items.len();
         let not_applied = || vec![false; count];
@@ -82,42 +94,79 @@ impl<T: Send> GroupCommit<T> {
                 drop(permit);
                 return answer.await.unwrap_or_else(|_| not_applied());
             }
-            let mut sizes = Vec::with_capacity(taken.len());
-            let mut answers = Vec::with_capacity(taken.len());
-            let mut all = Vec::new();
-            for waiting in taken {
-                sizes.push(waiting.items.len());
-                all.extend(waiting.items);
-                answers.push(waiting.answer);
-            }
-            let total = all.len();
-            let mut applied = apply(all).await;
-            applied.resize(total, false);
-            drop(permit);
-            let count = applied.iter().filter(|&&done| done).count();
-            if count > 0 {
-                crate::metrics::batch_applied(self.stage, count);
-            }
-            let mut applied = applied.into_iter();
-            for (size, answer) in sizes.into_iter().zip(answers) {
+            let (batches, answers): (Vec<Vec<T>>, Vec<_>) =
+                taken.into_iter().map(|waiting| (waiting.items, waiting.answer)).unzip();
+            let applied = self.run(batches, &apply).await;
+            // Answers first, then the slot: a lane that was answered reads
+            // its answer before it could lead someone else's transaction.
+            for (applied, answer) in applied.into_iter().zip(answers) {
                 // A lane that has gone away no longer needs its answer.
-                let _ = answer.send(applied.by_ref().take(size).collect());
+                let _ = answer.send(applied);
             }
+            drop(permit);
             // This lane's batch was in that transaction (it answered
             // itself above), or is still waiting behind it: loop.
         }
     }
 
+    /// Runs one transaction over `batches`, and, if it is refused, each of
+    /// them alone. Returns the answers per batch.
+    async fn run<F, Fut>(&self, batches: Vec<Vec<T>>, apply: &F) -> Vec<Vec<bool>>
+    where
+        F: Fn(Vec<T>) -> Fut,
+        Fut: Future<Output = Verdict>,
+    {
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        let answers = if batches.len() == 1 {
+            let verdict = apply(batches.into_iter().flatten().collect()).await;
+            vec![self.answer(verdict, sizes[0])]
+        } else {
+            // Kept for the batch-by-batch attempts if the shared one is
+            // refused; the copy is small next to a transaction.
+            let all = batches.iter().flatten().cloned().collect();
+            match apply(all).await {
+                Verdict::Refused => {
+                    let mut answers = Vec::with_capacity(batches.len());
+                    for (batch, size) in batches.into_iter().zip(&sizes) {
+                        answers.push(self.answer(apply(batch).await, *size));
+                    }
+                    answers
+                }
+                verdict => {
+                    let mut applied = self.answer(verdict, sizes.iter().sum()).into_iter();
+                    sizes.iter().map(|size| applied.by_ref().take(*size).collect()).collect()
+                }
+            }
+        };
+        answers
+    }
+
+    /// A transaction's answers for its `size` items.
+    fn answer(&self, verdict: Verdict, size: usize) -> Vec<bool> {
+        let mut applied = match verdict {
+            Verdict::Done(applied) => applied,
+            Verdict::Refused => Vec::new(),
+        };
+        applied.resize(size, false);
+        let count = applied.iter().filter(|&&done| done).count();
+        if count > 0 {
+            crate::metrics::batch_applied(self.stage, count);
+        }
+        applied
+    }
+
     /// The batches the next transaction takes: the oldest, then more while
-    /// there is room.
+    /// they fit within the size.
     fn take(&self) -> Vec<Waiting<T>> {
         let mut waiting = self.lock();
         let mut taken = Vec::new();
         let mut size = 0;
-        while size < self.size_max.max(1) {
-            let Some(next) = waiting.pop_front() else { break };
+        while let Some(next) = waiting.front() {
+            if !taken.is_empty() && size + next.items.len() > self.size_max {
+                break;
+            }
             size += next.items.len();
-            taken.push(next);
+            taken.extend(waiting.pop_front());
         }
         taken
     }
@@ -157,7 +206,7 @@ mod tests {
                         released.wait_for(|released| *released).await.unwrap();
                     }
                     // Odd items are applied, even ones are not.
-                    items.iter().map(|item| item % 2 == 1).collect()
+                    Verdict::Done(items.iter().map(|item| item % 2 == 1).collect())
                 }
             }
         };
@@ -186,6 +235,57 @@ mod tests {
         assert_eq!(*transactions.lock().unwrap(), [vec![1], vec![2, 3, 5, 6, 7]]);
     }
 
+    /// A shared transaction refused because of one lane's batch is tried
+    /// again batch by batch: the other lanes' batches are applied, and only
+    /// the lane with the repeat goes one by one.
+    #[tokio::test]
+    async fn a_refused_shared_transaction_is_tried_batch_by_batch() {
+        let group = Arc::new(GroupCommit::<u32>::new("test", 1, 64));
+        let transactions = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
+        let apply = {
+            let transactions = transactions.clone();
+            move |items: Vec<u32>| {
+                let transactions = transactions.clone();
+                async move {
+                    transactions.lock().unwrap().push(items.clone());
+                    // 0 stands for a repeat: it refuses its transaction.
+                    if items.contains(&0) {
+                        Verdict::Refused
+                    } else {
+                        Verdict::Done(vec![true; items.len()])
+                    }
+                }
+            }
+        };
+        // The slot is busy while the three lanes queue, so one transaction
+        // takes all three batches.
+        let busy = group.slots.acquire().await.unwrap();
+        let lanes: Vec<_> = [vec![1, 2], vec![3, 0, 4], vec![5]]
+            .into_iter()
+            .map(|items| {
+                let (group, apply) = (group.clone(), apply.clone());
+                let lane = tokio::spawn(async move { group.apply(items, apply).await });
+                lane
+            })
+            .collect();
+        while group.lock().len() < 3 {
+            tokio::task::yield_now().await;
+        }
+        drop(busy);
+        let mut answers = Vec::new();
+        for lane in lanes {
+            answers.push(lane.await.unwrap());
+        }
+        assert_eq!(answers, [vec![true, true], vec![false, false, false], vec![true]]);
+        let mut transactions = transactions.lock().unwrap().clone();
+        // The queue's order decides which lane's batch comes first in the
+        // shared transaction; the three alone follow it.
+        let shared = transactions.remove(0);
+        assert_eq!(shared.len(), 6, "{shared:?}");
+        transactions.sort();
+        assert_eq!(transactions, [vec![1, 2], vec![3, 0, 4], vec![5]]);
+    }
+
     /// A transaction takes whole batches up to its size, so a batch that
     /// would overflow it goes into the next one.
     #[tokio::test]
@@ -200,9 +300,9 @@ mod tests {
             Waiting { items: vec![5], answer: third },
         ]);
         let taken: Vec<Vec<u32>> = group.take().into_iter().map(|waiting| waiting.items).collect();
-        assert_eq!(taken, [vec![1, 2], vec![3, 4]]);
+        assert_eq!(taken, [vec![1, 2]]);
         let taken: Vec<Vec<u32>> = group.take().into_iter().map(|waiting| waiting.items).collect();
-        assert_eq!(taken, [vec![5]]);
+        assert_eq!(taken, [vec![3, 4], vec![5]]);
     }
 
     /// A lone batch with a free slot runs at once, and no more
@@ -224,7 +324,7 @@ mod tests {
                                 most.fetch_max(now, Ordering::SeqCst);
                                 tokio::time::sleep(Duration::from_millis(2)).await;
                                 running.fetch_sub(1, Ordering::SeqCst);
-                                vec![true; items.len()]
+                                Verdict::Done(vec![true; items.len()])
                             }
                         })
                         .await
@@ -255,7 +355,7 @@ mod tests {
                             let leading = leading.clone();
                             async move {
                                 leading.send(lane).await.unwrap();
-                                std::future::pending::<Vec<bool>>().await
+                                std::future::pending::<Verdict>().await
                             }
                         })
                         .await

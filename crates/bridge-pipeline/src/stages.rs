@@ -22,7 +22,7 @@ use bridge_store::outbox::{self, OutboxMessage};
 use bridge_store::transfers::{self, Transfer};
 use bridge_store::{accounts, inbox, pending};
 
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{GroupCommit, Verdict};
 use crate::message::{dead_letter_headers as dlq, Envelope, Inbound, TraceContext};
 use crate::runner::{StageContext, StageName};
 use crate::services::{MoneyMovement, ServiceError, ServiceOutcome, CANCELLED};
@@ -481,21 +481,25 @@ pub async fn validate_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<boo
     applied
 }
 
-/// A shared transaction's answer for its `size` items when it applies all of
-/// them or none.
-fn all_or_none(size: usize, result: Result<bool, StageError>) -> Vec<bool> {
-    let applied = result.unwrap_or_else(|error| {
-        tracing::debug!(error = %error, size, "Batch not applied; taking its messages one by one");
-        false
-    });
-    vec![applied; size]
+/// A shared transaction's verdict on its `size` items when it applies all of
+/// them or none: refused when something in it stands in the way (its
+/// batches are then tried one by one), not applied on an error.
+fn all_or_none(size: usize, result: Result<bool, StageError>) -> Verdict {
+    match result {
+        Ok(true) => Verdict::Done(vec![true; size]),
+        Ok(false) => Verdict::Refused,
+        Err(error) => {
+            tracing::debug!(error = %error, size, "Batch not applied; taking its messages one by one");
+            Verdict::Done(vec![false; size])
+        }
+    }
 }
 
 /// Whether no transfer is named twice. Within a lane's batch a second
 /// message for a transfer ends the batch; batches of different partitions
 /// name different transfers unless a transfer's messages were published
-/// under different keys, and a shared transaction with such a pair is not
-/// applied (each message then goes one by one, in its own partition's order).
+/// under different keys, and a shared transaction with such a pair is
+/// refused (its batches are then tried one at a time).
 fn distinct(ids: impl Iterator<Item = Uuid>) -> bool {
     let mut seen = std::collections::HashSet::new();
     ids.into_iter().all(|id| seen.insert(id))
@@ -1118,6 +1122,7 @@ struct MoneyBatchItem<'a> {
 }
 
 /// A step its service settled, ready for the batch's transaction.
+#[derive(Clone)]
 pub(crate) struct SettledStep {
     message: Inbound,
     event_id: String,
