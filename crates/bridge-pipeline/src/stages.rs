@@ -462,47 +462,50 @@ pub async fn validate_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<boo
     if requests.is_empty() {
         return vec![false; messages.len()];
     }
-    // The transaction may take other partitions' requests too (see
-    // `group_commit`); it applies all of them or none.
-    let mut applied = ctx
-        .groups
-        .validator
-        .apply(requests, |requests| async move {
-            let result = if distinct(requests.iter().map(|(_, requested)| requested.id)) {
-                try_validate_batch(ctx, &requests).await
-            } else {
-                Ok(false)
-            };
-            all_or_none(requests.len(), result)
-        })
-        .await;
+    let transfer_of = |(_, requested): &(Inbound, Transfer)| requested.id;
+    let mut applied = shared(&ctx.groups.validator, requests, transfer_of, |requests| async move {
+        try_validate_batch(ctx, &requests).await
+    })
+    .await;
     // The messages after the batch go one by one.
     applied.resize(messages.len(), false);
     applied
 }
 
-/// A shared transaction's verdict on its `size` items when it applies all of
-/// them or none: refused when something in it stands in the way (its
-/// batches are then tried one by one), not applied on an error.
-fn all_or_none(size: usize, result: Result<bool, StageError>) -> Verdict {
-    match result {
-        Ok(true) => Verdict::Done(vec![true; size]),
-        Ok(false) => Verdict::Refused,
-        Err(error) => {
-            tracing::debug!(error = %error, size, "Batch not applied; taking its messages one by one");
-            Verdict::Done(vec![false; size])
-        }
-    }
-}
-
-/// Whether no transfer is named twice. Within a lane's batch a second
-/// message for a transfer ends the batch; batches of different partitions
-/// name different transfers unless a transfer's messages were published
-/// under different keys, and a shared transaction with such a pair is
-/// refused (its batches are then tried one at a time).
-fn distinct(ids: impl Iterator<Item = Uuid>) -> bool {
-    let mut seen = std::collections::HashSet::new();
-    ids.into_iter().all(|id| seen.insert(id))
+/// Applies a lane's batch `items` with `apply` in a transaction that may
+/// take other partitions' batches too (see `group_commit`), and answers per
+/// item whether it was applied. `apply` applies all of its items or none:
+/// `Ok(false)` when something in them stands in the way, which refuses the
+/// transaction (its batches are then tried one at a time), and an error
+/// leaves them all to the one-message path. A transaction naming a transfer
+/// twice is refused without being tried: within a lane's batch a second
+/// message for a transfer ends the batch, so two lanes name one transfer
+/// only if its messages were published under different keys.
+async fn shared<T, F, Fut>(group: &GroupCommit<T>, items: Vec<T>, transfer_of: fn(&T) -> Uuid, apply: F) -> Vec<bool>
+where
+    T: Send + Clone,
+    F: Fn(Vec<T>) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, StageError>>,
+{
+    group
+        .apply(items, |items| {
+            let size = items.len();
+            let mut seen = std::collections::HashSet::with_capacity(size);
+            let distinct = items.iter().all(|item| seen.insert(transfer_of(item)));
+            let applied = distinct.then(|| apply(items));
+            async move {
+                let Some(applied) = applied else { return Verdict::Refused };
+                match applied.await {
+                    Ok(true) => Verdict::Done(vec![true; size]),
+                    Ok(false) => Verdict::Refused,
+                    Err(error) => {
+                        tracing::debug!(error = %error, size, "Batch not applied; taking its messages one by one");
+                        Verdict::Done(vec![false; size])
+                    }
+                }
+            }
+        })
+        .await
 }
 
 async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]) -> Result<bool, StageError> {
@@ -1097,16 +1100,9 @@ async fn money_batch(ctx: &StageContext, step: MoneyStep, messages: &[Inbound]) 
         MoneyStep::Withdrawal => &ctx.groups.withdrawal,
         MoneyStep::Deposit => &ctx.groups.deposit,
     };
-    let done = group
-        .apply(steps, |steps| async move {
-            let result = if distinct(steps.iter().map(|settled| settled.transfer_id)) {
-                apply_money_batch(ctx, step, &steps).await
-            } else {
-                Ok(false)
-            };
-            all_or_none(steps.len(), result)
-        })
-        .await;
+    let transfer_of = |settled: &SettledStep| settled.transfer_id;
+    let done =
+        shared(group, steps, transfer_of, |steps| async move { apply_money_batch(ctx, step, &steps).await }).await;
     for (index, done) in indexes.into_iter().zip(done) {
         applied[index] = done;
     }
@@ -1365,22 +1361,13 @@ pub async fn complete_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<boo
     if batch.is_empty() {
         return vec![false; messages.len()];
     }
-    // The transaction may take other partitions' messages too (see
-    // `group_commit`); it applies all of them or none.
-    let mut applied = ctx
-        .groups
-        .completion
-        .apply(batch, |batch| async move {
-            let result = if distinct(batch.iter().map(|(transfer_id, _, _)| *transfer_id)) {
-                let by_transfer: CompletionBatch<'_> =
-                    batch.iter().map(|(transfer_id, message, event)| (*transfer_id, (message, event))).collect();
-                try_complete_batch(ctx, &by_transfer).await
-            } else {
-                Ok(false)
-            };
-            all_or_none(batch.len(), result)
-        })
-        .await;
+    let transfer_of = |(transfer_id, _, _): &(Uuid, Inbound, FundsDeposited)| *transfer_id;
+    let mut applied = shared(&ctx.groups.completion, batch, transfer_of, |batch| async move {
+        let by_transfer: CompletionBatch<'_> =
+            batch.iter().map(|(transfer_id, message, event)| (*transfer_id, (message, event))).collect();
+        try_complete_batch(ctx, &by_transfer).await
+    })
+    .await;
     // The messages after the batch go one by one.
     applied.resize(messages.len(), false);
     applied
