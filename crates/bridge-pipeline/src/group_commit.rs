@@ -111,34 +111,34 @@ impl<T: Send + Clone> GroupCommit<T> {
 
     /// Runs one transaction over `batches`, and, if it is refused, each of
     /// them alone. Returns the answers per batch.
-    async fn run<F, Fut>(&self, batches: Vec<Vec<T>>, apply: &F) -> Vec<Vec<bool>>
+    async fn run<F, Fut>(&self, mut batches: Vec<Vec<T>>, apply: &F) -> Vec<Vec<bool>>
     where
         F: Fn(Vec<T>) -> Fut,
         Fut: Future<Output = Verdict>,
     {
-        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
-        let answers = if batches.len() == 1 {
-            let verdict = apply(batches.into_iter().flatten().collect()).await;
-            vec![self.answer(verdict, sizes[0])]
-        } else {
-            // Kept for the batch-by-batch attempts if the shared one is
-            // refused; the copy is small next to a transaction.
-            let all = batches.iter().flatten().cloned().collect();
-            match apply(all).await {
-                Verdict::Refused => {
-                    let mut answers = Vec::with_capacity(batches.len());
-                    for (batch, size) in batches.into_iter().zip(&sizes) {
-                        answers.push(self.answer(apply(batch).await, *size));
-                    }
-                    answers
+        if batches.len() == 1 {
+            let batch = batches.pop().expect("one batch");
+            let size = batch.len();
+            return vec![self.answer(apply(batch).await, size)];
+        }
+        // Kept for the batch-by-batch attempts if the shared one is refused;
+        // the copy is small next to a transaction.
+        let all: Vec<T> = batches.iter().flatten().cloned().collect();
+        let total = all.len();
+        match apply(all).await {
+            Verdict::Refused => {
+                let mut answers = Vec::with_capacity(batches.len());
+                for batch in batches {
+                    let size = batch.len();
+                    answers.push(self.answer(apply(batch).await, size));
                 }
-                verdict => {
-                    let mut applied = self.answer(verdict, sizes.iter().sum()).into_iter();
-                    sizes.iter().map(|size| applied.by_ref().take(*size).collect()).collect()
-                }
+                answers
             }
-        };
-        answers
+            verdict => {
+                let mut applied = self.answer(verdict, total).into_iter();
+                batches.iter().map(|batch| applied.by_ref().take(batch.len()).collect()).collect()
+            }
+        }
     }
 
     /// A transaction's answers for its `size` items.
