@@ -377,10 +377,8 @@ async fn undecodable_messages_go_to_the_dead_letter_topic_and_the_partition_flow
     // Exactly one dead-letter record was written per bad message (the topic
     // itself may hold relay duplicates, which at-least-once allows).
     let dead_letter_topic = Topics::dead_letter(&requested);
-    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = $1")
-        .bind(&dead_letter_topic)
-        .fetch_one(&kit.pool)
-        .await?;
+    let written: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM inbox WHERE message_id LIKE 'dlq:%'").fetch_one(&kit.pool).await?;
     ensure!(written as usize == bad.len(), "each bad message dead-lettered once, got {written}");
     let mut seen = std::collections::HashSet::new();
     let dead: Vec<_> = wait_for_messages(&kit, &dead_letter_topic, bad.len())
@@ -568,9 +566,7 @@ async fn an_outage_longer_than_the_message_timeout_loses_nothing() -> Result<()>
     let deadline = std::time::Instant::now() + SETTLE;
     loop {
         let failed: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL AND last_error IS NOT NULL")
-                .fetch_one(&kit.pool)
-                .await?;
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE last_error IS NOT NULL").fetch_one(&kit.pool).await?;
         if failed > 0 {
             break;
         }
@@ -624,14 +620,14 @@ async fn broker_request_errors_delay_but_lose_nothing() -> Result<()> {
     kit.assert_books_balance().await
 }
 
-/// With retention at zero the relay prunes published outbox rows and inbox
-/// rows as it goes. Unpublished rows and dead-letter records stay, and a
+/// Published outbox rows are deleted as they go, and with the inbox's
+/// retention at zero the relay prunes inbox rows too. Dead-letter records
+/// stay, and a
 /// full redelivery of every topic afterwards (fresh consumer groups) still
 /// moves no money twice: the transfer's state is the second guard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pruned_outbox_and_inbox_leave_nothing_to_apply_twice() -> Result<()> {
     let mut kit = TestKit::start_with(BrokerKind::InProcess, |config| {
-        config.outbox_retention_ms = 0;
         config.inbox_retention_ms = 0;
     })
     .await?;
@@ -769,7 +765,7 @@ async fn the_outbox_claim_cursor_passes_no_row_it_has_not_seen() -> Result<()> {
     let topics = |claim: &outbox::Claim| claim.rows.iter().map(|row| row.message.topic.clone()).collect::<Vec<_>>();
     async fn publish(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, claim: &outbox::Claim) -> Result<()> {
         let ids: Vec<i64> = claim.rows.iter().map(|row| row.id).collect();
-        Ok(outbox::mark_published(tx, &ids).await?)
+        Ok(outbox::delete_published(tx, &ids).await?)
     }
 
     // "slow" is written first, so it has the lower id, but commits last.

@@ -56,9 +56,12 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
 
     // An outbox row that never reached Kafka is fine for a moment, not for long.
     let mut tx = kit.pool.begin().await?;
-    sqlx::query("UPDATE outbox SET published_at = NULL, created_at = now() - interval '2 hours' WHERE id = (SELECT min(id) FROM outbox)")
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, payload, created_at)
+         VALUES (gen_random_uuid(), 'bridge.transfers.status.v1', '\\x00', now() - interval '2 hours')",
+    )
+    .execute(&mut *tx)
+    .await?;
     let report = reconcile::run_with(&mut tx, 3_600).await?;
     tx.rollback().await?;
     ensure!(report.violations().iter().any(|check| check.invariant == "I4"), "undelivered outbox row not reported");

@@ -137,8 +137,6 @@ pub struct PipelineConfig {
     /// How often the settlement runner reads fund terms from the fund
     /// administrator; 0 turns it off.
     pub fund_terms_refresh_ms: u64,
-    /// How long published outbox rows are kept before the relay prunes them.
-    pub outbox_retention_ms: u64,
     /// How long inbox rows (applied message ids) are kept. Past it, a
     /// redelivered message is still recognised by its transfer's state.
     pub inbox_retention_ms: u64,
@@ -179,7 +177,6 @@ impl PipelineConfig {
             reservation_ttl_ms: 7 * 24 * 3_600_000,
             settlement_concurrency_per_service: 8,
             fund_terms_refresh_ms: 300_000,
-            outbox_retention_ms: 3_600_000,
             inbox_retention_ms: 7 * 24 * 3_600_000,
             schema_registry_url: None,
             schema_registry_timeout_ms: 5_000,

@@ -2,8 +2,8 @@
 //!
 //! It claims unpublished rows with `FOR UPDATE` (from a cursor; see
 //! `outbox::claim`), hands them all to the idempotent producer, waits for
-//! every delivery report, and stamps the acknowledged rows published in the
-//! same transaction that holds their locks. A row whose delivery failed or
+//! every delivery report, and deletes the acknowledged rows in the same
+//! transaction that holds their locks. A row whose delivery failed or
 //! timed out stays unpublished and is sent again: it may already be in the
 //! topic ("maybe published"), which consumers absorb through their inbox.
 //! Duplicates in a topic are allowed; duplicate effects are not.
@@ -103,11 +103,12 @@ async fn publish_until_shutdown(
     // `outbox::Claim::next_start`).
     let mut claim_start = 0;
     while !shutdown.is_cancelled() {
-        // The leader, being one, also keeps the outbox and the inbox small.
+        // The leader, being one, also keeps the inbox small (the outbox
+        // keeps itself small: published rows are deleted as they go).
         if std::time::Instant::now() >= next_prune {
-            next_prune = std::time::Instant::now() + prune_interval(ctx.config.outbox_retention_ms);
+            next_prune = std::time::Instant::now() + prune_interval(ctx.config.inbox_retention_ms);
             if let Err(error) = prune(ctx).await {
-                tracing::warn!(error = format!("{error:#}"), "Could not prune the outbox and inbox; trying later");
+                tracing::warn!(error = format!("{error:#}"), "Could not prune the inbox; trying later");
             }
             // Once per pass the claim looks at the whole table again: the
             // cursor passes no row it could not see (see
@@ -213,13 +214,12 @@ fn prune_interval(retention_ms: u64) -> Duration {
 /// Rows deleted per statement, so a pruning pass never holds long locks.
 const PRUNE_BATCH: i64 = 10_000;
 
-/// Deletes published outbox rows and inbox rows past their retention.
+/// Deletes inbox rows past their retention.
 async fn prune(ctx: &StageContext) -> Result<()> {
     let mut conn = ctx.pool.acquire().await?;
-    let outbox_rows = outbox::prune_published(&mut conn, ctx.config.outbox_retention_ms, PRUNE_BATCH).await?;
     let inbox_rows = bridge_store::inbox::prune(&mut conn, ctx.config.inbox_retention_ms, PRUNE_BATCH).await?;
-    if outbox_rows + inbox_rows > 0 {
-        tracing::info!(outbox_rows, inbox_rows, "Pruned rows past their retention");
+    if inbox_rows > 0 {
+        tracing::info!(inbox_rows, "Pruned inbox rows past their retention");
     }
     Ok(())
 }
@@ -279,7 +279,7 @@ pub async fn publish_batch(ctx: &StageContext, producer: &FutureProducer, claim_
     if !published.is_empty() {
         crate::failpoint::hit("relay.after_produce");
     }
-    outbox::mark_published(&mut tx, &published).await?;
+    outbox::delete_published(&mut tx, &published).await?;
     crate::metrics::relay_batch(published.len(), failed.len());
     if let Some((_, error)) = failed.first() {
         tracing::warn!(failed = failed.len(), error = %error, "Some outbox rows were not acknowledged; they will be retried");

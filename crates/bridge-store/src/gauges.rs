@@ -32,7 +32,7 @@ pub async fn read(conn: &mut PgConnection) -> Result<Gauges> {
             .await?;
     let (outbox_unpublished, outbox_oldest_age_secs): (i64, i64) = sqlx::query_as(
         "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::bigint
-         FROM outbox WHERE published_at IS NULL",
+         FROM outbox",
     )
     .fetch_one(&mut *conn)
     .await?;

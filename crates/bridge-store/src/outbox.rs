@@ -1,7 +1,8 @@
 //! The transactional outbox. Stages write rows inside their state-change
-//! transaction; the relay claims unpublished rows with `FOR UPDATE`,
-//! publishes them, and stamps `published_at` only after the broker has
-//! acknowledged each one (invariant I4).
+//! transaction; the relay claims rows with `FOR UPDATE`, publishes them,
+//! and deletes each one only after the broker has acknowledged it, in the
+//! claim's transaction (invariant I4). Every row in the table is one still
+//! to publish.
 //!
 //! Rows are claimed in the order of the transactions that wrote them (each
 //! row records its writer's id), then of their ids. That keeps a transfer's
@@ -9,7 +10,7 @@
 //! read the one before, so its transaction started after the earlier one
 //! committed and has the higher id. It also lets the claim start from a
 //! cursor instead of the start of the index, which holds an entry for every
-//! row published since the last vacuum (see [`Claim::next_start`]).
+//! row deleted since the last vacuum (see [`Claim::next_start`]).
 
 use sqlx::{PgConnection, Postgres, QueryBuilder, Transaction};
 use uuid::Uuid;
@@ -113,8 +114,8 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Res
     Ok(())
 }
 
-/// Locks up to `batch_size_max` unpublished rows written by transactions
-/// from `start` on (0: all), in order. The locks last until `tx` ends.
+/// Locks up to `batch_size_max` rows written by transactions from `start`
+/// on (0: all), in order. The locks last until `tx` ends.
 pub async fn claim(tx: &mut Transaction<'_, Postgres>, start: i64, batch_size_max: i64) -> Result<Claim> {
     type Row = (i64, Uuid, String, Option<Vec<u8>>, Vec<u8>, Vec<String>, Vec<Vec<u8>>, i64);
     // The horizon is taken before the rows are read, so from an older
@@ -140,7 +141,7 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, start: i64, batch_size_ma
     // cursor from passing it.
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, event_id, topic, message_key, payload, header_names, header_values, writer_xid::text::bigint AS writer
-         FROM outbox WHERE published_at IS NULL AND writer_xid >= $1::text::xid8
+         FROM outbox WHERE writer_xid >= $1::text::xid8
          ORDER BY writer_xid, id LIMIT $2 FOR UPDATE",
     )
     .persistent(false)
@@ -160,15 +161,15 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, start: i64, batch_size_ma
     Ok(Claim { rows, horizon, full })
 }
 
-pub async fn mark_published(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<()> {
+/// Deletes the rows the broker acknowledged. A delete writes only the old
+/// row's header to the WAL, where stamping the row published wrote a new
+/// copy of it (payload included) and an index entry, and pruning it later
+/// wrote again.
+pub async fn delete_published(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)")
-        .persistent(false)
-        .bind(ids)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").persistent(false).bind(ids).execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -186,24 +187,5 @@ pub async fn mark_failed(tx: &mut Transaction<'_, Postgres>, ids: &[i64], error:
 }
 
 pub async fn unpublished_count(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(conn).await?)
-}
-
-/// Deletes rows published more than `older_than_ms` ago, oldest first,
-/// `batch` per statement, and returns how many went. Unpublished rows are
-/// never touched. Keeps the table small however long the pipeline runs; the
-/// rows are found through the index of published rows, so a pass reads
-/// only what it deletes.
-pub async fn prune_published(conn: &mut PgConnection, older_than_ms: u64, batch: i64) -> Result<u64> {
-    crate::delete_in_batches(
-        conn,
-        "DELETE FROM outbox WHERE id IN (
-             SELECT id FROM outbox
-              WHERE published_at < now() - make_interval(secs => $1::double precision / 1000)
-              ORDER BY published_at
-              LIMIT $2)",
-        older_than_ms,
-        batch,
-    )
-    .await
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(conn).await?)
 }

@@ -548,13 +548,15 @@ impl TestKit {
     }
 
     /// Counts of rows that record effects, to compare before and after
-    /// redelivery: (ledger entries, transfer versions, outbox rows, settled
-    /// outside-service operations).
+    /// redelivery: (ledger entries, transfer versions, dead-letter records,
+    /// outside-service operations). Every event a stage writes comes with a
+    /// transfer version or a dead-letter record in the same transaction; the
+    /// outbox itself keeps only what is still to publish.
     pub async fn effect_counts(&self) -> Result<(i64, i64, i64, i64)> {
         let mut conn = self.pool.acquire().await?;
         Ok(sqlx::query_as(
             "SELECT (SELECT count(*) FROM ledger_entries), (SELECT count(*) FROM transfer_versions),
-                    (SELECT count(*) FROM outbox), (SELECT count(*) FROM sim_operations)",
+                    (SELECT count(*) FROM inbox WHERE message_id LIKE 'dlq:%'), (SELECT count(*) FROM sim_operations)",
         )
         .fetch_one(&mut *conn)
         .await?)

@@ -647,10 +647,6 @@ impl Children {
                     .env("BRIDGE_TOPIC_PREFIX", prefix)
                     .env("BRIDGE_GROUP_PREFIX", prefix)
                     .env("BRIDGE_TOPIC_PARTITIONS", args.partitions.to_string())
-                    // Prune published outbox rows after a minute instead of
-                    // an hour, so a run of a few minutes measures the
-                    // pipeline with pruning at work.
-                    .env("BRIDGE_OUTBOX_RETENTION_MS", "60000")
                     .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
                     .stdin(Stdio::null())
                     .stdout(log.try_clone()?)

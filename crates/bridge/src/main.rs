@@ -82,9 +82,6 @@ pub struct Common {
     /// processes that do not serve the API).
     #[arg(long, env = "BRIDGE_HEALTH_LISTEN", global = true)]
     pub health_listen: Option<String>,
-    /// How long published outbox rows are kept before they are pruned.
-    #[arg(long, env = "BRIDGE_OUTBOX_RETENTION_MS", default_value_t = 3_600_000, global = true)]
-    pub outbox_retention_ms: u64,
     /// How long applied message ids are kept in the inbox.
     #[arg(long, env = "BRIDGE_INBOX_RETENTION_MS", default_value_t = 604_800_000, global = true)]
     pub inbox_retention_ms: u64,
@@ -112,7 +109,6 @@ impl Common {
         config.topic_replication = self.topic_replication;
         config.kafka_overrides = self.kafka_options.clone();
         config.session_timeout_ms = self.session_timeout_ms;
-        config.outbox_retention_ms = self.outbox_retention_ms;
         config.fetch_wait_max_ms = self.fetch_wait_max_ms;
         config.inbox_retention_ms = self.inbox_retention_ms;
         config.schema_registry_url = self.schema_registry_url.clone();
