@@ -377,8 +377,7 @@ async fn undecodable_messages_go_to_the_dead_letter_topic_and_the_partition_flow
     // Exactly one dead-letter record was written per bad message (the topic
     // itself may hold relay duplicates, which at-least-once allows).
     let dead_letter_topic = Topics::dead_letter(&requested);
-    let written: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM inbox WHERE message_id LIKE 'dlq:%'").fetch_one(&kit.pool).await?;
+    let (_, _, written, _) = kit.effect_counts().await?;
     ensure!(written as usize == bad.len(), "each bad message dead-lettered once, got {written}");
     let mut seen = std::collections::HashSet::new();
     let dead: Vec<_> = wait_for_messages(&kit, &dead_letter_topic, bad.len())
