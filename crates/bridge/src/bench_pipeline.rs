@@ -259,6 +259,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
             }
         });
     }
+    children.start_measuring();
     let started = Instant::now();
     let started_wall = chrono::Utc::now();
     let publisher = {
@@ -619,9 +620,12 @@ impl LagReader {
 struct Children {
     processes: Vec<(String, Child)>,
     usage: HashMap<String, (f64, f64)>,
+    /// CPU seconds of every process (the pipeline's, this one, the
+    /// database's and the broker's) when the measured run started, and when
+    /// it did. CPU is counted from there, so that the set-up and the warm-up
+    /// do not weigh on a short run's figures; peak RSS is the lifetime's.
+    cpu_at_start: HashMap<String, f64>,
     started: Instant,
-    /// CPU seconds of the database and broker processes at the start.
-    outside_before: HashMap<String, f64>,
 }
 
 impl Children {
@@ -656,7 +660,23 @@ impl Children {
                 processes.push((name, child));
             }
         }
-        Ok(Self { processes, usage: HashMap::new(), started: Instant::now(), outside_before: outside_cpu() })
+        Ok(Self { processes, usage: HashMap::new(), cpu_at_start: HashMap::new(), started: Instant::now() })
+    }
+
+    /// Marks the start of the measured run.
+    fn start_measuring(&mut self) {
+        self.sample();
+        let mut cpu: HashMap<String, f64> = self.usage.iter().map(|(name, (cpu, _))| (name.clone(), *cpu)).collect();
+        if let Some((own, _)) = proc_usage(std::process::id()) {
+            cpu.insert(BENCH_PROCESS.to_owned(), own);
+        }
+        cpu.extend(outside_cpu());
+        self.cpu_at_start = cpu;
+        self.started = Instant::now();
+    }
+
+    fn cpu_since_start(&self, name: &str, now: f64) -> f64 {
+        now - self.cpu_at_start.get(name).copied().unwrap_or(0.0)
     }
 
     fn check_alive(&mut self) -> Result<()> {
@@ -692,27 +712,26 @@ impl Children {
             .processes
             .iter()
             .filter_map(|(name, _)| self.usage.get(name).map(|(cpu, rss)| (name, *cpu, *rss)))
-            .map(|(name, cpu, rss)| ProcessUsage {
-                name: name.clone(),
-                cpu_seconds: cpu,
-                cpu_share_of_run: cpu / wall,
-                peak_rss_mib: rss,
+            .map(|(name, cpu, rss)| {
+                let cpu = self.cpu_since_start(name, cpu);
+                ProcessUsage { name: name.clone(), cpu_seconds: cpu, cpu_share_of_run: cpu / wall, peak_rss_mib: rss }
             })
             .collect();
         if let Some((cpu, rss)) = proc_usage(std::process::id()) {
+            let cpu = self.cpu_since_start(BENCH_PROCESS, cpu);
             usage.push(ProcessUsage {
-                name: "bench (load generator and status follower)".to_owned(),
+                name: BENCH_PROCESS.to_owned(),
                 cpu_seconds: cpu,
                 cpu_share_of_run: cpu / wall,
                 peak_rss_mib: rss,
             });
         }
         for (name, after) in outside_after {
-            let before = self.outside_before.get(&name).copied().unwrap_or(0.0);
+            let cpu = self.cpu_since_start(&name, after);
             usage.push(ProcessUsage {
                 name: format!("{name} (all processes)"),
-                cpu_seconds: after - before,
-                cpu_share_of_run: (after - before) / wall,
+                cpu_seconds: cpu,
+                cpu_share_of_run: cpu / wall,
                 peak_rss_mib: 0.0,
             });
         }
@@ -728,6 +747,9 @@ impl Drop for Children {
         }
     }
 }
+
+/// The name this process's usage is reported under.
+const BENCH_PROCESS: &str = "bench (load generator and status follower)";
 
 /// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
 const TICKS_PER_SEC: f64 = 100.0;
