@@ -620,11 +620,12 @@ impl LagReader {
 struct Children {
     processes: Vec<(String, Child)>,
     usage: HashMap<String, (f64, f64)>,
-    /// CPU seconds of every process (the pipeline's, this one, the
-    /// database's and the broker's) when the measured run started, and when
-    /// it did. CPU is counted from there, so that the set-up and the warm-up
-    /// do not weigh on a short run's figures; peak RSS is the lifetime's.
+    /// CPU seconds of every counted process (see [`Children::readings`])
+    /// when the measured run started. CPU is counted from there, so that the
+    /// set-up and the warm-up do not weigh on a short run's figures; peak
+    /// RSS is the lifetime's.
     cpu_at_start: HashMap<String, f64>,
+    /// When the measured run started.
     started: Instant,
 }
 
@@ -665,18 +666,25 @@ impl Children {
 
     /// Marks the start of the measured run.
     fn start_measuring(&mut self) {
-        self.sample();
-        let mut cpu: HashMap<String, f64> = self.usage.iter().map(|(name, (cpu, _))| (name.clone(), *cpu)).collect();
-        if let Some((own, _)) = proc_usage(std::process::id()) {
-            cpu.insert(BENCH_PROCESS.to_owned(), own);
-        }
-        cpu.extend(outside_cpu());
-        self.cpu_at_start = cpu;
+        self.cpu_at_start = self.readings().into_iter().map(|(name, cpu, _)| (name, cpu)).collect();
         self.started = Instant::now();
     }
 
-    fn cpu_since_start(&self, name: &str, now: f64) -> f64 {
-        now - self.cpu_at_start.get(name).copied().unwrap_or(0.0)
+    /// (name, CPU seconds so far, peak RSS MiB) of every process the run
+    /// counts: the pipeline's, this one, and all of the database's and the
+    /// broker's (their RSS is not summed: 0).
+    fn readings(&mut self) -> Vec<(String, f64, f64)> {
+        self.sample();
+        let mut readings: Vec<(String, f64, f64)> = self
+            .processes
+            .iter()
+            .filter_map(|(name, _)| self.usage.get(name).map(|(cpu, rss)| (name.clone(), *cpu, *rss)))
+            .collect();
+        if let Some((cpu, rss)) = proc_usage(std::process::id()) {
+            readings.push((BENCH_PROCESS.to_owned(), cpu, rss));
+        }
+        readings.extend(outside_cpu().into_iter().map(|(name, cpu)| (format!("{name} (all processes)"), cpu, 0.0)));
+        readings
     }
 
     fn check_alive(&mut self) -> Result<()> {
@@ -698,9 +706,8 @@ impl Children {
     }
 
     fn stop(mut self) -> Vec<ProcessUsage> {
-        self.sample();
+        let readings = self.readings();
         let wall = self.started.elapsed().as_secs_f64();
-        let outside_after = outside_cpu();
         for (_, child) in &mut self.processes {
             // SIGTERM: each finishes its message, commits offsets and exits.
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
@@ -708,34 +715,13 @@ impl Children {
         for (_, child) in &mut self.processes {
             let _ = child.wait();
         }
-        let mut usage: Vec<ProcessUsage> = self
-            .processes
-            .iter()
-            .filter_map(|(name, _)| self.usage.get(name).map(|(cpu, rss)| (name, *cpu, *rss)))
+        readings
+            .into_iter()
             .map(|(name, cpu, rss)| {
-                let cpu = self.cpu_since_start(name, cpu);
-                ProcessUsage { name: name.clone(), cpu_seconds: cpu, cpu_share_of_run: cpu / wall, peak_rss_mib: rss }
+                let cpu = cpu - self.cpu_at_start.get(&name).copied().unwrap_or(0.0);
+                ProcessUsage { name, cpu_seconds: cpu, cpu_share_of_run: cpu / wall, peak_rss_mib: rss }
             })
-            .collect();
-        if let Some((cpu, rss)) = proc_usage(std::process::id()) {
-            let cpu = self.cpu_since_start(BENCH_PROCESS, cpu);
-            usage.push(ProcessUsage {
-                name: BENCH_PROCESS.to_owned(),
-                cpu_seconds: cpu,
-                cpu_share_of_run: cpu / wall,
-                peak_rss_mib: rss,
-            });
-        }
-        for (name, after) in outside_after {
-            let cpu = self.cpu_since_start(&name, after);
-            usage.push(ProcessUsage {
-                name: format!("{name} (all processes)"),
-                cpu_seconds: cpu,
-                cpu_share_of_run: cpu / wall,
-                peak_rss_mib: 0.0,
-            });
-        }
-        usage
+            .collect()
     }
 }
 
