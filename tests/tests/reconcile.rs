@@ -44,15 +44,72 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
         ensure!(caught, "{invariant} '{name_part}' missed damage {damage:?}; violations {:?}", report.violations());
     }
 
-    // A transfer left in flight is fine until its deadline, then a violation.
-    let mut tx = kit.pool.begin().await?;
-    sqlx::query("UPDATE transfers SET state = 'deposited', updated_at = now() - interval '2 hours' WHERE id = $1")
-        .bind(done)
+    // A transfer in flight that nothing works on is fine for a moment,
+    // then named; a step pending at its service and being asked about
+    // keeps it off the list, an abandoned one does not.
+    let idle = |minutes: i64| format!("now() - interval '{minutes} minutes'");
+    for (pending, named) in [
+        (None, true),
+        (Some((idle(-1), idle(-60 * 24))), false),
+        (Some((idle(30), idle(-60 * 24))), true),
+        (Some((idle(-1), idle(30))), true),
+    ] {
+        let mut tx = kit.pool.begin().await?;
+        sqlx::query(&format!("UPDATE transfers SET state = 'deposited', updated_at = {} WHERE id = $1", idle(20)))
+            .bind(done)
+            .execute(&mut *tx)
+            .await?;
+        if let Some((next_run, deadline)) = &pending {
+            sqlx::query(&format!(
+                "INSERT INTO pending_steps (transfer_id, step, next_run_at, deadline_at) VALUES ($1, 'deposit', {next_run}, {deadline})"
+            ))
+            .bind(done)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let quiet = reconcile::run_with(&mut tx, 3_600).await?;
+        let report = reconcile::run_with(&mut tx, 600).await?;
+        tx.rollback().await?;
+        let early = quiet.violations().iter().any(|check| check.invariant == "I3");
+        ensure!(!early, "idle for less than the window, yet reported: {:?}", quiet.violations());
+        let reported =
+            report.violations().iter().any(|check| check.invariant == "I3" && check.examples == [done.to_string()]);
+        ensure!(
+            reported == named,
+            "pending {pending:?}: named {reported}, expected {named}: {:?}",
+            report.violations()
+        );
+    }
+
+    // An operation the bank holds for a transfer still waiting for that
+    // step, with no pending step of ours following it: money moved (or may
+    // move) that our books will never hear about.
+    for (outcome, pending, named) in [("pending", false, true), ("declined", false, true), ("pending", true, false)] {
+        let mut tx = kit.pool.begin().await?;
+        sqlx::query("UPDATE transfers SET state = 'validated' WHERE id = $1").bind(done).execute(&mut *tx).await?;
+        sqlx::query(&format!(
+            "INSERT INTO sim_operations (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference, created_at)
+             VALUES ('bridge-{done}-withdrawal-again', 'withdrawal', 'grace', 1, 'EUR', $1, 'x', {})",
+            idle(20)
+        ))
+        .bind(outcome)
         .execute(&mut *tx)
         .await?;
-    let report = reconcile::run_with(&mut tx, 3_600).await?;
-    tx.rollback().await?;
-    ensure!(report.violations().iter().any(|check| check.invariant == "I3"), "stuck transfer not reported");
+        if pending {
+            sqlx::query("INSERT INTO pending_steps (transfer_id, step, next_run_at) VALUES ($1, 'withdrawal', now())")
+                .bind(done)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let report = reconcile::run_with(&mut tx, 600).await?;
+        tx.rollback().await?;
+        let reported = report.violations().iter().any(|check| check.name.contains("followed by a pending step"));
+        ensure!(
+            reported == named,
+            "{outcome} operation, pending step {pending}: reported {reported}: {:?}",
+            report.violations()
+        );
+    }
 
     // An outbox row that never reached Kafka is fine for a moment, not for long.
     let mut tx = kit.pool.begin().await?;

@@ -31,11 +31,11 @@ fn apply_overrides(client: &mut ClientConfig, config: &PipelineConfig) {
 /// database transaction that consumed the message committed, and librdkafka
 /// commits stored offsets in the background; so a crash can re-deliver a
 /// message (which the inbox absorbs) but never skip one.
-pub fn consumer(config: &PipelineConfig, name: &str, group_id: &str) -> Result<StreamConsumer<LagContext>> {
+pub fn consumer(config: &PipelineConfig, name: &str, group_id: &str) -> Result<StreamConsumer<ConsumerState>> {
     let mut client = base(config);
     client
         .set("group.id", group_id)
-        // librdkafka's statistics carry each partition's lag; `LagContext`
+        // librdkafka's statistics carry each partition's lag; `ConsumerState`
         // publishes it as a metric.
         .set("statistics.interval.ms", "5000")
         // Commit only what we stored after our own commit.
@@ -59,18 +59,23 @@ pub fn consumer(config: &PipelineConfig, name: &str, group_id: &str) -> Result<S
         // added half a second to each hop of a transfer.
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string());
     apply_overrides(&mut client, config);
-    client.create_with_context(LagContext { name: name.to_owned() }).context("Failed to create Kafka consumer")
+    let state = ConsumerState { name: name.to_owned(), assignments: Default::default() };
+    client.create_with_context(state).context("Failed to create Kafka consumer")
 }
 
-/// Publishes the lag of each partition a consumer reads, from librdkafka's
-/// periodic statistics: the partition's high watermark minus the offset the
-/// consumer stored (which it does only after the message's transaction
-/// committed), so it counts what is not yet done.
-pub struct LagContext {
+/// What a stage's consumer keeps beside librdkafka: the windows of the
+/// partitions it holds (`offsets`), which its rebalance callback closes
+/// when the group takes partitions away; and, from librdkafka's periodic
+/// statistics, the lag of each partition it reads: the partition's high
+/// watermark minus the offset the consumer stored (which it does only once
+/// a message and all before it are finished), so it counts what is not yet
+/// done.
+pub struct ConsumerState {
     name: String,
+    pub assignments: crate::offsets::Assignments,
 }
 
-impl rdkafka::ClientContext for LagContext {
+impl rdkafka::ClientContext for ConsumerState {
     fn stats(&self, statistics: rdkafka::Statistics) {
         for (topic, stats) in &statistics.topics {
             for (partition, stats) in &stats.partitions {
@@ -84,7 +89,22 @@ impl rdkafka::ClientContext for LagContext {
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for LagContext {}
+impl rdkafka::consumer::ConsumerContext for ConsumerState {
+    /// Runs before librdkafka commits the stored offsets of revoked
+    /// partitions and lets them go: closing their windows first means
+    /// nothing finished afterwards can store an offset for them.
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Revoke(partitions) = rebalance {
+            let elements = partitions.elements();
+            tracing::info!(consumer = %self.name, partitions = elements.len(), "Partitions revoked");
+            self.assignments.revoke(elements.iter().map(|element| (element.topic(), element.partition())));
+        }
+    }
+}
 
 /// The relay's producer.
 pub fn producer(config: &PipelineConfig) -> Result<FutureProducer> {
@@ -122,16 +142,35 @@ pub fn upstream_producer(config: &PipelineConfig) -> Result<FutureProducer> {
 
 /// Creates every pipeline topic that does not exist yet. Standalone brokers
 /// and production clusters usually do not auto-create topics, and relying on
-/// auto-creation would give the wrong partition count anyway.
+/// auto-creation would give the wrong partition count anyway. Topics that
+/// exist are left alone and nothing is asked of the admin API for them, so a
+/// process whose credentials may read and write its topics but not create
+/// them starts against topics an operator created (and so does one against
+/// a broker without the CreateTopics request, such as librdkafka's
+/// in-process cluster).
 pub async fn ensure_topics(config: &PipelineConfig) -> Result<()> {
     let mut client = base(config);
     apply_overrides(&mut client, config);
     let admin: AdminClient<DefaultClientContext> = client.create().context("Failed to create Kafka admin client")?;
     let names = config.topics.all();
+    // All topics' metadata rather than ours by name: asking for a topic by
+    // name creates it on a broker that auto-creates topics.
+    let metadata =
+        admin.inner().fetch_metadata(None, Duration::from_secs(30)).context("Failed to read the cluster's topics")?;
+    let existing: std::collections::HashSet<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|topic| topic.error().is_none() && !topic.partitions().is_empty())
+        .map(|topic| topic.name())
+        .collect();
     let topics: Vec<NewTopic<'_>> = names
         .iter()
+        .filter(|name| !existing.contains(name.as_str()))
         .map(|name| NewTopic::new(name, config.topic_partitions, TopicReplication::Fixed(config.topic_replication)))
         .collect();
+    if topics.is_empty() {
+        return Ok(());
+    }
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin.create_topics(topics.iter(), &options).await.context("Failed to create topics")?;
     for result in results {

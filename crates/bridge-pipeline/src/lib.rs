@@ -7,9 +7,11 @@
 //! Architecture invariants kept here:
 //! - A stage never produces to Kafka. It writes outbox rows in the same
 //!   database transaction as its state change; only the relay produces.
-//! - A Kafka offset is stored for commit only after the database transaction
-//!   that consumed the message has committed (or the message was found to be
-//!   a duplicate, or was dead-lettered through the outbox).
+//! - A Kafka offset is stored for commit only once the message and every
+//!   message before it in its partition are finished (their database
+//!   transactions committed, or they were found to be duplicates, deferred
+//!   or dead-lettered through the outbox), and only while the partition is
+//!   still assigned; `offsets` is the one place that stores them.
 //! - A message that cannot be decoded or processed is dead-lettered with its
 //!   original bytes and never stalls its partition; transient failures
 //!   (database or outside service unavailable) are retried in place, which
@@ -25,6 +27,7 @@ pub mod http_services;
 pub mod kafka;
 pub mod message;
 pub mod metrics;
+pub mod offsets;
 pub mod reader;
 pub mod relay;
 pub mod runner;

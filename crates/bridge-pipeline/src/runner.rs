@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::message::Inbound;
+use crate::offsets::Ticket;
 use crate::schema_registry::SchemaRegistry;
 use crate::services::Services;
 use crate::stages::{self, Outcome};
@@ -276,7 +277,7 @@ pub async fn consume_batched(
     let consumer = Arc::new(kafka::consumer(&ctx.config, name, group)?);
     consumer.subscribe(&[topic]).with_context(|| format!("Failed to subscribe to {topic}"))?;
     tracing::info!(stage = name, topic = %topic, "Consumer started");
-    let mut lanes: HashMap<i32, tokio::sync::mpsc::Sender<Inbound>> = HashMap::new();
+    let mut lanes: HashMap<i32, tokio::sync::mpsc::Sender<(Inbound, Ticket)>> = HashMap::new();
     let mut lane_tasks = JoinSet::new();
     loop {
         let received = tokio::select! {
@@ -295,6 +296,8 @@ pub async fn consume_batched(
         };
         let inbound = Inbound::from_kafka(&message);
         drop(message);
+        // In partition order, before any lane can finish it.
+        let ticket = consumer.context().assignments.receive(&inbound.topic, inbound.partition, inbound.offset);
         if crate::failpoint::any() {
             crate::failpoint::hit(&format!("{name}.after_poll"));
             crate::failpoint::pause(&format!("{name}.pause_after_poll")).await;
@@ -317,14 +320,15 @@ pub async fn consume_batched(
         });
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            sent = lane.send(inbound) => if sent.is_err() {
+            sent = lane.send((inbound, ticket)) => if sent.is_err() {
                 // The lane stopped, which it does only on shutdown.
                 break;
             }
         }
     }
-    // Lanes finish the message in hand and leave the rest queued: those
-    // offsets are not stored, so the partitions' next owner reads them again.
+    // Lanes finish the message in hand and leave the rest queued: they are
+    // never finished, so no offset moves past them and the partitions' next
+    // owner reads them again.
     drop(lanes);
     while lane_tasks.join_next().await.is_some() {}
     commit_on_exit(&consumer, name)
@@ -334,7 +338,7 @@ pub async fn consume_batched(
 struct Lane {
     name: &'static str,
     registry: Option<Arc<SchemaRegistry>>,
-    consumer: Arc<rdkafka::consumer::StreamConsumer<kafka::LagContext>>,
+    consumer: Arc<rdkafka::consumer::StreamConsumer<kafka::ConsumerState>>,
     handler: Handler,
     batch: Option<BatchHandler>,
     batch_size_max: usize,
@@ -343,33 +347,41 @@ struct Lane {
 }
 
 impl Lane {
-    async fn run(self, mut receiver: tokio::sync::mpsc::Receiver<Inbound>) {
+    async fn run(self, mut receiver: tokio::sync::mpsc::Receiver<(Inbound, Ticket)>) {
         use tracing::Instrument;
         while let Some(first) = receiver.recv().await {
             if self.shutdown.is_cancelled() {
                 return;
             }
             // What is already queued behind it, never waiting for more: a
-            // batch forms only under load, and adds no latency.
-            let mut queued = vec![first];
+            // batch forms only under load, and adds no latency. Messages of
+            // an assignment the group has since taken away are left to the
+            // partition's next owner.
+            let mut queued = Vec::new();
+            queued.extend(Some(first).filter(|(_, ticket)| !ticket.revoked()));
             if self.batch.is_some() {
                 while queued.len() < self.batch_size_max {
                     match receiver.try_recv() {
-                        Ok(inbound) => queued.push(inbound),
+                        Ok(next) if next.1.revoked() => {}
+                        Ok(next) => queued.push(next),
                         Err(_) => break,
                     }
                 }
             }
-            let applied = if queued.len() > 1 { self.apply_batch(&queued).await } else { Vec::new() };
-            for (index, inbound) in queued.iter().enumerate() {
+            let (messages, tickets): (Vec<Inbound>, Vec<Ticket>) = queued.into_iter().unzip();
+            let applied = if messages.len() > 1 { self.apply_batch(&messages).await } else { Vec::new() };
+            for (index, (inbound, ticket)) in messages.iter().zip(tickets).enumerate() {
                 if applied.get(index).copied().unwrap_or(false) {
-                    // Earlier messages are done by now (this loop runs in
-                    // order), so the offset may move past this one.
-                    self.store_offset(inbound);
+                    ticket.finish(&*self.consumer);
+                    continue;
+                }
+                if ticket.revoked() {
                     continue;
                 }
                 let span = message_span(self.name, inbound);
-                if !self.process(inbound).instrument(span).await {
+                if self.process(inbound, &ticket).instrument(span).await {
+                    ticket.finish(&*self.consumer);
+                } else if self.shutdown.is_cancelled() {
                     return;
                 }
             }
@@ -377,7 +389,7 @@ impl Lane {
     }
 
     /// Offers `queued` to the batch handler and returns which messages it
-    /// applied (empty: none). Their offsets are the caller's to store.
+    /// applied (empty: none). Their tickets are the caller's to finish.
     async fn apply_batch(&self, queued: &[Inbound]) -> Vec<bool> {
         let Some(batch) = &self.batch else { return Vec::new() };
         for inbound in queued {
@@ -402,19 +414,10 @@ impl Lane {
         applied
     }
 
-    fn store_offset(&self, inbound: &Inbound) {
-        if let Err(error) = self.consumer.store_offset(&inbound.topic, inbound.partition, inbound.offset) {
-            // The partition was revoked while we processed the message (a
-            // rebalance, or we exceeded max.poll.interval.ms while retrying).
-            // Its new owner will receive the message again and the inbox
-            // absorbs the repeat, so this is not a reason to stop.
-            tracing::warn!(error = %error, "Could not store offset; the partition's next owner will see the message again");
-        }
-    }
-
-    /// Processes one message until it is done (then stores its offset) or
-    /// shutdown interrupts the retries. Returns false on shutdown.
-    async fn process(&self, inbound: &Inbound) -> bool {
+    /// Processes one message until it is done (true), or until shutdown or
+    /// the loss of its partition interrupts the retries (false; the message
+    /// is then not done, and whoever owns the partition reads it again).
+    async fn process(&self, inbound: &Inbound, ticket: &Ticket) -> bool {
         let name = self.name;
         let started = std::time::Instant::now();
         let mut backoff = Backoff::new(self.backoff_max_ms);
@@ -434,10 +437,12 @@ impl Lane {
                     crate::metrics::message_retried(name);
                     let delay = backoff.next_delay();
                     tokio::select! {
-                        // Leave without storing the offset: the message will
-                        // be delivered again to whoever owns the partition.
                         _ = self.shutdown.cancelled() => return false,
                         _ = tokio::time::sleep(delay) => {}
+                    }
+                    if ticket.revoked() {
+                        tracing::info!("Partition revoked while retrying; its next owner takes the message");
+                        return false;
                     }
                 }
             }
@@ -445,8 +450,6 @@ impl Lane {
         if crate::failpoint::any() {
             crate::failpoint::hit(&format!("{name}.after_commit"));
         }
-        // Only now, with the transaction committed, may the offset move.
-        self.store_offset(inbound);
         true
     }
 
@@ -459,7 +462,7 @@ impl Lane {
     }
 }
 
-fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer<kafka::LagContext>, name: &str) -> Result<()> {
+fn commit_on_exit(consumer: &rdkafka::consumer::StreamConsumer<kafka::ConsumerState>, name: &str) -> Result<()> {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(error) => tracing::warn!(stage = name, error = %error, "Final offset commit failed"),

@@ -15,6 +15,9 @@ pub struct Check {
     pub name: &'static str,
     /// Offending rows; zero when the check holds.
     pub violations: i64,
+    /// The first few offenders by id, where the check names them (the
+    /// transfers nobody is working on), so an operator knows where to look.
+    pub examples: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -197,46 +200,91 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// How long a transfer may sit in a non-terminal state before the check
-/// reports it as stuck, when the caller does not say.
-pub const STUCK_AFTER_SECS_DEFAULT: i64 = 3_600;
+/// How long a transfer in flight may go without moving, with no step
+/// pending at a service and being asked about, before the check reports
+/// that nothing is working on it. A stage takes a message within seconds
+/// of its arrival; a backlog large enough to take longer is itself worth a
+/// look, and `bridge reconcile --idle-after-secs` widens the window.
+pub const IDLE_AFTER_SECS_DEFAULT: i64 = 600;
 
 pub async fn run(conn: &mut PgConnection) -> Result<Report> {
-    run_with(conn, STUCK_AFTER_SECS_DEFAULT).await
+    run_with(conn, IDLE_AFTER_SECS_DEFAULT).await
 }
 
-/// Runs every check; a transfer unchanged for `stuck_after_secs` while not
-/// terminal violates I3, and an outbox row unpublished for as long violates
-/// I4.
-pub async fn run_with(conn: &mut PgConnection, stuck_after_secs: i64) -> Result<Report> {
-    let mut checks = Vec::with_capacity(CHECKS.len() + 2);
+/// The transfers in flight that nothing is working on: unchanged for
+/// `idle_after_secs` and without a pending step that the settlement runner
+/// asks about (one due longer ago than that, or past its deadline by that
+/// much, counts as abandoned). A message whose offset was committed without
+/// its step being applied leaves exactly this behind.
+const IDLE_IN_FLIGHT: &str = "
+    SELECT count(*), coalesce((array_agg(t.id::text ORDER BY t.updated_at))[1:10], '{}')
+    FROM transfers t
+    WHERE t.state IN ('requested', 'validated', 'withdrawn', 'deposited')
+      AND t.updated_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (SELECT 1 FROM pending_steps p
+                      WHERE p.transfer_id = t.id
+                        AND p.next_run_at > now() - make_interval(secs => $1)
+                        AND (p.deadline_at IS NULL OR p.deadline_at > now() - make_interval(secs => $1)))";
+
+/// Operations a service holds (pending, settled or declined) for a transfer
+/// still waiting for that step, with no pending step of ours following it,
+/// for longer than `idle_after_secs`: the service moved (or may move) money
+/// that our books will never hear about. A refund belongs to the deposit
+/// step. Simulator only: `sim_operations` is empty otherwise.
+const UNFOLLOWED_OPERATIONS: &str = "
+    SELECT count(*), coalesce((array_agg(t.id::text ORDER BY s.created_at))[1:10], '{}')
+    FROM sim_operations s
+    JOIN transfers t
+      ON s.idempotency_key LIKE 'bridge-%'
+     AND t.id = substring(s.idempotency_key FROM 8 FOR 36)::uuid
+    WHERE ((s.operation = 'withdrawal' AND t.state = 'validated')
+        OR (s.operation IN ('deposit', 'refund') AND t.state = 'withdrawn'))
+      AND s.created_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (SELECT 1 FROM pending_steps p
+                      WHERE p.transfer_id = t.id
+                        AND p.step = CASE s.operation WHEN 'withdrawal' THEN 'withdrawal' ELSE 'deposit' END)";
+
+/// Runs every check. A transfer in flight that nothing has worked on for
+/// `idle_after_secs` violates I3, as does an operation at a service that no
+/// step of ours follows for that long; an outbox row unpublished for as
+/// long violates I4.
+pub async fn run_with(conn: &mut PgConnection, idle_after_secs: i64) -> Result<Report> {
+    let mut checks = Vec::with_capacity(CHECKS.len() + 4);
     for (invariant, name, query) in CHECKS {
         let violations: i64 = sqlx::query_scalar(query).fetch_one(&mut *conn).await?;
-        checks.push(Check { invariant, name, violations });
+        checks.push(Check { invariant, name, violations, examples: Vec::new() });
     }
-    let stuck: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM transfers
-         WHERE state NOT IN ('completed', 'rejected', 'failed', 'reversed', 'manual_review')
-           AND updated_at < now() - make_interval(secs => $1)",
-    )
-    .bind(stuck_after_secs as f64)
-    .fetch_one(&mut *conn)
-    .await?;
-    checks.push(Check { invariant: "I3", name: "no transfer stuck in flight beyond its deadline", violations: stuck });
+    let window = idle_after_secs as f64;
+    for (name, query) in [
+        (
+            "every transfer in flight is being worked on (moved recently, or a step pending and asked about)",
+            IDLE_IN_FLIGHT,
+        ),
+        (
+            "every operation a service holds for a transfer in flight is followed by a pending step (simulator only)",
+            UNFOLLOWED_OPERATIONS,
+        ),
+    ] {
+        let (violations, examples): (i64, Vec<String>) =
+            sqlx::query_as(query).bind(window).fetch_one(&mut *conn).await?;
+        checks.push(Check { invariant: "I3", name, violations, examples });
+    }
     let undelivered: i64 =
         sqlx::query_scalar("SELECT count(*) FROM outbox WHERE created_at < now() - make_interval(secs => $1)")
-            .bind(stuck_after_secs as f64)
+            .bind(window)
             .fetch_one(&mut *conn)
             .await?;
     checks.push(Check {
         invariant: "I4",
         name: "no committed outbox row left unpublished beyond the deadline",
         violations: undelivered,
+        examples: Vec::new(),
     });
     checks.push(Check {
         invariant: "I6",
         name: "every recorded step is a legal transition of the state machine",
         violations: illegal_transitions(conn).await?,
+        examples: Vec::new(),
     });
     let (in_flight, manual_review): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state NOT IN ('completed', 'rejected', 'failed', 'reversed', 'manual_review')),

@@ -514,6 +514,11 @@ struct RunArgs {
 struct ReconcileArgs {
     #[command(flatten)]
     common: Common,
+    /// A transfer in flight that nothing has worked on for this long (no
+    /// move, no pending step being asked about), or an operation at a
+    /// service that no step of ours follows for this long, is reported.
+    #[arg(long, env = "BRIDGE_RECONCILE_IDLE_AFTER_SECS", default_value_t = bridge_store::reconcile::IDLE_AFTER_SECS_DEFAULT)]
+    idle_after_secs: i64,
 }
 
 /// Logs to stderr, filtered by `RUST_LOG`. `BRIDGE_LOG_FORMAT=json` writes
@@ -796,10 +801,14 @@ async fn run() -> Result<()> {
             init_logging("warn");
             let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
             let mut conn = pool.acquire().await?;
-            let report = bridge_store::reconcile::run(&mut conn).await?;
+            let report = bridge_store::reconcile::run_with(&mut conn, args.idle_after_secs).await?;
             for check in &report.checks {
                 let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
-                println!("{mark} {} {} ({} violations)", check.invariant, check.name, check.violations);
+                let named = match check.examples.as_slice() {
+                    [] => String::new(),
+                    examples => format!(": {}", examples.join(", ")),
+                };
+                println!("{mark} {} {} ({} violations{named})", check.invariant, check.name, check.violations);
             }
             println!(
                 "in flight: {}, manual review: {}, pending at services: {}, outbox unpublished: {}",
