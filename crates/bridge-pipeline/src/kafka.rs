@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -64,8 +64,8 @@ pub fn consumer(config: &PipelineConfig, name: &str, group_id: &str) -> Result<S
 }
 
 /// What a stage's consumer keeps beside librdkafka: the windows of the
-/// partitions it holds (`offsets`), which its rebalance callback closes
-/// when the group takes partitions away; and, from librdkafka's periodic
+/// partitions it holds (`offsets`), which its rebalance callback keeps in
+/// step with the group's assignments; and, from librdkafka's periodic
 /// statistics, the lag of each partition it reads: the partition's high
 /// watermark minus the offset the consumer stored (which it does only once
 /// a message and all before it are finished), so it counts what is not yet
@@ -90,18 +90,86 @@ impl rdkafka::ClientContext for ConsumerState {
 }
 
 impl rdkafka::consumer::ConsumerContext for ConsumerState {
-    /// Runs before librdkafka commits the stored offsets of revoked
-    /// partitions and lets them go: closing their windows first means
-    /// nothing finished afterwards can store an offset for them.
-    fn pre_rebalance(
+    /// librdkafka's own rebalance, with the partitions' windows kept in step
+    /// (`offsets`): an assignment starts explicitly at the group's committed
+    /// offset, which its window is told first, and a revocation closes the
+    /// window before librdkafka commits what was stored and lets the
+    /// partition go.
+    fn rebalance(
         &self,
-        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &rdkafka::consumer::Rebalance<'_>,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        error: rdkafka::types::RDKafkaRespErr,
+        partitions: &mut rdkafka::TopicPartitionList,
     ) {
-        if let rdkafka::consumer::Rebalance::Revoke(partitions) = rebalance {
-            let elements = partitions.elements();
-            tracing::info!(consumer = %self.name, partitions = elements.len(), "Partitions revoked");
-            self.assignments.revoke(elements.iter().map(|element| (element.topic(), element.partition())));
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr;
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let result = match error {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.start_at_committed(consumer, partitions);
+                if cooperative {
+                    consumer.incremental_assign(partitions)
+                } else {
+                    consumer.assign(partitions)
+                }
+            }
+            other => {
+                if other != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                    let code: RDKafkaErrorCode = other.into();
+                    tracing::error!(consumer = %self.name, error = %code, "Rebalance failed; giving up the partitions");
+                }
+                for element in partitions.elements() {
+                    self.assignments.revoke(element.topic(), element.partition());
+                }
+                if cooperative {
+                    consumer.incremental_unassign(partitions)
+                } else {
+                    consumer.unassign()
+                }
+            }
+        };
+        if let Err(error) = result {
+            tracing::error!(consumer = %self.name, error = %error, "librdkafka refused the rebalance");
+        }
+    }
+}
+
+/// How long an assignment waits for the group's committed offsets.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ConsumerState {
+    /// Sets each newly assigned partition to start at the group's committed
+    /// offset and tells its window so. Without an answer from the group
+    /// (or with no committed offset yet) librdkafka decides the start
+    /// itself, and the window keeps what it knows.
+    fn start_at_committed(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        partitions: &mut rdkafka::TopicPartitionList,
+    ) {
+        let committed = match consumer.committed_offsets(partitions.clone(), COMMITTED_TIMEOUT) {
+            Ok(committed) => committed,
+            Err(error) => {
+                tracing::warn!(consumer = %self.name, error = %error, "Could not read the committed offsets; librdkafka chooses where to start");
+                for element in partitions.elements() {
+                    self.assignments.assign(element.topic(), element.partition(), None);
+                }
+                return;
+            }
+        };
+        for element in committed.elements() {
+            let start = match element.offset() {
+                rdkafka::Offset::Offset(offset) => {
+                    let set = partitions.set_partition_offset(
+                        element.topic(),
+                        element.partition(),
+                        rdkafka::Offset::Offset(offset),
+                    );
+                    set.ok().map(|()| offset)
+                }
+                _ => None,
+            };
+            self.assignments.assign(element.topic(), element.partition(), start);
         }
     }
 }

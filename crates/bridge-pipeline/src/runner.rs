@@ -296,8 +296,13 @@ pub async fn consume_batched(
         };
         let inbound = Inbound::from_kafka(&message);
         drop(message);
-        // In partition order, before any lane can finish it.
-        let ticket = consumer.context().assignments.receive(&inbound.topic, inbound.partition, inbound.offset);
+        // In partition order, before any lane can finish it. A message
+        // that is not this consumer's (its partition was revoked after
+        // librdkafka fetched it) goes no further.
+        let Some(ticket) = consumer.context().assignments.receive(&inbound.topic, inbound.partition, inbound.offset)
+        else {
+            continue;
+        };
         if crate::failpoint::any() {
             crate::failpoint::hit(&format!("{name}.after_poll"));
             crate::failpoint::pause(&format!("{name}.pause_after_poll")).await;

@@ -8,19 +8,22 @@
 //! every status change was logged and notified.
 //!
 //! Reproducible schedule from the printed seed: `BRIDGE_CHAOS_SEED=<seed>`.
-//! Short by default; `BRIDGE_CHAOS_KILLS=200` for a long run.
+//! Short by default; `BRIDGE_CHAOS_KILLS=200` for a long run, and
+//! `BRIDGE_CHAOS_BINARY` to run another build of `bridge` (a release one).
 //!
 //! On the in-process cluster (served over TCP by this test's process) a
 //! killed process is started again at once, as a supervisor would: the
 //! group coordinator, like Kafka's, notices the dead member when its
-//! session times out. tansu 0.6's coordinator does not: it notices a dead
-//! member only when another one talks to it, and a generation whose leader
-//! is a member that died unnoticed hands every live member an empty
-//! assignment and never asks them to join again, so the group stops until
-//! some member joins or leaves. On the standalone broker a killed process is
-//! therefore started again only once its session has timed out, when the
-//! new member's join removes the dead one.
-
+//! session times out. tansu 0.6's coordinator notices a dead member only
+//! when another one talks to it, and a generation whose leader died
+//! unnoticed hands every live member an empty assignment and never asks
+//! them to join again: the group stops until some member joins or leaves.
+//! On the standalone broker a killed consumer is therefore started again
+//! only once its session has timed out, when the new member's join removes
+//! the dead one; the bank and the relay, which are in no group, restart at
+//! once. A group that stopped all the same would leave transfers where
+//! nothing moves them, which the test reports: the fault is not hidden,
+//! only not provoked.
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -34,7 +37,9 @@ use uuid::Uuid;
 use bridge_testkit::receivers::{Behaviour, HttpReceiver};
 use bridge_testkit::{both_brokers, BrokerKind, TestKit};
 
-const BRIDGE: &str = env!("CARGO_BIN_EXE_bridge");
+fn bridge() -> String {
+    std::env::var("BRIDGE_CHAOS_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_bridge").to_owned())
+}
 
 /// The dead member's session: shorter than the default, so the standalone
 /// broker's restarts come sooner.
@@ -50,6 +55,9 @@ struct Slot {
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
+    /// Whether it consumes in a consumer group (the bank and the relay do
+    /// not).
+    group_member: bool,
     /// When a killed process may be started again.
     restart_at: Option<Instant>,
     kills: u32,
@@ -58,7 +66,7 @@ struct Slot {
 impl Slot {
     fn start(&mut self, env: &[(String, String)]) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(BRIDGE)
+        let child = Command::new(bridge())
             .args(&self.args)
             .envs(env.iter().map(|(name, value)| (name.as_str(), value.as_str())))
             .env("RUST_LOG", "info")
@@ -181,6 +189,7 @@ async fn chaos(kind: BrokerKind) -> Result<()> {
         name,
         log: logs.join(format!("{name}.log")),
         args,
+        group_member: !matches!(name, "bank" | "relay"),
         child: None,
         restart_at: None,
         kills: 0,
@@ -235,6 +244,16 @@ async fn run_chaos(
     };
     let mut ids = Vec::new();
     let mut published = Vec::new();
+    // A burst first, as when an upstream system catches up: long queues in
+    // every lane, large batches and large relay claims while the first
+    // processes die.
+    for _ in 0..env_or("BRIDGE_CHAOS_BURST", 200) {
+        let investor = format!("inv-{}", rng.random_range(0..investors));
+        let fund = &funds[rng.random_range(0..funds.len())];
+        let request = kit.request(&investor, fund, rng.random_range(100_00..2_000_00));
+        ids.push(kit.publish(&request).await?);
+        published.push(request);
+    }
     let mut killed = 0;
     let mut next_kill = Instant::now() + Duration::from_millis(rng.random_range(1_000..3_000));
     while killed < kills {
@@ -262,7 +281,7 @@ async fn run_chaos(
             if slot.child.is_some() {
                 slot.kill()?;
                 killed += 1;
-                if restart_after.is_zero() {
+                if restart_after.is_zero() || !slot.group_member {
                     slot.start(env)?;
                 } else {
                     slot.restart_at = Some(Instant::now() + restart_after);
@@ -278,7 +297,17 @@ async fn run_chaos(
             slot.start(env)?;
         }
     }
-    kit.wait_terminal(&ids, Duration::from_secs(120 + ids.len() as u64 / 10)).await?;
+    if let Err(error) = kit.wait_terminal(&ids, Duration::from_secs(120 + ids.len() as u64 / 10)).await {
+        let stuck: Vec<(Uuid, String, i64, bool, i64)> = sqlx::query_as(
+            "SELECT t.id, t.state, t.version, EXISTS (SELECT 1 FROM pending_steps p WHERE p.transfer_id = t.id),
+                    (SELECT count(*) FROM sim_operations s WHERE s.idempotency_key LIKE 'bridge-' || t.id || '-%')
+             FROM transfers t WHERE t.state NOT IN ('completed', 'rejected', 'failed', 'reversed', 'manual_review')
+             ORDER BY t.updated_at LIMIT 10",
+        )
+        .fetch_all(&kit.pool)
+        .await?;
+        bail!("{error:#}\nnot final (id, state, version, pending step, bank operations): {stuck:?}");
+    }
     // The notifier catches up with the status events.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
