@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one:
-# starts Postgres if it is not running, builds and starts the standalone
+# starts Postgres if it is not running, installs cargo-nextest if missing,
+# builds and starts the standalone
 # broker (tansu) if needed, runs every test against real Postgres, the
 # in-process Kafka cluster and the standalone broker, runs the Python client
 # examples against the pipeline, then stops the broker, then fuzzes the
@@ -9,6 +10,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-postgres.sh
+
+# cargo-nextest runs the suite; a machine without it gets it once, built
+# into the tools cache that later runs (CI included) reuse.
+if ! cargo nextest --version >/dev/null 2>&1; then
+    tools=${BRIDGE_TOOLS_DIR:-$HOME/.cache/bridge-tools}
+    if [[ ! -x $tools/bin/cargo-nextest ]]; then
+        echo "Installing cargo-nextest into $tools (one time)" >&2
+        cargo install cargo-nextest --locked --root "$tools"
+    fi
+    export PATH="$tools/bin:$PATH"
+fi
+
 scripts/tansu.sh start
 trap 'scripts/tansu.sh stop' EXIT
 

@@ -218,19 +218,23 @@ pub fn upstream_producer(config: &PipelineConfig) -> Result<FutureProducer> {
 /// in-process cluster).
 pub async fn ensure_topics(config: &PipelineConfig) -> Result<()> {
     let mut client = base(config);
+    // Asking a broker that auto-creates topics about one by name must not
+    // create it (with the broker's partition count).
+    client.set("allow.auto.create.topics", "false");
     apply_overrides(&mut client, config);
     let admin: AdminClient<DefaultClientContext> = client.create().context("Failed to create Kafka admin client")?;
     let names = config.topics.all();
-    // All topics' metadata rather than ours by name: asking for a topic by
-    // name creates it on a broker that auto-creates topics.
-    let metadata =
-        admin.inner().fetch_metadata(None, Duration::from_secs(30)).context("Failed to read the cluster's topics")?;
-    let existing: std::collections::HashSet<&str> = metadata
-        .topics()
-        .iter()
-        .filter(|topic| topic.error().is_none() && !topic.partitions().is_empty())
-        .map(|topic| topic.name())
-        .collect();
+    // Each of ours by name, not the whole cluster's list, which can be long.
+    let mut existing = std::collections::HashSet::new();
+    for name in &names {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(30))
+            .with_context(|| format!("Failed to read topic {name}"))?;
+        if metadata.topics().iter().any(|topic| topic.error().is_none() && !topic.partitions().is_empty()) {
+            existing.insert(name.as_str());
+        }
+    }
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .filter(|name| !existing.contains(name.as_str()))
