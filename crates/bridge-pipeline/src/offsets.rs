@@ -30,11 +30,53 @@
 //! (its next owner reads them) and nothing is stored for it; lanes skip
 //! the messages of an earlier assignment they have not started and stop
 //! retrying the one in hand.
+//!
+//! An assignment's first message must not lie beyond its start: a broker
+//! may answer a fetch that begins inside a record batch with the next batch
+//! (tansu 0.6 does), and the messages it passed over would never reach this
+//! consumer while its offset moved past them. So when the first message
+//! comes after the start, the consumer reads again from further back
+//! (`Received::Rewind`, doubling the distance each time) until a message at
+//! or before the start arrives; what it has finished is dropped on the way.
+//! Where the skipped batch was the partition's last, no later message comes
+//! to give it away, and tansu's high watermark cannot tell either (it
+//! counts batches): an assignment that has received nothing from its start
+//! for a while is read again from further back the same way
+//! ([`Assignments::quiet`]). On Kafka, where a fetch inside a batch returns
+//! that batch, a rewind happens only when the start is a transaction marker
+//! or the partition is idle, and costs a seek and one message read again.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
+
+/// Where an assignment's messages stand against its start.
+#[derive(Debug, Default, PartialEq, Eq)]
+enum Stream {
+    /// No message at or before `start` yet; the next rewind goes `step`
+    /// offsets back from it. `since`: when the assignment, or the last
+    /// rewind, began.
+    Unstarted { start: i64, step: i64, since: Instant },
+    /// Reading on from the start (or from wherever librdkafka began, when
+    /// the group had no committed offset).
+    #[default]
+    Started,
+}
+
+/// What to do with a message the consumer received.
+#[derive(Debug)]
+pub enum Received {
+    /// Hand it to its lane.
+    Ticket(Ticket),
+    /// Not this consumer's to process: its partition is not assigned, or it
+    /// lies below what is finished.
+    Drop,
+    /// It lies beyond its assignment's start: read the partition again from
+    /// this offset (the message is dropped).
+    Rewind { to: i64 },
+}
 
 /// What the consumer knows of one partition's messages.
 #[derive(Debug, Default)]
@@ -48,6 +90,7 @@ struct Window {
     assigned: bool,
     /// Counts the assignments, so a ticket knows whether its own has ended.
     assignment: u64,
+    stream: Stream,
 }
 
 impl Window {
@@ -57,10 +100,41 @@ impl Window {
     fn assign(&mut self, start: Option<i64>) {
         self.assigned = true;
         self.assignment += 1;
+        self.stream = Stream::Started;
         if let Some(start) = start {
             self.unfinished.retain(|&offset| offset >= start);
             self.end = Some(self.end.map_or(start, |end| end.max(start)));
             self.stored = Some(start);
+            self.stream = Stream::Unstarted { start, step: 1, since: Instant::now() };
+        }
+    }
+
+    /// Where the assignment's stream stands once `offset` arrives: `None`
+    /// when it may be taken, else the offset to read again from.
+    fn admit(&mut self, offset: i64) -> Option<i64> {
+        let Stream::Unstarted { start, step, .. } = self.stream else { return None };
+        if offset <= start || start == 0 {
+            self.stream = Stream::Started;
+            return None;
+        }
+        if step >= start.saturating_mul(2) {
+            // Read from the very beginning already: the log has nothing
+            // between the start and this message.
+            self.stream = Stream::Started;
+            return None;
+        }
+        self.stream = Stream::Unstarted { start, step: step.saturating_mul(2), since: Instant::now() };
+        Some((start - step).max(0))
+    }
+
+    /// Where to read again from, if nothing has arrived from the
+    /// assignment's start for `after`: as if a message beyond the start had.
+    fn quiet(&mut self, after: Duration) -> Option<i64> {
+        match self.stream {
+            Stream::Unstarted { start, since, .. } if self.assigned && since.elapsed() >= after => {
+                self.admit(start + 1)
+            }
+            _ => None,
         }
     }
 
@@ -155,15 +229,26 @@ impl Assignments {
     }
 
     /// Registers a message the consumer just received, in the order
-    /// received. `None`: the partition is not assigned (the message was
-    /// fetched before it was revoked), or the message lies below where its
-    /// assignment starts; either way it is not this consumer's to process.
-    pub fn receive(&self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
+    /// received, and says what to do with it.
+    pub fn receive(&self, topic: &str, partition: i32, offset: i64) -> Received {
         let partition_state = self.partition(topic, partition);
         let assignment = {
             let mut window = partition_state.window();
-            if !window.assigned || window.stored.is_some_and(|stored| offset < stored) {
-                return None;
+            if !window.assigned {
+                return Received::Drop;
+            }
+            if let Some(to) = window.admit(offset) {
+                tracing::info!(
+                    topic,
+                    partition,
+                    offset,
+                    to,
+                    "The broker began past the assignment's start; reading again from further back"
+                );
+                return Received::Rewind { to };
+            }
+            if window.stored.is_some_and(|stored| offset < stored) {
+                return Received::Drop;
             }
             if let Some(skipped) = window.receive(offset) {
                 // Kafka leaves gaps where a log was compacted or a
@@ -174,7 +259,23 @@ impl Assignments {
             }
             window.assignment
         };
-        Some(Ticket { partition: partition_state, offset, assignment })
+        Received::Ticket(Ticket { partition: partition_state, offset, assignment })
+    }
+
+    /// The assigned partitions that have received nothing from their start
+    /// for `after`, each with the offset to read it again from. A fetch
+    /// begun inside the partition's last batch comes back empty on tansu.
+    pub fn quiet(&self, after: Duration) -> Vec<(String, i32, i64)> {
+        let partitions: Vec<Arc<Partition>> =
+            self.partitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).values().cloned().collect();
+        partitions
+            .iter()
+            .filter_map(|partition| {
+                let to = partition.window().quiet(after)?;
+                tracing::info!(topic = %partition.topic, partition = partition.partition, to, "Nothing came from the assignment's start; reading again from further back");
+                Some((partition.topic.clone(), partition.partition, to))
+            })
+            .collect()
     }
 }
 
@@ -220,6 +321,78 @@ impl Ticket {
 mod tests {
     use super::*;
 
+    fn take(received: Received) -> Ticket {
+        match received {
+            Received::Ticket(ticket) => ticket,
+            other => panic!("expected a ticket, got {other:?}"),
+        }
+    }
+
+    /// A broker that answers a fetch begun inside a batch with the next
+    /// batch: the consumer reads again from further back, doubling, until a
+    /// message at or before the start arrives, and only then takes any.
+    #[test]
+    fn a_stream_that_begins_past_its_start_is_read_again_from_further_back() {
+        let assignments = Assignments::default();
+        assignments.assign("t", 0, Some(12));
+        let mut rewinds = Vec::new();
+        for _ in 0..5 {
+            match assignments.receive("t", 0, 40) {
+                Received::Rewind { to } => rewinds.push(to),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(rewinds, [11, 10, 8, 4, 0]);
+        // From the beginning the batch comes whole: below the start is
+        // finished, from the start on is taken.
+        assert!(matches!(assignments.receive("t", 0, 0), Received::Drop));
+        assert!(matches!(assignments.receive("t", 0, 12), Received::Ticket(_)));
+        assert!(matches!(assignments.receive("t", 0, 13), Received::Ticket(_)));
+    }
+
+    /// Where the log really has nothing at the start (a transaction marker,
+    /// or nothing from the beginning), the stream is taken as it comes.
+    #[test]
+    fn a_start_with_nothing_at_it_is_taken_once_read_from_before_it() {
+        let assignments = Assignments::default();
+        assignments.assign("t", 0, Some(12));
+        assert!(matches!(assignments.receive("t", 0, 13), Received::Rewind { to: 11 }));
+        // From 11 on: 11 is finished, 12 is a marker, 13 is the next message.
+        assert!(matches!(assignments.receive("t", 0, 11), Received::Drop));
+        assert!(matches!(assignments.receive("t", 0, 13), Received::Ticket(_)));
+        // A log whose earliest message lies past the start.
+        let assignments = Assignments::default();
+        assignments.assign("t", 0, Some(2));
+        let rewinds: Vec<_> = (0..4).map(|_| assignments.receive("t", 0, 9)).collect();
+        assert!(matches!(
+            rewinds[..],
+            [Received::Rewind { to: 1 }, Received::Rewind { to: 0 }, Received::Ticket(_), _]
+        ));
+    }
+
+    /// A fetch begun inside the partition's last batch comes back empty:
+    /// nothing arrives to give the skip away, so silence does.
+    #[test]
+    fn a_quiet_assignment_is_read_again_from_further_back() {
+        let assignments = Assignments::default();
+        assignments.assign("t", 0, Some(25));
+        assert!(assignments.quiet(Duration::from_secs(60)).is_empty(), "not quiet yet");
+        let rewinds: Vec<_> = (0..7).map(|_| assignments.quiet(Duration::ZERO).first().map(|(_, _, to)| *to)).collect();
+        assert_eq!(rewinds, [Some(24), Some(23), Some(21), Some(17), Some(9), Some(0), None]);
+        // A message at or before the start ends the silence.
+        let assignments = Assignments::default();
+        assignments.assign("t", 0, Some(25));
+        assert_eq!(assignments.quiet(Duration::ZERO), [("t".to_owned(), 0, 24)]);
+        assert!(matches!(assignments.receive("t", 0, 24), Received::Drop));
+        assert!(matches!(assignments.receive("t", 0, 25), Received::Ticket(_)));
+        assert_eq!(assignments.quiet(Duration::ZERO), []);
+        // An assignment with nothing committed reads from where librdkafka
+        // begins and is never quiet.
+        let assignments = Assignments::default();
+        assignments.assign("t", 0, None);
+        assert_eq!(assignments.quiet(Duration::ZERO), []);
+    }
+
     fn assigned(start: Option<i64>) -> Window {
         let mut window = Window::default();
         window.assign(start);
@@ -260,7 +433,7 @@ mod tests {
     fn a_late_message_of_an_earlier_assignment_cannot_pass_the_new_ones() {
         let assignments = Assignments::default();
         assignments.assign("t", 0, Some(0));
-        let early: Vec<Ticket> = (0..8).map(|offset| assignments.receive("t", 0, offset).unwrap()).collect();
+        let early: Vec<Ticket> = (0..8).map(|offset| take(assignments.receive("t", 0, offset))).collect();
         let partition = early[0].partition.clone();
         for ticket in early.into_iter().take(6) {
             let offset = ticket.offset;
@@ -269,25 +442,24 @@ mod tests {
         assert_eq!(partition.window().stored, Some(6));
         assignments.revoke("t", 0);
         // Fetched before the revocation, handed over after it: not ours.
-        assert!(assignments.receive("t", 0, 8).is_none());
+        assert!(matches!(assignments.receive("t", 0, 8), Received::Drop));
         assignments.assign("t", 0, Some(6));
-        // Handed over after the new assignment began, ahead of 6 and 7.
-        let late = assignments.receive("t", 0, 8).unwrap();
-        assert_eq!(partition.window().finish(late.offset), None, "the mark stays at 6");
-        for offset in [6, 7] {
-            let ticket = assignments.receive("t", 0, offset).unwrap();
+        // Handed over after the new assignment began, ahead of 6 and 7: not
+        // taken, and the partition is read again from before the start.
+        assert!(matches!(assignments.receive("t", 0, 8), Received::Rewind { to: 5 }));
+        assert!(matches!(assignments.receive("t", 0, 5), Received::Drop));
+        for offset in [6, 7, 8] {
+            let ticket = take(assignments.receive("t", 0, offset));
             partition.window().finish(ticket.offset);
         }
         assert_eq!(partition.window().stored, Some(9));
-        // The new assignment's own copy of 8 is a repeat of a finished one.
-        assert!(assignments.receive("t", 0, 8).is_none());
     }
 
     #[test]
     fn an_assignment_forgets_what_lies_below_its_start() {
         let assignments = Assignments::default();
         assignments.assign("t", 0, Some(0));
-        let tickets: Vec<Ticket> = (0..4).map(|offset| assignments.receive("t", 0, offset).unwrap()).collect();
+        let tickets: Vec<Ticket> = (0..4).map(|offset| take(assignments.receive("t", 0, offset))).collect();
         assignments.revoke("t", 0);
         assert!(tickets.iter().all(Ticket::revoked));
         // Another consumer finished up to 10 meanwhile.
@@ -295,8 +467,8 @@ mod tests {
         let partition = tickets[0].partition.clone();
         assert!(partition.window().unfinished.is_empty());
         // A repeat from below the start is not handed to a lane.
-        assert!(assignments.receive("t", 0, 3).is_none());
-        let next = assignments.receive("t", 0, 10).unwrap();
+        assert!(matches!(assignments.receive("t", 0, 3), Received::Drop));
+        let next = take(assignments.receive("t", 0, 10));
         assert!(!next.revoked());
         assert_eq!(partition.window().finish(next.offset), Some(11));
     }

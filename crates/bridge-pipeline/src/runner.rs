@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rand::Rng;
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::PgPool;
@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::message::Inbound;
-use crate::offsets::Ticket;
+use crate::offsets::{Received, Ticket};
 use crate::schema_registry::SchemaRegistry;
 use crate::services::Services;
 use crate::stages::{self, Outcome};
@@ -242,6 +242,13 @@ async fn run_stage(ctx: Arc<StageContext>, stage: StageName, shutdown: Cancellat
 /// instead of filling memory.
 const LANE_DEPTH: usize = 256;
 
+/// How long a seek back to an assignment's start may take.
+const REWIND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an assignment may receive nothing from its start before the
+/// consumer reads it again from further back (see `offsets`).
+const QUIET_ASSIGNMENT: Duration = Duration::from_secs(2);
+
 /// The consume → process → store-offset loop every consumer runs.
 ///
 /// One reader takes messages off the consumer and hands each to the lane of
@@ -263,6 +270,24 @@ pub async fn consume(
     consume_batched(ctx, name, group, topic, handler, None, shutdown).await
 }
 
+/// Reads a partition again from `to`. librdkafka's seek waits until the
+/// fetcher has let go of what it fetched from the old position, so nothing
+/// from there follows.
+fn rewind(name: &str, consumer: &StreamConsumer<kafka::ConsumerState>, topic: &str, partition: i32, to: i64) {
+    if let Err(error) = consumer.seek(topic, partition, rdkafka::Offset::Offset(to), REWIND_TIMEOUT) {
+        tracing::warn!(stage = name, error = %error, partition, "Could not read the partition again from further back; trying again later");
+    }
+}
+
+/// Reads again from further back each assignment that has received
+/// nothing from its start for a while (see `offsets`).
+fn rewind_quiet_assignments(name: &str, consumer: &StreamConsumer<kafka::ConsumerState>) {
+    let assignments = &consumer.context().assignments;
+    for (topic, partition, to) in assignments.quiet(QUIET_ASSIGNMENT) {
+        rewind(name, consumer, &topic, partition, to);
+    }
+}
+
 /// `consume`, where a lane that finds several messages queued may first
 /// offer them to `batch`.
 pub async fn consume_batched(
@@ -279,10 +304,16 @@ pub async fn consume_batched(
     tracing::info!(stage = name, topic = %topic, "Consumer started");
     let mut lanes: HashMap<i32, tokio::sync::mpsc::Sender<(Inbound, Ticket)>> = HashMap::new();
     let mut lane_tasks = JoinSet::new();
+    let mut quiet_check = tokio::time::interval(QUIET_ASSIGNMENT);
+    quiet_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => break,
             received = consumer.recv() => received,
+            _ = quiet_check.tick() => {
+                rewind_quiet_assignments(name, &consumer);
+                continue;
+            }
         };
         let message = match received {
             Ok(message) => message,
@@ -298,10 +329,16 @@ pub async fn consume_batched(
         drop(message);
         // In partition order, before any lane can finish it. A message
         // that is not this consumer's (its partition was revoked after
-        // librdkafka fetched it) goes no further.
-        let Some(ticket) = consumer.context().assignments.receive(&inbound.topic, inbound.partition, inbound.offset)
-        else {
-            continue;
+        // librdkafka fetched it, or it is finished) goes no further, and
+        // one beyond its assignment's start sends the reading further back
+        // (see `offsets`).
+        let ticket = match consumer.context().assignments.receive(&inbound.topic, inbound.partition, inbound.offset) {
+            Received::Ticket(ticket) => ticket,
+            Received::Drop => continue,
+            Received::Rewind { to } => {
+                rewind(name, &consumer, &inbound.topic, inbound.partition, to);
+                continue;
+            }
         };
         if crate::failpoint::any() {
             crate::failpoint::hit(&format!("{name}.after_poll"));
