@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The pipeline benchmark with everything it needs: Postgres (started if it
 # is not running), the standalone broker (built and started if needed), a
-# release build, then `bridge bench pipeline` with the arguments given, e.g.
+# release build, then `bridge-bench pipeline` with the arguments given, e.g.
 #
 #   scripts/bench.sh                          # as fast as possible, 20,000 transfers
 #   scripts/bench.sh --rate 500 --transfers 15000
@@ -15,7 +15,7 @@ scripts/ensure-postgres.sh
 scripts/tansu.sh start
 trap 'scripts/tansu.sh stop' EXIT
 
-cargo build --release -p bridge
+cargo build --release -p bridge -p bridge-bench
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 export KAFKA_BROKERS=127.0.0.1:${BRIDGE_TANSU_PORT:-19092}
-target/release/bridge bench pipeline "$@"
+target/release/bridge-bench pipeline "$@"

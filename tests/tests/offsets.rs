@@ -30,11 +30,11 @@ async fn resuming_inside_a_batch_misses_nothing(kind: BrokerKind) -> Result<()> 
         .set("linger.ms", "50")
         .create()?;
     let payloads: Vec<String> = (0..50).map(|index| format!("message {index}")).collect();
-    let sent: Vec<_> = payloads
-        .iter()
-        .map(|payload| producer.send_result(FutureRecord::to(&topic).key("one-transfer").payload(payload)))
-        .collect::<Result<_, _>>()
-        .map_err(|(error, _)| error)?;
+    let mut sent = Vec::with_capacity(payloads.len());
+    for payload in &payloads {
+        let record = FutureRecord::to(&topic).key("one-transfer").payload(payload);
+        sent.push(producer.send_result(record).map_err(|(error, _)| error)?);
+    }
     let mut delivered = Vec::new();
     for delivery in sent {
         delivered.push(delivery.await?.map_err(|(error, _)| error)?);

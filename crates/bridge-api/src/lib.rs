@@ -59,6 +59,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bridge_domain::Step;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -69,7 +70,7 @@ use bridge_pipeline::stages::{self, Ask, Outcome, StageError};
 use bridge_webhooks::{Secret, SignedHeaders};
 
 /// The services that may call back, and the steps each one settles.
-const SERVICES: [(&str, &[&str]); 2] = [("investor", &["withdrawal", "refund"]), ("fund", &["deposit"])];
+const SERVICES: [(&str, &[Step]); 2] = [("investor", &[Step::Withdrawal, Step::Refund]), ("fund", &[Step::Deposit])];
 
 #[derive(Clone, Debug, Default)]
 pub struct ApiConfig {
@@ -388,11 +389,7 @@ async fn callback(
     }
 
     let trace = TraceContext::continue_or_start(header(&headers, "traceparent"));
-    // A declined deposit's refund settles the deposit step.
-    let result = match step {
-        "withdrawal" => stages::withdrawal_step(&state.ctx, transfer_id, None, &trace, Ask::Perform).await,
-        _ => stages::deposit_step(&state.ctx, transfer_id, None, &trace, Ask::Perform).await,
-    };
+    let result = stages::settle_step(&state.ctx, transfer_id, step, &trace, Ask::Perform).await;
     let (status, result) = match result {
         Ok(Outcome::Applied) => {
             counters.applied.fetch_add(1, Ordering::Relaxed);
@@ -410,7 +407,7 @@ async fn callback(
         }
         Err(error) => {
             counters.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(transfer_id = %transfer_id, step, error = %error, "Callback could not be applied now");
+            tracing::warn!(transfer_id = %transfer_id, step = step.as_str(), error = %error, "Callback could not be applied now");
             // Forget the receipt so the sender's retry is handled.
             if let Ok(mut conn) = state.ctx.pool.acquire().await {
                 let _ = bridge_store::callbacks::forget(&mut conn, service, &webhook_id).await;
@@ -422,6 +419,6 @@ async fn callback(
             return problem(status, "Not applied", "the callback could not be applied; retry later");
         }
     };
-    tracing::info!(transfer_id = %transfer_id, step, result, "Settlement callback handled");
+    tracing::info!(transfer_id = %transfer_id, step = step.as_str(), result, "Settlement callback handled");
     (status, Json(json!({"result": result}))).into_response()
 }

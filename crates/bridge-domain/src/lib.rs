@@ -11,10 +11,12 @@
 pub mod ids;
 pub mod money;
 pub mod rules;
+pub mod step;
 pub mod transfer;
 
 pub use money::{Currency, Money};
-pub use rules::{check_request, AccountSnapshot, FundSnapshot, RequestFacts, RunningBooks};
+pub use rules::{check_request, AccountSnapshot, FundSnapshot, FundTerms, RequestFacts, RunningBooks};
+pub use step::{Book, Effect, Posting, Step};
 pub use transfer::{FailureReason, RejectReason, TransferEvent, TransferState};
 
 /// Errors raised by domain rules.
@@ -30,6 +32,8 @@ pub enum Error {
     IllegalTransition { from: TransferState, event: &'static str },
     #[error("unknown transfer state {0:?}")]
     UnknownState(String),
+    #[error("unknown step {0:?}: expected withdrawal, deposit or refund")]
+    UnknownStep(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -50,6 +50,15 @@ pub struct RequestFacts<'a> {
     pub investor_holds_seat: bool,
 }
 
+/// A fund's terms as its administrator publishes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FundTerms {
+    pub currency: String,
+    pub minimum_investment_minor: i64,
+    pub seats_max: i32,
+    pub capacity_minor: i64,
+}
+
 /// Decides a request. `Ok(())` means: hold the funds and reserve the
 /// allocation. Each amount is an exact integer of minor units; the capacity
 /// check uses checked arithmetic so an absurd amount is refused, not wrapped.

@@ -13,6 +13,8 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use bridge_domain::Step;
+
 use crate::message::Inbound;
 use crate::offsets::{Received, Ticket};
 use crate::schema_registry::SchemaRegistry;
@@ -562,7 +564,7 @@ async fn run_settlement(ctx: Arc<StageContext>, shutdown: CancellationToken) -> 
     tracing::info!("Settlement runner started");
     let permits = ctx.config.settlement_concurrency_per_service.max(1);
     let limits: [(&'static str, Arc<Semaphore>); 2] =
-        [("withdrawal", Arc::new(Semaphore::new(permits))), ("deposit", Arc::new(Semaphore::new(permits)))];
+        [Step::Withdrawal, Step::Deposit].map(|step| (step.as_str(), Arc::new(Semaphore::new(permits))));
     let mut tasks = JoinSet::new();
     let mut next_sweep = tokio::time::Instant::now();
     let mut next_terms = tokio::time::Instant::now();
@@ -639,17 +641,12 @@ async fn settle_one(ctx: &StageContext, step: bridge_store::pending::DueStep) {
         DeadlinePolicy::Fail if escalate => Ask::Cancel { reason: &reason },
         _ => Ask::Perform,
     };
-    let result = if escalate && ctx.config.pending_deadline_policy == DeadlinePolicy::ManualReview {
-        stages::hold_for_review(ctx, step.transfer_id, &step.step, &reason, &trace).await
-    } else {
-        match step.step.as_str() {
-            "withdrawal" => stages::withdrawal_step(ctx, step.transfer_id, None, &trace, ask).await,
-            "deposit" => stages::deposit_step(ctx, step.transfer_id, None, &trace, ask).await,
-            other => Err(stages::StageError::Permanent {
-                class: "processing_error",
-                message: format!("unknown step {other}"),
-            }),
+    let result = match step.step.parse::<Step>() {
+        Err(error) => Err(stages::StageError::Permanent { class: "processing_error", message: error.to_string() }),
+        Ok(kind) if escalate && ctx.config.pending_deadline_policy == DeadlinePolicy::ManualReview => {
+            stages::hold_for_review(ctx, step.transfer_id, kind, &reason, &trace).await
         }
+        Ok(kind) => stages::settle_step(ctx, step.transfer_id, kind, &trace, ask).await,
     };
     if escalate && ctx.config.pending_deadline_policy == DeadlinePolicy::KeepPolling {
         tracing::warn!(transfer_id = %step.transfer_id, step = %step.step, attempts = step.attempts, reason = %reason, "Step still pending past its deadline; still asking");

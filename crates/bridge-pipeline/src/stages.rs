@@ -7,6 +7,13 @@
 //! queued messages in one set-based transaction (shared with other
 //! partitions' batches that wait at the same time), falling back to this
 //! one-message path for anything out of the ordinary.
+//!
+//! Whatever the path, a step's transaction ends in [`finish_step`]: the
+//! transfers' new versions, their events through the outbox, and what the
+//! event does to the books (`TransferEvent::effect`, applied by
+//! `bridge_store::books::apply`, which also fixes the order rows are locked
+//! in). The validator records new transfers instead of advancing them, and
+//! applies the same effects through the same store function.
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
@@ -16,11 +23,12 @@ use uuid::Uuid;
 use bridge_codec::{
     decode, Event, FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated,
 };
-use bridge_domain::{check_request, ids, Currency, FailureReason, Money, RequestFacts, TransferEvent, TransferState};
-use bridge_store::ledger::{self, Posting};
+use bridge_domain::{
+    check_request, ids, Currency, FailureReason, Money, RequestFacts, Step, TransferEvent, TransferState,
+};
 use bridge_store::outbox::{self, OutboxMessage};
 use bridge_store::transfers::{self, Transfer};
-use bridge_store::{accounts, inbox, pending};
+use bridge_store::{accounts, books, inbox, pending};
 
 use crate::group_commit::{GroupCommit, Verdict};
 use crate::message::{dead_letter_headers as dlq, Envelope, Inbound, TraceContext};
@@ -115,13 +123,6 @@ fn money_of(transfer: &Transfer) -> Result<Money, StageError> {
     let currency = Currency::parse(&transfer.currency)
         .map_err(|error| permanent("processing_error", format!("transfer {}: {error}", transfer.id)))?;
     Ok(Money::new(transfer.amount_minor, currency))
-}
-
-fn fund_id_of(transfer: &Transfer) -> Result<&str, StageError> {
-    transfer
-        .fund_id
-        .as_deref()
-        .ok_or_else(|| permanent("processing_error", format!("transfer {} has no fund", transfer.id)))
 }
 
 /// Processes one message to completion: retries lost races a bounded number
@@ -348,32 +349,17 @@ async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
         }
         None => (transfers::insert_requested(&mut tx, &candidate).await?, true),
     };
-    let mut reservation = None;
-    let next = match (decision, investor, fund) {
-        (Ok(()), Some(investor), Some(fund)) => {
-            accounts::update_investor(
-                &mut tx,
-                &requested.investor_account_id,
-                investor.version,
-                0,
-                requested.amount_minor,
-            )
-            .await?;
-            reservation = Some(fund.fund_id.clone());
-            transfers::advance(&mut tx, &requested, &TransferEvent::Validated).await?
-        }
-        (Err(reason), _, _) => transfers::advance(&mut tx, &requested, &TransferEvent::Rejected(reason)).await?,
-        (Ok(()), _, _) => unreachable!("check_request accepts only requests whose accounts exist"),
+    let event = match decision {
+        Ok(()) => TransferEvent::Validated,
+        Err(reason) => TransferEvent::Rejected(reason),
     };
+    let next = transfers::advance(&mut tx, &requested, &event).await?;
     let messages = validation_messages(ctx, &requested, newly_recorded, &next, &trace)?;
     outbox::enqueue(&mut tx, &messages).await?;
-    // The fund's row is the one every validation into the fund updates: it
-    // is touched last, so its lock is held only for this statement and the
-    // commit.
-    if let Some(fund_id) = reservation {
-        accounts::adjust_allocation(&mut tx, &fund_id, &requested.investor_account_id, requested.amount_minor, 0)
-            .await?;
-    }
+    // The hold and the reservation, guarded by the balance and the fund's
+    // limits as they are now: books that changed since the read above are a
+    // lost race, and the request is decided again.
+    books::apply(&mut tx, &[(&requested, event.effect(requested.amount_minor))]).await?;
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
     Ok(Outcome::Applied)
@@ -554,21 +540,10 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
         let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
         messages.extend(validation_messages(ctx, requested, true, after, &trace)?);
     }
-    // What the accepted requests take: (fund, investor, amount) each.
-    let taken: Vec<(&str, &str, i64)> = decided
-        .iter()
-        .filter(|(_, event)| matches!(event, TransferEvent::Validated))
-        .map(|(accepted, _)| {
-            let fund_id = accepted.fund_id.as_deref().unwrap_or_default();
-            (fund_id, accepted.investor_account_id.as_str(), accepted.amount_minor)
-        })
-        .collect();
     outbox::enqueue(&mut tx, &messages).await?;
-    // The rows other transactions wait for last, so they are held for the
-    // shortest time: the investors', then the funds' (as in a single
-    // validation).
-    accounts::hold_many(&mut tx, &taken).await?;
-    accounts::reserve_allocations(&mut tx, &taken).await?;
+    let changes: Vec<_> =
+        decided.iter().map(|(requested, event)| (requested, event.effect(requested.amount_minor))).collect();
+    books::apply(&mut tx, &changes).await?;
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
     Ok(true)
@@ -656,7 +631,7 @@ async fn begin_step(
     Ok(transfer.filter(|transfer| transfer.state == expected))
 }
 
-fn movement(transfer: &Transfer, step: &str, account_id: &str) -> Result<MoneyMovement, StageError> {
+fn movement(transfer: &Transfer, step: Step, account_id: &str) -> Result<MoneyMovement, StageError> {
     Ok(MoneyMovement {
         idempotency_key: ids::idempotency_key(transfer.id, step),
         transfer_id: transfer.id,
@@ -675,30 +650,70 @@ async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
     withdrawal_step(ctx, transfer_id, Some(&event.event_id), &trace, Ask::Perform).await
 }
 
-/// Gives back the fund allocation a failed or reversed transfer had reserved
-/// (and its seat, if that was the investor's only stake).
-async fn release_reservation(conn: &mut PgConnection, transfer: &Transfer) -> Result<(), StageError> {
-    let fund_id = fund_id_of(transfer)?;
-    accounts::adjust_allocation(conn, fund_id, &transfer.investor_account_id, -transfer.amount_minor, 0).await?;
-    Ok(())
+/// One transfer's part in a step's transaction.
+struct Advance<'a> {
+    /// The transfer as locked in this transaction, waiting for the step.
+    before: &'a Transfer,
+    /// The trace of the message (or callback, or runner) that asked.
+    trace: TraceContext,
+    /// The service's reference for a settled movement.
+    reference: String,
 }
 
-/// Ends a step's transaction: the status event of the new version after the
-/// step's own outcome events, all through the outbox, then commit.
-async fn commit_step(
+/// Ends a step's transaction, for one transfer or a batch moved on by the
+/// same event: their new versions (version-checked), each transfer's
+/// outcome event if the event has one and its status event through the
+/// outbox, what the event does to the books, then commit.
+async fn finish_step(
     ctx: &StageContext,
     mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
     stage: StageName,
-    previous: &Transfer,
-    next: &Transfer,
-    mut messages: Vec<OutboxMessage>,
-    trace: &TraceContext,
-) -> Result<Outcome, StageError> {
-    messages.push(status_message(ctx, stage.as_str(), next, Some(previous.state), trace)?);
+    event: &TransferEvent,
+    steps: &[Advance<'_>],
+) -> Result<(), StageError> {
+    let before: Vec<Transfer> = steps.iter().map(|step| step.before.clone()).collect();
+    let next = transfers::advance_many(&mut tx, &before, event).await?;
+    let mut messages = Vec::with_capacity(2 * next.len());
+    for (step, after) in steps.iter().zip(&next) {
+        if let Some(outcome) = outcome_message(ctx, stage, event, after, &step.reference, &step.trace)? {
+            messages.push(outcome);
+        }
+        messages.push(status_message(ctx, stage.as_str(), after, Some(step.before.state), &step.trace)?);
+    }
     outbox::enqueue(&mut tx, &messages).await?;
+    let changes: Vec<_> = before.iter().map(|transfer| (transfer, event.effect(transfer.amount_minor))).collect();
+    books::apply(&mut tx, &changes).await?;
     crate::failpoint::hit("stage.inside_tx");
-    commit(ctx, tx).await?;
-    Ok(Outcome::Applied)
+    commit(ctx, tx).await
+}
+
+/// The event a settled money step emits for the next stage, if `event` is
+/// one.
+fn outcome_message(
+    ctx: &StageContext,
+    stage: StageName,
+    event: &TransferEvent,
+    next: &Transfer,
+    reference: &str,
+    trace: &TraceContext,
+) -> Result<Option<OutboxMessage>, StageError> {
+    let now = Utc::now();
+    let origin = stage.as_str();
+    let reference = reference.to_owned();
+    let message = match event {
+        TransferEvent::Withdrawn => {
+            let event_id = ids::stage_event_id(next.id, "withdrawn");
+            let event = stage_event!(FundsWithdrawn, next, event_id, now, external_reference = reference);
+            envelope(ctx, origin, event_id, next, trace, now, ctx.topics.withdrawn(), &event)?
+        }
+        TransferEvent::Deposited => {
+            let event_id = ids::stage_event_id(next.id, "deposited");
+            let event = stage_event!(FundsDeposited, next, event_id, now, external_reference = reference);
+            envelope(ctx, origin, event_id, next, trace, now, ctx.topics.deposited(), &event)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(message))
 }
 
 /// Records a step its service holds as pending, for the settlement runner,
@@ -710,14 +725,13 @@ async fn defer(
     ctx: &StageContext,
     mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
     transfer_id: Uuid,
-    step: &str,
-    expected: TransferState,
+    step: Step,
 ) -> Result<Outcome, StageError> {
     match transfers::get_for_update(&mut tx, transfer_id).await? {
-        Some(current) if current.state == expected => {}
+        Some(current) if current.state == step.waits_in() => {}
         _ => return Ok(Outcome::Duplicate),
     }
-    pending::record(&mut tx, transfer_id, step, pending_retry_ms(0), ctx.config.pending_deadline_ms).await?;
+    pending::record(&mut tx, transfer_id, step.as_str(), pending_retry_ms(0), ctx.config.pending_deadline_ms).await?;
     tx.commit().await?;
     Ok(Outcome::Deferred)
 }
@@ -747,6 +761,22 @@ fn cancelled_as(outcome: ServiceOutcome, reason: &str) -> ServiceOutcome {
     }
 }
 
+/// Carries a step of a transfer on without the message that asked for it:
+/// for the settlement runner and settlement callbacks. A refund is the
+/// deposit step's compensation, so news of it settles the deposit step.
+pub async fn settle_step(
+    ctx: &StageContext,
+    transfer_id: Uuid,
+    step: Step,
+    trace: &TraceContext,
+    ask: Ask<'_>,
+) -> Result<Outcome, StageError> {
+    match step {
+        Step::Withdrawal => withdrawal_step(ctx, transfer_id, None, trace, ask).await,
+        Step::Deposit | Step::Refund => deposit_step(ctx, transfer_id, None, trace, ask).await,
+    }
+}
+
 /// The withdrawal step for one transfer: from the stage (with the event that
 /// asked for it), from the settlement runner or a settlement callback
 /// (without).
@@ -769,48 +799,20 @@ pub async fn withdrawal_step(
 
     let mut tx = ctx.pool.begin().await?;
     if outcome == ServiceOutcome::Pending {
-        return defer(ctx, tx, transfer_id, "withdrawal", TransferState::Validated).await;
+        return defer(ctx, tx, transfer_id, Step::Withdrawal).await;
     }
     let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Validated).await? else {
         return Ok(Outcome::Duplicate);
     };
-    pending::finish(&mut tx, transfer_id, "withdrawal").await?;
-    let trace = trace.clone();
-    let amount = movement.amount;
-    let mut messages = Vec::with_capacity(2);
-    let next = match outcome {
-        ServiceOutcome::Settled { reference } => {
-            accounts::adjust_investor(
-                &mut tx,
-                &current.investor_account_id,
-                -amount.amount_minor,
-                -amount.amount_minor,
-            )
-            .await?;
-            let investor_ledger = ledger::investor_account(&current.investor_account_id);
-            ledger::post(
-                &mut tx,
-                &Posting {
-                    transfer_id: Some(transfer_id),
-                    step: "withdrawal",
-                    debit_account: &investor_ledger,
-                    credit_account: ledger::IN_TRANSIT,
-                    amount,
-                },
-            )
-            .await?;
-            let next = transfers::advance(&mut tx, &current, &TransferEvent::Withdrawn).await?;
-            messages.push(MoneyStep::Withdrawal.outcome_message(ctx, &next, reference, &trace)?);
-            next
-        }
-        ServiceOutcome::Declined { code } => {
-            accounts::adjust_investor(&mut tx, &current.investor_account_id, 0, -amount.amount_minor).await?;
-            release_reservation(&mut tx, &current).await?;
-            transfers::advance(&mut tx, &current, &TransferEvent::WithdrawalFailed(FailureReason(code))).await?
-        }
+    pending::finish(&mut tx, transfer_id, Step::Withdrawal.as_str()).await?;
+    let (event, reference) = match outcome {
+        ServiceOutcome::Settled { reference } => (TransferEvent::Withdrawn, reference),
+        ServiceOutcome::Declined { code } => (TransferEvent::WithdrawalFailed(FailureReason(code)), String::new()),
         ServiceOutcome::Pending => unreachable!("pending handled above"),
     };
-    commit_step(ctx, tx, stage, &current, &next, messages, &trace).await
+    let step = Advance { before: &current, trace: trace.clone(), reference };
+    finish_step(ctx, tx, stage, &event, &[step]).await?;
+    Ok(Outcome::Applied)
 }
 
 /// Deposit: the fund administrator credits the fund account. On a decline the
@@ -843,7 +845,7 @@ pub async fn deposit_step(
     let outcome = match remitted {
         ServiceOutcome::Pending => DepositOutcome::Pending,
         ServiceOutcome::Declined { code } => {
-            let refund = movement(&transfer, "refund", &transfer.investor_account_id)?;
+            let refund = movement(&transfer, Step::Refund, &transfer.investor_account_id)?;
             match ctx.services.investor.refund(&refund).await {
                 // The refund itself is under way; the runner asks again and
                 // finds the deposit's decline stored under its own key.
@@ -865,63 +867,28 @@ pub async fn deposit_step(
     };
     let mut tx = ctx.pool.begin().await?;
     if matches!(outcome, DepositOutcome::Pending) {
-        return defer(ctx, tx, transfer_id, "deposit", TransferState::Withdrawn).await;
+        return defer(ctx, tx, transfer_id, Step::Deposit).await;
     }
     let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Withdrawn).await? else {
         return Ok(Outcome::Duplicate);
     };
-    pending::finish(&mut tx, transfer_id, "deposit").await?;
-    let trace = trace.clone();
-    let amount = remit.amount;
-    let mut messages = Vec::with_capacity(2);
-    let next = match outcome {
-        DepositOutcome::Deposited { reference } => {
-            let fund_ledger = ledger::fund_account(&current.fund_account_id);
-            ledger::post(
-                &mut tx,
-                &Posting {
-                    transfer_id: Some(transfer_id),
-                    step: "deposit",
-                    debit_account: ledger::IN_TRANSIT,
-                    credit_account: &fund_ledger,
-                    amount,
-                },
-            )
-            .await?;
-            let next = transfers::advance(&mut tx, &current, &TransferEvent::Deposited).await?;
-            messages.push(MoneyStep::Deposit.outcome_message(ctx, &next, reference, &trace)?);
-            // The fund account's row last: every deposit into the fund
-            // updates it.
-            accounts::credit_fund_account(&mut tx, &current.fund_account_id, amount.amount_minor).await?;
-            next
-        }
+    pending::finish(&mut tx, transfer_id, Step::Deposit.as_str()).await?;
+    let (event, reference) = match outcome {
+        DepositOutcome::Deposited { reference } => (TransferEvent::Deposited, reference),
         DepositOutcome::NeedsPerson { code } => {
             // Money is at neither end we can reach. The transfer stops in
             // manual review with the money in transit and the reservation
             // kept, and says so on the status topic; an operator resolves it.
             tracing::error!(transfer_id = %transfer_id, reason = %code, "Deposit and refund both declined; transfer needs manual review");
-            transfers::advance(&mut tx, &current, &TransferEvent::CompensationFailed(FailureReason(code))).await?
+            (TransferEvent::CompensationFailed(FailureReason(code)), String::new())
         }
-        DepositOutcome::Reversed { code } => {
-            accounts::adjust_investor(&mut tx, &current.investor_account_id, amount.amount_minor, 0).await?;
-            let investor_ledger = ledger::investor_account(&current.investor_account_id);
-            ledger::post(
-                &mut tx,
-                &Posting {
-                    transfer_id: Some(transfer_id),
-                    step: "refund",
-                    debit_account: ledger::IN_TRANSIT,
-                    credit_account: &investor_ledger,
-                    amount,
-                },
-            )
-            .await?;
-            release_reservation(&mut tx, &current).await?;
-            transfers::advance(&mut tx, &current, &TransferEvent::DepositFailed(FailureReason(code))).await?
-        }
+        // The investor was refunded at the bank: back in our books too.
+        DepositOutcome::Reversed { code } => (TransferEvent::DepositFailed(FailureReason(code)), String::new()),
         DepositOutcome::Pending => unreachable!("pending handled above"),
     };
-    commit_step(ctx, tx, stage, &current, &next, messages, &trace).await
+    let step = Advance { before: &current, trace: trace.clone(), reference };
+    finish_step(ctx, tx, stage, &event, &[step]).await?;
+    Ok(Outcome::Applied)
 }
 
 /// A money stage's step: what the one-message and batch paths share.
@@ -939,11 +906,10 @@ impl MoneyStep {
         }
     }
 
-    /// The step's name in idempotency keys, pending steps and postings.
-    fn name(self) -> &'static str {
+    fn step(self) -> Step {
         match self {
-            Self::Withdrawal => "withdrawal",
-            Self::Deposit => "deposit",
+            Self::Withdrawal => Step::Withdrawal,
+            Self::Deposit => Step::Deposit,
         }
     }
 
@@ -979,8 +945,8 @@ impl MoneyStep {
 
     fn movement(self, transfer: &Transfer) -> Result<MoneyMovement, StageError> {
         match self {
-            Self::Withdrawal => movement(transfer, self.name(), &transfer.investor_account_id),
-            Self::Deposit => movement(transfer, self.name(), &transfer.fund_account_id),
+            Self::Withdrawal => movement(transfer, self.step(), &transfer.investor_account_id),
+            Self::Deposit => movement(transfer, self.step(), &transfer.fund_account_id),
         }
     }
 
@@ -988,30 +954,6 @@ impl MoneyStep {
         match self {
             Self::Withdrawal => ctx.services.investor.withdraw(movement).await,
             Self::Deposit => ctx.services.fund.remit(movement).await,
-        }
-    }
-
-    /// The step's outcome event for the transfer's new version.
-    fn outcome_message(
-        self,
-        ctx: &StageContext,
-        next: &Transfer,
-        reference: String,
-        trace: &TraceContext,
-    ) -> Result<OutboxMessage, StageError> {
-        let now = Utc::now();
-        let origin = self.stage().as_str();
-        match self {
-            Self::Withdrawal => {
-                let event_id = ids::stage_event_id(next.id, "withdrawn");
-                let event = stage_event!(FundsWithdrawn, next, event_id, now, external_reference = reference);
-                envelope(ctx, origin, event_id, next, trace, now, ctx.topics.withdrawn(), &event)
-            }
-            Self::Deposit => {
-                let event_id = ids::stage_event_id(next.id, "deposited");
-                let event = stage_event!(FundsDeposited, next, event_id, now, external_reference = reference);
-                envelope(ctx, origin, event_id, next, trace, now, ctx.topics.deposited(), &event)
-            }
         }
     }
 }
@@ -1197,67 +1139,22 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
     if current.len() != settled.len() || current.iter().any(|transfer| transfer.state != step.expected()) {
         return Ok(false);
     }
-    pending::finish_many(&mut tx, &settled_ids, step.name()).await?;
-
-    // The postings' account names, then the postings that borrow them.
-    let accounts: Vec<String> = current
-        .iter()
-        .map(|transfer| match step {
-            MoneyStep::Withdrawal => ledger::investor_account(&transfer.investor_account_id),
-            MoneyStep::Deposit => ledger::fund_account(&transfer.fund_account_id),
-        })
-        .collect();
-    let mut postings = Vec::with_capacity(current.len());
-    for (transfer, account) in current.iter().zip(&accounts) {
-        let (debit_account, credit_account) = match step {
-            MoneyStep::Withdrawal => (account.as_str(), ledger::IN_TRANSIT),
-            MoneyStep::Deposit => (ledger::IN_TRANSIT, account.as_str()),
-        };
-        postings.push(Posting {
-            transfer_id: Some(transfer.id),
-            step: step.name(),
-            debit_account,
-            credit_account,
-            amount: money_of(transfer)?,
-        });
-    }
-    ledger::post_many(&mut tx, &postings).await?;
-    let next = transfers::advance_many(&mut tx, &current, &step.applied()).await?;
-
+    pending::finish_many(&mut tx, &settled_ids, step.step().as_str()).await?;
     let by_transfer: std::collections::HashMap<Uuid, &SettledStep> =
         settled.iter().map(|settled| (settled.transfer_id, settled)).collect();
-    let mut messages = Vec::with_capacity(2 * next.len());
-    for (before, after) in current.iter().zip(&next) {
-        // Each event under the span of the message that caused it, so a
-        // transfer's trace stays one tree.
-        let settled = by_transfer[&before.id];
-        let message = &settled.message;
-        let span = crate::runner::message_span(stage.as_str(), message);
-        let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
-        messages.push(step.outcome_message(ctx, after, settled.reference.clone(), &trace)?);
-        messages.push(status_message(ctx, stage.as_str(), after, Some(before.state), &trace)?);
-    }
-    outbox::enqueue(&mut tx, &messages).await?;
-    // The accounts' rows last, so they are locked for the shortest time:
-    // other batches wait for an investor's row (a validation holding funds,
-    // another withdrawal), and every deposit into a fund updates its row.
-    match step {
-        MoneyStep::Withdrawal => {
-            // The held funds become a debit of the balance.
-            let debits: Vec<(&str, i64, i64)> = current
-                .iter()
-                .map(|transfer| (transfer.investor_account_id.as_str(), -transfer.amount_minor, -transfer.amount_minor))
-                .collect();
-            accounts::adjust_investors(&mut tx, &debits).await?;
-        }
-        MoneyStep::Deposit => {
-            let credits: Vec<(&str, i64)> =
-                current.iter().map(|transfer| (transfer.fund_account_id.as_str(), transfer.amount_minor)).collect();
-            accounts::credit_fund_accounts(&mut tx, &credits).await?;
-        }
-    }
-    crate::failpoint::hit("stage.inside_tx");
-    commit(ctx, tx).await?;
+    let steps: Vec<Advance<'_>> = current
+        .iter()
+        .map(|before| {
+            // Each event under the span of the message that caused it, so a
+            // transfer's trace stays one tree.
+            let settled = by_transfer[&before.id];
+            let message = &settled.message;
+            let span = crate::runner::message_span(stage.as_str(), message);
+            let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
+            Advance { before, trace, reference: settled.reference.clone() }
+        })
+        .collect();
+    finish_step(ctx, tx, stage, &step.applied(), &steps).await?;
     Ok(true)
 }
 
@@ -1268,24 +1165,30 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
 pub async fn hold_for_review(
     ctx: &StageContext,
     transfer_id: Uuid,
-    step: &str,
+    step: Step,
     reason: &str,
     trace: &TraceContext,
 ) -> Result<Outcome, StageError> {
     let (stage, expected) = match step {
-        "withdrawal" => (StageName::Withdrawal, TransferState::Validated),
-        "deposit" => (StageName::Deposit, TransferState::Withdrawn),
-        other => return Err(permanent("processing_error", format!("unknown step {other}"))),
+        Step::Withdrawal => (StageName::Withdrawal, step.waits_in()),
+        Step::Deposit | Step::Refund => (StageName::Deposit, step.waits_in()),
     };
     let mut tx = ctx.pool.begin().await?;
     let Some(current) = transfers::get_for_update(&mut tx, transfer_id).await?.filter(|t| t.state == expected) else {
         return Ok(Outcome::Duplicate);
     };
-    pending::finish(&mut tx, transfer_id, step).await?;
-    tracing::error!(transfer_id = %transfer_id, step, reason, "Step still pending past its deadline; transfer needs manual review");
-    let next =
-        transfers::advance(&mut tx, &current, &TransferEvent::StepOverdue(FailureReason(reason.to_owned()))).await?;
-    commit_step(ctx, tx, stage, &current, &next, Vec::new(), trace).await
+    pending::finish(&mut tx, transfer_id, step.as_str()).await?;
+    tracing::error!(transfer_id = %transfer_id, step = step.as_str(), reason, "Step still pending past its deadline; transfer needs manual review");
+    let event = TransferEvent::StepOverdue(FailureReason(reason.to_owned()));
+    finish_step(
+        ctx,
+        tx,
+        stage,
+        &event,
+        &[Advance { before: &current, trace: trace.clone(), reference: String::new() }],
+    )
+    .await?;
+    Ok(Outcome::Applied)
 }
 
 /// What the outside services said about a deposit.
@@ -1320,18 +1223,15 @@ async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Outcome, Stag
         }
         return Ok(Outcome::Duplicate);
     };
-    let amount_minor = current.amount_minor;
-    let next = transfers::advance(&mut tx, &current, &TransferEvent::Completed).await?;
-    // The fund's row last: it is shared by every transfer into the fund.
-    accounts::adjust_allocation(
-        &mut tx,
-        fund_id_of(&current)?,
-        &current.investor_account_id,
-        -amount_minor,
-        amount_minor,
+    finish_step(
+        ctx,
+        tx,
+        stage,
+        &TransferEvent::Completed,
+        &[Advance { before: &current, trace, reference: String::new() }],
     )
     .await?;
-    commit_step(ctx, tx, stage, &current, &next, Vec::new(), &trace).await
+    Ok(Outcome::Applied)
 }
 
 /// Completion for several messages of one partition in one transaction,
@@ -1388,21 +1288,17 @@ async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> 
     if current.len() != ids.len() || current.iter().any(|transfer| transfer.state != TransferState::Deposited) {
         return Ok(false);
     }
-    let next = transfers::advance_many(&mut tx, &current, &TransferEvent::Completed).await?;
-    let mut completions = Vec::with_capacity(current.len());
-    let mut messages = Vec::with_capacity(current.len());
-    for (before, after) in current.iter().zip(&next) {
-        completions.push((fund_id_of(before)?.to_owned(), before.investor_account_id.clone(), before.amount_minor));
-        // Each status event under the span of the message that caused it,
-        // so a transfer's trace stays one tree.
-        let (message, _) = batch[&before.id];
-        let span = crate::runner::message_span(stage.as_str(), message);
-        let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
-        messages.push(status_message(ctx, stage.as_str(), after, Some(before.state), &trace)?);
-    }
-    accounts::complete_allocations(&mut tx, &completions).await?;
-    outbox::enqueue(&mut tx, &messages).await?;
-    crate::failpoint::hit("stage.inside_tx");
-    commit(ctx, tx).await?;
+    let steps: Vec<Advance<'_>> = current
+        .iter()
+        .map(|before| {
+            // Each status event under the span of the message that caused
+            // it, so a transfer's trace stays one tree.
+            let (message, _) = batch[&before.id];
+            let span = crate::runner::message_span(stage.as_str(), message);
+            let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
+            Advance { before, trace, reference: String::new() }
+        })
+        .collect();
+    finish_step(ctx, tx, stage, &TransferEvent::Completed, &steps).await?;
     Ok(true)
 }

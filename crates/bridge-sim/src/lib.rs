@@ -13,7 +13,7 @@
 //! limiting, server errors, timeouts and lost replies.
 //!
 //! This crate must not be used by the pipeline itself: the pipeline knows the
-//! services only through the traits in `bridge_pipeline::services`.
+//! services only through the traits in `bridge_services`.
 
 pub mod http;
 
@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use bridge_pipeline::services::{
+use bridge_services::{
     FundAccountService, FundTerms, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
 };
 use bridge_store::simulator::{self, SimOperation};

@@ -157,7 +157,7 @@ pub async fn investors_by_id(conn: &mut PgConnection, ids: &[&str]) -> Result<Ha
 /// hold taken elsewhere since the caller read the account (the only change
 /// that lowers what is available) makes this a conflict, and the caller
 /// decides again.
-pub async fn hold_many(conn: &mut PgConnection, requests: &[(&str, &str, i64)]) -> Result<()> {
+pub(crate) async fn hold_many(conn: &mut PgConnection, requests: &[(&str, &str, i64)]) -> Result<()> {
     if requests.is_empty() {
         return Ok(());
     }
@@ -305,62 +305,6 @@ pub async fn seats_held(conn: &mut PgConnection, pairs: &[(&str, &str)]) -> Resu
     Ok(rows.into_iter().collect())
 }
 
-/// Changes an investor's balance and held amount, checked against the version
-/// the caller read. The table's CHECK constraints refuse a negative available
-/// balance whatever the caller computed.
-pub async fn update_investor(
-    conn: &mut PgConnection,
-    id: &str,
-    expected_version: i64,
-    balance_delta_minor: i64,
-    held_delta_minor: i64,
-) -> Result<()> {
-    let updated = sqlx::query(
-        "UPDATE investor_accounts
-         SET balance_minor = balance_minor + $3, held_minor = held_minor + $4,
-             version = version + 1, updated_at = now()
-         WHERE id = $1 AND version = $2",
-    )
-    .bind(id)
-    .bind(expected_version)
-    .bind(balance_delta_minor)
-    .bind(held_delta_minor)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    exactly_one(updated, "investor account", id)
-}
-
-/// Applies the deltas to an investor account in one atomic update, for steps
-/// that act on money already decided (a settled withdrawal, a released hold,
-/// a refund): they need no decision on a read balance, so a read and a
-/// version check would be a round trip for nothing. The row lock orders
-/// concurrent changes and the CHECK constraints still refuse a negative
-/// available balance.
-pub async fn adjust_investor(
-    conn: &mut PgConnection,
-    id: &str,
-    balance_delta_minor: i64,
-    held_delta_minor: i64,
-) -> Result<()> {
-    let updated = sqlx::query(
-        "UPDATE investor_accounts
-         SET balance_minor = balance_minor + $2, held_minor = held_minor + $3,
-             version = version + 1, updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(balance_delta_minor)
-    .bind(held_delta_minor)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    if updated != 1 {
-        return Err(Error::Corrupt(format!("investor account {id} vanished")));
-    }
-    Ok(())
-}
-
 /// Changes an investor's allocation in a fund and, in the same statement,
 /// the fund's totals and seat count.
 ///
@@ -376,7 +320,7 @@ pub async fn adjust_investor(
 /// rejects). The CHECK constraints stay as the last line (a release of an
 /// allocation that does not exist fails on them). Being one statement, it
 /// is also one round trip where a read and two writes were three.
-pub async fn adjust_allocation(
+pub(crate) async fn adjust_allocation(
     conn: &mut PgConnection,
     fund_id: &str,
     investor_account_id: &str,
@@ -434,7 +378,7 @@ pub async fn adjust_allocation(
 /// allocation, then its fund), so batches and single steps cannot deadlock.
 /// A completion changes no total, so no limit can refuse it; the CHECK
 /// constraints still refuse a reservation that is not there.
-pub async fn complete_allocations(conn: &mut PgConnection, completions: &[(String, String, i64)]) -> Result<()> {
+pub(crate) async fn complete_allocations(conn: &mut PgConnection, completions: &[(String, String, i64)]) -> Result<()> {
     let funds: Vec<&str> = completions.iter().map(|(fund, _, _)| fund.as_str()).collect();
     let investors: Vec<&str> = completions.iter().map(|(_, investor, _)| investor.as_str()).collect();
     let amounts: Vec<i64> = completions.iter().map(|(_, _, amount)| *amount).collect();
@@ -527,7 +471,7 @@ fn all_updated(updated: u64, expected: usize, what: &str) -> Result<()> {
 /// had no seat before; each fund's update carries the same guard as
 /// `adjust_allocation`, so a fund that filled up since the caller decided
 /// refuses the whole batch with a conflict.
-pub async fn reserve_allocations(conn: &mut PgConnection, reservations: &[(&str, &str, i64)]) -> Result<()> {
+pub(crate) async fn reserve_allocations(conn: &mut PgConnection, reservations: &[(&str, &str, i64)]) -> Result<()> {
     if reservations.is_empty() {
         return Ok(());
     }
@@ -589,29 +533,13 @@ pub async fn reserve_allocations(conn: &mut PgConnection, reservations: &[(&str,
     Ok(())
 }
 
-/// Credits a fund account: one atomic increment, since every deposit into
-/// the fund updates this one row (see `adjust_allocation`).
-pub async fn credit_fund_account(conn: &mut PgConnection, id: &str, amount_minor: i64) -> Result<()> {
-    let updated = sqlx::query(
-        "UPDATE fund_accounts SET balance_minor = balance_minor + $2, version = version + 1, updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(amount_minor)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    if updated != 1 {
-        return Err(Error::Corrupt(format!("fund account {id} vanished")));
-    }
-    Ok(())
-}
-
-/// `adjust_investor` for many accounts in one statement, `(account,
-/// balance delta, held delta)` each (an account's deltas added up). The rows
-/// are locked in key order first, as `hold_many` does, so batches cannot
-/// deadlock on each other.
-pub async fn adjust_investors(conn: &mut PgConnection, changes: &[(&str, i64, i64)]) -> Result<()> {
+/// Applies balance and hold changes to money already decided (a settled
+/// withdrawal, a released hold, a refund), `(account, balance delta, held
+/// delta)` each (an account's deltas added up), in one statement. They need
+/// no decision on a read balance, so no guard; the CHECK constraints still
+/// refuse a negative available balance. The rows are locked in key order
+/// first, as `hold_many` does, so batches cannot deadlock on each other.
+pub(crate) async fn adjust_investors(conn: &mut PgConnection, changes: &[(&str, i64, i64)]) -> Result<()> {
     let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     for (id, balance, held) in changes {
         let total = totals.entry(id).or_default();
@@ -639,10 +567,11 @@ pub async fn adjust_investors(conn: &mut PgConnection, changes: &[(&str, i64, i6
     all_updated(updated, totals.len(), "investor accounts")
 }
 
-/// `credit_fund_account` for many deposits in one statement, `(account,
-/// amount)` each (an account's amounts added up), the rows locked in key
-/// order first.
-pub async fn credit_fund_accounts(conn: &mut PgConnection, credits: &[(&str, i64)]) -> Result<()> {
+/// Credits fund accounts for deposits in one statement, `(account, amount)`
+/// each (an account's amounts added up), the rows locked in key order
+/// first. Every deposit into a fund updates its account's row, so it is the
+/// last row a step takes (see `books`).
+pub(crate) async fn credit_fund_accounts(conn: &mut PgConnection, credits: &[(&str, i64)]) -> Result<()> {
     let mut totals: BTreeMap<&str, i64> = BTreeMap::new();
     for (id, amount) in credits {
         *totals.entry(id).or_default() += amount;
@@ -664,14 +593,7 @@ pub async fn credit_fund_accounts(conn: &mut PgConnection, credits: &[(&str, i64
     all_updated(updated, totals.len(), "fund accounts")
 }
 
-/// A fund's terms as its administrator publishes them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FundTerms {
-    pub currency: String,
-    pub minimum_investment_minor: i64,
-    pub seats_max: i32,
-    pub capacity_minor: i64,
-}
+pub use bridge_domain::FundTerms;
 
 /// What applying a fund's terms did.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,6 +22,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod books;
 pub mod callbacks;
 pub mod credentials;
 pub mod gauges;

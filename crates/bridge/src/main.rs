@@ -3,15 +3,12 @@
 //! This crate wires configuration, logging and process lifetime around the
 //! library crates; it holds no business rules of its own.
 
-mod bench;
-mod bench_pipeline;
 mod config;
 mod credentials;
 mod demo;
 mod local_postgres;
 mod notify;
 mod ops;
-mod plot;
 mod submit;
 mod telemetry;
 
@@ -343,8 +340,6 @@ enum Command {
     Credentials(credentials::CredentialsArgs),
     /// Create, list and revoke API keys.
     Keys(KeysArgs),
-    /// Measure throughput against this machine's limits.
-    Bench(bench::BenchArgs),
     /// Deliver status notifications (and manage subscriptions and dead
     /// letters: subscribe, list, enable, disable, redrive).
     Notify(notify::NotifyArgs),
@@ -758,10 +753,6 @@ async fn run() -> Result<()> {
                     println!("revoked brk_{prefix}");
                 }
             }
-        }
-        Command::Bench(args) => {
-            init_logging("warn");
-            bench::run(args).await?;
         }
         Command::Notify(args) => {
             init_logging("info");

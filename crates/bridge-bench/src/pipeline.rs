@@ -1,4 +1,4 @@
-//! `bridge bench pipeline`: the whole pipeline under an open-loop load.
+//! `bridge-bench pipeline`: the whole pipeline under an open-loop load.
 //!
 //! It creates a scratch database and topics, starts the pipeline as separate
 //! `bridge run` processes (one per stage, or several with
@@ -629,9 +629,24 @@ struct Children {
     started: Instant,
 }
 
+/// The `bridge` binary to run the pipeline with: `BRIDGE_BINARY`, or the
+/// one built beside this benchmark.
+fn bridge_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("BRIDGE_BINARY") {
+        return Ok(PathBuf::from(path));
+    }
+    let beside = std::env::current_exe()?.with_file_name("bridge");
+    ensure!(
+        beside.exists(),
+        "no bridge binary at {}; build it (cargo build --release -p bridge) or set BRIDGE_BINARY",
+        beside.display()
+    );
+    Ok(beside)
+}
+
 impl Children {
     fn spawn(args: &PipelineBenchArgs, url: &str, prefix: &str) -> Result<Self> {
-        let exe = std::env::current_exe()?;
+        let exe = bridge_binary()?;
         let logs = args.out_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
         let mut processes = Vec::new();

@@ -1,9 +1,4 @@
-//! `bridge bench`: measurements against this machine's own limits.
-//!
-//! `bridge bench pipeline` runs the whole pipeline under load (see
-//! `bench_pipeline`).
-//!
-//! `bridge bench notify` measures the notifier's sender: deliveries per
+//! `bridge-bench notify` measures the notifier's sender: deliveries per
 //! second to local webhook receivers with 1, 10 and 100 targets, and again
 //! with one extra target that takes a second to answer every request (it
 //! must not lower the rate to the others). Events are queued straight into
@@ -15,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -27,21 +22,7 @@ use bridge_store::notifications::{self, LoggedEvent, NewSubscription};
 use bridge_store::PoolSettings;
 
 #[derive(Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    what: BenchWhat,
-}
-
-#[derive(Subcommand)]
-enum BenchWhat {
-    /// The whole pipeline under an open-loop load, with the Postgres ceiling.
-    Pipeline(crate::bench_pipeline::PipelineBenchArgs),
-    /// Notification deliveries per second to local webhook receivers.
-    Notify(NotifyBenchArgs),
-}
-
-#[derive(Args)]
-struct NotifyBenchArgs {
+pub struct NotifyBenchArgs {
     /// Postgres server; a scratch database is created on it and dropped.
     #[arg(long, env = "DATABASE_URL", default_value = crate::DEFAULT_DATABASE_URL)]
     database_url: String,
@@ -68,13 +49,6 @@ struct Run {
     peak_rss_mib: u64,
 }
 
-pub async fn run(args: BenchArgs) -> Result<()> {
-    match args.what {
-        BenchWhat::Pipeline(args) => crate::bench_pipeline::run(args).await,
-        BenchWhat::Notify(args) => notify(args).await,
-    }
-}
-
 fn peak_rss_mib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -87,7 +61,7 @@ fn peak_rss_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
-async fn notify(args: NotifyBenchArgs) -> Result<()> {
+pub async fn run(args: NotifyBenchArgs) -> Result<()> {
     let (base, _) = args.database_url.rsplit_once('/').context("DATABASE_URL has no database name")?;
     let url = format!("{base}/bridge_bench_{}", &Uuid::new_v4().simple().to_string()[..12]);
     bridge_store::ensure_database(&url).await?;

@@ -1,0 +1,417 @@
+//! The account services over HTTP.
+//!
+//! Every call has a timeout and, when it moves money, an `Idempotency-Key`
+//! derived from (transfer, step). Each reply is classified here, once:
+//!
+//! - settled (2xx) or declined (402): final, returned to the stage;
+//! - refused before acting (429, 503, connection refused): transient, the
+//!   stage retries later with the same key;
+//! - unknown outcome (timeout, 502, 504, 500, a connection that broke after
+//!   the request was sent): the service may have acted, so we ask it what it
+//!   holds under the key before deciding. Found: that is the answer. Not
+//!   found: it never acted, and retrying is safe.
+//! - the key in use (409): either still in progress or taken by a different
+//!   request; the lookup tells which (in progress: retry later; different:
+//!   a defect, never retried);
+//! - other 4xx (malformed, unauthorised): refused, never retried.
+//!
+//! Cancelling (`POST {service}/v1/operations/{key}/cancel` with the
+//! operation's body) is classified the same way: its reply is what the key
+//! holds afterwards.
+//!
+//! Only the statuses `settled` and `declined` are final. `pending` (or
+//! `processing`, or a 202) means accepted but not settled: the stage records
+//! the step for the settlement runner. Any other status is retried later.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    FundAccountService, FundTerms, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
+};
+
+/// Told about every call: service, operation, outcome (`settled`,
+/// `declined`, `pending`, `unavailable` or `refused`) and how long it took.
+/// The pipeline counts them on its metrics.
+pub type CallObserver = fn(service: &str, operation: &str, outcome: &str, took: Duration);
+
+#[derive(Clone)]
+pub struct HttpServicesConfig {
+    /// Base URL of the Investor Account Service, e.g. `https://bank.example/`.
+    pub investor_base_url: String,
+    /// Base URL of the Fund Account Service.
+    pub fund_base_url: String,
+    /// Bearer token for both services, if they require one.
+    pub token: Option<String>,
+    /// Upper bound of one call, connection included.
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for HttpServicesConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServicesConfig")
+            .field("investor_base_url", &self.investor_base_url)
+            .field("fund_base_url", &self.fund_base_url)
+            .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+pub struct HttpAccountServices {
+    client: reqwest::Client,
+    config: HttpServicesConfig,
+    observer: Option<CallObserver>,
+}
+
+#[derive(Serialize)]
+struct OperationBody<'a> {
+    account_id: &'a str,
+    amount_minor: i64,
+    currency: &'a str,
+    transfer_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct OperationRecord {
+    status: String,
+    reference: String,
+    #[serde(default)]
+    account_id: Option<String>,
+    #[serde(default)]
+    amount_minor: Option<i64>,
+}
+
+impl OperationRecord {
+    /// Only the two final statuses are final. Anything else ("pending",
+    /// "processing", a status added later) means the money may still move,
+    /// so it is neither a success nor a reason to compensate: ask again later
+    /// with the same key.
+    fn attempt(self) -> Attempt {
+        match self.status.as_str() {
+            "settled" => Attempt::Final(ServiceOutcome::Settled { reference: self.reference }),
+            "declined" => Attempt::Final(ServiceOutcome::Declined { code: self.reference }),
+            "pending" | "processing" => Attempt::Final(ServiceOutcome::Pending),
+            other => Attempt::Transient(format!("operation is {other}, not a status we know")),
+        }
+    }
+
+    /// Whether the stored operation is the one we asked for.
+    fn matches(&self, movement: &MoneyMovement) -> bool {
+        self.account_id.as_deref().is_none_or(|account| account == movement.account_id)
+            && self.amount_minor.is_none_or(|amount| amount == movement.amount.amount_minor)
+    }
+}
+
+/// What one HTTP attempt told us.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Attempt {
+    Final(ServiceOutcome),
+    Transient(String),
+    Unknown(String),
+    /// 409: the key is in use, either by a request still in progress or by a
+    /// different request. The lookup tells which.
+    KeyInUse,
+    /// Refused as malformed or unauthorised: retrying cannot help.
+    Refused(String),
+}
+
+impl HttpAccountServices {
+    /// Both services over HTTP, each call reported to `observer`.
+    pub fn services(config: HttpServicesConfig, observer: Option<CallObserver>) -> Result<Services, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
+            .build()?;
+        let services = std::sync::Arc::new(Self { client, config, observer });
+        Ok(Services { investor: services.clone(), fund: services })
+    }
+
+    fn url(base: &str, path: &str) -> String {
+        format!("{}/{}", base.trim_end_matches('/'), path)
+    }
+
+    fn authorise(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.config.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn post(&self, base: &str, path: &str, movement: &MoneyMovement) -> Attempt {
+        let body = OperationBody {
+            account_id: &movement.account_id,
+            amount_minor: movement.amount.amount_minor,
+            currency: movement.amount.currency.as_str(),
+            transfer_id: movement.transfer_id.to_string(),
+        };
+        let request = self
+            .authorise(self.client.post(Self::url(base, path)))
+            .header("Idempotency-Key", &movement.idempotency_key)
+            .json(&body);
+        match request.send().await {
+            Ok(response) => classify(response).await,
+            // Nothing reached the service.
+            Err(error) if error.is_connect() => Attempt::Transient(format!("cannot connect: {error}")),
+            // The request may have arrived and been acted on.
+            Err(error) => Attempt::Unknown(format!("no reply: {error}")),
+        }
+    }
+
+    /// Resolves an unknown outcome by asking for the operation under the key.
+    async fn lookup(&self, base: &str, service: &str, movement: &MoneyMovement) -> Attempt {
+        let key = &movement.idempotency_key;
+        let url = Self::url(base, &format!("{service}/v1/operations/{key}"));
+        match self.authorise(self.client.get(url)).send().await {
+            Ok(response) => {
+                let status = response.status();
+                let record = match status {
+                    StatusCode::OK => Some(response.json::<OperationRecord>().await.map_err(|error| error.to_string())),
+                    _ => None,
+                };
+                lookup_reply(status, record, movement)
+            }
+            Err(error) => Attempt::Transient(format!("lookup failed: {error}")),
+        }
+    }
+
+    async fn call(
+        &self,
+        base: &str,
+        service: &str,
+        path: &str,
+        movement: &MoneyMovement,
+    ) -> Result<ServiceOutcome, ServiceError> {
+        let started = std::time::Instant::now();
+        let result = self.call_once(base, service, path, movement).await;
+        let outcome = match &result {
+            Ok(ServiceOutcome::Settled { .. }) => "settled",
+            Ok(ServiceOutcome::Declined { .. }) => "declined",
+            Ok(ServiceOutcome::Pending) => "pending",
+            Err(error) if error.is_retryable() => "unavailable",
+            Err(_) => "refused",
+        };
+        if let Some(observe) = self.observer {
+            let operation = path.rsplit('/').next().unwrap_or(path);
+            observe(service, operation, outcome, started.elapsed());
+        }
+        result
+    }
+
+    async fn call_once(
+        &self,
+        base: &str,
+        service: &str,
+        path: &str,
+        movement: &MoneyMovement,
+    ) -> Result<ServiceOutcome, ServiceError> {
+        let attempt = match self.post(base, path, movement).await {
+            Attempt::Unknown(reason) => {
+                tracing::info!(idempotency_key = %movement.idempotency_key, reason = %reason, "Outcome unknown; asking the service");
+                self.lookup(base, service, movement).await
+            }
+            Attempt::KeyInUse => self.lookup(base, service, movement).await,
+            other => other,
+        };
+        match attempt {
+            Attempt::Final(outcome) => Ok(outcome),
+            Attempt::Transient(reason) | Attempt::Unknown(reason) => Err(ServiceError::Unavailable(reason)),
+            Attempt::KeyInUse => Err(ServiceError::Unavailable("idempotency key in use".to_owned())),
+            Attempt::Refused(reason) => {
+                tracing::error!(idempotency_key = %movement.idempotency_key, reason = %reason, "Account service refused the request");
+                Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone()))
+            }
+        }
+    }
+}
+
+async fn classify(response: reqwest::Response) -> Attempt {
+    let status = response.status();
+    let record = if status.is_success() || status == StatusCode::PAYMENT_REQUIRED {
+        Some(response.json::<OperationRecord>().await.map_err(|error| error.to_string()))
+    } else {
+        None
+    };
+    classify_reply(status, record)
+}
+
+/// The classification of a money-moving call's reply (design note 002):
+/// `record` is the decoded body of a 2xx or 402 reply.
+fn classify_reply(status: StatusCode, record: Option<Result<OperationRecord, String>>) -> Attempt {
+    match status {
+        _ if status.is_success() || status == StatusCode::PAYMENT_REQUIRED => match record {
+            Some(Ok(record)) => record.attempt(),
+            // The body was cut off: the service acted, the reply broke.
+            Some(Err(error)) => Attempt::Unknown(format!("unreadable {status} reply: {error}")),
+            None => Attempt::Unknown(format!("{status} reply without a body")),
+        },
+        StatusCode::CONFLICT => Attempt::KeyInUse,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+            Attempt::Transient(format!("service answered {status}"))
+        }
+        // Malformed, unauthorised, unknown route: nothing happened, and
+        // asking again the same way will not change that.
+        _ if status.is_client_error() => Attempt::Refused(format!("service answered {status}")),
+        // 500, 502, 504 and anything unexpected: the service may have acted.
+        _ => Attempt::Unknown(format!("service answered {status}")),
+    }
+}
+
+/// The classification of a lookup by idempotency key: `record` is the
+/// decoded body of a 200.
+fn lookup_reply(
+    status: StatusCode,
+    record: Option<Result<OperationRecord, String>>,
+    movement: &MoneyMovement,
+) -> Attempt {
+    let key = &movement.idempotency_key;
+    match (status, record) {
+        (StatusCode::OK, Some(Ok(record))) if !record.matches(movement) => {
+            Attempt::Refused(format!("idempotency key {key} holds a different operation"))
+        }
+        (StatusCode::OK, Some(Ok(record))) => record.attempt(),
+        (StatusCode::OK, _) => Attempt::Transient("unreadable lookup reply".to_owned()),
+        // Never acted on: the original call may be repeated safely.
+        (StatusCode::NOT_FOUND, _) => Attempt::Transient(format!("operation {key} was not carried out")),
+        (status, _) => Attempt::Transient(format!("lookup answered {status}")),
+    }
+}
+
+#[async_trait]
+impl InvestorAccountService for HttpAccountServices {
+    async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.call(&self.config.investor_base_url, "investor", "investor/v1/withdrawals", movement).await
+    }
+
+    async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.call(&self.config.investor_base_url, "investor", "investor/v1/refunds", movement).await
+    }
+
+    async fn cancel_withdrawal(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let path = format!("investor/v1/operations/{}/cancel", movement.idempotency_key);
+        self.call(&self.config.investor_base_url, "investor", &path, movement).await
+    }
+}
+
+#[async_trait]
+impl FundAccountService for HttpAccountServices {
+    async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        self.call(&self.config.fund_base_url, "fund", "fund/v1/remittances", movement).await
+    }
+
+    async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        let path = format!("fund/v1/operations/{}/cancel", movement.idempotency_key);
+        self.call(&self.config.fund_base_url, "fund", &path, movement).await
+    }
+
+    async fn fund_terms(&self, fund_id: &str) -> Result<Option<FundTerms>, ServiceError> {
+        #[derive(Deserialize)]
+        struct Terms {
+            currency: String,
+            minimum_investment_minor: i64,
+            seats_max: i32,
+            capacity_minor: i64,
+        }
+        let url = Self::url(&self.config.fund_base_url, &format!("fund/v1/funds/{fund_id}"));
+        let response = self
+            .authorise(self.client.get(url))
+            .send()
+            .await
+            .map_err(|error| ServiceError::Unavailable(format!("fund terms: {error}")))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            status if status.is_success() => {
+                let terms: Terms = response
+                    .json()
+                    .await
+                    .map_err(|error| ServiceError::Unavailable(format!("unreadable fund terms: {error}")))?;
+                Ok(Some(FundTerms {
+                    currency: terms.currency,
+                    minimum_investment_minor: terms.minimum_investment_minor,
+                    seats_max: terms.seats_max,
+                    capacity_minor: terms.capacity_minor,
+                }))
+            }
+            status => Err(ServiceError::Unavailable(format!("fund terms: service answered {status}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Design note 002's table, reply by reply, without a network.
+
+    use super::*;
+
+    fn record(status: &str, reference: &str) -> Option<Result<OperationRecord, String>> {
+        Some(Ok(OperationRecord {
+            status: status.to_owned(),
+            reference: reference.to_owned(),
+            account_id: Some("inv-1".to_owned()),
+            amount_minor: Some(100),
+        }))
+    }
+
+    fn movement() -> MoneyMovement {
+        MoneyMovement {
+            idempotency_key: "bridge-k".to_owned(),
+            transfer_id: uuid::Uuid::nil(),
+            account_id: "inv-1".to_owned(),
+            amount: bridge_domain::Money::new(100, bridge_domain::Currency::parse("EUR").expect("EUR")),
+        }
+    }
+
+    #[test]
+    fn every_reply_has_one_class() {
+        let settled = Attempt::Final(ServiceOutcome::Settled { reference: "r1".to_owned() });
+        let cases: Vec<(u16, Option<Result<OperationRecord, String>>, Attempt)> = vec![
+            (201, record("settled", "r1"), settled.clone()),
+            (200, record("settled", "r1"), settled.clone()),
+            (202, record("pending", ""), Attempt::Final(ServiceOutcome::Pending)),
+            (200, record("processing", ""), Attempt::Final(ServiceOutcome::Pending)),
+            (
+                402,
+                record("declined", "INSUFFICIENT_FUNDS"),
+                Attempt::Final(ServiceOutcome::Declined { code: "INSUFFICIENT_FUNDS".to_owned() }),
+            ),
+            (200, record("reversed", ""), Attempt::Transient("operation is reversed, not a status we know".to_owned())),
+            (201, Some(Err("EOF".to_owned())), Attempt::Unknown("unreadable 201 Created reply: EOF".to_owned())),
+            (409, None, Attempt::KeyInUse),
+            (429, None, Attempt::Transient("service answered 429 Too Many Requests".to_owned())),
+            (503, None, Attempt::Transient("service answered 503 Service Unavailable".to_owned())),
+            (500, None, Attempt::Unknown("service answered 500 Internal Server Error".to_owned())),
+            (502, None, Attempt::Unknown("service answered 502 Bad Gateway".to_owned())),
+            (504, None, Attempt::Unknown("service answered 504 Gateway Timeout".to_owned())),
+            (400, None, Attempt::Refused("service answered 400 Bad Request".to_owned())),
+            (401, None, Attempt::Refused("service answered 401 Unauthorized".to_owned())),
+            (403, None, Attempt::Refused("service answered 403 Forbidden".to_owned())),
+            (404, None, Attempt::Refused("service answered 404 Not Found".to_owned())),
+        ];
+        for (status, body, expected) in cases {
+            let status = StatusCode::from_u16(status).expect("valid status");
+            assert_eq!(classify_reply(status, body), expected, "{status}");
+        }
+    }
+
+    #[test]
+    fn a_lookup_answers_the_unknown_outcome() {
+        let movement = movement();
+        assert_eq!(
+            lookup_reply(StatusCode::OK, record("settled", "r1"), &movement),
+            Attempt::Final(ServiceOutcome::Settled { reference: "r1".to_owned() })
+        );
+        assert!(matches!(lookup_reply(StatusCode::NOT_FOUND, None, &movement), Attempt::Transient(_)));
+        assert!(matches!(lookup_reply(StatusCode::SERVICE_UNAVAILABLE, None, &movement), Attempt::Transient(_)));
+        assert!(matches!(lookup_reply(StatusCode::OK, Some(Err("EOF".to_owned())), &movement), Attempt::Transient(_)));
+        // The key holds another operation (another account or amount): a
+        // defect, never retried.
+        let mut other = record("settled", "r1");
+        if let Some(Ok(record)) = other.as_mut() {
+            record.amount_minor = Some(999);
+        }
+        assert!(matches!(lookup_reply(StatusCode::OK, other, &movement), Attempt::Refused(_)));
+    }
+}

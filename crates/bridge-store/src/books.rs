@@ -1,0 +1,121 @@
+//! Applies what transfer events do to the books ([`Effect`], decided in
+//! `bridge-domain`): the one function every step's transaction calls,
+//! whether it carries one transfer or a batch.
+//!
+//! It also decides the one order in which a step's transaction locks the
+//! shared rows, after the transfers' own rows (which the caller has locked
+//! or inserted): ledger rows (inserted, never locked), then investor
+//! accounts, then allocations, then funds, then fund accounts, each in key
+//! order. Every path takes them in this order, so two transactions wait for
+//! each other instead of deadlocking, and the rows most transactions want
+//! (a fund's, a fund account's) are taken last and held for the shortest
+//! time.
+
+use std::collections::BTreeMap;
+
+use sqlx::PgConnection;
+
+use bridge_domain::{Book, Currency, Effect, Money};
+
+use crate::accounts;
+use crate::ledger::{self, Posting};
+use crate::transfers::Transfer;
+use crate::{Error, Result};
+
+/// Applies each transfer's effect, set-based. A hold is guarded by the
+/// investor's available balance and a reservation by the fund's limits: if
+/// the books changed since the caller decided, the whole call fails with a
+/// conflict and the caller decides again.
+pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> Result<()> {
+    let mut accounts_named = Vec::new();
+    for (transfer, effect) in changes {
+        if let Some(posting) = effect.posting {
+            let name = |book| match book {
+                Book::Investor => ledger::investor_account(&transfer.investor_account_id),
+                Book::InTransit => ledger::IN_TRANSIT.to_owned(),
+                Book::FundAccount => ledger::fund_account(&transfer.fund_account_id),
+            };
+            accounts_named.push((transfer, posting.step, name(posting.debit), name(posting.credit)));
+        }
+    }
+    let mut postings = Vec::with_capacity(accounts_named.len());
+    for (transfer, step, debit, credit) in &accounts_named {
+        postings.push(Posting {
+            transfer_id: Some(transfer.id),
+            step: step.as_str(),
+            debit_account: debit,
+            credit_account: credit,
+            amount: money_of(transfer)?,
+        });
+    }
+    ledger::post_many(conn, &postings).await?;
+
+    // Investors: a hold needs room on the balance; a change to money
+    // already decided (a settled withdrawal, a released hold, a refund)
+    // needs none.
+    let mut holds = Vec::new();
+    let mut adjustments = Vec::new();
+    for (transfer, effect) in changes {
+        let investor = transfer.investor_account_id.as_str();
+        match (effect.balance_minor, effect.held_minor) {
+            (0, 0) => {}
+            (0, held) if held > 0 => holds.push(("", investor, held)),
+            (balance, held) => adjustments.push((investor, balance, held)),
+        }
+    }
+    accounts::hold_many(conn, &holds).await?;
+    if !adjustments.is_empty() {
+        accounts::adjust_investors(conn, &adjustments).await?;
+    }
+
+    // Allocations, then their funds.
+    let mut reservations = Vec::new();
+    let mut completions = Vec::new();
+    let mut releases = BTreeMap::new();
+    for (transfer, effect) in changes {
+        let investor = transfer.investor_account_id.as_str();
+        match (effect.reserved_minor, effect.completed_minor) {
+            (0, 0) => {}
+            (reserved, 0) if reserved > 0 => reservations.push((fund_of(transfer)?, investor, reserved)),
+            (reserved, completed) if reserved == -completed => {
+                completions.push((fund_of(transfer)?.to_owned(), investor.to_owned(), completed));
+            }
+            (reserved, 0) => *releases.entry((fund_of(transfer)?, investor)).or_default() += reserved,
+            (reserved, completed) => {
+                return Err(Error::Corrupt(format!(
+                    "transfer {}: no step reserves {reserved} and completes {completed}",
+                    transfer.id
+                )));
+            }
+        }
+    }
+    accounts::reserve_allocations(conn, &reservations).await?;
+    if !completions.is_empty() {
+        accounts::complete_allocations(conn, &completions).await?;
+    }
+    // Releases come one at a time (a decline, a reversal); in key order all
+    // the same.
+    for ((fund, investor), released) in releases {
+        accounts::adjust_allocation(conn, fund, investor, released, 0).await?;
+    }
+
+    let credits: Vec<(&str, i64)> = changes
+        .iter()
+        .filter(|(_, effect)| effect.fund_account_minor != 0)
+        .map(|(transfer, effect)| (transfer.fund_account_id.as_str(), effect.fund_account_minor))
+        .collect();
+    if !credits.is_empty() {
+        accounts::credit_fund_accounts(conn, &credits).await?;
+    }
+    Ok(())
+}
+
+fn money_of(transfer: &Transfer) -> Result<Money> {
+    let currency = Currency::parse(&transfer.currency)
+        .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", transfer.id)))?;
+    Ok(Money::new(transfer.amount_minor, currency))
+}
+
+fn fund_of(transfer: &Transfer) -> Result<&str> {
+    transfer.fund_id.as_deref().ok_or_else(|| Error::Corrupt(format!("transfer {} has no fund", transfer.id)))
+}
