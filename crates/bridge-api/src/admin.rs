@@ -29,7 +29,7 @@ fn admin(caller: &Caller) -> Result<(), Response> {
 /// Every dead-letter topic with its records per error class.
 #[utoipa::path(get, path = "/v1/admin/dead-letters", tag = "operations", responses(
         (status = 200, body = serde_json::Value),
-        crate::openapi::Guarded,
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn dead_letter_topics(State(state): State<AppState>, caller: Caller) -> Response {
     if let Err(response) = admin(&caller) {
@@ -77,9 +77,9 @@ fn ours(state: &AppState, topic: &str) -> Result<(), Response> {
         ("to_offset" = Option<i64>, Query)),
     responses(
         (status = 200, body = serde_json::Value),
-        (status = 400, description = "Malformed query", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not a dead-letter topic of this pipeline", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::Guarded,
+        (status = 400, description = "Malformed query", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not a dead-letter topic of this pipeline", body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn dead_letters_in(
     State(state): State<AppState>,
@@ -112,9 +112,9 @@ pub async fn dead_letters_in(
     params(("topic" = String, Path)), request_body(content = serde_json::Value, description = "partition, from_offset, to_offset, dry_run"),
     responses(
         (status = 200, body = serde_json::Value),
-        (status = 404, description = "Not a dead-letter topic of this pipeline", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Malformed range", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::Guarded,
+        (status = 404, description = "Not a dead-letter topic of this pipeline", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Malformed range", body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn redrive_dead_letters(
     State(state): State<AppState>,
@@ -144,7 +144,7 @@ pub async fn redrive_dead_letters(
 /// Notification subscriptions with their deliveries per status.
 #[utoipa::path(get, path = "/v1/admin/notifications/subscriptions", tag = "operations", responses(
         (status = 200, body = serde_json::Value),
-        crate::openapi::Guarded,
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn subscriptions(State(state): State<AppState>, caller: Caller) -> Response {
     if let Err(response) = admin(&caller) {
@@ -189,9 +189,9 @@ pub struct Subscribe {
     request_body(content = serde_json::Value, description = "subscriber_kind, subscriber_id, states, channel, target"),
     responses(
         (status = 201, body = serde_json::Value),
-        (status = 413, description = "Body too large", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid subscription", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::Guarded,
+        (status = 413, description = "Body too large", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid subscription", body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Bytes) -> Response {
     if let Err(response) = admin(&caller) {
@@ -272,9 +272,9 @@ async fn switch(state: &AppState, id: i64, enabled: bool) -> Response {
     params(("id" = i64, Path)),
     responses(
         (status = 200, body = serde_json::Value),
-        (status = 400, description = "Not a subscription id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::Guarded,
+        (status = 400, description = "Not a subscription id", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 404, body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn enable(State(state): State<AppState>, caller: Caller, Path(id): Path<i64>) -> Response {
     match admin(&caller) {
@@ -288,9 +288,9 @@ pub async fn enable(State(state): State<AppState>, caller: Caller, Path(id): Pat
     params(("id" = i64, Path)),
     responses(
         (status = 200, body = serde_json::Value),
-        (status = 400, description = "Not a subscription id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::Guarded,
+        (status = 400, description = "Not a subscription id", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 404, body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn disable(State(state): State<AppState>, caller: Caller, Path(id): Path<i64>) -> Response {
     match admin(&caller) {
@@ -309,8 +309,8 @@ pub struct RedriveNotifications {
     params(("subscription" = Option<i64>, Query)),
     responses(
         (status = 200, body = serde_json::Value),
-        (status = 400, description = "Malformed query", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::Guarded,
+        (status = 400, description = "Malformed query", body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn redrive_notifications(
     State(state): State<AppState>,

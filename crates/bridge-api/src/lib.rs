@@ -47,6 +47,7 @@
 pub mod admin;
 pub mod auth;
 pub mod openapi;
+pub mod responses;
 pub mod transfers;
 
 use std::collections::HashMap;
@@ -199,7 +200,7 @@ async fn healthz() -> &'static str {
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
         (status = 200, description = "The OpenAPI document", body = serde_json::Value),
-        crate::openapi::Guarded,
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 async fn openapi_document(_caller: auth::Caller) -> Response {
     Json(openapi::document()).into_response()
@@ -226,7 +227,7 @@ pub(crate) fn problem(status: StatusCode, title: &str, detail: &str) -> Response
 /// Ready when the database answers.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "Ready", body = String, content_type = "text/plain"),
-    (status = 503, description = "The database does not answer", body = crate::openapi::Problem, content_type = "application/problem+json")))]
+    (status = 503, description = "The database does not answer", body = crate::responses::Problem, content_type = "application/problem+json")))]
 async fn ready(State(state): State<AppState>) -> Response {
     match database_answers(&state).await {
         Ok(()) => "ready".into_response(),
@@ -245,7 +246,7 @@ async fn database_answers(state: &AppState) -> bridge_store::Result<()> {
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses(
         (status = 200, description = "Metrics", body = String, content_type = "text/plain"),
-        crate::openapi::Guarded,
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 async fn metrics(State(state): State<AppState>, caller: auth::Caller) -> Response {
     if let Err(response) = caller.require("admin") {
@@ -326,10 +327,10 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     request_body(content = serde_json::Value, description = "At least the operation's idempotency_key"),
     responses(
         (status = 200, description = "Handled: applied, already_applied, still_pending or replayed", body = serde_json::Value),
-        (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Not an operation of ours", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::Guarded,
+        (status = 404, description = "No such service", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not an operation of ours", body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::Guarded,
     ), security(("bearer" = [])))]
 async fn callback(
     State(state): State<AppState>,

@@ -155,10 +155,10 @@ fn accepted(transfer_id: Uuid) -> Response {
     params(("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, description = "Your key for this request; a retry with the same key and body gets the same answer")),
     responses(
         (status = 202, description = "Recorded; follow the status URL", body = Accepted),
-        (status = 400, description = "Idempotency-Key missing", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "This Idempotency-Key was used with another body", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Malformed request", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::GuardedInvestor,
+        (status = 400, description = "Idempotency-Key missing", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "This Idempotency-Key was used with another body", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Malformed request", body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
@@ -275,9 +275,9 @@ async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> Result<Transfer
 #[utoipa::path(get, path = "/v1/transfers/{id}", tag = "transfers", params(("id" = Uuid, Path)),
     responses(
         (status = 200, body = TransferView),
-        (status = 400, description = "Not a transfer id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::GuardedInvestor,
+        (status = 400, description = "Not a transfer id", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 404, body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> Response {
     match visible(&state, &caller, id).await {
@@ -290,9 +290,9 @@ pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<U
 #[utoipa::path(get, path = "/v1/transfers/{id}/history", tag = "transfers", params(("id" = Uuid, Path)),
     responses(
         (status = 200, body = History),
-        (status = 400, description = "Not a transfer id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::GuardedInvestor,
+        (status = 400, description = "Not a transfer id", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 404, body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn history(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> Response {
     let transfer = match visible(&state, &caller, id).await {
@@ -357,9 +357,9 @@ fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
 #[utoipa::path(get, path = "/v1/transfers", tag = "transfers", params(ListQuery),
     responses(
         (status = 200, body = TransferPage),
-        (status = 400, description = "Malformed query", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Unknown state or invalid cursor", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::GuardedInvestor,
+        (status = 400, description = "Malformed query", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown state or invalid cursor", body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn list(State(state): State<AppState>, caller: Caller, Query(query): Query<ListQuery>) -> Response {
     if let Err(response) = caller.require("transfers:read") {
@@ -421,8 +421,8 @@ pub async fn list(State(state): State<AppState>, caller: Caller, Query(query): Q
 #[utoipa::path(get, path = "/v1/investors/{id}/balance", tag = "accounts", params(("id" = String, Path)),
     responses(
         (status = 200, body = Balance),
-        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::GuardedInvestor,
+        (status = 404, body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn balance(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Response {
     if let Err(response) = caller.require("transfers:read") {
@@ -450,8 +450,8 @@ pub async fn balance(State(state): State<AppState>, caller: Caller, Path(id): Pa
 #[utoipa::path(get, path = "/v1/funds/{id}", tag = "accounts", params(("id" = String, Path)),
     responses(
         (status = 200, body = FundView),
-        (status = 404, body = crate::openapi::Problem, content_type = "application/problem+json"),
-        crate::openapi::GuardedInvestor,
+        (status = 404, body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::GuardedInvestor,
     ), security(("bearer" = [])))]
 pub async fn fund(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Response {
     if let Err(response) = caller.require("transfers:read") {

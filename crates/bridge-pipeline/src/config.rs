@@ -184,3 +184,42 @@ impl PipelineConfig {
         }
     }
 }
+
+/// A stage of the transfer workflow: its input topic and consumer group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StageName {
+    Validator,
+    Withdrawal,
+    Deposit,
+    Completion,
+}
+
+impl StageName {
+    pub const ALL: [StageName; 4] = [Self::Validator, Self::Withdrawal, Self::Deposit, Self::Completion];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Validator => "validator",
+            Self::Withdrawal => "withdrawal",
+            Self::Deposit => "deposit",
+            Self::Completion => "completion",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|stage| stage.as_str() == name)
+    }
+
+    pub fn input_topic(self, topics: &Topics) -> String {
+        match self {
+            Self::Validator => topics.requested(),
+            Self::Withdrawal => topics.validated(),
+            Self::Deposit => topics.withdrawn(),
+            Self::Completion => topics.deposited(),
+        }
+    }
+
+    pub fn group_id(self, config: &PipelineConfig) -> String {
+        format!("{}bridge-{}", config.group_prefix, self.as_str())
+    }
+}

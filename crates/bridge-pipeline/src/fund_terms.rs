@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use bridge_store::accounts::{self, TermsApplied};
 
-use crate::runner::StageContext;
+use crate::context::StageContext;
 
 /// What one synchronisation found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

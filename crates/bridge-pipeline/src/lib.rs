@@ -17,7 +17,10 @@
 //!   (database or outside service unavailable) are retried in place, which
 //!   preserves per-transfer ordering.
 
+pub mod batches;
 pub mod config;
+pub mod consumer;
+pub mod context;
 pub mod dead_letters;
 pub mod demo;
 pub mod failpoint;
@@ -28,11 +31,13 @@ pub mod kafka;
 pub mod message;
 pub mod metrics;
 pub mod offsets;
+pub mod outcome;
 pub mod reader;
 pub mod relay;
 pub mod runner;
 pub mod schema_registry;
 pub mod services;
+pub mod settlement;
 pub mod stages;
 pub mod upstream;
 

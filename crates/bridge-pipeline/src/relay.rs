@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use bridge_store::outbox;
 
+use crate::context::{Backoff, StageContext};
 use crate::kafka;
-use crate::runner::{Backoff, StageContext};
 
 /// Advisory lock key of the publishing relay ("bridge relay" in ASCII).
 const LEADER_LOCK_KEY: i64 = 0x6272_6964_6765_726c;
@@ -165,45 +165,6 @@ async fn publish_until_shutdown(
     // fails and are sent again by the next relay.
     let _ = producer.flush(Duration::from_secs(5));
     Ok(())
-}
-
-/// Wakes the relay after commits that wrote outbox rows: a NOTIFY sent in
-/// a transaction of its own after the commit (see `outbox::wake_relay` for
-/// why not inside it). One wake-up is in flight per process at a time, and
-/// the commits made meanwhile share the next one, so under load a process
-/// sends far fewer than one per commit. Best effort: the relay also polls.
-pub struct Waker {
-    pool: sqlx::PgPool,
-    signal: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
-}
-
-impl Waker {
-    pub fn new(pool: sqlx::PgPool) -> Self {
-        Self { pool, signal: std::sync::OnceLock::new() }
-    }
-
-    /// Asks for a wake-up; returns at once.
-    pub fn wake(&self) {
-        let signal = self.signal.get_or_init(|| {
-            // Started on first use, from a task, so on the caller's runtime.
-            let signal = Arc::new(tokio::sync::Notify::new());
-            let (pending, pool) = (signal.clone(), self.pool.clone());
-            tokio::spawn(async move {
-                loop {
-                    pending.notified().await;
-                    let sent = match pool.acquire().await {
-                        Ok(mut conn) => outbox::wake_relay(&mut conn).await,
-                        Err(error) => Err(error.into()),
-                    };
-                    if let Err(error) = sent {
-                        tracing::debug!(error = %error, "Could not wake the relay; it will find the rows when it polls");
-                    }
-                }
-            });
-            signal
-        });
-        signal.notify_one();
-    }
 }
 
 /// Pruning runs about ten times per retention period, at most once a second

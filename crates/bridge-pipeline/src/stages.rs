@@ -30,81 +30,13 @@ use bridge_store::outbox::{self, OutboxMessage};
 use bridge_store::transfers::{self, Transfer};
 use bridge_store::{accounts, books, inbox, pending};
 
+use crate::batches::SettledStep;
+use crate::context::{message_span, StageContext, StageName};
 use crate::group_commit::{GroupCommit, Verdict};
 use crate::message::{dead_letter_headers as dlq, Envelope, Inbound, TraceContext};
-use crate::runner::{StageContext, StageName};
+pub use crate::outcome::{Outcome, StageError};
 use crate::services::{MoneyMovement, ServiceError, ServiceOutcome, CANCELLED};
 use crate::Topics;
-
-/// What happened to a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The state change was applied and committed.
-    Applied,
-    /// The message had been applied before; nothing changed.
-    Duplicate,
-    /// The message went to the dead-letter topic (through the outbox).
-    DeadLettered,
-    /// The outside service accepted the step but has not settled it; the
-    /// step is recorded in `pending_steps` for the settlement runner.
-    Deferred,
-}
-
-impl Outcome {
-    /// The outcome's name on metrics.
-    pub fn as_label(self) -> &'static str {
-        match self {
-            Self::Applied => "applied",
-            Self::Duplicate => "duplicate",
-            Self::DeadLettered => "dead_lettered",
-            Self::Deferred => "deferred",
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StageError {
-    /// Another transaction changed a row we read. Retry the attempt at once.
-    /// `unique_violation` marks an insert that lost; if that keeps happening
-    /// it is not a race but a defect, and the message is dead-lettered.
-    #[error("lost a race: {reason}")]
-    Race { reason: String, unique_violation: bool },
-    /// Database or outside service unavailable. Retry the message later; its
-    /// partition waits, which keeps per-transfer order.
-    #[error("transient failure: {0}")]
-    Transient(String),
-    /// This message can never be processed as it is. Dead-letter it.
-    #[error("{class}: {message}")]
-    Permanent { class: &'static str, message: String },
-}
-
-impl From<bridge_store::Error> for StageError {
-    fn from(error: bridge_store::Error) -> Self {
-        if error.is_race() {
-            StageError::Race { reason: error.to_string(), unique_violation: error.is_unique_violation() }
-        } else if error.is_retryable() {
-            StageError::Transient(error.to_string())
-        } else {
-            StageError::Permanent { class: "processing_error", message: error.to_string() }
-        }
-    }
-}
-
-impl From<sqlx::Error> for StageError {
-    fn from(error: sqlx::Error) -> Self {
-        bridge_store::Error::from(error).into()
-    }
-}
-
-impl From<ServiceError> for StageError {
-    fn from(error: ServiceError) -> Self {
-        if error.is_retryable() {
-            StageError::Transient(error.to_string())
-        } else {
-            StageError::Permanent { class: "service_error", message: error.to_string() }
-        }
-    }
-}
 
 fn permanent(class: &'static str, message: impl Into<String>) -> StageError {
     StageError::Permanent { class, message: message.into() }
@@ -536,7 +468,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
     for (((message, _), (requested, _)), after) in requests.iter().zip(&decided).zip(&next) {
         // Each transfer's events under the span of the message that
         // caused them, so its trace stays one tree.
-        let span = crate::runner::message_span(stage, message);
+        let span = message_span(stage, message);
         let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
         messages.extend(validation_messages(ctx, requested, true, after, &trace)?);
     }
@@ -958,26 +890,6 @@ impl MoneyStep {
     }
 }
 
-/// Each stage's shared transactions (see `group_commit`).
-pub(crate) struct Groups {
-    validator: GroupCommit<(Inbound, Transfer)>,
-    withdrawal: GroupCommit<SettledStep>,
-    deposit: GroupCommit<SettledStep>,
-    completion: GroupCommit<(Uuid, Inbound, FundsDeposited)>,
-}
-
-impl Groups {
-    pub(crate) fn new(config: &crate::PipelineConfig) -> Self {
-        let (slots, size) = (config.batches_in_flight, config.batch_size_max);
-        Self {
-            validator: GroupCommit::new(StageName::Validator.as_str(), slots, size),
-            withdrawal: GroupCommit::new(StageName::Withdrawal.as_str(), slots, size),
-            deposit: GroupCommit::new(StageName::Deposit.as_str(), slots, size),
-            completion: GroupCommit::new(StageName::Completion.as_str(), slots, size),
-        }
-    }
-}
-
 /// Service calls one lane's batch has in flight at once. Bounded, so a
 /// partition's backlog cannot flood a bank; with the default six partitions
 /// a process asks a service at most 48 things at a time.
@@ -1057,16 +969,6 @@ struct MoneyBatchItem<'a> {
     message: &'a Inbound,
     event_id: String,
     transfer_id: Uuid,
-}
-
-/// A step its service settled, ready for the batch's transaction.
-#[derive(Clone)]
-pub(crate) struct SettledStep {
-    message: Inbound,
-    event_id: String,
-    transfer_id: Uuid,
-    /// The service's reference for the movement.
-    reference: String,
 }
 
 /// Asks the service about the batch's steps, concurrently, and answers the
@@ -1149,7 +1051,7 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
             // transfer's trace stays one tree.
             let settled = by_transfer[&before.id];
             let message = &settled.message;
-            let span = crate::runner::message_span(stage.as_str(), message);
+            let span = message_span(stage.as_str(), message);
             let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
             Advance { before, trace, reference: settled.reference.clone() }
         })
@@ -1294,7 +1196,7 @@ async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> 
             // Each status event under the span of the message that caused
             // it, so a transfer's trace stays one tree.
             let (message, _) = batch[&before.id];
-            let span = crate::runner::message_span(stage.as_str(), message);
+            let span = message_span(stage.as_str(), message);
             let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
             Advance { before, trace, reference: String::new() }
         })
