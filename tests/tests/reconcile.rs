@@ -88,8 +88,8 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
         let mut tx = kit.pool.begin().await?;
         sqlx::query("UPDATE transfers SET state = 'validated' WHERE id = $1").bind(done).execute(&mut *tx).await?;
         sqlx::query(&format!(
-            "INSERT INTO sim_operations (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference, created_at)
-             VALUES ('bridge-{done}-withdrawal-again', 'withdrawal', 'grace', 1, 'EUR', $1, 'x', {})",
+            "INSERT INTO sim_operations (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference, created_at, transfer_id)
+             VALUES ('bridge-{done}-withdrawal-again', 'withdrawal', 'grace', 1, 'EUR', $1, 'x', {}, '{done}')",
             idle(20)
         ))
         .bind(outcome)

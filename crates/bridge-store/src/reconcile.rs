@@ -102,12 +102,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "I2",
         "every debit at the simulated services is recorded once in our ledger, or its transfer is in flight (simulator only)",
         "SELECT count(*) FROM sim_operations s
-         LEFT JOIN transfer_phases t
-           -- Keys are 'bridge-<transfer uuid>-<step>'; comparing the uuid part
-           -- lets Postgres join by the primary key instead of pairing every
-           -- operation with every transfer.
-           ON s.idempotency_key LIKE 'bridge-%'
-          AND t.id = substring(s.idempotency_key FROM 8 FOR 36)::uuid
+         LEFT JOIN transfer_phases t ON t.id = s.transfer_id
          WHERE s.outcome = 'settled' AND s.operation IN ('withdrawal', 'deposit', 'refund')
            AND NOT EXISTS (SELECT 1 FROM ledger_entries l
                            WHERE l.transfer_id = t.id AND l.step = s.operation AND l.direction = 'debit')
@@ -234,9 +229,7 @@ const IDLE_IN_FLIGHT: &str = "
 const UNFOLLOWED_OPERATIONS: &str = "
     SELECT count(*), coalesce((array_agg(t.id::text ORDER BY s.created_at))[1:10], '{}')
     FROM sim_operations s
-    JOIN transfers t
-      ON s.idempotency_key LIKE 'bridge-%'
-     AND t.id = substring(s.idempotency_key FROM 8 FOR 36)::uuid
+    JOIN transfers t ON t.id = s.transfer_id
     WHERE ((s.operation = 'withdrawal' AND t.state = 'validated')
         OR (s.operation IN ('deposit', 'refund') AND t.state = 'withdrawn'))
       AND s.created_at < now() - make_interval(secs => $1)

@@ -57,10 +57,10 @@ pub async fn record_once(
         "WITH new AS (
              INSERT INTO sim_operations
                  (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference,
-                  final_outcome, settles_at)
+                  final_outcome, settles_at, transfer_id)
              VALUES ($1, $2, $3, $4, $5, CASE WHEN $8 > 0 THEN 'pending' ELSE $6 END, $7,
                      CASE WHEN $8 > 0 THEN $6 END,
-                     CASE WHEN $8 > 0 THEN now() + make_interval(secs => $8) END)
+                     CASE WHEN $8 > 0 THEN now() + make_interval(secs => $8) END, $9)
              ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING operation, account_id, amount_minor, currency, outcome, reference
          ), due AS (",
@@ -83,6 +83,8 @@ pub async fn record_once(
     .bind(&operation.outcome)
     .bind(&operation.reference)
     .bind(settle_after_ms as f64 / 1_000.0)
+    // What a bank would keep as the caller's reference; our books' side.
+    .bind(bridge_domain::ids::parse_idempotency_key(&operation.idempotency_key).map(|(transfer_id, _)| transfer_id))
     .fetch_optional(&mut *conn)
     .await?;
     let stored = match row {

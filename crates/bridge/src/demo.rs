@@ -418,15 +418,10 @@ async fn logged_events(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<i6
 }
 
 async fn asynchronous_operations(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<i64> {
-    let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-    // Keys are 'bridge-<transfer id>-<step>'.
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM sim_operations
-         WHERE settles_at IS NOT NULL AND substring(idempotency_key FROM 8 FOR 36) = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_one(conn)
-    .await?)
+    Ok(sqlx::query_scalar("SELECT count(*) FROM sim_operations WHERE settles_at IS NOT NULL AND transfer_id = ANY($1)")
+        .bind(ids)
+        .fetch_one(conn)
+        .await?)
 }
 
 async fn rejection_reasons(conn: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<BTreeMap<String, i64>> {

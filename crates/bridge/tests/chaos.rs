@@ -346,7 +346,7 @@ async fn check(kit: &TestKit, ids: &[Uuid], receiver: &HttpReceiver) -> Result<(
     // Each operation reached the bank once: its keys are derived from
     // (transfer, step), and no step was carried out under two keys.
     let repeated: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT substring(idempotency_key FROM 8 FOR 36), operation, count(*) FROM sim_operations
+        "SELECT transfer_id::text, operation, count(*) FROM sim_operations
          GROUP BY 1, 2 HAVING count(*) > 1",
     )
     .fetch_all(&kit.pool)
