@@ -6,6 +6,10 @@
 //! run in parallel without seeing each other. It drives the pipeline only
 //! through its public entry points and Kafka, as a deployment would.
 
+mod cluster;
+mod components;
+mod credentials;
+mod faults;
 pub mod receivers;
 pub mod schema_registry;
 pub mod tansu;
@@ -42,110 +46,11 @@ use bridge_store::PoolSettings;
 
 pub use bridge_pipeline::runner::Part as PipelinePart;
 
-/// Which Kafka-protocol broker a test runs against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BrokerKind {
-    /// librdkafka's in-process mock cluster.
-    InProcess,
-    /// The standalone broker process started by `scripts/test.sh`.
-    Standalone,
-}
-
-/// Runs a scenario once per broker: `both_brokers!(happy_path);` expects an
-/// `async fn happy_path(kind: BrokerKind) -> anyhow::Result<()>` and makes the
-/// tests `happy_path::in_process` and `happy_path::standalone`.
-#[macro_export]
-macro_rules! both_brokers {
-    ($($scenario:ident),+ $(,)?) => {$(
-        mod $scenario {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn in_process() -> anyhow::Result<()> {
-                super::$scenario($crate::BrokerKind::InProcess).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn standalone() -> anyhow::Result<()> {
-                super::$scenario($crate::BrokerKind::Standalone).await
-            }
-        }
-    )+};
-}
-
-/// What a test can do to the in-process cluster.
-enum ClusterCommand {
-    BrokerDown,
-    BrokerUp,
-    /// The next requests of this kind fail with these errors, in order.
-    RequestErrors(rdkafka::types::RDKafkaApiKey, Vec<rdkafka::types::RDKafkaRespErr>),
-}
-
-/// The in-process cluster lives on a thread of its own because it is not
-/// `Send`; dropping the handle stops it.
-struct InProcessCluster {
-    commands: Option<mpsc::Sender<(ClusterCommand, mpsc::Sender<Result<(), String>>)>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl InProcessCluster {
-    fn start(topics: Vec<String>, partitions: i32) -> Result<(Self, String)> {
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
-        let (command_tx, command_rx) = mpsc::channel::<(ClusterCommand, mpsc::Sender<Result<(), String>>)>();
-        let thread = std::thread::spawn(move || {
-            let cluster = match MockCluster::new(1) {
-                Ok(cluster) => cluster,
-                Err(error) => {
-                    let _ = ready_tx.send(Err(error.to_string()));
-                    return;
-                }
-            };
-            for topic in &topics {
-                if let Err(error) = cluster.create_topic(topic, partitions, 1) {
-                    let _ = ready_tx.send(Err(format!("create {topic}: {error}")));
-                    return;
-                }
-            }
-            let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
-            // Serve commands until the kit is dropped. The cluster's only
-            // broker has id 1.
-            while let Ok((command, reply)) = command_rx.recv() {
-                let result = match command {
-                    ClusterCommand::BrokerDown => cluster.broker_down(1),
-                    ClusterCommand::BrokerUp => cluster.broker_up(1),
-                    ClusterCommand::RequestErrors(api, errors) => {
-                        cluster.request_errors(api, &errors);
-                        Ok(())
-                    }
-                };
-                let _ = reply.send(result.map_err(|error| error.to_string()));
-            }
-        });
-        let servers = ready_rx
-            .recv()
-            .context("In-process cluster thread died")?
-            .map_err(|error| anyhow::anyhow!("Failed to start the in-process cluster: {error}"))?;
-        Ok((Self { commands: Some(command_tx), thread: Some(thread) }, servers))
-    }
-
-    fn send(&self, command: ClusterCommand) -> Result<()> {
-        let (reply_tx, reply_rx) = mpsc::channel();
-        self.commands
-            .as_ref()
-            .context("cluster stopped")?
-            .send((command, reply_tx))
-            .ok()
-            .context("cluster thread gone")?;
-        reply_rx.recv().context("cluster thread gone")?.map_err(|error| anyhow::anyhow!(error))
-    }
-}
-
-impl Drop for InProcessCluster {
-    fn drop(&mut self) {
-        drop(self.commands.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
+pub use cluster::BrokerKind;
+use cluster::{ClusterCommand, InProcessCluster};
+pub use components::{RunningApi, RunningNotifier, RunningPipeline, RunningSimulator};
+pub use credentials::{keyring, sealed_secret, unix_now};
+pub use faults::{LosingFirstReplies, UnavailableForOneAccount};
 
 pub struct TestKit {
     pub pool: PgPool,
@@ -378,23 +283,17 @@ impl TestKit {
         let deadline = Instant::now() + timeout;
         loop {
             let mut conn = self.pool.acquire().await?;
-            let terminal: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM transfers WHERE id = ANY($1)
-                 AND state IN ('completed', 'rejected', 'failed', 'reversed', 'manual_review')",
-            )
-            .bind(ids)
-            .fetch_one(&mut *conn)
-            .await?;
+            let states = bridge_store::transfers::count_by_state(&mut conn, Some(ids)).await?;
+            let terminal: i64 = states
+                .iter()
+                .filter(|(state, _)| state.is_terminal() || state.needs_person())
+                .map(|(_, count)| count)
+                .sum();
             let unpublished = bridge_store::outbox::unpublished_count(&mut conn).await?;
             if terminal as usize == ids.len() && unpublished == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let states: Vec<(String, i64)> =
-                    sqlx::query_as("SELECT state, count(*) FROM transfers WHERE id = ANY($1) GROUP BY state")
-                        .bind(ids)
-                        .fetch_all(&mut *conn)
-                        .await?;
                 bail!(
                     "Timed out: {terminal} of {} transfers terminal, {unpublished} outbox rows unpublished, states {states:?}",
                     ids.len()
@@ -560,298 +459,5 @@ impl TestKit {
         )
         .fetch_one(&mut *conn)
         .await?)
-    }
-}
-
-/// The account-service simulator with one real-world failure added: the
-/// first reply to every request is lost after the service has acted on it
-/// (an "unknown outcome": a timeout after the bank debited). The caller must
-/// retry with the same idempotency key and must not move money twice.
-pub struct LosingFirstReplies {
-    inner: Arc<InProcessServices>,
-    seen: Mutex<HashSet<String>>,
-}
-
-impl LosingFirstReplies {
-    pub fn services(pool: PgPool) -> Services {
-        let services =
-            Arc::new(Self { inner: Arc::new(InProcessServices::new(pool)), seen: Mutex::new(HashSet::new()) });
-        Services { investor: services.clone(), fund: services }
-    }
-
-    fn lose_first(
-        &self,
-        key: &str,
-        outcome: Result<ServiceOutcome, ServiceError>,
-    ) -> Result<ServiceOutcome, ServiceError> {
-        let first = self.seen.lock().expect("not poisoned").insert(key.to_owned());
-        if first && outcome.is_ok() {
-            return Err(ServiceError::Unavailable(format!("reply to {key} lost after the service acted")));
-        }
-        outcome
-    }
-}
-
-#[async_trait::async_trait]
-impl InvestorAccountService for LosingFirstReplies {
-    async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        let outcome = self.inner.withdraw(movement).await;
-        self.lose_first(&movement.idempotency_key, outcome)
-    }
-
-    async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        let outcome = self.inner.refund(movement).await;
-        self.lose_first(&movement.idempotency_key, outcome)
-    }
-
-    async fn cancel_withdrawal(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        self.inner.cancel_withdrawal(movement).await
-    }
-}
-
-#[async_trait::async_trait]
-impl FundAccountService for LosingFirstReplies {
-    async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        let outcome = self.inner.remit(movement).await;
-        self.lose_first(&movement.idempotency_key, outcome)
-    }
-
-    async fn cancel_remittance(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        self.inner.cancel_remittance(movement).await
-    }
-
-    async fn fund_terms(&self, fund_id: &str) -> Result<Option<bridge_pipeline::services::FundTerms>, ServiceError> {
-        self.inner.fund_terms(fund_id).await
-    }
-}
-
-/// The simulator, except that the investor's bank is unavailable for one
-/// account while `down` is set: every withdrawal from it fails as a
-/// transient error (the stage retries it in place), everyone else's goes
-/// through.
-pub struct UnavailableForOneAccount {
-    inner: Arc<InProcessServices>,
-    account: String,
-    down: std::sync::atomic::AtomicBool,
-}
-
-impl UnavailableForOneAccount {
-    pub fn services(pool: PgPool, account: &str) -> (Services, Arc<Self>) {
-        let services = Arc::new(Self {
-            inner: Arc::new(InProcessServices::new(pool)),
-            account: account.to_owned(),
-            down: std::sync::atomic::AtomicBool::new(true),
-        });
-        (Services { investor: services.clone(), fund: services.inner.clone() }, services)
-    }
-
-    pub fn set_down(&self, down: bool) {
-        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-#[async_trait::async_trait]
-impl InvestorAccountService for UnavailableForOneAccount {
-    async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        if movement.account_id == self.account && self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(ServiceError::Unavailable(format!("bank of {} is down", self.account)));
-        }
-        self.inner.withdraw(movement).await
-    }
-
-    async fn refund(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        self.inner.refund(movement).await
-    }
-
-    async fn cancel_withdrawal(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
-        self.inner.cancel_withdrawal(movement).await
-    }
-}
-
-/// The account-service simulator served over HTTP from the test process.
-pub struct RunningSimulator {
-    pub url: String,
-    /// The engine, for what only the simulator can see (calls in flight).
-    pub bank: Arc<bridge_sim::Bank>,
-    token: CancellationToken,
-    handle: JoinHandle<std::io::Result<()>>,
-}
-
-impl RunningSimulator {
-    pub async fn stop(self) -> Result<()> {
-        self.token.cancel();
-        Ok(self.handle.await??)
-    }
-}
-
-impl TestKit {
-    /// Serves the simulator with `plan` on `address` ("127.0.0.1:0" for any
-    /// free port), keeping its books in this kit's database.
-    pub async fn start_simulator_on(&self, address: &str, plan: bridge_sim::FaultPlan) -> Result<RunningSimulator> {
-        let listener = tokio::net::TcpListener::bind(address).await?;
-        self.serve_simulator(listener, plan)
-    }
-
-    /// Serves the simulator on a socket the test bound earlier. Until then
-    /// the kernel queues connections and nobody answers: a service that is
-    /// up on the network but not responding.
-    pub fn start_simulator_with(
-        &self,
-        listener: std::net::TcpListener,
-        plan: bridge_sim::FaultPlan,
-    ) -> Result<RunningSimulator> {
-        listener.set_nonblocking(true)?;
-        self.serve_simulator(tokio::net::TcpListener::from_std(listener)?, plan)
-    }
-
-    fn serve_simulator(
-        &self,
-        listener: tokio::net::TcpListener,
-        plan: bridge_sim::FaultPlan,
-    ) -> Result<RunningSimulator> {
-        self.serve_bank(listener, bridge_sim::Bank::new(self.pool.clone(), plan))
-    }
-
-    /// Serves the simulator with `plan` on a socket bound earlier (so the
-    /// API that it calls back can be told its address first), announcing
-    /// settlements by signed callbacks to `target`.
-    pub fn start_simulator_calling_back(
-        &self,
-        listener: std::net::TcpListener,
-        plan: bridge_sim::FaultPlan,
-        target: bridge_sim::CallbackTarget,
-    ) -> Result<RunningSimulator> {
-        listener.set_nonblocking(true)?;
-        let bank = bridge_sim::Bank::new(self.pool.clone(), plan).with_callbacks(target);
-        self.serve_bank(tokio::net::TcpListener::from_std(listener)?, bank)
-    }
-
-    fn serve_bank(&self, listener: tokio::net::TcpListener, bank: bridge_sim::Bank) -> Result<RunningSimulator> {
-        let bank = Arc::new(bank);
-        let url = format!("http://{}", listener.local_addr()?);
-        let token = CancellationToken::new();
-        let handle = tokio::spawn(bridge_sim::http::serve(
-            listener,
-            bridge_sim::http::router(bank.clone(), None),
-            token.clone(),
-        ));
-        Ok(RunningSimulator { url, token, handle, bank })
-    }
-
-    pub async fn start_simulator(&self, plan: bridge_sim::FaultPlan) -> Result<RunningSimulator> {
-        self.start_simulator_on("127.0.0.1:0", plan).await
-    }
-
-    /// The HTTP adapters pointed at `url` for both services.
-    pub fn http_services(&self, url: &str, timeout_ms: u64) -> Result<Services> {
-        bridge_pipeline::http_services::HttpAccountServices::services(
-            bridge_pipeline::http_services::HttpServicesConfig {
-                investor_base_url: url.to_owned(),
-                fund_base_url: url.to_owned(),
-                token: None,
-                timeout_ms,
-            },
-        )
-    }
-}
-
-/// Seconds since the Unix epoch, as signed timestamps carry them.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64
-}
-
-/// A keyring with one fresh master key, for the credentials store.
-pub fn keyring() -> Arc<bridge_secrets::Keyring> {
-    let entry = bridge_secrets::Keyring::generate_entry("test");
-    Arc::new(bridge_secrets::Keyring::parse(&entry).expect("a generated key parses"))
-}
-
-/// Stores `secret` in the credentials store and returns the reference a
-/// webhook subscription keeps.
-pub async fn sealed_secret(pool: &PgPool, keyring: &bridge_secrets::Keyring, secret: &str) -> Result<String> {
-    let mut conn = pool.acquire().await?;
-    let value = bridge_secrets::SecretString::from(secret.to_owned());
-    Ok(bridge_secrets::store_new(&mut conn, keyring, "webhook-secret", &value).await?)
-}
-
-/// The notifier running in the test process.
-pub struct RunningNotifier {
-    token: CancellationToken,
-    handle: JoinHandle<Result<()>>,
-}
-
-impl RunningNotifier {
-    pub async fn stop(self) -> Result<()> {
-        self.token.cancel();
-        tokio::time::timeout(Duration::from_secs(60), self.handle)
-            .await
-            .context("Notifier did not stop within 60 s")??
-    }
-}
-
-impl TestKit {
-    /// Runs the notifier (its consumer and its sender) on this runtime.
-    pub fn spawn_notifier(&self, config: bridge_notify::NotifierConfig) -> Result<RunningNotifier> {
-        let pipeline = Pipeline::new(self.pool.clone(), self.config.clone(), Services::none());
-        let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), config)?;
-        let token = CancellationToken::new();
-        let run_token = token.clone();
-        let handle = tokio::spawn(async move { notifier.run(run_token).await });
-        Ok(RunningNotifier { token, handle })
-    }
-}
-
-/// Bridge's HTTP API served from the test process.
-pub struct RunningApi {
-    pub url: String,
-    token: CancellationToken,
-    handle: JoinHandle<std::io::Result<()>>,
-}
-
-impl RunningApi {
-    pub async fn stop(self) -> Result<()> {
-        self.token.cancel();
-        Ok(self.handle.await??)
-    }
-}
-
-impl TestKit {
-    /// Serves the API (callbacks, health, metrics) on a free port, running
-    /// steps against `services`.
-    pub async fn start_api(&self, services: Services, config: bridge_api::ApiConfig) -> Result<RunningApi> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let pipeline = Pipeline::new(self.pool.clone(), self.config.clone(), services);
-        let router = bridge_api::router(pipeline.context().clone(), config);
-        let token = CancellationToken::new();
-        let handle = tokio::spawn(bridge_api::serve(listener, router, token.clone()));
-        Ok(RunningApi { url, token, handle })
-    }
-}
-
-pub struct RunningPipeline {
-    token: CancellationToken,
-    handle: JoinHandle<Result<()>>,
-}
-
-impl RunningPipeline {
-    /// Stops gracefully and returns the pipeline's own result.
-    pub async fn stop(self) -> Result<()> {
-        self.token.cancel();
-        tokio::time::timeout(Duration::from_secs(60), self.handle)
-            .await
-            .context("Pipeline did not stop within 60 s")??
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.handle.is_finished()
-    }
-
-    /// Stops at once, as a crash would: every task is dropped wherever it
-    /// is (a transaction in progress rolls back with its connection), no
-    /// offset is committed, no producer is flushed.
-    pub async fn crash(self) {
-        self.handle.abort();
-        let _ = self.handle.await;
     }
 }
