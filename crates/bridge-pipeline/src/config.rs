@@ -72,6 +72,16 @@ pub enum DeadlinePolicy {
     ManualReview,
 }
 
+impl std::fmt::Display for DeadlinePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::KeepPolling => "keep_polling",
+            Self::Fail => "fail",
+            Self::ManualReview => "manual_review",
+        })
+    }
+}
+
 impl DeadlinePolicy {
     pub fn parse(text: &str) -> Option<Self> {
         match text {
@@ -151,35 +161,61 @@ pub struct PipelineConfig {
     pub kafka_overrides: Vec<(String, String)>,
 }
 
+/// Every setting's default, in one place: `PipelineConfig::new` and the
+/// command line's flags both take them from here.
+pub mod defaults {
+    use super::DeadlinePolicy;
+
+    pub const TOPIC_PARTITIONS: i32 = 6;
+    pub const TOPIC_REPLICATION: i32 = 1;
+    pub const SESSION_TIMEOUT_MS: u32 = 10_000;
+    pub const FETCH_WAIT_MAX_MS: u32 = 20;
+    pub const BATCH_SIZE_MAX: usize = 64;
+    pub const BATCHES_IN_FLIGHT: usize = 1;
+    pub const RELAY_BATCH_SIZE_MAX: i64 = 500;
+    pub const RELAY_POLL_INTERVAL_MS: u64 = 500;
+    pub const PRODUCER_MESSAGE_TIMEOUT_MS: u32 = 30_000;
+    pub const RETRY_BACKOFF_MAX_MS: u64 = 5_000;
+    pub const TRANSACTION_ATTEMPTS_MAX: u32 = 32;
+    /// Bank transfers settle in up to three business days; past five days
+    /// something is wrong and a person should look.
+    pub const PENDING_DEADLINE_MS: u64 = 5 * 24 * 3_600_000;
+    pub const PENDING_DEADLINE_POLICY: DeadlinePolicy = DeadlinePolicy::ManualReview;
+    /// With the backoff capped at 30 s, about four days of asking.
+    pub const PENDING_ATTEMPTS_MAX: i32 = 12_000;
+    pub const RESERVATION_TTL_MS: u64 = 7 * 24 * 3_600_000;
+    pub const SETTLEMENT_CONCURRENCY_PER_SERVICE: usize = 8;
+    pub const FUND_TERMS_REFRESH_MS: u64 = 300_000;
+    pub const INBOX_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
+    pub const SCHEMA_REGISTRY_TIMEOUT_MS: u64 = 5_000;
+}
+
 impl PipelineConfig {
     pub fn new(brokers: impl Into<String>) -> Self {
         Self {
             brokers: brokers.into(),
             topics: Topics::default(),
             group_prefix: String::new(),
-            topic_partitions: 6,
-            topic_replication: 1,
-            session_timeout_ms: 10_000,
-            fetch_wait_max_ms: 20,
-            batch_size_max: 64,
-            batches_in_flight: 1,
-            relay_batch_size_max: 500,
-            relay_poll_interval_ms: 500,
-            producer_message_timeout_ms: 30_000,
-            retry_backoff_max_ms: 5_000,
-            transaction_attempts_max: 32,
-            // Bank transfers settle in up to three business days; past five
-            // days something is wrong and a person should look.
-            pending_deadline_ms: 5 * 24 * 3_600_000,
-            pending_deadline_policy: DeadlinePolicy::ManualReview,
-            // With the backoff capped at 30 s, about four days of asking.
-            pending_attempts_max: 12_000,
-            reservation_ttl_ms: 7 * 24 * 3_600_000,
-            settlement_concurrency_per_service: 8,
-            fund_terms_refresh_ms: 300_000,
-            inbox_retention_ms: 7 * 24 * 3_600_000,
+            topic_partitions: defaults::TOPIC_PARTITIONS,
+            topic_replication: defaults::TOPIC_REPLICATION,
+            session_timeout_ms: defaults::SESSION_TIMEOUT_MS,
+            fetch_wait_max_ms: defaults::FETCH_WAIT_MAX_MS,
+            batch_size_max: defaults::BATCH_SIZE_MAX,
+            batches_in_flight: defaults::BATCHES_IN_FLIGHT,
+            relay_batch_size_max: defaults::RELAY_BATCH_SIZE_MAX,
+            relay_poll_interval_ms: defaults::RELAY_POLL_INTERVAL_MS,
+            producer_message_timeout_ms: defaults::PRODUCER_MESSAGE_TIMEOUT_MS,
+            retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
+            transaction_attempts_max: defaults::TRANSACTION_ATTEMPTS_MAX,
+            pending_deadline_ms: defaults::PENDING_DEADLINE_MS,
+            pending_deadline_policy: defaults::PENDING_DEADLINE_POLICY,
+            pending_attempts_max: defaults::PENDING_ATTEMPTS_MAX,
+            reservation_ttl_ms: defaults::RESERVATION_TTL_MS,
+            settlement_concurrency_per_service: defaults::SETTLEMENT_CONCURRENCY_PER_SERVICE,
+            fund_terms_refresh_ms: defaults::FUND_TERMS_REFRESH_MS,
+            inbox_retention_ms: defaults::INBOX_RETENTION_MS,
             schema_registry_url: None,
-            schema_registry_timeout_ms: 5_000,
+            schema_registry_timeout_ms: defaults::SCHEMA_REGISTRY_TIMEOUT_MS,
             kafka_overrides: Vec::new(),
         }
     }

@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use bridge_pipeline::config::defaults;
 use bridge_pipeline::http_services::{HttpAccountServices, HttpServicesConfig};
 use bridge_pipeline::runner::Part;
 use bridge_pipeline::services::Services;
@@ -55,17 +56,17 @@ pub struct Common {
     #[arg(long, env = "BRIDGE_GROUP_PREFIX", default_value = "", global = true)]
     pub group_prefix: String,
     /// Partitions of the topics Bridge creates.
-    #[arg(long, env = "BRIDGE_TOPIC_PARTITIONS", default_value_t = 6, global = true)]
+    #[arg(long, env = "BRIDGE_TOPIC_PARTITIONS", default_value_t = defaults::TOPIC_PARTITIONS, global = true)]
     pub topic_partitions: i32,
     /// Replication factor of the topics Bridge creates.
-    #[arg(long, env = "BRIDGE_TOPIC_REPLICATION", default_value_t = 1, global = true)]
+    #[arg(long, env = "BRIDGE_TOPIC_REPLICATION", default_value_t = defaults::TOPIC_REPLICATION, global = true)]
     pub topic_replication: i32,
     /// Extra librdkafka settings, `key=value`, applied to every client.
     #[arg(long = "kafka-option", value_parser = parse_key_value, global = true)]
     pub kafka_options: Vec<(String, String)>,
     /// Consumer session timeout: how long a silent consumer keeps its
     /// partitions before the group hands them to others.
-    #[arg(long, env = "BRIDGE_SESSION_TIMEOUT_MS", default_value_t = 10_000, global = true)]
+    #[arg(long, env = "BRIDGE_SESSION_TIMEOUT_MS", default_value_t = defaults::SESSION_TIMEOUT_MS, global = true)]
     pub session_timeout_ms: u32,
     /// Postgres connections per process.
     #[arg(long, env = "BRIDGE_DB_CONNECTIONS_MAX", default_value_t = 16, global = true)]
@@ -73,22 +74,22 @@ pub struct Common {
     /// Longest a consumer's fetch waits at the broker for new data (bounds
     /// each hop's latency on brokers that do not answer a waiting fetch
     /// early).
-    #[arg(long, env = "BRIDGE_FETCH_WAIT_MAX_MS", default_value_t = 20, global = true)]
+    #[arg(long, env = "BRIDGE_FETCH_WAIT_MAX_MS", default_value_t = defaults::FETCH_WAIT_MAX_MS, global = true)]
     pub fetch_wait_max_ms: u32,
     /// Address for `/healthz` and `/readyz` alone (for orchestrator probes of
     /// processes that do not serve the API).
     #[arg(long, env = "BRIDGE_HEALTH_LISTEN", global = true)]
     pub health_listen: Option<String>,
     /// How long applied message ids are kept in the inbox.
-    #[arg(long, env = "BRIDGE_INBOX_RETENTION_MS", default_value_t = 604_800_000, global = true)]
+    #[arg(long, env = "BRIDGE_INBOX_RETENTION_MS", default_value_t = defaults::INBOX_RETENTION_MS, global = true)]
     pub inbox_retention_ms: u64,
     /// Most queued messages of one partition a stage applies in one
     /// set-based transaction (1: one message per transaction).
-    #[arg(long, env = "BRIDGE_BATCH_SIZE_MAX", default_value_t = 64, global = true)]
+    #[arg(long, env = "BRIDGE_BATCH_SIZE_MAX", default_value_t = defaults::BATCH_SIZE_MAX, global = true)]
     pub batch_size_max: usize,
     /// Most set-based transactions a stage has in flight at once; batches of
     /// several partitions that find them busy share the next one.
-    #[arg(long, env = "BRIDGE_BATCHES_IN_FLIGHT", default_value_t = 1, global = true)]
+    #[arg(long, env = "BRIDGE_BATCHES_IN_FLIGHT", default_value_t = defaults::BATCHES_IN_FLIGHT, global = true)]
     pub batches_in_flight: usize,
     /// A schema registry (Confluent's REST API): events are then written in
     /// Confluent's wire format under ids registered for `<topic>-value`.
@@ -192,25 +193,25 @@ impl ServiceArgs {
 pub struct SettlementArgs {
     /// How long a step may stay pending at its service before the deadline
     /// policy applies.
-    #[arg(long, env = "BRIDGE_PENDING_DEADLINE_MS", default_value_t = 5 * 24 * 3_600_000)]
+    #[arg(long, env = "BRIDGE_PENDING_DEADLINE_MS", default_value_t = defaults::PENDING_DEADLINE_MS)]
     pub pending_deadline_ms: u64,
     /// What happens to a step pending past its deadline: `manual_review`,
     /// `fail` (cancel it at the service and compensate) or `keep_polling`.
-    #[arg(long, env = "BRIDGE_PENDING_DEADLINE_POLICY", default_value = "manual_review", value_parser = parse_policy)]
+    #[arg(long, env = "BRIDGE_PENDING_DEADLINE_POLICY", default_value_t = defaults::PENDING_DEADLINE_POLICY, value_parser = parse_policy)]
     pub pending_deadline_policy: DeadlinePolicy,
     /// Times the settlement runner asks about one pending step before the
     /// deadline policy applies anyway.
-    #[arg(long, env = "BRIDGE_PENDING_ATTEMPTS_MAX", default_value_t = 12_000)]
+    #[arg(long, env = "BRIDGE_PENDING_ATTEMPTS_MAX", default_value_t = defaults::PENDING_ATTEMPTS_MAX)]
     pub pending_attempts_max: i32,
     /// How long a fund reservation waits for its withdrawal before it expires.
-    #[arg(long, env = "BRIDGE_RESERVATION_TTL_MS", default_value_t = 7 * 24 * 3_600_000)]
+    #[arg(long, env = "BRIDGE_RESERVATION_TTL_MS", default_value_t = defaults::RESERVATION_TTL_MS)]
     pub reservation_ttl_ms: u64,
     /// Calls the settlement runner makes at once to each account service.
-    #[arg(long, env = "BRIDGE_SETTLEMENT_CONCURRENCY", default_value_t = 8)]
+    #[arg(long, env = "BRIDGE_SETTLEMENT_CONCURRENCY", default_value_t = defaults::SETTLEMENT_CONCURRENCY_PER_SERVICE)]
     pub settlement_concurrency: usize,
     /// How often the settlement runner reads fund terms from the Fund
     /// Account Service (0: never).
-    #[arg(long, env = "BRIDGE_FUND_TERMS_REFRESH_MS", default_value_t = 300_000)]
+    #[arg(long, env = "BRIDGE_FUND_TERMS_REFRESH_MS", default_value_t = defaults::FUND_TERMS_REFRESH_MS)]
     pub fund_terms_refresh_ms: u64,
 }
 
