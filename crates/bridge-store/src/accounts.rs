@@ -305,6 +305,57 @@ pub async fn seats_held(conn: &mut PgConnection, pairs: &[(&str, &str)]) -> Resu
     Ok(rows.into_iter().collect())
 }
 
+/// One investor's change, in one atomic update under the row's lock: a hold
+/// (`held_delta_minor` > 0 with no balance change) only if the available
+/// balance covers it (else a conflict: the caller decides again), any other
+/// change to money already decided (a settled withdrawal, a released hold,
+/// a refund) unguarded. The CHECK constraints still refuse a negative
+/// available balance. `hold_many` and `adjust_investors` for batches.
+pub(crate) async fn adjust_investor(
+    conn: &mut PgConnection,
+    id: &str,
+    balance_delta_minor: i64,
+    held_delta_minor: i64,
+) -> Result<()> {
+    let hold = balance_delta_minor == 0 && held_delta_minor > 0;
+    let updated = sqlx::query(
+        "UPDATE investor_accounts
+         SET balance_minor = balance_minor + $2, held_minor = held_minor + $3,
+             version = version + 1, updated_at = now()
+         WHERE id = $1 AND (NOT $4 OR balance_minor - held_minor >= $3)",
+    )
+    .bind(id)
+    .bind(balance_delta_minor)
+    .bind(held_delta_minor)
+    .bind(hold)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    match updated {
+        1 => Ok(()),
+        _ if hold => Err(conflict("investor account", id)),
+        _ => Err(Error::Corrupt(format!("investor account {id} vanished"))),
+    }
+}
+
+/// Credits a fund account: one atomic increment, since every deposit into
+/// the fund updates this one row (see `adjust_allocation`).
+pub(crate) async fn credit_fund_account(conn: &mut PgConnection, id: &str, amount_minor: i64) -> Result<()> {
+    let updated = sqlx::query(
+        "UPDATE fund_accounts SET balance_minor = balance_minor + $2, version = version + 1, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(amount_minor)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    if updated != 1 {
+        return Err(Error::Corrupt(format!("fund account {id} vanished")));
+    }
+    Ok(())
+}
+
 /// Changes an investor's allocation in a fund and, in the same statement,
 /// the fund's totals and seat count.
 ///

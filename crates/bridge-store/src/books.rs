@@ -27,6 +27,9 @@ use crate::{Error, Result};
 /// the books changed since the caller decided, the whole call fails with a
 /// conflict and the caller decides again.
 pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> Result<()> {
+    if let [(transfer, effect)] = changes {
+        return apply_one(conn, transfer, effect).await;
+    }
     let mut accounts_named = Vec::new();
     for (transfer, effect) in changes {
         if let Some(posting) = effect.posting {
@@ -106,6 +109,46 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
         .collect();
     if !credits.is_empty() {
         accounts::credit_fund_accounts(conn, &credits).await?;
+    }
+    Ok(())
+}
+
+/// `apply` for one transfer, the one-message path: the same changes in the
+/// same order, each one prepared statement on one row (a batch's statements
+/// over arrays lock rows first and are planned at each execution).
+async fn apply_one(conn: &mut PgConnection, transfer: &Transfer, effect: &Effect) -> Result<()> {
+    if let Some(posting) = effect.posting {
+        let name = |book| match book {
+            Book::Investor => ledger::investor_account(&transfer.investor_account_id),
+            Book::InTransit => ledger::IN_TRANSIT.to_owned(),
+            Book::FundAccount => ledger::fund_account(&transfer.fund_account_id),
+        };
+        let (debit, credit) = (name(posting.debit), name(posting.credit));
+        let posting = Posting {
+            transfer_id: Some(transfer.id),
+            step: posting.step.as_str(),
+            debit_account: &debit,
+            credit_account: &credit,
+            amount: money_of(transfer)?,
+        };
+        ledger::post(conn, &posting).await?;
+    }
+    if effect.balance_minor != 0 || effect.held_minor != 0 {
+        accounts::adjust_investor(conn, &transfer.investor_account_id, effect.balance_minor, effect.held_minor).await?;
+    }
+    if effect.reserved_minor != 0 || effect.completed_minor != 0 {
+        let fund = fund_of(transfer)?;
+        accounts::adjust_allocation(
+            conn,
+            fund,
+            &transfer.investor_account_id,
+            effect.reserved_minor,
+            effect.completed_minor,
+        )
+        .await?;
+    }
+    if effect.fund_account_minor != 0 {
+        accounts::credit_fund_account(conn, &transfer.fund_account_id, effect.fund_account_minor).await?;
     }
     Ok(())
 }

@@ -1,0 +1,474 @@
+//! The money steps: the withdrawal at the investor's bank and the deposit
+//! at the fund administrator (with its refund when the deposit is
+//! declined), from a stage's message, a batch, the settlement runner or a
+//! callback; steps a service holds as pending are recorded for the
+//! settlement runner.
+
+use super::*;
+
+/// Loads the transfer an outcome event refers to, outside any transaction,
+/// and says whether the step still has to be done. The transfer's state is
+/// the whole answer: the inbox row of an applied step is written in the same
+/// transaction that moves the state on, so a message already in the inbox
+/// always finds the state past `expected` (and a look at the inbox would be
+/// one more round trip for nothing). The step's transaction still records
+/// the inbox row and checks the state again under the row lock.
+async fn pending_step(
+    ctx: &StageContext,
+    transfer_id: Uuid,
+    expected: TransferState,
+) -> Result<Option<Transfer>, StageError> {
+    let mut conn = ctx.pool.acquire().await?;
+    let transfer = transfers::get(&mut conn, transfer_id)
+        .await?
+        .ok_or_else(|| permanent("unknown_transfer", format!("transfer {transfer_id} does not exist")))?;
+    Ok((transfer.state == expected).then_some(transfer))
+}
+
+fn movement(transfer: &Transfer, step: Step, account_id: &str) -> Result<MoneyMovement, StageError> {
+    Ok(MoneyMovement {
+        idempotency_key: ids::idempotency_key(transfer.id, step),
+        transfer_id: transfer.id,
+        account_id: account_id.to_owned(),
+        amount: money_of(transfer)?,
+    })
+}
+
+/// Withdrawal: the investor's bank debits the investor. On success the held
+/// funds become a debit of the balance; on a decline the hold and the
+/// reservation are released and the transfer fails.
+pub(super) async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
+    let event: TransferValidated = decode_payload(message)?;
+    let transfer_id = parse_transfer_id(&event.transfer_id)?;
+    let trace = TraceContext::continue_or_start(message.header("traceparent"));
+    withdrawal_step(ctx, transfer_id, Some(&event.event_id), &trace, Ask::Perform).await
+}
+
+/// Records a step its service holds as pending, for the settlement runner,
+/// and lets the partition move on. Not a result: a redelivered event asks
+/// the service again, which is harmless. Checked under the transfer's row
+/// lock, so a late "pending" cannot bring back a step another process has
+/// just applied.
+async fn defer(
+    ctx: &StageContext,
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    transfer_id: Uuid,
+    step: Step,
+) -> Result<Outcome, StageError> {
+    match transfers::get_for_update(&mut tx, transfer_id).await? {
+        Some(current) if current.state == step.waits_in() => {}
+        _ => return Ok(Outcome::Duplicate),
+    }
+    pending::record(&mut tx, transfer_id, step.as_str(), pending_retry_ms(0), ctx.config.pending_deadline_ms).await?;
+    tx.commit().await?;
+    Ok(Outcome::Deferred)
+}
+
+/// How long to wait before asking a service about a pending step again.
+pub fn pending_retry_ms(attempts: i32) -> u64 {
+    let ceiling = (500u64 << attempts.clamp(0, 10)).min(30_000);
+    rand::rng().random_range(ceiling / 2..=ceiling)
+}
+
+/// What a step asks of its service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask<'a> {
+    /// Carry the step out (or learn how it went, asking again by key).
+    Perform,
+    /// Cancel it unless it has settled. If the cancellation wins, the step
+    /// is failed and compensated as a decline with `reason` as its code; if
+    /// the service settled first, the step applies as usual.
+    Cancel { reason: &'a str },
+}
+
+/// A cancellation reads as a decline with the caller's reason.
+fn cancelled_as(outcome: ServiceOutcome, reason: &str) -> ServiceOutcome {
+    match outcome {
+        ServiceOutcome::Declined { code } if code == CANCELLED => ServiceOutcome::Declined { code: reason.to_owned() },
+        other => other,
+    }
+}
+
+/// Carries a step of a transfer on without the message that asked for it:
+/// for the settlement runner and settlement callbacks. A refund is the
+/// deposit step's compensation, so news of it settles the deposit step.
+pub async fn settle_step(
+    ctx: &StageContext,
+    transfer_id: Uuid,
+    step: Step,
+    trace: &TraceContext,
+    ask: Ask<'_>,
+) -> Result<Outcome, StageError> {
+    match step {
+        Step::Withdrawal => withdrawal_step(ctx, transfer_id, None, trace, ask).await,
+        Step::Deposit | Step::Refund => deposit_step(ctx, transfer_id, None, trace, ask).await,
+    }
+}
+
+/// The withdrawal step for one transfer: from the stage (with the event that
+/// asked for it), from the settlement runner or a settlement callback
+/// (without).
+pub async fn withdrawal_step(
+    ctx: &StageContext,
+    transfer_id: Uuid,
+    event_id: Option<&str>,
+    trace: &TraceContext,
+    ask: Ask<'_>,
+) -> Result<Outcome, StageError> {
+    let stage = StageName::Withdrawal;
+    let Some(transfer) = pending_step(ctx, transfer_id, TransferState::Validated).await? else {
+        return Ok(Outcome::Duplicate);
+    };
+    let movement = MoneyStep::Withdrawal.movement(&transfer)?;
+    let outcome = match ask {
+        Ask::Perform => ctx.services.investor.withdraw(&movement).await?,
+        Ask::Cancel { reason } => cancelled_as(ctx.services.investor.cancel_withdrawal(&movement).await?, reason),
+    };
+
+    let mut tx = ctx.pool.begin().await?;
+    if outcome == ServiceOutcome::Pending {
+        return defer(ctx, tx, transfer_id, Step::Withdrawal).await;
+    }
+    let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Validated).await? else {
+        return Ok(Outcome::Duplicate);
+    };
+    pending::finish(&mut tx, transfer_id, Step::Withdrawal.as_str()).await?;
+    let (event, reference) = match outcome {
+        ServiceOutcome::Settled { reference } => (TransferEvent::Withdrawn, reference),
+        ServiceOutcome::Declined { code } => (TransferEvent::WithdrawalFailed(FailureReason(code)), String::new()),
+        ServiceOutcome::Pending => unreachable!("pending handled above"),
+    };
+    let step = Advance { before: &current, trace: trace.clone(), reference };
+    finish_step(ctx, tx, stage, &event, &[step]).await?;
+    Ok(Outcome::Applied)
+}
+
+/// Deposit: the fund administrator credits the fund account. On a decline the
+/// investor is refunded (at the bank, then in our books) and the reservation
+/// released: the transfer is reversed.
+pub(super) async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
+    let event: FundsWithdrawn = decode_payload(message)?;
+    let transfer_id = parse_transfer_id(&event.transfer_id)?;
+    let trace = TraceContext::continue_or_start(message.header("traceparent"));
+    deposit_step(ctx, transfer_id, Some(&event.event_id), &trace, Ask::Perform).await
+}
+
+/// The deposit step (with its compensation) for one transfer.
+pub async fn deposit_step(
+    ctx: &StageContext,
+    transfer_id: Uuid,
+    event_id: Option<&str>,
+    trace: &TraceContext,
+    ask: Ask<'_>,
+) -> Result<Outcome, StageError> {
+    let stage = StageName::Deposit;
+    let Some(transfer) = pending_step(ctx, transfer_id, TransferState::Withdrawn).await? else {
+        return Ok(Outcome::Duplicate);
+    };
+    let remit = MoneyStep::Deposit.movement(&transfer)?;
+    let remitted = match ask {
+        Ask::Perform => ctx.services.fund.remit(&remit).await?,
+        Ask::Cancel { reason } => cancelled_as(ctx.services.fund.cancel_remittance(&remit).await?, reason),
+    };
+    let outcome = match remitted {
+        ServiceOutcome::Pending => DepositOutcome::Pending,
+        ServiceOutcome::Declined { code } => {
+            let refund = movement(&transfer, Step::Refund, &transfer.investor_account_id)?;
+            match ctx.services.investor.refund(&refund).await {
+                // The refund itself is under way; the runner asks again and
+                // finds the deposit's decline stored under its own key.
+                Ok(ServiceOutcome::Pending) => DepositOutcome::Pending,
+                Ok(ServiceOutcome::Settled { .. }) => DepositOutcome::Reversed { code },
+                Ok(ServiceOutcome::Declined { code: refund_code }) => {
+                    DepositOutcome::NeedsPerson { code: format!("DEPOSIT_{code}_REFUND_{refund_code}") }
+                }
+                // The refund was refused outright: still a person's job, and
+                // the transfer must say so rather than vanish into a
+                // dead-letter topic with money in transit.
+                Err(error) if !error.is_retryable() => {
+                    DepositOutcome::NeedsPerson { code: format!("DEPOSIT_{code}_REFUND_REFUSED") }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        ServiceOutcome::Settled { reference } => DepositOutcome::Deposited { reference },
+    };
+    let mut tx = ctx.pool.begin().await?;
+    if matches!(outcome, DepositOutcome::Pending) {
+        return defer(ctx, tx, transfer_id, Step::Deposit).await;
+    }
+    let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Withdrawn).await? else {
+        return Ok(Outcome::Duplicate);
+    };
+    pending::finish(&mut tx, transfer_id, Step::Deposit.as_str()).await?;
+    let (event, reference) = match outcome {
+        DepositOutcome::Deposited { reference } => (TransferEvent::Deposited, reference),
+        DepositOutcome::NeedsPerson { code } => {
+            // Money is at neither end we can reach. The transfer stops in
+            // manual review with the money in transit and the reservation
+            // kept, and says so on the status topic; an operator resolves it.
+            tracing::error!(transfer_id = %transfer_id, reason = %code, "Deposit and refund both declined; transfer needs manual review");
+            (TransferEvent::CompensationFailed(FailureReason(code)), String::new())
+        }
+        // The investor was refunded at the bank: back in our books too.
+        DepositOutcome::Reversed { code } => (TransferEvent::DepositFailed(FailureReason(code)), String::new()),
+        DepositOutcome::Pending => unreachable!("pending handled above"),
+    };
+    let step = Advance { before: &current, trace: trace.clone(), reference };
+    finish_step(ctx, tx, stage, &event, &[step]).await?;
+    Ok(Outcome::Applied)
+}
+
+/// A money stage's step: what the one-message and batch paths share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MoneyStep {
+    Withdrawal,
+    Deposit,
+}
+
+impl MoneyStep {
+    fn stage(self) -> StageName {
+        match self {
+            Self::Withdrawal => StageName::Withdrawal,
+            Self::Deposit => StageName::Deposit,
+        }
+    }
+
+    fn step(self) -> Step {
+        match self {
+            Self::Withdrawal => Step::Withdrawal,
+            Self::Deposit => Step::Deposit,
+        }
+    }
+
+    /// The state a transfer waits in for this step.
+    fn expected(self) -> TransferState {
+        match self {
+            Self::Withdrawal => TransferState::Validated,
+            Self::Deposit => TransferState::Withdrawn,
+        }
+    }
+
+    fn applied(self) -> TransferEvent {
+        match self {
+            Self::Withdrawal => TransferEvent::Withdrawn,
+            Self::Deposit => TransferEvent::Deposited,
+        }
+    }
+
+    /// The event that asked for the step: its id and its transfer's.
+    fn decode(self, message: &Inbound) -> Result<(String, Uuid), StageError> {
+        let (event_id, transfer_id) = match self {
+            Self::Withdrawal => {
+                let event: TransferValidated = decode_payload(message)?;
+                (event.event_id, event.transfer_id)
+            }
+            Self::Deposit => {
+                let event: FundsWithdrawn = decode_payload(message)?;
+                (event.event_id, event.transfer_id)
+            }
+        };
+        Ok((event_id, parse_transfer_id(&transfer_id)?))
+    }
+
+    fn movement(self, transfer: &Transfer) -> Result<MoneyMovement, StageError> {
+        match self {
+            Self::Withdrawal => movement(transfer, self.step(), &transfer.investor_account_id),
+            Self::Deposit => movement(transfer, self.step(), &transfer.fund_account_id),
+        }
+    }
+
+    async fn perform(self, ctx: &StageContext, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        match self {
+            Self::Withdrawal => ctx.services.investor.withdraw(movement).await,
+            Self::Deposit => ctx.services.fund.remit(movement).await,
+        }
+    }
+}
+
+/// Service calls one lane's batch has in flight at once. Bounded, so a
+/// partition's backlog cannot flood a bank; with the default six partitions
+/// a process asks a service at most 48 things at a time.
+const SERVICE_CALLS_IN_FLIGHT: usize = 8;
+
+/// Withdrawal for several queued messages of one partition. See
+/// [`money_batch`].
+pub async fn withdraw_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<bool> {
+    money_batch(ctx, MoneyStep::Withdrawal, messages).await
+}
+
+/// Deposit for several queued messages of one partition. See
+/// [`money_batch`].
+pub async fn deposit_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<bool> {
+    money_batch(ctx, MoneyStep::Deposit, messages).await
+}
+
+/// A money stage's step for several messages of one partition: the
+/// service is asked about all of them concurrently (a lane would otherwise
+/// wait out each call in turn), and the steps it settled are applied in one
+/// set-based transaction (`apply_money_batch`), which may hold other
+/// partitions' settled steps too (see `group_commit`). The calls stay the
+/// lane's own, so a slow service holds only the partitions it is slow for.
+///
+/// Only settled steps take this path; the answer says which messages were
+/// applied. The others go one by one with the full policy: a message that
+/// does not decode, a second message for a transfer, a transfer unknown or
+/// not waiting for this step, a step the service declined, holds as pending
+/// or failed to answer, and every message if the transaction fails. Steps of
+/// different transfers do not depend on each other, so those may come after
+/// the batch that passed them in the partition; a transfer's own messages
+/// stay in order, as only its first in the batch can take the batch. A step
+/// asked about here and then taken one by one asks the service again under
+/// the same idempotency key, which answers as it did the first time. So a
+/// bad message neither takes its neighbours down nor applies twice, and no
+/// money moves twice.
+async fn money_batch(ctx: &StageContext, step: MoneyStep, messages: &[Inbound]) -> Vec<bool> {
+    let mut batch = Vec::with_capacity(messages.len());
+    let mut seen = std::collections::HashSet::with_capacity(messages.len());
+    for (index, message) in messages.iter().enumerate() {
+        let Ok((event_id, transfer_id)) = step.decode(message) else { continue };
+        if seen.insert(transfer_id) {
+            batch.push(MoneyBatchItem { index, message, event_id, transfer_id });
+        }
+    }
+    let mut applied = vec![false; messages.len()];
+    let settled = match settle_money_batch(ctx, step, &batch).await {
+        Ok(settled) => settled,
+        Err(error) => {
+            tracing::debug!(error = %error, size = batch.len(), "Batch not applied; taking its messages one by one");
+            return applied;
+        }
+    };
+    if settled.is_empty() {
+        return applied;
+    }
+    let indexes: Vec<usize> = settled.iter().map(|(index, _)| *index).collect();
+    let steps = settled.into_iter().map(|(_, step)| step).collect();
+    // The calls were this lane's own; the transaction may take other
+    // partitions' settled steps too (see `group_commit`).
+    let group = match step {
+        MoneyStep::Withdrawal => &ctx.groups.withdrawal,
+        MoneyStep::Deposit => &ctx.groups.deposit,
+    };
+    let transfer_of = |settled: &SettledStep| settled.transfer_id;
+    let done =
+        shared(group, steps, transfer_of, |steps| async move { apply_money_batch(ctx, step, &steps).await }).await;
+    for (index, done) in indexes.into_iter().zip(done) {
+        applied[index] = done;
+    }
+    applied
+}
+
+struct MoneyBatchItem<'a> {
+    /// Where the message stands in the lane's queue.
+    index: usize,
+    message: &'a Inbound,
+    event_id: String,
+    transfer_id: Uuid,
+}
+
+/// Asks the service about the batch's steps, concurrently, and answers the
+/// ones it settled, each with its message's index in the lane's queue.
+async fn settle_money_batch(
+    ctx: &StageContext,
+    step: MoneyStep,
+    batch: &[MoneyBatchItem<'_>],
+) -> Result<Vec<(usize, SettledStep)>, StageError> {
+    use futures::StreamExt;
+
+    let ids: Vec<Uuid> = batch.iter().map(|item| item.transfer_id).collect();
+    // Read outside any transaction, as `pending_step` does: no row is held
+    // while the services are asked. A transfer not waiting for this step (a
+    // repeat, or one the settlement runner moved on) is left out here.
+    let waiting: Vec<Transfer> = {
+        let mut conn = ctx.pool.acquire().await?;
+        transfers::get_many(&mut conn, &ids).await?
+    }
+    .into_iter()
+    .filter(|transfer| transfer.state == step.expected())
+    .collect();
+    if waiting.is_empty() {
+        return Ok(Vec::new());
+    }
+    let movements = waiting.iter().map(|transfer| step.movement(transfer)).collect::<Result<Vec<_>, _>>()?;
+    // The calls are made up front (a future does nothing until polled) so
+    // the stream holds no closure, which would keep the batch's future from
+    // being `Send` for every lifetime.
+    let calls: Vec<_> = movements.iter().map(|movement| step.perform(ctx, movement)).collect();
+    let outcomes: Vec<_> = futures::stream::iter(calls).buffered(SERVICE_CALLS_IN_FLIGHT).collect().await;
+    let mut settled = std::collections::HashMap::with_capacity(batch.len());
+    for (transfer, outcome) in waiting.iter().zip(outcomes) {
+        if let Ok(ServiceOutcome::Settled { reference }) = outcome {
+            settled.insert(transfer.id, reference);
+        }
+    }
+    Ok(batch
+        .iter()
+        .filter_map(|item| {
+            let reference = settled.remove(&item.transfer_id)?;
+            let step = SettledStep {
+                message: item.message.clone(),
+                event_id: item.event_id.clone(),
+                transfer_id: item.transfer_id,
+                reference,
+            };
+            Some((item.index, step))
+        })
+        .collect())
+}
+
+/// Applies settled steps in one transaction, set-based, all of them or none:
+/// one inbox insert, one locking read, one update of the transfers with their
+/// history, one ledger insert, one update of the accounts, one outbox insert,
+/// one commit.
+async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[SettledStep]) -> Result<bool, StageError> {
+    let stage = step.stage();
+    let mut tx = ctx.pool.begin().await?;
+    let event_ids: Vec<String> = settled.iter().map(|step| step.event_id.clone()).collect();
+    // Something else applied one of them since the read before the calls
+    // (another process after a rebalance, or the settlement runner): the
+    // batch is rolled back whole, and each message finds its own answer one
+    // by one.
+    if inbox::record_many(&mut tx, stage.as_str(), &event_ids).await? != settled.len() as u64 {
+        return Ok(false);
+    }
+    let settled_ids: Vec<Uuid> = settled.iter().map(|step| step.transfer_id).collect();
+    let current = transfers::get_many_for_update(&mut tx, &settled_ids).await?;
+    if current.len() != settled.len() || current.iter().any(|transfer| transfer.state != step.expected()) {
+        return Ok(false);
+    }
+    pending::finish_many(&mut tx, &settled_ids, step.step().as_str()).await?;
+    let by_transfer: std::collections::HashMap<Uuid, &SettledStep> =
+        settled.iter().map(|settled| (settled.transfer_id, settled)).collect();
+    let steps: Vec<Advance<'_>> = current
+        .iter()
+        .map(|before| {
+            // Each event under the span of the message that caused it, so a
+            // transfer's trace stays one tree.
+            let settled = by_transfer[&before.id];
+            let message = &settled.message;
+            let span = message_span(stage.as_str(), message);
+            let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
+            Advance { before, trace, reference: settled.reference.clone() }
+        })
+        .collect();
+    finish_step(ctx, tx, stage, &step.applied(), &steps).await?;
+    Ok(true)
+}
+
+/// What the outside services said about a deposit.
+enum DepositOutcome {
+    /// The deposit, or the refund after a declined deposit, is pending.
+    Pending,
+    Deposited {
+        reference: String,
+    },
+    /// Deposit declined, investor refunded.
+    Reversed {
+        code: String,
+    },
+    /// Deposit declined and the refund declined too.
+    NeedsPerson {
+        code: String,
+    },
+}
