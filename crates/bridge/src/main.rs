@@ -3,12 +3,14 @@
 //! This crate wires configuration, logging and process lifetime around the
 //! library crates; it holds no business rules of its own.
 
+mod admin;
 mod config;
 mod credentials;
 mod demo;
 mod local_postgres;
 mod notify;
 mod ops;
+mod serve;
 mod submit;
 mod telemetry;
 
@@ -584,80 +586,15 @@ async fn run() -> Result<()> {
         }
         Command::Migrate(args) => {
             init_logging("info");
-            bridge_store::ensure_database(&args.common.database_url).await.context("Failed to create the database")?;
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            bridge_store::migrate(&pool).await.context("Failed to migrate")?;
-            if args.topics {
-                kafka::ensure_topics(&args.common.pipeline_config(&args.common.brokers)).await?;
-            }
-            println!("migrated");
+            admin::migrate(args).await?;
         }
         Command::Seed(args) => {
             init_logging("info");
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            let data = bridge_pipeline::demo::DemoData::new(&args.namespace, args.investors, args.seed);
-            data.seed(&pool).await.context("Failed to seed")?;
-            println!("seeded namespace {} with {} investors and 4 funds", args.namespace, data.investors.len());
+            admin::seed(args).await?;
         }
         Command::Run(args) => {
             init_logging("info");
-            let mut parts = Vec::new();
-            for name in &args.stages {
-                let stage = StageName::parse(name).with_context(|| {
-                    format!("Unknown stage {name:?}; expected validator, withdrawal, deposit or completion")
-                })?;
-                parts.push(Part::Stage(stage));
-            }
-            if args.relay {
-                parts.push(Part::Relay);
-            }
-            if args.settlement {
-                parts.push(Part::Settlement);
-            }
-            let notify = args.notify || parts.is_empty();
-            if parts.is_empty() {
-                parts = Part::all();
-            }
-            let mut config = args.common.pipeline_config(&args.common.brokers);
-            args.settlement_args.apply(&mut config);
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            let mut args = args;
-            args.services.resolve_credentials(&pool).await?;
-            args.api.resolve_credentials(&pool).await?;
-            args.notifier.resolve_credentials(&pool).await?;
-            kafka::ensure_topics(&config).await?;
-            // Callbacks run the money-moving steps too.
-            let calls_services = args.api.api_listen.is_some()
-                || parts.iter().any(|part| {
-                    matches!(
-                        part,
-                        Part::Stage(StageName::Withdrawal) | Part::Stage(StageName::Deposit) | Part::Settlement
-                    )
-                });
-            let services = if calls_services { args.services.services(&pool)? } else { Services::none() };
-            let pipeline = Pipeline::new(pool, config, services);
-            // Before the API takes requests, whose events need the ids.
-            pipeline.prepare().await?;
-            let shutdown = shutdown_on_signal();
-            let api = args.api.serve(&pipeline, shutdown.clone()).await?;
-            args.common.serve_health(&pipeline, shutdown.clone()).await?;
-            let notifier = match notify {
-                true => {
-                    let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), args.notifier.config()?)?;
-                    let token = shutdown.clone();
-                    Some(tokio::spawn(async move { notifier.run(token).await }))
-                }
-                false => None,
-            };
-            let result = pipeline.run(&parts, shutdown.clone()).await;
-            shutdown.cancel();
-            if let Some(notifier) = notifier {
-                notifier.await.context("Notifier task panicked")?.context("Notifier failed")?;
-            }
-            if let Some(api) = api {
-                api.await.context("API task panicked")?.context("API failed")?;
-            }
-            result?;
+            serve::run(args).await?;
         }
         Command::Submit(args) => {
             init_logging("warn");
@@ -675,49 +612,15 @@ async fn run() -> Result<()> {
         }
         Command::Sim(args) => {
             init_logging("info");
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            bridge_store::migrate(&pool).await.context("Failed to migrate")?;
-            let mut bank = bridge_sim::Bank::new(pool, fault_plan(&args.faults, args.seed)?);
-            if let Some(base_url) = args.callback_url {
-                let secret = args.callback_secret.context("--callback-url needs --callback-secret")?;
-                let secret = bridge_webhooks::Secret::parse(&secret).context("The callback secret is not valid")?;
-                let api_key = args.callback_api_key.clone();
-                bank = bank.with_callbacks(bridge_sim::CallbackTarget { base_url, secret, api_key });
-            }
-            let bank = std::sync::Arc::new(bank);
-            let listener = tokio::net::TcpListener::bind(&args.listen)
-                .await
-                .with_context(|| format!("Failed to listen on {}", args.listen))?;
-            tracing::info!(address = %listener.local_addr()?, faults = %args.faults, "Account-service simulator listening");
-            bridge_sim::http::serve(listener, bridge_sim::http::router(bank, args.token), shutdown_on_signal()).await?;
+            serve::sim(args).await?;
         }
-        Command::Api(mut args) => {
+        Command::Api(args) => {
             init_logging("info");
-            let mut config = args.common.pipeline_config(&args.common.brokers);
-            args.settlement.apply(&mut config);
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            args.services.resolve_credentials(&pool).await?;
-            args.api.resolve_credentials(&pool).await?;
-            let services = args.services.services(&pool)?;
-            let pipeline = Pipeline::new(pool, config, services);
-            pipeline.prepare().await?;
-            args.api.api_listen.get_or_insert_with(|| "127.0.0.1:8080".to_owned());
-            let shutdown = shutdown_on_signal();
-            if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
-                api.await.context("API task panicked")?.context("API failed")?;
-            }
+            serve::api(args).await?;
         }
         Command::Rebuild(args) => {
             init_logging("warn");
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers), Services::none());
-            pipeline.prepare().await?;
-            let report = bridge_notify::rebuild::run(pipeline.context(), args.apply, args.idle_ms).await?;
-            println!("{}", serde_json::to_string(&report)?);
-            let lossless = report.comparison.versions_never_published == 0 && report.comparison.differing == 0;
-            if !(report.consistent() || (args.apply && lossless)) {
-                std::process::exit(1);
-            }
+            admin::rebuild(args).await?;
         }
         Command::Credentials(args) => {
             init_logging("warn");
@@ -725,61 +628,15 @@ async fn run() -> Result<()> {
         }
         Command::Keys(args) => {
             init_logging("warn");
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            let mut conn = pool.acquire().await?;
-            match args.action {
-                KeysAction::Create { name, scopes, investor } => {
-                    let created = bridge_api::auth::create_key(&mut conn, &name, &scopes, investor.as_deref()).await?;
-                    println!("{}", created.full_key);
-                    eprintln!("Key {} created; it is shown only now.", created.key.prefix);
-                }
-                KeysAction::List => {
-                    for key in bridge_store::api::keys(&mut conn).await? {
-                        println!(
-                            "brk_{} {:?} scopes={} investor={} created={} {}",
-                            key.prefix,
-                            key.name,
-                            key.scopes.join(","),
-                            key.investor_account_id.as_deref().unwrap_or("*"),
-                            key.created_at.to_rfc3339(),
-                            key.revoked_at.map_or("active".to_owned(), |at| format!("revoked {}", at.to_rfc3339()))
-                        );
-                    }
-                }
-                KeysAction::Revoke { prefix } => {
-                    let prefix = prefix.trim_start_matches("brk_").split('_').next().unwrap_or_default().to_owned();
-                    if !bridge_store::api::revoke_key(&mut conn, &prefix).await? {
-                        anyhow::bail!("No active key with prefix {prefix}");
-                    }
-                    println!("revoked brk_{prefix}");
-                }
-            }
+            admin::keys(args).await?;
         }
         Command::Notify(args) => {
             init_logging("info");
             notify::run(args).await?;
         }
-        Command::FundsSync(mut args) => {
+        Command::FundsSync(args) => {
             init_logging("warn");
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            args.services.resolve_credentials(&pool).await?;
-            let services = args.services.services(&pool)?;
-            let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers), services);
-            let report = bridge_pipeline::fund_terms::sync(pipeline.context()).await?;
-            println!(
-                "{} funds checked, {} updated {:?}, {} unknown to the administrator {:?}",
-                report.checked,
-                report.updated.len(),
-                report.updated,
-                report.unknown.len(),
-                report.unknown
-            );
-            for (fund, reason) in &report.refused {
-                println!("refused {fund}: {reason}");
-            }
-            if !report.refused.is_empty() {
-                std::process::exit(1);
-            }
+            admin::funds_sync(args).await?;
         }
         Command::Replay(args) => {
             init_logging("warn");
@@ -791,24 +648,7 @@ async fn run() -> Result<()> {
         }
         Command::Reconcile(args) => {
             init_logging("warn");
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            let mut conn = pool.acquire().await?;
-            let report = bridge_store::reconcile::run_with(&mut conn, args.idle_after_secs).await?;
-            for check in &report.checks {
-                let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
-                let named = match check.examples.as_slice() {
-                    [] => String::new(),
-                    examples => format!(": {}", examples.join(", ")),
-                };
-                println!("{mark} {} {} ({} violations{named})", check.invariant, check.name, check.violations);
-            }
-            println!(
-                "in flight: {}, manual review: {}, pending at services: {}, outbox unpublished: {}",
-                report.in_flight, report.manual_review, report.pending_steps, report.outbox_unpublished
-            );
-            if !report.ok() {
-                std::process::exit(1);
-            }
+            admin::reconcile(args).await?;
         }
     }
     Ok(())
