@@ -176,7 +176,7 @@ async fn one_run(
     let pipeline = Pipeline::new(pool.clone(), PipelineConfig::new("unused:9092"), Services::none());
     let mut config = NotifierConfig { keyring: Some(keyring), ..NotifierConfig::default() };
     config.channels.request_timeout_ms = 5_000;
-    let notifier = Arc::new(Notifier::new(pipeline.context().clone(), config)?);
+    let notifier = Arc::new(Notifier::new(pipeline.runtime().clone(), config)?);
     let shutdown = CancellationToken::new();
     let sender = {
         let (notifier, token) = (notifier.clone(), shutdown.clone());

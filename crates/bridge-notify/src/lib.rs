@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use bridge_codec::TransferStatusChanged;
 use bridge_pipeline::message::Inbound;
-use bridge_pipeline::runner::{consume, Handler, StageContext};
+use bridge_pipeline::runner::{consume, Handler, Runtime};
 use bridge_pipeline::stages::{self, Outcome, StageError};
 use bridge_store::notifications::{self, ClaimedDelivery, LoggedEvent};
 
@@ -92,7 +92,7 @@ impl Default for NotifierConfig {
 const PRUNE_BATCH: i64 = 10_000;
 
 pub struct Notifier {
-    ctx: Arc<StageContext>,
+    ctx: Arc<Runtime>,
     config: NotifierConfig,
     channels: Arc<Channels>,
     /// Wakes the sender when a queue may have a new head: a delivery
@@ -107,7 +107,7 @@ pub struct Notifier {
 impl Notifier {
     /// `ctx` is a pipeline context: its pool, topics and Kafka settings are
     /// used; its account services are not.
-    pub fn new(ctx: Arc<StageContext>, config: NotifierConfig) -> Result<Self> {
+    pub fn new(ctx: Arc<Runtime>, config: NotifierConfig) -> Result<Self> {
         let channels = Arc::new(Channels::new(config.channels.clone())?);
         Ok(Self { ctx, config, channels, wake: Arc::new(tokio::sync::Notify::new()), secrets: Arc::default() })
     }
@@ -209,7 +209,7 @@ impl Notifier {
 }
 
 /// One status event: logged and queued for its subscribers, once.
-async fn accept(ctx: &StageContext, message: &Inbound) -> Result<Outcome, StageError> {
+async fn accept(ctx: &Runtime, message: &Inbound) -> Result<Outcome, StageError> {
     let payload = message.payload.as_deref().unwrap_or_default();
     let event: TransferStatusChanged = bridge_codec::decode(payload)
         .map_err(|error| StageError::Permanent { class: error.class(), message: error.to_string() })?;
@@ -253,7 +253,7 @@ pub fn retry_delay_ms(config: &NotifierConfig, attempts: i32) -> u64 {
 
 /// The delivery with its signing secret opened from the credentials store.
 async fn with_secret(
-    ctx: &StageContext,
+    ctx: &Runtime,
     config: &NotifierConfig,
     cache: &std::sync::Mutex<std::collections::HashMap<String, String>>,
     mut delivery: ClaimedDelivery,
@@ -282,7 +282,7 @@ async fn with_secret(
 }
 
 async fn send_one(
-    ctx: &StageContext,
+    ctx: &Runtime,
     channels: &Channels,
     config: &NotifierConfig,
     cache: &std::sync::Mutex<std::collections::HashMap<String, String>>,

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use bridge_codec::TransferStatusChanged;
 use bridge_pipeline::message::Inbound;
 use bridge_pipeline::reader::{read_range, Range};
-use bridge_pipeline::runner::StageContext;
+use bridge_pipeline::runner::Runtime;
 use bridge_store::notifications::{self, LoggedEvent, RebuildComparison};
 
 #[derive(Clone, Debug, Serialize)]
@@ -50,7 +50,7 @@ fn logged(message: &Inbound) -> Option<LoggedEvent> {
     })
 }
 
-pub async fn run(ctx: &StageContext, apply: bool, idle_ms: u64) -> Result<RebuildReport> {
+pub async fn run(ctx: &Runtime, apply: bool, idle_ms: u64) -> Result<RebuildReport> {
     {
         let mut conn = ctx.pool.acquire().await?;
         notifications::clear_rebuild(&mut conn).await?;

@@ -13,7 +13,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{message_span, Backoff, StageContext};
+use crate::context::{message_span, Backoff, Runtime};
 use crate::kafka;
 use crate::message::Inbound;
 use crate::offsets::{Received, Ticket};
@@ -55,7 +55,7 @@ const QUIET_ASSIGNMENT: Duration = Duration::from_secs(2);
 /// partition; the offset is stored only once the handler has finished with
 /// the message.
 pub async fn consume(
-    ctx: &StageContext,
+    ctx: &Runtime,
     name: &'static str,
     group: &str,
     topic: &str,
@@ -86,7 +86,7 @@ fn rewind_quiet_assignments(name: &str, consumer: &StreamConsumer<kafka::Consume
 /// `consume`, where a lane that finds several messages queued may first
 /// offer them to `batch`.
 pub async fn consume_batched(
-    ctx: &StageContext,
+    ctx: &Runtime,
     name: &'static str,
     group: &str,
     topic: &str,

@@ -19,11 +19,12 @@ use crate::schema_registry::SchemaRegistry;
 use crate::services::Services;
 use crate::{PipelineConfig, Topics};
 
-/// What a stage needs to process a message.
-pub struct StageContext {
+/// What every consumer and the relay need: the database, the topics and
+/// settings, the schema registry and the relay's wake-up. The notifier and
+/// the event log's rebuild run on this alone.
+pub struct Runtime {
     pub pool: PgPool,
     pub topics: Topics,
-    pub services: Services,
     pub config: PipelineConfig,
     /// CloudEvents `source` prefix of events this process emits.
     pub source: String,
@@ -31,11 +32,26 @@ pub struct StageContext {
     pub registry: Option<Arc<SchemaRegistry>>,
     /// Wakes the relay after a commit that wrote outbox rows.
     pub relay_waker: RelayWaker,
+}
+
+/// What a stage needs beyond the runtime to move money: the outside
+/// services and its shared set-based transactions.
+pub struct StageContext {
+    pub runtime: Arc<Runtime>,
+    pub services: Services,
     /// Each stage's shared set-based transactions.
     pub(crate) groups: Groups,
 }
 
-impl StageContext {
+impl std::ops::Deref for StageContext {
+    type Target = Runtime;
+
+    fn deref(&self) -> &Runtime {
+        &self.runtime
+    }
+}
+
+impl Runtime {
     /// Encodes an event for `topic`: in Confluent's wire format under the
     /// registry's id when a registry is configured, else single-object.
     pub fn encode<T: bridge_codec::Event>(&self, topic: &str, event: &T) -> Result<Vec<u8>, StageError> {

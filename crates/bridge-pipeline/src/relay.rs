@@ -31,13 +31,13 @@ use tokio_util::sync::CancellationToken;
 
 use bridge_store::outbox;
 
-use crate::context::{Backoff, StageContext};
+use crate::context::{Backoff, Runtime};
 use crate::kafka;
 
 /// Advisory lock key of the publishing relay ("bridge relay" in ASCII).
 const LEADER_LOCK_KEY: i64 = 0x6272_6964_6765_726c;
 
-pub async fn run(ctx: Arc<StageContext>, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(ctx: Arc<Runtime>, shutdown: CancellationToken) -> Result<()> {
     let poll_interval = Duration::from_millis(ctx.config.relay_poll_interval_ms);
     let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
     while !shutdown.is_cancelled() {
@@ -58,7 +58,7 @@ pub async fn run(ctx: Arc<StageContext>, shutdown: CancellationToken) -> Result<
 
 /// Waits to become the publishing relay, then publishes until shutdown or
 /// until its lock session fails.
-async fn lead(ctx: &StageContext, shutdown: &CancellationToken) -> Result<()> {
+async fn lead(ctx: &Runtime, shutdown: &CancellationToken) -> Result<()> {
     let poll_interval = Duration::from_millis(ctx.config.relay_poll_interval_ms);
     let mut lock_session = ctx.pool.acquire().await.context("Failed to get a connection for the relay lock")?.detach();
     let mut standby_logged = false;
@@ -88,7 +88,7 @@ async fn lead(ctx: &StageContext, shutdown: &CancellationToken) -> Result<()> {
 }
 
 async fn publish_until_shutdown(
-    ctx: &StageContext,
+    ctx: &Runtime,
     shutdown: &CancellationToken,
     lock_session: &mut sqlx::PgConnection,
 ) -> Result<()> {
@@ -176,7 +176,7 @@ fn prune_interval(retention_ms: u64) -> Duration {
 const PRUNE_BATCH: i64 = 10_000;
 
 /// Deletes inbox rows past their retention.
-async fn prune(ctx: &StageContext) -> Result<()> {
+async fn prune(ctx: &Runtime) -> Result<()> {
     let mut conn = ctx.pool.acquire().await?;
     let inbox_rows = bridge_store::inbox::prune(&mut conn, ctx.config.inbox_retention_ms, PRUNE_BATCH).await?;
     if inbox_rows > 0 {
@@ -188,7 +188,7 @@ async fn prune(ctx: &StageContext) -> Result<()> {
 /// Publishes one batch, claimed from `claim_start` on, and moves
 /// `claim_start` on once the batch is committed. Returns the number of rows
 /// claimed.
-pub async fn publish_batch(ctx: &StageContext, producer: &FutureProducer, claim_start: &mut i64) -> Result<usize> {
+pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start: &mut i64) -> Result<usize> {
     let mut tx = ctx.pool.begin().await.context("Failed to begin relay transaction")?;
     let claim = outbox::claim(&mut tx, *claim_start, ctx.config.relay_batch_size_max).await?;
     let rows = &claim.rows;

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batches::Groups;
 pub use crate::consumer::{consume, consume_batched, BatchHandler, Handler};
 use crate::context::RelayWaker;
-pub use crate::context::{StageContext, StageName};
+pub use crate::context::{Runtime, StageContext, StageName};
 use crate::schema_registry::SchemaRegistry;
 use crate::services::Services;
 use crate::settlement::run_settlement;
@@ -47,18 +47,8 @@ impl Pipeline {
             .map(|url| Arc::new(SchemaRegistry::new(url, config.schema_registry_timeout_ms)));
         let relay_waker = RelayWaker::new(pool.clone());
         let groups = Groups::new(&config);
-        Self {
-            ctx: Arc::new(StageContext {
-                pool,
-                topics,
-                services,
-                config,
-                source: "/bridge".to_owned(),
-                registry,
-                relay_waker,
-                groups,
-            }),
-        }
+        let runtime = Arc::new(Runtime { pool, topics, config, source: "/bridge".to_owned(), registry, relay_waker });
+        Self { ctx: Arc::new(StageContext { runtime, services, groups }) }
     }
 
     /// What must happen before the pipeline writes an event: registering
@@ -71,8 +61,16 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The stages' context: the runtime, the services and the stages'
+    /// shared transactions (for the API's callbacks and fund terms).
     pub fn context(&self) -> &Arc<StageContext> {
         &self.ctx
+    }
+
+    /// What consumers other than the stages need (the notifier, the event
+    /// log's rebuild).
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.ctx.runtime
     }
 
     /// Runs `parts` until `shutdown` is cancelled or one of them fails. Each
@@ -88,7 +86,9 @@ impl Pipeline {
                 Part::Stage(stage) => tasks.spawn(async move {
                     run_stage(ctx, stage, token).await.with_context(|| format!("Stage {} failed", stage.as_str()))
                 }),
-                Part::Relay => tasks.spawn(async move { relay::run(ctx, token).await.context("Relay failed") }),
+                Part::Relay => {
+                    tasks.spawn(async move { relay::run(ctx.runtime.clone(), token).await.context("Relay failed") })
+                }
                 Part::Settlement => {
                     tasks.spawn(async move { run_settlement(ctx, token).await.context("Settlement runner failed") })
                 }

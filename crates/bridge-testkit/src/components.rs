@@ -109,7 +109,7 @@ impl TestKit {
     /// Runs the notifier (its consumer and its sender) on this runtime.
     pub fn spawn_notifier(&self, config: bridge_notify::NotifierConfig) -> Result<RunningNotifier> {
         let pipeline = Pipeline::new(self.pool.clone(), self.config.clone(), Services::none());
-        let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), config)?;
+        let notifier = bridge_notify::Notifier::new(pipeline.runtime().clone(), config)?;
         let token = CancellationToken::new();
         let run_token = token.clone();
         let handle = tokio::spawn(async move { notifier.run(run_token).await });

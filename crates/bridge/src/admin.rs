@@ -33,7 +33,7 @@ pub async fn rebuild(args: RebuildArgs) -> Result<()> {
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
     let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers), Services::none());
     pipeline.prepare().await?;
-    let report = bridge_notify::rebuild::run(pipeline.context(), args.apply, args.idle_ms).await?;
+    let report = bridge_notify::rebuild::run(pipeline.runtime(), args.apply, args.idle_ms).await?;
     println!("{}", serde_json::to_string(&report)?);
     let lossless = report.comparison.versions_never_published == 0 && report.comparison.differing == 0;
     if !(report.consistent() || (args.apply && lossless)) {

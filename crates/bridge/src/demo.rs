@@ -226,7 +226,7 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     }
     let notifier = {
         let config = bridge_notify::NotifierConfig { keyring: Some(keyring.clone()), ..Default::default() };
-        let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), config)?;
+        let notifier = bridge_notify::Notifier::new(pipeline.runtime().clone(), config)?;
         let token = shutdown.clone();
         tokio::spawn(async move { notifier.run(token).await })
     };

@@ -159,7 +159,7 @@ pub async fn run(mut args: NotifyArgs) -> Result<()> {
             let config = args.common.pipeline_config(&args.common.brokers);
             bridge_pipeline::kafka::ensure_topics(&config).await?;
             let pipeline = Pipeline::new(pool, config, Services::none());
-            let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), args.notifier.config()?)?;
+            let notifier = bridge_notify::Notifier::new(pipeline.runtime().clone(), args.notifier.config()?)?;
             let shutdown = crate::shutdown_on_signal();
             args.common.serve_health(&pipeline, shutdown.clone()).await?;
             notifier.run(shutdown).await?;

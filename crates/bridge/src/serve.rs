@@ -47,7 +47,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     args.common.serve_health(&pipeline, shutdown.clone()).await?;
     let notifier = match notify {
         true => {
-            let notifier = bridge_notify::Notifier::new(pipeline.context().clone(), args.notifier.config()?)?;
+            let notifier = bridge_notify::Notifier::new(pipeline.runtime().clone(), args.notifier.config()?)?;
             let token = shutdown.clone();
             Some(tokio::spawn(async move { notifier.run(token).await }))
         }

@@ -36,7 +36,7 @@ use bridge_store::transfers::{self, Transfer};
 use bridge_store::{accounts, books, inbox, pending};
 
 use crate::batches::SettledStep;
-use crate::context::{message_span, StageContext, StageName};
+use crate::context::{message_span, Runtime, StageContext, StageName};
 use crate::group_commit::{GroupCommit, Verdict};
 use crate::message::{dead_letter_headers as dlq, Envelope, Inbound, TraceContext};
 pub use crate::outcome::{Outcome, StageError};
@@ -82,7 +82,7 @@ pub async fn handle(ctx: &StageContext, stage: StageName, message: &Inbound) -> 
 /// lost races retried at once a bounded number of times, what can never
 /// succeed dead-lettered, transient failures handed back to the caller.
 pub async fn process<F, Fut>(
-    ctx: &StageContext,
+    ctx: &Runtime,
     consumer: &'static str,
     message: &Inbound,
     attempt: F,
@@ -127,7 +127,7 @@ where
 /// Sends the original message (key, bytes, headers) to `<topic>.dlq` with
 /// error headers, through the outbox, exactly once per log position.
 async fn dead_letter(
-    ctx: &StageContext,
+    ctx: &Runtime,
     consumer: &str,
     message: &Inbound,
     class: &'static str,
@@ -166,7 +166,7 @@ async fn dead_letter(
 }
 
 /// Commits a transaction that wrote outbox rows, then wakes the relay.
-async fn commit(ctx: &StageContext, tx: sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), StageError> {
+async fn commit(ctx: &Runtime, tx: sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), StageError> {
     tx.commit().await?;
     ctx.relay_waker.wake();
     Ok(())
