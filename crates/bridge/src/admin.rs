@@ -106,6 +106,16 @@ pub async fn reconcile(args: ReconcileArgs) -> Result<()> {
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
     let mut conn = pool.acquire().await?;
     let report = bridge_store::reconcile::run_with(&mut conn, args.idle_after_secs).await?;
+    if args.json {
+        // For monitoring and scripts: the whole report, with the verdict.
+        let mut value = serde_json::to_value(&report)?;
+        value["ok"] = serde_json::Value::Bool(report.ok());
+        println!("{value}");
+        if !report.ok() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     for check in &report.checks {
         let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
         let named = match check.examples.as_slice() {

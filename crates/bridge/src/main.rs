@@ -517,6 +517,10 @@ struct ReconcileArgs {
     /// service that no step of ours follows for this long, is reported.
     #[arg(long, env = "BRIDGE_RECONCILE_IDLE_AFTER_SECS", default_value_t = bridge_store::reconcile::IDLE_AFTER_SECS_DEFAULT)]
     idle_after_secs: i64,
+    /// Print the report as one JSON object (`ok`, `checks` with their
+    /// violations and examples, and the counts in flight).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Logs to stderr, filtered by `RUST_LOG`. `BRIDGE_LOG_FORMAT=json` writes

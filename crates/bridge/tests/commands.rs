@@ -106,6 +106,10 @@ async fn operator_commands_on_the_standalone_broker() -> Result<()> {
 
     let report = run(&["reconcile"])?;
     ensure!(String::from_utf8_lossy(&report.stdout).contains("in flight: 0"));
+    let report: serde_json::Value = serde_json::from_slice(&run(&["reconcile", "--json"])?.stdout)?;
+    ensure!(report["ok"] == true && report["in_flight"] == 0, "{report}");
+    let checks = report["checks"].as_array().context("checks")?;
+    ensure!(!checks.is_empty() && checks.iter().all(|check| check["violations"] == 0), "{report}");
 
     // The event log, rebuilt from the status topic: whatever the notifier
     // had not logged when it stopped is fed through it; then all agree.
