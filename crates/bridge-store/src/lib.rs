@@ -6,9 +6,13 @@
 //! database transaction per message. It knows nothing of Kafka or Avro: the
 //! outbox stores opaque bytes that the relay publishes.
 //!
-//! Concurrency control is optimistic: every mutable row carries a `version`,
-//! updates say `WHERE version = $expected`, and a lost race surfaces as
-//! [`Error::Conflict`], which callers retry from the start of the transaction.
+//! Concurrency control: a transfer's advance is version-checked (`WHERE
+//! version = $expected`); balances, holds, allocations and funds change by
+//! atomic updates under their rows' locks, guarded where a decision rests
+//! on them (a hold by the available balance, a reservation by the fund's
+//! limits), and only through `books::apply`, which takes those locks in one
+//! order. A lost race or a failed guard surfaces as [`Error::Conflict`],
+//! which callers retry from the start of the transaction.
 //!
 //! Statements over a batch's arrays (`= ANY($1)`, joins to `unnest(...)`)
 //! are not kept as prepared statements (`.persistent(false)`): Postgres
