@@ -374,3 +374,73 @@ async fn a_request_racing_an_uncommitted_one_under_its_key_gets_the_stored_opera
     ensure!(stored_count == 1, "{stored_count} operations stored under one key");
     Ok(())
 }
+
+/// What a refusal says decides what happens, and nothing is dead-lettered:
+/// a 401 (our credential is wrong) holds the money steps in Kafka until the
+/// credential is fixed, then they go on; a 404 for an account the bank does
+/// not know hands that transfer to a person with its funds held. No
+/// operation reaches the bank twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusals_wait_for_a_fix_or_go_to_a_person_and_are_never_dead_lettered() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    for investor in 0..3 {
+        kit.seed_investor(&format!("inv-{investor}"), 1_000_000_00).await?;
+    }
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_000_00).await?;
+    bridge_store::simulator::set_account_status(&mut *kit.pool.acquire().await?, "inv-2", "unknown").await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let bank = std::sync::Arc::new(bridge_sim::Bank::new(kit.pool.clone(), FaultPlan::none()));
+    let stop_bank = tokio_util::sync::CancellationToken::new();
+    let router = bridge_sim::http::router(bank, Some("the-right-token".to_owned()));
+    tokio::spawn(bridge_sim::http::serve(listener, router, stop_bank.clone()));
+    let services = |token: &str| {
+        bridge_pipeline::http_services::HttpAccountServices::services(
+            bridge_pipeline::http_services::HttpServicesConfig {
+                investor_base_url: url.clone(),
+                fund_base_url: url.clone(),
+                token: Some(token.to_owned()),
+                timeout_ms: 2_000,
+            },
+        )
+    };
+
+    // A rotated credential nobody updated.
+    let pipeline = kit.spawn_with_services(&Part::all(), services("a-stale-token")?);
+    let mut ids = Vec::new();
+    for index in 0..6 {
+        ids.push(kit.publish(&kit.request(&format!("inv-{}", index % 3), &fund_account, 1_000_00)).await?);
+    }
+    let deadline = std::time::Instant::now() + SETTLE;
+    while kit.state_counts(&ids).await?.get("validated").copied().unwrap_or(0) < 6 {
+        ensure!(std::time::Instant::now() < deadline, "not validated: {:?}", kit.state_counts(&ids).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The withdrawal stage asks again and again meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let states = kit.state_counts(&ids).await?;
+    let (_, _, dead_letters, operations) = kit.effect_counts().await?;
+    ensure!(states.get("validated") == Some(&6), "{states:?}");
+    ensure!(dead_letters == 0 && operations == 0, "dead letters {dead_letters}, operations {operations}");
+    pipeline.stop().await?;
+
+    // The credential fixed: the steps still in Kafka go on.
+    let pipeline = kit.spawn_with_services(&Part::all(), services("the-right-token")?);
+    kit.wait_terminal(&ids, SETTLE).await?;
+    pipeline.stop().await?;
+    stop_bank.cancel();
+    let states = kit.state_counts(&ids).await?;
+    ensure!(states.get("completed") == Some(&4), "{states:?}");
+    ensure!(states.get("manual_review:WITHDRAWAL_REFUSED") == Some(&2), "{states:?}");
+    let (_, _, dead_letters, _) = kit.effect_counts().await?;
+    ensure!(dead_letters == 0, "{dead_letters} dead letters");
+    // Each settled step once; the unknown account's withdrawals never acted.
+    ensure!(
+        settled_operations(&kit).await? == [("deposit".to_owned(), 4), ("withdrawal".to_owned(), 4)],
+        "{:?}",
+        settled_operations(&kit).await?
+    );
+    let report = kit.reconcile().await?;
+    ensure!(report.manual_review == 2 && report.in_flight == 0 && report.ok(), "{report:?}");
+    kit.assert_books_balance().await
+}

@@ -138,7 +138,9 @@ impl TransferEvent {
             Self::Completed => {
                 Effect { reserved_minor: -amount_minor, completed_minor: amount_minor, ..Effect::default() }
             }
-            Self::Rejected(_) | Self::CompensationFailed(_) | Self::StepOverdue(_) => Effect::default(),
+            Self::Rejected(_) | Self::CompensationFailed(_) | Self::StepOverdue(_) | Self::StepRefused(_) => {
+                Effect::default()
+            }
         }
     }
 }
@@ -226,10 +228,12 @@ mod tests {
     #[test]
     fn a_transfer_handed_to_a_person_stays_frozen_where_it_stood() {
         use TransferEvent as E;
-        let (state, books) = walk(&[E::Validated, E::StepOverdue(reason())], 250);
-        assert_eq!(state, TransferState::ManualReview);
-        assert_eq!(books, Books { held: 250, reserved: 250, ..Books::default() });
-        for stuck in [E::StepOverdue(reason()), E::CompensationFailed(reason())] {
+        for stuck in [E::StepOverdue(reason()), E::StepRefused(reason())] {
+            let (state, books) = walk(&[E::Validated, stuck], 250);
+            assert_eq!(state, TransferState::ManualReview);
+            assert_eq!(books, Books { held: 250, reserved: 250, ..Books::default() });
+        }
+        for stuck in [E::StepOverdue(reason()), E::StepRefused(reason()), E::CompensationFailed(reason())] {
             let (state, books) = walk(&[E::Validated, E::Withdrawn, stuck], 250);
             assert_eq!(state, TransferState::ManualReview);
             assert_eq!(

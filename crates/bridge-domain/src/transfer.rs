@@ -90,7 +90,7 @@ impl TransferState {
             (S::Withdrawn, E::Deposited) => S::Deposited,
             (S::Withdrawn, E::DepositFailed(_)) => S::Reversed,
             (S::Withdrawn, E::CompensationFailed(_)) => S::ManualReview,
-            (S::Validated | S::Withdrawn, E::StepOverdue(_)) => S::ManualReview,
+            (S::Validated | S::Withdrawn, E::StepOverdue(_) | E::StepRefused(_)) => S::ManualReview,
             (S::Deposited, E::Completed) => S::Completed,
             _ => return Err(Error::IllegalTransition { from: self, event: event.name() }),
         };
@@ -164,11 +164,14 @@ pub enum TransferEvent {
     /// A step stayed pending at its service past its deadline, and the
     /// policy hands such steps to a person.
     StepOverdue(FailureReason),
+    /// The service refused a step's request as wrong (an account it does
+    /// not know, a malformed movement): a person must look.
+    StepRefused(FailureReason),
     Completed,
 }
 
 impl TransferEvent {
-    const REPRESENTATIVES: [TransferEvent; 9] = [
+    const REPRESENTATIVES: [TransferEvent; 10] = [
         TransferEvent::Validated,
         TransferEvent::Rejected(RejectReason::InsufficientFunds),
         TransferEvent::Withdrawn,
@@ -177,6 +180,7 @@ impl TransferEvent {
         TransferEvent::DepositFailed(FailureReason(String::new())),
         TransferEvent::CompensationFailed(FailureReason(String::new())),
         TransferEvent::StepOverdue(FailureReason(String::new())),
+        TransferEvent::StepRefused(FailureReason(String::new())),
         TransferEvent::Completed,
     ];
 
@@ -190,6 +194,7 @@ impl TransferEvent {
             Self::DepositFailed(_) => "deposit_failed",
             Self::CompensationFailed(_) => "compensation_failed",
             Self::StepOverdue(_) => "step_overdue",
+            Self::StepRefused(_) => "step_refused",
             Self::Completed => "completed",
         }
     }
@@ -200,7 +205,8 @@ impl TransferEvent {
             Self::WithdrawalFailed(reason)
             | Self::DepositFailed(reason)
             | Self::CompensationFailed(reason)
-            | Self::StepOverdue(reason) => Some(reason.code()),
+            | Self::StepOverdue(reason)
+            | Self::StepRefused(reason) => Some(reason.code()),
             _ => None,
         }
     }

@@ -13,7 +13,10 @@
 //! - the key in use (409): either still in progress or taken by a different
 //!   request; the lookup tells which (in progress: retry later; different:
 //!   a defect, never retried);
-//! - other 4xx (malformed, unauthorised): refused, never retried.
+//! - 401, 403 (our credentials): retried later like an outage, since the
+//!   fix is ours and nothing happened;
+//! - other 4xx (400, 404, 422: this request is wrong): refused, never
+//!   retried; the stage hands the transfer to a person.
 //!
 //! Cancelling (`POST {service}/v1/operations/{key}/cancel` with the
 //! operation's body) is classified the same way: its reply is what the key
@@ -115,8 +118,13 @@ enum Attempt {
     /// 409: the key is in use, either by a request still in progress or by a
     /// different request. The lookup tells which.
     KeyInUse,
-    /// Refused as malformed or unauthorised: retrying cannot help.
+    /// 401 or 403: our credentials are wrong; retried later, as nothing
+    /// happened and the fix is ours.
+    Unauthorized(String),
+    /// Refused as wrong (400, 404, 422): retrying cannot help.
     Refused(String),
+    /// The key holds a different operation: a defect, never retried.
+    KeyHoldsAnother(String),
 }
 
 impl HttpAccountServices {
@@ -191,6 +199,7 @@ impl HttpAccountServices {
             Ok(ServiceOutcome::Settled { .. }) => "settled",
             Ok(ServiceOutcome::Declined { .. }) => "declined",
             Ok(ServiceOutcome::Pending) => "pending",
+            Err(ServiceError::Unauthorized(_)) => "unauthorized",
             Err(error) if error.is_retryable() => "unavailable",
             Err(_) => "refused",
         };
@@ -220,8 +229,16 @@ impl HttpAccountServices {
             Attempt::Final(outcome) => Ok(outcome),
             Attempt::Transient(reason) | Attempt::Unknown(reason) => Err(ServiceError::Unavailable(reason)),
             Attempt::KeyInUse => Err(ServiceError::Unavailable("idempotency key in use".to_owned())),
+            Attempt::Unauthorized(reason) => {
+                tracing::error!(idempotency_key = %movement.idempotency_key, reason = %reason, "Account service refused our credentials; the step waits until they are fixed");
+                Err(ServiceError::Unauthorized(reason))
+            }
             Attempt::Refused(reason) => {
                 tracing::error!(idempotency_key = %movement.idempotency_key, reason = %reason, "Account service refused the request");
+                Err(ServiceError::Refused(reason))
+            }
+            Attempt::KeyHoldsAnother(reason) => {
+                tracing::error!(idempotency_key = %movement.idempotency_key, reason = %reason, "Idempotency key holds a different operation");
                 Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone()))
             }
         }
@@ -252,8 +269,11 @@ fn classify_reply(status: StatusCode, record: Option<Result<OperationRecord, Str
         StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
             Attempt::Transient(format!("service answered {status}"))
         }
-        // Malformed, unauthorised, unknown route: nothing happened, and
-        // asking again the same way will not change that.
+        // Our credentials: nothing happened, and nothing will until they are
+        // fixed.
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Attempt::Unauthorized(format!("service answered {status}")),
+        // This request is wrong (malformed, an account the service does not
+        // know): nothing happened, and asking again will not change that.
         _ if status.is_client_error() => Attempt::Refused(format!("service answered {status}")),
         // 500, 502, 504 and anything unexpected: the service may have acted.
         _ => Attempt::Unknown(format!("service answered {status}")),
@@ -270,7 +290,7 @@ fn lookup_reply(
     let key = &movement.idempotency_key;
     match (status, record) {
         (StatusCode::OK, Some(Ok(record))) if !record.matches(movement) => {
-            Attempt::Refused(format!("idempotency key {key} holds a different operation"))
+            Attempt::KeyHoldsAnother(format!("idempotency key {key} holds a different operation"))
         }
         (StatusCode::OK, Some(Ok(record))) => record.attempt(),
         (StatusCode::OK, _) => Attempt::Transient("unreadable lookup reply".to_owned()),
@@ -386,8 +406,9 @@ mod tests {
             (502, None, Attempt::Unknown("service answered 502 Bad Gateway".to_owned())),
             (504, None, Attempt::Unknown("service answered 504 Gateway Timeout".to_owned())),
             (400, None, Attempt::Refused("service answered 400 Bad Request".to_owned())),
-            (401, None, Attempt::Refused("service answered 401 Unauthorized".to_owned())),
-            (403, None, Attempt::Refused("service answered 403 Forbidden".to_owned())),
+            (401, None, Attempt::Unauthorized("service answered 401 Unauthorized".to_owned())),
+            (403, None, Attempt::Unauthorized("service answered 403 Forbidden".to_owned())),
+            (422, None, Attempt::Refused("service answered 422 Unprocessable Entity".to_owned())),
             (404, None, Attempt::Refused("service answered 404 Not Found".to_owned())),
         ];
         for (status, body, expected) in cases {
@@ -412,6 +433,6 @@ mod tests {
         if let Some(Ok(record)) = other.as_mut() {
             record.amount_minor = Some(999);
         }
-        assert!(matches!(lookup_reply(StatusCode::OK, other, &movement), Attempt::Refused(_)));
+        assert!(matches!(lookup_reply(StatusCode::OK, other, &movement), Attempt::KeyHoldsAnother(_)));
     }
 }

@@ -52,11 +52,21 @@ pub enum ServiceError {
     /// a configuration error: retrying cannot help.
     #[error("account service refused request {0} (key reused with a different request, or malformed)")]
     IdempotencyConflict(String),
+    /// The service refused our credentials (401, 403): a fault of ours, not
+    /// of the transfer. Retried later like an outage, so the step waits in
+    /// Kafka until the credential is fixed; nothing is dead-lettered.
+    #[error("account service refused our credentials: {0}")]
+    Unauthorized(String),
+    /// The service refused this request as wrong (400, 404, 422: an account
+    /// it does not know, a malformed movement). Asking again cannot help; a
+    /// person must look at the transfer.
+    #[error("account service refused the request: {0}")]
+    Refused(String),
 }
 
 impl ServiceError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ServiceError::Unavailable(_))
+        matches!(self, ServiceError::Unavailable(_) | ServiceError::Unauthorized(_))
     }
 }
 

@@ -113,6 +113,7 @@ fn reply(reply: Reply) -> Response {
         Reply::TimedOut => problem(StatusCode::GATEWAY_TIMEOUT, "timeout", "upstream timed out"),
         Reply::ReplyLost(_) => problem(StatusCode::BAD_GATEWAY, "bad_gateway", "upstream reply lost"),
         Reply::Unavailable(detail) => problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &detail),
+        Reply::UnknownAccount => problem(StatusCode::NOT_FOUND, "unknown_account", "no such account"),
     }
 }
 

@@ -203,6 +203,9 @@ pub enum Reply {
     ReplyLost(OperationRecord),
     /// The store was unavailable.
     Unavailable(String),
+    /// The account is not one this service knows (its status is
+    /// `unknown`): refused before acting, as a bank answers 404.
+    UnknownAccount,
 }
 
 /// Where the services send settlement callbacks, and the secret they sign
@@ -356,8 +359,8 @@ impl Bank {
             _ => {}
         }
         let reply = match self.act(operation, key, request).await {
-            Ok(Some(record)) => record,
-            Ok(None) => return Reply::IdempotencyConflict,
+            Ok(Ok(record)) => record,
+            Ok(Err(refused)) => return refused,
             Err(error) => return Reply::Unavailable(error.to_string()),
         };
         if faults.reply_delay_ms > 0 {
@@ -369,16 +372,19 @@ impl Bank {
         Reply::Done(reply)
     }
 
-    /// Decides and stores the operation once per key. `None` when the key
-    /// was used for a different request.
+    /// Decides and stores the operation once per key. A refusal when the key
+    /// was used for a different request or the account is unknown.
     async fn act(
         &self,
         operation: Operation,
         key: &str,
         request: &OperationRequest,
-    ) -> bridge_store::Result<Option<OperationRecord>> {
+    ) -> bridge_store::Result<Result<OperationRecord, Reply>> {
         let mut conn = self.pool.acquire().await?;
         let status = simulator::account_status(&mut conn, &request.account_id).await?;
+        if status == "unknown" {
+            return Ok(Err(Reply::UnknownAccount));
+        }
         let faults = self.plan.for_operation(operation);
         // Permanent outcomes depend on the key only, never on the attempt:
         // asking again gives the same answer.
@@ -422,12 +428,12 @@ impl Bank {
         let settle_after_ms = if asynchronous { faults.settle_after_ms } else { 0 };
         let stored = simulator::record_once(&mut conn, &requested, settle_after_ms).await?;
         if !stored.same_request(&requested) {
-            return Ok(None);
+            return Ok(Err(Reply::IdempotencyConflict));
         }
         if stored.outcome == "pending" {
             self.schedule_callback(operation, key, settle_after_ms);
         }
-        Ok(Some(stored.into()))
+        Ok(Ok(stored.into()))
     }
 
     /// Cancels the operation under `key` unless it has settled (see
@@ -571,6 +577,7 @@ impl InProcessServices {
         match reply {
             Reply::Done(record) => outcome_of(&record),
             Reply::IdempotencyConflict => Err(ServiceError::IdempotencyConflict(movement.idempotency_key.clone())),
+            Reply::UnknownAccount => Err(ServiceError::Refused(format!("unknown account {}", movement.account_id))),
             other => Err(ServiceError::Unavailable(format!("{other:?}"))),
         }
     }

@@ -376,5 +376,6 @@ pub use complete::complete_batch;
 use money::{deposit, withdraw};
 pub use money::{deposit_batch, deposit_step, pending_retry_ms, settle_step, withdraw_batch, withdrawal_step, Ask};
 pub use review::hold_for_review;
+use review::refused;
 use validate::validate;
 pub use validate::{record_api_request, validate_batch};

@@ -121,8 +121,14 @@ pub async fn withdrawal_step(
     };
     let movement = MoneyStep::Withdrawal.movement(&transfer)?;
     let outcome = match ask {
-        Ask::Perform => ctx.services.investor.withdraw(&movement).await?,
-        Ask::Cancel { reason } => cancelled_as(ctx.services.investor.cancel_withdrawal(&movement).await?, reason),
+        Ask::Perform => ctx.services.investor.withdraw(&movement).await,
+        Ask::Cancel { reason } => {
+            ctx.services.investor.cancel_withdrawal(&movement).await.map(|o| cancelled_as(o, reason))
+        }
+    };
+    let outcome = match outcome {
+        Err(ServiceError::Refused(why)) => return refused(ctx, transfer_id, Step::Withdrawal, &why, trace).await,
+        other => other?,
     };
 
     let mut tx = ctx.pool.begin().await?;
@@ -167,8 +173,12 @@ pub async fn deposit_step(
     };
     let remit = MoneyStep::Deposit.movement(&transfer)?;
     let remitted = match ask {
-        Ask::Perform => ctx.services.fund.remit(&remit).await?,
-        Ask::Cancel { reason } => cancelled_as(ctx.services.fund.cancel_remittance(&remit).await?, reason),
+        Ask::Perform => ctx.services.fund.remit(&remit).await,
+        Ask::Cancel { reason } => ctx.services.fund.cancel_remittance(&remit).await.map(|o| cancelled_as(o, reason)),
+    };
+    let remitted = match remitted {
+        Err(ServiceError::Refused(why)) => return refused(ctx, transfer_id, Step::Deposit, &why, trace).await,
+        other => other?,
     };
     let outcome = match remitted {
         ServiceOutcome::Pending => DepositOutcome::Pending,
