@@ -1,0 +1,198 @@
+//! The pipeline's `bridge run` processes, and the CPU and memory each
+//! process (and Postgres and the broker beside them) used, from `/proc`.
+
+use super::*;
+
+/// The pipeline's processes, and what they used.
+pub(super) struct Children {
+    processes: Vec<(String, Child)>,
+    usage: HashMap<String, (f64, f64)>,
+    /// CPU seconds of every counted process (see [`Children::readings`])
+    /// when the measured run started. CPU is counted from there, so that the
+    /// set-up and the warm-up do not weigh on a short run's figures; peak
+    /// RSS is the lifetime's.
+    cpu_at_start: HashMap<String, f64>,
+    /// When the measured run started.
+    started: Instant,
+}
+
+/// The `bridge` binary to run the pipeline with: `BRIDGE_BINARY`, or the
+/// one built beside this benchmark.
+pub(super) fn bridge_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("BRIDGE_BINARY") {
+        return Ok(PathBuf::from(path));
+    }
+    let beside = std::env::current_exe()?.with_file_name("bridge");
+    ensure!(
+        beside.exists(),
+        "no bridge binary at {}; build it (cargo build --release -p bridge) or set BRIDGE_BINARY",
+        beside.display()
+    );
+    Ok(beside)
+}
+
+impl Children {
+    pub(super) fn spawn(args: &PipelineBenchArgs, url: &str, prefix: &str) -> Result<Self> {
+        let exe = bridge_binary()?;
+        let logs = args.out_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let mut processes = Vec::new();
+        for copy in 0..args.processes_per_stage {
+            let mut parts: Vec<(String, Vec<&str>)> = StageName::ALL
+                .iter()
+                .map(|stage| (format!("{}-{copy}", stage.as_str()), vec!["--stage", stage.as_str()]))
+                .collect();
+            parts.push((format!("relay-{copy}"), vec!["--relay"]));
+            for (name, flags) in parts {
+                let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+                let child = Command::new(&exe)
+                    .arg("run")
+                    .args(&flags)
+                    .arg("--simulated-services")
+                    .env("DATABASE_URL", url)
+                    .env("KAFKA_BROKERS", &args.brokers)
+                    .env("BRIDGE_TOPIC_PREFIX", prefix)
+                    .env("BRIDGE_GROUP_PREFIX", prefix)
+                    .env("BRIDGE_TOPIC_PARTITIONS", args.partitions.to_string())
+                    .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()
+                    .with_context(|| format!("Failed to start {name}"))?;
+                processes.push((name, child));
+            }
+        }
+        Ok(Self { processes, usage: HashMap::new(), cpu_at_start: HashMap::new(), started: Instant::now() })
+    }
+
+    /// Marks the start of the measured run.
+    pub(super) fn start_measuring(&mut self) {
+        self.cpu_at_start = self.readings().into_iter().map(|(name, cpu, _)| (name, cpu)).collect();
+        self.started = Instant::now();
+    }
+
+    /// (name, CPU seconds so far, peak RSS MiB) of every process the run
+    /// counts: the pipeline's, this one, and all of the database's and the
+    /// broker's (their RSS is not summed: 0).
+    pub(super) fn readings(&mut self) -> Vec<(String, f64, f64)> {
+        self.sample();
+        let mut readings: Vec<(String, f64, f64)> = self
+            .processes
+            .iter()
+            .filter_map(|(name, _)| self.usage.get(name).map(|(cpu, rss)| (name.clone(), *cpu, *rss)))
+            .collect();
+        if let Some((cpu, rss)) = proc_usage(std::process::id()) {
+            readings.push((BENCH_PROCESS.to_owned(), cpu, rss));
+        }
+        readings.extend(outside_cpu().into_iter().map(|(name, cpu)| (format!("{name} (all processes)"), cpu, 0.0)));
+        readings
+    }
+
+    pub(super) fn check_alive(&mut self) -> Result<()> {
+        for (name, child) in &mut self.processes {
+            if let Some(status) = child.try_wait()? {
+                bail!("{name} exited with {status}; see its log");
+            }
+        }
+        Ok(())
+    }
+
+    /// Records each process's CPU time and peak RSS while it is alive.
+    pub(super) fn sample(&mut self) {
+        for (name, child) in &self.processes {
+            if let Some(usage) = proc_usage(child.id()) {
+                self.usage.insert(name.clone(), usage);
+            }
+        }
+    }
+
+    pub(super) fn stop(mut self) -> Vec<ProcessUsage> {
+        let readings = self.readings();
+        let wall = self.started.elapsed().as_secs_f64();
+        for (_, child) in &mut self.processes {
+            // SIGTERM: each finishes its message, commits offsets and exits.
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        }
+        for (_, child) in &mut self.processes {
+            let _ = child.wait();
+        }
+        readings
+            .into_iter()
+            .map(|(name, cpu, rss)| {
+                let cpu = cpu - self.cpu_at_start.get(&name).copied().unwrap_or(0.0);
+                ProcessUsage { name, cpu_seconds: cpu, cpu_share_of_run: cpu / wall, peak_rss_mib: rss }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The name this process's usage is reported under.
+pub(super) const BENCH_PROCESS: &str = "bench (load generator and status follower)";
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+pub(super) const TICKS_PER_SEC: f64 = 100.0;
+
+/// (CPU seconds, peak RSS MiB) of a process, from /proc.
+pub(super) fn proc_usage(pid: u32) -> Option<(f64, f64)> {
+    let cpu = proc_cpu(Path::new(&format!("/proc/{pid}/stat")), false)?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak_kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((cpu, peak_kib / 1024.0))
+}
+
+/// CPU seconds of a process from its `stat` file; with `reaped_children`,
+/// also those of the children it has waited for.
+pub(super) fn proc_cpu(stat: &Path, reaped_children: bool) -> Option<f64> {
+    let text = std::fs::read_to_string(stat).ok()?;
+    // Fields after the command name (which may hold spaces) start at ")":
+    // utime, stime, cutime, cstime are the 12th to 15th of them.
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    let last = if reaped_children { 14 } else { 12 };
+    let ticks: Option<f64> = fields.get(11..=last)?.iter().map(|field| field.parse::<f64>().ok()).sum();
+    Some(ticks? / TICKS_PER_SEC)
+}
+
+/// CPU seconds used so far by every postgres and tansu process on the
+/// machine (the database and the broker the run shares the cores with).
+/// A Postgres backend that ends during the run (a pool replacing a
+/// connection past its lifetime, 30 minutes in sqlx) leaves the live
+/// processes, and its time would be lost from the sum; once the postmaster
+/// has waited for it, that time is in the postmaster's children's times,
+/// which are counted too.
+pub(super) fn outside_cpu() -> HashMap<String, f64> {
+    let mut totals: HashMap<String, f64> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return totals };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else { continue };
+        let comm = comm.trim();
+        let name = if comm.starts_with("postgres") {
+            "postgres"
+        } else if comm.starts_with("tansu") {
+            "tansu"
+        } else {
+            continue;
+        };
+        if let Some(cpu) = proc_cpu(&path.join("stat"), true) {
+            *totals.entry(name.to_owned()).or_default() += cpu;
+        }
+    }
+    totals
+}
