@@ -196,3 +196,32 @@ pub(super) fn outside_cpu() -> HashMap<String, f64> {
     }
     totals
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cpu_time_of_a_process() {
+        let (cpu, rss) = proc_usage(std::process::id()).expect("this process is in /proc");
+        assert!(cpu >= 0.0 && rss > 0.0);
+    }
+
+    /// The time of a child that has ended and been waited for stays in the
+    /// count with `reaped_children`, and only then.
+    #[test]
+    fn counts_the_time_of_children_that_have_ended() {
+        let stat = Path::new("/proc/self/stat");
+        let (own, all) = (proc_cpu(stat, false).unwrap(), proc_cpu(stat, true).unwrap());
+        // About a second of CPU in a child shell.
+        let status = Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("sh runs");
+        assert!(status.success());
+        let (own_after, all_after) = (proc_cpu(stat, false).unwrap(), proc_cpu(stat, true).unwrap());
+        let children = (all_after - own_after) - (all - own);
+        assert!(children >= 0.2, "children's time grew by {children} s");
+        assert!(own_after - own < 0.2, "this process's own time grew by {} s", own_after - own);
+    }
+}

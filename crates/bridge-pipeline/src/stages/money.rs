@@ -4,6 +4,8 @@
 //! callback; steps a service holds as pending are recorded for the
 //! settlement runner.
 
+use std::ops::ControlFlow;
+
 use super::*;
 
 /// Loads the transfer an outcome event refers to, outside any transaction,
@@ -116,19 +118,9 @@ pub async fn withdrawal_step(
     ask: Ask<'_>,
 ) -> Result<Outcome, StageError> {
     let stage = StageName::Withdrawal;
-    let Some(transfer) = pending_step(ctx, transfer_id, TransferState::Validated).await? else {
-        return Ok(Outcome::Duplicate);
-    };
-    let movement = MoneyStep::Withdrawal.movement(&transfer)?;
-    let outcome = match ask {
-        Ask::Perform => ctx.services.investor.withdraw(&movement).await,
-        Ask::Cancel { reason } => {
-            ctx.services.investor.cancel_withdrawal(&movement).await.map(|o| cancelled_as(o, reason))
-        }
-    };
-    let outcome = match outcome {
-        Err(ServiceError::Refused(why)) => return refused(ctx, transfer_id, Step::Withdrawal, &why, trace).await,
-        other => other?,
+    let (_, outcome) = match MoneyStep::Withdrawal.ask(ctx, transfer_id, ask, trace).await? {
+        ControlFlow::Continue(answered) => answered,
+        ControlFlow::Break(outcome) => return Ok(outcome),
     };
 
     let mut tx = ctx.pool.begin().await?;
@@ -168,17 +160,9 @@ pub async fn deposit_step(
     ask: Ask<'_>,
 ) -> Result<Outcome, StageError> {
     let stage = StageName::Deposit;
-    let Some(transfer) = pending_step(ctx, transfer_id, TransferState::Withdrawn).await? else {
-        return Ok(Outcome::Duplicate);
-    };
-    let remit = MoneyStep::Deposit.movement(&transfer)?;
-    let remitted = match ask {
-        Ask::Perform => ctx.services.fund.remit(&remit).await,
-        Ask::Cancel { reason } => ctx.services.fund.cancel_remittance(&remit).await.map(|o| cancelled_as(o, reason)),
-    };
-    let remitted = match remitted {
-        Err(ServiceError::Refused(why)) => return refused(ctx, transfer_id, Step::Deposit, &why, trace).await,
-        other => other?,
+    let (transfer, remitted) = match MoneyStep::Deposit.ask(ctx, transfer_id, ask, trace).await? {
+        ControlFlow::Continue(answered) => answered,
+        ControlFlow::Break(outcome) => return Ok(outcome),
     };
     let outcome = match remitted {
         ServiceOutcome::Pending => DepositOutcome::Pending,
@@ -292,6 +276,42 @@ impl MoneyStep {
         match self {
             Self::Withdrawal => ctx.services.investor.withdraw(movement).await,
             Self::Deposit => ctx.services.fund.remit(movement).await,
+        }
+    }
+
+    async fn cancel(self, ctx: &StageContext, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
+        match self {
+            Self::Withdrawal => ctx.services.investor.cancel_withdrawal(movement).await,
+            Self::Deposit => ctx.services.fund.cancel_remittance(movement).await,
+        }
+    }
+
+    /// Asks the service about the step of a transfer waiting for it, outside
+    /// any transaction. Breaks with the message's outcome when there is
+    /// nothing more to do: the transfer is not waiting for the step (a
+    /// repeat), or the service refused the step as wrong and the transfer
+    /// went to a person.
+    async fn ask(
+        self,
+        ctx: &StageContext,
+        transfer_id: Uuid,
+        ask: Ask<'_>,
+        trace: &TraceContext,
+    ) -> Result<ControlFlow<Outcome, (Transfer, ServiceOutcome)>, StageError> {
+        let Some(transfer) = pending_step(ctx, transfer_id, self.expected()).await? else {
+            return Ok(ControlFlow::Break(Outcome::Duplicate));
+        };
+        let movement = self.movement(&transfer)?;
+        let answer = match ask {
+            Ask::Perform => self.perform(ctx, &movement).await,
+            Ask::Cancel { reason } => self.cancel(ctx, &movement).await.map(|outcome| cancelled_as(outcome, reason)),
+        };
+        match answer {
+            Ok(outcome) => Ok(ControlFlow::Continue((transfer, outcome))),
+            Err(ServiceError::Refused(why)) => {
+                Ok(ControlFlow::Break(refused(ctx, transfer_id, self.step(), &why, trace).await?))
+            }
+            Err(error) => Err(error.into()),
         }
     }
 }
