@@ -148,7 +148,7 @@ pub async fn investors_by_id(conn: &mut PgConnection, ids: &[&str]) -> Result<Ha
         .collect()
 }
 
-/// Holds the amounts of accepted requests, `(fund, investor, amount)` each
+/// Holds the amounts of accepted requests, `(investor, amount)` each
 /// (an investor's amounts added up). The rows are locked in key order first (so
 /// two batches cannot deadlock on each other), and only now, near the end
 /// of the caller's transaction: locked from the caller's first read, they
@@ -157,12 +157,12 @@ pub async fn investors_by_id(conn: &mut PgConnection, ids: &[&str]) -> Result<Ha
 /// hold taken elsewhere since the caller read the account (the only change
 /// that lowers what is available) makes this a conflict, and the caller
 /// decides again.
-pub(crate) async fn hold_many(conn: &mut PgConnection, requests: &[(&str, &str, i64)]) -> Result<()> {
+pub(crate) async fn hold_many(conn: &mut PgConnection, requests: &[(&str, i64)]) -> Result<()> {
     if requests.is_empty() {
         return Ok(());
     }
     let mut holds: BTreeMap<&str, i64> = BTreeMap::new();
-    for (_, investor, amount) in requests {
+    for (investor, amount) in requests {
         *holds.entry(investor).or_default() += amount;
     }
     let (ids, amounts): (Vec<&str>, Vec<i64>) = holds.iter().map(|(id, amount)| (*id, *amount)).unzip();

@@ -62,7 +62,7 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
         let investor = transfer.investor_account_id.as_str();
         match (effect.balance_minor, effect.held_minor) {
             (0, 0) => {}
-            (0, held) if held > 0 => holds.push(("", investor, held)),
+            (0, held) if held > 0 => holds.push((investor, held)),
             (balance, held) => adjustments.push((investor, balance, held)),
         }
     }
