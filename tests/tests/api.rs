@@ -217,8 +217,7 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
         callers.push((scope, Some(key(&kit, &[scope], None).await?)));
     }
 
-    let callback_body =
-        json!({"idempotency_key": bridge_domain::ids::idempotency_key(id.parse()?, bridge_domain::Step::Withdrawal)});
+    let callback_body = json!({"idempotency_key": bridge_domain::ids::idempotency_key(id.parse()?, bridge_domain::Step::Withdrawal, 0)});
     let dead_letters = bridge_pipeline::Topics::dead_letter(&kit.topics().requested());
     // (method, path, body, expected per caller in the order above, then
     // transfers:write, transfers:read, callbacks, admin).

@@ -178,7 +178,7 @@ async fn callbacks_are_verified_and_never_trusted_blindly() -> Result<()> {
     let (api, simulator) = api_and_simulator(&kit, plan, &secret).await?;
     let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 2_000)?);
     let id = kit.publish(&kit.request("ines", &fund_account, 3_000_00)).await?;
-    let key = bridge_domain::ids::idempotency_key(id, bridge_domain::Step::Withdrawal);
+    let key = bridge_domain::ids::idempotency_key(id, bridge_domain::Step::Withdrawal, 0);
     let deadline = Instant::now() + SETTLE;
     while sim_outcome(&kit, &key).await?.is_none() {
         ensure!(Instant::now() < deadline, "withdrawal never reached the bank");
@@ -295,9 +295,9 @@ async fn overdue_deposit_is_cancelled_and_refunded() -> Result<()> {
     )
     .await?;
     ensure!(state_and_reason(&kit, id).await? == (TransferState::Reversed, Some("DEPOSIT_ATTEMPTS_EXHAUSTED".into())));
-    let deposit = sim_outcome(&kit, &bridge_domain::ids::idempotency_key(id, bridge_domain::Step::Deposit)).await?;
+    let deposit = sim_outcome(&kit, &bridge_domain::ids::idempotency_key(id, bridge_domain::Step::Deposit, 0)).await?;
     ensure!(deposit == Some(("declined".into(), "CANCELLED".into())), "{deposit:?}");
-    let refund = sim_outcome(&kit, &bridge_domain::ids::idempotency_key(id, bridge_domain::Step::Refund)).await?;
+    let refund = sim_outcome(&kit, &bridge_domain::ids::idempotency_key(id, bridge_domain::Step::Refund, 0)).await?;
     ensure!(refund.map(|(outcome, _)| outcome).as_deref() == Some("settled"));
     kit.assert_books_balance().await
 }
@@ -332,7 +332,7 @@ async fn expired_reservations_free_their_seats() -> Result<()> {
     let expired = kit.publish(&kit.request("first", &fund_account, 1_000_00)).await?;
     kit.wait_terminal(&[expired], SETTLE).await?;
     ensure!(state_and_reason(&kit, expired).await? == (TransferState::Failed, Some("RESERVATION_EXPIRED".into())));
-    let key = bridge_domain::ids::idempotency_key(expired, bridge_domain::Step::Withdrawal);
+    let key = bridge_domain::ids::idempotency_key(expired, bridge_domain::Step::Withdrawal, 0);
     ensure!(sim_outcome(&kit, &key).await? == Some(("declined".into(), "CANCELLED".into())));
     pipeline.stop().await?;
 

@@ -27,7 +27,8 @@ use bridge_store::api::{self, ApiKey};
 
 use crate::{problem, AppState};
 
-pub const SCOPES: [&str; 4] = ["transfers:write", "transfers:read", "callbacks", "admin"];
+/// `operator`: resolves transfers in manual review (`/v1/reviews`).
+pub const SCOPES: [&str; 5] = ["transfers:write", "transfers:read", "callbacks", "admin", "operator"];
 
 /// A newly created key: the full key is shown once, then only its hash is
 /// kept.
@@ -76,6 +77,9 @@ fn hex(bytes: &[u8]) -> String {
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub key_id: Uuid,
+    /// How the caller is named in histories: the key's name and prefix, or
+    /// the token's subject.
+    pub name: String,
     pub scopes: Vec<String>,
     pub investor_account_id: Option<String>,
 }
@@ -152,6 +156,7 @@ impl JwtConfig {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &validation).ok()?.claims;
         Some(Caller {
             key_id: Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("jwt:{}:{}", self.issuer, claims.sub).as_bytes()),
+            name: claims.sub,
             scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
             investor_account_id: claims.bridge_investor,
         })
@@ -204,7 +209,12 @@ impl FromRequestParts<AppState> for Caller {
             return Err(unauthorized());
         }
         limit(state, &key.id)?;
-        Ok(Caller { key_id: key.id, scopes: key.scopes, investor_account_id: key.investor_account_id })
+        Ok(Caller {
+            key_id: key.id,
+            name: format!("{} (brk_{})", key.name, key.prefix),
+            scopes: key.scopes,
+            investor_account_id: key.investor_account_id,
+        })
     }
 }
 

@@ -15,6 +15,10 @@
 //! | `GET`/`POST /v1/admin/notifications/subscriptions` | `admin` | list (with delivery counts) / create (a webhook's secret is in the reply, once) |
 //! | `POST /v1/admin/notifications/subscriptions/{id}/enable`, `/disable` | `admin` | switch a target |
 //! | `POST /v1/admin/notifications/redrive?subscription=` | `admin` | dead-lettered deliveries to the back of their queues |
+//! | `GET /v1/reviews` | `operator` | the transfers in manual review, oldest first |
+//! | `GET /v1/reviews/{id}` | `operator` | a transfer's story: history with actors, ledger, resolutions |
+//! | `POST /v1/reviews/{id}/{retry,fail,refunded,complete}` `{reason, reference, new_attempt}` | `operator` | resolves it (`Idempotency-Key` honoured); 202 when it waits for a second operator |
+//! | `POST /v1/reviews/resolutions/{id}/approve`, `/reject` `{reason}` | `operator` | four-eyes: a second operator approves (it runs) or turns it down |
 //! | `GET /metrics` | `admin` | Prometheus text: open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
 //! | `GET /openapi.json` | any | this API described (OpenAPI 3.1, generated from the code) |
 //! | `GET /healthz` | none | the process is alive |
@@ -48,6 +52,7 @@ pub mod admin;
 pub mod auth;
 pub mod openapi;
 pub mod responses;
+pub mod reviews;
 pub mod transfers;
 
 use std::collections::HashMap;
@@ -87,6 +92,8 @@ pub struct ApiConfig {
     pub jwt: Option<auth::JwtConfig>,
     /// Seals the signing secrets of webhook subscriptions created here.
     pub keyring: Option<Arc<bridge_secrets::Keyring>>,
+    /// Operators a review resolution needs (2: four-eyes).
+    pub review_approvals: u8,
 }
 
 impl ApiConfig {
@@ -98,6 +105,7 @@ impl ApiConfig {
             rate_burst: 200,
             jwt: None,
             keyring: None,
+            review_approvals: 1,
         }
     }
 }
@@ -142,6 +150,11 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .route("/v1/admin/notifications/subscriptions/{id}/enable", post(admin::enable))
         .route("/v1/admin/notifications/subscriptions/{id}/disable", post(admin::disable))
         .route("/v1/admin/notifications/redrive", post(admin::redrive_notifications))
+        .route("/v1/reviews", get(reviews::list))
+        .route("/v1/reviews/{id}", get(reviews::show))
+        .route("/v1/reviews/{id}/{action}", post(reviews::resolve))
+        .route("/v1/reviews/resolutions/{id}/approve", post(reviews::approve))
+        .route("/v1/reviews/resolutions/{id}/reject", post(reviews::reject))
         // Requests are small JSON documents; anything larger is refused
         // before it is read.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))

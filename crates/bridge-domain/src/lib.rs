@@ -10,11 +10,13 @@
 
 pub mod ids;
 pub mod money;
+pub mod resolution;
 pub mod rules;
 pub mod step;
 pub mod transfer;
 
 pub use money::{Currency, Money};
+pub use resolution::Resolution;
 pub use rules::{check_request, AccountSnapshot, FundSnapshot, FundTerms, RequestFacts, RunningBooks};
 pub use step::{Book, Effect, Posting, Step};
 pub use transfer::{FailureReason, RejectReason, TransferEvent, TransferState};

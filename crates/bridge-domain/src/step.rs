@@ -110,7 +110,11 @@ impl TransferEvent {
     /// refund settled moves it back to the investor and releases the
     /// reservation; completion turns the reservation into a completed
     /// allocation. A transfer handed to a person stays frozen where it
-    /// stood: that is the person's to resolve.
+    /// stood: that is the person's to resolve. Reopening it changes nothing
+    /// either (the step code then does what the pipeline would); what an
+    /// operator records as done outside Bridge does to the books what the
+    /// step would have: a refund as a refunded declined deposit, a confirmed
+    /// deposit as a settled one.
     pub fn effect(&self, amount_minor: i64) -> Effect {
         let posting = |step, debit, credit| Some(Posting { step, debit, credit });
         match self {
@@ -124,12 +128,12 @@ impl TransferEvent {
             Self::WithdrawalFailed(_) => {
                 Effect { held_minor: -amount_minor, reserved_minor: -amount_minor, ..Effect::default() }
             }
-            Self::Deposited => Effect {
+            Self::Deposited | Self::DepositConfirmed => Effect {
                 posting: posting(Step::Deposit, Book::InTransit, Book::FundAccount),
                 fund_account_minor: amount_minor,
                 ..Effect::default()
             },
-            Self::DepositFailed(_) => Effect {
+            Self::DepositFailed(_) | Self::RefundedOutside => Effect {
                 posting: posting(Step::Refund, Book::InTransit, Book::Investor),
                 balance_minor: amount_minor,
                 reserved_minor: -amount_minor,
@@ -138,9 +142,11 @@ impl TransferEvent {
             Self::Completed => {
                 Effect { reserved_minor: -amount_minor, completed_minor: amount_minor, ..Effect::default() }
             }
-            Self::Rejected(_) | Self::CompensationFailed(_) | Self::StepOverdue(_) | Self::StepRefused(_) => {
-                Effect::default()
-            }
+            Self::Rejected(_)
+            | Self::CompensationFailed(_)
+            | Self::StepOverdue(_)
+            | Self::StepRefused(_)
+            | Self::Reopened(_) => Effect::default(),
         }
     }
 }
@@ -241,6 +247,30 @@ mod tests {
                 Books { balance: -250, reserved: 250, investor_ledger: -250, in_transit: 250, ..Books::default() }
             );
         }
+    }
+
+    #[test]
+    fn every_resolution_of_money_in_transit_balances_the_books() {
+        use TransferEvent as E;
+        let frozen = [E::Validated, E::Withdrawn, E::CompensationFailed(reason())];
+        // Refunded outside Bridge: the investor has the money back, nothing
+        // is reserved, the transfer is reversed.
+        let (state, books) = walk(&[&frozen[..], &[E::RefundedOutside]].concat(), 250);
+        assert_eq!(state, TransferState::Reversed);
+        assert_eq!(books, Books::default());
+        // The deposit confirmed outside: completed by the completion stage as
+        // any deposited transfer.
+        let (state, books) = walk(&[&frozen[..], &[E::DepositConfirmed, E::Completed]].concat(), 250);
+        assert_eq!(state, TransferState::Completed);
+        let (_, completed) = walk(&[E::Validated, E::Withdrawn, E::Deposited, E::Completed], 250);
+        assert_eq!(books, completed);
+        // Reopened, the step runs as the pipeline's would.
+        let (state, books) = walk(
+            &[E::Validated, E::StepRefused(reason()), E::Reopened(Step::Withdrawal), E::WithdrawalFailed(reason())],
+            250,
+        );
+        assert_eq!(state, TransferState::Failed);
+        assert_eq!(books, Books::default());
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //!     ▼             ▼  │           ▼   │
 //!  rejected       failed│       reversed│
 //!                       └──► manual_review ◄┘
+//!                                  │
+//!        an operator's resolution: ├──► validated or withdrawn (reopened: the
+//!                                  │    step is asked again, or cancelled)
+//!                                  ├──► deposited (deposit confirmed outside)
+//!                                  └──► reversed (refunded outside)
 //! ```
 //!
 //! `rejected` means validation said no (nothing was held); `failed` means the
@@ -17,12 +22,18 @@
 //! past its deadline under the `manual_review` policy. It freezes the transfer
 //! where it stood: from `validated` the funds stay held, from `withdrawn` the
 //! money stays in transit, and the reservation is kept either way. It is not
-//! terminal, but it is not in flight either: no stage will touch it again. Every transition is a new version of the
+//! terminal, but it is not in flight either: no stage will touch it until a
+//! person resolves it. A resolution either reopens the transfer where it
+//! froze, so the step code asks the service again (or cancels the step) under
+//! its idempotency key, or records what happened outside Bridge: a refund to
+//! the investor (money in transit back to the investor: `reversed`) or the
+//! deposit confirmed by the fund administrator (`deposited`, and the
+//! completion stage finishes it). Every transition is a new version of the
 //! transfer; no version is ever overwritten.
 
 use std::fmt;
 
-use crate::{Error, Result};
+use crate::{Error, Result, Step};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TransferState {
@@ -92,6 +103,9 @@ impl TransferState {
             (S::Withdrawn, E::CompensationFailed(_)) => S::ManualReview,
             (S::Validated | S::Withdrawn, E::StepOverdue(_) | E::StepRefused(_)) => S::ManualReview,
             (S::Deposited, E::Completed) => S::Completed,
+            (S::ManualReview, E::Reopened(step)) => step.waits_in(),
+            (S::ManualReview, E::RefundedOutside) => S::Reversed,
+            (S::ManualReview, E::DepositConfirmed) => S::Deposited,
             _ => return Err(Error::IllegalTransition { from: self, event: event.name() }),
         };
         Ok(next)
@@ -168,10 +182,19 @@ pub enum TransferEvent {
     /// not know, a malformed movement): a person must look.
     StepRefused(FailureReason),
     Completed,
+    /// An operator reopened a transfer in manual review where it froze, so
+    /// `step` is asked about again (retried or cancelled) by the step code.
+    Reopened(Step),
+    /// An operator recorded a refund to the investor made outside Bridge of
+    /// money in transit.
+    RefundedOutside,
+    /// An operator recorded the deposit as confirmed outside Bridge by the
+    /// fund administrator.
+    DepositConfirmed,
 }
 
 impl TransferEvent {
-    const REPRESENTATIVES: [TransferEvent; 10] = [
+    const REPRESENTATIVES: [TransferEvent; 14] = [
         TransferEvent::Validated,
         TransferEvent::Rejected(RejectReason::InsufficientFunds),
         TransferEvent::Withdrawn,
@@ -182,6 +205,10 @@ impl TransferEvent {
         TransferEvent::StepOverdue(FailureReason(String::new())),
         TransferEvent::StepRefused(FailureReason(String::new())),
         TransferEvent::Completed,
+        TransferEvent::Reopened(Step::Withdrawal),
+        TransferEvent::Reopened(Step::Deposit),
+        TransferEvent::RefundedOutside,
+        TransferEvent::DepositConfirmed,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -196,6 +223,9 @@ impl TransferEvent {
             Self::StepOverdue(_) => "step_overdue",
             Self::StepRefused(_) => "step_refused",
             Self::Completed => "completed",
+            Self::Reopened(_) => "reopened",
+            Self::RefundedOutside => "refunded_outside",
+            Self::DepositConfirmed => "deposit_confirmed",
         }
     }
 
@@ -207,6 +237,9 @@ impl TransferEvent {
             | Self::CompensationFailed(reason)
             | Self::StepOverdue(reason)
             | Self::StepRefused(reason) => Some(reason.code()),
+            Self::Reopened(_) => Some("REOPENED_BY_OPERATOR"),
+            Self::RefundedOutside => Some("REFUNDED_OUTSIDE_BRIDGE"),
+            Self::DepositConfirmed => Some("DEPOSIT_CONFIRMED_OUTSIDE_BRIDGE"),
             _ => None,
         }
     }
@@ -230,11 +263,33 @@ mod tests {
 
     #[test]
     fn terminal_states_accept_nothing() {
-        for state in TransferState::ALL.into_iter().filter(|s| s.is_terminal() || s.needs_person()) {
+        for state in TransferState::ALL.into_iter().filter(|s| s.is_terminal()) {
             for event in TransferEvent::REPRESENTATIVES.iter() {
                 assert!(state.apply(event).is_err(), "{state} must refuse {}", event.name());
             }
         }
+    }
+
+    #[test]
+    fn only_an_operator_resolution_leads_out_of_manual_review() {
+        let resolutions = ["reopened", "refunded_outside", "deposit_confirmed"];
+        for event in TransferEvent::REPRESENTATIVES.iter() {
+            let allowed = TransferState::ManualReview.apply(event).is_ok();
+            assert_eq!(allowed, resolutions.contains(&event.name()), "{}", event.name());
+            // And a resolution applies to nothing else.
+            if resolutions.contains(&event.name()) {
+                for state in TransferState::ALL.into_iter().filter(|s| !s.needs_person()) {
+                    assert!(state.apply(event).is_err(), "{state} must refuse {}", event.name());
+                }
+            }
+        }
+        assert_eq!(
+            TransferState::ManualReview.apply(&TransferEvent::Reopened(Step::Deposit)),
+            Ok(TransferState::Withdrawn)
+        );
+        assert!(TransferState::ManualReview.can_become(TransferState::Validated));
+        assert!(!TransferState::ManualReview.can_become(TransferState::Completed));
+        assert!(!TransferState::ManualReview.can_become(TransferState::Failed));
     }
 
     #[test]

@@ -86,3 +86,36 @@ pub async fn post_many(conn: &mut PgConnection, postings: &[Posting<'_>]) -> Res
     .await?;
     Ok(())
 }
+
+/// One ledger line of a transfer, for people reading its story.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    pub step: String,
+    pub account: String,
+    pub direction: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A transfer's ledger lines, in the order they were posted.
+pub async fn of_transfer(conn: &mut PgConnection, transfer_id: uuid::Uuid) -> Result<Vec<Entry>> {
+    let rows: Vec<(String, String, String, i64, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT step, account, direction, amount_minor, currency::text, created_at
+         FROM ledger_entries WHERE transfer_id = $1 ORDER BY id",
+    )
+    .bind(transfer_id)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(step, account, direction, amount_minor, currency, created_at)| Entry {
+            step,
+            account,
+            direction,
+            amount_minor,
+            currency,
+            created_at,
+        })
+        .collect())
+}

@@ -37,6 +37,7 @@ pub mod notifications;
 pub mod outbox;
 pub mod pending;
 pub mod reconcile;
+pub mod reviews;
 pub mod simulator;
 pub mod transfers;
 

@@ -111,13 +111,16 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "I2",
-        "every posting of ours was settled at the simulated service (simulator only)",
+        "every posting of ours was settled at the simulated service, or recorded by an operator as done outside Bridge (simulator only)",
         "SELECT count(*) FROM ledger_entries l
          WHERE l.transfer_id IS NOT NULL AND l.direction = 'debit'
            AND EXISTS (SELECT 1 FROM sim_operations)
            AND NOT EXISTS (SELECT 1 FROM sim_operations s
-                           WHERE s.idempotency_key = 'bridge-' || l.transfer_id || '-' || l.step
-                             AND s.outcome = 'settled')",
+                           WHERE s.transfer_id = l.transfer_id AND s.operation = l.step AND s.outcome = 'settled')
+           AND NOT EXISTS (SELECT 1 FROM transfer_versions v
+                           WHERE v.transfer_id = l.transfer_id AND v.actor IS NOT NULL
+                             AND v.reason_code = CASE l.step WHEN 'refund' THEN 'REFUNDED_OUTSIDE_BRIDGE'
+                                                             WHEN 'deposit' THEN 'DEPOSIT_CONFIRMED_OUTSIDE_BRIDGE' END)",
     ),
     (
         "I5",

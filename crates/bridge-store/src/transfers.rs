@@ -28,6 +28,9 @@ pub struct Transfer {
     pub reason_code: Option<String>,
     pub version: i64,
     pub traceparent: Option<String>,
+    /// The attempt its money steps' idempotency keys carry (see
+    /// `ids::idempotency_key`): 0 unless an operator retried a voided step.
+    pub step_attempt: i32,
 }
 
 impl Transfer {
@@ -51,6 +54,8 @@ pub struct TransferVersion {
     pub reason_code: Option<String>,
     pub event_id: Uuid,
     pub recorded_at: DateTime<Utc>,
+    /// Set when a person, not a stage, made the change.
+    pub actor: Option<Actor>,
 }
 
 type TransferRow = (
@@ -67,6 +72,7 @@ type TransferRow = (
     Option<String>,
     i64,
     Option<String>,
+    i32,
 );
 
 fn from_row(row: TransferRow) -> Result<Transfer> {
@@ -84,6 +90,7 @@ fn from_row(row: TransferRow) -> Result<Transfer> {
         reason,
         version,
         traceparent,
+        step_attempt,
     ) = row;
     Ok(Transfer {
         id,
@@ -99,11 +106,12 @@ fn from_row(row: TransferRow) -> Result<Transfer> {
         reason_code: reason,
         version,
         traceparent,
+        step_attempt,
     })
 }
 
 const COLUMNS: &str = "id, investor_account_id, fund_account_id, fund_id, amount_minor, currency, reference,
-    source_system, requested_at, state, reason_code, version, traceparent";
+    source_system, requested_at, state, reason_code, version, traceparent, step_attempt";
 
 pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Transfer>> {
     let row: Option<TransferRow> =
@@ -311,10 +319,30 @@ pub async fn insert_decided(conn: &mut PgConnection, decided: &[(Transfer, Trans
     Ok(next)
 }
 
+/// Who moved a transfer, when it was not a stage: an operator resolving a
+/// manual review, in their words, naming the outside operation if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    pub name: String,
+    pub note: String,
+    pub external_reference: Option<String>,
+}
+
 /// Moves `current` along the state machine by `event`, version-checked, and
 /// appends the new version to the history. Returns the new state of the
 /// transfer. An illegal event is refused before anything is written.
 pub async fn advance(conn: &mut PgConnection, current: &Transfer, event: &TransferEvent) -> Result<Transfer> {
+    advance_as(conn, current, event, None).await
+}
+
+/// [`advance`], with the actor recorded in the new version when it is not
+/// the stage the event names.
+pub async fn advance_as(
+    conn: &mut PgConnection,
+    current: &Transfer,
+    event: &TransferEvent,
+    actor: Option<&Actor>,
+) -> Result<Transfer> {
     let next_state =
         current.state.apply(event).map_err(|error| Error::Corrupt(format!("transfer {}: {error}", current.id)))?;
     let mut next = current.clone();
@@ -329,8 +357,9 @@ pub async fn advance(conn: &mut PgConnection, current: &Transfer, event: &Transf
              WHERE id = $1 AND version = $2
              RETURNING id
          )
-         INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
-         SELECT id, $5, $3, $6, $4, $7 FROM updated",
+         INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id,
+                                        actor, note, external_reference)
+         SELECT id, $5, $3, $6, $4, $7, $8, $9, $10 FROM updated",
     )
     .bind(current.id)
     .bind(current.version)
@@ -339,6 +368,9 @@ pub async fn advance(conn: &mut PgConnection, current: &Transfer, event: &Transf
     .bind(next.version)
     .bind(current.state.as_str())
     .bind(ids::status_event_id(next.id, next.version))
+    .bind(actor.map(|actor| actor.name.as_str()))
+    .bind(actor.map(|actor| actor.note.as_str()))
+    .bind(actor.and_then(|actor| actor.external_reference.as_deref()))
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -348,16 +380,19 @@ pub async fn advance(conn: &mut PgConnection, current: &Transfer, event: &Transf
     Ok(next)
 }
 
+type VersionRow =
+    (i64, String, Option<String>, Option<String>, Uuid, DateTime<Utc>, Option<String>, Option<String>, Option<String>);
+
 pub async fn history(conn: &mut PgConnection, id: Uuid) -> Result<Vec<TransferVersion>> {
-    let rows: Vec<(i64, String, Option<String>, Option<String>, Uuid, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT version, state, previous_state, reason_code, event_id, recorded_at
+    let rows: Vec<VersionRow> = sqlx::query_as(
+        "SELECT version, state, previous_state, reason_code, event_id, recorded_at, actor, note, external_reference
          FROM transfer_versions WHERE transfer_id = $1 ORDER BY version",
     )
     .bind(id)
     .fetch_all(conn)
     .await?;
     rows.into_iter()
-        .map(|(version, state, previous, reason_code, event_id, recorded_at)| {
+        .map(|(version, state, previous, reason_code, event_id, recorded_at, actor, note, reference)| {
             let parse = |text: &str| TransferState::parse(text).map_err(|error| Error::Corrupt(error.to_string()));
             Ok(TransferVersion {
                 version,
@@ -366,9 +401,40 @@ pub async fn history(conn: &mut PgConnection, id: Uuid) -> Result<Vec<TransferVe
                 reason_code,
                 event_id,
                 recorded_at,
+                actor: actor.map(|name| Actor { name, note: note.unwrap_or_default(), external_reference: reference }),
             })
         })
         .collect()
+}
+
+/// The state a transfer in manual review froze in: the state of the
+/// version before the one that handed it to a person.
+pub async fn frozen_from(conn: &mut PgConnection, id: Uuid) -> Result<Option<TransferState>> {
+    let previous: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT previous_state FROM transfer_versions
+         WHERE transfer_id = $1 AND state = 'manual_review' ORDER BY version DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    previous
+        .flatten()
+        .map(|state| TransferState::parse(&state).map_err(|error| Error::Corrupt(error.to_string())))
+        .transpose()
+}
+
+/// Moves a transfer's money steps to a new attempt of their idempotency
+/// keys, version-checked against `current`; the caller advances the
+/// transfer in the same transaction.
+pub async fn next_step_attempt(conn: &mut PgConnection, current: &Transfer) -> Result<i32> {
+    let attempt: Option<i32> = sqlx::query_scalar(
+        "UPDATE transfers SET step_attempt = step_attempt + 1 WHERE id = $1 AND version = $2 RETURNING step_attempt",
+    )
+    .bind(current.id)
+    .bind(current.version)
+    .fetch_optional(conn)
+    .await?;
+    attempt.ok_or_else(|| Error::Conflict { entity: "transfer", id: current.id.to_string() })
 }
 
 /// Counts of transfers per state, for progress reports.

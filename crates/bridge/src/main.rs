@@ -10,6 +10,7 @@ mod demo;
 mod local_postgres;
 mod notify;
 mod ops;
+mod review;
 mod serve;
 mod submit;
 mod telemetry;
@@ -262,6 +263,10 @@ pub struct ApiArgs {
     pub jwt_issuer: Option<String>,
     #[arg(long, env = "BRIDGE_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// Operators a manual-review resolution needs: 2 makes a second,
+    /// different operator approve each before it runs (four-eyes).
+    #[arg(long, env = "BRIDGE_REVIEW_APPROVALS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub review_approvals: u8,
 }
 
 impl ApiArgs {
@@ -275,6 +280,7 @@ impl ApiArgs {
         let mut config = bridge_api::ApiConfig::new();
         config.rate_per_second = self.api_rate_per_second;
         config.rate_burst = self.api_rate_burst;
+        config.review_approvals = self.review_approvals;
         config.keyring = credentials::keyring().ok().map(std::sync::Arc::new);
         if let (Some(algorithm), Some(path), Some(issuer), Some(audience)) =
             (&self.jwt_algorithm, &self.jwt_key_file, &self.jwt_issuer, &self.jwt_audience)
@@ -354,6 +360,10 @@ enum Command {
     Replay(ops::ReplayArgs),
     /// List, show and redrive dead-letter topics.
     Dlq(ops::DlqArgs),
+    /// The transfers waiting for a person, and their resolutions: retry,
+    /// fail, refunded (outside Bridge), complete (confirmed outside Bridge),
+    /// with four-eyes approval when configured.
+    Review(review::ReviewArgs),
 }
 
 #[derive(Args)]
@@ -653,6 +663,10 @@ async fn run() -> Result<()> {
         Command::Reconcile(args) => {
             init_logging("warn");
             admin::reconcile(args).await?;
+        }
+        Command::Review(args) => {
+            init_logging("warn");
+            review::run(args).await?;
         }
     }
     Ok(())

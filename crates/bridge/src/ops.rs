@@ -21,7 +21,7 @@ use crate::{Common, ServiceArgs};
 pub struct RangeArgs {
     /// Full topic name.
     #[arg(long)]
-    topic: String,
+    topic: Option<String>,
     /// Only these partitions (repeatable); all by default.
     #[arg(long = "partition")]
     partitions: Vec<i32>,
@@ -41,9 +41,17 @@ pub struct RangeArgs {
 }
 
 impl RangeArgs {
-    fn range(&self) -> Range {
+    fn topic(&self) -> Result<&str> {
+        self.topic.as_deref().context("--topic is required")
+    }
+
+    fn range(&self) -> Result<Range> {
+        Ok(self.range_of(self.topic()?))
+    }
+
+    fn range_of(&self, topic: &str) -> Range {
         Range {
-            topic: self.topic.clone(),
+            topic: topic.to_owned(),
             partitions: self.partitions.clone(),
             from: self.from_offset.map(Bound::Offset).or(self.from_time.map(Bound::Time)),
             to: self.to_offset.map(Bound::Offset).or(self.to_time.map(Bound::Time)),
@@ -61,6 +69,12 @@ pub struct ReplayArgs {
     services: ServiceArgs,
     #[command(flatten)]
     range: RangeArgs,
+    /// Every stage's input topic in the pipeline's order (requests, then
+    /// validated, withdrawn and deposited events), each read to its end
+    /// before the next, instead of one --topic: after restoring a database
+    /// backup, with --from-time a little before the backup was taken.
+    #[arg(long, conflicts_with = "topic")]
+    all_stages: bool,
     /// Count the messages in the range without processing them.
     #[arg(long)]
     dry_run: bool,
@@ -103,22 +117,38 @@ fn progress_bar() -> ProgressBar {
 /// Reads by assignment and never moves the live consumer groups' offsets.
 pub async fn replay(args: ReplayArgs) -> Result<()> {
     let config = args.common.pipeline_config(&args.common.brokers);
-    let stage = stage_for(&config.topics, &args.range.topic)?;
+    let stages = match args.all_stages {
+        // In the order a transfer goes through them, so each stage finds
+        // the transfers the one before it recorded.
+        true => StageName::ALL.to_vec(),
+        false => vec![stage_for(&config.topics, args.range.topic()?)?],
+    };
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
     let services = args.services.services(&pool)?;
     let pipeline = Pipeline::new(pool, config.clone(), services);
     pipeline.prepare().await?;
+    for stage in stages {
+        replay_stage(&pipeline, &config, stage, &args).await?;
+    }
+    Ok(())
+}
+
+/// Replays the range of `stage`'s input topic through the stage; prints
+/// what it found.
+async fn replay_stage(
+    pipeline: &Pipeline,
+    config: &bridge_pipeline::PipelineConfig,
+    stage: StageName,
+    args: &ReplayArgs,
+) -> Result<()> {
     let ctx = pipeline.context();
-    let mut report = ReplayReport {
-        topic: args.range.topic.clone(),
-        stage: stage.as_str(),
-        dry_run: args.dry_run,
-        ..Default::default()
-    };
+    let topic = stage.input_topic(&config.topics);
+    let mut report =
+        ReplayReport { topic: topic.clone(), stage: stage.as_str(), dry_run: args.dry_run, ..Default::default() };
     let bar = progress_bar();
     // Shared counters: the visitor's futures only borrow them.
     let counts = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
-    let read = read_range(&config, &args.range.range(), |message: Inbound| {
+    let read = read_range(config, &args.range.range_of(&topic), |message: Inbound| {
         let bar = &bar;
         let counts = &counts;
         async move {
@@ -202,14 +232,14 @@ pub async fn dlq(args: DlqArgs) -> Result<()> {
             }
         }
         DlqCommand::Show { range } => {
-            dead_letters::show(&config, &range.range(), |record| {
+            dead_letters::show(&config, &range.range()?, |record| {
                 println!("{}", serde_json::to_string(&record)?);
                 Ok(())
             })
             .await?;
         }
         DlqCommand::Redrive { range, dry_run } => {
-            let report = dead_letters::redrive(&config, &range.range(), dry_run).await?;
+            let report = dead_letters::redrive(&config, &range.range()?, dry_run).await?;
             println!(
                 "{}",
                 serde_json::json!({"topic": range.topic, "read": report.read, "redriven": report.redriven, "dry_run": dry_run})

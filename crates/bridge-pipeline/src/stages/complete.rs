@@ -20,9 +20,9 @@ pub(super) async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Ou
     finish_step(
         ctx,
         tx,
-        stage,
+        stage.as_str(),
         &TransferEvent::Completed,
-        &[Advance { before: &current, trace, reference: String::new() }],
+        &[Advance { before: &current, trace, reference: String::new(), actor: None }],
     )
     .await?;
     Ok(Outcome::Applied)
@@ -90,9 +90,9 @@ async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> 
             let (message, _) = batch[&before.id];
             let span = message_span(stage.as_str(), message);
             let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
-            Advance { before, trace, reference: String::new() }
+            Advance { before, trace, reference: String::new(), actor: None }
         })
         .collect();
-    finish_step(ctx, tx, stage, &TransferEvent::Completed, &steps).await?;
+    finish_step(ctx, tx, stage.as_str(), &TransferEvent::Completed, &steps).await?;
     Ok(true)
 }

@@ -303,6 +303,9 @@ struct Advance<'a> {
     trace: TraceContext,
     /// The service's reference for a settled movement.
     reference: String,
+    /// Who made the change, when not the stage: an operator resolving a
+    /// review (the one-transfer path only).
+    actor: Option<&'a transfers::Actor>,
 }
 
 /// Ends a step's transaction, for one transfer or a batch moved on by the
@@ -312,22 +315,22 @@ struct Advance<'a> {
 async fn finish_step(
     ctx: &StageContext,
     mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-    stage: StageName,
+    origin: &str,
     event: &TransferEvent,
     steps: &[Advance<'_>],
 ) -> Result<(), StageError> {
     let before: Vec<Transfer> = steps.iter().map(|step| step.before.clone()).collect();
     let next = match before.as_slice() {
         // The one-message path: a prepared statement for one row.
-        [one] => vec![transfers::advance(&mut tx, one, event).await?],
+        [one] => vec![transfers::advance_as(&mut tx, one, event, steps[0].actor).await?],
         _ => transfers::advance_many(&mut tx, &before, event).await?,
     };
     let mut messages = Vec::with_capacity(2 * next.len());
     for (step, after) in steps.iter().zip(&next) {
-        if let Some(outcome) = outcome_message(ctx, stage, event, after, &step.reference, &step.trace)? {
+        if let Some(outcome) = outcome_message(ctx, origin, event, after, &step.reference, &step.trace)? {
             messages.push(outcome);
         }
-        messages.push(status_message(ctx, stage.as_str(), after, Some(step.before.state), &step.trace)?);
+        messages.push(status_message(ctx, origin, after, Some(step.before.state), &step.trace)?);
     }
     outbox::enqueue(&mut tx, &messages).await?;
     let changes: Vec<_> = before.iter().map(|transfer| (transfer, event.effect(transfer.amount_minor))).collect();
@@ -340,14 +343,13 @@ async fn finish_step(
 /// one.
 fn outcome_message(
     ctx: &StageContext,
-    stage: StageName,
+    origin: &str,
     event: &TransferEvent,
     next: &Transfer,
     reference: &str,
     trace: &TraceContext,
 ) -> Result<Option<OutboxMessage>, StageError> {
     let now = Utc::now();
-    let origin = stage.as_str();
     let reference = reference.to_owned();
     let message = match event {
         TransferEvent::Withdrawn => {
@@ -355,7 +357,7 @@ fn outcome_message(
             let event = stage_event!(FundsWithdrawn, next, event_id, now, external_reference = reference);
             envelope(ctx, origin, event_id, next, trace, now, ctx.topics.withdrawn(), &event)?
         }
-        TransferEvent::Deposited => {
+        TransferEvent::Deposited | TransferEvent::DepositConfirmed => {
             let event_id = ids::stage_event_id(next.id, "deposited");
             let event = stage_event!(FundsDeposited, next, event_id, now, external_reference = reference);
             envelope(ctx, origin, event_id, next, trace, now, ctx.topics.deposited(), &event)?
@@ -368,6 +370,7 @@ fn outcome_message(
 // After `stage_event!`, which the step modules use.
 mod complete;
 mod money;
+pub mod resolve;
 mod review;
 mod validate;
 

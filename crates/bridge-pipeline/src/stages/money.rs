@@ -29,7 +29,7 @@ async fn pending_step(
 
 fn movement(transfer: &Transfer, step: Step, account_id: &str) -> Result<MoneyMovement, StageError> {
     Ok(MoneyMovement {
-        idempotency_key: ids::idempotency_key(transfer.id, step),
+        idempotency_key: ids::idempotency_key(transfer.id, step, transfer.step_attempt),
         transfer_id: transfer.id,
         account_id: account_id.to_owned(),
         amount: money_of(transfer)?,
@@ -136,8 +136,8 @@ pub async fn withdrawal_step(
         ServiceOutcome::Declined { code } => (TransferEvent::WithdrawalFailed(FailureReason(code)), String::new()),
         ServiceOutcome::Pending => unreachable!("pending handled above"),
     };
-    let step = Advance { before: &current, trace: trace.clone(), reference };
-    finish_step(ctx, tx, stage, &event, &[step]).await?;
+    let step = Advance { before: &current, trace: trace.clone(), reference, actor: None };
+    finish_step(ctx, tx, stage.as_str(), &event, &[step]).await?;
     Ok(Outcome::Applied)
 }
 
@@ -208,8 +208,8 @@ pub async fn deposit_step(
         DepositOutcome::Reversed { code } => (TransferEvent::DepositFailed(FailureReason(code)), String::new()),
         DepositOutcome::Pending => unreachable!("pending handled above"),
     };
-    let step = Advance { before: &current, trace: trace.clone(), reference };
-    finish_step(ctx, tx, stage, &event, &[step]).await?;
+    let step = Advance { before: &current, trace: trace.clone(), reference, actor: None };
+    finish_step(ctx, tx, stage.as_str(), &event, &[step]).await?;
     Ok(Outcome::Applied)
 }
 
@@ -308,12 +308,42 @@ impl MoneyStep {
         };
         match answer {
             Ok(outcome) => Ok(ControlFlow::Continue((transfer, outcome))),
+            // A cancellation the service refuses as wrong (an account it
+            // does not know) finds nothing it could have moved: the step
+            // reads as cancelled.
+            Err(ServiceError::Refused(why)) if matches!(ask, Ask::Cancel { .. }) => {
+                tracing::info!(transfer_id = %transfer_id, step = self.step().as_str(), why, "The service refused the cancellation as wrong; nothing moved under the key");
+                let reason = match ask {
+                    Ask::Cancel { reason } => reason.to_owned(),
+                    Ask::Perform => unreachable!("matched a cancellation"),
+                };
+                Ok(ControlFlow::Continue((transfer, ServiceOutcome::Declined { code: reason })))
+            }
             Err(ServiceError::Refused(why)) => {
                 Ok(ControlFlow::Break(refused(ctx, transfer_id, self.step(), &why, trace).await?))
             }
             Err(error) => Err(error.into()),
         }
     }
+}
+
+/// Cancels `step` of `transfer` at its service under the transfer's current
+/// key, unless it settled: for an operator's resolution, before the
+/// transfer is reopened, so whatever asks about the step afterwards (the
+/// step code, the settlement runner) finds the operation cancelled or
+/// settled, never still able to move money. A refund is cancelled as the
+/// deposit it compensates.
+pub(super) async fn cancel_at_service(
+    ctx: &StageContext,
+    transfer: &Transfer,
+    step: Step,
+) -> Result<ServiceOutcome, ServiceError> {
+    let step = match step {
+        Step::Withdrawal => MoneyStep::Withdrawal,
+        Step::Deposit | Step::Refund => MoneyStep::Deposit,
+    };
+    let movement = step.movement(transfer).map_err(|error| ServiceError::Refused(error.to_string()))?;
+    step.cancel(ctx, &movement).await
 }
 
 /// Service calls one lane's batch has in flight at once. Bounded, so a
@@ -479,10 +509,10 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
             let message = &settled.message;
             let span = message_span(stage.as_str(), message);
             let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
-            Advance { before, trace, reference: settled.reference.clone() }
+            Advance { before, trace, reference: settled.reference.clone(), actor: None }
         })
         .collect();
-    finish_step(ctx, tx, stage, &step.applied(), &steps).await?;
+    finish_step(ctx, tx, stage.as_str(), &step.applied(), &steps).await?;
     Ok(true)
 }
 

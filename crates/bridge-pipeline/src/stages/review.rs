@@ -56,9 +56,9 @@ async fn hand_to_person(
     finish_step(
         ctx,
         tx,
-        stage,
+        stage.as_str(),
         &event,
-        &[Advance { before: &current, trace: trace.clone(), reference: String::new() }],
+        &[Advance { before: &current, trace: trace.clone(), reference: String::new(), actor: None }],
     )
     .await?;
     Ok(Outcome::Applied)

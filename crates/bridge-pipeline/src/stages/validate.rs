@@ -87,6 +87,7 @@ fn requested_transfer(message: &Inbound) -> Result<Transfer, StageError> {
         reason_code: None,
         version: 1,
         traceparent: message.header("traceparent").map(str::to_owned),
+        step_attempt: 0,
     })
 }
 
@@ -246,6 +247,7 @@ pub async fn record_api_request(
         reason_code: None,
         version: 1,
         traceparent: Some(trace.child_traceparent()),
+        step_attempt: 0,
     };
     let requested = transfers::insert_requested(&mut *conn, &candidate).await?;
     let now = Utc::now();

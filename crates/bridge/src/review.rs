@@ -1,0 +1,216 @@
+//! `bridge review`: the transfers waiting for a person, and their
+//! resolutions (see `bridge_pipeline::stages::resolve`).
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use uuid::Uuid;
+
+use bridge_domain::Resolution;
+use bridge_pipeline::stages::resolve::{self, ResolutionRequest, Resolved};
+use bridge_store::reviews::{self, Operator};
+use bridge_store::{ledger, transfers};
+
+use crate::*;
+
+#[derive(Args)]
+pub struct ReviewArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    settlement: SettlementArgs,
+    #[command(flatten)]
+    services: ServiceArgs,
+    /// Who is acting, as the transfer's history will name them.
+    #[arg(long, env = "BRIDGE_OPERATOR", global = true)]
+    operator: Option<String>,
+    /// Operators a resolution needs: 2 makes a second, different operator
+    /// approve each before it runs (four-eyes).
+    #[arg(long, env = "BRIDGE_REVIEW_APPROVALS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2), global = true)]
+    review_approvals: u8,
+    #[command(subcommand)]
+    action: ReviewAction,
+}
+
+#[derive(Args)]
+struct Resolve {
+    /// The transfer in manual review.
+    transfer_id: Uuid,
+    /// Why, in your words: kept in the transfer's history.
+    #[arg(long)]
+    reason: String,
+    /// The outside operation (a bank's refund reference, the fund
+    /// administrator's confirmation): required by `refunded` and `complete`.
+    #[arg(long)]
+    reference: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ReviewAction {
+    /// The transfers in manual review, oldest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A transfer's story: state, where it froze and why, its history with
+    /// who acted, its ledger lines and its resolutions.
+    Show { transfer_id: Uuid },
+    /// Ask the service for the step again, under the same idempotency key;
+    /// with --new-attempt the old operation is cancelled at the service
+    /// first and, unless it had settled, a new one is made under a new key.
+    Retry {
+        #[command(flatten)]
+        resolve: Resolve,
+        #[arg(long)]
+        new_attempt: bool,
+    },
+    /// Cancel the step at its service and compensate: held funds released,
+    /// or money in transit refunded to the investor through the bank.
+    Fail {
+        #[command(flatten)]
+        resolve: Resolve,
+    },
+    /// Record a refund to the investor made outside Bridge (money in
+    /// transit only).
+    Refunded {
+        #[command(flatten)]
+        resolve: Resolve,
+    },
+    /// Record the deposit as confirmed by the fund administrator outside
+    /// Bridge (money in transit only); the completion stage completes it.
+    Complete {
+        #[command(flatten)]
+        resolve: Resolve,
+    },
+    /// Approve a resolution another operator asked for; it runs now.
+    Approve { action_id: Uuid },
+    /// Turn down (or withdraw your own) resolution waiting for approval.
+    Reject {
+        action_id: Uuid,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+pub async fn run(args: ReviewArgs) -> Result<()> {
+    let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+    let mut conn = pool.acquire().await?;
+    let (resolution, resolve, new_attempt) = match &args.action {
+        ReviewAction::List { json } => return list(&mut conn, *json).await,
+        ReviewAction::Show { transfer_id } => return show(&mut conn, *transfer_id).await,
+        ReviewAction::Retry { resolve, new_attempt } => (Resolution::Retry, Some(resolve), *new_attempt),
+        ReviewAction::Fail { resolve } => (Resolution::Fail, Some(resolve), false),
+        ReviewAction::Refunded { resolve } => (Resolution::Refunded, Some(resolve), false),
+        ReviewAction::Complete { resolve } => (Resolution::Complete, Some(resolve), false),
+        ReviewAction::Approve { .. } | ReviewAction::Reject { .. } => (Resolution::Retry, None, false),
+    };
+    drop(conn);
+    let name = args.operator.clone().context("Name yourself with --operator (or BRIDGE_OPERATOR)")?;
+    anyhow::ensure!(!name.trim().is_empty(), "--operator must not be empty");
+    // From the command line an operator is their name; through the API, the
+    // key they hold.
+    let operator = Operator { id: format!("cli:{}", name.trim()), name: name.trim().to_owned() };
+    let mut config = args.common.pipeline_config(&args.common.brokers);
+    args.settlement.apply(&mut config);
+    let mut services_args = args.services;
+    services_args.resolve_credentials(&pool).await?;
+    let services = services_args.services(&pool)?;
+    let pipeline = Pipeline::new(pool, config, services);
+    pipeline.prepare().await?;
+    let ctx = pipeline.context();
+    let result = match (&args.action, resolve) {
+        (ReviewAction::Approve { action_id }, _) => resolve::approve(ctx, *action_id, &operator).await,
+        (ReviewAction::Reject { action_id, reason }, _) => {
+            let action = resolve::reject(ctx, *action_id, &operator, reason).await?;
+            println!("{}", serde_json::to_string_pretty(&action)?);
+            return Ok(());
+        }
+        (_, Some(resolve)) => {
+            let asked = ResolutionRequest {
+                resolution,
+                reason: resolve.reason.clone(),
+                reference: resolve.reference.clone(),
+                new_attempt,
+                idempotency_key: None,
+            };
+            resolve::request(ctx, resolve.transfer_id, &asked, &operator, args.review_approvals).await
+        }
+        _ => unreachable!("listing and showing returned above"),
+    };
+    let Resolved { action, transfer } = result?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "action": action,
+            "transfer": {"id": transfer.id, "state": transfer.state.as_str(), "version": transfer.version,
+                         "reason_code": transfer.reason_code},
+        }))?
+    );
+    if action.status == reviews::ActionStatus::NotApplied {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn list(conn: &mut sqlx::PgConnection, as_json: bool) -> Result<()> {
+    let waiting = reviews::waiting(conn, 10_000).await?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&waiting)?);
+        return Ok(());
+    }
+    if waiting.is_empty() {
+        println!("No transfer is waiting for a person.");
+    }
+    for review in waiting {
+        println!(
+            "{}  since {}  {} {} {}  froze in {}  {}{}",
+            review.transfer_id,
+            review.since.format("%Y-%m-%d %H:%M:%S"),
+            review.amount_minor,
+            review.currency,
+            review.investor_account_id,
+            review.frozen_in.as_deref().unwrap_or("?"),
+            review.reason_code.as_deref().unwrap_or("-"),
+            review.open_action.map_or(String::new(), |id| format!("  (resolution {id} open)")),
+        );
+    }
+    Ok(())
+}
+
+async fn show(conn: &mut sqlx::PgConnection, transfer_id: Uuid) -> Result<()> {
+    let transfer = transfers::get(conn, transfer_id).await?.with_context(|| format!("No transfer {transfer_id}"))?;
+    let history: Vec<_> = transfers::history(conn, transfer_id)
+        .await?
+        .into_iter()
+        .map(|version| {
+            json!({
+                "version": version.version,
+                "state": version.state.as_str(),
+                "previous_state": version.previous_state.map(|state| state.as_str()),
+                "reason_code": version.reason_code,
+                "recorded_at": version.recorded_at,
+                "actor": version.actor.as_ref().map(|actor| &actor.name),
+                "note": version.actor.as_ref().map(|actor| &actor.note),
+                "external_reference": version.actor.as_ref().and_then(|actor| actor.external_reference.as_ref()),
+            })
+        })
+        .collect();
+    let frozen_in = match transfer.state {
+        bridge_domain::TransferState::ManualReview => transfers::frozen_from(conn, transfer_id).await?,
+        _ => None,
+    };
+    let story = json!({
+        "transfer": {
+            "id": transfer.id, "state": transfer.state.as_str(), "version": transfer.version,
+            "reason_code": transfer.reason_code, "frozen_in": frozen_in.map(|state| state.as_str()),
+            "investor_account_id": transfer.investor_account_id, "fund_account_id": transfer.fund_account_id,
+            "amount_minor": transfer.amount_minor, "currency": transfer.currency, "reference": transfer.reference,
+            "step_attempt": transfer.step_attempt,
+        },
+        "history": history,
+        "ledger": ledger::of_transfer(conn, transfer_id).await?,
+        "resolutions": reviews::of_transfer(conn, transfer_id).await?,
+    });
+    println!("{}", serde_json::to_string_pretty(&story)?);
+    Ok(())
+}
