@@ -444,3 +444,199 @@ async fn refusals_wait_for_a_fix_or_go_to_a_person_and_are_never_dead_lettered()
     ensure!(report.manual_review == 2 && report.in_flight == 0 && report.ok(), "{report:?}");
     kit.assert_books_balance().await
 }
+
+/// Serves the simulated bank on `address` (bound again after an earlier
+/// server there stopped), requiring `token`.
+async fn serve_bank(
+    kit: &TestKit,
+    address: std::net::SocketAddr,
+    token: &str,
+) -> Result<tokio_util::sync::CancellationToken> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => break listener,
+            // The server before it may take a moment to let the port go.
+            Err(_) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(error) => return Err(error.into()),
+        }
+    };
+    let bank = std::sync::Arc::new(bridge_sim::Bank::new(kit.pool.clone(), FaultPlan::none()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(bridge_sim::http::serve(
+        listener,
+        bridge_sim::http::router(bank, Some(token.to_owned())),
+        stop.clone(),
+    ));
+    Ok(stop)
+}
+
+async fn readiness(url: &str) -> Result<(u16, String)> {
+    let response = reqwest::get(format!("{url}/readyz")).await?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+/// A service that answers for our credentials or configuration (a route
+/// that is not there, a token it refuses) opens that service's circuit: the
+/// money steps wait in Kafka, readiness says why and the metric shows it,
+/// nothing is dead-lettered and nothing moves; the same running stage goes
+/// on once the service accepts its calls again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_refusing_our_credentials_or_configuration_opens_its_circuit_until_fixed() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("inv", 1_000_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_000_00).await?;
+    let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let url = format!("http://{address}");
+    let mut stop_bank = serve_bank(&kit, address, "our-token").await?;
+    let services = |base: &str, token: &str| {
+        bridge_pipeline::http_services::HttpAccountServices::services(
+            bridge_pipeline::http_services::HttpServicesConfig {
+                investor_base_url: base.to_owned(),
+                fund_base_url: base.to_owned(),
+                token: Some(token.to_owned()),
+                timeout_ms: 2_000,
+            },
+        )
+    };
+    let circuit_metric = || {
+        bridge_pipeline::metrics::render()
+            .lines()
+            .find(|line| line.starts_with("bridge_account_service_circuit_open{service=\"investor\"}"))
+            .map(str::to_owned)
+    };
+    let waiting_three = |ids: Vec<Uuid>| {
+        let kit = &kit;
+        async move {
+            let deadline = std::time::Instant::now() + SETTLE;
+            while kit.state_counts(&ids).await?.get("validated").copied().unwrap_or(0) < 3 {
+                ensure!(std::time::Instant::now() < deadline, "not validated: {:?}", kit.state_counts(&ids).await?);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(())
+        }
+    };
+
+    // A base URL with a path the service does not serve: our configuration.
+    let misconfigured = services(&format!("{url}/retired"), "our-token")?;
+    let pipeline = kit.spawn_with_services(&Part::all(), misconfigured.clone());
+    let api = kit.start_api(misconfigured, bridge_api::ApiConfig::new()).await?;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(kit.publish(&kit.request("inv", &fund_account, 1_000_00)).await?);
+    }
+    waiting_three(ids.clone()).await?;
+    let deadline = std::time::Instant::now() + SETTLE;
+    let (status, detail) = loop {
+        let (status, detail) = readiness(&api.url).await?;
+        if status == 503 || std::time::Instant::now() > deadline {
+            break (status, detail);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(status == 503 && detail.contains("investor") && detail.contains("no such endpoint"), "{status} {detail}");
+    ensure!(circuit_metric().is_some_and(|line| line.ends_with(" 1")), "{:?}", circuit_metric());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, _, dead_letters, operations) = kit.effect_counts().await?;
+    ensure!(dead_letters == 0 && operations == 0, "dead letters {dead_letters}, operations {operations}");
+    ensure!(kit.state_counts(&ids).await?.get("validated") == Some(&3), "{:?}", kit.state_counts(&ids).await?);
+    pipeline.stop().await?;
+    api.stop().await?;
+
+    // Deployed with the right URL, but a token the bank has stopped
+    // accepting.
+    let stale = services(&url, "our-old-token")?;
+    let pipeline = kit.spawn_with_services(&Part::all(), stale.clone());
+    let api = kit.start_api(stale, bridge_api::ApiConfig::new()).await?;
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let (status, detail) = readiness(&api.url).await?;
+        if status == 503 && detail.contains("401") {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "{status} {detail}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, _, dead_letters, operations) = kit.effect_counts().await?;
+    ensure!(dead_letters == 0 && operations == 0, "dead letters {dead_letters}, operations {operations}");
+
+    // The bank accepts our token again: the running stage goes on.
+    stop_bank.cancel();
+    stop_bank = serve_bank(&kit, address, "our-old-token").await?;
+    kit.wait_terminal(&ids, SETTLE).await?;
+    let states = kit.state_counts(&ids).await?;
+    ensure!(states.get("completed") == Some(&3), "{states:?}");
+    let (status, detail) = readiness(&api.url).await?;
+    ensure!(status == 200, "{status} {detail}");
+    ensure!(circuit_metric().is_some_and(|line| line.ends_with(" 0")), "{:?}", circuit_metric());
+    let (_, _, dead_letters, _) = kit.effect_counts().await?;
+    ensure!(dead_letters == 0, "{dead_letters} dead letters");
+    ensure!(
+        settled_operations(&kit).await? == [("deposit".to_owned(), 3), ("withdrawal".to_owned(), 3)],
+        "{:?}",
+        settled_operations(&kit).await?
+    );
+    pipeline.stop().await?;
+    api.stop().await?;
+    stop_bank.cancel();
+    kit.assert_books_balance().await
+}
+
+/// A decline whose code is configured to be asked again: the transfer
+/// keeps its funds held and the bank is asked again later under a new
+/// idempotency key, up to the configured attempts; it completes if the
+/// bank says yes meanwhile and fails with the bank's code if it never does.
+/// Nothing is dead-lettered, and each key is used once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn declines_configured_to_retry_are_asked_again_under_new_keys() -> Result<()> {
+    let kit = TestKit::start_with(BrokerKind::InProcess, |config| {
+        config.decline_retries = "ACCOUNT_FROZEN:3:1500".parse().expect("valid");
+    })
+    .await?;
+    kit.seed_investor("thawing", 1_000_000_00).await?;
+    kit.seed_investor("frozen", 1_000_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_000_00).await?;
+    kit.set_simulated_account_status("thawing", "frozen").await?;
+    kit.set_simulated_account_status("frozen", "frozen").await?;
+    let pipeline = kit.spawn_all();
+    let thawing = kit.publish(&kit.request("thawing", &fund_account, 1_000_00)).await?;
+    let frozen = kit.publish(&kit.request("frozen", &fund_account, 1_000_00)).await?;
+    // The first decline moves the keys to a new attempt; the account is
+    // thawed before the next.
+    let deadline = std::time::Instant::now() + SETTLE;
+    while kit.transfer(thawing).await.map(|transfer| transfer.step_attempt).unwrap_or(0) < 1 {
+        ensure!(std::time::Instant::now() < deadline, "no retry scheduled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(kit.transfer(thawing).await?.state == TransferState::Validated, "failed at the first decline");
+    kit.set_simulated_account_status("thawing", "active").await?;
+    kit.wait_terminal(&[thawing, frozen], SETTLE).await?;
+    pipeline.stop().await?;
+
+    let states = kit.state_counts(&[thawing, frozen]).await?;
+    ensure!(states.get("completed") == Some(&1) && states.get("failed:ACCOUNT_FROZEN") == Some(&1), "{states:?}");
+    ensure!(kit.transfer(thawing).await?.state == TransferState::Completed, "{states:?}");
+    let withdrawals: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT transfer_id, idempotency_key, outcome FROM sim_operations WHERE operation = 'withdrawal'
+         ORDER BY transfer_id, created_at",
+    )
+    .fetch_all(&kit.pool)
+    .await?;
+    let of = |id: Uuid| withdrawals.iter().filter(|(transfer, ..)| *transfer == id).collect::<Vec<_>>();
+    // The frozen account: the first key and three more, each declined once.
+    let keys: Vec<&str> = of(frozen).iter().map(|(_, key, _)| key.as_str()).collect();
+    let expected: Vec<String> = (0..4)
+        .map(|attempt| bridge_domain::ids::idempotency_key(frozen, bridge_domain::Step::Withdrawal, attempt))
+        .collect();
+    ensure!(keys == expected, "{keys:?}");
+    ensure!(of(frozen).iter().all(|(_, _, outcome)| outcome == "declined"), "{withdrawals:?}");
+    // The thawed one: declined, then settled under a new key.
+    let outcomes: Vec<&str> = of(thawing).iter().map(|(_, _, outcome)| outcome.as_str()).collect();
+    ensure!(outcomes.first() == Some(&"declined") && outcomes.last() == Some(&"settled"), "{outcomes:?}");
+    ensure!(outcomes.iter().filter(|outcome| **outcome == "settled").count() == 1, "{outcomes:?}");
+    let (_, _, dead_letters, _) = kit.effect_counts().await?;
+    ensure!(dead_letters == 0, "{dead_letters} dead letters");
+    let report = kit.reconcile().await?;
+    ensure!(report.ok(), "{report:?}");
+    kit.assert_books_balance().await
+}

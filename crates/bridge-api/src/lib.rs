@@ -22,7 +22,7 @@
 //! | `GET /metrics` | `admin` | Prometheus text: open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
 //! | `GET /openapi.json` | any | this API described (OpenAPI 3.1, generated from the code) |
 //! | `GET /healthz` | none | the process is alive |
-//! | `GET /readyz` | none | the database answers |
+//! | `GET /readyz` | none | the database answers and no account service's circuit is open (503 names the service and why) |
 //!
 //! **Authentication.** `Authorization: Bearer brk_...` API keys (see
 //! `auth.rs`), each with scopes and optionally bound to one investor, whose
@@ -237,18 +237,28 @@ pub(crate) fn problem(status: StatusCode, title: &str, detail: &str) -> Response
     (status, [("content-type", "application/problem+json")], body.to_string()).into_response()
 }
 
-/// Ready when the database answers.
+/// Ready when the database answers and no account service's circuit is
+/// open (one that refuses our credentials or configuration: the detail
+/// says which and why).
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "Ready", body = String, content_type = "text/plain"),
-    (status = 503, description = "The database does not answer", body = crate::responses::Problem, content_type = "application/problem+json")))]
+    (status = 503, description = "The database does not answer, or an account service refuses our credentials", body = crate::responses::Problem, content_type = "application/problem+json")))]
 async fn ready(State(state): State<AppState>) -> Response {
-    match database_answers(&state).await {
-        Ok(()) => "ready".into_response(),
-        Err(error) => {
-            tracing::warn!(error = %error, "Not ready: database unreachable");
-            problem(StatusCode::SERVICE_UNAVAILABLE, "Not ready", "the database does not answer")
-        }
+    if let Err(error) = database_answers(&state).await {
+        tracing::warn!(error = %error, "Not ready: database unreachable");
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "Not ready", "the database does not answer");
     }
+    let services = &state.ctx.services;
+    let circuits =
+        [("investor", services.investor.unavailable_because()), ("fund", services.fund.unavailable_because())];
+    let open: Vec<String> = circuits
+        .into_iter()
+        .filter_map(|(service, reason)| reason.map(|reason| format!("the {service} account service: {reason}")))
+        .collect();
+    if !open.is_empty() {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "Not ready", &format!("circuit open for {}", open.join("; ")));
+    }
+    "ready".into_response()
 }
 
 async fn database_answers(state: &AppState) -> bridge_store::Result<()> {

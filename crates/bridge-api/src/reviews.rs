@@ -97,6 +97,13 @@ fn resolved(Resolved { action, transfer }: Resolved) -> Response {
     }
 }
 
+/// A JSON body, whatever its content type says; anything else is a 422.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|error| {
+        problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Entity", &format!("malformed body: {error}"))
+    })
+}
+
 /// The transfers waiting for a person, oldest first.
 #[utoipa::path(get, path = "/v1/reviews", tag = "reviews", responses(
         (status = 200, body = serde_json::Value),
@@ -117,6 +124,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Response {
 /// who acted and why, its ledger lines and its resolutions.
 #[utoipa::path(get, path = "/v1/reviews/{id}", tag = "reviews", params(("id" = Uuid, Path)), responses(
         (status = 200, body = serde_json::Value),
+        (status = 400, description = "Not a transfer id", body = crate::responses::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such transfer", body = crate::responses::Problem, content_type = "application/problem+json"),
         crate::responses::Guarded,
     ), security(("bearer" = [])))]
@@ -195,9 +203,10 @@ fn idempotency_key(headers: &HeaderMap, caller: &Caller) -> Result<Option<String
     responses(
         (status = 200, description = "It ran; the resolution and the transfer as they stand", body = serde_json::Value),
         (status = 202, description = "Waiting for a second operator's approval", body = serde_json::Value),
+        (status = 400, description = "Not a transfer id, or a malformed Idempotency-Key", body = crate::responses::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such transfer or action", body = crate::responses::Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not in manual review, not applicable where it froze, another resolution open, or it ran and changed nothing", body = crate::responses::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Missing reason or reference", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Malformed body, or a missing reason or reference", body = crate::responses::Problem, content_type = "application/problem+json"),
         crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn resolve(
@@ -205,10 +214,14 @@ pub async fn resolve(
     caller: Caller,
     headers: HeaderMap,
     Path((id, action)): Path<(Uuid, String)>,
-    Json(body): Json<ResolveBody>,
+    body: axum::body::Bytes,
 ) -> Response {
     let operator = match operator(&caller) {
         Ok(operator) => operator,
+        Err(response) => return response,
+    };
+    let body: ResolveBody = match parse(&body) {
+        Ok(body) => body,
         Err(response) => return response,
     };
     let Ok(resolution) = action.parse::<Resolution>() else {
@@ -235,8 +248,9 @@ pub async fn resolve(
 #[utoipa::path(post, path = "/v1/reviews/resolutions/{id}/approve", tag = "reviews", params(("id" = Uuid, Path)),
     responses(
         (status = 200, body = serde_json::Value),
-        (status = 403, description = "The approver asked for it, or lacks the scope", body = crate::responses::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not waiting for approval", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Not a resolution id", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such resolution", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not waiting for approval, or it ran and changed nothing", body = crate::responses::Problem, content_type = "application/problem+json"),
         crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn approve(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> Response {
@@ -262,17 +276,24 @@ pub struct RejectBody {
     request_body = RejectBody,
     responses(
         (status = 200, body = serde_json::Value),
+        (status = 400, description = "Not a resolution id", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such resolution", body = crate::responses::Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not waiting for approval", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Malformed body", body = crate::responses::Problem, content_type = "application/problem+json"),
         crate::responses::Guarded,
     ), security(("bearer" = [])))]
 pub async fn reject(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<Uuid>,
-    Json(body): Json<RejectBody>,
+    body: axum::body::Bytes,
 ) -> Response {
     let operator = match operator(&caller) {
         Ok(operator) => operator,
+        Err(response) => return response,
+    };
+    let body: RejectBody = match parse(&body) {
+        Ok(body) => body,
         Err(response) => return response,
     };
     match resolve::reject(&state.ctx, id, &operator, &body.reason).await {

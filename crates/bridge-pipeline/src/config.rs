@@ -132,6 +132,10 @@ pub struct PipelineConfig {
     /// `pending_deadline_policy` applies.
     pub pending_deadline_ms: u64,
     pub pending_deadline_policy: DeadlinePolicy,
+    /// Withdrawal declines asked again later under a new idempotency key
+    /// (`INSUFFICIENT_FUNDS` may pass after payday) rather than failing the
+    /// transfer at once.
+    pub decline_retries: DeclineRetries,
     /// Times the settlement runner asks about one pending step before the
     /// deadline policy applies even though the deadline has not passed.
     pub pending_attempts_max: i32,
@@ -209,6 +213,7 @@ impl PipelineConfig {
             transaction_attempts_max: defaults::TRANSACTION_ATTEMPTS_MAX,
             pending_deadline_ms: defaults::PENDING_DEADLINE_MS,
             pending_deadline_policy: defaults::PENDING_DEADLINE_POLICY,
+            decline_retries: DeclineRetries::default(),
             pending_attempts_max: defaults::PENDING_ATTEMPTS_MAX,
             reservation_ttl_ms: defaults::RESERVATION_TTL_MS,
             settlement_concurrency_per_service: defaults::SETTLEMENT_CONCURRENCY_PER_SERVICE,
@@ -218,6 +223,58 @@ impl PipelineConfig {
             schema_registry_timeout_ms: defaults::SCHEMA_REGISTRY_TIMEOUT_MS,
             kafka_overrides: Vec::new(),
         }
+    }
+}
+
+/// A withdrawal decline worth asking again: the bank's code, how many more
+/// attempts (each under a new idempotency key, so the bank decides anew),
+/// and the wait before each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclineRetry {
+    pub code: String,
+    pub attempts: u32,
+    pub delay_ms: u64,
+}
+
+/// The decline retries in force, written `CODE:ATTEMPTS:DELAY_MS`,
+/// comma-separated (`INSUFFICIENT_FUNDS:3:86400000`); empty for none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeclineRetries(pub Vec<DeclineRetry>);
+
+impl DeclineRetries {
+    /// The retry for a decline with `code`, if one is configured.
+    pub fn of(&self, code: &str) -> Option<&DeclineRetry> {
+        self.0.iter().find(|retry| retry.code == code)
+    }
+}
+
+impl std::str::FromStr for DeclineRetries {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut retries = Vec::new();
+        for entry in text.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+            let parts: Vec<&str> = entry.split(':').collect();
+            let [code, attempts, delay_ms] = parts.as_slice() else {
+                return Err(format!("expected CODE:ATTEMPTS:DELAY_MS, got {entry:?}"));
+            };
+            if code.is_empty() {
+                return Err(format!("no decline code in {entry:?}"));
+            }
+            let attempts = attempts.parse().map_err(|_| format!("attempts in {entry:?} is not a number"))?;
+            let delay_ms =
+                delay_ms.parse().map_err(|_| format!("delay in {entry:?} is not a number of milliseconds"))?;
+            retries.push(DeclineRetry { code: (*code).to_owned(), attempts, delay_ms });
+        }
+        Ok(Self(retries))
+    }
+}
+
+impl std::fmt::Display for DeclineRetries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entries: Vec<String> =
+            self.0.iter().map(|retry| format!("{}:{}:{}", retry.code, retry.attempts, retry.delay_ms)).collect();
+        f.write_str(&entries.join(","))
     }
 }
 
@@ -257,5 +314,23 @@ impl StageName {
 
     pub fn group_id(self, config: &PipelineConfig) -> String {
         format!("{}bridge-{}", config.group_prefix, self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decline_retries_parse_and_print_back() {
+        let retries: DeclineRetries = "INSUFFICIENT_FUNDS:3:86400000, LIMIT_EXCEEDED:1:5000".parse().unwrap();
+        let limit = DeclineRetry { code: "LIMIT_EXCEEDED".into(), attempts: 1, delay_ms: 5_000 };
+        assert_eq!(retries.of("LIMIT_EXCEEDED"), Some(&limit));
+        assert_eq!(retries.of("ACCOUNT_CLOSED"), None);
+        assert_eq!(retries.to_string(), "INSUFFICIENT_FUNDS:3:86400000,LIMIT_EXCEEDED:1:5000");
+        assert_eq!("".parse::<DeclineRetries>(), Ok(DeclineRetries::default()));
+        for bad in ["INSUFFICIENT_FUNDS", "X:three:1", "X:1:soon", ":1:1"] {
+            assert!(bad.parse::<DeclineRetries>().is_err(), "{bad}");
+        }
     }
 }

@@ -10,6 +10,10 @@ pub struct HttpAccountServices;
 impl HttpAccountServices {
     /// Both services over HTTP, every call observed by `metrics`.
     pub fn services(config: HttpServicesConfig) -> anyhow::Result<Services> {
-        Ok(bridge_services::http::HttpAccountServices::services(config, Some(crate::metrics::external_call))?)
+        let observers = bridge_services::http::Observers {
+            call: Some(crate::metrics::external_call),
+            circuit: Some(crate::metrics::service_circuit),
+        };
+        Ok(bridge_services::http::HttpAccountServices::services(config, observers)?)
     }
 }

@@ -41,5 +41,5 @@ pub mod settlement;
 pub mod stages;
 pub mod upstream;
 
-pub use config::{DeadlinePolicy, PipelineConfig, Topics};
+pub use config::{DeadlinePolicy, DeclineRetries, DeclineRetry, PipelineConfig, Topics};
 pub use runner::{Pipeline, StageName};

@@ -35,6 +35,11 @@ struct Partition {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Service {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ExternalCall {
     service: String,
     operation: String,
@@ -58,6 +63,7 @@ struct Metrics {
     relay_batch_size: Histogram,
     batch_size: Family<Consumer, Histogram>,
     external_calls: Family<ExternalCall, Histogram>,
+    circuits: Family<Service, Gauge>,
     deliveries: Family<Delivery, Counter>,
 }
 
@@ -110,6 +116,12 @@ fn metrics() -> &'static Metrics {
             "Calls to the account services by operation and outcome (settled, declined, pending, unavailable, refused), retries and lookups included",
             external_calls.clone(),
         );
+        let circuits = Family::<Service, Gauge>::default();
+        registry.register(
+            "account_service_circuit_open",
+            "1 while an account service refuses our credentials or configuration and its money steps wait",
+            circuits.clone(),
+        );
         let deliveries = Family::<Delivery, Counter>::default();
         registry.register(
             "notification_deliveries",
@@ -127,6 +139,7 @@ fn metrics() -> &'static Metrics {
             relay_batch_size,
             batch_size,
             external_calls,
+            circuits,
             deliveries,
         }
     })
@@ -169,6 +182,11 @@ pub fn external_call(service: &str, operation: &str, outcome: &str, took: Durati
     let key =
         ExternalCall { service: service.to_owned(), operation: operation.to_owned(), outcome: outcome.to_owned() };
     metrics().external_calls.get_or_create(&key).observe(took.as_secs_f64());
+}
+
+/// An account service's circuit opened or closed.
+pub fn service_circuit(service: &str, open: bool) {
+    metrics().circuits.get_or_create(&Service { service: service.to_owned() }).set(i64::from(open));
 }
 
 /// A notification attempt on `channel` ended with `outcome`.

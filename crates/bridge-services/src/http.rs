@@ -13,10 +13,13 @@
 //! - the key in use (409): either still in progress or taken by a different
 //!   request; the lookup tells which (in progress: retry later; different:
 //!   a defect, never retried);
-//! - 401, 403 (our credentials): retried later like an outage, since the
-//!   fix is ours and nothing happened;
-//! - other 4xx (400, 404, 422: this request is wrong): refused, never
-//!   retried; the stage hands the transfer to a person.
+//! - 401, 403 (our credentials), and a 404 or 405 without a problem body
+//!   (no such endpoint: our configuration): retried later like an outage,
+//!   since the fix is ours and nothing happened; the service's circuit
+//!   opens (`circuit.rs`), so until a probe succeeds no step asks it;
+//! - other 4xx (400, 422, a 404 whose problem body names what the service
+//!   does not know, such as the account): this request is wrong; refused,
+//!   never retried; the stage hands the transfer to a person.
 //!
 //! Cancelling (`POST {service}/v1/operations/{key}/cancel` with the
 //! operation's body) is classified the same way: its reply is what the key
@@ -32,6 +35,7 @@ use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use crate::circuit::{Admission, Change, Circuit};
 use crate::{
     FundAccountService, FundTerms, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
 };
@@ -40,6 +44,16 @@ use crate::{
 /// `declined`, `pending`, `unavailable` or `refused`) and how long it took.
 /// The pipeline counts them on its metrics.
 pub type CallObserver = fn(service: &str, operation: &str, outcome: &str, took: Duration);
+
+/// Told when a service's circuit opens (`true`) or closes.
+pub type CircuitObserver = fn(service: &str, open: bool);
+
+/// Who is told about calls and circuits.
+#[derive(Clone, Copy, Default)]
+pub struct Observers {
+    pub call: Option<CallObserver>,
+    pub circuit: Option<CircuitObserver>,
+}
 
 #[derive(Clone)]
 pub struct HttpServicesConfig {
@@ -67,7 +81,9 @@ impl std::fmt::Debug for HttpServicesConfig {
 pub struct HttpAccountServices {
     client: reqwest::Client,
     config: HttpServicesConfig,
-    observer: Option<CallObserver>,
+    observers: Observers,
+    investor_circuit: Circuit,
+    fund_circuit: Circuit,
 }
 
 #[derive(Serialize)]
@@ -128,13 +144,20 @@ enum Attempt {
 }
 
 impl HttpAccountServices {
-    /// Both services over HTTP, each call reported to `observer`.
-    pub fn services(config: HttpServicesConfig, observer: Option<CallObserver>) -> Result<Services, reqwest::Error> {
+    /// Both services over HTTP, each call and circuit reported to
+    /// `observers`.
+    pub fn services(config: HttpServicesConfig, observers: Observers) -> Result<Services, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
             .build()?;
-        let services = std::sync::Arc::new(Self { client, config, observer });
+        let services = std::sync::Arc::new(Self {
+            client,
+            config,
+            observers,
+            investor_circuit: Circuit::default(),
+            fund_circuit: Circuit::default(),
+        });
         Ok(Services { investor: services.clone(), fund: services })
     }
 
@@ -193,8 +216,53 @@ impl HttpAccountServices {
         path: &str,
         movement: &MoneyMovement,
     ) -> Result<ServiceOutcome, ServiceError> {
+        let circuit = match service {
+            "investor" => &self.investor_circuit,
+            _ => &self.fund_circuit,
+        };
+        if let Admission::Refuse(reason) = circuit.admit() {
+            return Err(ServiceError::Unauthorized(format!("the {service} service's circuit is open: {reason}")));
+        }
         let started = std::time::Instant::now();
         let result = self.call_once(base, service, path, movement).await;
+        let fault = match &result {
+            Err(ServiceError::Unauthorized(reason)) => Some(reason.as_str()),
+            _ => None,
+        };
+        let change = match &result {
+            Err(ServiceError::Unavailable(_)) => {
+                circuit.record_silence();
+                Change::None
+            }
+            _ => circuit.record(fault),
+        };
+        match change {
+            Change::Opened => {
+                tracing::error!(service, reason = fault.unwrap_or_default(), "Circuit open: the account service refuses our credentials or configuration; its money steps wait in Kafka (nothing is dead-lettered) and it is probed again with backoff");
+                if let Some(observe) = self.observers.circuit {
+                    observe(service, true);
+                }
+            }
+            Change::StillOpen => {
+                let next = circuit.next_probe_in().unwrap_or_default();
+                tracing::warn!(
+                    service,
+                    reason = fault.unwrap_or_default(),
+                    next_probe_ms = next.as_millis() as u64,
+                    "Circuit still open"
+                );
+            }
+            Change::Closed => {
+                tracing::info!(
+                    service,
+                    "Circuit closed: the account service accepts our calls again; its money steps go on"
+                );
+                if let Some(observe) = self.observers.circuit {
+                    observe(service, false);
+                }
+            }
+            Change::None => {}
+        }
         let outcome = match &result {
             Ok(ServiceOutcome::Settled { .. }) => "settled",
             Ok(ServiceOutcome::Declined { .. }) => "declined",
@@ -203,7 +271,7 @@ impl HttpAccountServices {
             Err(error) if error.is_retryable() => "unavailable",
             Err(_) => "refused",
         };
-        if let Some(observe) = self.observer {
+        if let Some(observe) = self.observers.call {
             let operation = path.rsplit('/').next().unwrap_or(path);
             observe(service, operation, outcome, started.elapsed());
         }
@@ -229,10 +297,7 @@ impl HttpAccountServices {
             Attempt::Final(outcome) => Ok(outcome),
             Attempt::Transient(reason) | Attempt::Unknown(reason) => Err(ServiceError::Unavailable(reason)),
             Attempt::KeyInUse => Err(ServiceError::Unavailable("idempotency key in use".to_owned())),
-            Attempt::Unauthorized(reason) => {
-                tracing::error!(idempotency_key = %movement.idempotency_key, reason = %reason, "Account service refused our credentials; the step waits until they are fixed");
-                Err(ServiceError::Unauthorized(reason))
-            }
+            Attempt::Unauthorized(reason) => Err(ServiceError::Unauthorized(reason)),
             Attempt::Refused(reason) => {
                 tracing::error!(idempotency_key = %movement.idempotency_key, reason = %reason, "Account service refused the request");
                 Err(ServiceError::Refused(reason))
@@ -247,12 +312,24 @@ impl HttpAccountServices {
 
 async fn classify(response: reqwest::Response) -> Attempt {
     let status = response.status();
+    let problem = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|kind| kind.contains("json"));
     let record = if status.is_success() || status == StatusCode::PAYMENT_REQUIRED {
         Some(response.json::<OperationRecord>().await.map_err(|error| error.to_string()))
     } else {
         None
     };
-    classify_reply(status, record)
+    match status {
+        // A service that does not know what we named says so in a problem
+        // body; a bare 404 or 405 is a route that is not there.
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED if !problem => Attempt::Unauthorized(format!(
+            "service answered {status} without a problem body: no such endpoint, check its URL"
+        )),
+        _ => classify_reply(status, record),
+    }
 }
 
 /// The classification of a money-moving call's reply (design note 002):
@@ -302,6 +379,10 @@ fn lookup_reply(
 
 #[async_trait]
 impl InvestorAccountService for HttpAccountServices {
+    fn unavailable_because(&self) -> Option<String> {
+        self.investor_circuit.open_because()
+    }
+
     async fn withdraw(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         self.call(&self.config.investor_base_url, "investor", "investor/v1/withdrawals", movement).await
     }
@@ -318,6 +399,10 @@ impl InvestorAccountService for HttpAccountServices {
 
 #[async_trait]
 impl FundAccountService for HttpAccountServices {
+    fn unavailable_because(&self) -> Option<String> {
+        self.fund_circuit.open_because()
+    }
+
     async fn remit(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError> {
         self.call(&self.config.fund_base_url, "fund", "fund/v1/remittances", movement).await
     }
@@ -415,6 +500,21 @@ mod tests {
             let status = StatusCode::from_u16(status).expect("valid status");
             assert_eq!(classify_reply(status, body), expected, "{status}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_bare_404_is_a_missing_endpoint_and_a_problem_404_a_missing_account() {
+        let reply = |status: u16, content_type: Option<&str>| {
+            let mut response = http::Response::builder().status(status);
+            if let Some(kind) = content_type {
+                response = response.header("content-type", kind);
+            }
+            reqwest::Response::from(response.body(if content_type.is_some() { "{}" } else { "" }).expect("response"))
+        };
+        assert!(matches!(classify(reply(404, None)).await, Attempt::Unauthorized(_)));
+        assert!(matches!(classify(reply(405, Some("text/html"))).await, Attempt::Unauthorized(_)));
+        assert!(matches!(classify(reply(404, Some("application/problem+json"))).await, Attempt::Refused(_)));
+        assert!(matches!(classify(reply(400, None)).await, Attempt::Refused(_)));
     }
 
     #[test]

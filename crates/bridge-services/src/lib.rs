@@ -10,6 +10,7 @@
 //! in the `bridge-sim` crate. This crate knows nothing of Kafka or of the
 //! pipeline, so the simulator and tools depend on it alone.
 
+pub mod circuit;
 pub mod http;
 
 use std::sync::Arc;
@@ -52,9 +53,11 @@ pub enum ServiceError {
     /// a configuration error: retrying cannot help.
     #[error("account service refused request {0} (key reused with a different request, or malformed)")]
     IdempotencyConflict(String),
-    /// The service refused our credentials (401, 403): a fault of ours, not
-    /// of the transfer. Retried later like an outage, so the step waits in
-    /// Kafka until the credential is fixed; nothing is dead-lettered.
+    /// The service refused our credentials (401, 403) or has no such
+    /// endpoint (our configuration): a fault of ours, not of the transfer.
+    /// Retried later like an outage, so the step waits in Kafka until it is
+    /// fixed; nothing is dead-lettered. The HTTP adapters hold such a
+    /// service's circuit open meanwhile (`circuit.rs`).
     #[error("account service refused our credentials: {0}")]
     Unauthorized(String),
     /// The service refused this request as wrong (400, 404, 422: an account
@@ -86,6 +89,11 @@ pub trait InvestorAccountService: Send + Sync {
     /// how an expired reservation or an overdue step is failed without
     /// racing a withdrawal in flight.
     async fn cancel_withdrawal(&self, movement: &MoneyMovement) -> Result<ServiceOutcome, ServiceError>;
+    /// Why no money step can go to the service now (its circuit is open),
+    /// for readiness probes.
+    fn unavailable_because(&self) -> Option<String> {
+        None
+    }
 }
 
 #[async_trait]
@@ -96,6 +104,10 @@ pub trait FundAccountService: Send + Sync {
     /// The fund's criteria, seats and capacity as the administrator
     /// publishes them; `None` for a fund it does not know.
     async fn fund_terms(&self, fund_id: &str) -> Result<Option<FundTerms>, ServiceError>;
+    /// As [`InvestorAccountService::unavailable_because`].
+    fn unavailable_because(&self) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Clone)]

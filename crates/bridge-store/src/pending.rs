@@ -30,6 +30,33 @@ pub async fn record(
     Ok(())
 }
 
+/// Asks about `step` of `transfer_id` again after `retry_after_ms`,
+/// whether it was pending before or not, noting why; the deadline is the
+/// first one recorded, or `deadline_after_ms` from now.
+pub async fn schedule(
+    conn: &mut PgConnection,
+    transfer_id: Uuid,
+    step: &str,
+    retry_after_ms: u64,
+    deadline_after_ms: u64,
+    status: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO pending_steps (transfer_id, step, next_run_at, deadline_at, last_status)
+         VALUES ($1, $2, now() + make_interval(secs => $3), now() + make_interval(secs => $4), $5)
+         ON CONFLICT (transfer_id, step) DO UPDATE
+         SET next_run_at = EXCLUDED.next_run_at, last_status = EXCLUDED.last_status",
+    )
+    .bind(transfer_id)
+    .bind(step)
+    .bind(retry_after_ms as f64 / 1_000.0)
+    .bind(deadline_after_ms as f64 / 1_000.0)
+    .bind(status)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A claimed step: who, which step, how many times it was claimed, and
 /// whether its deadline has passed.
 #[derive(Clone, Debug, PartialEq, Eq)]

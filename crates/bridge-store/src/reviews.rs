@@ -326,7 +326,7 @@ pub async fn approve(conn: &mut PgConnection, id: Uuid, approver: &Operator) -> 
 /// withdraw it too): `false` if it is no longer waiting.
 pub async fn reject(conn: &mut PgConnection, id: Uuid, by: &Operator, why: &str) -> Result<bool> {
     let updated = sqlx::query(
-        "UPDATE review_actions SET status = 'rejected', outcome = $3, finished_at = now()
+        "UPDATE review_actions SET status = 'rejected', outcome = $2, finished_at = now()
          WHERE id = $1 AND status = 'awaiting_approval'",
     )
     .bind(id)

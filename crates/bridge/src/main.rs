@@ -202,6 +202,12 @@ pub struct SettlementArgs {
     /// `fail` (cancel it at the service and compensate) or `keep_polling`.
     #[arg(long, env = "BRIDGE_PENDING_DEADLINE_POLICY", default_value_t = defaults::PENDING_DEADLINE_POLICY, value_parser = parse_policy)]
     pub pending_deadline_policy: DeadlinePolicy,
+    /// Withdrawal declines to ask again later under a new idempotency key
+    /// before the transfer fails: `CODE:ATTEMPTS:DELAY_MS`, comma-separated
+    /// (e.g. `INSUFFICIENT_FUNDS:3:86400000`). A decline not listed fails the
+    /// transfer at once.
+    #[arg(long, env = "BRIDGE_DECLINE_RETRIES", default_value = "")]
+    pub decline_retries: bridge_pipeline::DeclineRetries,
     /// Times the settlement runner asks about one pending step before the
     /// deadline policy applies anyway.
     #[arg(long, env = "BRIDGE_PENDING_ATTEMPTS_MAX", default_value_t = defaults::PENDING_ATTEMPTS_MAX)]
@@ -222,6 +228,7 @@ impl SettlementArgs {
     pub fn apply(&self, config: &mut PipelineConfig) {
         config.pending_deadline_ms = self.pending_deadline_ms;
         config.pending_deadline_policy = self.pending_deadline_policy;
+        config.decline_retries = self.decline_retries.clone();
         config.pending_attempts_max = self.pending_attempts_max;
         config.reservation_ttl_ms = self.reservation_ttl_ms;
         config.settlement_concurrency_per_service = self.settlement_concurrency;

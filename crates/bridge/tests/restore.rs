@@ -128,7 +128,7 @@ async fn restore_and_replay(kind: BrokerKind) -> Result<()> {
             for index in 0..count {
                 // Every seventh is below the fund's minimum: rejected, the
                 // same way on replay.
-                let amount = if (index + salt) % 7 == 0 { 10_00 } else { 100_00 + index as i64 };
+                let amount = if (index + salt).is_multiple_of(7) { 10_00 } else { 100_00 + index as i64 };
                 kit.publish(&kit.request(&format!("inv-{}", index % 8), &fund_account, amount)).await?;
             }
             anyhow::Ok(())

@@ -133,11 +133,45 @@ pub async fn withdrawal_step(
     pending::finish(&mut tx, transfer_id, Step::Withdrawal.as_str()).await?;
     let (event, reference) = match outcome {
         ServiceOutcome::Settled { reference } => (TransferEvent::Withdrawn, reference),
+        ServiceOutcome::Declined { code } if ask == Ask::Perform => {
+            match ctx.config.decline_retries.of(&code).filter(|retry| current.step_attempt < retry.attempts as i32) {
+                Some(retry) => return retry_declined(ctx, tx, &current, &code, retry).await,
+                None => (TransferEvent::WithdrawalFailed(FailureReason(code)), String::new()),
+            }
+        }
         ServiceOutcome::Declined { code } => (TransferEvent::WithdrawalFailed(FailureReason(code)), String::new()),
         ServiceOutcome::Pending => unreachable!("pending handled above"),
     };
     let step = Advance { before: &current, trace: trace.clone(), reference, actor: None };
     finish_step(ctx, tx, stage.as_str(), &event, &[step]).await?;
+    Ok(Outcome::Applied)
+}
+
+/// A withdrawal declined with a code configured to be asked again: the
+/// transfer keeps waiting (funds held), its keys move to a new attempt so
+/// the bank decides anew, and the settlement runner asks after the
+/// configured wait. The decline is counted and logged with its code; the
+/// transfer fails with it once the attempts are used up.
+async fn retry_declined(
+    ctx: &StageContext,
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    current: &Transfer,
+    code: &str,
+    retry: &crate::config::DeclineRetry,
+) -> Result<Outcome, StageError> {
+    let attempt = transfers::next_step_attempt(&mut tx, current).await?;
+    let status = format!("declined {code}; attempt {attempt} of {} after {} ms", retry.attempts, retry.delay_ms);
+    pending::schedule(
+        &mut tx,
+        current.id,
+        Step::Withdrawal.as_str(),
+        retry.delay_ms,
+        ctx.config.pending_deadline_ms,
+        &status,
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::warn!(transfer_id = %current.id, code, attempt, attempts = retry.attempts, delay_ms = retry.delay_ms, "Withdrawal declined; asking again later under a new idempotency key");
     Ok(Outcome::Applied)
 }
 

@@ -318,8 +318,12 @@ async fn execute(ctx: &StageContext, action: &ReviewAction) -> Result<(ActionSta
         Ok(_) => "ran".to_owned(),
         Err(error) => format!("did not finish ({error}); the settlement runner asks again"),
     };
-    let now = transfers::get(&mut *ctx.pool.acquire().await?, transfer.id).await?.map(|transfer| transfer.state);
-    let state = now.map_or_else(|| "unknown".to_owned(), |state| state.to_string());
+    // The resolution has run whatever this read finds.
+    let now = match ctx.pool.acquire().await {
+        Ok(mut conn) => transfers::get(&mut conn, transfer.id).await.ok().flatten().map(|transfer| transfer.state),
+        Err(_) => None,
+    };
+    let state = now.map_or_else(|| "not known yet".to_owned(), |state| state.to_string());
     Ok((ActionStatus::Done, format!("{note}reopened; the {step} step{keys} {ran}: the transfer is {state}")))
 }
 
