@@ -100,27 +100,27 @@ async fn operators_resolve_every_manual_review_from_the_command_line_and_the_api
     let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 5_000)?);
 
     let mut held = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..5 {
         held.push(kit.publish(&kit.request("stranger", &fund_account, 100_00)).await?);
     }
     let mut in_transit = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..7 {
         in_transit.push(kit.publish(&kit.request("known", &fund_account, 100_00)).await?);
     }
     let all: Vec<Uuid> = held.iter().chain(&in_transit).copied().collect();
     kit.wait_terminal(&all, SETTLE).await?;
     let states = kit.state_counts(&all).await?;
-    ensure!(states.get("manual_review:WITHDRAWAL_REFUSED") == Some(&4), "{states:?}");
-    ensure!(states.get("manual_review:DEPOSIT_REFUSED") == Some(&6), "{states:?}");
+    ensure!(states.get("manual_review:WITHDRAWAL_REFUSED") == Some(&5), "{states:?}");
+    ensure!(states.get("manual_review:DEPOSIT_REFUSED") == Some(&7), "{states:?}");
 
     // The queue, as an operator sees it.
     let (ok, listed) = review(&kit, &simulator.url, "carol", &["list", "--json"])?;
-    ensure!(ok && listed.as_array().map(Vec::len) == Some(10), "{listed}");
+    ensure!(ok && listed.as_array().map(Vec::len) == Some(12), "{listed}");
     let frozen: BTreeMap<String, usize> = listed.as_array().into_iter().flatten().fold(BTreeMap::new(), |mut n, r| {
         *n.entry(r["frozen_in"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
         n
     });
-    ensure!(frozen == BTreeMap::from([("validated".into(), 4), ("withdrawn".into(), 6)]), "{frozen:?}");
+    ensure!(frozen == BTreeMap::from([("validated".into(), 5), ("withdrawn".into(), 7)]), "{frozen:?}");
 
     // The accounts fixed at the services.
     kit.set_simulated_account_status("stranger", "active").await?;
@@ -146,6 +146,21 @@ async fn operators_resolve_every_manual_review_from_the_command_line_and_the_api
     ensure!(ok && done["transfer"]["state"] == "reversed", "{done}");
     let (ok, done) = cli(in_transit[4], "fail", &[])?;
     ensure!(ok && done["transfer"]["state"] == "reversed", "{done}");
+    // Four-eyes from the command line: carol asks, carol cannot approve,
+    // dave does.
+    let id = held[4].to_string();
+    let four_eyes = |operator: &str, args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["--review-approvals", "2"]);
+        review(&kit, &simulator.url, operator, &args)
+    };
+    let (ok, asked) = four_eyes("carol", &["fail", &id, "--reason", "duplicate of another transfer"])?;
+    ensure!(ok && asked["action"]["status"] == "awaiting_approval", "{asked}");
+    let action = asked["action"]["id"].as_str().context("resolution id")?.to_owned();
+    let (ok, _) = four_eyes("carol", &["approve", &action])?;
+    ensure!(!ok, "carol approved her own resolution");
+    let (ok, done) = four_eyes("dave", &["approve", &action])?;
+    ensure!(ok && done["transfer"]["state"] == "failed", "{done}");
     // A reference is required where the resolution records an outside
     // operation.
     let (ok, _) = cli(in_transit[2], "complete", &[])?;
@@ -166,7 +181,7 @@ async fn operators_resolve_every_manual_review_from_the_command_line_and_the_api
     let (status, _) = reader.get("/v1/reviews").await?;
     ensure!(status == 403, "a key without the operator scope listed reviews: {status}");
     let (status, listed) = alice.get("/v1/reviews").await?;
-    ensure!(status == 200 && listed["reviews"].as_array().map(Vec::len) == Some(5), "{status} {listed}");
+    ensure!(status == 200 && listed["reviews"].as_array().map(Vec::len) == Some(6), "{status} {listed}");
 
     let reason = json!({"reason": "checked with the bank, ticket OPS-2"});
     // Not applicable where it froze: 409 naming the state.
@@ -208,6 +223,14 @@ async fn operators_resolve_every_manual_review_from_the_command_line_and_the_api
         )
         .await?;
     ensure!(status == 200 && body["transfer"]["state"] == "deposited", "{status} {body}");
+    let (status, body) = bob
+        .post(
+            &format!("/v1/reviews/{}/refunded", in_transit[6]),
+            json!({"reason": "bank returned the money", "reference": "BANK-RF-10"}),
+            None,
+        )
+        .await?;
+    ensure!(status == 200 && body["transfer"]["state"] == "reversed", "{status} {body}");
     // Two operators at once: one wins, the other is told what happened.
     let (refund, confirm) =
         (format!("/v1/reviews/{}/refunded", in_transit[3]), format!("/v1/reviews/{}/complete", in_transit[3]));
@@ -235,11 +258,13 @@ async fn operators_resolve_every_manual_review_from_the_command_line_and_the_api
         (held[1], "failed"),
         (held[2], "completed"),
         (held[3], "failed"),
+        (held[4], "failed"),
         (in_transit[0], "completed"),
         (in_transit[1], "reversed"),
         (in_transit[2], "completed"),
         (in_transit[4], "reversed"),
         (in_transit[5], "completed"),
+        (in_transit[6], "reversed"),
     ];
     for (id, state) in expected {
         ensure!(state_of(&kit, id).await? == state, "{id}: {} instead of {state}", state_of(&kit, id).await?);
@@ -278,6 +303,7 @@ async fn operators_resolve_every_manual_review_from_the_command_line_and_the_api
     ensure!(steps(in_transit[0]) == ["withdrawal"] && steps(in_transit[1]) == ["withdrawal"], "{settled:?}");
     ensure!(steps(in_transit[4]) == ["refund", "withdrawal"], "{:?}", steps(in_transit[4]));
     ensure!(steps(in_transit[5]) == ["deposit", "withdrawal"], "{:?}", steps(in_transit[5]));
+    ensure!(steps(in_transit[6]) == ["withdrawal"], "{:?}", steps(in_transit[6]));
     let report = kit.reconcile().await?;
     ensure!(report.ok() && report.manual_review == 0 && report.in_flight == 0, "{report:?}");
     kit.assert_books_balance().await?;
