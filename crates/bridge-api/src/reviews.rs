@@ -10,11 +10,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use bridge_domain::{Resolution, TransferState};
+use bridge_domain::Resolution;
 use bridge_pipeline::stages::resolve::{self, ResolutionRequest, Resolved, ReviewError};
-use bridge_store::ledger;
-use bridge_store::reviews::{self, ActionStatus, Operator};
-use bridge_store::transfers::{self, Transfer};
+use bridge_store::reviews::{self, transfer_json, ActionStatus, Operator};
 
 use crate::auth::Caller;
 use crate::{problem, unavailable, AppState};
@@ -30,15 +28,6 @@ fn operator(caller: &Caller) -> Result<Operator, Response> {
         return Err(problem(StatusCode::FORBIDDEN, "Forbidden", "a key bound to an investor cannot resolve reviews"));
     }
     Ok(Operator { id: format!("key:{}", caller.key_id), name: caller.name.clone() })
-}
-
-fn transfer_json(transfer: &Transfer) -> Value {
-    json!({
-        "id": transfer.id, "state": transfer.state.as_str(), "version": transfer.version,
-        "reason_code": transfer.reason_code, "investor_account_id": transfer.investor_account_id,
-        "fund_account_id": transfer.fund_account_id, "amount_minor": transfer.amount_minor,
-        "currency": transfer.currency, "reference": transfer.reference, "step_attempt": transfer.step_attempt,
-    })
 }
 
 fn problem_with(status: StatusCode, title: &str, detail: &str, extra: Value) -> Response {
@@ -132,37 +121,7 @@ pub async fn show(State(state): State<AppState>, caller: Caller, Path(id): Path<
     if let Err(response) = operator(&caller) {
         return response;
     }
-    let story = async {
-        let mut conn = state.ctx.pool.acquire().await?;
-        let Some(transfer) = transfers::get(&mut conn, id).await? else { return Ok(None) };
-        let frozen_in = match transfer.state {
-            TransferState::ManualReview => transfers::frozen_from(&mut conn, id).await?,
-            _ => None,
-        };
-        let history: Vec<Value> = transfers::history(&mut conn, id)
-            .await?
-            .into_iter()
-            .map(|version| {
-                json!({
-                    "version": version.version, "state": version.state.as_str(),
-                    "previous_state": version.previous_state.map(|state| state.as_str()),
-                    "reason_code": version.reason_code, "recorded_at": version.recorded_at,
-                    "actor": version.actor.as_ref().map(|actor| &actor.name),
-                    "note": version.actor.as_ref().map(|actor| &actor.note),
-                    "external_reference": version.actor.as_ref().and_then(|actor| actor.external_reference.as_ref()),
-                })
-            })
-            .collect();
-        let mut transfer = transfer_json(&transfer);
-        transfer["frozen_in"] = json!(frozen_in.map(|state| state.as_str()));
-        Ok::<_, bridge_store::Error>(Some(json!({
-            "transfer": transfer,
-            "history": history,
-            "ledger": ledger::of_transfer(&mut conn, id).await?,
-            "resolutions": reviews::of_transfer(&mut conn, id).await?,
-        })))
-    }
-    .await;
+    let story = async { reviews::story(&mut *state.ctx.pool.acquire().await?, id).await }.await;
     match story {
         Ok(Some(story)) => Json(story).into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "Not Found", "no such transfer"),

@@ -357,3 +357,50 @@ pub async fn finish(
     .await?;
     Ok(())
 }
+
+/// A transfer as people read it, for `bridge review show` and
+/// `GET /v1/reviews/{id}`.
+pub fn transfer_json(transfer: &crate::transfers::Transfer) -> serde_json::Value {
+    serde_json::json!({
+        "id": transfer.id, "state": transfer.state.as_str(), "version": transfer.version,
+        "reason_code": transfer.reason_code, "investor_account_id": transfer.investor_account_id,
+        "fund_account_id": transfer.fund_account_id, "amount_minor": transfer.amount_minor,
+        "currency": transfer.currency, "reference": transfer.reference, "step_attempt": transfer.step_attempt,
+    })
+}
+
+/// A transfer's whole story: where it stands (and where it froze, if a
+/// person must resolve it), every version with who made it and why, its
+/// ledger lines and its resolutions. `None` for a transfer that does not
+/// exist.
+pub async fn story(conn: &mut PgConnection, id: Uuid) -> Result<Option<serde_json::Value>> {
+    use crate::{ledger, transfers};
+    let Some(transfer) = transfers::get(conn, id).await? else { return Ok(None) };
+    let frozen_in = match transfer.state {
+        TransferState::ManualReview => transfers::frozen_from(conn, id).await?,
+        _ => None,
+    };
+    let history: Vec<serde_json::Value> = transfers::history(conn, id)
+        .await?
+        .into_iter()
+        .map(|version| {
+            let actor = version.actor.as_ref();
+            serde_json::json!({
+                "version": version.version, "state": version.state.as_str(),
+                "previous_state": version.previous_state.map(TransferState::as_str),
+                "reason_code": version.reason_code, "recorded_at": version.recorded_at,
+                "actor": actor.map(|actor| &actor.name),
+                "note": actor.map(|actor| &actor.note),
+                "external_reference": actor.and_then(|actor| actor.external_reference.as_ref()),
+            })
+        })
+        .collect();
+    let mut shown = transfer_json(&transfer);
+    shown["frozen_in"] = serde_json::json!(frozen_in.map(TransferState::as_str));
+    Ok(Some(serde_json::json!({
+        "transfer": shown,
+        "history": history,
+        "ledger": ledger::of_transfer(conn, id).await?,
+        "resolutions": of_transfer(conn, id).await?,
+    })))
+}

@@ -9,7 +9,6 @@ use uuid::Uuid;
 use bridge_domain::Resolution;
 use bridge_pipeline::stages::resolve::{self, ResolutionRequest, Resolved};
 use bridge_store::reviews::{self, Operator};
-use bridge_store::{ledger, transfers};
 
 use crate::*;
 
@@ -178,39 +177,7 @@ async fn list(conn: &mut sqlx::PgConnection, as_json: bool) -> Result<()> {
 }
 
 async fn show(conn: &mut sqlx::PgConnection, transfer_id: Uuid) -> Result<()> {
-    let transfer = transfers::get(conn, transfer_id).await?.with_context(|| format!("No transfer {transfer_id}"))?;
-    let history: Vec<_> = transfers::history(conn, transfer_id)
-        .await?
-        .into_iter()
-        .map(|version| {
-            json!({
-                "version": version.version,
-                "state": version.state.as_str(),
-                "previous_state": version.previous_state.map(|state| state.as_str()),
-                "reason_code": version.reason_code,
-                "recorded_at": version.recorded_at,
-                "actor": version.actor.as_ref().map(|actor| &actor.name),
-                "note": version.actor.as_ref().map(|actor| &actor.note),
-                "external_reference": version.actor.as_ref().and_then(|actor| actor.external_reference.as_ref()),
-            })
-        })
-        .collect();
-    let frozen_in = match transfer.state {
-        bridge_domain::TransferState::ManualReview => transfers::frozen_from(conn, transfer_id).await?,
-        _ => None,
-    };
-    let story = json!({
-        "transfer": {
-            "id": transfer.id, "state": transfer.state.as_str(), "version": transfer.version,
-            "reason_code": transfer.reason_code, "frozen_in": frozen_in.map(|state| state.as_str()),
-            "investor_account_id": transfer.investor_account_id, "fund_account_id": transfer.fund_account_id,
-            "amount_minor": transfer.amount_minor, "currency": transfer.currency, "reference": transfer.reference,
-            "step_attempt": transfer.step_attempt,
-        },
-        "history": history,
-        "ledger": ledger::of_transfer(conn, transfer_id).await?,
-        "resolutions": reviews::of_transfer(conn, transfer_id).await?,
-    });
+    let story = reviews::story(conn, transfer_id).await?.with_context(|| format!("No transfer {transfer_id}"))?;
     println!("{}", serde_json::to_string_pretty(&story)?);
     Ok(())
 }
