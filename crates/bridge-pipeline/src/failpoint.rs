@@ -13,6 +13,7 @@
 //! | `relay.after_claim` | the relay has claimed outbox rows, before producing |
 //! | `relay.after_produce` | the broker acknowledged, before the rows are marked published |
 //! | `notifier.mid_delivery` | a notification was sent, before it is recorded as delivered |
+//! | `review.after_reopen` | an operator's retry or fail reopened a transfer in manual review, before its step ran |
 //!
 //! A pause instead of a death: `<consumer>.pause_after_poll:<ms>` makes the
 //! consumer hold its first message that long before processing it, as a

@@ -22,7 +22,19 @@ const SETTLE: Duration = Duration::from_secs(120);
 /// `bridge review ARGS` as operator `operator`; its JSON answer, and
 /// whether it exited successfully.
 fn review(kit: &TestKit, services_url: &str, operator: &str, args: &[&str]) -> Result<(bool, Value)> {
+    review_dying_at(kit, services_url, operator, args, "")
+}
+
+/// `review`, the process dying at `failpoints` (as `kill -9` would).
+fn review_dying_at(
+    kit: &TestKit,
+    services_url: &str,
+    operator: &str,
+    args: &[&str],
+    failpoints: &str,
+) -> Result<(bool, Value)> {
     let output = Command::new(BRIDGE)
+        .env("BRIDGE_FAILPOINTS", failpoints)
         .arg("review")
         .args(args)
         .env("DATABASE_URL", &kit.database_url)
@@ -309,5 +321,41 @@ async fn operators_resolve_every_manual_review_from_the_command_line_and_the_api
     kit.assert_books_balance().await?;
     api.stop().await?;
     four_eyes.stop().await?;
+    simulator.stop().await
+}
+
+/// The process resolving a review dies right after reopening the transfer,
+/// before the step ran: the settlement runner carries the step out, and a
+/// step the operator failed is found cancelled at the bank, never moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolution_whose_process_dies_after_reopening_is_finished_by_the_settlement_runner() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("stranger", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 10_00, 100, 1_000_000_00).await?;
+    kit.set_simulated_account_status("stranger", "unknown").await?;
+    let simulator = kit.start_simulator(FaultPlan::none()).await?;
+    let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 5_000)?);
+    let retried = kit.publish(&kit.request("stranger", &fund_account, 100_00)).await?;
+    let failed = kit.publish(&kit.request("stranger", &fund_account, 200_00)).await?;
+    kit.wait_terminal(&[retried, failed], SETTLE).await?;
+    ensure!(state_of(&kit, retried).await? == "manual_review", "{}", state_of(&kit, retried).await?);
+    kit.set_simulated_account_status("stranger", "active").await?;
+
+    for (id, action) in [(retried, "retry"), (failed, "fail")] {
+        let id = id.to_string();
+        let args = [action, id.as_str(), "--reason", "account fixed"];
+        let (ok, _) = review_dying_at(&kit, &simulator.url, "carol", &args, "review.after_reopen")?;
+        ensure!(!ok, "the process was to die after reopening");
+    }
+    kit.wait_terminal(&[retried, failed], SETTLE).await?;
+    pipeline.stop().await?;
+    ensure!(state_of(&kit, retried).await? == "completed", "{}", state_of(&kit, retried).await?);
+    ensure!(state_of(&kit, failed).await? == "failed", "{}", state_of(&kit, failed).await?);
+    let settled = settled(&kit).await?;
+    ensure!(settled.keys().filter(|(id, _)| *id == failed).count() == 0, "the failed step moved money: {settled:?}");
+    ensure!(settled.values().all(|keys| keys.len() == 1), "{settled:?}");
+    let report = kit.reconcile().await?;
+    ensure!(report.ok() && report.in_flight == 0, "{report:?}");
+    kit.assert_books_balance().await?;
     simulator.stop().await
 }

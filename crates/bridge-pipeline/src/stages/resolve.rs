@@ -305,8 +305,9 @@ async fn execute(ctx: &StageContext, action: &ReviewAction) -> Result<(ActionSta
     outbox::enqueue(&mut tx, &[status]).await?;
     // Should this process stop before the step below has run, the
     // settlement runner asks about it.
-    pending::record(&mut tx, transfer.id, step.as_str(), pending_retry_ms(5), ctx.config.pending_deadline_ms).await?;
+    pending::record(&mut tx, transfer.id, step.as_str(), pending_retry_ms(2), ctx.config.pending_deadline_ms).await?;
     commit(ctx, tx).await?;
+    crate::failpoint::hit("review.after_reopen");
 
     let ask = match action.action {
         Resolution::Fail => Ask::Cancel { reason: CANCELLED_BY_OPERATOR },
