@@ -827,3 +827,39 @@ async fn the_outbox_claim_cursor_passes_no_row_it_has_not_seen() -> Result<()> {
     }
     Ok(())
 }
+
+/// A broker reached over IPv6: the pipeline's bootstrap address is `[::1]`,
+/// forwarded to the in-process cluster, which advertises its IPv4
+/// addresses for the rest. No address family is pinned in the clients, so
+/// the bootstrap works over either family (pinned to IPv4, librdkafka
+/// would not even try `[::1]`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_bootstraps_from_a_broker_address_over_ipv6() -> Result<()> {
+    let mut kit = TestKit::start(BrokerKind::InProcess).await?;
+    let target = kit.config.brokers.split(',').next().context("a broker")?.to_owned();
+    let listener = tokio::net::TcpListener::bind("[::1]:0").await?;
+    let bootstrap = format!("[::1]:{}", listener.local_addr()?.port());
+    let forwarded = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = forwarded.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    kit.config.brokers = bootstrap;
+    kit.seed_investor("inv", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let pipeline = kit.spawn_all();
+    let id = kit.publish(&kit.request("inv", &fund_account, 1_000_00)).await?;
+    kit.wait_terminal(&[id], SETTLE).await?;
+    pipeline.stop().await?;
+    ensure!(kit.transfer(id).await?.state == TransferState::Completed, "{:?}", kit.transfer(id).await?.state);
+    ensure!(forwarded.load(std::sync::atomic::Ordering::SeqCst) > 0, "nothing connected over IPv6");
+    Ok(())
+}

@@ -15,9 +15,10 @@ use crate::PipelineConfig;
 
 fn base(config: &PipelineConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
+    // Any address family: a broker name may resolve to IPv6, IPv4 or both
+    // (librdkafka tries each address in turn). A broker reachable over one
+    // family only is pinned with `--kafka-option broker.address.family=v4`.
     client.set("bootstrap.servers", &config.brokers);
-    // Standalone brokers used in development listen on IPv4 only.
-    client.set("broker.address.family", "v4");
     client
 }
 

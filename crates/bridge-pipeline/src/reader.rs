@@ -42,7 +42,6 @@ fn client(config: &PipelineConfig) -> Result<StreamConsumer> {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.brokers)
-        .set("broker.address.family", "v4")
         // A group id is required by librdkafka, but with manual assignment
         // and no commits the group is never joined.
         .set("group.id", format!("{}bridge-tools", config.group_prefix))

@@ -337,7 +337,6 @@ impl TestKit {
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &self.config.brokers)
-            .set("broker.address.family", "v4")
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("session.timeout.ms", "6000");

@@ -585,11 +585,7 @@ impl LagReader {
         for stage in StageName::ALL {
             let group = stage.group_id(config);
             let mut client = rdkafka::ClientConfig::new();
-            client
-                .set("bootstrap.servers", &config.brokers)
-                .set("broker.address.family", "v4")
-                .set("group.id", &group)
-                .set("enable.auto.commit", "false");
+            client.set("bootstrap.servers", &config.brokers).set("group.id", &group).set("enable.auto.commit", "false");
             readers.push((stage.as_str().to_owned(), client.create()?, stage.input_topic(&config.topics)));
         }
         Ok(Self { readers, partitions: config.topic_partitions })
