@@ -5,6 +5,12 @@ the version below (kubernetes-validate). Custom resources (KEDA, Prometheus
 operator) are checked for the fields every object needs, since their schemas
 belong to their operators. Kustomization files must name resources that
 exist. JSON files must parse.
+
+And the rules a cluster applies beyond the schemas: every pod meets the
+"restricted" Pod Security Standard; a Deployment that KEDA scales sets no
+replica count (each apply would reset KEDA's); a Job removes itself, so the
+next release's Job (whose pod template differs) can be created; the
+Prometheus Operator's objects carry the label its selectors match.
 """
 
 import json
@@ -30,9 +36,60 @@ def check_kustomization(path: pathlib.Path, doc: dict) -> list[str]:
     return problems
 
 
+MONITORING = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+SELECTOR_LABEL = "release"
+
+
+def pod_spec(doc: dict) -> dict | None:
+    if doc.get("kind") in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+        return doc.get("spec", {}).get("template", {}).get("spec")
+    return None
+
+
+def check_restricted(name: str, spec: dict) -> list[str]:
+    """The "restricted" Pod Security Standard, as the admission controller checks it."""
+    problems = []
+    pod = spec.get("securityContext", {})
+    for container in spec.get("containers", []) + spec.get("initContainers", []):
+        where = f"{name}/{container.get('name')}"
+        own = container.get("securityContext", {})
+        if not (own.get("runAsNonRoot", pod.get("runAsNonRoot"))):
+            problems.append(f"{where}: runAsNonRoot is not true")
+        seccomp = own.get("seccompProfile", pod.get("seccompProfile", {})).get("type")
+        if seccomp not in {"RuntimeDefault", "Localhost"}:
+            problems.append(f"{where}: seccompProfile is {seccomp!r}, not RuntimeDefault")
+        if own.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation is not false")
+        if "ALL" not in own.get("capabilities", {}).get("drop", []):
+            problems.append(f"{where}: capabilities do not drop ALL")
+    return problems
+
+
+def check_policies(docs: list[tuple[pathlib.Path, dict]]) -> list[str]:
+    problems = []
+    scaled = {
+        doc["spec"]["scaleTargetRef"]["name"]
+        for _, doc in docs
+        if doc.get("kind") == "ScaledObject" and doc.get("spec", {}).get("scaleTargetRef", {}).get("name")
+    }
+    for path, doc in docs:
+        kind, name = doc.get("kind"), doc.get("metadata", {}).get("name")
+        spec = pod_spec(doc)
+        if spec is not None:
+            problems += [f"{path}: {kind} {problem}" for problem in check_restricted(name, spec)]
+        if kind == "Deployment" and name in scaled and "replicas" in doc.get("spec", {}):
+            problems.append(f"{path}: Deployment {name} is scaled by KEDA but sets spec.replicas")
+        if kind == "Job" and "ttlSecondsAfterFinished" not in doc.get("spec", {}):
+            problems.append(f"{path}: Job {name} stays after finishing; the next release's cannot be created")
+        if kind in MONITORING and SELECTOR_LABEL not in doc.get("metadata", {}).get("labels", {}):
+            problems.append(f"{path}: {kind} {name} lacks the {SELECTOR_LABEL!r} label Prometheus selects by")
+    return problems
+
+
 def main(root: str) -> int:
     problems = []
     checked = 0
+    docs = []
     for path in sorted(pathlib.Path(root).rglob("*")):
         if path.suffix == ".json":
             json.loads(path.read_text())
@@ -44,6 +101,7 @@ def main(root: str) -> int:
             if not doc:
                 continue
             checked += 1
+            docs.append((path, doc))
             api_version, kind = doc.get("apiVersion"), doc.get("kind")
             if path.name == "kustomization.yaml":
                 problems += check_kustomization(path, doc)
@@ -61,6 +119,7 @@ def main(root: str) -> int:
                 problems.append(f"{path}: {kind} {doc.get('metadata', {}).get('name')}: {error.message} at {list(error.path)}")
             except Exception as error:  # an unknown kind or version
                 problems.append(f"{path}: {kind}: {error}")
+    problems += check_policies(docs)
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"{checked} manifests checked, {len(problems)} problems", file=sys.stderr)

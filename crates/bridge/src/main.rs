@@ -429,7 +429,8 @@ enum KeysAction {
         /// What the key is for (shown in lists).
         #[arg(long)]
         name: String,
-        /// Comma-separated: transfers:write, transfers:read, callbacks, admin.
+        /// Comma-separated: transfers:write, transfers:read, callbacks, admin,
+        /// operator.
         #[arg(long, value_delimiter = ',', required = true)]
         scopes: Vec<String>,
         /// Bind the key to one investor account.
