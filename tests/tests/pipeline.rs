@@ -50,6 +50,7 @@ async fn status_events(kit: &TestKit, transfer: Uuid) -> Result<Vec<TransferStat
 }
 
 both_brokers!(
+    only_requests_signed_by_an_allowed_source_move_money,
     happy_path_moves_money_to_the_minor_unit,
     every_rejection_reason_is_reported,
     declined_steps_are_compensated,
@@ -862,4 +863,93 @@ async fn the_pipeline_bootstraps_from_a_broker_address_over_ipv6() -> Result<()>
     ensure!(kit.transfer(id).await?.state == TransferState::Completed, "{:?}", kit.transfer(id).await?.state);
     ensure!(forwarded.load(std::sync::atomic::Ordering::SeqCst) > 0, "nothing connected over IPv6");
     Ok(())
+}
+
+/// With signed requests required: a request signed by a registered source
+/// allowed to move that investor's money into that fund completes; one
+/// unsigned, signed with another secret, tampered with, signed too long
+/// before it arrived, or from a source that is unknown or not allowed for
+/// that investor is rejected with its own reason code, and none of those
+/// reaches the bank.
+async fn only_requests_signed_by_an_allowed_source_move_money(kind: BrokerKind) -> Result<()> {
+    use bridge_pipeline::sources::signature_headers;
+    use bridge_pipeline::upstream::request_headers;
+    use bridge_webhooks::Secret;
+
+    let kit = TestKit::start(kind).await?;
+    kit.seed_investor("inv-a", 10_000_00).await?;
+    kit.seed_investor("inv-b", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let keyring = bridge_testkit::keyring();
+    let secret = Secret::from_bytes(*Uuid::new_v4().as_bytes().repeat(2).first_chunk::<32>().context("32 bytes")?);
+    let reference = bridge_testkit::sealed_secret(&kit.pool, &keyring, &secret.expose()).await?;
+    let source = bridge_store::sources::Source {
+        name: "crm".to_owned(),
+        investors: vec!["inv-a".to_owned()],
+        funds: vec!["fund".to_owned()],
+        secret_credential: reference,
+        created_at: chrono::Utc::now(),
+        revoked_at: None,
+    };
+    bridge_store::sources::put(&mut *kit.pool.acquire().await?, &source).await?;
+    let pipeline = kit.pipeline().require_signed_requests(keyring);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = {
+        let stop = stop.clone();
+        tokio::spawn(async move { pipeline.run(&Part::all(), stop).await })
+    };
+
+    let other = Secret::from_bytes([7; 32]);
+    let now = bridge_testkit::unix_now();
+    let send = |investor: &str, source: &str, secret: Option<&Secret>, signed_at: i64, tamper: bool| {
+        let mut request = kit.request(investor, &fund_account, 1_000_00);
+        request.source_system = source.to_owned();
+        let payload = bridge_codec::encode(&request).expect("encodes");
+        let mut headers = request_headers(&request);
+        if let Some(secret) = secret {
+            headers.extend(signature_headers(source, secret, &request.transfer_id, &payload, signed_at));
+        }
+        let mut sent = payload.clone();
+        if tamper {
+            request.amount_minor = 9_000_00;
+            sent = bridge_codec::encode(&request).expect("encodes");
+        }
+        let kit = &kit;
+        async move {
+            let topic = kit.topics().requested();
+            kit.publish_raw(&topic, Some(request.transfer_id.as_bytes()), &sent, &headers).await?;
+            anyhow::Ok(Uuid::parse_str(&request.transfer_id)?)
+        }
+    };
+    let signed = send("inv-a", "crm", Some(&secret), now, false).await?;
+    let cases = [
+        (send("inv-a", "crm", None, now, false).await?, "REQUEST_UNSIGNED"),
+        (send("inv-a", "crm", Some(&other), now, false).await?, "REQUEST_SIGNATURE_INVALID"),
+        (send("inv-a", "crm", Some(&secret), now, true).await?, "REQUEST_SIGNATURE_INVALID"),
+        (send("inv-a", "crm", Some(&secret), now - 3_600, false).await?, "REQUEST_SIGNATURE_STALE"),
+        (send("inv-b", "crm", Some(&secret), now, false).await?, "SOURCE_NOT_ALLOWED"),
+        (send("inv-a", "mallory", Some(&secret), now, false).await?, "SOURCE_NOT_ALLOWED"),
+    ];
+    let mut ids: Vec<Uuid> = cases.iter().map(|(id, _)| *id).collect();
+    ids.push(signed);
+    kit.wait_terminal(&ids, SETTLE).await?;
+    stop.cancel();
+    running.await??;
+
+    ensure!(kit.transfer(signed).await?.state == TransferState::Completed, "{:?}", kit.transfer(signed).await?);
+    for (id, code) in cases {
+        let transfer = kit.transfer(id).await?;
+        ensure!(
+            transfer.state == TransferState::Rejected && transfer.reason_code.as_deref() == Some(code),
+            "{code}: {:?} {:?}",
+            transfer.state,
+            transfer.reason_code
+        );
+    }
+    let operations: Vec<Uuid> =
+        sqlx::query_scalar("SELECT DISTINCT transfer_id FROM sim_operations").fetch_all(&kit.pool).await?;
+    ensure!(operations == [signed], "the bank was asked about {operations:?}");
+    let (_, _, dead_letters, _) = kit.effect_counts().await?;
+    ensure!(dead_letters == 0, "{dead_letters} dead letters");
+    kit.assert_books_balance().await
 }

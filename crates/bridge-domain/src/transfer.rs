@@ -137,6 +137,15 @@ pub enum RejectReason {
     FundFull,
     FundCapacityExceeded,
     InsufficientFunds,
+    /// Signed requests are required and this one carries no signature.
+    RequestUnsigned,
+    /// The signature does not match the request (or is malformed).
+    RequestSignatureInvalid,
+    /// The signature's timestamp is too far from when the request arrived.
+    RequestSignatureStale,
+    /// The source is unknown or revoked, or may not move this investor's
+    /// money into this fund, or the request names another source.
+    SourceNotAllowed,
 }
 
 impl RejectReason {
@@ -151,6 +160,10 @@ impl RejectReason {
             Self::FundFull => "FUND_FULL",
             Self::FundCapacityExceeded => "FUND_CAPACITY_EXCEEDED",
             Self::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            Self::RequestUnsigned => "REQUEST_UNSIGNED",
+            Self::RequestSignatureInvalid => "REQUEST_SIGNATURE_INVALID",
+            Self::RequestSignatureStale => "REQUEST_SIGNATURE_STALE",
+            Self::SourceNotAllowed => "SOURCE_NOT_ALLOWED",
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct StageContext {
     pub services: Services,
     /// Each stage's shared set-based transactions.
     pub(crate) groups: Groups,
+    /// Set when requests must be signed by a registered source.
+    pub request_verifier: Option<Arc<crate::sources::RequestVerifier>>,
 }
 
 impl std::ops::Deref for StageContext {

@@ -38,6 +38,7 @@ pub mod runner;
 pub mod schema_registry;
 pub mod services;
 pub mod settlement;
+pub mod sources;
 pub mod stages;
 pub mod upstream;
 

@@ -48,7 +48,18 @@ impl Pipeline {
         let relay_waker = RelayWaker::new(pool.clone());
         let groups = Groups::new(&config);
         let runtime = Arc::new(Runtime { pool, topics, config, source: "/bridge".to_owned(), registry, relay_waker });
-        Self { ctx: Arc::new(StageContext { runtime, services, groups }) }
+        Self { ctx: Arc::new(StageContext { runtime, services, groups, request_verifier: None }) }
+    }
+
+    /// Requires every request from Kafka to be signed by a registered
+    /// source (see `sources.rs`), whose secrets `keyring` opens.
+    pub fn require_signed_requests(mut self, keyring: Arc<bridge_secrets::Keyring>) -> Self {
+        let verifier = Arc::new(crate::sources::RequestVerifier::new(self.ctx.pool.clone(), keyring));
+        match Arc::get_mut(&mut self.ctx) {
+            Some(ctx) => ctx.request_verifier = Some(verifier),
+            None => unreachable!("the context is shared only once the pipeline runs"),
+        }
+        self
     }
 
     /// What must happen before the pipeline writes an event: registering

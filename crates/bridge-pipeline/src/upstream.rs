@@ -19,15 +19,24 @@ use crate::Topics;
 /// headers in binary mode and a fresh `traceparent`, and waits for the
 /// broker's acknowledgement.
 pub async fn publish_request(producer: &FutureProducer, topics: &Topics, request: &TransferRequested) -> Result<()> {
+    publish_signed_request(producer, topics, request, None).await
+}
+
+/// [`publish_request`], signed as `source` with its secret when given (see
+/// `sources.rs`).
+pub async fn publish_signed_request(
+    producer: &FutureProducer,
+    topics: &Topics,
+    request: &TransferRequested,
+    signer: Option<(&str, &bridge_webhooks::Secret)>,
+) -> Result<()> {
     let payload = encode(request).context("Failed to encode request")?;
-    publish_raw(
-        producer,
-        &topics.requested(),
-        Some(request.transfer_id.as_bytes()),
-        &payload,
-        &request_headers(request),
-    )
-    .await
+    let mut headers = request_headers(request);
+    if let Some((source, secret)) = signer {
+        let now = Utc::now().timestamp();
+        headers.extend(crate::sources::signature_headers(source, secret, &request.transfer_id, &payload, now));
+    }
+    publish_raw(producer, &topics.requested(), Some(request.transfer_id.as_bytes()), &payload, &headers).await
 }
 
 pub fn request_headers(request: &TransferRequested) -> Vec<(String, Vec<u8>)> {

@@ -39,6 +39,7 @@ pub mod pending;
 pub mod reconcile;
 pub mod reviews;
 pub mod simulator;
+pub mod sources;
 pub mod transfers;
 
 use std::str::FromStr;

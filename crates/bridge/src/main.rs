@@ -12,6 +12,7 @@ mod notify;
 mod ops;
 mod review;
 mod serve;
+mod sources;
 mod submit;
 mod telemetry;
 
@@ -367,6 +368,9 @@ enum Command {
     Replay(ops::ReplayArgs),
     /// List, show and redrive dead-letter topics.
     Dlq(ops::DlqArgs),
+    /// Register, list and revoke the upstream systems allowed to publish
+    /// (signed) transfer requests.
+    Sources(sources::SourcesArgs),
     /// The transfers waiting for a person, and their resolutions: retry,
     /// fail, refunded (outside Bridge), complete (confirmed outside Bridge),
     /// with four-eyes approval when configured.
@@ -509,6 +513,11 @@ struct RunArgs {
     /// Run the outbox relay (implied when no --stage is given).
     #[arg(long)]
     relay: bool,
+    /// Reject every request from Kafka that is not signed by a registered
+    /// source allowed to make it (`bridge sources`); needs the master keys
+    /// (BRIDGE_MASTER_KEYS) to open the sources' secrets.
+    #[arg(long, env = "BRIDGE_REQUIRE_SIGNED_REQUESTS")]
+    require_signed_requests: bool,
     /// Run the settlement runner, which finishes steps the account services
     /// accepted as pending (implied when no --stage is given).
     #[arg(long)]
@@ -671,6 +680,10 @@ async fn run() -> Result<()> {
         Command::Reconcile(args) => {
             init_logging("warn");
             admin::reconcile(args).await?;
+        }
+        Command::Sources(args) => {
+            init_logging("warn");
+            sources::run(args).await?;
         }
         Command::Review(args) => {
             init_logging("warn");

@@ -144,7 +144,7 @@ enum NotifyAction {
     },
 }
 
-fn new_secret() -> bridge_webhooks::Secret {
+pub(crate) fn new_secret() -> bridge_webhooks::Secret {
     let mut bytes = [0u8; 32];
     bytes[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     bytes[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());

@@ -39,7 +39,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             matches!(part, Part::Stage(StageName::Withdrawal) | Part::Stage(StageName::Deposit) | Part::Settlement)
         });
     let services = if calls_services { args.services.services(&pool)? } else { Services::none() };
-    let pipeline = Pipeline::new(pool, config, services);
+    let mut pipeline = Pipeline::new(pool, config, services);
+    if args.require_signed_requests {
+        pipeline = pipeline.require_signed_requests(std::sync::Arc::new(
+            credentials::keyring().context("--require-signed-requests opens the sources' secrets")?,
+        ));
+    }
     // Before the API takes requests, whose events need the ids.
     pipeline.prepare().await?;
     let shutdown = shutdown_on_signal();

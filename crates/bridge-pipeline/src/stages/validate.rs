@@ -33,14 +33,23 @@ pub(super) async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Ou
         (Some(_), Some(fund)) => accounts::allocation(&mut tx, &fund.fund_id, &candidate.investor_account_id).await?,
         _ => None,
     };
-    let decision = check_request(&RequestFacts {
-        amount_minor: candidate.amount_minor,
-        currency: &candidate.currency,
-        investor: investor.map(|row| row.value),
-        fund: fund.as_ref().map(|view| view.fund.value),
-        investor_holds_seat: allocation.is_some_and(|row| row.value.holds_seat()),
-    });
     candidate.fund_id = fund.as_ref().map(|view| view.fund_id.clone());
+    // A request the API recorded was authenticated by the key that made it;
+    // one from Kafka must be signed by a source allowed to make it, when
+    // that is required.
+    let authentic = match (&ctx.request_verifier, &recorded) {
+        (Some(verifier), None) => verifier.check(message, &candidate).await?,
+        _ => Ok(()),
+    };
+    let decision = authentic.and_then(|()| {
+        check_request(&RequestFacts {
+            amount_minor: candidate.amount_minor,
+            currency: &candidate.currency,
+            investor: investor.map(|row| row.value),
+            fund: fund.as_ref().map(|view| view.fund.value),
+            investor_holds_seat: allocation.is_some_and(|row| row.value.holds_seat()),
+        })
+    });
 
     let (requested, newly_recorded) = match recorded {
         Some(existing) => {
@@ -182,6 +191,17 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
         .collect();
     let seats = accounts::seats_held(&mut tx, &pairs).await?;
 
+    // Only requests that are all authentic take the batch; a rejected one
+    // is decided one by one.
+    if let Some(verifier) = &ctx.request_verifier {
+        for (message, requested) in requests {
+            let fund_id = funds.get(&requested.fund_account_id).map(|view| view.fund_id.clone());
+            let candidate = Transfer { fund_id, ..requested.clone() };
+            if verifier.check(message, &candidate).await?.is_err() {
+                return Ok(false);
+            }
+        }
+    }
     let mut books = bridge_domain::RunningBooks::new(investors, seats);
     let mut decided = Vec::with_capacity(requests.len());
     for (_, requested) in requests {
