@@ -39,14 +39,19 @@ trap cleanup EXIT
 export DATABASE_URL=$database_url KAFKA_BROKERS=$brokers BRIDGE_TOPIC_PREFIX=$prefix BRIDGE_GROUP_PREFIX=$prefix
 "$bridge" migrate >/dev/null
 "$bridge" seed --namespace ex --investors 20 >/dev/null
-RUST_LOG=warn "$bridge" run --simulated-services --stage validator --stage withdrawal --stage deposit \
-  --stage completion --relay >"$work/pipeline.log" 2>&1 &
+# The producer is a registered source and signs its requests; the pipeline
+# accepts no others.
+BRIDGE_MASTER_KEYS=$("$bridge" credentials generate-key examples)
+export BRIDGE_MASTER_KEYS
+source_secret=$("$bridge" sources add python-example --investors 'ex-inv-*' --funds '*' 2>/dev/null)
+RUST_LOG=warn "$bridge" run --simulated-services --require-signed-requests --stage validator --stage withdrawal \
+  --stage deposit --stage completion --relay >"$work/pipeline.log" 2>&1 &
 pipeline_pid=$!
 
 cd examples/python
 "$venv/bin/python" producer.py --brokers "$brokers" --topic-prefix "$prefix" \
   --investor ex-inv-00001 --investor ex-inv-00002 --investor ex-inv-00003 \
-  --fund-account ex-fa-growth --count 12 >"$work/ids.txt"
+  --fund-account ex-fa-growth --count 12 --source python-example --source-secret "$source_secret" >"$work/ids.txt"
 echo "Python producer published $(wc -l <"$work/ids.txt") transfer requests" >&2
 if ! "$venv/bin/python" status_consumer.py --brokers "$brokers" --topic-prefix "$prefix" \
   --group "${prefix}python-example" --wait-for "$work/ids.txt" --timeout 180 >"$work/events.jsonl"; then
@@ -55,3 +60,9 @@ if ! "$venv/bin/python" status_consumer.py --brokers "$brokers" --topic-prefix "
   exit 1
 fi
 echo "Python status consumer decoded $(wc -l <"$work/events.jsonl") status events" >&2
+# Signed as a registered source, every request was accepted for validation.
+if grep -E 'REQUEST_UNSIGNED|REQUEST_SIGNATURE_INVALID|REQUEST_SIGNATURE_STALE|SOURCE_NOT_ALLOWED' "$work/events.jsonl" >&2; then
+  echo "The pipeline refused the Python producer's signatures" >&2
+  exit 1
+fi
+grep -q '"completed"' "$work/events.jsonl" || { echo "No transfer completed" >&2; exit 1; }

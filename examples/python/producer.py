@@ -6,17 +6,40 @@
 Prints the transfer ids it published, one per line. Follows the request
 topic's conventions: key = transfer id, CloudEvents headers in binary mode,
 Avro single-object payload, acks from every in-sync replica, idempotence on.
+
+With --source and --source-secret (the secret `bridge sources add` printed)
+each request is signed as that source, as a pipeline run with
+--require-signed-requests demands: HMAC-SHA256 (Standard Webhooks) over
+"<transfer id>.<unix seconds>.<payload>", in the headers bridge-source,
+bridge-signature-timestamp and bridge-signature ("v1,<base64>").
 """
 
 import argparse
+import base64
 import datetime
+import hashlib
+import hmac
 import random
 import sys
+import time
 import uuid
 
 from confluent_kafka import Producer
 
 from bridge_avro import Codec
+
+
+def signature_headers(source: str, secret: str, key: str, payload: bytes) -> list[tuple[str, bytes]]:
+    """The headers that sign a request published under `key`."""
+    secret_bytes = base64.b64decode(secret.removeprefix("whsec_"))
+    timestamp = str(int(time.time()))
+    signed = f"{key}.{timestamp}.".encode() + payload
+    digest = hmac.new(secret_bytes, signed, hashlib.sha256).digest()
+    return [
+        ("bridge-source", source.encode()),
+        ("bridge-signature-timestamp", timestamp.encode()),
+        ("bridge-signature", b"v1," + base64.b64encode(digest)),
+    ]
 
 
 def main() -> int:
@@ -27,13 +50,17 @@ def main() -> int:
     parser.add_argument("--fund-account", required=True)
     parser.add_argument("--count", type=int, default=5)
     parser.add_argument("--currency", default="EUR")
+    parser.add_argument("--source", help="sign as this registered source (also the requests' source_system)")
+    parser.add_argument("--source-secret", help="the source's whsec_ signing secret")
     args = parser.parse_args()
+    if bool(args.source) != bool(args.source_secret):
+        parser.error("--source and --source-secret go together")
+    source_system = args.source or "python-example"
 
     codec = Codec("transfer_requested.avsc")
     producer = Producer(
         {
             "bootstrap.servers": args.brokers,
-            "broker.address.family": "v4",
             "acks": "all",
             "enable.idempotence": True,
         }
@@ -57,18 +84,21 @@ def main() -> int:
             "currency": args.currency,
             "requested_at": int(now.timestamp() * 1000),
             "reference": f"python-example-{index}",
-            "source_system": "python-example",
+            "source_system": source_system,
         }
         headers = [
             ("ce_specversion", b"1.0"),
             ("ce_id", str(uuid.uuid4()).encode()),
             ("ce_type", b"io.bridge.transfer.requested.v1"),
-            ("ce_source", b"/upstream/python-example"),
+            ("ce_source", f"/upstream/{source_system}".encode()),
             ("ce_subject", transfer_id.encode()),
             ("ce_time", now.isoformat(timespec="milliseconds").replace("+00:00", "Z").encode()),
             ("content-type", b"application/avro"),
         ]
-        producer.produce(topic, key=transfer_id, value=codec.encode(record), headers=headers, on_delivery=delivered)
+        payload = codec.encode(record)
+        if args.source:
+            headers += signature_headers(args.source, args.source_secret, transfer_id, payload)
+        producer.produce(topic, key=transfer_id, value=payload, headers=headers, on_delivery=delivered)
         print(transfer_id, flush=True)
     remaining = producer.flush(30)
     if remaining or failures:
