@@ -1038,3 +1038,54 @@ async fn traces_follow_a_transfer_through_every_stage_over_otlp() -> Result<()> 
     );
     Ok(())
 }
+
+/// An upstream system as an operator sets it up: `bridge sources add`
+/// registers it and prints its secret once, `bridge submit --source` signs
+/// with it, and a `bridge run --require-signed-requests` process completes
+/// its request, rejects an unsigned one, and refuses the source once
+/// `bridge sources revoke` has revoked it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_source_signs_with_bridge_submit_until_it_is_revoked() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::Standalone).await?;
+    kit.seed_investor("lena", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let master_keys = bridge(&["credentials", "generate-key", "k1"], &[], None)?.trim().to_owned();
+    let mut env = kit_env(&kit, &[("BRIDGE_SIMULATED_SERVICES", "true"), ("BRIDGE_REQUIRE_SIGNED_REQUESTS", "true")]);
+    env.push(("BRIDGE_MASTER_KEYS", master_keys));
+    let env: Vec<(&str, &str)> = env.iter().map(|(name, value)| (*name, value.as_str())).collect();
+    let secret = bridge(&["sources", "add", "crm", "--investors", "lena", "--funds", "fund"], &env, None)?;
+    let secret = secret.trim().to_owned();
+    ensure!(secret.starts_with("whsec_"), "{secret}");
+    let listed = bridge(&["sources", "list"], &env, None)?;
+    ensure!(listed.contains("\"crm\"") && !listed.contains(&secret), "{listed}");
+
+    let mut run = Command::new(BRIDGE)
+        .arg("run")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let submit = |signed: bool| -> Result<uuid::Uuid> {
+        let mut args =
+            vec!["submit", "--investor", "lena", "--fund-account", fund_account.as_str(), "--amount-minor", "1000000"];
+        if signed {
+            args.extend(["--source", "crm", "--source-secret", secret.as_str()]);
+        }
+        Ok(bridge(&args, &env, None)?.trim().parse()?)
+    };
+    let signed = submit(true)?;
+    let unsigned = submit(false)?;
+    kit.wait_terminal(&[signed, unsigned], Duration::from_secs(120)).await?;
+    bridge(&["sources", "revoke", "crm"], &env, None)?;
+    // A revocation reaches the running validator within its refresh.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let revoked = submit(true)?;
+    kit.wait_terminal(&[revoked], Duration::from_secs(120)).await?;
+    run.kill()?;
+    run.wait()?;
+    let states = kit.state_counts(&[signed, unsigned, revoked]).await?;
+    ensure!(kit.transfer(signed).await?.state == bridge_domain::TransferState::Completed, "{states:?}");
+    ensure!(kit.transfer(unsigned).await?.reason_code.as_deref() == Some("REQUEST_UNSIGNED"), "{states:?}");
+    ensure!(kit.transfer(revoked).await?.reason_code.as_deref() == Some("SOURCE_NOT_ALLOWED"), "{states:?}");
+    Ok(())
+}
