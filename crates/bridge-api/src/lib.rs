@@ -176,7 +176,9 @@ pub fn health_router(ctx: Arc<StageContext>) -> Router {
         // for the orchestrator and the scraper, not for clients.
         .route(
             "/metrics",
-            get(|| async { ([("content-type", "text/plain; version=0.0.4")], bridge_pipeline::metrics::render()) }),
+            get(|| async {
+                ([("content-type", bridge_pipeline::metrics::CONTENT_TYPE)], bridge_pipeline::metrics::render())
+            }),
         )
         .with_state(state)
 }

@@ -121,6 +121,9 @@ impl rdkafka::consumer::ConsumerContext for ConsumerState {
                 }
                 for element in partitions.elements() {
                     self.assignments.revoke(element.topic(), element.partition());
+                    // Another member reports this partition's lag from now
+                    // on; a stale figure here would add to its sum.
+                    crate::metrics::forget_partition(&self.name, element.topic(), element.partition());
                 }
                 if cooperative {
                     consumer.incremental_unassign(partitions)

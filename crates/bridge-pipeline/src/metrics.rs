@@ -177,6 +177,16 @@ pub fn consumer_lag(consumer: &str, topic: &str, partition: i32, lag: i64) {
     metrics().lag.get_or_create(&key).set(lag.max(0));
 }
 
+/// `consumer` no longer holds `topic`/`partition`: its lag is no longer
+/// this process's to report.
+pub fn forget_partition(consumer: &str, topic: &str, partition: i32) {
+    let key = Partition { consumer: consumer.to_owned(), topic: topic.to_owned(), partition };
+    metrics().lag.remove(&key);
+}
+
+/// The content type `render` writes: the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// A call to an account service finished with `outcome` after `took`.
 pub fn external_call(service: &str, operation: &str, outcome: &str, took: Duration) {
     let key =
@@ -230,5 +240,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("bridge_relay_batch_size_count 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics, as CONTENT_TYPE says: {text}");
+    }
+
+    #[test]
+    fn a_revoked_partition_no_longer_reports_its_lag() {
+        consumer_lag("revoking", "t", 1, 5);
+        consumer_lag("revoking", "t", 2, 7);
+        forget_partition("revoking", "t", 1);
+        let text = render();
+        assert!(!text.contains(r#"bridge_consumer_lag{consumer="revoking",topic="t",partition="1"}"#), "{text}");
+        assert!(text.contains(r#"bridge_consumer_lag{consumer="revoking",topic="t",partition="2"} 7"#), "{text}");
     }
 }
