@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use uuid::Uuid;
 
 use bridge_domain::TransferState;
@@ -639,4 +639,34 @@ async fn declines_configured_to_retry_are_asked_again_under_new_keys() -> Result
     let report = kit.reconcile().await?;
     ensure!(report.ok(), "{report:?}");
     kit.assert_books_balance().await
+}
+
+/// A money step's call carries the transfer's W3C trace context, so the
+/// service's own spans join the transfer's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_steps_send_their_trace_context_to_the_service() -> Result<()> {
+    let receiver =
+        bridge_testkit::receivers::HttpReceiver::start(bridge_testkit::receivers::Behaviour::default()).await?;
+    let services = bridge_pipeline::http_services::HttpAccountServices::services(
+        bridge_pipeline::http_services::HttpServicesConfig {
+            investor_base_url: receiver.url.clone(),
+            fund_base_url: receiver.url.clone(),
+            token: None,
+            timeout_ms: 2_000,
+        },
+    )?;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let movement = bridge_pipeline::services::MoneyMovement {
+        idempotency_key: "bridge-trace-test".to_owned(),
+        transfer_id: Uuid::new_v4(),
+        account_id: "inv".to_owned(),
+        amount: bridge_domain::Money::new(100, bridge_domain::Currency::parse("EUR")?),
+        traceparent: Some(traceparent.to_owned()),
+    };
+    // The receiver is no bank: whatever it answers, the request was made.
+    let _ = services.investor.withdraw(&movement).await;
+    let received = receiver.received();
+    let first = received.first().context("no request reached the service")?;
+    ensure!(first.header("traceparent") == Some(traceparent), "{:?}", first.headers);
+    Ok(())
 }

@@ -102,6 +102,9 @@ pub struct TraceContext {
     pub trace_id: String,
     /// The exported span events are written under, when traces are on.
     pub span_id: Option<String>,
+    /// Whether the trace is sampled, as the caller decided: passed on to
+    /// the next hop, never forced.
+    pub sampled: bool,
 }
 
 impl TraceContext {
@@ -115,10 +118,17 @@ impl TraceContext {
         let current = tracing::Span::current().context();
         let exported = current.span().span_context().clone();
         if exported.is_valid() {
-            return Self { trace_id: exported.trace_id().to_string(), span_id: Some(exported.span_id().to_string()) };
+            return Self {
+                trace_id: exported.trace_id().to_string(),
+                span_id: Some(exported.span_id().to_string()),
+                sampled: exported.is_sampled(),
+            };
         }
-        let parsed = traceparent.and_then(parse_traceparent).map(|(trace_id, _)| trace_id);
-        Self { trace_id: parsed.unwrap_or_else(|| Uuid::new_v4().simple().to_string()), span_id: None }
+        match traceparent.and_then(parse_traceparent) {
+            Some(parent) => Self { trace_id: parent.trace_id, span_id: None, sampled: parent.sampled },
+            // A trace of our own is sampled; the collector may still drop it.
+            None => Self { trace_id: Uuid::new_v4().simple().to_string(), span_id: None, sampled: true },
+        }
     }
 
     /// A `traceparent` for the next hop of this trace: under the current
@@ -128,13 +138,20 @@ impl TraceContext {
             Some(span_id) => span_id.clone(),
             None => Uuid::new_v4().simple().to_string()[..16].to_owned(),
         };
-        format!("00-{}-{span}-01", self.trace_id)
+        let flags = if self.sampled { "01" } else { "00" };
+        format!("00-{}-{span}-{flags}", self.trace_id)
     }
 }
 
-/// (trace id, parent span id) of a W3C `traceparent`, lower-case; `None` if
-/// it is not a valid version-00 value.
-fn parse_traceparent(value: &str) -> Option<(String, String)> {
+/// A W3C `traceparent`, lower-case.
+struct Traceparent {
+    trace_id: String,
+    span_id: String,
+    sampled: bool,
+}
+
+/// A W3C `traceparent`; `None` if it is not a valid version-00 value.
+fn parse_traceparent(value: &str) -> Option<Traceparent> {
     let parts: Vec<&str> = value.split('-').collect();
     let hex = |text: &str, len: usize| text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit());
     let valid = parts.len() == 4
@@ -142,18 +159,25 @@ fn parse_traceparent(value: &str) -> Option<(String, String)> {
         && hex(parts[1], 32)
         && parts[1] != "00000000000000000000000000000000"
         && hex(parts[2], 16)
-        && parts[2] != "0000000000000000";
-    valid.then(|| (parts[1].to_ascii_lowercase(), parts[2].to_ascii_lowercase()))
+        && parts[2] != "0000000000000000"
+        && hex(parts[3], 2);
+    let flags = u8::from_str_radix(parts.get(3)?, 16).ok()?;
+    valid.then(|| Traceparent {
+        trace_id: parts[1].to_ascii_lowercase(),
+        span_id: parts[2].to_ascii_lowercase(),
+        sampled: flags & 1 == 1,
+    })
 }
 
 /// The OpenTelemetry context of a remote parent named by `traceparent`.
 pub fn remote_parent(traceparent: &str) -> Option<opentelemetry::Context> {
     use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
-    let (trace_id, span_id) = parse_traceparent(traceparent)?;
+    let parent = parse_traceparent(traceparent)?;
+    let flags = if parent.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
     let context = SpanContext::new(
-        TraceId::from_hex(&trace_id).ok()?,
-        SpanId::from_hex(&span_id).ok()?,
-        TraceFlags::SAMPLED,
+        TraceId::from_hex(&parent.trace_id).ok()?,
+        SpanId::from_hex(&parent.span_id).ok()?,
+        flags,
         true,
         TraceState::default(),
     );
@@ -209,7 +233,18 @@ mod tests {
         let child = trace.child_traceparent();
         assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert_eq!(child.len(), parent.len());
-        for bad in ["garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", ""] {
+        assert!(child.ends_with("-01"));
+        // The caller's decision not to sample is passed on, not overruled.
+        let unsampled =
+            TraceContext::continue_or_start(Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"));
+        assert!(!unsampled.sampled && unsampled.child_traceparent().ends_with("-00"));
+        assert!(remote_parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").is_some());
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz",
+            "",
+        ] {
             assert_ne!(TraceContext::continue_or_start(Some(bad)).trace_id, "00000000000000000000000000000000");
             assert_eq!(TraceContext::continue_or_start(Some(bad)).trace_id.len(), 32);
         }

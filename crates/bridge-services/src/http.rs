@@ -179,10 +179,13 @@ impl HttpAccountServices {
             currency: movement.amount.currency.as_str(),
             transfer_id: movement.transfer_id.to_string(),
         };
-        let request = self
+        let mut request = self
             .authorise(self.client.post(Self::url(base, path)))
             .header("Idempotency-Key", &movement.idempotency_key)
             .json(&body);
+        if let Some(traceparent) = &movement.traceparent {
+            request = request.header("traceparent", traceparent);
+        }
         match request.send().await {
             Ok(response) => classify(response).await,
             // Nothing reached the service.
@@ -466,6 +469,7 @@ mod tests {
             transfer_id: uuid::Uuid::nil(),
             account_id: "inv-1".to_owned(),
             amount: bridge_domain::Money::new(100, bridge_domain::Currency::parse("EUR").expect("EUR")),
+            traceparent: None,
         }
     }
 

@@ -28,6 +28,9 @@ pub struct MoneyMovement {
     pub transfer_id: Uuid,
     pub account_id: String,
     pub amount: Money,
+    /// The W3C trace context of the step, sent so the service's spans join
+    /// the transfer's trace.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -33,6 +33,9 @@ fn movement(transfer: &Transfer, step: Step, account_id: &str) -> Result<MoneyMo
         transfer_id: transfer.id,
         account_id: account_id.to_owned(),
         amount: money_of(transfer)?,
+        // Under the span of the message (or runner, or callback) asking,
+        // when traces are exported; in the transfer's trace either way.
+        traceparent: Some(TraceContext::continue_or_start(transfer.traceparent.as_deref()).child_traceparent()),
     })
 }
 
