@@ -130,6 +130,9 @@ pub fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::Span {
     let transfer_id = inbound.key.as_deref().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or("");
     let traceparent = inbound.header("traceparent");
     let trace_id = traceparent.and_then(|value| value.split('-').nth(1)).unwrap_or("");
+    // The `otel.kind` and `messaging.*` fields are OpenTelemetry's messaging
+    // semantic conventions for processing a consumed message; the short
+    // ones are what the log lines show.
     let span = tracing::info_span!(
         "message",
         stage,
@@ -137,7 +140,14 @@ pub fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::Span {
         partition = inbound.partition,
         offset = inbound.offset,
         transfer_id,
-        trace_id
+        trace_id,
+        "otel.kind" = "consumer",
+        "messaging.system" = "kafka",
+        "messaging.operation.type" = "process",
+        "messaging.destination.name" = %inbound.topic,
+        "messaging.destination.partition.id" = %inbound.partition,
+        "messaging.kafka.offset" = inbound.offset,
+        "messaging.kafka.message.key" = transfer_id,
     );
     // With traces exported, the message's span continues the trace of the
     // span that wrote the message (no-op otherwise).

@@ -1001,6 +1001,10 @@ async fn traces_follow_a_transfer_through_every_stage_over_otlp() -> Result<()> 
             ensure!(service == Some("bridge-under-test"), "service name {service:?}");
             for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
                 for span in scope["spans"].as_array().into_iter().flatten().filter(|span| span["name"] == "message") {
+                    // OpenTelemetry's messaging conventions: a consumer span
+                    // (OTLP kind 5) processing a Kafka message.
+                    let kafka = attribute(&span["attributes"], "messaging.system") == Some("kafka");
+                    ensure!(span["kind"] == 5 && kafka, "not a Kafka consumer span: {span}");
                     spans.push(Span {
                         trace_id: span["traceId"].as_str().unwrap_or_default().to_owned(),
                         span_id: span["spanId"].as_str().unwrap_or_default().to_owned(),
