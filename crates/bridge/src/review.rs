@@ -93,17 +93,12 @@ enum ReviewAction {
 
 pub async fn run(args: ReviewArgs) -> Result<()> {
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-    let mut conn = pool.acquire().await?;
-    let (resolution, resolve, new_attempt) = match &args.action {
-        ReviewAction::List { json } => return list(&mut conn, *json).await,
-        ReviewAction::Show { transfer_id } => return show(&mut conn, *transfer_id).await,
-        ReviewAction::Retry { resolve, new_attempt } => (Resolution::Retry, Some(resolve), *new_attempt),
-        ReviewAction::Fail { resolve } => (Resolution::Fail, Some(resolve), false),
-        ReviewAction::Refunded { resolve } => (Resolution::Refunded, Some(resolve), false),
-        ReviewAction::Complete { resolve } => (Resolution::Complete, Some(resolve), false),
-        ReviewAction::Approve { .. } | ReviewAction::Reject { .. } => (Resolution::Retry, None, false),
-    };
-    drop(conn);
+    // Reading needs only the database.
+    match &args.action {
+        ReviewAction::List { json } => return list(&mut *pool.acquire().await?, *json).await,
+        ReviewAction::Show { transfer_id } => return show(&mut *pool.acquire().await?, *transfer_id).await,
+        _ => {}
+    }
     let name = args.operator.clone().context("Name yourself with --operator (or BRIDGE_OPERATOR)")?;
     anyhow::ensure!(!name.trim().is_empty(), "--operator must not be empty");
     // From the command line an operator is their name; through the API, the
@@ -117,32 +112,41 @@ pub async fn run(args: ReviewArgs) -> Result<()> {
     let pipeline = Pipeline::new(pool, config, services);
     pipeline.prepare().await?;
     let ctx = pipeline.context();
-    let result = match (&args.action, resolve) {
-        (ReviewAction::Approve { action_id }, _) => resolve::approve(ctx, *action_id, &operator).await,
-        (ReviewAction::Reject { action_id, reason }, _) => {
+    let asked = |resolution, resolve: &Resolve, new_attempt| {
+        let asked = ResolutionRequest {
+            resolution,
+            reason: resolve.reason.clone(),
+            reference: resolve.reference.clone(),
+            new_attempt,
+            idempotency_key: None,
+        };
+        (resolve.transfer_id, asked)
+    };
+    let (transfer_id, asked) = match &args.action {
+        ReviewAction::List { .. } | ReviewAction::Show { .. } => return Ok(()),
+        ReviewAction::Retry { resolve, new_attempt } => asked(Resolution::Retry, resolve, *new_attempt),
+        ReviewAction::Fail { resolve } => asked(Resolution::Fail, resolve, false),
+        ReviewAction::Refunded { resolve } => asked(Resolution::Refunded, resolve, false),
+        ReviewAction::Complete { resolve } => asked(Resolution::Complete, resolve, false),
+        ReviewAction::Approve { action_id } => {
+            return print_resolved(resolve::approve(ctx, *action_id, &operator).await?);
+        }
+        ReviewAction::Reject { action_id, reason } => {
             let action = resolve::reject(ctx, *action_id, &operator, reason).await?;
             println!("{}", serde_json::to_string_pretty(&action)?);
             return Ok(());
         }
-        (_, Some(resolve)) => {
-            let asked = ResolutionRequest {
-                resolution,
-                reason: resolve.reason.clone(),
-                reference: resolve.reference.clone(),
-                new_attempt,
-                idempotency_key: None,
-            };
-            resolve::request(ctx, resolve.transfer_id, &asked, &operator, args.review_approvals).await
-        }
-        _ => unreachable!("listing and showing returned above"),
     };
-    let Resolved { action, transfer } = result?;
+    print_resolved(resolve::request(ctx, transfer_id, &asked, &operator, args.review_approvals).await?)
+}
+
+/// Prints what a resolution came to; exits 1 if it changed nothing.
+fn print_resolved(Resolved { action, transfer }: Resolved) -> Result<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
             "action": action,
-            "transfer": {"id": transfer.id, "state": transfer.state.as_str(), "version": transfer.version,
-                         "reason_code": transfer.reason_code},
+            "transfer": reviews::transfer_json(&transfer),
         }))?
     );
     if action.status == reviews::ActionStatus::NotApplied {
