@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Makes sure a PostgreSQL server answers on 127.0.0.1:5432 with trust auth for
-# user postgres. Idempotent: does nothing when one already runs.
+# user postgres, and that its client tools are there. Idempotent: does
+# nothing when they already are.
 set -euo pipefail
 
 host=127.0.0.1
 port=5432
 
 ready() { pg_isready -q -h "$host" -p "$port" -U postgres 2>/dev/null; }
+
+# The restore-and-replay test backs a database up and restores it.
+if ! command -v pg_dump >/dev/null 2>&1 || ! command -v pg_restore >/dev/null 2>&1; then
+  echo "pg_dump or pg_restore missing; installing the PostgreSQL client" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null
+fi
 
 if ready; then
   exit 0
