@@ -4,9 +4,12 @@
 # a different command.
 
 FROM rust:1.95-bookworm AS build
-# librdkafka is built from source by rdkafka-sys (Debian's is too old).
+# librdkafka is built from source by rdkafka-sys (Debian's is too old),
+# against Debian's OpenSSL (TLS, SASL/SCRAM) and libcurl (OAUTHBEARER/OIDC),
+# so their security fixes arrive with the base image's updates.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends cmake build-essential python3 \
+    && apt-get install -y --no-install-recommends cmake build-essential python3 pkg-config \
+       libssl-dev libcurl4-openssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -17,8 +20,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/bridge /usr/local/bin/bridge
 
 FROM debian:bookworm-slim
+# libssl3 and libcurl4: what the binary links; ca-certificates: the trust
+# store a Kafka or registry with a public CA is verified against.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates curl libcurl4 libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin bridge
 COPY --from=build /usr/local/bin/bridge /usr/local/bin/bridge

@@ -29,8 +29,10 @@ database_url="${server%/*}/bridge_examples_$run"
 prefix="ex$run."
 work=$(mktemp -d)
 pipeline_pid=
+registry_pid=
 cleanup() {
   if [ -n "$pipeline_pid" ]; then kill "$pipeline_pid" 2>/dev/null || true; wait "$pipeline_pid" 2>/dev/null || true; fi
+  if [ -n "$registry_pid" ]; then kill "$registry_pid" 2>/dev/null || true; wait "$registry_pid" 2>/dev/null || true; fi
   dropdb -h 127.0.0.1 -U postgres --if-exists "bridge_examples_$run" 2>/dev/null || true
   rm -rf "$work"
 }
@@ -66,3 +68,38 @@ if grep -E 'REQUEST_UNSIGNED|REQUEST_SIGNATURE_INVALID|REQUEST_SIGNATURE_STALE|S
   exit 1
 fi
 grep -q '"completed"' "$work/events.jsonl" || { echo "No transfer completed" >&2; exit 1; }
+
+kill "$pipeline_pid"; wait "$pipeline_pid" 2>/dev/null || true; pipeline_pid=
+
+# The same with a schema registry run as production ones are: authenticated,
+# read-only to the pipeline. The deployment's user checks and registers the
+# schemas; the pipeline only looks them up and writes Confluent's wire
+# format; the Python consumer reads it with confluent-kafka's stock
+# AvroDeserializer.
+cd ../..
+registry_sim=${CARGO_TARGET_DIR:-target}/debug/schema-registry-sim
+cargo build -q -p bridge-testkit --bin schema-registry-sim
+"$registry_sim" --user app:app-secret:read --user deployer:deployer-secret:write >"$work/registry.url" 2>"$work/registry.log" &
+registry_pid=$!
+for _ in $(seq 100); do [ -s "$work/registry.url" ] && break; sleep 0.1; done
+registry_url=$(head -1 "$work/registry.url")
+prefix="ex${run}r."
+export BRIDGE_TOPIC_PREFIX=$prefix BRIDGE_GROUP_PREFIX=$prefix SCHEMA_REGISTRY_URL=$registry_url
+SCHEMA_REGISTRY_USERNAME=deployer SCHEMA_REGISTRY_PASSWORD=deployer-secret "$bridge" schemas check >&2
+SCHEMA_REGISTRY_USERNAME=deployer SCHEMA_REGISTRY_PASSWORD=deployer-secret "$bridge" schemas register >&2
+SCHEMA_REGISTRY_USERNAME=app SCHEMA_REGISTRY_PASSWORD=app-secret SCHEMA_REGISTRY_AUTO_REGISTER=false \
+  RUST_LOG=warn "$bridge" run --simulated-services --require-signed-requests --stage validator --stage withdrawal \
+  --stage deposit --stage completion --relay >"$work/pipeline-registry.log" 2>&1 &
+pipeline_pid=$!
+cd examples/python
+"$venv/bin/python" producer.py --brokers "$brokers" --topic-prefix "$prefix" --investor ex-inv-00004 \
+  --fund-account ex-fa-growth --count 4 --source python-example --source-secret "$source_secret" >"$work/ids-registry.txt"
+if ! "$venv/bin/python" status_consumer.py --brokers "$brokers" --topic-prefix "$prefix" \
+  --group "${prefix}python-example" --wait-for "$work/ids-registry.txt" --timeout 180 \
+  --schema-registry "$registry_url" --schema-registry-auth app:app-secret >"$work/events-registry.jsonl"; then
+  echo "The Python status consumer did not read the registry-framed status topic; pipeline log:" >&2
+  tail -50 "$work/pipeline-registry.log" >&2
+  exit 1
+fi
+echo "Python status consumer decoded $(wc -l <"$work/events-registry.jsonl") registry-framed status events" >&2
+grep -q '"completed"' "$work/events-registry.jsonl" || { echo "No transfer completed with the registry" >&2; exit 1; }

@@ -11,6 +11,10 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-postgres.sh
 
+# librdkafka is built with the system's OpenSSL (TLS, SCRAM) and libcurl
+# (OAUTHBEARER/OIDC); their headers come from Debian's packages.
+scripts/ensure-build-deps.sh
+
 # cargo-nextest runs the suite; a machine without it gets it once, built
 # into the tools cache that later runs (CI included) reuse.
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -41,6 +41,10 @@ def rabin_fingerprint(text: str) -> int:
     return fp
 
 
+def schema_path(file_name: str) -> pathlib.Path:
+    return SCHEMAS / file_name
+
+
 class Codec:
     def __init__(self, file_name: str):
         with open(SCHEMAS / file_name, encoding="utf-8") as handle:

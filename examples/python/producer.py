@@ -52,19 +52,21 @@ def main() -> int:
     parser.add_argument("--currency", default="EUR")
     parser.add_argument("--source", help="sign as this registered source (also the requests' source_system)")
     parser.add_argument("--source-secret", help="the source's whsec_ signing secret")
+    parser.add_argument("--kafka-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="librdkafka settings for a secured cluster (security.protocol, sasl.mechanism, ...)")
     args = parser.parse_args()
     if bool(args.source) != bool(args.source_secret):
         parser.error("--source and --source-secret go together")
     source_system = args.source or "python-example"
 
     codec = Codec("transfer_requested.avsc")
-    producer = Producer(
-        {
-            "bootstrap.servers": args.brokers,
-            "acks": "all",
-            "enable.idempotence": True,
-        }
-    )
+    settings = {
+        "bootstrap.servers": args.brokers,
+        "acks": "all",
+        "enable.idempotence": True,
+    }
+    settings.update(option.split("=", 1) for option in args.kafka_option)
+    producer = Producer(settings)
     topic = f"{args.topic_prefix}bridge.transfers.requested.v1"
     failures = []
 

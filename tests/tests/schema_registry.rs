@@ -136,3 +136,104 @@ async fn a_registry_that_refuses_our_schema_stops_the_pipeline_from_starting() -
     ensure!(text.contains("refused the schema") && text.contains("409"), "{text}");
     Ok(())
 }
+
+/// A registry run as production ones are: every request authenticated, the
+/// pipeline's user read-only. The pipeline only looks its schemas up, and
+/// refuses to start until the deployment's user has checked and registered
+/// them (`bridge schemas check` / `register`); then it writes with those ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_only_registry_is_looked_up_after_the_deployment_registers() -> Result<()> {
+    use bridge_pipeline::schema_registry::SchemaRegistry;
+    use bridge_pipeline::security::RegistryAuth;
+    let registry = SchemaRegistryServer::start().await?;
+    registry.add_user("bridge-app", "app-secret", false);
+    registry.add_user("deployer", "deployer-secret", true);
+    let url = registry.url.clone();
+    let app = RegistryAuth {
+        username: Some("bridge-app".into()),
+        password: Some("app-secret".into()),
+        ..RegistryAuth::default()
+    };
+    let app_settings = app.clone();
+    let kit = TestKit::start_with(BrokerKind::InProcess, |config| {
+        config.schema_registry_url = Some(url.clone());
+        config.schema_registry_auth = app_settings;
+        config.schema_registry_auto_register = false;
+    })
+    .await?;
+
+    // Nothing registered yet: the pipeline will not start.
+    let error = kit.pipeline().prepare().await.err().context("started without its schemas registered")?;
+    let text = format!("{error:#}");
+    ensure!(text.contains("bridge schemas register"), "{text}");
+    // Without credentials the registry answers 401, and that is what is said.
+    let anonymous = SchemaRegistry::new(&url, 5_000, RegistryAuth::default(), false);
+    let text = format!("{:#}", anonymous.register(kit.topics()).await.err().context("anonymous lookup worked")?);
+    ensure!(text.contains("401"), "{text}");
+    // The pipeline's own user may not register.
+    let as_app = SchemaRegistry::new(&url, 5_000, app, true);
+    let text = format!("{:#}", as_app.register_all(kit.topics()).await.err().context("a read-only user registered")?);
+    ensure!(text.contains("403"), "{text}");
+
+    let deployer = SchemaRegistry::new(
+        &url,
+        5_000,
+        RegistryAuth {
+            username: Some("deployer".into()),
+            password: Some("deployer-secret".into()),
+            ..RegistryAuth::default()
+        },
+        false,
+    );
+    let checks = deployer.check(kit.topics()).await?;
+    ensure!(checks.iter().all(|check| check.new_subject && check.problems.is_empty()), "{checks:?}");
+    let registered = deployer.register_all(kit.topics()).await?;
+    ensure!(registered.len() == 5, "{registered:?}");
+    let checks = deployer.check(kit.topics()).await?;
+    ensure!(checks.iter().all(|check| !check.new_subject && check.problems.is_empty()), "{checks:?}");
+    let writes_before = registry.requests().iter().filter(|request| request.ends_with("/versions")).count();
+
+    kit.seed_investor("ro", 100_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 10_000_000_00).await?;
+    let pipeline = kit.spawn_all();
+    let id = kit.publish(&kit.request("ro", &fund_account, 1_000_00)).await?;
+    kit.wait_terminal(&[id], SETTLE).await?;
+    pipeline.stop().await?;
+    let status_id = registered
+        .iter()
+        .find(|(subject, _)| *subject == format!("{}-value", kit.topics().status()))
+        .map(|(_, id)| *id)
+        .context("status subject")?;
+    let events = wait_for(&kit, &kit.topics().status(), 1).await?;
+    ensure!(
+        events
+            .iter()
+            .all(|event| bridge_codec::confluent_schema_id(event.payload.as_deref().unwrap_or_default())
+                == Some(status_id)),
+        "status events not framed with the registered id"
+    );
+    let writes_after = registry.requests().iter().filter(|request| request.ends_with("/versions")).count();
+    ensure!(writes_after == writes_before, "the pipeline wrote to a registry it may only read");
+    kit.assert_books_balance().await
+}
+
+/// `check` looks both ways. A registered status schema with a field that
+/// has no default and that ours lacks: ours reads old data (the registry's
+/// BACKWARD verdict is yes), but a consumer still on the registered schema
+/// cannot read what we would write, and `check` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_check_finds_what_would_break_readers_that_have_not_upgraded() -> Result<()> {
+    use bridge_pipeline::schema_registry::SchemaRegistry;
+    use bridge_pipeline::security::RegistryAuth;
+    let registry = SchemaRegistryServer::start().await?;
+    let topics = Topics::new("check.");
+    let mut older: serde_json::Value = serde_json::from_str(schema_text_of::<TransferStatusChanged>())?;
+    older["fields"].as_array_mut().context("fields")?.push(serde_json::json!({"name": "channel", "type": "string"}));
+    let subject = format!("{}-value", topics.status());
+    registry.register_directly(&subject, &older.to_string());
+    let checks = SchemaRegistry::new(&registry.url, 5_000, RegistryAuth::default(), false).check(&topics).await?;
+    let status = checks.iter().find(|check| check.subject == subject).context("status checked")?;
+    ensure!(status.problems.len() == 1 && status.problems[0].contains("forward"), "{status:?}");
+    ensure!(checks.iter().filter(|check| check.subject != subject).all(|check| check.new_subject), "{checks:?}");
+    Ok(())
+}

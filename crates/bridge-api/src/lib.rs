@@ -19,7 +19,7 @@
 //! | `GET /v1/reviews/{id}` | `operator` | a transfer's story: history with actors, ledger, resolutions |
 //! | `POST /v1/reviews/{id}/{retry,fail,refunded,complete}` `{reason, reference, new_attempt}` | `operator` | resolves it (`Idempotency-Key` honoured); 202 when it waits for a second operator |
 //! | `POST /v1/reviews/resolutions/{id}/approve`, `/reject` `{reason}` | `operator` | four-eyes: a second operator approves (it runs) or turns it down |
-//! | `GET /metrics` | `admin` | Prometheus text: open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
+//! | `GET /metrics` | `admin` | OpenMetrics text: the process's metrics, and open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
 //! | `GET /openapi.json` | any | this API described (OpenAPI 3.1, generated from the code) |
 //! | `GET /healthz` | none | the process is alive |
 //! | `GET /readyz` | none | the database answers and no account service's circuit is open (503 names the service and why) |
@@ -56,7 +56,6 @@ pub mod reviews;
 pub mod transfers;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -110,28 +109,16 @@ impl ApiConfig {
     }
 }
 
-/// What callbacks did, for `/metrics`.
-#[derive(Default)]
-struct CallbackCounters {
-    applied: AtomicU64,
-    already_applied: AtomicU64,
-    still_pending: AtomicU64,
-    replayed: AtomicU64,
-    refused: AtomicU64,
-    failed: AtomicU64,
-}
-
 #[derive(Clone)]
 pub struct AppState {
     ctx: Arc<StageContext>,
     config: Arc<ApiConfig>,
-    counters: Arc<CallbackCounters>,
     limiter: auth::RateLimiter,
 }
 
 pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
     let limiter = auth::rate_limiter(config.rate_per_second, config.rate_burst);
-    let state = AppState { ctx, config: Arc::new(config), counters: Arc::default(), limiter };
+    let state = AppState { ctx, config: Arc::new(config), limiter };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
@@ -168,7 +155,7 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
 pub fn health_router(ctx: Arc<StageContext>) -> Router {
     let config = ApiConfig::default();
     let limiter = auth::rate_limiter(config.rate_per_second, config.rate_burst);
-    let state = AppState { ctx, config: Arc::new(config), counters: Arc::default(), limiter };
+    let state = AppState { ctx, config: Arc::new(config), limiter };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
@@ -268,9 +255,10 @@ async fn database_answers(state: &AppState) -> bridge_store::Result<()> {
     bridge_store::gauges::read(&mut conn).await.map(|_| ())
 }
 
-/// Prometheus text exposition.
+/// The process's metrics and the database's figures, in the OpenMetrics
+/// text format.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses(
-        (status = 200, description = "Metrics", body = String, content_type = "text/plain"),
+        (status = 200, description = "Metrics", body = String, content_type = "application/openmetrics-text"),
         crate::responses::Guarded,
     ), security(("bearer" = [])))]
 async fn metrics(State(state): State<AppState>, caller: auth::Caller) -> Response {
@@ -288,50 +276,8 @@ async fn metrics(State(state): State<AppState>, caller: auth::Caller) -> Respons
             return problem(StatusCode::SERVICE_UNAVAILABLE, "Metrics unavailable", "the database does not answer");
         }
     };
-    let mut text = String::new();
-    text.push_str("# HELP bridge_transfers_open Transfers not in a terminal state, per state.\n");
-    text.push_str("# TYPE bridge_transfers_open gauge\n");
-    let mut manual_review = 0;
-    for (state, count) in &gauges.open_transfers {
-        if state == "manual_review" {
-            manual_review = *count;
-        }
-        text.push_str(&format!("bridge_transfers_open{{state=\"{state}\"}} {count}\n"));
-    }
-    let counters = &state.counters;
-    let lines = [
-        (
-            "bridge_transfers_manual_review",
-            "gauge",
-            "Transfers waiting for a person. Alert when above zero.",
-            manual_review,
-        ),
-        ("bridge_pending_steps", "gauge", "Steps pending at an account service.", gauges.pending_steps),
-        ("bridge_pending_steps_overdue", "gauge", "Pending steps past their deadline.", gauges.pending_steps_overdue),
-        ("bridge_outbox_unpublished", "gauge", "Outbox rows not yet published.", gauges.outbox_unpublished),
-        (
-            "bridge_outbox_oldest_age_seconds",
-            "gauge",
-            "Age of the oldest unpublished outbox row.",
-            gauges.outbox_oldest_age_secs,
-        ),
-    ];
-    for (name, kind, help, value) in lines {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
-    }
-    text.push_str("# HELP bridge_callbacks_total Settlement callbacks received, by result.\n");
-    text.push_str("# TYPE bridge_callbacks_total counter\n");
-    for (result, counter) in [
-        ("applied", &counters.applied),
-        ("already_applied", &counters.already_applied),
-        ("still_pending", &counters.still_pending),
-        ("replayed", &counters.replayed),
-        ("refused", &counters.refused),
-        ("failed", &counters.failed),
-    ] {
-        text.push_str(&format!("bridge_callbacks_total{{result=\"{result}\"}} {}\n", counter.load(Ordering::Relaxed)));
-    }
-    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+    bridge_pipeline::metrics::database_gauges(&gauges);
+    ([("content-type", bridge_pipeline::metrics::CONTENT_TYPE)], bridge_pipeline::metrics::render()).into_response()
 }
 
 /// The part of a callback body we read: which operation settled. Whatever
@@ -367,7 +313,6 @@ async fn callback(
     if let Err(response) = caller.require("callbacks") {
         return response;
     }
-    let counters = &state.counters;
     let Some((service, steps)) = SERVICES.iter().find(|(name, _)| *name == service) else {
         return problem(StatusCode::NOT_FOUND, "Not found", "no such service");
     };
@@ -381,19 +326,19 @@ async fn callback(
     let webhook_id = match bridge_webhooks::verify(secrets, signed, &body, now, state.config.callback_tolerance_secs) {
         Ok(id) => id.to_owned(),
         Err(error) => {
-            counters.refused.fetch_add(1, Ordering::Relaxed);
+            bridge_pipeline::metrics::callback("refused");
             tracing::warn!(service, error = %error, "Callback refused");
             return problem(StatusCode::UNAUTHORIZED, "Unauthorized", "signature verification failed");
         }
     };
     let Ok(parsed) = serde_json::from_slice::<CallbackBody>(&body) else {
-        counters.refused.fetch_add(1, Ordering::Relaxed);
+        bridge_pipeline::metrics::callback("refused");
         return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable", "body must be JSON with idempotency_key");
     };
     let Some((transfer_id, step)) =
         bridge_domain::ids::parse_idempotency_key(&parsed.idempotency_key).filter(|(_, step)| steps.contains(step))
     else {
-        counters.refused.fetch_add(1, Ordering::Relaxed);
+        bridge_pipeline::metrics::callback("refused");
         return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable", "not an operation of ours at this service");
     };
 
@@ -404,11 +349,11 @@ async fn callback(
     match recorded {
         Ok(true) => {}
         Ok(false) => {
-            counters.replayed.fetch_add(1, Ordering::Relaxed);
+            bridge_pipeline::metrics::callback("replayed");
             return (StatusCode::OK, Json(json!({"result": "replayed"}))).into_response();
         }
         Err(error) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
+            bridge_pipeline::metrics::callback("failed");
             tracing::warn!(error = %error, "Callback receipt not stored");
             return problem(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "try again later");
         }
@@ -418,21 +363,21 @@ async fn callback(
     let result = stages::settle_step(&state.ctx, transfer_id, step, &trace, Ask::Perform).await;
     let (status, result) = match result {
         Ok(Outcome::Applied) => {
-            counters.applied.fetch_add(1, Ordering::Relaxed);
+            bridge_pipeline::metrics::callback("applied");
             (StatusCode::OK, "applied")
         }
         Ok(Outcome::Duplicate | Outcome::DeadLettered) => {
-            counters.already_applied.fetch_add(1, Ordering::Relaxed);
+            bridge_pipeline::metrics::callback("already_applied");
             (StatusCode::OK, "already_applied")
         }
         // The service still says pending (the callback outran its own
         // books); the settlement runner keeps asking.
         Ok(Outcome::Deferred) => {
-            counters.still_pending.fetch_add(1, Ordering::Relaxed);
+            bridge_pipeline::metrics::callback("still_pending");
             (StatusCode::OK, "still_pending")
         }
         Err(error) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
+            bridge_pipeline::metrics::callback("failed");
             tracing::warn!(transfer_id = %transfer_id, step = step.as_str(), error = %error, "Callback could not be applied now");
             // Forget the receipt so the sender's retry is handled.
             if let Ok(mut conn) = state.ctx.pool.acquire().await {

@@ -209,6 +209,27 @@ pub fn learn_schema(id: u32, text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What keeps `ours` from replacing `registered` (a schema a registry
+/// holds) on a topic with readers we do not control: readers of
+/// `registered` must read data written with `ours` (forward), and `ours`
+/// must read data already written with `registered` (backward).
+pub fn compatibility_problems(registered: &str, ours: &str) -> Vec<String> {
+    use apache_avro::schema_compatibility::SchemaCompatibility;
+    let (registered, ours) = match (Schema::parse_str(registered), Schema::parse_str(ours)) {
+        (Ok(registered), Ok(ours)) => (registered, ours),
+        (Err(error), _) => return vec![format!("the registered schema is not Avro: {error}")],
+        (_, Err(error)) => return vec![format!("our schema does not parse: {error}")],
+    };
+    let mut problems = Vec::new();
+    if let Err(error) = SchemaCompatibility::can_read(&registered, &ours) {
+        problems.push(format!("it cannot read data written with the registered schema (backward): {error}"));
+    }
+    if let Err(error) = SchemaCompatibility::can_read(&ours, &registered) {
+        problems.push(format!("readers of the registered schema cannot read data it writes (forward): {error}"));
+    }
+    problems
+}
+
 /// The registry schema id of a payload in Confluent's wire format.
 pub fn confluent_schema_id(payload: &[u8]) -> Option<u32> {
     match payload {

@@ -7,6 +7,9 @@
 //!   schema is released by adding it there);
 //! - it can read data written with every earlier version (backward
 //!   compatibility, transitively: against all of them, not only the last);
+//! - every earlier version can read data written with it (forward
+//!   compatibility, transitively): consumers that are not ours upgrade when
+//!   they choose, so a reader of v1 must still read what we write now;
 //! - the decoder knows every released version, so records already on a
 //!   topic still decode.
 
@@ -62,6 +65,11 @@ fn violations(name: &str, current: &Schema, decodable: &[&str]) -> Vec<String> {
     for (version, old) in &versions {
         if let Err(error) = SchemaCompatibility::can_read(old, current) {
             problems.push(format!("{name}.avsc cannot read data written with v{version}: {error}"));
+        }
+    }
+    for (version, old) in &versions {
+        if let Err(error) = SchemaCompatibility::can_read(current, old) {
+            problems.push(format!("readers of v{version} cannot read data written with {name}.avsc: {error}"));
         }
     }
     let known: Vec<String> = decodable
@@ -132,6 +140,15 @@ fn breaking_changes_are_caught() {
     let narrowed = Schema::parse_str(&json.to_string()).expect("parses");
     let problems = violations("transfer_requested", &narrowed, TransferRequested::SCHEMA_VERSIONS);
     assert!(problems.iter().any(|p| p.contains("cannot read data written with v1")), "{problems:?}");
+
+    // A field removed that old readers need (it has no default there):
+    // the new schema reads old data, but old readers cannot read new data.
+    let mut json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    json["fields"].as_array_mut().expect("fields").retain(|field| field["name"] != "amount_minor");
+    let removed = Schema::parse_str(&json.to_string()).expect("parses");
+    let problems = violations("transfer_requested", &removed, TransferRequested::SCHEMA_VERSIONS);
+    assert!(!problems.iter().any(|p| p.contains(".avsc cannot read data written with v1")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("readers of v1 cannot read data written with")), "{problems:?}");
 
     // A compatible change (a new optional field with a default) passes the
     // compatibility rule; only the release rule asks for v2.

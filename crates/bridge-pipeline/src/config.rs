@@ -161,6 +161,15 @@ pub struct PipelineConfig {
     pub schema_registry_url: Option<String>,
     /// Upper bound of one call to the schema registry.
     pub schema_registry_timeout_ms: u64,
+    /// Credentials and TLS for the schema registry.
+    pub schema_registry_auth: crate::security::RegistryAuth,
+    /// Register Bridge's schemas on start-up (a registry open to
+    /// applications); off, Bridge only looks its subjects up and refuses to
+    /// start while one is missing (`bridge schemas register` is then run by
+    /// the deployment, with credentials that may write).
+    pub schema_registry_auto_register: bool,
+    /// TLS and SASL of every Kafka client.
+    pub kafka_security: crate::security::KafkaSecurity,
     /// Extra librdkafka settings applied last (escape hatch).
     pub kafka_overrides: Vec<(String, String)>,
 }
@@ -221,6 +230,9 @@ impl PipelineConfig {
             inbox_retention_ms: defaults::INBOX_RETENTION_MS,
             schema_registry_url: None,
             schema_registry_timeout_ms: defaults::SCHEMA_REGISTRY_TIMEOUT_MS,
+            schema_registry_auth: crate::security::RegistryAuth::default(),
+            schema_registry_auto_register: true,
+            kafka_security: crate::security::KafkaSecurity::new(),
             kafka_overrides: Vec::new(),
         }
     }

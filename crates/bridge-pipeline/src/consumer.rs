@@ -143,6 +143,7 @@ pub async fn consume_batched(
         let lane = lanes.entry(partition).or_insert_with(|| {
             let (sender, receiver) = tokio::sync::mpsc::channel(LANE_DEPTH);
             let lane = Lane {
+                group: group.into(),
                 name,
                 registry: ctx.registry.clone(),
                 consumer: consumer.clone(),
@@ -174,6 +175,7 @@ pub async fn consume_batched(
 /// Processes one partition's messages in order.
 struct Lane {
     name: &'static str,
+    group: Arc<str>,
     registry: Option<Arc<SchemaRegistry>>,
     consumer: Arc<rdkafka::consumer::StreamConsumer<kafka::ConsumerState>>,
     handler: Handler,
@@ -216,6 +218,7 @@ impl Lane {
                     continue;
                 }
                 let span = message_span(self.name, inbound);
+                span.record("messaging.consumer.group.name", &*self.group);
                 if self.process(inbound, &ticket).instrument(span).await {
                     ticket.finish(&*self.consumer);
                 } else if self.shutdown.is_cancelled() {

@@ -148,6 +148,8 @@ pub fn message_span(stage: &'static str, inbound: &Inbound) -> tracing::Span {
         "messaging.destination.partition.id" = %inbound.partition,
         "messaging.kafka.offset" = inbound.offset,
         "messaging.kafka.message.key" = transfer_id,
+        // Known to the consumer's lane, which records it.
+        "messaging.consumer.group.name" = tracing::field::Empty,
     );
     // With traces exported, the message's span continues the trace of the
     // span that wrote the message (no-op otherwise).

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
@@ -13,13 +12,16 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::PipelineConfig;
 
-fn base(config: &PipelineConfig) -> ClientConfig {
+/// The settings every client shares: where the brokers are and how to
+/// authenticate to them.
+pub fn base(config: &PipelineConfig) -> Result<ClientConfig> {
     let mut client = ClientConfig::new();
     // Any address family: a broker name may resolve to IPv6, IPv4 or both
     // (librdkafka tries each address in turn). A broker reachable over one
     // family only is pinned with `--kafka-option broker.address.family=v4`.
     client.set("bootstrap.servers", &config.brokers);
-    client
+    config.kafka_security.apply(&mut client)?;
+    Ok(client)
 }
 
 fn apply_overrides(client: &mut ClientConfig, config: &PipelineConfig) {
@@ -28,12 +30,40 @@ fn apply_overrides(client: &mut ClientConfig, config: &PipelineConfig) {
     }
 }
 
+/// How long start-up waits for the cluster to answer before it gives up
+/// with the reason librdkafka gave.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Keeps the first error librdkafka reports about the connection (the
+/// informative one: later ones say only that every broker is down).
+#[derive(Default)]
+pub struct FirstError(std::sync::Mutex<Option<String>>);
+
+impl FirstError {
+    pub fn first(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|first| first.clone())
+    }
+}
+
+impl rdkafka::ClientContext for FirstError {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "Kafka connection error");
+        if let Ok(mut first) = self.0.lock() {
+            if first.is_none() && error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown) {
+                *first = Some(reason.to_owned());
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for FirstError {}
+
 /// A consumer for one stage. Offsets are stored by the stage only after the
 /// database transaction that consumed the message committed, and librdkafka
 /// commits stored offsets in the background; so a crash can re-deliver a
 /// message (which the inbox absorbs) but never skip one.
 pub fn consumer(config: &PipelineConfig, name: &str, group_id: &str) -> Result<StreamConsumer<ConsumerState>> {
-    let mut client = base(config);
+    let mut client = base(config)?;
     client
         .set("group.id", group_id)
         // librdkafka's statistics carry each partition's lag; `ConsumerState`
@@ -180,7 +210,7 @@ impl ConsumerState {
 
 /// The relay's producer.
 pub fn producer(config: &PipelineConfig) -> Result<FutureProducer> {
-    let mut client = base(config);
+    let mut client = base(config)?;
     client
         // Every in-sync replica must have the message before we mark the
         // outbox row published.
@@ -206,7 +236,7 @@ pub fn producer(config: &PipelineConfig) -> Result<FutureProducer> {
 /// A plain producer for tests and `bridge submit`, acting as an upstream
 /// system would.
 pub fn upstream_producer(config: &PipelineConfig) -> Result<FutureProducer> {
-    let mut client = base(config);
+    let mut client = base(config)?;
     client.set("acks", "all").set("enable.idempotence", "true").set("linger.ms", "5");
     apply_overrides(&mut client, config);
     client.create().context("Failed to create Kafka producer")
@@ -221,24 +251,42 @@ pub fn upstream_producer(config: &PipelineConfig) -> Result<FutureProducer> {
 /// a broker without the CreateTopics request, such as librdkafka's
 /// in-process cluster).
 pub async fn ensure_topics(config: &PipelineConfig) -> Result<()> {
-    let mut client = base(config);
+    let mut client = base(config)?;
     // Asking a broker that auto-creates topics about one by name must not
     // create it (with the broker's partition count).
     client.set("allow.auto.create.topics", "false");
     apply_overrides(&mut client, config);
-    let admin: AdminClient<DefaultClientContext> = client.create().context("Failed to create Kafka admin client")?;
+    // Topics are looked up with a consumer, which (unlike the admin client)
+    // can be polled for the errors librdkafka queued while connecting.
+    let mut probe = client.clone();
+    probe.set("group.id", format!("{}bridge-topics", config.group_prefix));
+    let lookup: rdkafka::consumer::BaseConsumer<FirstError> =
+        probe.create_with_context(FirstError::default()).context("Failed to create Kafka client")?;
     let names = config.topics.all();
     // Each of ours by name, not the whole cluster's list, which can be long.
     let mut existing = std::collections::HashSet::new();
     for name in &names {
-        let metadata = admin
-            .inner()
-            .fetch_metadata(Some(name), Duration::from_secs(30))
-            .with_context(|| format!("Failed to read topic {name}"))?;
+        let metadata = lookup.fetch_metadata(Some(name), CONNECT_TIMEOUT).map_err(|error| {
+            // librdkafka retries a failed connection for ever and answers
+            // the request only with a timeout; what went wrong (a
+            // certificate the CA did not sign, a name it does not carry, a
+            // password the broker refused) is in the errors it queued.
+            let _ = lookup.poll(Duration::from_millis(100));
+            let cause = lookup.context().first().unwrap_or_else(|| error.to_string());
+            // OpenSSL's verdict does not say which check failed.
+            let hint = if cause.contains("certificate verify failed") {
+                " (the brokers' certificates must be signed by the CA in KAFKA_SSL_CA_FILE, or the system's, \
+                 and name the host in KAFKA_BROKERS)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("Cannot use the Kafka cluster at {}: {cause}{hint}", config.brokers)
+        })?;
         if metadata.topics().iter().any(|topic| topic.error().is_none() && !topic.partitions().is_empty()) {
             existing.insert(name.as_str());
         }
     }
+    drop(lookup);
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .filter(|name| !existing.contains(name.as_str()))
@@ -247,6 +295,8 @@ pub async fn ensure_topics(config: &PipelineConfig) -> Result<()> {
     if topics.is_empty() {
         return Ok(());
     }
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        client.create().context("Failed to create Kafka admin client")?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin.create_topics(topics.iter(), &options).await.context("Failed to create topics")?;
     for result in results {

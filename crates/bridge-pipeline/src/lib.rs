@@ -36,6 +36,7 @@ pub mod reader;
 pub mod relay;
 pub mod runner;
 pub mod schema_registry;
+pub mod security;
 pub mod services;
 pub mod settlement;
 pub mod sources;

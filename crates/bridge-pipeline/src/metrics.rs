@@ -47,6 +47,16 @@ struct ExternalCall {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallbackResult {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Delivery {
     channel: String,
     outcome: String,
@@ -65,6 +75,19 @@ struct Metrics {
     external_calls: Family<ExternalCall, Histogram>,
     circuits: Family<Service, Gauge>,
     deliveries: Family<Delivery, Counter>,
+    database: DatabaseGauges,
+    callbacks: Family<CallbackResult, Counter>,
+}
+
+/// What the database says about the whole pipeline, read when the API is
+/// scraped (so one process reports it, not every one).
+struct DatabaseGauges {
+    transfers_open: Family<State, Gauge>,
+    manual_review: Gauge,
+    pending_steps: Gauge,
+    pending_steps_overdue: Gauge,
+    outbox_unpublished: Gauge,
+    outbox_oldest_age_seconds: Gauge,
 }
 
 fn duration_histogram() -> Histogram {
@@ -128,8 +151,39 @@ fn metrics() -> &'static Metrics {
             "Notification attempts by channel and outcome (delivered, retry, dead)",
             deliveries.clone(),
         );
+        let database = DatabaseGauges {
+            transfers_open: Family::default(),
+            manual_review: Gauge::default(),
+            pending_steps: Gauge::default(),
+            pending_steps_overdue: Gauge::default(),
+            outbox_unpublished: Gauge::default(),
+            outbox_oldest_age_seconds: Gauge::default(),
+        };
+        registry.register("transfers_open", "Transfers not in a terminal state, per state", database.transfers_open.clone());
+        registry.register(
+            "transfers_manual_review",
+            "Transfers waiting for a person; alert when above zero",
+            database.manual_review.clone(),
+        );
+        registry.register("pending_steps", "Steps pending at an account service", database.pending_steps.clone());
+        registry.register("pending_steps_overdue", "Pending steps past their deadline", database.pending_steps_overdue.clone());
+        registry.register("outbox_unpublished", "Outbox rows not yet published", database.outbox_unpublished.clone());
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest unpublished outbox row",
+            database.outbox_oldest_age_seconds.clone(),
+        );
+        let callbacks = Family::<CallbackResult, Counter>::default();
+        registry.register("callbacks", "Settlement callbacks received, by result", callbacks.clone());
+        // Every result from the start, at 0, so a rate over them is defined
+        // before the first callback of each kind.
+        for result in ["applied", "already_applied", "still_pending", "replayed", "refused", "failed"] {
+            let _ = callbacks.get_or_create(&CallbackResult { result: result.to_owned() });
+        }
         Metrics {
             registry,
+            database,
+            callbacks,
             messages,
             retries,
             duration,
@@ -203,6 +257,31 @@ pub fn service_circuit(service: &str, open: bool) {
 pub fn notification_delivery(channel: &str, outcome: &str) {
     let key = Delivery { channel: channel.to_owned(), outcome: outcome.to_owned() };
     metrics().deliveries.get_or_create(&key).inc();
+}
+
+/// The database's figures as of now (see `bridge_store::gauges`); a state
+/// with no open transfer left is no longer reported.
+pub fn database_gauges(gauges: &bridge_store::gauges::Gauges) {
+    let database = &metrics().database;
+    database.transfers_open.clear();
+    let mut manual_review = 0;
+    for (state, count) in &gauges.open_transfers {
+        if state == "manual_review" {
+            manual_review = *count;
+        }
+        database.transfers_open.get_or_create(&State { state: state.clone() }).set(*count);
+    }
+    database.manual_review.set(manual_review);
+    database.pending_steps.set(gauges.pending_steps);
+    database.pending_steps_overdue.set(gauges.pending_steps_overdue);
+    database.outbox_unpublished.set(gauges.outbox_unpublished);
+    database.outbox_oldest_age_seconds.set(gauges.outbox_oldest_age_secs);
+}
+
+/// A settlement callback was handled with `result` (applied,
+/// already_applied, still_pending, replayed, refused, failed).
+pub fn callback(result: &str) {
+    metrics().callbacks.get_or_create(&CallbackResult { result: result.to_owned() }).inc();
 }
 
 /// Everything recorded so far, in the Prometheus text format.

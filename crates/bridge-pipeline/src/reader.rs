@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::message::Inbound;
 use crate::PipelineConfig;
@@ -39,9 +39,8 @@ pub struct Range {
 }
 
 fn client(config: &PipelineConfig) -> Result<StreamConsumer> {
-    let mut client = ClientConfig::new();
+    let mut client = crate::kafka::base(config)?;
     client
-        .set("bootstrap.servers", &config.brokers)
         // A group id is required by librdkafka, but with manual assignment
         // and no commits the group is never joined.
         .set("group.id", format!("{}bridge-tools", config.group_prefix))

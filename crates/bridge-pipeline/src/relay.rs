@@ -188,6 +188,32 @@ async fn prune(ctx: &Runtime) -> Result<()> {
 /// Publishes one batch, claimed from `claim_start` on, and moves
 /// `claim_start` on once the batch is committed. Returns the number of rows
 /// claimed.
+/// OpenTelemetry's producer span for one outbox row, from the hand-over to
+/// the broker's acknowledgement, in the trace of the step that wrote it.
+fn send_span(message: &bridge_store::outbox::OutboxMessage) -> tracing::Span {
+    let key = message.key.as_deref().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or("");
+    let span = tracing::info_span!(
+        "send",
+        "otel.kind" = "producer",
+        "messaging.system" = "kafka",
+        "messaging.operation.type" = "send",
+        "messaging.destination.name" = %message.topic,
+        "messaging.destination.partition.id" = tracing::field::Empty,
+        "messaging.kafka.offset" = tracing::field::Empty,
+        "messaging.kafka.message.key" = key,
+        "error.type" = tracing::field::Empty,
+        transfer_id = key,
+    );
+    let traceparent = message.headers.iter().find(|(name, _)| name == "traceparent");
+    if let Some(parent) =
+        traceparent.and_then(|(_, value)| std::str::from_utf8(value).ok()).and_then(crate::message::remote_parent)
+    {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
 pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start: &mut i64) -> Result<usize> {
     let mut tx = ctx.pool.begin().await.context("Failed to begin relay transaction")?;
     let claim = outbox::claim(&mut tx, *claim_start, ctx.config.relay_batch_size_max).await?;
@@ -201,6 +227,7 @@ pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start
     let mut deliveries = Vec::with_capacity(rows.len());
     let mut failed = Vec::new();
     for row in rows {
+        let span = send_span(&row.message);
         let mut headers = OwnedHeaders::new_with_capacity(row.message.headers.len());
         for (key, value) in &row.message.headers {
             headers = headers.insert(Header { key, value: Some(value) });
@@ -212,7 +239,7 @@ pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {
-                    deliveries.push((row.id, delivery));
+                    deliveries.push((row.id, (delivery, span)));
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
@@ -228,12 +255,21 @@ pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start
             }
         }
     }
-    let (ids, futures): (Vec<i64>, Vec<_>) = deliveries.into_iter().unzip();
+    let (ids, sends): (Vec<i64>, Vec<_>) = deliveries.into_iter().unzip();
+    let (futures, spans): (Vec<_>, Vec<tracing::Span>) = sends.into_iter().unzip();
     let mut published = Vec::with_capacity(ids.len());
-    for (id, result) in ids.into_iter().zip(join_all(futures).await) {
+    for ((id, result), span) in ids.into_iter().zip(join_all(futures).await).zip(spans) {
+        // The send span ends here, when the broker has answered.
         match result {
-            Ok(Ok(_)) => published.push(id),
-            Ok(Err((error, _))) => failed.push((id, error.to_string())),
+            Ok(Ok(delivered)) => {
+                span.record("messaging.destination.partition.id", delivered.partition);
+                span.record("messaging.kafka.offset", delivered.offset);
+                published.push(id)
+            }
+            Ok(Err((error, _))) => {
+                span.record("error.type", error.to_string());
+                failed.push((id, error.to_string()))
+            }
             Err(_) => failed.push((id, "delivery future cancelled".to_owned())),
         }
     }

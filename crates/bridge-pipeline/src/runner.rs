@@ -41,10 +41,14 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(pool: PgPool, config: PipelineConfig, services: Services) -> Self {
         let topics = config.topics.clone();
-        let registry = config
-            .schema_registry_url
-            .as_deref()
-            .map(|url| Arc::new(SchemaRegistry::new(url, config.schema_registry_timeout_ms)));
+        let registry = config.schema_registry_url.as_deref().map(|url| {
+            Arc::new(SchemaRegistry::new(
+                url,
+                config.schema_registry_timeout_ms,
+                config.schema_registry_auth.clone(),
+                config.schema_registry_auto_register,
+            ))
+        });
         let relay_waker = RelayWaker::new(pool.clone());
         let groups = Groups::new(&config);
         let runtime = Arc::new(Runtime { pool, topics, config, source: "/bridge".to_owned(), registry, relay_waker });

@@ -13,6 +13,7 @@ mod faults;
 pub mod receivers;
 pub mod schema_registry;
 pub mod tansu;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::mpsc;
@@ -334,12 +335,8 @@ impl TestKit {
     }
 
     fn client(&self, group: &str) -> ClientConfig {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &self.config.brokers)
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .set("session.timeout.ms", "6000");
+        let mut client = kafka::base(&self.config).expect("the kit's Kafka security settings are valid");
+        client.set("group.id", group).set("enable.auto.commit", "false").set("session.timeout.ms", "6000");
         client
     }
 

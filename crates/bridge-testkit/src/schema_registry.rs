@@ -4,6 +4,12 @@
 //! any subject), fetch a schema by id, list subjects and versions. It can be
 //! made unavailable (503) and made to refuse new versions of a subject as
 //! incompatible (409), as a real registry does under BACKWARD compatibility.
+//! Like a production registry it can be locked down: every request needs
+//! HTTP basic credentials (401 without), and the application's user may be
+//! read-only (403 on registration) while an admin user may write. It also
+//! looks a schema up under a subject and checks a schema's compatibility
+//! with a subject's latest version (BACKWARD: the new schema must read data
+//! written with the latest).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -33,6 +39,33 @@ struct Shared {
     store: Mutex<Store>,
     unavailable: AtomicBool,
     refuse_new_versions: AtomicBool,
+    /// Users (name → (password, may write)); empty: no authentication.
+    users: Mutex<BTreeMap<String, (String, bool)>>,
+}
+
+/// The user a request authenticated as, and whether it may write; `Err`
+/// is the 401 to answer.
+fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<bool, Box<Response>> {
+    let users = shared.users.lock().expect("registry lock");
+    if users.is_empty() {
+        return Ok(true);
+    }
+    let unauthorized = || Box::new(error(StatusCode::UNAUTHORIZED, 401, "Unauthorized".to_owned()));
+    let Some(encoded) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Basic "))
+    else {
+        return Err(unauthorized());
+    };
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|_| unauthorized())?;
+    let text = String::from_utf8(decoded).map_err(|_| unauthorized())?;
+    let (user, password) = text.split_once(':').ok_or_else(unauthorized)?;
+    match users.get(user) {
+        Some((expected, writer)) if expected == password => Ok(*writer),
+        _ => Err(unauthorized()),
+    }
 }
 
 pub struct SchemaRegistryServer {
@@ -67,8 +100,10 @@ impl SchemaRegistryServer {
         let shared = Arc::new(Shared::default());
         let app = Router::new()
             .route("/subjects", get(list_subjects))
+            .route("/subjects/{subject}", post(look_up))
             .route("/subjects/{subject}/versions", post(register).get(versions))
             .route("/subjects/{subject}/versions/latest", get(latest))
+            .route("/compatibility/subjects/{subject}/versions/latest", post(compatibility))
             .route("/schemas/ids/{id}", get(schema_by_id))
             .with_state(shared.clone());
         let token = CancellationToken::new();
@@ -82,6 +117,12 @@ impl SchemaRegistryServer {
     /// Answer 503 to everything while `unavailable`.
     pub fn set_unavailable(&self, unavailable: bool) {
         self.shared.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// Require basic authentication from now on; `writer` users may
+    /// register schemas, the others only read.
+    pub fn add_user(&self, name: &str, password: &str, writer: bool) {
+        self.shared.users.lock().expect("registry lock").insert(name.to_owned(), (password.to_owned(), writer));
     }
 
     /// Refuse a schema that would be a new version of an existing subject.
@@ -127,27 +168,110 @@ fn add(store: &mut Store, subject: &str, schema: &str) -> u32 {
     id
 }
 
-/// The common start of every handler: log the request, honour outages.
-fn enter(shared: &Shared, request: String) -> Option<Response> {
+/// The common start of every handler: log the request, honour outages,
+/// authenticate, and refuse writes by read-only users.
+fn enter(shared: &Shared, headers: &HeaderMap, request: String, write: bool) -> Option<Response> {
     shared.store.lock().expect("registry lock").requests.push(request);
-    shared.unavailable.load(Ordering::SeqCst).then(|| {
-        error(StatusCode::SERVICE_UNAVAILABLE, 50003, "Error while forwarding the request to the leader".to_owned())
-    })
+    if shared.unavailable.load(Ordering::SeqCst) {
+        return Some(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            50003,
+            "Error while forwarding the request to the leader".to_owned(),
+        ));
+    }
+    match authenticate(shared, headers) {
+        Err(response) => Some(*response),
+        Ok(false) if write => {
+            Some(error(StatusCode::FORBIDDEN, 40301, "User is denied operation Write on Subject".to_owned()))
+        }
+        Ok(_) => None,
+    }
 }
 
-async fn register(State(shared): State<Arc<Shared>>, Path(subject): Path<String>, body: String) -> Response {
-    if let Some(refused) = enter(&shared, format!("POST /subjects/{subject}/versions")) {
-        return refused;
-    }
-    let Some(schema) = serde_json::from_str::<Value>(&body)
+fn schema_of(body: &str) -> Result<String, Box<Response>> {
+    let Some(schema) = serde_json::from_str::<Value>(body)
         .ok()
         .and_then(|value| value.get("schema").and_then(Value::as_str).map(str::to_owned))
     else {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Invalid schema".to_owned());
+        return Err(Box::new(error(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Invalid schema".to_owned())));
     };
     if serde_json::from_str::<Value>(&schema).is_err() {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("Invalid schema {schema}"));
+        return Err(Box::new(error(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("Invalid schema {schema}"))));
     }
+    Ok(schema)
+}
+
+async fn look_up(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(subject): Path<String>,
+    body: String,
+) -> Response {
+    if let Some(refused) = enter(&shared, &headers, format!("POST /subjects/{subject}"), false) {
+        return refused;
+    }
+    let schema = match schema_of(&body) {
+        Ok(schema) => schema,
+        Err(response) => return *response,
+    };
+    let store = shared.store.lock().expect("registry lock");
+    let Some(ids) = store.subjects.get(&subject) else {
+        return error(StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found."));
+    };
+    match ids.iter().position(|id| same_schema(&store.schemas[*id as usize - 1], &schema)) {
+        Some(index) => answer(
+            StatusCode::OK,
+            json!({ "subject": subject, "version": index + 1, "id": ids[index], "schema": schema }),
+        ),
+        None => error(StatusCode::NOT_FOUND, 40403, "Schema not found".to_owned()),
+    }
+}
+
+/// BACKWARD, as Confluent's default level: the new schema must read data
+/// written with the subject's latest version.
+async fn compatibility(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(subject): Path<String>,
+    body: String,
+) -> Response {
+    if let Some(refused) =
+        enter(&shared, &headers, format!("POST /compatibility/subjects/{subject}/versions/latest"), false)
+    {
+        return refused;
+    }
+    let schema = match schema_of(&body) {
+        Ok(schema) => schema,
+        Err(response) => return *response,
+    };
+    let store = shared.store.lock().expect("registry lock");
+    let Some(latest) = store.subjects.get(&subject).and_then(|ids| ids.last()) else {
+        return error(StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found."));
+    };
+    let parsed =
+        (apache_avro::Schema::parse_str(&store.schemas[*latest as usize - 1]), apache_avro::Schema::parse_str(&schema));
+    let (Ok(writer), Ok(reader)) = parsed else {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Invalid schema".to_owned());
+    };
+    match apache_avro::schema_compatibility::SchemaCompatibility::can_read(&writer, &reader) {
+        Ok(()) => answer(StatusCode::OK, json!({ "is_compatible": true })),
+        Err(problem) => answer(StatusCode::OK, json!({ "is_compatible": false, "messages": [problem.to_string()] })),
+    }
+}
+
+async fn register(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(subject): Path<String>,
+    body: String,
+) -> Response {
+    if let Some(refused) = enter(&shared, &headers, format!("POST /subjects/{subject}/versions"), true) {
+        return refused;
+    }
+    let schema = match schema_of(&body) {
+        Ok(schema) => schema,
+        Err(response) => return *response,
+    };
     let mut store = shared.store.lock().expect("registry lock");
     let existing = store.subjects.get(&subject).cloned().unwrap_or_default();
     let already = existing.iter().any(|id| same_schema(&store.schemas[*id as usize - 1], &schema));
@@ -162,8 +286,8 @@ async fn register(State(shared): State<Arc<Shared>>, Path(subject): Path<String>
     answer(StatusCode::OK, json!({ "id": id }))
 }
 
-async fn schema_by_id(State(shared): State<Arc<Shared>>, Path(id): Path<u32>) -> Response {
-    if let Some(refused) = enter(&shared, format!("GET /schemas/ids/{id}")) {
+async fn schema_by_id(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<u32>) -> Response {
+    if let Some(refused) = enter(&shared, &headers, format!("GET /schemas/ids/{id}"), false) {
         return refused;
     }
     let store = shared.store.lock().expect("registry lock");
@@ -173,16 +297,16 @@ async fn schema_by_id(State(shared): State<Arc<Shared>>, Path(id): Path<u32>) ->
     }
 }
 
-async fn list_subjects(State(shared): State<Arc<Shared>>) -> Response {
-    if let Some(refused) = enter(&shared, "GET /subjects".to_owned()) {
+async fn list_subjects(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = enter(&shared, &headers, "GET /subjects".to_owned(), false) {
         return refused;
     }
     let store = shared.store.lock().expect("registry lock");
     answer(StatusCode::OK, json!(store.subjects.keys().collect::<Vec<_>>()))
 }
 
-async fn versions(State(shared): State<Arc<Shared>>, Path(subject): Path<String>) -> Response {
-    if let Some(refused) = enter(&shared, format!("GET /subjects/{subject}/versions")) {
+async fn versions(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(subject): Path<String>) -> Response {
+    if let Some(refused) = enter(&shared, &headers, format!("GET /subjects/{subject}/versions"), false) {
         return refused;
     }
     let store = shared.store.lock().expect("registry lock");
@@ -192,8 +316,8 @@ async fn versions(State(shared): State<Arc<Shared>>, Path(subject): Path<String>
     }
 }
 
-async fn latest(State(shared): State<Arc<Shared>>, Path(subject): Path<String>) -> Response {
-    if let Some(refused) = enter(&shared, format!("GET /subjects/{subject}/versions/latest")) {
+async fn latest(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(subject): Path<String>) -> Response {
+    if let Some(refused) = enter(&shared, &headers, format!("GET /subjects/{subject}/versions/latest"), false) {
         return refused;
     }
     let store = shared.store.lock().expect("registry lock");

@@ -12,7 +12,7 @@ pub async fn migrate(args: MigrateArgs) -> Result<()> {
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
     bridge_store::migrate(&pool).await.context("Failed to migrate")?;
     if args.topics {
-        kafka::ensure_topics(&args.common.pipeline_config(&args.common.brokers)).await?;
+        kafka::ensure_topics(&args.common.pipeline_config(&args.common.brokers).await?).await?;
     }
     println!("migrated");
     Ok(())
@@ -31,7 +31,7 @@ pub async fn seed(args: SeedArgs) -> Result<()> {
 /// compared; exits 1 unless consistent (or made so with `--apply`).
 pub async fn rebuild(args: RebuildArgs) -> Result<()> {
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-    let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers), Services::none());
+    let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers).await?, Services::none());
     pipeline.prepare().await?;
     let report = bridge_notify::rebuild::run(pipeline.runtime(), args.apply, args.idle_ms).await?;
     println!("{}", serde_json::to_string(&report)?);
@@ -82,7 +82,7 @@ pub async fn funds_sync(mut args: FundsSyncArgs) -> Result<()> {
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
     args.services.resolve_credentials(&pool).await?;
     let services = args.services.services(&pool)?;
-    let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers), services);
+    let pipeline = Pipeline::new(pool, args.common.pipeline_config(&args.common.brokers).await?, services);
     let report = bridge_pipeline::fund_terms::sync(pipeline.context()).await?;
     println!(
         "{} funds checked, {} updated {:?}, {} unknown to the administrator {:?}",

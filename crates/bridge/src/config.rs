@@ -72,7 +72,10 @@ pub fn resolve_args<C: CommandFactory>(args: Vec<OsString>) -> Result<Resolved> 
             continue;
         }
         from_file.insert(name.clone());
-        let takes_value = arg.get_num_args().is_some_and(|range| range.takes_values());
+        // The action, not the number of values: that is known only once
+        // the command is built, and a boolean set to a value (`--x=true`)
+        // must not be taken for a flag.
+        let takes_value = arg.get_action().takes_values();
         let flags = &mut insertions[level];
         match value {
             toml::Value::Boolean(set) if !takes_value => {
@@ -217,6 +220,8 @@ pub fn effective<C: CommandFactory>(resolved: &Resolved, name: &str) -> Result<V
                     let text = value.to_string_lossy();
                     if secret && !text.is_empty() {
                         REDACTED.to_owned()
+                    } else if long == "kafka-option" {
+                        redact_secret_option(&text)
                     } else {
                         redact_url_password(&text)
                     }
@@ -229,6 +234,18 @@ pub fn effective<C: CommandFactory>(resolved: &Resolved, name: &str) -> Result<V
         settings.push(Setting { name: long.to_owned(), values, source, variable, repeatable });
     }
     Ok(settings)
+}
+
+/// A librdkafka `key=value` whose key names a secret (`sasl.password`,
+/// `ssl.key.password`, `sasl.oauthbearer.client.secret`, ...) with the
+/// value replaced.
+pub fn redact_secret_option(text: &str) -> String {
+    match text.split_once('=') {
+        Some((key, _)) if ["password", "secret", "token", "pem"].iter().any(|word| key.contains(word)) => {
+            format!("{key}={REDACTED}")
+        }
+        _ => text.to_owned(),
+    }
 }
 
 /// `scheme://user:password@host/…` with the password replaced.
@@ -284,5 +301,12 @@ mod tests {
         );
         assert_eq!(redact_url_password("postgres://postgres@127.0.0.1/x"), "postgres://postgres@127.0.0.1/x");
         assert_eq!(redact_url_password("127.0.0.1:9092"), "127.0.0.1:9092");
+    }
+
+    #[test]
+    fn secret_librdkafka_options_are_redacted() {
+        assert_eq!(redact_secret_option("sasl.password=hunter2"), format!("sasl.password={REDACTED}"));
+        assert_eq!(redact_secret_option("ssl.key.pem=-----BEGIN"), format!("ssl.key.pem={REDACTED}"));
+        assert_eq!(redact_secret_option("linger.ms=5"), "linger.ms=5");
     }
 }

@@ -11,6 +11,8 @@ mod local_postgres;
 mod notify;
 mod ops;
 mod review;
+mod schemas;
+mod security;
 mod serve;
 mod sources;
 mod submit;
@@ -100,11 +102,22 @@ pub struct Common {
     /// Both that and Avro single-object encoding are read either way.
     #[arg(long, env = "SCHEMA_REGISTRY_URL", global = true)]
     pub schema_registry_url: Option<String>,
+    #[command(flatten)]
+    pub security: security::SecurityArgs,
 }
 
 impl Common {
-    pub fn pipeline_config(&self, brokers: &str) -> PipelineConfig {
+    /// The pipeline's settings, with `credential:<name>` secrets read from
+    /// the store.
+    pub async fn pipeline_config(&self, brokers: &str) -> Result<PipelineConfig> {
+        let mut security = self.security.clone();
+        security.resolve_credentials(&self.database_url, &self.pool_settings()).await?;
         let mut config = PipelineConfig::new(brokers);
+        config.kafka_security = security.kafka();
+        // Checked here, so a contradiction is reported before anything runs.
+        config.kafka_security.protocol()?;
+        config.schema_registry_auth = security.registry();
+        config.schema_registry_auto_register = security.schema_registry_auto_register;
         config.topics = Topics::new(&self.topic_prefix);
         config.group_prefix = self.group_prefix.clone();
         config.topic_partitions = self.topic_partitions;
@@ -116,7 +129,7 @@ impl Common {
         config.schema_registry_url = self.schema_registry_url.clone();
         config.batch_size_max = self.batch_size_max.max(1);
         config.batches_in_flight = self.batches_in_flight.max(1);
-        config
+        Ok(config)
     }
 
     /// Serves the health endpoints when `--health-listen` is given.
@@ -375,6 +388,9 @@ enum Command {
     /// fail, refunded (outside Bridge), complete (confirmed outside Bridge),
     /// with four-eyes approval when configured.
     Review(review::ReviewArgs),
+    /// Check Bridge's schemas against the schema registry, and register
+    /// them: the deployment step for registries applications only read.
+    Schemas(schemas::SchemasArgs),
 }
 
 #[derive(Args)]
@@ -688,6 +704,10 @@ async fn run() -> Result<()> {
         Command::Review(args) => {
             init_logging("warn");
             review::run(args).await?;
+        }
+        Command::Schemas(args) => {
+            init_logging("warn");
+            schemas::run(args).await?;
         }
     }
     Ok(())

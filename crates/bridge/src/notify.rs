@@ -156,7 +156,7 @@ pub async fn run(mut args: NotifyArgs) -> Result<()> {
     args.notifier.resolve_credentials(&pool).await?;
     match args.action.unwrap_or(NotifyAction::Run) {
         NotifyAction::Run => {
-            let config = args.common.pipeline_config(&args.common.brokers);
+            let config = args.common.pipeline_config(&args.common.brokers).await?;
             bridge_pipeline::kafka::ensure_topics(&config).await?;
             let pipeline = Pipeline::new(pool, config, Services::none());
             let notifier = bridge_notify::Notifier::new(pipeline.runtime().clone(), args.notifier.config()?)?;

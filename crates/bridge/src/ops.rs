@@ -116,7 +116,7 @@ fn progress_bar() -> ProgressBar {
 /// any range: the stage's inbox and state checks turn repeats into no-ops.
 /// Reads by assignment and never moves the live consumer groups' offsets.
 pub async fn replay(args: ReplayArgs) -> Result<()> {
-    let config = args.common.pipeline_config(&args.common.brokers);
+    let config = args.common.pipeline_config(&args.common.brokers).await?;
     let stages = match args.all_stages {
         // In the order a transfer goes through them, so each stage finds
         // the transfers the one before it recorded.
@@ -224,7 +224,7 @@ enum DlqCommand {
 }
 
 pub async fn dlq(args: DlqArgs) -> Result<()> {
-    let config = args.common.pipeline_config(&args.common.brokers);
+    let config = args.common.pipeline_config(&args.common.brokers).await?;
     match args.command {
         DlqCommand::List { idle_ms } => {
             for topic in dead_letters::summary(&config, idle_ms).await? {

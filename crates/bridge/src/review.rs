@@ -104,7 +104,7 @@ pub async fn run(args: ReviewArgs) -> Result<()> {
     // From the command line an operator is their name; through the API, the
     // key they hold.
     let operator = Operator { id: format!("cli:{}", name.trim()), name: name.trim().to_owned() };
-    let mut config = args.common.pipeline_config(&args.common.brokers);
+    let mut config = args.common.pipeline_config(&args.common.brokers).await?;
     args.settlement.apply(&mut config);
     let mut services_args = args.services;
     services_args.resolve_credentials(&pool).await?;

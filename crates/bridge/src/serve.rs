@@ -25,7 +25,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if parts.is_empty() {
         parts = Part::all();
     }
-    let mut config = args.common.pipeline_config(&args.common.brokers);
+    let mut config = args.common.pipeline_config(&args.common.brokers).await?;
     args.settlement_args.apply(&mut config);
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
     let mut args = args;
@@ -72,7 +72,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// `bridge api`: the HTTP API alone.
 pub async fn api(mut args: ApiCommandArgs) -> Result<()> {
-    let mut config = args.common.pipeline_config(&args.common.brokers);
+    let mut config = args.common.pipeline_config(&args.common.brokers).await?;
     args.settlement.apply(&mut config);
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
     args.services.resolve_credentials(&pool).await?;

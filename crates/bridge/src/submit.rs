@@ -49,7 +49,7 @@ pub struct SubmitArgs {
 }
 
 pub async fn run(args: SubmitArgs) -> Result<()> {
-    let config = args.common.pipeline_config(&args.common.brokers);
+    let config = args.common.pipeline_config(&args.common.brokers).await?;
     kafka::ensure_topics(&config).await?;
     let producer = kafka::upstream_producer(&config)?;
     let signer = match (&args.source, &args.source_secret) {

@@ -1005,6 +1005,8 @@ async fn traces_follow_a_transfer_through_every_stage_over_otlp() -> Result<()> 
                     // (OTLP kind 5) processing a Kafka message.
                     let kafka = attribute(&span["attributes"], "messaging.system") == Some("kafka");
                     ensure!(span["kind"] == 5 && kafka, "not a Kafka consumer span: {span}");
+                    let group = attribute(&span["attributes"], "messaging.consumer.group.name").unwrap_or_default();
+                    ensure!(group.contains("bridge-"), "no consumer group: {span}");
                     spans.push(Span {
                         trace_id: span["traceId"].as_str().unwrap_or_default().to_owned(),
                         span_id: span["spanId"].as_str().unwrap_or_default().to_owned(),
@@ -1015,6 +1017,27 @@ async fn traces_follow_a_transfer_through_every_stage_over_otlp() -> Result<()> 
                 }
             }
         }
+    }
+    // The relay's producer spans (OTLP kind 4), one per event it sent for
+    // the transfer, in the transfer's trace.
+    let mut sends = Vec::new();
+    for export in &requests {
+        let body: serde_json::Value = serde_json::from_slice(&export.body)?;
+        for resource in body["resourceSpans"].as_array().into_iter().flatten() {
+            for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                for span in scope["spans"].as_array().into_iter().flatten() {
+                    if span["name"] == "send"
+                        && attribute(&span["attributes"], "transfer_id") == Some(id.to_string().as_str())
+                    {
+                        sends.push(span.clone());
+                    }
+                }
+            }
+        }
+    }
+    ensure!(!sends.is_empty(), "the relay exported no producer spans");
+    for send in &sends {
+        ensure!(send["kind"] == 4 && send["traceId"] == trace_id, "not a producer span of the trace: {send}");
     }
     let ours: Vec<&Span> = spans.iter().filter(|span| span.transfer == id.to_string()).collect();
     ensure!(ours.iter().all(|span| span.trace_id == trace_id), "a span of the transfer left its trace");
