@@ -259,7 +259,12 @@ pub async fn ensure_topics(config: &PipelineConfig) -> Result<()> {
     // Topics are looked up with a consumer, which (unlike the admin client)
     // can be polled for the errors librdkafka queued while connecting.
     let mut probe = client.clone();
-    probe.set("group.id", format!("{}bridge-topics", config.group_prefix));
+    // It never joins the group, but librdkafka checks a consumer's
+    // timeouts against each other (and --kafka-option may have lowered
+    // max.poll.interval.ms to go with a short session timeout).
+    probe
+        .set("group.id", format!("{}bridge-topics", config.group_prefix))
+        .set("session.timeout.ms", config.session_timeout_ms.to_string());
     let lookup: rdkafka::consumer::BaseConsumer<FirstError> =
         probe.create_with_context(FirstError::default()).context("Failed to create Kafka client")?;
     let names = config.topics.all();

@@ -82,6 +82,9 @@ pub async fn api(mut args: ApiCommandArgs) -> Result<()> {
     pipeline.prepare().await?;
     args.api.api_listen.get_or_insert_with(|| "127.0.0.1:8080".to_owned());
     let shutdown = shutdown_on_signal();
+    // Probes on their own listener (--health-listen), apart from the
+    // API's connections and their cap.
+    args.common.serve_health(&pipeline, shutdown.clone()).await?;
     if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
         api.await.context("API task panicked")?.context("API failed")?;
     }
