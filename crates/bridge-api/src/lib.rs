@@ -53,6 +53,7 @@ pub mod auth;
 pub mod openapi;
 pub mod responses;
 pub mod reviews;
+pub mod server;
 pub mod transfers;
 
 use std::collections::HashMap;
@@ -212,13 +213,14 @@ pub(crate) fn unavailable() -> Response {
     problem(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", "try again later")
 }
 
-/// Serves until `shutdown` is cancelled.
+/// Serves until `shutdown` is cancelled, within the default limits
+/// (`server.rs`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    server::serve(listener, router, shutdown, server::ServerLimits::default()).await
 }
 
 pub(crate) fn problem(status: StatusCode, title: &str, detail: &str) -> Response {

@@ -77,6 +77,8 @@ struct Metrics {
     deliveries: Family<Delivery, Counter>,
     database: DatabaseGauges,
     callbacks: Family<CallbackResult, Counter>,
+    api_connections: Gauge,
+    api_connections_refused: Counter,
 }
 
 /// What the database says about the whole pipeline, read when the API is
@@ -180,10 +182,20 @@ fn metrics() -> &'static Metrics {
         for result in ["applied", "already_applied", "still_pending", "replayed", "refused", "failed"] {
             let _ = callbacks.get_or_create(&CallbackResult { result: result.to_owned() });
         }
+        let api_connections = Gauge::default();
+        registry.register("api_connections", "HTTP connections the API holds open", api_connections.clone());
+        let api_connections_refused = Counter::default();
+        registry.register(
+            "api_connections_refused",
+            "HTTP connections answered 503 and closed because the API held its maximum",
+            api_connections_refused.clone(),
+        );
         Metrics {
             registry,
             database,
             callbacks,
+            api_connections,
+            api_connections_refused,
             messages,
             retries,
             duration,
@@ -282,6 +294,16 @@ pub fn database_gauges(gauges: &bridge_store::gauges::Gauges) {
 /// already_applied, still_pending, replayed, refused, failed).
 pub fn callback(result: &str) {
     metrics().callbacks.get_or_create(&CallbackResult { result: result.to_owned() }).inc();
+}
+
+/// The API opened (`1`) or closed (`-1`) a connection.
+pub fn api_connections(delta: i64) {
+    metrics().api_connections.inc_by(delta);
+}
+
+/// The API refused a connection over its cap.
+pub fn api_connection_refused() {
+    metrics().api_connections_refused.inc();
 }
 
 /// Everything recorded so far, in the Prometheus text format.

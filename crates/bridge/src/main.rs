@@ -288,6 +288,17 @@ pub struct ApiArgs {
     /// different operator approve each before it runs (four-eyes).
     #[arg(long, env = "BRIDGE_REVIEW_APPROVALS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub review_approvals: u8,
+    /// How long a client has to send a request's headers (and how long a
+    /// kept-alive connection may sit idle) before it is closed.
+    #[arg(long, env = "BRIDGE_API_HEADER_READ_TIMEOUT_MS", default_value_t = bridge_api::server::defaults::HEADER_READ_TIMEOUT_MS)]
+    pub api_header_read_timeout_ms: u64,
+    /// Longest a request may take, its body included (503 past it).
+    #[arg(long, env = "BRIDGE_API_REQUEST_TIMEOUT_MS", default_value_t = bridge_api::server::defaults::REQUEST_TIMEOUT_MS)]
+    pub api_request_timeout_ms: u64,
+    /// Most connections the API holds at once; past it a new one is
+    /// answered 503 and closed.
+    #[arg(long, env = "BRIDGE_API_CONNECTIONS_MAX", default_value_t = bridge_api::server::defaults::CONNECTIONS_MAX)]
+    pub api_connections_max: usize,
 }
 
 impl ApiArgs {
@@ -334,7 +345,12 @@ impl ApiArgs {
             tokio::net::TcpListener::bind(address).await.with_context(|| format!("Failed to listen on {address}"))?;
         tracing::info!(address = %listener.local_addr()?, "API listening");
         let router = bridge_api::router(pipeline.context().clone(), self.config()?);
-        Ok(Some(tokio::spawn(bridge_api::serve(listener, router, shutdown))))
+        let limits = bridge_api::server::ServerLimits {
+            header_read_timeout: std::time::Duration::from_millis(self.api_header_read_timeout_ms),
+            request_timeout: std::time::Duration::from_millis(self.api_request_timeout_ms),
+            connections_max: self.api_connections_max.max(1),
+        };
+        Ok(Some(tokio::spawn(bridge_api::server::serve(listener, router, shutdown, limits))))
     }
 }
 
