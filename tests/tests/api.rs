@@ -423,6 +423,24 @@ async fn operators_manage_dead_letters_and_notification_targets() -> Result<()> 
     let (status, _) =
         client.call(Method::POST, "/v1/admin/notifications/subscriptions", Some(&admin), None, Some(&bad)).await?;
     ensure!(status == StatusCode::UNPROCESSABLE_ENTITY);
+    // Targets inside the deployment, in the spellings that get past a
+    // scheme check, and URLs hiding a host behind credentials.
+    for target in [
+        "http://127.0.0.1:5432/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:8080/",
+        "http://2130706433:18080/",
+        "https://example.com@127.0.0.1:18080/",
+        "https://user:password@hooks.example.com/",
+        "http://localhost:8080/v1/admin/keys",
+        "http://10.0.0.7/",
+    ] {
+        let internal = json!({"subscriber_kind": "operator", "channel": "webhook", "target": target});
+        let (status, problem) = client
+            .call(Method::POST, "/v1/admin/notifications/subscriptions", Some(&admin), None, Some(&internal))
+            .await?;
+        ensure!(status == StatusCode::UNPROCESSABLE_ENTITY, "{target} was accepted: {problem}");
+    }
     let path = format!("/v1/admin/notifications/subscriptions/{id}/disable");
     ensure!(client.call(Method::POST, &path, Some(&admin), None, None).await?.0 == StatusCode::OK);
     let (_, list) = client.call(Method::GET, "/v1/admin/notifications/subscriptions", Some(&admin), None, None).await?;

@@ -9,6 +9,7 @@ use anyhow::{ensure, Context, Result};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 
+use bridge_notify::outbound::OutboundPolicy;
 use bridge_notify::{NotifierConfig, SmsProvider, SmtpServer};
 use bridge_pipeline::runner::Part;
 use bridge_store::notifications::{self, LoggedEvent, NewSubscription};
@@ -53,6 +54,9 @@ async fn subscribe(
 
 fn quick(config: &mut NotifierConfig) {
     config.keyring = Some(keyring());
+    // The receivers here run on loopback, which this environment's
+    // operator allows on purpose (BRIDGE_NOTIFY_ALLOWED_HOSTS).
+    config.channels.outbound = std::sync::Arc::new(OutboundPolicy::parse("127.0.0.1").expect("allow-list"));
     config.retry_base_ms = 200;
     config.poll_interval_ms = 20;
     config.channels.request_timeout_ms = 1_000;
@@ -552,5 +556,48 @@ async fn the_event_log_is_rebuilt_from_the_status_topic() -> Result<()> {
     notifier.stop().await?;
     // The two lost notifications went out once more; nothing else did.
     ensure!(receiver.accepted().len() == 12, "{} deliveries", receiver.accepted().len());
+    Ok(())
+}
+
+/// A target inside the deployment (a receiver on loopback, here in three
+/// spellings, stored straight into the table as one written before the
+/// rule would be) is refused when the notifier comes to send: each delivery
+/// is dead at once with the reason, and nothing reaches the receiver. The
+/// notifier runs without an allow-list, as a deployment's does by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn targets_inside_the_deployment_are_never_called() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("ivy", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let receiver = HttpReceiver::start(Behaviour::default()).await?;
+    let port = receiver.url.rsplit(':').next().context("receiver port")?.to_owned();
+    let mut subscriptions = Vec::new();
+    for (channel, target) in [
+        ("webhook", format!("{}/plain", receiver.url)),
+        ("webhook", format!("http://2130706433:{port}/decimal")),
+        ("slack", format!("http://[::ffff:127.0.0.1]:{port}/mapped")),
+    ] {
+        subscriptions.push(subscribe(&kit, "operator", None, channel, &target, &["completed"]).await?);
+    }
+    let mut config = NotifierConfig::default();
+    quick(&mut config);
+    config.channels.outbound = std::sync::Arc::default();
+    let notifier = kit.spawn_notifier(config)?;
+    let pipeline = kit.spawn(&Part::all());
+    let id = kit.publish(&kit.request("ivy", &fund_account, 1_000_00)).await?;
+    kit.wait_terminal(&[id], SETTLE).await?;
+    for subscription in &subscriptions {
+        wait_deliveries(&kit, *subscription, 0, 1).await?;
+        let error: Option<String> =
+            sqlx::query_scalar("SELECT last_error FROM notification_deliveries WHERE subscription_id = $1")
+                .bind(subscription)
+                .fetch_one(&kit.pool)
+                .await?;
+        let error = error.unwrap_or_default();
+        ensure!(error.contains("loopback") && error.contains("public hosts only"), "{error}");
+    }
+    ensure!(receiver.received().is_empty(), "an internal target was called");
+    pipeline.stop().await?;
+    notifier.stop().await?;
     Ok(())
 }

@@ -211,7 +211,9 @@ pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Byte
     if request.states.iter().any(|state| bridge_domain::TransferState::parse(state).is_err()) {
         return invalid("unknown state in states");
     }
-    if let Err(reason) = bridge_notify::channels::validate_target(&request.channel, &request.target) {
+    if let Err(reason) =
+        bridge_notify::channels::validate_target(&request.channel, &request.target, &state.config.notify_outbound)
+    {
         return invalid(&reason);
     }
     let printable = |text: &str| text.len() <= 512 && !text.chars().any(char::is_control);

@@ -94,6 +94,9 @@ pub struct ApiConfig {
     pub keyring: Option<Arc<bridge_secrets::Keyring>>,
     /// Operators a review resolution needs (2: four-eyes).
     pub review_approvals: u8,
+    /// Where notification targets may point (public hosts, and the
+    /// internal ones the operator lists).
+    pub notify_outbound: Arc<bridge_notify::outbound::OutboundPolicy>,
 }
 
 impl ApiConfig {
@@ -106,6 +109,7 @@ impl ApiConfig {
             jwt: None,
             keyring: None,
             review_approvals: 1,
+            notify_outbound: Arc::default(),
         }
     }
 }

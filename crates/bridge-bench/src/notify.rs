@@ -175,6 +175,9 @@ async fn one_run(
 
     let pipeline = Pipeline::new(pool.clone(), PipelineConfig::new("unused:9092"), Services::none());
     let mut config = NotifierConfig { keyring: Some(keyring), ..NotifierConfig::default() };
+    // The benchmark's receivers listen on loopback.
+    config.channels.outbound =
+        Arc::new(bridge_notify::outbound::OutboundPolicy::parse("127.0.0.1").map_err(anyhow::Error::msg)?);
     config.channels.request_timeout_ms = 5_000;
     let notifier = Arc::new(Notifier::new(pipeline.runtime().clone(), config)?);
     let shutdown = CancellationToken::new();

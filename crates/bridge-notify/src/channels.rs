@@ -3,6 +3,7 @@
 //! Each send is bounded by a timeout and its failure classified once:
 //! transient (retried) or permanent (dead-lettered at once).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::message::{header::ContentType, Mailbox, MultiPart, SinglePart};
@@ -13,6 +14,7 @@ use bridge_codec::TransferStatusChanged;
 use bridge_store::notifications::ClaimedDelivery;
 use bridge_webhooks::Secret;
 
+use crate::outbound::{OutboundPolicy, SafeResolver};
 use crate::templates;
 
 /// A Twilio-style SMS API: `POST {base_url}/2010-04-01/Accounts/{account}/Messages.json`,
@@ -49,11 +51,14 @@ pub struct ChannelsConfig {
     pub request_timeout_ms: u64,
     pub sms: Option<SmsProvider>,
     pub smtp: Option<SmtpServer>,
+    /// Where webhook and Slack targets may be (`outbound.rs`): public
+    /// hosts, and the internal ones the operator lists.
+    pub outbound: Arc<OutboundPolicy>,
 }
 
 impl Default for ChannelsConfig {
     fn default() -> Self {
-        Self { request_timeout_ms: 5_000, sms: None, smtp: None }
+        Self { request_timeout_ms: 5_000, sms: None, smtp: None, outbound: Arc::default() }
     }
 }
 
@@ -67,7 +72,11 @@ pub enum SendError {
 
 pub struct Channels {
     config: ChannelsConfig,
+    /// For targets someone else chose: resolves through the outbound
+    /// policy and follows no redirects.
     http: reqwest::Client,
+    /// For the SMS provider, which the operator configured.
+    provider_http: reqwest::Client,
     smtp: Option<(AsyncSmtpTransport<Tokio1Executor>, Mailbox)>,
 }
 
@@ -81,10 +90,12 @@ pub fn valid_email(address: &str) -> bool {
     address.parse::<Mailbox>().is_ok()
 }
 
-/// Checks a subscription's target for its channel before it is stored.
-pub fn validate_target(channel: &str, target: &str) -> Result<(), String> {
+/// Checks a subscription's target for its channel before it is stored
+/// (webhook and Slack targets against `outbound`, as far as can be
+/// checked without resolving the host; the sender checks again).
+pub fn validate_target(channel: &str, target: &str, outbound: &OutboundPolicy) -> Result<(), String> {
     let ok = match channel {
-        "webhook" | "slack" => target.starts_with("https://") || target.starts_with("http://"),
+        "webhook" | "slack" => return outbound.check_url(target).map(|_| ()),
         "sms" => valid_phone_number(target),
         "email" => valid_email(target),
         other => return Err(format!("unknown channel {other:?}; expected webhook, slack, sms or email")),
@@ -100,6 +111,10 @@ fn classify_http(status: reqwest::StatusCode, body: &str) -> Result<(), SendErro
     let summary: String = body.chars().take(200).collect();
     if status.is_success() {
         Ok(())
+    } else if status.is_redirection() {
+        // Redirects are not followed (they could lead anywhere): the
+        // subscription names the wrong URL, which retrying will not change.
+        Err(SendError::Permanent(format!("target answered {status}; redirects are not followed")))
     } else if status == reqwest::StatusCode::GONE {
         // The receiver says this endpoint is gone for good.
         Err(SendError::Permanent(format!("target answered {status}")))
@@ -119,7 +134,15 @@ fn transport_error(error: reqwest::Error) -> SendError {
 impl Channels {
     pub fn new(config: ChannelsConfig) -> anyhow::Result<Self> {
         let timeout = Duration::from_millis(config.request_timeout_ms);
-        let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .dns_resolver(Arc::new(SafeResolver { policy: config.outbound.clone() }))
+            // A redirect could lead anywhere; receivers are asked for the
+            // URL they were given.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let provider_http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
         let smtp = match &config.smtp {
             Some(server) => {
                 let from: Mailbox = server.from.parse()?;
@@ -133,7 +156,7 @@ impl Channels {
             }
             None => None,
         };
-        Ok(Self { config, http, smtp })
+        Ok(Self { config, http, provider_http, smtp })
     }
 
     pub async fn send(&self, delivery: &ClaimedDelivery) -> Result<(), SendError> {
@@ -174,9 +197,10 @@ impl Channels {
         let timestamp = chrono::Utc::now().timestamp();
         let signature =
             secrets.iter().map(|secret| secret.sign(&id, timestamp, body.as_bytes())).collect::<Vec<_>>().join(" ");
+        let url = self.config.outbound.check_url(&delivery.target).map_err(SendError::Permanent)?;
         let mut request = self
             .http
-            .post(&delivery.target)
+            .post(url)
             .header("content-type", "application/json")
             .header(bridge_webhooks::ID_HEADER, &id)
             .header(bridge_webhooks::TIMESTAMP_HEADER, timestamp.to_string())
@@ -190,10 +214,11 @@ impl Channels {
     }
 
     async fn slack(&self, delivery: &ClaimedDelivery, event: &TransferStatusChanged) -> Result<(), SendError> {
+        let url = self.config.outbound.check_url(&delivery.target).map_err(SendError::Permanent)?;
         let rendered = templates::render(event);
         let response = self
             .http
-            .post(&delivery.target)
+            .post(url)
             .json(&json!({"text": format!("*{}*: {}", rendered.subject, rendered.text)}))
             .send()
             .await
@@ -216,7 +241,7 @@ impl Channels {
         );
         let body = templates::render(event).short;
         let response = self
-            .http
+            .provider_http
             .post(url)
             .basic_auth(&provider.account_sid, Some(&provider.auth_token))
             .form(&[("To", delivery.target.as_str()), ("From", provider.from.as_str()), ("Body", body.as_str())])
@@ -270,14 +295,14 @@ mod tests {
 
     #[test]
     fn targets_are_validated_per_channel() {
-        assert!(validate_target("sms", "+447700900123").is_ok());
+        assert!(validate_target("sms", "+447700900123", &OutboundPolicy::default()).is_ok());
         for bad in ["447700900123", "+0123456789", "+12", "+44 7700 900123", "+4477009001234567"] {
-            assert!(validate_target("sms", bad).is_err(), "{bad}");
+            assert!(validate_target("sms", bad, &OutboundPolicy::default()).is_err(), "{bad}");
         }
-        assert!(validate_target("email", "ops@example.com").is_ok());
-        assert!(validate_target("email", "not an address").is_err());
-        assert!(validate_target("webhook", "https://example.com/hook").is_ok());
-        assert!(validate_target("webhook", "ftp://example.com").is_err());
-        assert!(validate_target("pigeon", "x").is_err());
+        assert!(validate_target("email", "ops@example.com", &OutboundPolicy::default()).is_ok());
+        assert!(validate_target("email", "not an address", &OutboundPolicy::default()).is_err());
+        assert!(validate_target("webhook", "https://example.com/hook", &OutboundPolicy::default()).is_ok());
+        assert!(validate_target("webhook", "ftp://example.com", &OutboundPolicy::default()).is_err());
+        assert!(validate_target("pigeon", "x", &OutboundPolicy::default()).is_err());
     }
 }

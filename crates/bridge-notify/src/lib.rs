@@ -20,6 +20,7 @@
 //! itself; its queue keeps the order of a transfer's changes.
 
 pub mod channels;
+pub mod outbound;
 pub mod rebuild;
 pub mod templates;
 

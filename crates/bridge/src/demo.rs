@@ -225,7 +225,12 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         }
     }
     let notifier = {
-        let config = bridge_notify::NotifierConfig { keyring: Some(keyring.clone()), ..Default::default() };
+        let mut config = bridge_notify::NotifierConfig { keyring: Some(keyring.clone()), ..Default::default() };
+        // The demo's own receiver listens on loopback, which notifications
+        // may reach only when allowed.
+        config.channels.outbound = std::sync::Arc::new(
+            bridge_notify::outbound::OutboundPolicy::parse("127.0.0.1").map_err(anyhow::Error::msg)?,
+        );
         let notifier = bridge_notify::Notifier::new(pipeline.runtime().clone(), config)?;
         let token = shutdown.clone();
         tokio::spawn(async move { notifier.run(token).await })

@@ -104,6 +104,11 @@ pub struct Common {
     pub schema_registry_url: Option<String>,
     #[command(flatten)]
     pub security: security::SecurityArgs,
+    /// Internal hosts notification targets may point to on purpose
+    /// (comma-separated names, addresses or CIDR ranges); any other target
+    /// must be a public host.
+    #[arg(long, env = "BRIDGE_NOTIFY_ALLOWED_HOSTS", default_value = "", global = true)]
+    pub notify_allowed_hosts: String,
 }
 
 impl Common {
@@ -141,6 +146,13 @@ impl Common {
         let router = bridge_api::health_router(pipeline.context().clone());
         tokio::spawn(bridge_api::serve(listener, router, shutdown));
         Ok(())
+    }
+
+    /// Where notification targets may point.
+    pub fn notify_outbound(&self) -> Result<std::sync::Arc<bridge_notify::outbound::OutboundPolicy>> {
+        let policy = bridge_notify::outbound::OutboundPolicy::parse(&self.notify_allowed_hosts)
+            .map_err(|reason| anyhow::anyhow!("--notify-allowed-hosts: {reason}"))?;
+        Ok(std::sync::Arc::new(policy))
     }
 
     pub fn pool_settings(&self) -> PoolSettings {
@@ -308,8 +320,9 @@ impl ApiArgs {
         credentials::resolve_option(pool, &mut self.fund_callback_secrets).await
     }
 
-    pub fn config(&self) -> Result<bridge_api::ApiConfig> {
+    pub fn config(&self, common: &Common) -> Result<bridge_api::ApiConfig> {
         let mut config = bridge_api::ApiConfig::new();
+        config.notify_outbound = common.notify_outbound()?;
         config.rate_per_second = self.api_rate_per_second;
         config.rate_burst = self.api_rate_burst;
         config.review_approvals = self.review_approvals;
@@ -337,6 +350,7 @@ impl ApiArgs {
     /// Serves the API for `pipeline` until `shutdown`, if an address is set.
     pub async fn serve(
         &self,
+        common: &Common,
         pipeline: &Pipeline,
         shutdown: CancellationToken,
     ) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
@@ -344,7 +358,7 @@ impl ApiArgs {
         let listener =
             tokio::net::TcpListener::bind(address).await.with_context(|| format!("Failed to listen on {address}"))?;
         tracing::info!(address = %listener.local_addr()?, "API listening");
-        let router = bridge_api::router(pipeline.context().clone(), self.config()?);
+        let router = bridge_api::router(pipeline.context().clone(), self.config(common)?);
         let limits = bridge_api::server::ServerLimits {
             header_read_timeout: std::time::Duration::from_millis(self.api_header_read_timeout_ms),
             request_timeout: std::time::Duration::from_millis(self.api_request_timeout_ms),

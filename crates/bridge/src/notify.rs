@@ -62,7 +62,7 @@ impl NotifierArgs {
         Ok(())
     }
 
-    pub fn config(&self) -> Result<NotifierConfig> {
+    pub fn config(&self, outbound: std::sync::Arc<bridge_notify::outbound::OutboundPolicy>) -> Result<NotifierConfig> {
         let mut config = NotifierConfig {
             attempts_max: self.notify_attempts_max,
             retry_base_ms: self.notify_retry_base_ms,
@@ -73,6 +73,7 @@ impl NotifierArgs {
             ..NotifierConfig::default()
         };
         config.channels.request_timeout_ms = self.notify_timeout_ms;
+        config.channels.outbound = outbound;
         config.channels.sms = self.sms_url.as_ref().map(|base_url| SmsProvider {
             base_url: base_url.clone(),
             account_sid: self.sms_account.clone(),
@@ -159,7 +160,10 @@ pub async fn run(mut args: NotifyArgs) -> Result<()> {
             let config = args.common.pipeline_config(&args.common.brokers).await?;
             bridge_pipeline::kafka::ensure_topics(&config).await?;
             let pipeline = Pipeline::new(pool, config, Services::none());
-            let notifier = bridge_notify::Notifier::new(pipeline.runtime().clone(), args.notifier.config()?)?;
+            let notifier = bridge_notify::Notifier::new(
+                pipeline.runtime().clone(),
+                args.notifier.config(args.common.notify_outbound()?)?,
+            )?;
             let shutdown = crate::shutdown_on_signal();
             args.common.serve_health(&pipeline, shutdown.clone()).await?;
             notifier.run(shutdown).await?;
@@ -174,7 +178,8 @@ pub async fn run(mut args: NotifyArgs) -> Result<()> {
             for state in &states {
                 bridge_domain::TransferState::parse(state).with_context(|| format!("unknown state {state:?}"))?;
             }
-            bridge_notify::channels::validate_target(&channel, &target).map_err(anyhow::Error::msg)?;
+            bridge_notify::channels::validate_target(&channel, &target, &*args.common.notify_outbound()?)
+                .map_err(anyhow::Error::msg)?;
             let secret = (channel == "webhook").then(new_secret);
             let mut conn = pool.acquire().await?;
             // The secret is kept encrypted; the subscription holds a reference.

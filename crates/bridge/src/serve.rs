@@ -48,11 +48,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Before the API takes requests, whose events need the ids.
     pipeline.prepare().await?;
     let shutdown = shutdown_on_signal();
-    let api = args.api.serve(&pipeline, shutdown.clone()).await?;
+    let api = args.api.serve(&args.common, &pipeline, shutdown.clone()).await?;
     args.common.serve_health(&pipeline, shutdown.clone()).await?;
     let notifier = match notify {
         true => {
-            let notifier = bridge_notify::Notifier::new(pipeline.runtime().clone(), args.notifier.config()?)?;
+            let notifier = bridge_notify::Notifier::new(
+                pipeline.runtime().clone(),
+                args.notifier.config(args.common.notify_outbound()?)?,
+            )?;
             let token = shutdown.clone();
             Some(tokio::spawn(async move { notifier.run(token).await }))
         }
@@ -85,7 +88,7 @@ pub async fn api(mut args: ApiCommandArgs) -> Result<()> {
     // Probes on their own listener (--health-listen), apart from the
     // API's connections and their cap.
     args.common.serve_health(&pipeline, shutdown.clone()).await?;
-    if let Some(api) = args.api.serve(&pipeline, shutdown).await? {
+    if let Some(api) = args.api.serve(&args.common, &pipeline, shutdown).await? {
         api.await.context("API task panicked")?.context("API failed")?;
     }
     Ok(())

@@ -161,6 +161,8 @@ async fn chaos(kind: BrokerKind) -> Result<()> {
         ("BRIDGE_ACCOUNT_SERVICES_URL", format!("http://127.0.0.1:{sim_port}")),
         ("BRIDGE_ACCOUNT_SERVICE_TIMEOUT_MS", "1000".to_owned()),
         ("BRIDGE_NOTIFY_LEASE_MS", "2000".to_owned()),
+        // The receiver listens on loopback, allowed here on purpose.
+        ("BRIDGE_NOTIFY_ALLOWED_HOSTS", "127.0.0.1".to_owned()),
         ("BRIDGE_NOTIFY_RETRY_BASE_MS", "200".to_owned()),
         ("BRIDGE_DB_CONNECTIONS_MAX", "4".to_owned()),
     ]

@@ -592,6 +592,8 @@ async fn processes_killed_at_every_failpoint_lose_nothing() -> Result<()> {
             ("BRIDGE_SIMULATED_SERVICES", "true"),
             ("BRIDGE_SESSION_TIMEOUT_MS", "6000"),
             ("BRIDGE_NOTIFY_LEASE_MS", "2000"),
+            // The receiver listens on loopback, allowed here on purpose.
+            ("BRIDGE_NOTIFY_ALLOWED_HOSTS", "127.0.0.1"),
             ("BRIDGE_NOTIFY_RETRY_BASE_MS", "200"),
         ],
     );
