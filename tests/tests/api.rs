@@ -185,6 +185,8 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
     let secret = bridge_sim::Secret::from_bytes([3; 32]);
     let mut config = ApiConfig::new();
     config.callback_secrets.insert("investor".to_owned(), vec![secret.clone()]);
+    // The matrix presents refused credentials from one address on purpose.
+    config.auth_failures_per_minute = 100_000;
     let api = api(&kit, config).await?;
     let client = Client::new(&api);
     let writer = key(&kit, &["transfers:write", "transfers:read"], None).await?;
@@ -331,7 +333,13 @@ async fn errors_are_problems_bodies_are_bounded_and_keys_rate_limited() -> Resul
     );
     let big = "x".repeat(100 * 1024);
     let (status, kind, _) = problem(
-        http.post(url("/v1/transfers")).bearer_auth(&writer).header("idempotency-key", "k").body(big).send().await?,
+        http.post(url("/v1/transfers"))
+            .bearer_auth(&writer)
+            .header("idempotency-key", "k")
+            .header("content-type", "application/json")
+            .body(big)
+            .send()
+            .await?,
     )
     .await;
     ensure!(status == 413 && kind.as_deref() == Some("application/problem+json"), "{status}");
@@ -488,7 +496,13 @@ async fn jwt_bearer_tokens_are_checked_strictly() -> Result<()> {
     expired["exp"] = json!(now - 600);
     let mut no_expiry = good.clone();
     no_expiry.as_object_mut().context("object")?.remove("exp");
+    let mut not_yet = good.clone();
+    not_yet["nbf"] = json!(now + 3_600);
+    let mut empty_subject = good.clone();
+    empty_subject["sub"] = json!("");
     for (what, refused) in [
+        ("not valid for an hour yet", token(Algorithm::HS256, not_yet)),
+        ("an empty subject", token(Algorithm::HS256, empty_subject)),
         ("wrong audience", token(Algorithm::HS256, wrong_audience)),
         ("wrong issuer", token(Algorithm::HS256, wrong_issuer)),
         ("expired", token(Algorithm::HS256, expired)),
@@ -560,4 +574,69 @@ async fn the_api_matches_its_openapi_document_under_fuzzing() -> Result<()> {
     ensure!(output.status.success(), "schemathesis found problems:\n{report}");
     ensure!(report.contains("passed"), "schemathesis ran nothing:\n{report}");
     Ok(())
+}
+
+/// The holes a hostile or careless client found: the bearer scheme in any
+/// case, no caching of answers, bodies that only say they are JSON are
+/// read as JSON, invisible formatting characters and currencies no one
+/// issues refused, and guessing keys throttled per address (429 with
+/// Retry-After, counted) before it costs a lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_small_holes_are_closed_and_key_guessing_is_throttled() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("bo", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let mut config = ApiConfig::new();
+    config.auth_failures_per_minute = 5;
+    let api = api(&kit, config).await?;
+    let client = Client::new(&api);
+    let writer = key(&kit, &["transfers:write", "transfers:read"], None).await?;
+
+    let answer = client
+        .http
+        .get(format!("{}/v1/transfers", client.base))
+        .header("authorization", format!("bearer {writer}"))
+        .send()
+        .await?;
+    ensure!(answer.status() == StatusCode::OK, "a lower-case bearer scheme was refused: {}", answer.status());
+    ensure!(answer.headers().get("cache-control").is_some_and(|value| value == "no-store"), "{:?}", answer.headers());
+
+    let body = transfer_body("bo", &fund_account, 100_00).to_string();
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let answer = client
+            .http
+            .post(format!("{}/v1/transfers", client.base))
+            .bearer_auth(&writer)
+            .header("idempotency-key", format!("ct-{content_type}"))
+            .header("content-type", content_type)
+            .body(body.clone())
+            .send()
+            .await?;
+        ensure!(answer.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type}: {}", answer.status());
+    }
+    let mut sneaky = transfer_body("bo", &fund_account, 100_00);
+    sneaky["reference"] = json!("invoice \u{202E}fdp.exe");
+    let mut unissued = transfer_body("bo", &fund_account, 100_00);
+    unissued["currency"] = json!("ABC");
+    for (what, body) in [("a bidi override", sneaky), ("currency ABC", unissued)] {
+        let (status, problem) =
+            client.call(Method::POST, "/v1/transfers", Some(&writer), Some(what), Some(&body)).await?;
+        ensure!(status == StatusCode::UNPROCESSABLE_ENTITY, "{what}: {status} {problem}");
+    }
+
+    // Guessing: five wrong secrets for a real prefix, then the address is
+    // refused before any lookup, even with the right key, for the minute.
+    let prefix = writer.split('_').nth(1).context("prefix")?;
+    let guess = format!("brk_{prefix}_bm90LXRoZS1zZWNyZXQtbm90LXRoZS1zZWNyZXQtbm90LXQ");
+    for _ in 0..5 {
+        let (status, _) = client.call(Method::GET, "/v1/transfers", Some(&guess), None, None).await?;
+        ensure!(status == StatusCode::UNAUTHORIZED, "{status}");
+    }
+    let throttled = client.http.get(format!("{}/v1/transfers", client.base)).bearer_auth(&writer).send().await?;
+    ensure!(throttled.status() == StatusCode::TOO_MANY_REQUESTS, "{}", throttled.status());
+    ensure!(throttled.headers().contains_key("retry-after"), "no Retry-After");
+    let metrics = bridge_pipeline::metrics::render();
+    ensure!(metrics.contains(r#"bridge_api_auth_failures_total{reason="wrong_secret"} 5"#), "{metrics}");
+    ensure!(metrics.contains(r#"bridge_api_auth_failures_total{reason="throttled"} 1"#), "{metrics}");
+    api.stop().await
 }

@@ -192,6 +192,7 @@ async fn callbacks_are_verified_and_never_trusted_blindly() -> Result<()> {
         client
             .post(format!("{}/v1/callbacks/{service}", api.url))
             .bearer_auth(&callbacks_key)
+            .header("content-type", "application/json")
             .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)

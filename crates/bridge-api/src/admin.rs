@@ -216,7 +216,7 @@ pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Byte
     {
         return invalid(&reason);
     }
-    let printable = |text: &str| text.len() <= 512 && !text.chars().any(char::is_control);
+    let printable = |text: &str| text.len() <= 512 && bridge_domain::text::is_visible(text);
     if !printable(&request.target) || !request.subscriber_id.as_deref().is_none_or(crate::transfers::account_id_ok) {
         return invalid("targets and ids may not contain control characters");
     }

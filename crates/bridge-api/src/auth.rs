@@ -153,7 +153,12 @@ impl JwtConfig {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        // A token not valid yet is refused, with the same leeway as expiry.
+        validation.validate_nbf = true;
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &validation).ok()?.claims;
+        if claims.sub.trim().is_empty() {
+            return None;
+        }
         Some(Caller {
             key_id: Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("jwt:{}:{}", self.issuer, claims.sub).as_bytes()),
             name: claims.sub,
@@ -177,36 +182,123 @@ fn unauthorized() -> Response {
     response
 }
 
+/// Compared against on a lookup that finds no key, so a prefix that does
+/// not exist costs what one that does costs.
+const DUMMY_HASH: [u8; 32] = [0x5a; 32];
+
+/// The credentials of `Authorization: Bearer <credentials>`; the scheme
+/// is case-insensitive (RFC 9110).
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get("authorization")?.to_str().ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim()).filter(|credentials| !credentials.is_empty())
+}
+
+/// Failed authentications per client address and per key prefix, in
+/// fixed one-minute windows: past the limit, further attempts are refused
+/// (429) before any key is looked up, so guessing costs the guesser, not
+/// the database and the clients with real keys.
+pub struct FailureLimiter {
+    per_minute: u32,
+    windows: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+}
+
+const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl FailureLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        Self { per_minute: per_minute.max(1), windows: Default::default() }
+    }
+
+    /// How long until `key` may try again, if it is over the limit.
+    fn blocked(&self, key: &str) -> Option<std::time::Duration> {
+        let windows = self.windows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (started, failures) = windows.get(key)?;
+        let left = FAILURE_WINDOW.checked_sub(started.elapsed())?;
+        (*failures >= self.per_minute).then_some(left)
+    }
+
+    fn record(&self, key: &str) {
+        let mut windows = self.windows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Forget finished windows now and then, so addresses that come and
+        // go do not accumulate.
+        if windows.len() > 10_000 {
+            windows.retain(|_, (started, _)| started.elapsed() < FAILURE_WINDOW);
+        }
+        let entry = windows.entry(key.to_owned()).or_insert((std::time::Instant::now(), 0));
+        if entry.0.elapsed() >= FAILURE_WINDOW {
+            *entry = (std::time::Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+}
+
+fn too_many(wait: std::time::Duration) -> Response {
+    let mut response = problem(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", "too many failed authentications");
+    response.headers_mut().insert("retry-after", wait.as_secs().max(1).to_string().parse().expect("digits"));
+    response
+}
+
+/// Counts, logs and refuses a failed authentication.
+fn failed(state: &AppState, peer: &str, prefix: Option<&str>, reason: &'static str) -> Response {
+    bridge_pipeline::metrics::api_auth_failure(reason);
+    state.failures.record(&format!("address:{peer}"));
+    if let Some(prefix) = prefix {
+        state.failures.record(&format!("prefix:{prefix}"));
+    }
+    // The prefix is public; the secret is never logged.
+    tracing::warn!(peer, prefix = prefix.unwrap_or(""), reason, "API authentication failed");
+    unauthorized()
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let presented = parts
-            .headers
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(unauthorized)?;
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string());
+        if let Some(wait) = state.failures.blocked(&format!("address:{peer}")) {
+            bridge_pipeline::metrics::api_auth_failure("throttled");
+            return Err(too_many(wait));
+        }
+        let Some(presented) = bearer(parts) else {
+            bridge_pipeline::metrics::api_auth_failure("missing");
+            return Err(unauthorized());
+        };
         let Some((prefix, secret)) = presented.strip_prefix("brk_").and_then(|rest| rest.split_once('_')) else {
-            let caller = state.config.jwt.as_ref().and_then(|jwt| jwt.verify(presented)).ok_or_else(unauthorized)?;
+            let Some(caller) = state.config.jwt.as_ref().and_then(|jwt| jwt.verify(presented)) else {
+                return Err(failed(state, &peer, None, "invalid_token"));
+            };
             limit(state, &caller.key_id)?;
             return Ok(caller);
         };
+        if let Some(wait) = state.failures.blocked(&format!("prefix:{prefix}")) {
+            bridge_pipeline::metrics::api_auth_failure("throttled");
+            return Err(too_many(wait));
+        }
         let found = match state.ctx.pool.acquire().await {
             Ok(mut conn) => api::key_by_prefix(&mut conn, prefix).await,
             Err(error) => Err(error.into()),
         };
         let (key, stored) = match found {
             Ok(Some(found)) => found,
-            Ok(None) => return Err(unauthorized()),
+            Ok(None) => {
+                std::hint::black_box(bool::from(hash(secret).ct_eq(&DUMMY_HASH)));
+                return Err(failed(state, &peer, Some(prefix), "unknown_key"));
+            }
             Err(error) => {
                 tracing::warn!(error = %error, "API key lookup failed");
                 return Err(problem(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "try again later"));
             }
         };
         let matches: bool = hash(secret).ct_eq(&stored).into();
-        if !matches || key.revoked_at.is_some() {
-            return Err(unauthorized());
+        if !matches {
+            return Err(failed(state, &peer, Some(prefix), "wrong_secret"));
+        }
+        if key.revoked_at.is_some() {
+            return Err(failed(state, &peer, Some(prefix), "revoked"));
         }
         limit(state, &key.id)?;
         Ok(Caller {

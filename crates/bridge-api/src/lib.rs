@@ -97,6 +97,9 @@ pub struct ApiConfig {
     /// Where notification targets may point (public hosts, and the
     /// internal ones the operator lists).
     pub notify_outbound: Arc<bridge_notify::outbound::OutboundPolicy>,
+    /// Failed authentications a client address (or a key prefix) may make
+    /// per minute before it is refused with 429 for the rest of it.
+    pub auth_failures_per_minute: u32,
 }
 
 impl ApiConfig {
@@ -110,6 +113,7 @@ impl ApiConfig {
             keyring: None,
             review_approvals: 1,
             notify_outbound: Arc::default(),
+            auth_failures_per_minute: 30,
         }
     }
 }
@@ -118,12 +122,18 @@ impl ApiConfig {
 pub struct AppState {
     ctx: Arc<StageContext>,
     config: Arc<ApiConfig>,
+    failures: Arc<auth::FailureLimiter>,
     limiter: auth::RateLimiter,
 }
 
 pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
     let limiter = auth::rate_limiter(config.rate_per_second, config.rate_burst);
-    let state = AppState { ctx, config: Arc::new(config), limiter };
+    let state = AppState {
+        failures: Arc::new(auth::FailureLimiter::new(config.auth_failures_per_minute)),
+        ctx,
+        config: Arc::new(config),
+        limiter,
+    };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
@@ -150,7 +160,9 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         // Requests are small JSON documents; anything larger is refused
         // before it is read.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::from_fn(require_json))
         .layer(axum::middleware::map_response(as_problem))
+        .layer(axum::middleware::map_response(no_store))
         .with_state(state)
 }
 
@@ -160,7 +172,12 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
 pub fn health_router(ctx: Arc<StageContext>) -> Router {
     let config = ApiConfig::default();
     let limiter = auth::rate_limiter(config.rate_per_second, config.rate_burst);
-    let state = AppState { ctx, config: Arc::new(config), limiter };
+    let state = AppState {
+        failures: Arc::new(auth::FailureLimiter::new(config.auth_failures_per_minute)),
+        ctx,
+        config: Arc::new(config),
+        limiter,
+    };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
@@ -178,6 +195,35 @@ pub fn health_router(ctx: Arc<StageContext>) -> Router {
 /// Every error leaves as `application/problem+json`, including the ones
 /// axum produces itself (malformed JSON or path, unknown route, wrong
 /// method), and none carries internal detail.
+/// Bodies are JSON and must say so: one declared as anything else (a form,
+/// plain text) is refused with 415 rather than parsed as JSON anyway.
+async fn require_json(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers();
+    let has_body = headers.contains_key("transfer-encoding")
+        || headers
+            .get("content-length")
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|length| length.trim() != "0");
+    let json = headers.get("content-type").and_then(|value| value.to_str().ok()).is_some_and(|value| {
+        let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    });
+    if has_body && !json {
+        return problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported Media Type",
+            "send the body as JSON with Content-Type: application/json",
+        );
+    }
+    next.run(request).await
+}
+
+/// Answers carry account data and must not be kept by caches on the way.
+async fn no_store(mut response: Response) -> Response {
+    response.headers_mut().entry("cache-control").or_insert(axum::http::HeaderValue::from_static("no-store"));
+    response
+}
+
 async fn as_problem(response: Response) -> Response {
     let status = response.status();
     let is_problem = response

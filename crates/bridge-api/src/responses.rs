@@ -23,6 +23,12 @@ pub enum Guarded {
     Unauthorized(Problem),
     #[response(status = 403, description = "Missing scope", content_type = "application/problem+json")]
     Forbidden(Problem),
+    #[response(
+        status = 415,
+        description = "A body that is not declared JSON",
+        content_type = "application/problem+json"
+    )]
+    UnsupportedMediaType(Problem),
     #[response(status = 429, description = "Rate limited", content_type = "application/problem+json")]
     RateLimited(Problem),
     #[response(status = 503, description = "Try again later", content_type = "application/problem+json")]
@@ -42,6 +48,12 @@ pub enum GuardedInvestor {
         content_type = "application/problem+json"
     )]
     Forbidden(Problem),
+    #[response(
+        status = 415,
+        description = "A body that is not declared JSON",
+        content_type = "application/problem+json"
+    )]
+    UnsupportedMediaType(Problem),
     #[response(status = 429, description = "Rate limited", content_type = "application/problem+json")]
     RateLimited(Problem),
     #[response(status = 503, description = "Try again later", content_type = "application/problem+json")]

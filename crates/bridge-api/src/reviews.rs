@@ -190,6 +190,14 @@ pub async fn resolve(
         Ok(key) => key,
         Err(response) => return response,
     };
+    let texts = [Some(body.reason.as_str()), body.reference.as_deref()];
+    if texts.into_iter().flatten().any(|text| text.chars().count() > 500 || !bridge_domain::text::is_visible(text)) {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Unprocessable Content",
+            "reason and reference must be at most 500 characters without control or invisible formatting characters",
+        );
+    }
     let asked = ResolutionRequest {
         resolution,
         reason: body.reason,

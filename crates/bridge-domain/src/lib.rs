@@ -13,6 +13,7 @@ pub mod money;
 pub mod resolution;
 pub mod rules;
 pub mod step;
+pub mod text;
 pub mod transfer;
 
 pub use money::{Currency, Money};

@@ -14,9 +14,14 @@ use crate::{Error, Result};
 pub struct Currency([u8; 3]);
 
 impl Currency {
+    /// An ISO 4217 alphabetic code (the `iso_currency` crate's table, so
+    /// a code no one issues, `ABC`, is refused like a malformed one).
     pub fn parse(code: &str) -> Result<Self> {
         let bytes = code.as_bytes();
-        if bytes.len() == 3 && bytes.iter().all(u8::is_ascii_uppercase) {
+        if bytes.len() == 3
+            && bytes.iter().all(u8::is_ascii_uppercase)
+            && iso_currency::Currency::from_code(code).is_some()
+        {
             Ok(Self([bytes[0], bytes[1], bytes[2]]))
         } else {
             Err(Error::InvalidCurrency(code.to_owned()))
@@ -102,9 +107,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn currency_accepts_only_three_upper_case_letters() {
-        assert!(Currency::parse("EUR").is_ok());
-        for bad in ["eur", "EU", "EURO", "E1R", "", "ÉUR"] {
+    fn currency_accepts_only_iso_4217_codes() {
+        for good in ["EUR", "USD", "GBP", "JPY", "CHF"] {
+            assert!(Currency::parse(good).is_ok(), "{good}");
+        }
+        for bad in ["eur", "EU", "EURO", "E1R", "", "ÉUR", "ABC", "QQQ"] {
             assert!(Currency::parse(bad).is_err(), "{bad:?} must be refused");
         }
     }

@@ -102,7 +102,10 @@ pub fn render(event: &TransferStatusChanged) -> Rendered {
         .map(|(_, subject, long, short)| (*subject, *long, *short))
         .unwrap_or(("Transfer update", "Your transfer of {amount} is now {state}.", "Transfer of {amount}: {state}."));
     let amount = format_amount(event.amount_minor, &event.currency);
-    let reference = if event.reference.is_empty() { event.transfer_id.as_str() } else { event.reference.as_str() };
+    // A reference from Kafka was not checked at an API: what could make a
+    // message read as something else (a bidi override) is left out.
+    let reference = bridge_domain::text::visible(&event.reference);
+    let reference = if reference.is_empty() { event.transfer_id.as_str() } else { reference.as_str() };
     let fill = |template: &str| {
         template
             .replace("{amount}", &amount)

@@ -52,6 +52,11 @@ struct State {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallbackResult {
     result: String,
 }
@@ -79,6 +84,7 @@ struct Metrics {
     callbacks: Family<CallbackResult, Counter>,
     api_connections: Gauge,
     api_connections_refused: Counter,
+    api_auth_failures: Family<Reason, Counter>,
 }
 
 /// What the database says about the whole pipeline, read when the API is
@@ -190,8 +196,15 @@ fn metrics() -> &'static Metrics {
             "HTTP connections answered 503 and closed because the API held its maximum",
             api_connections_refused.clone(),
         );
+        let api_auth_failures = Family::<Reason, Counter>::default();
+        registry.register(
+            "api_auth_failures",
+            "API requests refused for their credentials (missing, unknown_key, wrong_secret, revoked, invalid_token) or throttled after too many",
+            api_auth_failures.clone(),
+        );
         Metrics {
             registry,
+            api_auth_failures,
             database,
             callbacks,
             api_connections,
@@ -299,6 +312,11 @@ pub fn callback(result: &str) {
 /// The API opened (`1`) or closed (`-1`) a connection.
 pub fn api_connections(delta: i64) {
     metrics().api_connections.inc_by(delta);
+}
+
+/// An API request failed authentication (`reason`).
+pub fn api_auth_failure(reason: &str) {
+    metrics().api_auth_failures.get_or_create(&Reason { reason: reason.to_owned() }).inc();
 }
 
 /// The API refused a connection over its cap.

@@ -311,6 +311,10 @@ pub struct ApiArgs {
     /// answered 503 and closed.
     #[arg(long, env = "BRIDGE_API_CONNECTIONS_MAX", default_value_t = bridge_api::server::defaults::CONNECTIONS_MAX)]
     pub api_connections_max: usize,
+    /// Failed authentications one client address (or one key prefix) may
+    /// make per minute; past it, 429 until the minute is over.
+    #[arg(long, env = "BRIDGE_API_AUTH_FAILURES_PER_MINUTE", default_value_t = 30)]
+    pub api_auth_failures_per_minute: u32,
 }
 
 impl ApiArgs {
@@ -326,6 +330,7 @@ impl ApiArgs {
         config.rate_per_second = self.api_rate_per_second;
         config.rate_burst = self.api_rate_burst;
         config.review_approvals = self.review_approvals;
+        config.auth_failures_per_minute = self.api_auth_failures_per_minute;
         config.keyring = credentials::keyring().ok().map(std::sync::Arc::new);
         if let (Some(algorithm), Some(path), Some(issuer), Some(audience)) =
             (&self.jwt_algorithm, &self.jwt_key_file, &self.jwt_issuer, &self.jwt_audience)
