@@ -236,6 +236,7 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
         (Method::POST, "/v1/callbacks/investor".into(), Some(callback_body), [u, u, u, u, f, f, f, f, S::OK, f]),
         (Method::GET, "/metrics".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
         (Method::GET, "/v1/admin/notifications/subscriptions".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
+        (Method::GET, "/v1/admin/audit".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
         (Method::POST, "/v1/admin/notifications/redrive".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
         (Method::GET, "/v1/admin/dead-letters".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
         (Method::GET, format!("/v1/admin/dead-letters/{}", dead_letters), None, [u, u, u, u, f, f, f, f, f, S::OK]),
@@ -451,6 +452,29 @@ async fn operators_manage_dead_letters_and_notification_targets() -> Result<()> 
     }
     let path = format!("/v1/admin/notifications/subscriptions/{id}/disable");
     ensure!(client.call(Method::POST, &path, Some(&admin), None, None).await?.0 == StatusCode::OK);
+    // Each change, refused ones included, is in the audit log with the key
+    // that made it.
+    let (status, audit) = client.call(Method::GET, "/v1/admin/audit", Some(&admin), None, None).await?;
+    ensure!(status == StatusCode::OK, "{audit}");
+    let entries: Vec<(String, String)> = audit["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter(|item| item["actor"].as_str().is_some_and(|actor| actor.contains("(brk_")))
+        .map(|item| {
+            (
+                item["action"].as_str().unwrap_or_default().to_owned(),
+                item["outcome"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("POST /v1/admin/notifications/subscriptions".to_owned(), "201".to_owned()),
+        ("POST /v1/admin/notifications/subscriptions".to_owned(), "422".to_owned()),
+        (format!("POST {path}"), "200".to_owned()),
+    ] {
+        ensure!(entries.contains(&expected), "{expected:?} not in the audit log: {entries:?}");
+    }
     let (_, list) = client.call(Method::GET, "/v1/admin/notifications/subscriptions", Some(&admin), None, None).await?;
     ensure!(
         list["items"][0]["enabled"] == false && list["items"][0]["disabled_reason"] == "disabled by an operator",

@@ -328,3 +328,30 @@ pub async fn redrive_notifications(
         Err(_) => unavailable(),
     }
 }
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// At most this many records (1 to 1,000; default 100).
+    limit: Option<i64>,
+    /// Only records older than this id (the next page).
+    before: Option<i64>,
+}
+
+/// The audit log, newest first: every admin and operator action through
+/// the API or the command line, with who, from where and how it ended.
+#[utoipa::path(get, path = "/v1/admin/audit", tag = "operations", params(AuditQuery), responses(
+        (status = 200, body = serde_json::Value),
+        (status = 400, description = "limit or before is not an integer", body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::Guarded,
+    ), security(("bearer" = [])))]
+pub async fn audit_log(State(state): State<AppState>, caller: Caller, Query(query): Query<AuditQuery>) -> Response {
+    if let Err(response) = admin(&caller) {
+        return response;
+    }
+    let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
+    match bridge_store::audit::list(&mut conn, query.limit.unwrap_or(100), query.before).await {
+        Ok(items) => Json(json!({"items": items})).into_response(),
+        Err(_) => unavailable(),
+    }
+}

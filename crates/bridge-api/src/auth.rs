@@ -272,6 +272,7 @@ impl FromRequestParts<AppState> for Caller {
                 return Err(failed(state, &peer, None, "invalid_token"));
             };
             limit(state, &caller.key_id)?;
+            note_for_audit(parts, &caller);
             return Ok(caller);
         };
         if let Some(wait) = state.failures.blocked(&format!("prefix:{prefix}")) {
@@ -301,12 +302,23 @@ impl FromRequestParts<AppState> for Caller {
             return Err(failed(state, &peer, Some(prefix), "revoked"));
         }
         limit(state, &key.id)?;
-        Ok(Caller {
+        let caller = Caller {
             key_id: key.id,
             name: format!("{} (brk_{})", key.name, key.prefix),
             scopes: key.scopes,
             investor_account_id: key.investor_account_id,
-        })
+        };
+        note_for_audit(parts, &caller);
+        Ok(caller)
+    }
+}
+
+/// Tells the audit middleware who this request is.
+fn note_for_audit(parts: &Parts, caller: &Caller) {
+    if let Some(slot) = parts.extensions.get::<crate::AuditSlot>() {
+        if let Ok(mut actor) = slot.0.lock() {
+            *actor = Some(caller.name.clone());
+        }
     }
 }
 

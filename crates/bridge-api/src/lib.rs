@@ -152,6 +152,7 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .route("/v1/admin/notifications/subscriptions/{id}/enable", post(admin::enable))
         .route("/v1/admin/notifications/subscriptions/{id}/disable", post(admin::disable))
         .route("/v1/admin/notifications/redrive", post(admin::redrive_notifications))
+        .route("/v1/admin/audit", get(admin::audit_log))
         .route("/v1/reviews", get(reviews::list))
         .route("/v1/reviews/{id}", get(reviews::show))
         .route("/v1/reviews/{id}/{action}", post(reviews::resolve))
@@ -161,6 +162,7 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         // before it is read.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .layer(axum::middleware::from_fn(require_json))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit))
         .layer(axum::middleware::map_response(as_problem))
         .layer(axum::middleware::map_response(no_store))
         .with_state(state)
@@ -195,6 +197,48 @@ pub fn health_router(ctx: Arc<StageContext>) -> Router {
 /// Every error leaves as `application/problem+json`, including the ones
 /// axum produces itself (malformed JSON or path, unknown route, wrong
 /// method), and none carries internal detail.
+/// Who a request authenticated as: the audit middleware puts an empty slot
+/// in the request, and the `Caller` extractor fills it.
+#[derive(Clone, Default)]
+pub(crate) struct AuditSlot(pub(crate) Arc<std::sync::Mutex<Option<String>>>);
+
+/// Records every admin and operator action (a request that changes
+/// something under `/v1/admin` or `/v1/reviews`), whatever its outcome,
+/// in the append-only audit log.
+async fn audit(
+    State(state): State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    let audited = path.starts_with("/v1/admin/") || path.starts_with("/v1/reviews");
+    if !audited || matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD) {
+        return next.run(request).await;
+    }
+    let action = format!("{} {path}", request.method());
+    let source = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string());
+    let slot = AuditSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let response = next.run(request).await;
+    // No such endpoint or method: nothing was done.
+    if matches!(response.status(), StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED) {
+        return response;
+    }
+    let actor = slot.0.lock().ok().and_then(|actor| actor.clone()).unwrap_or_else(|| "unauthenticated".to_owned());
+    let outcome = response.status().as_u16().to_string();
+    let recorded = match state.ctx.pool.acquire().await {
+        Ok(mut conn) => bridge_store::audit::record(&mut conn, &actor, &action, "", &source, &outcome).await,
+        Err(error) => Err(error.into()),
+    };
+    if let Err(error) = recorded {
+        tracing::error!(error = %error, actor, action, outcome, "Could not write the audit record");
+    }
+    response
+}
+
 /// Bodies are JSON and must say so: one declared as anything else (a form,
 /// plain text) is refused with 415 rather than parsed as JSON anyway.
 async fn require_json(request: axum::extract::Request, next: axum::middleware::Next) -> Response {

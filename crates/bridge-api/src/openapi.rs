@@ -42,6 +42,7 @@ impl Modify for Bearer {
         crate::admin::enable,
         crate::admin::disable,
         crate::admin::redrive_notifications,
+        crate::admin::audit_log,
         crate::reviews::list,
         crate::reviews::show,
         crate::reviews::resolve,

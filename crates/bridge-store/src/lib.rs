@@ -26,6 +26,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod audit;
 pub mod books;
 pub mod callbacks;
 pub mod credentials;

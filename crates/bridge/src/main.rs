@@ -426,6 +426,24 @@ enum Command {
     /// Check Bridge's schemas against the schema registry, and register
     /// them: the deployment step for registries applications only read.
     Schemas(schemas::SchemasArgs),
+    /// The audit log, newest first: admin and operator actions through the
+    /// API and the command line, who did them, from where, and the outcome.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    common: Common,
+    /// At most this many records.
+    #[arg(long, default_value_t = 50)]
+    limit: i64,
+    /// Only records older than this id (the next page).
+    #[arg(long)]
+    before: Option<i64>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -659,12 +677,94 @@ async fn main() -> Result<()> {
     result
 }
 
+/// What an operator changes at the command line, written to the audit log
+/// (the API records its own): the subcommand path, as `keys revoke`.
+const AUDITED: [&str; 18] = [
+    "keys create",
+    "keys revoke",
+    "sources add",
+    "sources revoke",
+    "credentials set",
+    "credentials rotate",
+    "notify subscribe",
+    "notify enable",
+    "notify disable",
+    "notify redrive",
+    "dlq redrive",
+    "review retry",
+    "review fail",
+    "review refunded",
+    "review complete",
+    "review approve",
+    "review reject",
+    "schemas register",
+];
+
+/// For an audited command: its action, its positional arguments (names,
+/// ids, prefixes; never a secret, which commands read from standard input
+/// or the environment) and the database to record it in.
+fn audited_action(args: &[std::ffi::OsString]) -> Option<(String, String, String)> {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    let matches = command.clone().try_get_matches_from(args).ok()?;
+    let mut path = Vec::new();
+    let mut leaf = &matches;
+    while let Some((name, sub)) = leaf.subcommand() {
+        path.push(name.to_owned());
+        command = command.find_subcommand(name)?.clone();
+        leaf = sub;
+    }
+    let action = path.join(" ");
+    if !AUDITED.contains(&action.as_str()) {
+        return None;
+    }
+    let target: Vec<String> = command
+        .get_positionals()
+        .filter_map(|arg| leaf.get_raw(arg.get_id().as_str()))
+        .flatten()
+        .map(|value| value.to_string_lossy().into_owned())
+        .collect();
+    let database_url = leaf.get_one::<String>("database_url")?.clone();
+    Some((action, target.join(" "), database_url))
+}
+
+/// Writes the audit record of an operator's command and how it ended.
+async fn record_audit(action: &str, target: &str, database_url: &str, result: &Result<()>) {
+    let actor = std::env::var("BRIDGE_OPERATOR")
+        .or_else(|_| std::env::var("USER"))
+        .map(|name| format!("{name} (cli)"))
+        .unwrap_or_else(|_| "unknown (cli)".to_owned());
+    let outcome = match result {
+        Ok(()) => "ok".to_owned(),
+        Err(error) => format!("error: {error:#}").chars().take(500).collect(),
+    };
+    let settings = PoolSettings { connections_max: 1, ..PoolSettings::default() };
+    let recorded = async {
+        let pool = bridge_store::connect(database_url, &settings).await?;
+        let mut conn = pool.acquire().await?;
+        bridge_store::audit::record(&mut conn, &actor, action, target, "cli", &outcome).await?;
+        anyhow::Ok(())
+    };
+    if let Err(error) = recorded.await {
+        eprintln!("warning: could not write the audit record of `{action}`: {error:#}");
+    }
+}
+
 async fn run() -> Result<()> {
     let resolved = config::resolve_args::<Cli>(std::env::args_os().collect())?;
+    let audit = audited_action(&resolved.args);
+    let result = dispatch(&resolved).await;
+    if let Some((action, target, database_url)) = &audit {
+        record_audit(action, target, database_url, &result).await;
+    }
+    result
+}
+
+async fn dispatch(resolved: &config::Resolved) -> Result<()> {
     let cli = Cli::parse_from(&resolved.args);
     match cli.command {
         Command::Config(_) => {
-            print!("{}", config::render(&config::effective::<Cli>(&resolved, "config")?));
+            print!("{}", config::render(&config::effective::<Cli>(resolved, "config")?));
         }
         Command::Migrate(args) => {
             init_logging("info");
@@ -743,6 +843,27 @@ async fn run() -> Result<()> {
         Command::Schemas(args) => {
             init_logging("warn");
             schemas::run(args).await?;
+        }
+        Command::Audit(args) => {
+            init_logging("warn");
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            let mut conn = pool.acquire().await?;
+            for record in bridge_store::audit::list(&mut conn, args.limit, args.before).await? {
+                if args.json {
+                    println!("{}", serde_json::to_string(&record)?);
+                } else {
+                    let target = if record.target.is_empty() { String::new() } else { format!(" {}", record.target) };
+                    println!(
+                        "{:>6} {} {} {}{target} from {}: {}",
+                        record.id,
+                        record.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        record.actor,
+                        record.action,
+                        record.source,
+                        record.outcome
+                    );
+                }
+            }
         }
     }
     Ok(())

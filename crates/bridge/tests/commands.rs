@@ -1118,3 +1118,44 @@ async fn a_registered_source_signs_with_bridge_submit_until_it_is_revoked() -> R
     ensure!(kit.transfer(revoked).await?.reason_code.as_deref() == Some("SOURCE_NOT_ALLOWED"), "{states:?}");
     Ok(())
 }
+
+/// What an operator changes at the command line is in the audit log, with
+/// who (BRIDGE_OPERATOR), what, the target and the outcome, failures
+/// included; the log cannot be edited or emptied, even by Bridge's own
+/// database user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_are_audited_and_the_audit_log_is_append_only() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let env = [("DATABASE_URL", kit.database_url.as_str()), ("BRIDGE_OPERATOR", "alice")];
+    let created = bridge(&["keys", "create", "--name", "ops-dashboard", "--scopes", "admin"], &env, None)?;
+    let prefix = created.trim().split('_').nth(1).context("prefix")?.to_owned();
+    bridge(&["keys", "revoke", &prefix], &env, None)?;
+    ensure!(bridge(&["keys", "revoke", "00000000"], &env, None).is_err(), "revoking a missing key succeeded");
+    bridge(&["keys", "list"], &env, None)?;
+
+    let listed = bridge(&["audit", "--json"], &env, None)?;
+    let records: Vec<serde_json::Value> =
+        listed.lines().map(serde_json::from_str).collect::<Result<_, _>>().context("audit --json")?;
+    let summary: Vec<(String, String, String)> = records
+        .iter()
+        .map(|record| {
+            let field = |name: &str| record[name].as_str().unwrap_or_default().to_owned();
+            (field("action"), field("target"), field("outcome"))
+        })
+        .collect();
+    ensure!(summary.len() == 3, "reads are not audited, changes are: {summary:?}");
+    ensure!(summary[2] == ("keys create".to_owned(), String::new(), "ok".to_owned()), "{summary:?}");
+    ensure!(summary[1] == ("keys revoke".to_owned(), prefix.clone(), "ok".to_owned()), "{summary:?}");
+    ensure!(summary[0].0 == "keys revoke" && summary[0].2.starts_with("error: No active key"), "{summary:?}");
+    ensure!(records.iter().all(|record| record["actor"] == "alice (cli)" && record["source"] == "cli"), "{listed}");
+    ensure!(!listed.contains(created.trim()), "the new key's secret reached the audit log");
+
+    for tampering in ["UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log", "TRUNCATE audit_log"] {
+        let refused = sqlx::query(tampering).execute(&kit.pool).await;
+        ensure!(
+            refused.as_ref().is_err_and(|error| error.to_string().contains("append-only")),
+            "{tampering}: {refused:?}"
+        );
+    }
+    Ok(())
+}
