@@ -428,6 +428,19 @@ async fn operators_manage_dead_letters_and_notification_targets() -> Result<()> 
         .await?;
     let shown = created["signing_secret"].as_str().unwrap_or_default();
     ensure!(stored.as_deref().is_some_and(|s| s.starts_with("credential:") && !s.contains(shown)), "{stored:?}");
+    // A Slack URL is its own credential: sealed, and shown redacted.
+    let slack = json!({"subscriber_kind": "operator", "channel": "slack", "target": "https://hooks.slack.com/services/T0001/B0002/XXXXsecretXXXX"});
+    let (status, created_slack) =
+        client.call(Method::POST, "/v1/admin/notifications/subscriptions", Some(&admin), None, Some(&slack)).await?;
+    ensure!(status == StatusCode::CREATED, "{created_slack}");
+    let (_, listed) =
+        client.call(Method::GET, "/v1/admin/notifications/subscriptions", Some(&admin), None, None).await?;
+    ensure!(!listed.to_string().contains("XXXXsecretXXXX"), "{listed}");
+    ensure!(listed.to_string().contains("https://hooks.slack.com/services/…"), "{listed}");
+    let stored: Vec<String> = sqlx::query_scalar("SELECT row_to_json(s)::text FROM notification_subscriptions s")
+        .fetch_all(&kit.pool)
+        .await?;
+    ensure!(stored.iter().all(|row| !row.contains("XXXXsecretXXXX")), "{stored:?}");
     let bad = json!({"subscriber_kind": "operator", "channel": "sms", "target": "12345"});
     let (status, _) =
         client.call(Method::POST, "/v1/admin/notifications/subscriptions", Some(&admin), None, Some(&bad)).await?;

@@ -47,6 +47,7 @@ async fn subscribe(
             channel: channel.to_owned(),
             target: target.to_owned(),
             secret,
+            sealed_target: None,
         },
     )
     .await?)
@@ -597,6 +598,55 @@ async fn targets_inside_the_deployment_are_never_called() -> Result<()> {
         ensure!(error.contains("loopback") && error.contains("public hosts only"), "{error}");
     }
     ensure!(receiver.received().is_empty(), "an internal target was called");
+    pipeline.stop().await?;
+    notifier.stop().await?;
+    Ok(())
+}
+
+/// A Slack incoming webhook's URL is its credential: subscribed as the API
+/// and the CLI do, it is sealed in the credentials store, the table and the
+/// listing hold only its redacted form, and the notifier opens it to send,
+/// to the full URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secret_target_urls_are_sealed_and_opened_only_to_send() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("una", 10_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;
+    let receiver = HttpReceiver::start(Behaviour::default()).await?;
+    let target = format!("{}/services/T0001/B0002/XXXXsecretXXXX", receiver.url);
+    let mut conn = kit.pool.acquire().await?;
+    let (reference, shown) = bridge_notify::outbound::seal(&mut conn, &keyring(), &target).await?;
+    let id = notifications::subscribe(
+        &mut conn,
+        &NewSubscription {
+            subscriber_kind: "operator".to_owned(),
+            subscriber_id: None,
+            states: vec!["completed".to_owned()],
+            channel: "slack".to_owned(),
+            target: shown.clone(),
+            secret: None,
+            sealed_target: Some(reference),
+        },
+    )
+    .await?;
+    let row: String = sqlx::query_scalar("SELECT row_to_json(s)::text FROM notification_subscriptions s WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    ensure!(!row.contains("XXXXsecretXXXX") && shown.ends_with("/services/…"), "{row}");
+    let listed = notifications::subscriptions(&mut conn).await?;
+    ensure!(listed.iter().all(|subscription| !subscription.target.contains("XXXXsecretXXXX")), "{listed:?}");
+    drop(conn);
+
+    let mut config = NotifierConfig::default();
+    quick(&mut config);
+    let notifier = kit.spawn_notifier(config)?;
+    let pipeline = kit.spawn(&Part::all());
+    let transfer = kit.publish(&kit.request("una", &fund_account, 1_000_00)).await?;
+    kit.wait_terminal(&[transfer], SETTLE).await?;
+    wait_deliveries(&kit, id, 1, 0).await?;
+    let paths: Vec<String> = receiver.accepted().iter().map(|request| request.path.clone()).collect();
+    ensure!(paths == ["/services/T0001/B0002/XXXXsecretXXXX"], "{paths:?}");
     pipeline.stop().await?;
     notifier.stop().await?;
     Ok(())

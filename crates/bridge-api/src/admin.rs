@@ -245,13 +245,31 @@ pub async fn subscribe(State(state): State<AppState>, caller: Caller, body: Byte
             }
         }
     };
+    // A webhook or Slack URL can itself be a secret: it is sealed too, and
+    // only its redacted form is kept in the clear.
+    let (target, sealed_target) = if matches!(request.channel.as_str(), "webhook" | "slack") {
+        let Some(keyring) = &state.config.keyring else {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "webhook and Slack targets are stored encrypted and need the master keys, which are not configured",
+            );
+        };
+        match bridge_notify::outbound::seal(&mut conn, keyring, &request.target).await {
+            Ok((reference, shown)) => (shown, Some(reference)),
+            Err(_) => return unavailable(),
+        }
+    } else {
+        (request.target, None)
+    };
     let new = NewSubscription {
         subscriber_kind: request.subscriber_kind,
         subscriber_id: request.subscriber_id,
         states: request.states,
         channel: request.channel,
-        target: request.target,
+        target,
         secret: reference,
+        sealed_target,
     };
     match notifications::subscribe(&mut conn, &new).await {
         Ok(id) => (StatusCode::CREATED, Json(json!({"id": id, "signing_secret": secret}))).into_response(),

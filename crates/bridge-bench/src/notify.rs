@@ -133,6 +133,7 @@ async fn one_run(
             channel: "webhook".to_owned(),
             target: format!("{receiver}/t/{namespace}/{target}"),
             secret: Some(secret.clone()),
+            sealed_target: None,
         };
         measured.push(notifications::subscribe(&mut conn, &subscription).await?);
     }
@@ -145,6 +146,7 @@ async fn one_run(
             channel: "webhook".to_owned(),
             target: format!("{receiver}/slow-target"),
             secret: Some(secret.clone()),
+            sealed_target: None,
         };
         notifications::subscribe(&mut conn, &subscription).await?;
     }

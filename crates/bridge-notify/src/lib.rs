@@ -252,33 +252,49 @@ pub fn retry_delay_ms(config: &NotifierConfig, attempts: i32) -> u64 {
     rand::rng().random_range(ceiling / 2..=ceiling)
 }
 
-/// The delivery with its signing secret opened from the credentials store.
+/// A `credential:<name>` reference opened from the credentials store (and
+/// kept in `cache`).
+async fn open_reference(
+    ctx: &Runtime,
+    config: &NotifierConfig,
+    cache: &std::sync::Mutex<std::collections::HashMap<String, String>>,
+    reference: &str,
+    what: &str,
+) -> Result<String, SendError> {
+    if !reference.starts_with(bridge_secrets::REFERENCE_PREFIX) {
+        return Err(SendError::Permanent(format!("{what} is not in the credentials store")));
+    }
+    if let Some(secret) = cache.lock().expect("secret cache").get(reference) {
+        return Ok(secret.clone());
+    }
+    let keyring = config
+        .keyring
+        .as_ref()
+        .ok_or_else(|| SendError::Permanent(format!("no master keys configured to open the {what}")))?;
+    let mut conn = ctx.pool.acquire().await.map_err(|error| SendError::Transient(error.to_string()))?;
+    let opened = bridge_secrets::open_reference(&mut conn, keyring, reference).await.map_err(|error| match error {
+        bridge_secrets::Error::Store(error) => SendError::Transient(error.to_string()),
+        other => SendError::Permanent(other.to_string()),
+    })?;
+    let secret = secrecy::ExposeSecret::expose_secret(&opened).to_owned();
+    cache.lock().expect("secret cache").insert(reference.to_owned(), secret.clone());
+    Ok(secret)
+}
+
+/// The delivery with its signing secret and its sealed target opened from
+/// the credentials store, for sending only.
 async fn with_secret(
     ctx: &Runtime,
     config: &NotifierConfig,
     cache: &std::sync::Mutex<std::collections::HashMap<String, String>>,
     mut delivery: ClaimedDelivery,
 ) -> Result<ClaimedDelivery, SendError> {
-    let Some(reference) = delivery.secret.clone() else { return Ok(delivery) };
-    if !reference.starts_with(bridge_secrets::REFERENCE_PREFIX) {
-        return Err(SendError::Permanent("signing secret is not in the credentials store".to_owned()));
+    if let Some(reference) = delivery.secret.clone() {
+        delivery.secret = Some(open_reference(ctx, config, cache, &reference, "signing secret").await?);
     }
-    if let Some(secret) = cache.lock().expect("secret cache").get(&reference) {
-        delivery.secret = Some(secret.clone());
-        return Ok(delivery);
+    if let Some(reference) = delivery.sealed_target.take() {
+        delivery.target = open_reference(ctx, config, cache, &reference, "target").await?;
     }
-    let keyring = config
-        .keyring
-        .as_ref()
-        .ok_or_else(|| SendError::Permanent("no master keys configured to open the signing secret".to_owned()))?;
-    let mut conn = ctx.pool.acquire().await.map_err(|error| SendError::Transient(error.to_string()))?;
-    let opened = bridge_secrets::open_reference(&mut conn, keyring, &reference).await.map_err(|error| match error {
-        bridge_secrets::Error::Store(error) => SendError::Transient(error.to_string()),
-        other => SendError::Permanent(other.to_string()),
-    })?;
-    let secret = secrecy::ExposeSecret::expose_secret(&opened).to_owned();
-    cache.lock().expect("secret cache").insert(reference, secret.clone());
-    delivery.secret = Some(secret);
     Ok(delivery)
 }
 

@@ -91,6 +91,42 @@ impl OutboundPolicy {
     }
 }
 
+/// A target as it may be shown: scheme, host, port and the first path
+/// segment; the rest of the path and the query (where webhook services
+/// put their tokens, as Slack's incoming webhooks do) replaced by `…`.
+pub fn redacted(target: &str) -> String {
+    let Ok(url) = Url::parse(target) else { return "…".to_owned() };
+    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    let mut segments = url.path_segments().into_iter().flatten().filter(|segment| !segment.is_empty());
+    match segments.next() {
+        Some(first) => {
+            shown.push('/');
+            shown.push_str(first);
+            if segments.next().is_some() || url.query().is_some() {
+                shown.push_str("/…");
+            }
+        }
+        None if url.query().is_some() => shown.push_str("/?…"),
+        None => shown.push('/'),
+    }
+    shown
+}
+
+/// Seals a webhook or Slack target in the credentials store: the reference
+/// to keep, and the redacted form to store and show in its place.
+pub async fn seal(
+    conn: &mut sqlx::PgConnection,
+    keyring: &bridge_secrets::Keyring,
+    target: &str,
+) -> Result<(String, String), bridge_secrets::Error> {
+    let value = bridge_secrets::SecretString::from(target.to_owned());
+    let reference = bridge_secrets::store_new(conn, keyring, "notification-target", &value).await?;
+    Ok((reference, redacted(target)))
+}
+
 /// Why `ip` is not a public unicast address, if it is not.
 pub fn forbidden(ip: IpAddr) -> Option<&'static str> {
     match ip {
@@ -218,6 +254,17 @@ mod tests {
         assert!(policy.check_url("http://10.21.3.4/hook").is_err());
         assert!(policy.allows_host("receiver.internal"));
         assert!(OutboundPolicy::parse("not a host!").is_err());
+    }
+
+    #[test]
+    fn targets_are_shown_without_their_secret_parts() {
+        assert_eq!(
+            redacted("https://hooks.slack.com/services/T0001/B0002/XXXXsecret"),
+            "https://hooks.slack.com/services/…"
+        );
+        assert_eq!(redacted("https://example.com:8443/hook?token=abc"), "https://example.com:8443/hook/…");
+        assert_eq!(redacted("https://example.com/?token=abc"), "https://example.com/?…");
+        assert_eq!(redacted("https://example.com/hook"), "https://example.com/hook");
     }
 
     #[tokio::test]

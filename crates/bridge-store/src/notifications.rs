@@ -23,6 +23,9 @@ pub struct NewSubscription {
     /// A webhook's signing secret as a `credential:<name>` reference to the
     /// encrypted credentials store; never the secret itself.
     pub secret: Option<String>,
+    /// The full target URL, sealed: a `credential:<name>` reference; then
+    /// `target` is only its redacted form.
+    pub sealed_target: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,8 +42,9 @@ pub struct Subscription {
 
 pub async fn subscribe(conn: &mut PgConnection, new: &NewSubscription) -> Result<i64> {
     Ok(sqlx::query_scalar(
-        "INSERT INTO notification_subscriptions (subscriber_kind, subscriber_id, states, channel, target, secret)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        "INSERT INTO notification_subscriptions
+             (subscriber_kind, subscriber_id, states, channel, target, secret, sealed_target)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
     )
     .bind(&new.subscriber_kind)
     .bind(&new.subscriber_id)
@@ -48,6 +52,7 @@ pub async fn subscribe(conn: &mut PgConnection, new: &NewSubscription) -> Result
     .bind(&new.channel)
     .bind(&new.target)
     .bind(&new.secret)
+    .bind(&new.sealed_target)
     .fetch_one(conn)
     .await?)
 }
@@ -144,6 +149,8 @@ pub struct ClaimedDelivery {
     pub channel: String,
     pub target: String,
     pub secret: Option<String>,
+    /// The sealed full target (see `NewSubscription`), opened only to send.
+    pub sealed_target: Option<String>,
     pub event: serde_json::Value,
     pub traceparent: Option<String>,
 }
@@ -177,7 +184,7 @@ impl std::fmt::Debug for ClaimedDelivery {
 pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<Vec<ClaimedDelivery>> {
     // The conditions on `d` are checked again on the locked row, so two
     // notifiers cannot both claim a head.
-    type Row = (i64, i64, Uuid, i32, String, String, Option<String>, serde_json::Value, Option<String>);
+    type Row = (i64, i64, Uuid, i32, String, String, Option<String>, Option<String>, serde_json::Value, Option<String>);
     let rows: Vec<Row> = sqlx::query_as(
         // One index probe per enabled target for its head (rather than a
         // scan of every pending delivery), so a long backlog at one target
@@ -198,8 +205,8 @@ pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> 
          WHERE d.id = due.id AND s.id = d.subscription_id AND l.event_id = d.event_id
            AND d.status = 'pending' AND d.next_attempt_at <= now()
            AND (d.leased_until IS NULL OR d.leased_until < now())
-         RETURNING d.id, d.subscription_id, d.event_id, d.attempts, s.channel, s.target, s.secret, l.event,
-                   l.traceparent",
+         RETURNING d.id, d.subscription_id, d.event_id, d.attempts, s.channel, s.target, s.secret,
+                   s.sealed_target, l.event, l.traceparent",
     )
     .bind(limit)
     .bind(lease_ms as f64 / 1_000.0)
@@ -207,16 +214,19 @@ pub async fn claim_heads(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> 
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, subscription_id, event_id, attempts, channel, target, secret, event, traceparent)| ClaimedDelivery {
-            id,
-            subscription_id,
-            event_id,
-            attempts,
-            channel,
-            target,
-            secret,
-            event,
-            traceparent,
+        .map(|(id, subscription_id, event_id, attempts, channel, target, secret, sealed_target, event, traceparent)| {
+            ClaimedDelivery {
+                id,
+                subscription_id,
+                event_id,
+                attempts,
+                channel,
+                target,
+                secret,
+                sealed_target,
+                event,
+                traceparent,
+            }
         })
         .collect())
 }

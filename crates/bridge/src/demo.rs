@@ -220,6 +220,7 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
                 channel: "webhook".to_owned(),
                 target: format!("{receiver_url}/funds/{fund_account}"),
                 secret: Some(reference.clone()),
+                sealed_target: None,
             };
             subscriptions.push(bridge_store::notifications::subscribe(&mut conn, &subscription).await?);
         }

@@ -191,6 +191,15 @@ pub async fn run(mut args: NotifyArgs) -> Result<()> {
                 }
                 None => None,
             };
+            // A webhook or Slack URL can itself be a secret: sealed too.
+            let (target, sealed_target) = if matches!(channel.as_str(), "webhook" | "slack") {
+                let keyring =
+                    crate::credentials::keyring().context("Webhook and Slack targets are stored encrypted")?;
+                let (reference, shown) = bridge_notify::outbound::seal(&mut conn, &keyring, &target).await?;
+                (shown, Some(reference))
+            } else {
+                (target, None)
+            };
             let subscription = NewSubscription {
                 subscriber_kind: kind,
                 subscriber_id: id,
@@ -198,6 +207,7 @@ pub async fn run(mut args: NotifyArgs) -> Result<()> {
                 channel,
                 target,
                 secret: reference,
+                sealed_target,
             };
             let id = notifications::subscribe(&mut conn, &subscription).await?;
             println!("subscription {id}");

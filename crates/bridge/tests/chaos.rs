@@ -145,6 +145,7 @@ async fn chaos(kind: BrokerKind) -> Result<()> {
                 channel: "slack".into(),
                 target: format!("{}/slack", receiver.url),
                 secret: None,
+                sealed_target: None,
             },
         )
         .await?;

@@ -582,6 +582,7 @@ async fn processes_killed_at_every_failpoint_lose_nothing() -> Result<()> {
                 channel: "webhook".into(),
                 target: format!("{}/hook", receiver.url),
                 secret: Some(reference),
+                sealed_target: None,
             },
         )
         .await?;
