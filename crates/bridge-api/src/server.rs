@@ -26,9 +26,18 @@ use tower::ServiceExt;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The answer to a connection over the cap.
-const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n\
-retry-after: 1\r\nconnection: close\r\ncontent-length: 97\r\n\r\n\
-{\"type\":\"about:blank\",\"title\":\"Too many connections\",\"status\":503,\"detail\":\"try again shortly\"}";
+fn refusal() -> &'static [u8] {
+    static REFUSAL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    REFUSAL.get_or_init(|| {
+        let body = r#"{"type":"about:blank","title":"Too many connections","status":503,"detail":"try again shortly"}"#;
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\n\
+             connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    })
+}
 
 /// The server's limits (settings `--api-header-read-timeout-ms`,
 /// `--api-request-timeout-ms`, `--api-connections-max`).
@@ -87,7 +96,7 @@ pub async fn serve(
             bridge_pipeline::metrics::api_connection_refused();
             tokio::spawn(async move {
                 let mut stream = stream;
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(REFUSAL)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(refusal())).await;
             });
             continue;
         };
@@ -115,4 +124,21 @@ pub async fn serve(
         tracing::warn!("API connections still open after the shutdown grace period");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_refusal_is_a_complete_http_response() {
+        let text = std::str::from_utf8(super::refusal()).expect("ASCII");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .and_then(|length| length.parse().ok())
+            .expect("content-length");
+        assert_eq!(length, body.len());
+        assert!(serde_json::from_str::<serde_json::Value>(body).is_ok(), "{body}");
+    }
 }
