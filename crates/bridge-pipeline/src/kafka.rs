@@ -47,12 +47,14 @@ impl FirstError {
 
 impl rdkafka::ClientContext for FirstError {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::warn!(error = %error, reason, "Kafka connection error");
         if let Ok(mut first) = self.0.lock() {
             if first.is_none() && error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown) {
+                tracing::warn!(error = %error, reason, "Kafka connection error");
                 *first = Some(reason.to_owned());
+                return;
             }
         }
+        tracing::debug!(error = %error, reason, "Kafka connection error");
     }
 }
 

@@ -1,9 +1,13 @@
 //! Investor accounts, funds, fund accounts and allocations.
 //!
-//! Every change is read-then-write with a version check: we read the row and
-//! its version, decide in Rust, and update `WHERE version = $read`. Zero rows
-//! updated means someone else got there first, reported as
-//! [`Error::Conflict`] so the caller retries the whole transaction.
+//! Balances, holds, reservations and seats change by atomic updates under
+//! the rows' locks (`balance_minor = balance_minor + $2`), guarded where a
+//! decision rests on them; a failed guard is [`Error::Conflict`] and the
+//! caller retries the whole transaction. Every update moves the row's
+//! version from N to N + 1, and the database refuses one that does not
+//! (migration 0022), so a writer that sets absolute values from a row it
+//! read earlier writes `version = $read + 1` and fails if the row moved on.
+//! Each change is also recorded, before and after, in `model_history`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 

@@ -127,8 +127,22 @@ impl Default for PoolSettings {
     }
 }
 
+/// The name this process's connections give Postgres (`application_name`):
+/// the history of accounts, funds and allocations names it as the actor of
+/// a change that no transaction attributed otherwise. Set once, before the
+/// first pool is made.
+pub fn set_application_name(name: &str) {
+    let _ = APPLICATION_NAME.set(name.to_owned());
+}
+
+static APPLICATION_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)?
+    let mut options = PgConnectOptions::from_str(url)?;
+    if let Some(name) = APPLICATION_NAME.get() {
+        options = options.application_name(name);
+    }
+    let options = options
         // Statement logging at INFO would print every query of every stage.
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));

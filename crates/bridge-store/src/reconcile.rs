@@ -196,6 +196,19 @@ const CHECKS: &[(&str, &str, &str)] = &[
             OR NOT EXISTS (SELECT 1 FROM transfer_versions c
                            WHERE c.transfer_id = t.id AND c.version = t.version AND c.state = t.state)",
     ),
+    (
+        "I6",
+        "every investor account, fund, fund account and allocation equals the last entry of its history",
+        "SELECT count(*) FROM (
+           SELECT 'investor_accounts' AS model, id AS key, to_jsonb(a) AS row FROM investor_accounts a
+           UNION ALL SELECT 'funds', id, to_jsonb(f) FROM funds f
+           UNION ALL SELECT 'fund_accounts', id, to_jsonb(f) FROM fund_accounts f
+           UNION ALL SELECT 'allocations', fund_id || '/' || investor_account_id, to_jsonb(a) FROM allocations a
+         ) m
+         LEFT JOIN LATERAL (SELECT h.after FROM model_history h WHERE h.model = m.model AND h.key = m.key
+                            ORDER BY h.id DESC LIMIT 1) h ON true
+         WHERE h.after IS DISTINCT FROM m.row",
+    ),
 ];
 
 /// How long a transfer in flight may go without moving, with no step

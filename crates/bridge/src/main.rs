@@ -750,8 +750,30 @@ async fn record_audit(action: &str, target: &str, database_url: &str, result: &R
     }
 }
 
+/// `bridge run --stage validator`, `bridge review retry`: the command as
+/// Postgres is told it (`application_name`), from the parsed subcommands
+/// and stage names only, so no setting's value (a URL with a password) can
+/// reach it.
+fn process_name(args: &[std::ffi::OsString]) -> String {
+    use clap::CommandFactory;
+    let mut words = vec!["bridge".to_owned()];
+    if let Ok(matches) = Cli::command().try_get_matches_from(args) {
+        let mut leaf = &matches;
+        while let Some((name, sub)) = leaf.subcommand() {
+            words.push(name.to_owned());
+            leaf = sub;
+        }
+        if let Ok(Some(stages)) = leaf.try_get_many::<String>("stages") {
+            words.extend(stages.map(|stage| format!("--stage {stage}")));
+        }
+    }
+    // Postgres keeps 63 bytes of it.
+    words.join(" ").chars().take(60).collect()
+}
+
 async fn run() -> Result<()> {
     let resolved = config::resolve_args::<Cli>(std::env::args_os().collect())?;
+    bridge_store::set_application_name(&process_name(&resolved.args));
     let audit = audited_action(&resolved.args);
     let result = dispatch(&resolved).await;
     if let Some((action, target, database_url)) = &audit {
