@@ -144,6 +144,8 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .route("/v1/transfers/{id}/history", get(transfers::history))
         .route("/v1/investors/{id}/balance", get(transfers::balance))
         .route("/v1/funds/{id}", get(transfers::fund))
+        .route("/v1/investors/{id}/history", get(transfers::investor_history))
+        .route("/v1/funds/{id}/history", get(transfers::fund_history))
         .route("/v1/callbacks/{service}", post(callback))
         .route("/v1/admin/dead-letters", get(admin::dead_letter_topics))
         .route("/v1/admin/dead-letters/{topic}", get(admin::dead_letters_in))

@@ -43,6 +43,8 @@ impl Modify for Bearer {
         crate::admin::disable,
         crate::admin::redrive_notifications,
         crate::admin::audit_log,
+        crate::transfers::investor_history,
+        crate::transfers::fund_history,
         crate::reviews::list,
         crate::reviews::show,
         crate::reviews::resolve,

@@ -448,6 +448,52 @@ pub async fn balance(State(state): State<AppState>, caller: Caller, Path(id): Pa
     }
 }
 
+/// A model's history as the API shows it: newest first.
+async fn history_of(state: &AppState, model: &str, key: &str, missing: &str) -> Response {
+    let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
+    match accounts::history(&mut conn, model, key, 100).await {
+        Ok(entries) if entries.is_empty() => problem(StatusCode::NOT_FOUND, "Not Found", missing),
+        Ok(entries) => Json(serde_json::json!({ "items": entries })).into_response(),
+        Err(_) => unavailable(),
+    }
+}
+
+/// Every change to an investor's account, newest first (at most 100): the
+/// row before and after, who made it and when.
+#[utoipa::path(get, path = "/v1/investors/{id}/history", tag = "accounts", params(("id" = String, Path)),
+    responses(
+        (status = 200, body = serde_json::Value),
+        (status = 404, body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::GuardedInvestor,
+    ), security(("bearer" = [])))]
+pub async fn investor_history(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Response {
+    if let Err(response) = caller.require("transfers:read") {
+        return response;
+    }
+    if !account_id_ok(&id) || !caller.may_act_for(&id) {
+        return problem(StatusCode::NOT_FOUND, "Not Found", "no such investor account");
+    }
+    history_of(&state, "investor_accounts", &id, "no such investor account").await
+}
+
+/// Every change to a fund (its terms, seats and capacity taken), newest
+/// first (at most 100).
+#[utoipa::path(get, path = "/v1/funds/{id}/history", tag = "accounts", params(("id" = String, Path)),
+    responses(
+        (status = 200, body = serde_json::Value),
+        (status = 404, body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::GuardedInvestor,
+    ), security(("bearer" = [])))]
+pub async fn fund_history(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Response {
+    if let Err(response) = caller.require("transfers:read") {
+        return response;
+    }
+    if !account_id_ok(&id) {
+        return problem(StatusCode::NOT_FOUND, "Not Found", "no such fund");
+    }
+    history_of(&state, "funds", &id, "no such fund").await
+}
+
 /// A fund's criteria, seats and capacity left, reserved and completed allocation.
 #[utoipa::path(get, path = "/v1/funds/{id}", tag = "accounts", params(("id" = String, Path)),
     responses(

@@ -708,3 +708,27 @@ pub async fn apply_fund_terms(conn: &mut PgConnection, fund_id: &str, terms: &Fu
     .await?;
     Ok(TermsApplied::Updated)
 }
+
+/// One entry of a model's history (`model_history`).
+#[derive(Clone, Debug, serde::Serialize, sqlx::FromRow)]
+pub struct HistoryEntry {
+    pub version: i64,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub actor: String,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+}
+
+/// The history of one row of `model` (`investor_accounts`, `funds`,
+/// `fund_accounts`, `allocations`), newest first, at most `limit` entries.
+pub async fn history(conn: &mut PgConnection, model: &str, key: &str, limit: i64) -> Result<Vec<HistoryEntry>> {
+    Ok(sqlx::query_as(
+        "SELECT version, at, actor, before, after FROM model_history
+         WHERE model = $1 AND key = $2 ORDER BY id DESC LIMIT $3",
+    )
+    .bind(model)
+    .bind(key)
+    .bind(limit.clamp(1, 1_000))
+    .fetch_all(conn)
+    .await?)
+}
