@@ -79,6 +79,25 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
         ensure!(now == read + 1, "{model}: the newer version was overwritten");
     }
 
+    // A transaction can name its actor: the fund-terms sync does.
+    let mut tx = kit.pool.begin().await?;
+    bridge_store::set_actor(&mut tx, "fund terms sync").await?;
+    let terms = bridge_store::accounts::FundTerms {
+        currency: "EUR".to_owned(),
+        minimum_investment_minor: 200_00,
+        seats_max: 10,
+        capacity_minor: 1_000_000_00,
+    };
+    bridge_store::accounts::apply_fund_terms(&mut tx, &fund, &terms).await?;
+    tx.commit().await?;
+    let actor: String = sqlx::query_scalar(
+        "SELECT actor FROM model_history WHERE model = 'funds' AND key = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(&fund)
+    .fetch_one(&kit.pool)
+    .await?;
+    ensure!(actor == "fund terms sync", "{actor}");
+
     // Appending is the only write to either history.
     for tampering in [
         "UPDATE model_history SET actor = 'mallory'",

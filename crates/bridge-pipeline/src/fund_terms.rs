@@ -34,6 +34,7 @@ pub async fn sync(ctx: &StageContext) -> Result<SyncReport> {
             continue;
         };
         let mut tx = ctx.pool.begin().await?;
+        bridge_store::set_actor(&mut tx, "fund terms sync").await?;
         match accounts::apply_fund_terms(&mut tx, &id, &terms).await? {
             TermsApplied::Unchanged => {}
             TermsApplied::Updated => {

@@ -127,6 +127,14 @@ impl Default for PoolSettings {
     }
 }
 
+/// Names who makes this transaction's changes in the models' history
+/// (`model_history.actor`), in place of the process's name: an operator's
+/// resolution, the fund-terms sync.
+pub async fn set_actor(conn: &mut sqlx::PgConnection, actor: &str) -> Result<()> {
+    sqlx::query("SELECT set_config('bridge.actor', $1, true)").bind(actor).execute(conn).await?;
+    Ok(())
+}
+
 /// The name this process's connections give Postgres (`application_name`):
 /// the history of accounts, funds and allocations names it as the actor of
 /// a change that no transaction attributed otherwise. Set once, before the

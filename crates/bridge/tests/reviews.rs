@@ -319,6 +319,14 @@ async fn operators_resolve_every_manual_review_from_the_command_line_and_the_api
     let report = kit.reconcile().await?;
     ensure!(report.ok() && report.manual_review == 0 && report.in_flight == 0, "{report:?}");
     kit.assert_books_balance().await?;
+    // Balances an operator's "refunded" or "complete" changed name the
+    // operator in their history, not the process.
+    let by_operators: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM model_history WHERE actor LIKE 'operator %' AND model IN ('investor_accounts', 'fund_accounts')",
+    )
+    .fetch_one(&kit.pool)
+    .await?;
+    ensure!(by_operators > 0, "no balance change is attributed to an operator");
     api.stop().await?;
     four_eyes.stop().await?;
     simulator.stop().await
