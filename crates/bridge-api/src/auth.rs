@@ -233,8 +233,8 @@ impl FailureLimiter {
     }
 }
 
-fn too_many(wait: std::time::Duration) -> Response {
-    let mut response = problem(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", "too many failed authentications");
+fn too_many(wait: std::time::Duration, detail: &str) -> Response {
+    let mut response = problem(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", detail);
     response.headers_mut().insert("retry-after", wait.as_secs().max(1).to_string().parse().expect("digits"));
     response
 }
@@ -255,13 +255,10 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let peer = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string());
+        let peer = crate::peer_address(&parts.extensions);
         if let Some(wait) = state.failures.blocked(&format!("address:{peer}")) {
             bridge_pipeline::metrics::api_auth_failure("throttled");
-            return Err(too_many(wait));
+            return Err(too_many(wait, "too many failed authentications"));
         }
         let Some(presented) = bearer(parts) else {
             bridge_pipeline::metrics::api_auth_failure("missing");
@@ -277,7 +274,7 @@ impl FromRequestParts<AppState> for Caller {
         };
         if let Some(wait) = state.failures.blocked(&format!("prefix:{prefix}")) {
             bridge_pipeline::metrics::api_auth_failure("throttled");
-            return Err(too_many(wait));
+            return Err(too_many(wait, "too many failed authentications"));
         }
         let found = match state.ctx.pool.acquire().await {
             Ok(mut conn) => api::key_by_prefix(&mut conn, prefix).await,
@@ -325,10 +322,7 @@ fn note_for_audit(parts: &Parts, caller: &Caller) {
 fn limit(state: &AppState, caller: &Uuid) -> Result<(), Response> {
     if let Err(not_until) = state.limiter.check_key(caller) {
         let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-        let mut response = problem(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", "slow down");
-        let seconds = wait.as_secs().max(1).to_string();
-        response.headers_mut().insert("retry-after", seconds.parse().expect("digits"));
-        return Err(response);
+        return Err(too_many(wait, "slow down"));
     }
     Ok(())
 }

@@ -199,6 +199,14 @@ pub fn health_router(ctx: Arc<StageContext>) -> Router {
 /// Every error leaves as `application/problem+json`, including the ones
 /// axum produces itself (malformed JSON or path, unknown route, wrong
 /// method), and none carries internal detail.
+/// The client's address, as the server loop recorded it (`unknown` for a
+/// router served some other way).
+pub(crate) fn peer_address(extensions: &axum::http::Extensions) -> String {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string())
+}
+
 /// Who a request authenticated as: the audit middleware puts an empty slot
 /// in the request, and the `Caller` extractor fills it.
 #[derive(Clone, Default)]
@@ -218,10 +226,7 @@ async fn audit(
         return next.run(request).await;
     }
     let action = format!("{} {path}", request.method());
-    let source = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string());
+    let source = peer_address(request.extensions());
     let slot = AuditSlot::default();
     request.extensions_mut().insert(slot.clone());
     let response = next.run(request).await;

@@ -4,6 +4,7 @@
 //! library crates; it holds no business rules of its own.
 
 mod admin;
+mod audit;
 mod config;
 mod credentials;
 mod demo;
@@ -428,22 +429,7 @@ enum Command {
     Schemas(schemas::SchemasArgs),
     /// The audit log, newest first: admin and operator actions through the
     /// API and the command line, who did them, from where, and the outcome.
-    Audit(AuditArgs),
-}
-
-#[derive(Args)]
-struct AuditArgs {
-    #[command(flatten)]
-    common: Common,
-    /// At most this many records.
-    #[arg(long, default_value_t = 50)]
-    limit: i64,
-    /// Only records older than this id (the next page).
-    #[arg(long)]
-    before: Option<i64>,
-    /// One JSON object per line.
-    #[arg(long)]
-    json: bool,
+    Audit(audit::AuditArgs),
 }
 
 #[derive(Args)]
@@ -677,113 +663,21 @@ async fn main() -> Result<()> {
     result
 }
 
-/// What an operator changes at the command line, written to the audit log
-/// (the API records its own): the subcommand path, as `keys revoke`.
-const AUDITED: [&str; 18] = [
-    "keys create",
-    "keys revoke",
-    "sources add",
-    "sources revoke",
-    "credentials set",
-    "credentials rotate",
-    "notify subscribe",
-    "notify enable",
-    "notify disable",
-    "notify redrive",
-    "dlq redrive",
-    "review retry",
-    "review fail",
-    "review refunded",
-    "review complete",
-    "review approve",
-    "review reject",
-    "schemas register",
-];
-
-/// For an audited command: its action, its positional arguments (names,
-/// ids, prefixes; never a secret, which commands read from standard input
-/// or the environment) and the database to record it in.
-fn audited_action(args: &[std::ffi::OsString]) -> Option<(String, String, String)> {
-    use clap::CommandFactory;
-    let mut command = Cli::command();
-    let matches = command.clone().try_get_matches_from(args).ok()?;
-    let mut path = Vec::new();
-    let mut leaf = &matches;
-    while let Some((name, sub)) = leaf.subcommand() {
-        path.push(name.to_owned());
-        command = command.find_subcommand(name)?.clone();
-        leaf = sub;
-    }
-    let action = path.join(" ");
-    if !AUDITED.contains(&action.as_str()) {
-        return None;
-    }
-    let target: Vec<String> = command
-        .get_positionals()
-        .filter_map(|arg| leaf.get_raw(arg.get_id().as_str()))
-        .flatten()
-        .map(|value| value.to_string_lossy().into_owned())
-        .collect();
-    let database_url = leaf.get_one::<String>("database_url")?.clone();
-    Some((action, target.join(" "), database_url))
-}
-
-/// Writes the audit record of an operator's command and how it ended.
-async fn record_audit(action: &str, target: &str, database_url: &str, result: &Result<()>) {
-    let actor = std::env::var("BRIDGE_OPERATOR")
-        .or_else(|_| std::env::var("USER"))
-        .map(|name| format!("{name} (cli)"))
-        .unwrap_or_else(|_| "unknown (cli)".to_owned());
-    let outcome = match result {
-        Ok(()) => "ok".to_owned(),
-        Err(error) => format!("error: {error:#}").chars().take(500).collect(),
-    };
-    let settings = PoolSettings { connections_max: 1, ..PoolSettings::default() };
-    let recorded = async {
-        let pool = bridge_store::connect(database_url, &settings).await?;
-        let mut conn = pool.acquire().await?;
-        bridge_store::audit::record(&mut conn, &actor, action, target, "cli", &outcome).await?;
-        anyhow::Ok(())
-    };
-    if let Err(error) = recorded.await {
-        eprintln!("warning: could not write the audit record of `{action}`: {error:#}");
-    }
-}
-
-/// `bridge run --stage validator`, `bridge review retry`: the command as
-/// Postgres is told it (`application_name`), from the parsed subcommands
-/// and stage names only, so no setting's value (a URL with a password) can
-/// reach it.
-fn process_name(args: &[std::ffi::OsString]) -> String {
-    use clap::CommandFactory;
-    let mut words = vec!["bridge".to_owned()];
-    if let Ok(matches) = Cli::command().try_get_matches_from(args) {
-        let mut leaf = &matches;
-        while let Some((name, sub)) = leaf.subcommand() {
-            words.push(name.to_owned());
-            leaf = sub;
-        }
-        if let Ok(Some(stages)) = leaf.try_get_many::<String>("stages") {
-            words.extend(stages.map(|stage| format!("--stage {stage}")));
-        }
-    }
-    // Postgres keeps 63 bytes of it.
-    words.join(" ").chars().take(60).collect()
-}
-
 async fn run() -> Result<()> {
+    use clap::{CommandFactory, FromArgMatches};
     let resolved = config::resolve_args::<Cli>(std::env::args_os().collect())?;
-    bridge_store::set_application_name(&process_name(&resolved.args));
-    let audit = audited_action(&resolved.args);
-    let result = dispatch(&resolved).await;
-    if let Some((action, target, database_url)) = &audit {
-        record_audit(action, target, database_url, &result).await;
-    }
+    let command = Cli::command();
+    // Parsed once: clap reports a bad command line and exits, as parse does.
+    let matches = command.clone().get_matches_from(&resolved.args);
+    let invocation = audit::Invocation::of(&command, &matches);
+    bridge_store::set_application_name(&invocation.process_name());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let result = dispatch(cli, &resolved).await;
+    invocation.record(&result).await;
     result
 }
 
-async fn dispatch(resolved: &config::Resolved) -> Result<()> {
-    let cli = Cli::parse_from(&resolved.args);
+async fn dispatch(cli: Cli, resolved: &config::Resolved) -> Result<()> {
     match cli.command {
         Command::Config(_) => {
             print!("{}", config::render(&config::effective::<Cli>(resolved, "config")?));
@@ -868,24 +762,7 @@ async fn dispatch(resolved: &config::Resolved) -> Result<()> {
         }
         Command::Audit(args) => {
             init_logging("warn");
-            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-            let mut conn = pool.acquire().await?;
-            for record in bridge_store::audit::list(&mut conn, args.limit, args.before).await? {
-                if args.json {
-                    println!("{}", serde_json::to_string(&record)?);
-                } else {
-                    let target = if record.target.is_empty() { String::new() } else { format!(" {}", record.target) };
-                    println!(
-                        "{:>6} {} {} {}{target} from {}: {}",
-                        record.id,
-                        record.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                        record.actor,
-                        record.action,
-                        record.source,
-                        record.outcome
-                    );
-                }
-            }
+            audit::list(args).await?;
         }
     }
     Ok(())
