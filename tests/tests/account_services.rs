@@ -296,6 +296,7 @@ async fn fund_terms_come_from_the_fund_administrator() -> Result<()> {
                 minimum_investment_minor: minimum,
                 seats_max: seats,
                 capacity_minor: capacity,
+                rules: Default::default(),
             };
             bridge_store::simulator::set_fund_terms(&mut conn, "fund", &terms).await?;
             anyhow::Ok(())

@@ -235,6 +235,12 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
         (Method::GET, "/v1/funds/fund".into(), None, [u, u, u, u, S::OK, S::OK, f, S::OK, f, f]),
         (Method::GET, "/v1/investors/ana/history".into(), None, [u, u, u, u, n, S::OK, f, S::OK, f, f]),
         (Method::GET, "/v1/funds/fund/history".into(), None, [u, u, u, u, S::OK, S::OK, f, S::OK, f, f]),
+        (
+            Method::PUT,
+            "/v1/investors/ana/attributes".into(),
+            Some(json!({"residence_country": "DE", "accredited": true})),
+            [u, u, u, u, f, f, f, f, f, S::OK],
+        ),
         (Method::POST, "/v1/callbacks/investor".into(), Some(callback_body), [u, u, u, u, f, f, f, f, S::OK, f]),
         (Method::GET, "/metrics".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),
         (Method::GET, "/v1/admin/notifications/subscriptions".into(), None, [u, u, u, u, f, f, f, f, f, S::OK]),

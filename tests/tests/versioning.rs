@@ -87,6 +87,7 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
         minimum_investment_minor: 200_00,
         seats_max: 10,
         capacity_minor: 1_000_000_00,
+        rules: Default::default(),
     };
     bridge_store::accounts::apply_fund_terms(&mut tx, &fund, &terms).await?;
     tx.commit().await?;

@@ -12,6 +12,7 @@ use serde_json::json;
 
 use bridge_pipeline::dead_letters;
 use bridge_pipeline::reader::{Bound, Range};
+use bridge_store::accounts;
 use bridge_store::notifications::{self, NewSubscription};
 
 use crate::auth::Caller;
@@ -370,6 +371,74 @@ pub async fn audit_log(State(state): State<AppState>, caller: Caller, Query(quer
     let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
     match bridge_store::audit::list(&mut conn, query.limit.unwrap_or(100), query.before).await {
         Ok(items) => Json(json!({"items": items})).into_response(),
+        Err(_) => unavailable(),
+    }
+}
+
+/// What funds' rules read about an investor.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvestorAttributesBody {
+    /// ISO 3166-1 alpha-2 code of the investor's residence, or null for
+    /// unknown (an investor resident nowhere known passes no residence rule).
+    residence_country: Option<String>,
+    accredited: bool,
+    /// The account's version this change was made against (as in its
+    /// history); if the account has changed since, 409 and nothing changes.
+    expected_version: Option<i64>,
+}
+
+/// Sets an investor's residence and accreditation (the attributes funds'
+/// rules read); recorded in the account's history under the caller's name.
+#[utoipa::path(put, path = "/v1/investors/{id}/attributes", tag = "accounts", params(("id" = String, Path)),
+    request_body = InvestorAttributesBody,
+    responses(
+        (status = 200, body = serde_json::Value),
+        (status = 400, description = "A body that is not JSON", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 404, body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The account changed since expected_version", body = crate::responses::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a country code", body = crate::responses::Problem, content_type = "application/problem+json"),
+        crate::responses::Guarded,
+    ), security(("bearer" = [])))]
+pub async fn set_investor_attributes(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<InvestorAttributesBody>,
+) -> Response {
+    if let Err(response) = admin(&caller) {
+        return response;
+    }
+    if !crate::transfers::account_id_ok(&id) {
+        return problem(StatusCode::NOT_FOUND, "Not Found", "no such investor account");
+    }
+    let residence = match body.residence_country.as_deref().map(bridge_domain::CountryCode::parse).transpose() {
+        Ok(residence) => residence,
+        Err(error) => return problem(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Entity", &error.to_string()),
+    };
+    let attributes = bridge_domain::InvestorAttributes { residence, accredited: body.accredited };
+    let Ok(mut tx) = state.ctx.pool.begin().await else { return unavailable() };
+    let actor = format!("key:{} ({})", caller.key_id, caller.name);
+    if bridge_store::set_actor(&mut tx, &actor).await.is_err() {
+        return unavailable();
+    }
+    match accounts::set_investor_attributes(&mut tx, &id, attributes, body.expected_version).await {
+        Ok(Some(version)) => match tx.commit().await {
+            Ok(()) => Json(json!({
+                "investor_account_id": id,
+                "residence_country": residence.map(|code| code.as_str().to_owned()),
+                "accredited": body.accredited,
+                "version": version,
+            }))
+            .into_response(),
+            Err(_) => unavailable(),
+        },
+        Ok(None) => problem(StatusCode::NOT_FOUND, "Not Found", "no such investor account"),
+        Err(bridge_store::Error::Conflict { .. }) => problem(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "the account changed since expected_version; read its history and try again",
+        ),
         Err(_) => unavailable(),
     }
 }

@@ -145,6 +145,7 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .route("/v1/investors/{id}/balance", get(transfers::balance))
         .route("/v1/funds/{id}", get(transfers::fund))
         .route("/v1/investors/{id}/history", get(transfers::investor_history))
+        .route("/v1/investors/{id}/attributes", axum::routing::put(admin::set_investor_attributes))
         .route("/v1/funds/{id}/history", get(transfers::fund_history))
         .route("/v1/callbacks/{service}", post(callback))
         .route("/v1/admin/dead-letters", get(admin::dead_letter_topics))

@@ -43,6 +43,7 @@ impl Modify for Bearer {
         crate::admin::disable,
         crate::admin::redrive_notifications,
         crate::admin::audit_log,
+        crate::admin::set_investor_attributes,
         crate::transfers::investor_history,
         crate::transfers::fund_history,
         crate::reviews::list,

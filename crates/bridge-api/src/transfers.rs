@@ -142,6 +142,10 @@ pub struct FundView {
     capacity_left_minor: i64,
     reserved_minor: i64,
     completed_minor: i64,
+    /// The fund's own criteria: a list of tagged rules (`residence_in`,
+    /// `accredited_only`, `maximum_investment`, `maximum_per_investor`,
+    /// `opens_at`, `closes_at`).
+    rules: serde_json::Value,
 }
 
 fn accepted(transfer_id: Uuid) -> Response {
@@ -494,7 +498,8 @@ pub async fn fund_history(State(state): State<AppState>, caller: Caller, Path(id
     history_of(&state, "funds", &id, "no such fund").await
 }
 
-/// A fund's criteria, seats and capacity left, reserved and completed allocation.
+/// A fund's criteria (its rules among them), seats and capacity left,
+/// reserved and completed allocation.
 #[utoipa::path(get, path = "/v1/funds/{id}", tag = "accounts", params(("id" = String, Path)),
     responses(
         (status = 200, body = FundView),
@@ -521,6 +526,7 @@ pub async fn fund(State(state): State<AppState>, caller: Caller, Path(id): Path<
             capacity_minor: fund.capacity_minor,
             reserved_minor: fund.reserved_minor,
             completed_minor: fund.completed_minor,
+            rules: fund.rules,
         })
         .into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "Not Found", "no such fund"),

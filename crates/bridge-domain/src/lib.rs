@@ -8,6 +8,7 @@
 //! other way round. Keeping it pure is what lets the reconciler and the stages
 //! share one definition of "correct".
 
+pub mod criteria;
 pub mod ids;
 pub mod money;
 pub mod resolution;
@@ -18,6 +19,7 @@ pub mod transfer;
 
 pub use money::{Currency, Money};
 pub use resolution::Resolution;
+pub use criteria::{CountryCode, InvestorAttributes, Rule, RuleError, RuleSet};
 pub use rules::{check_request, AccountSnapshot, FundSnapshot, FundTerms, RequestFacts, RunningBooks};
 pub use step::{Book, Effect, Posting, Step};
 pub use transfer::{FailureReason, RejectReason, TransferEvent, TransferState};

@@ -146,6 +146,19 @@ pub enum RejectReason {
     /// The source is unknown or revoked, or may not move this investor's
     /// money into this fund, or the request names another source.
     SourceNotAllowed,
+    /// The fund's rules: it takes no new money yet.
+    FundNotOpen,
+    /// The fund's rules: it takes no new money any more.
+    FundClosed,
+    /// The fund's rules: the investor's residence is not among its countries.
+    ResidenceNotAllowed,
+    /// The fund's rules: only accredited investors.
+    AccreditationRequired,
+    /// The fund's rules: above its maximum for one investment.
+    AboveMaximumInvestment,
+    /// The fund's rules: the investor's total in the fund would exceed its
+    /// maximum per investor.
+    InvestorLimitExceeded,
 }
 
 impl RejectReason {
@@ -164,6 +177,12 @@ impl RejectReason {
             Self::RequestSignatureInvalid => "REQUEST_SIGNATURE_INVALID",
             Self::RequestSignatureStale => "REQUEST_SIGNATURE_STALE",
             Self::SourceNotAllowed => "SOURCE_NOT_ALLOWED",
+            Self::FundNotOpen => "FUND_NOT_OPEN",
+            Self::FundClosed => "FUND_CLOSED",
+            Self::ResidenceNotAllowed => "RESIDENCE_NOT_ALLOWED",
+            Self::AccreditationRequired => "ACCREDITATION_REQUIRED",
+            Self::AboveMaximumInvestment => "ABOVE_MAXIMUM_INVESTMENT",
+            Self::InvestorLimitExceeded => "INVESTOR_LIMIT_EXCEEDED",
         }
     }
 }

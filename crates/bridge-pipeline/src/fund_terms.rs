@@ -1,5 +1,5 @@
-//! Fund criteria (minimum investment), seats and capacity belong to the fund
-//! administrator; reservations against them belong to us. The settlement
+//! Fund criteria (minimum investment and the fund's rules), seats and
+//! capacity belong to the fund administrator; reservations against them belong to us. The settlement
 //! runner (and `bridge funds sync`) reads each fund's terms from the Fund
 //! Account Service and applies them to the `funds` table, bumping the fund's
 //! version so a validation that read the old terms decides again.
@@ -20,6 +20,11 @@ pub struct SyncReport {
     /// Terms we could not take, with why (e.g. capacity below what is
     /// already reserved).
     pub refused: Vec<(String, String)>,
+    /// Funds whose terms could not be read (the service failed, or answered
+    /// terms that do not parse, such as a rule set that contradicts
+    /// itself): they keep the terms they had, and the other funds are
+    /// still synchronised.
+    pub failed: Vec<(String, String)>,
 }
 
 pub async fn sync(ctx: &StageContext) -> Result<SyncReport> {
@@ -29,9 +34,17 @@ pub async fn sync(ctx: &StageContext) -> Result<SyncReport> {
     };
     let mut report = SyncReport { checked: ids.len(), ..SyncReport::default() };
     for id in ids {
-        let Some(terms) = ctx.services.fund.fund_terms(&id).await? else {
-            report.unknown.push(id);
-            continue;
+        let terms = match ctx.services.fund.fund_terms(&id).await {
+            Ok(Some(terms)) => terms,
+            Ok(None) => {
+                report.unknown.push(id);
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(fund_id = %id, error = %error, "Fund terms could not be read");
+                report.failed.push((id, error.to_string()));
+                continue;
+            }
         };
         let mut tx = ctx.pool.begin().await?;
         bridge_store::set_actor(&mut tx, "fund terms sync").await?;

@@ -422,6 +422,11 @@ impl FundAccountService for HttpAccountServices {
             minimum_investment_minor: i64,
             seats_max: i32,
             capacity_minor: i64,
+            // An administrator that publishes no rules has none; rules that
+            // do not parse make the whole answer unreadable, so the fund
+            // keeps the terms it had rather than half of the new ones.
+            #[serde(default)]
+            rules: bridge_domain::RuleSet,
         }
         let url = Self::url(&self.config.fund_base_url, &format!("fund/v1/funds/{fund_id}"));
         let response = self
@@ -432,15 +437,21 @@ impl FundAccountService for HttpAccountServices {
         match response.status() {
             StatusCode::NOT_FOUND => Ok(None),
             status if status.is_success() => {
-                let terms: Terms = response
-                    .json()
+                // Read, then parsed here: the parser's own message (which
+                // rule, which field) reaches the operator, not only
+                // "error decoding response body".
+                let body = response
+                    .bytes()
                     .await
+                    .map_err(|error| ServiceError::Unavailable(format!("fund terms: {error}")))?;
+                let terms: Terms = serde_json::from_slice(&body)
                     .map_err(|error| ServiceError::Unavailable(format!("unreadable fund terms: {error}")))?;
                 Ok(Some(FundTerms {
                     currency: terms.currency,
                     minimum_investment_minor: terms.minimum_investment_minor,
                     seats_max: terms.seats_max,
                     capacity_minor: terms.capacity_minor,
+                    rules: terms.rules,
                 }))
             }
             status => Err(ServiceError::Unavailable(format!("fund terms: service answered {status}"))),

@@ -7,7 +7,7 @@
 //! | `POST /fund/v1/remittances` | credit a fund account |
 //! | `GET /{service}/v1/operations/{key}` | the result stored under an idempotency key |
 //! | `POST /{service}/v1/operations/{key}/cancel` | void the operation unless it settled (body as for the operation) |
-//! | `GET /fund/v1/funds/{id}` | a fund's terms: currency, minimum investment, seats, capacity |
+//! | `GET /fund/v1/funds/{id}` | a fund's terms: currency, minimum investment, seats, capacity, rules |
 //! | `GET /healthz` | liveness |
 //!
 //! Money-moving calls need an `Idempotency-Key` header and, when the server
@@ -175,6 +175,7 @@ async fn fund_terms(State(state): State<AppState>, headers: HeaderMap, Path(id):
             "minimum_investment_minor": terms.minimum_investment_minor,
             "seats_max": terms.seats_max,
             "capacity_minor": terms.capacity_minor,
+            "rules": terms.rules,
         }))
         .into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "not_found", "no such fund"),

@@ -497,7 +497,7 @@ impl Bank {
     }
 
     /// The fund administrator's terms for `fund_id`.
-    pub async fn fund_terms(&self, fund_id: &str) -> bridge_store::Result<Option<FundTerms>> {
+    pub async fn fund_terms(&self, fund_id: &str) -> bridge_store::Result<Option<simulator::SimFundTerms>> {
         let mut conn = self.pool.acquire().await?;
         simulator::fund_terms(&mut conn, fund_id).await
     }
@@ -629,7 +629,17 @@ impl FundAccountService for InProcessServices {
     }
 
     async fn fund_terms(&self, fund_id: &str) -> Result<Option<FundTerms>, ServiceError> {
-        self.bank.fund_terms(fund_id).await.map_err(|error| ServiceError::Unavailable(error.to_string()))
+        let terms = self.bank.fund_terms(fund_id).await.map_err(|error| ServiceError::Unavailable(error.to_string()))?;
+        let Some(terms) = terms else { return Ok(None) };
+        let rules = serde_json::from_value(terms.rules)
+            .map_err(|error| ServiceError::Unavailable(format!("unreadable fund rules: {error}")))?;
+        Ok(Some(FundTerms {
+            currency: terms.currency,
+            minimum_investment_minor: terms.minimum_investment_minor,
+            seats_max: terms.seats_max,
+            capacity_minor: terms.capacity_minor,
+            rules,
+        }))
     }
 }
 

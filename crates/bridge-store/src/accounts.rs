@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sqlx::PgConnection;
 
-use bridge_domain::{AccountSnapshot, Currency, FundSnapshot, Money};
+use bridge_domain::{AccountSnapshot, CountryCode, Currency, FundSnapshot, InvestorAttributes, Money, RuleSet};
 
 use crate::ledger::{self, Posting};
 use crate::{Error, Result};
@@ -123,14 +123,32 @@ pub struct Versioned<T> {
     pub version: i64,
 }
 
+/// An investor account as the validator reads it.
+type InvestorRow = (String, i64, i64, Option<String>, bool, i64);
+
+const INVESTOR_COLUMNS: &str = "currency, balance_minor, held_minor, residence_country, accredited, version";
+
+fn investor_snapshot((code, balance_minor, held_minor, residence, accredited, _): InvestorRow) -> Result<AccountSnapshot> {
+    let residence = residence
+        .map(|code| CountryCode::parse(&code).map_err(|error| Error::Corrupt(error.to_string())))
+        .transpose()?;
+    Ok(AccountSnapshot {
+        currency: currency(&code)?,
+        balance_minor,
+        held_minor,
+        attributes: InvestorAttributes { residence, accredited },
+    })
+}
+
 pub async fn investor(conn: &mut PgConnection, id: &str) -> Result<Option<Versioned<AccountSnapshot>>> {
-    let row: Option<(String, i64, i64, i64)> =
-        sqlx::query_as("SELECT currency, balance_minor, held_minor, version FROM investor_accounts WHERE id = $1")
+    let row: Option<InvestorRow> =
+        sqlx::query_as(&format!("SELECT {INVESTOR_COLUMNS} FROM investor_accounts WHERE id = $1"))
             .bind(id)
             .fetch_optional(conn)
             .await?;
-    row.map(|(code, balance_minor, held_minor, version)| {
-        Ok(Versioned { value: AccountSnapshot { currency: currency(&code)?, balance_minor, held_minor }, version })
+    row.map(|row| {
+        let version = row.5;
+        Ok(Versioned { value: investor_snapshot(row)?, version })
     })
     .transpose()
 }
@@ -139,17 +157,52 @@ pub async fn investor(conn: &mut PgConnection, id: &str) -> Result<Option<Versio
 /// Not locked: a batch decides on them and `hold_many` re-checks each
 /// account's available balance when it takes the holds.
 pub async fn investors_by_id(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, AccountSnapshot>> {
-    let rows: Vec<(String, String, i64, i64)> =
-        sqlx::query_as("SELECT id, currency, balance_minor, held_minor FROM investor_accounts WHERE id = ANY($1)")
+    let rows: Vec<(String, String, i64, i64, Option<String>, bool, i64)> =
+        sqlx::query_as(&format!("SELECT id, {INVESTOR_COLUMNS} FROM investor_accounts WHERE id = ANY($1)"))
             .persistent(false)
             .bind(ids)
             .fetch_all(conn)
             .await?;
     rows.into_iter()
-        .map(|(id, code, balance_minor, held_minor)| {
-            Ok((id, AccountSnapshot { currency: currency(&code)?, balance_minor, held_minor }))
+        .map(|(id, code, balance, held, residence, accredited, version)| {
+            Ok((id, investor_snapshot((code, balance, held, residence, accredited, version))?))
         })
         .collect()
+}
+
+/// Sets what funds' rules read about an investor: residence (an ISO 3166-1
+/// alpha-2 code, or none) and accreditation. With `expected_version`, only
+/// if the account is still at that version (a conflict otherwise: the
+/// caller read it before someone else changed it). Returns the new version,
+/// or `None` for an unknown account.
+pub async fn set_investor_attributes(
+    conn: &mut PgConnection,
+    id: &str,
+    attributes: InvestorAttributes,
+    expected_version: Option<i64>,
+) -> Result<Option<i64>> {
+    let version: Option<i64> = sqlx::query_scalar(
+        "UPDATE investor_accounts
+         SET residence_country = $2, accredited = $3, version = version + 1, updated_at = now()
+         WHERE id = $1 AND ($4::bigint IS NULL OR version = $4)
+         RETURNING version",
+    )
+    .bind(id)
+    .bind(attributes.residence.map(|code| code.as_str().to_owned()))
+    .bind(attributes.accredited)
+    .bind(expected_version)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if version.is_none() && expected_version.is_some() {
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM investor_accounts WHERE id = $1)")
+            .bind(id)
+            .fetch_one(conn)
+            .await?;
+        if exists {
+            return Err(conflict("investor account", id));
+        }
+    }
+    Ok(version)
 }
 
 /// Holds the amounts of accepted requests, `(investor, amount)` each
@@ -195,13 +248,15 @@ pub struct FundView {
     pub fund_id: String,
     pub account_currency: Currency,
     pub fund: Versioned<FundSnapshot>,
+    /// The fund's own criteria.
+    pub rules: RuleSet,
 }
 
 /// A fund account and the fund behind it.
-type FundViewRow = (String, String, String, String, i64, i32, i32, i64, i64, i64, i64);
+type FundViewRow = (String, String, String, String, i64, i32, i32, i64, i64, i64, i64, serde_json::Value);
 
 const FUND_VIEW: &str = "SELECT a.id, f.id, a.currency, f.currency, f.minimum_investment_minor, f.seats_max,
-        f.investors_count, f.capacity_minor, f.reserved_minor, f.completed_minor, f.version
+        f.investors_count, f.capacity_minor, f.reserved_minor, f.completed_minor, f.version, f.rules
  FROM fund_accounts a JOIN funds f ON f.id = a.fund_id";
 
 fn fund_view(row: FundViewRow) -> Result<(String, FundView)> {
@@ -217,7 +272,12 @@ fn fund_view(row: FundViewRow) -> Result<(String, FundView)> {
         reserved,
         completed,
         version,
+        rules,
     ) = row;
+    // Rules are checked before they are stored (`apply_fund_terms`), so a
+    // row whose rules do not parse was changed behind Bridge's back.
+    let rules: RuleSet = serde_json::from_value(rules)
+        .map_err(|error| Error::Corrupt(format!("fund {fund_id}: its rules do not parse: {error}")))?;
     let fund_currency = currency(&fund_code)?;
     let account_currency = currency(&account_code)?;
     Ok((
@@ -239,6 +299,7 @@ fn fund_view(row: FundViewRow) -> Result<(String, FundView)> {
                 },
                 version,
             },
+            rules,
         },
     ))
 }
@@ -267,8 +328,9 @@ pub struct Allocation {
 }
 
 impl Allocation {
-    pub fn holds_seat(&self) -> bool {
-        self.reserved_minor + self.completed_minor > 0
+    /// What the investor holds in the fund, reserved and completed.
+    pub fn total_minor(&self) -> i64 {
+        self.reserved_minor + self.completed_minor
     }
 }
 
@@ -291,12 +353,16 @@ pub async fn allocation(
     }))
 }
 
-/// Which of these `(fund, investor)` pairs hold a seat in their fund (a
-/// reserved or completed allocation).
-pub async fn seats_held(conn: &mut PgConnection, pairs: &[(&str, &str)]) -> Result<HashSet<(String, String)>> {
+/// What each of these `(fund, investor)` pairs holds in its fund, reserved
+/// and completed; pairs holding nothing are left out (more than zero is a
+/// seat).
+pub async fn allocations_held(
+    conn: &mut PgConnection,
+    pairs: &[(&str, &str)],
+) -> Result<HashMap<(String, String), i64>> {
     let (funds, investors): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT a.fund_id, a.investor_account_id FROM allocations a
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT a.fund_id, a.investor_account_id, a.reserved_minor + a.completed_minor FROM allocations a
          JOIN unnest($1::text[], $2::text[]) AS i(fund_id, investor_account_id)
            ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
          WHERE a.reserved_minor + a.completed_minor > 0",
@@ -306,7 +372,42 @@ pub async fn seats_held(conn: &mut PgConnection, pairs: &[(&str, &str)]) -> Resu
     .bind(&investors)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows.into_iter().map(|(fund, investor, total)| ((fund, investor), total)).collect())
+}
+
+/// Checks, after reserving, that no `(fund, investor, maximum)` pair holds
+/// more than its fund's maximum per investor. The validator decided on a
+/// total it read; two requests of one investor (different transfers, so
+/// perhaps different partitions and processes) may be decided at once, and
+/// unlike seats and capacity the fund's row does not carry this limit. The
+/// reservation has locked the allocation rows and updated them on their
+/// newest versions, so this read sees every reservation committed before
+/// and none can slip in until the caller commits; a total over the maximum
+/// is a conflict, and the caller decides again on fresh data.
+pub async fn check_investor_limits(conn: &mut PgConnection, limits: &[(&str, &str, i64)]) -> Result<()> {
+    if limits.is_empty() {
+        return Ok(());
+    }
+    let funds: Vec<&str> = limits.iter().map(|(fund, _, _)| *fund).collect();
+    let investors: Vec<&str> = limits.iter().map(|(_, investor, _)| *investor).collect();
+    let maxima: Vec<i64> = limits.iter().map(|(_, _, maximum)| *maximum).collect();
+    let over: Option<String> = sqlx::query_scalar(
+        "SELECT a.fund_id || '/' || a.investor_account_id FROM allocations a
+         JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS i(fund_id, investor_account_id, maximum)
+           ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
+         WHERE a.reserved_minor + a.completed_minor > i.maximum
+         LIMIT 1",
+    )
+    .persistent(false)
+    .bind(&funds)
+    .bind(&investors)
+    .bind(&maxima)
+    .fetch_optional(conn)
+    .await?;
+    match over {
+        Some(pair) => Err(conflict("allocation over the fund's maximum per investor", &pair)),
+        None => Ok(()),
+    }
 }
 
 /// One investor's change, in one atomic update under the row's lock: a hold
@@ -669,21 +770,24 @@ pub async fn fund_ids(conn: &mut PgConnection) -> Result<Vec<String>> {
 /// its race and decides again. Terms that the fund's current reservations
 /// already exceed are refused (the CHECK constraints would refuse them too).
 pub async fn apply_fund_terms(conn: &mut PgConnection, fund_id: &str, terms: &FundTerms) -> Result<TermsApplied> {
-    let current: Option<(String, i64, i32, i64, i32, i64)> = sqlx::query_as(
+    let current: Option<(String, i64, i32, i64, i32, i64, serde_json::Value, i64)> = sqlx::query_as(
         "SELECT currency, minimum_investment_minor, seats_max, capacity_minor, investors_count,
-                reserved_minor + completed_minor
+                reserved_minor + completed_minor, rules, version
          FROM funds WHERE id = $1 FOR UPDATE",
     )
     .bind(fund_id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((currency, minimum, seats, capacity, investors, committed)) = current else {
+    let Some((currency, minimum, seats, capacity, investors, committed, rules, version)) = current else {
         return Ok(TermsApplied::Refused("unknown fund".to_owned()));
     };
     if currency.trim() != terms.currency {
         return Ok(TermsApplied::Refused(format!("currency {} differs from {}", terms.currency, currency.trim())));
     }
-    if (minimum, seats, capacity) == (terms.minimum_investment_minor, terms.seats_max, terms.capacity_minor) {
+    let rules_now = serde_json::from_value::<RuleSet>(rules).ok();
+    if (minimum, seats, capacity) == (terms.minimum_investment_minor, terms.seats_max, terms.capacity_minor)
+        && rules_now.as_ref() == Some(&terms.rules)
+    {
         return Ok(TermsApplied::Unchanged);
     }
     if terms.minimum_investment_minor <= 0 || terms.seats_max <= 0 || terms.capacity_minor <= 0 {
@@ -695,15 +799,20 @@ pub async fn apply_fund_terms(conn: &mut PgConnection, fund_id: &str, terms: &Fu
             terms.seats_max, terms.capacity_minor
         )));
     }
+    let rules = serde_json::to_value(&terms.rules)
+        .map_err(|error| Error::Corrupt(format!("fund {fund_id}: rules do not serialise: {error}")))?;
+    // Under the row's lock, so `version + 1` from what was read.
     sqlx::query(
-        "UPDATE funds SET minimum_investment_minor = $2, seats_max = $3, capacity_minor = $4,
-                          version = version + 1, updated_at = now()
+        "UPDATE funds SET minimum_investment_minor = $2, seats_max = $3, capacity_minor = $4, rules = $5,
+                          version = $6 + 1, updated_at = now()
          WHERE id = $1",
     )
     .bind(fund_id)
     .bind(terms.minimum_investment_minor)
     .bind(terms.seats_max)
     .bind(terms.capacity_minor)
+    .bind(rules)
+    .bind(version)
     .execute(conn)
     .await?;
     Ok(TermsApplied::Updated)

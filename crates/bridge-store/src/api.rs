@@ -126,19 +126,21 @@ pub struct FundOverview {
     pub capacity_minor: i64,
     pub reserved_minor: i64,
     pub completed_minor: i64,
+    /// The fund's own criteria, as stored (`bridge_domain::RuleSet`'s form).
+    pub rules: serde_json::Value,
 }
 
 pub async fn fund(conn: &mut PgConnection, id: &str) -> Result<Option<FundOverview>> {
-    let row: Option<(String, String, String, i64, i32, i32, i64, i64, i64)> = sqlx::query_as(
+    let row: Option<(String, String, String, i64, i32, i32, i64, i64, i64, serde_json::Value)> = sqlx::query_as(
         "SELECT id, name, currency, minimum_investment_minor, seats_max, investors_count, capacity_minor,
-                reserved_minor, completed_minor
+                reserved_minor, completed_minor, rules
          FROM funds WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(conn)
     .await?;
     Ok(row.map(
-        |(id, name, currency, minimum_investment_minor, seats_max, investors_count, capacity, reserved, completed)| {
+        |(id, name, currency, minimum_investment_minor, seats_max, investors_count, capacity, reserved, completed, rules)| {
             FundOverview {
                 id,
                 name,
@@ -149,6 +151,7 @@ pub async fn fund(conn: &mut PgConnection, id: &str) -> Result<Option<FundOvervi
                 capacity_minor: capacity,
                 reserved_minor: reserved,
                 completed_minor: completed,
+                rules,
             }
         },
     ))

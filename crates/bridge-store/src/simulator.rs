@@ -160,34 +160,50 @@ fn sim_operation(
 
 /// Publishes a fund's terms at the simulated fund administrator.
 pub async fn set_fund_terms(conn: &mut PgConnection, fund_id: &str, terms: &crate::accounts::FundTerms) -> Result<()> {
+    let rules = serde_json::to_value(&terms.rules).map_err(|error| crate::Error::Corrupt(error.to_string()))?;
     sqlx::query(
-        "INSERT INTO sim_funds (id, currency, minimum_investment_minor, seats_max, capacity_minor)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO sim_funds (id, currency, minimum_investment_minor, seats_max, capacity_minor, rules)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (id) DO UPDATE SET currency = EXCLUDED.currency,
              minimum_investment_minor = EXCLUDED.minimum_investment_minor,
-             seats_max = EXCLUDED.seats_max, capacity_minor = EXCLUDED.capacity_minor",
+             seats_max = EXCLUDED.seats_max, capacity_minor = EXCLUDED.capacity_minor, rules = EXCLUDED.rules",
     )
     .bind(fund_id)
     .bind(&terms.currency)
     .bind(terms.minimum_investment_minor)
     .bind(terms.seats_max)
     .bind(terms.capacity_minor)
+    .bind(rules)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-pub async fn fund_terms(conn: &mut PgConnection, fund_id: &str) -> Result<Option<crate::accounts::FundTerms>> {
-    let row: Option<(String, i64, i32, i64)> = sqlx::query_as(
-        "SELECT currency, minimum_investment_minor, seats_max, capacity_minor FROM sim_funds WHERE id = $1",
+/// A fund's terms at the simulated fund administrator, rules as published
+/// (JSON, not checked here: the administrator's answer is what Bridge must
+/// cope with).
+pub async fn fund_terms(conn: &mut PgConnection, fund_id: &str) -> Result<Option<SimFundTerms>> {
+    let row: Option<(String, i64, i32, i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT currency, minimum_investment_minor, seats_max, capacity_minor, rules FROM sim_funds WHERE id = $1",
     )
     .bind(fund_id)
     .fetch_optional(conn)
     .await?;
-    Ok(row.map(|(currency, minimum_investment_minor, seats_max, capacity_minor)| crate::accounts::FundTerms {
+    Ok(row.map(|(currency, minimum_investment_minor, seats_max, capacity_minor, rules)| SimFundTerms {
         currency: currency.trim().to_owned(),
         minimum_investment_minor,
         seats_max,
         capacity_minor,
+        rules,
     }))
+}
+
+/// A fund's terms as the simulated administrator serves them.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SimFundTerms {
+    pub currency: String,
+    pub minimum_investment_minor: i64,
+    pub seats_max: i32,
+    pub capacity_minor: i64,
+    pub rules: serde_json::Value,
 }

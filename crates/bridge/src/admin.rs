@@ -95,7 +95,10 @@ pub async fn funds_sync(mut args: FundsSyncArgs) -> Result<()> {
     for (fund, reason) in &report.refused {
         println!("refused {fund}: {reason}");
     }
-    if !report.refused.is_empty() {
+    for (fund, error) in &report.failed {
+        println!("could not read {fund}: {error}");
+    }
+    if !report.refused.is_empty() || !report.failed.is_empty() {
         std::process::exit(1);
     }
     Ok(())
@@ -131,5 +134,69 @@ pub async fn reconcile(args: ReconcileArgs) -> Result<()> {
     if !report.ok() {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct InvestorsArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    action: InvestorsAction,
+}
+
+#[derive(clap::Subcommand)]
+enum InvestorsAction {
+    /// An investor's attributes (residence, accreditation) and version.
+    Show {
+        /// The investor account.
+        id: String,
+    },
+    /// Set what funds' rules read about an investor; what is not given
+    /// stays as it is. Recorded in the account's history under
+    /// BRIDGE_OPERATOR (or USER).
+    Attributes {
+        /// The investor account.
+        id: String,
+        /// Residence as an ISO 3166-1 alpha-2 code (`DE`), or `none`.
+        #[arg(long)]
+        residence: Option<String>,
+        /// Whether the investor is accredited.
+        #[arg(long)]
+        accredited: Option<bool>,
+    },
+}
+
+/// `bridge investors`: read and set the attributes funds' rules read.
+pub async fn investors(args: InvestorsArgs) -> Result<()> {
+    let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+    let mut tx = pool.begin().await?;
+    let (id, residence, accredited) = match &args.action {
+        InvestorsAction::Show { id } => (id, None, None),
+        InvestorsAction::Attributes { id, residence, accredited } => (id, residence.as_deref(), *accredited),
+    };
+    let account = bridge_store::accounts::investor(&mut tx, id)
+        .await?
+        .with_context(|| format!("No investor account {id}"))?;
+    let mut attributes = account.value.attributes;
+    let mut version = account.version;
+    if let InvestorsAction::Attributes { .. } = args.action {
+        attributes.residence = match residence {
+            None => attributes.residence,
+            Some("none") => None,
+            Some(code) => Some(bridge_domain::CountryCode::parse(code)?),
+        };
+        attributes.accredited = accredited.unwrap_or(attributes.accredited);
+        let operator = std::env::var("BRIDGE_OPERATOR").or_else(|_| std::env::var("USER")).unwrap_or_default();
+        bridge_store::set_actor(&mut tx, &format!("cli:{}", operator.trim())).await?;
+        // Against the version just read: a change made meanwhile by someone
+        // else is a conflict, not overwritten.
+        version = bridge_store::accounts::set_investor_attributes(&mut tx, id, attributes, Some(version))
+            .await?
+            .with_context(|| format!("No investor account {id}"))?;
+    }
+    tx.commit().await?;
+    let residence = attributes.residence.map_or_else(|| "none".to_owned(), |code| code.to_string());
+    println!("{id}: residence {residence}, accredited {}, version {version}", attributes.accredited);
     Ok(())
 }

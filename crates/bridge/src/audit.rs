@@ -12,7 +12,7 @@ use crate::Common;
 
 /// What an operator changes at the command line, written to the audit log
 /// (the API records its own): the subcommand path, as `keys revoke`.
-const AUDITED: [&str; 18] = [
+const AUDITED: [&str; 19] = [
     "keys create",
     "keys revoke",
     "sources add",
@@ -31,6 +31,7 @@ const AUDITED: [&str; 18] = [
     "review approve",
     "review reject",
     "schemas register",
+    "investors attributes",
 ];
 
 /// One run of `bridge`, from its parsed command line only: subcommands,

@@ -412,6 +412,9 @@ enum Command {
     /// Read every fund's criteria, seats and capacity from the Fund Account
     /// Service now (the settlement runner also does it on a schedule).
     FundsSync(FundsSyncArgs),
+    /// Read and set investors' attributes (residence, accreditation), which
+    /// funds' rules read.
+    Investors(admin::InvestorsArgs),
     /// Re-drive a range of a stage's input topic through the stage (safe for
     /// any range: repeats are no-ops). Never moves the live groups' offsets.
     Replay(ops::ReplayArgs),
@@ -735,6 +738,10 @@ async fn dispatch(cli: Cli, resolved: &config::Resolved) -> Result<()> {
         Command::FundsSync(args) => {
             init_logging("warn");
             admin::funds_sync(args).await?;
+        }
+        Command::Investors(args) => {
+            init_logging("warn");
+            admin::investors(args).await?;
         }
         Command::Replay(args) => {
             init_logging("warn");

@@ -1160,3 +1160,35 @@ async fn operator_commands_are_audited_and_the_audit_log_is_append_only() -> Res
     }
     Ok(())
 }
+
+/// `bridge investors attributes`: residence and accreditation set from the
+/// command line, what was not given kept, a code that is not a country
+/// refused, each change in the account's history under the operator's name
+/// and in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn investors_attributes_are_set_from_the_command_line_and_kept_in_history() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("ivo", 1_000_00).await?;
+    let env = [("DATABASE_URL", kit.database_url.as_str()), ("BRIDGE_OPERATOR", "alice")];
+    let shown = bridge(&["investors", "show", "ivo"], &env, None)?;
+    ensure!(shown.trim() == "ivo: residence none, accredited false, version 1", "{shown}");
+    let set = bridge(&["investors", "attributes", "ivo", "--residence", "DE"], &env, None)?;
+    ensure!(set.trim() == "ivo: residence DE, accredited false, version 2", "{set}");
+    let set = bridge(&["investors", "attributes", "ivo", "--accredited", "true"], &env, None)?;
+    ensure!(set.trim() == "ivo: residence DE, accredited true, version 3", "{set}");
+    ensure!(bridge(&["investors", "attributes", "ivo", "--residence", "XX"], &env, None).is_err(), "XX accepted");
+    ensure!(bridge(&["investors", "attributes", "nobody", "--residence", "DE"], &env, None).is_err());
+    let actors: Vec<String> = sqlx::query_scalar(
+        "SELECT actor FROM model_history WHERE model = 'investor_accounts' AND key = 'ivo' AND version > 1 ORDER BY id",
+    )
+    .fetch_all(&kit.pool)
+    .await?;
+    ensure!(actors == ["cli:alice", "cli:alice"], "{actors:?}");
+    let audited: Vec<(String, String)> =
+        sqlx::query_as("SELECT target, outcome FROM audit_log WHERE action = 'investors attributes' ORDER BY id")
+            .fetch_all(&kit.pool)
+            .await?;
+    ensure!(audited.len() == 4 && audited[0] == ("ivo".to_owned(), "ok".to_owned()), "{audited:?}");
+    ensure!(audited[2].1.starts_with("error:") && audited[3].1.starts_with("error:"), "{audited:?}");
+    Ok(())
+}

@@ -3,6 +3,8 @@
 //! partition's queued ones set-based.
 
 use super::*;
+use bridge_domain::rules::FundRead;
+use bridge_domain::RuleSet;
 
 /// Validator: decides the request and, if it may proceed, holds the
 /// investor's funds and reserves the fund allocation in the same transaction
@@ -47,7 +49,9 @@ pub(super) async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Ou
             currency: &candidate.currency,
             investor: investor.map(|row| row.value),
             fund: fund.as_ref().map(|view| view.fund.value),
-            investor_holds_seat: allocation.is_some_and(|row| row.value.holds_seat()),
+            rules: fund.as_ref().map_or(RuleSet::none(), |view| &view.rules),
+            investor_committed_minor: allocation.map_or(0, |row| row.value.total_minor()),
+            now: Utc::now(),
         })
     });
 
@@ -71,6 +75,12 @@ pub(super) async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Ou
     // limits as they are now: books that changed since the read above are a
     // lost race, and the request is decided again.
     books::apply(&mut tx, &[(&requested, event.effect(requested.amount_minor))]).await?;
+    if let (TransferEvent::Validated, Some(view)) = (&event, &fund) {
+        if let Some(maximum) = view.rules.maximum_per_investor() {
+            let limit = [(view.fund_id.as_str(), requested.investor_account_id.as_str(), maximum)];
+            accounts::check_investor_limits(&mut tx, &limit).await?;
+        }
+    }
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
     Ok(Outcome::Applied)
@@ -189,7 +199,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
             Some((fund.fund_id.as_str(), requested.investor_account_id.as_str()))
         })
         .collect();
-    let seats = accounts::seats_held(&mut tx, &pairs).await?;
+    let held = accounts::allocations_held(&mut tx, &pairs).await?;
 
     // Only requests that are all authentic take the batch; a rejected one
     // is decided one by one.
@@ -202,16 +212,24 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
             }
         }
     }
-    let mut books = bridge_domain::RunningBooks::new(investors, seats);
+    let mut books = bridge_domain::RunningBooks::new(investors, held);
     let mut decided = Vec::with_capacity(requests.len());
+    let mut limits = Vec::new();
+    let now = Utc::now();
     for (_, requested) in requests {
         let fund = funds.get(&requested.fund_account_id);
         let decision = books.decide(
             &requested.investor_account_id,
-            fund.map(|view| (view.fund_id.as_str(), view.fund.value)),
+            fund.map(|view| FundRead { id: &view.fund_id, snapshot: view.fund.value, rules: &view.rules }),
             requested.amount_minor,
             &requested.currency,
+            now,
         );
+        if let (Ok(()), Some(view)) = (decision, fund) {
+            if let Some(maximum) = view.rules.maximum_per_investor() {
+                limits.push((view.fund_id.as_str(), requested.investor_account_id.as_str(), maximum));
+            }
+        }
         let event = match decision {
             Ok(()) => TransferEvent::Validated,
             Err(reason) => TransferEvent::Rejected(reason),
@@ -231,6 +249,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
     let changes: Vec<_> =
         decided.iter().map(|(requested, event)| (requested, event.effect(requested.amount_minor))).collect();
     books::apply(&mut tx, &changes).await?;
+    accounts::check_investor_limits(&mut tx, &limits).await?;
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
     Ok(true)
