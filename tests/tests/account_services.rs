@@ -663,6 +663,7 @@ async fn money_steps_send_their_trace_context_to_the_service() -> Result<()> {
         account_id: "inv".to_owned(),
         amount: bridge_domain::Money::new(100, bridge_domain::Currency::parse("EUR")?),
         traceparent: Some(traceparent.to_owned()),
+        bank_access: None,
     };
     // The receiver is no bank: whatever it answers, the request was made.
     let _ = services.investor.withdraw(&movement).await;

@@ -235,6 +235,7 @@ async fn every_endpoint_is_protected_as_the_matrix_says() -> Result<()> {
         (Method::GET, "/v1/funds/fund".into(), None, [u, u, u, u, S::OK, S::OK, f, S::OK, f, f]),
         (Method::GET, "/v1/investors/ana/history".into(), None, [u, u, u, u, n, S::OK, f, S::OK, f, f]),
         (Method::GET, "/v1/funds/fund/history".into(), None, [u, u, u, u, S::OK, S::OK, f, S::OK, f, f]),
+        (Method::GET, "/v1/investors/ana/bank-access".into(), None, [u, u, u, u, n, n, n, f, f, n]),
         (
             Method::PUT,
             "/v1/investors/ana/attributes".into(),
@@ -684,4 +685,58 @@ async fn the_small_holes_are_closed_and_key_guessing_is_throttled() -> Result<()
     ensure!(metrics.contains(r#"bridge_api_auth_failures_total{reason="wrong_secret"} 5"#), "{metrics}");
     ensure!(metrics.contains(r#"bridge_api_auth_failures_total{reason="throttled"} 1"#), "{metrics}");
     api.stop().await
+}
+
+/// An investor's bank access through the API: written by the investor's
+/// own app (a bound `transfers:write` key) or an admin, never read back
+/// (only its metadata), refused for another investor, revoked by DELETE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_access_is_write_only_and_bound_to_its_investor() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("ana", 10_000_00).await?;
+    kit.seed_investor("bob", 10_000_00).await?;
+    let mut config = ApiConfig::new();
+    config.keyring =
+        Some(std::sync::Arc::new(bridge_secrets::Keyring::parse(&bridge_secrets::Keyring::generate_entry("k1"))?));
+    let api = api(&kit, config).await?;
+    let client = Client::new(&api);
+    let ana = key(&kit, &["transfers:write", "transfers:read"], Some("ana")).await?;
+    let reader = key(&kit, &["transfers:read"], Some("ana")).await?;
+    let admin = key(&kit, &["admin"], None).await?;
+    let token = "obtok_7c1d2e3f4a5b6c7d8e9f";
+    let body = json!({"access_token": token, "consent_id": "consent-42", "scopes": ["payments"],
+                      "expires_at": "2027-06-01T00:00:00Z"});
+
+    let (status, shown) =
+        client.call(Method::PUT, "/v1/investors/ana/bank-access", Some(&ana), None, Some(&body)).await?;
+    ensure!(status == StatusCode::OK, "{status} {shown}");
+    ensure!(shown["present"] == true && shown["consent_id"] == "consent-42", "{shown}");
+    ensure!(!shown.to_string().contains(token), "the token came back: {shown}");
+    let (status, _) = client.call(Method::PUT, "/v1/investors/bob/bank-access", Some(&ana), None, Some(&body)).await?;
+    ensure!(status == StatusCode::NOT_FOUND, "another investor's access: {status}");
+    let (status, _) =
+        client.call(Method::PUT, "/v1/investors/ana/bank-access", Some(&reader), None, Some(&body)).await?;
+    ensure!(status == StatusCode::FORBIDDEN, "a read-only key: {status}");
+    let empty = json!({"access_token": "", "consent_id": "c"});
+    let (status, _) = client.call(Method::PUT, "/v1/investors/ana/bank-access", Some(&ana), None, Some(&empty)).await?;
+    ensure!(status == StatusCode::UNPROCESSABLE_ENTITY, "an empty token: {status}");
+
+    let (status, shown) = client.call(Method::GET, "/v1/investors/ana/bank-access", Some(&admin), None, None).await?;
+    ensure!(status == StatusCode::OK && shown["expires_at"] == "2027-06-01T00:00:00Z", "{status} {shown}");
+    ensure!(!shown.to_string().contains(token), "the token came back: {shown}");
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT ciphertext FROM credentials WHERE name = $1")
+        .bind(bridge_store::bank_access::credential_name("ana"))
+        .fetch_one(&kit.pool)
+        .await?;
+    ensure!(!stored.windows(token.len()).any(|window| window == token.as_bytes()), "stored in clear");
+
+    let (status, shown) = client.call(Method::DELETE, "/v1/investors/ana/bank-access", Some(&ana), None, None).await?;
+    ensure!(status == StatusCode::OK && shown["present"] == false && !shown["revoked_at"].is_null(), "{shown}");
+    let (status, _) = client.call(Method::DELETE, "/v1/investors/ana/bank-access", Some(&ana), None, None).await?;
+    ensure!(status == StatusCode::NOT_FOUND, "revoked twice: {status}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM credentials WHERE name LIKE 'investor-bank-access/%'")
+        .fetch_one(&kit.pool)
+        .await?;
+    ensure!(left == 0, "the revoked token is still stored");
+    Ok(())
 }

@@ -151,12 +151,8 @@ async fn residence_and_per_investor_rules_decide_requests_end_to_end() -> Result
 
     // Rules that contradict themselves are refused as a whole; the fund
     // keeps the ones it had and the other funds are still read.
-    publish_terms(
-        &kit,
-        &fund,
-        json!([{"rule": "residence_in", "countries": ["XX"]}, {"rule": "accredited_only"}]),
-    )
-    .await?;
+    publish_terms(&kit, &fund, json!([{"rule": "residence_in", "countries": ["XX"]}, {"rule": "accredited_only"}]))
+        .await?;
     let report = bridge_pipeline::fund_terms::sync(pipeline.context()).await?;
     ensure!(
         report.updated.is_empty() && report.failed.len() == 1 && report.failed[0].1.contains("ISO 3166"),

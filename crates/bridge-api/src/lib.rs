@@ -50,6 +50,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bank_access;
 pub mod openapi;
 pub mod responses;
 pub mod reviews;
@@ -146,6 +147,10 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .route("/v1/funds/{id}", get(transfers::fund))
         .route("/v1/investors/{id}/history", get(transfers::investor_history))
         .route("/v1/investors/{id}/attributes", axum::routing::put(admin::set_investor_attributes))
+        .route(
+            "/v1/investors/{id}/bank-access",
+            axum::routing::put(bank_access::put).get(bank_access::get).delete(bank_access::revoke),
+        )
         .route("/v1/funds/{id}/history", get(transfers::fund_history))
         .route("/v1/callbacks/{service}", post(callback))
         .route("/v1/admin/dead-letters", get(admin::dead_letter_topics))

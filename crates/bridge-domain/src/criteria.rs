@@ -281,10 +281,16 @@ mod tests {
 
         for (json, why) in [
             (r#"[{"rule": "maximum_investment", "maximum_minor": 0}]"#, "positive"),
-            (r#"[{"rule": "maximum_investment", "maximum_minor": 5}, {"rule": "maximum_investment", "maximum_minor": 6}]"#, "more than one"),
+            (
+                r#"[{"rule": "maximum_investment", "maximum_minor": 5}, {"rule": "maximum_investment", "maximum_minor": 6}]"#,
+                "more than one",
+            ),
             (r#"[{"rule": "residence_in", "countries": []}]"#, "no countries"),
             (r#"[{"rule": "residence_in", "countries": ["XX"]}]"#, "ISO 3166"),
-            (r#"[{"rule": "opens_at", "at": "2027-01-01T00:00:00Z"}, {"rule": "closes_at", "at": "2026-01-01T00:00:00Z"}]"#, "closes"),
+            (
+                r#"[{"rule": "opens_at", "at": "2027-01-01T00:00:00Z"}, {"rule": "closes_at", "at": "2026-01-01T00:00:00Z"}]"#,
+                "closes",
+            ),
             (r#"[{"rule": "minimum_age", "years": 18}]"#, "unknown variant"),
             (r#"[{"rule": "accredited_only", "strict": true}]"#, "unknown field"),
             (r#"{"rule": "accredited_only"}"#, "sequence"),

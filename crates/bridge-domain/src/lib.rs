@@ -17,9 +17,9 @@ pub mod step;
 pub mod text;
 pub mod transfer;
 
+pub use criteria::{CountryCode, InvestorAttributes, Rule, RuleError, RuleSet};
 pub use money::{Currency, Money};
 pub use resolution::Resolution;
-pub use criteria::{CountryCode, InvestorAttributes, Rule, RuleError, RuleSet};
 pub use rules::{check_request, AccountSnapshot, FundSnapshot, FundTerms, RequestFacts, RunningBooks};
 pub use step::{Book, Effect, Posting, Step};
 pub use transfer::{FailureReason, RejectReason, TransferEvent, TransferState};

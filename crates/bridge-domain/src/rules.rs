@@ -321,7 +321,12 @@ mod tests {
                 Err(RejectReason::FundNotOpen),
             ),
             ("opens now", vec![Rule::OpensAt { at: at("2026-06-01T00:00:00Z") }], |_| {}, Ok(())),
-            ("closes now", vec![Rule::ClosesAt { at: at("2026-06-01T00:00:00Z") }], |_| {}, Err(RejectReason::FundClosed)),
+            (
+                "closes now",
+                vec![Rule::ClosesAt { at: at("2026-06-01T00:00:00Z") }],
+                |_| {},
+                Err(RejectReason::FundClosed),
+            ),
             ("closes later", vec![Rule::ClosesAt { at: at("2026-06-01T00:00:01Z") }], |_| {}, Ok(())),
             // The fixed checks come first, the investor's money last.
             (
@@ -514,9 +519,9 @@ mod tests {
                 let mut rules = Vec::new();
                 rules.extend(maximum.map(|maximum_minor| Rule::MaximumInvestment { maximum_minor }));
                 rules.extend(per_investor.map(|maximum_minor| Rule::MaximumPerInvestor { maximum_minor }));
-                rules.extend(residence.map(|codes| Rule::ResidenceIn {
-                    countries: codes.into_iter().map(country).collect(),
-                }));
+                rules.extend(
+                    residence.map(|codes| Rule::ResidenceIn { countries: codes.into_iter().map(country).collect() }),
+                );
                 if accredited {
                     rules.push(Rule::AccreditedOnly {});
                 }

@@ -43,6 +43,9 @@ pub struct StageContext {
     pub(crate) groups: Groups,
     /// Set when requests must be signed by a registered source.
     pub request_verifier: Option<Arc<crate::sources::RequestVerifier>>,
+    /// Opens investors' bank access for their withdrawals; without it
+    /// withdrawals carry none.
+    pub keyring: Option<Arc<bridge_secrets::Keyring>>,
 }
 
 impl std::ops::Deref for StageContext {

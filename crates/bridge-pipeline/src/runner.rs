@@ -52,7 +52,7 @@ impl Pipeline {
         let relay_waker = RelayWaker::new(pool.clone());
         let groups = Groups::new(&config);
         let runtime = Arc::new(Runtime { pool, topics, config, source: "/bridge".to_owned(), registry, relay_waker });
-        Self { ctx: Arc::new(StageContext { runtime, services, groups, request_verifier: None }) }
+        Self { ctx: Arc::new(StageContext { runtime, services, groups, request_verifier: None, keyring: None }) }
     }
 
     /// Requires every request from Kafka to be signed by a registered
@@ -61,6 +61,16 @@ impl Pipeline {
         let verifier = Arc::new(crate::sources::RequestVerifier::new(self.ctx.pool.clone(), keyring));
         match Arc::get_mut(&mut self.ctx) {
             Some(ctx) => ctx.request_verifier = Some(verifier),
+            None => unreachable!("the context is shared only once the pipeline runs"),
+        }
+        self
+    }
+
+    /// Opens investors' bank access with `keyring`, so each withdrawal
+    /// carries the access of the investor whose money moves.
+    pub fn with_keyring(mut self, keyring: Arc<bridge_secrets::Keyring>) -> Self {
+        match Arc::get_mut(&mut self.ctx) {
+            Some(ctx) => ctx.keyring = Some(keyring),
             None => unreachable!("the context is shared only once the pipeline runs"),
         }
         self

@@ -186,6 +186,18 @@ impl HttpAccountServices {
         if let Some(traceparent) = &movement.traceparent {
             request = request.header("traceparent", traceparent);
         }
+        if let Some(access) = &movement.bank_access {
+            // Marked sensitive so no HTTP-level logging prints it.
+            match reqwest::header::HeaderValue::from_str(access.expose()) {
+                Ok(mut value) => {
+                    value.set_sensitive(true);
+                    request = request.header("Bank-Access", value);
+                }
+                Err(_) => {
+                    tracing::warn!(idempotency_key = %movement.idempotency_key, "An investor's bank access is not a valid header value; sent without it")
+                }
+            }
+        }
         match request.send().await {
             Ok(response) => classify(response).await,
             // Nothing reached the service.
@@ -481,6 +493,7 @@ mod tests {
             account_id: "inv-1".to_owned(),
             amount: bridge_domain::Money::new(100, bridge_domain::Currency::parse("EUR").expect("EUR")),
             traceparent: None,
+            bank_access: None,
         }
     }
 

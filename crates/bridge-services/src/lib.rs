@@ -21,6 +21,36 @@ use uuid::Uuid;
 pub use bridge_domain::FundTerms;
 use bridge_domain::Money;
 
+/// An investor's own access to their bank account (an open-banking access
+/// token), sent with a withdrawal from that account. Opened from the
+/// credentials store only for the call; prints as `[REDACTED]`.
+#[derive(Clone)]
+pub struct BankAccess(secrecy::SecretString);
+
+impl BankAccess {
+    pub fn new(token: secrecy::SecretString) -> Self {
+        Self(token)
+    }
+
+    pub fn expose(&self) -> &str {
+        secrecy::ExposeSecret::expose_secret(&self.0)
+    }
+}
+
+impl std::fmt::Debug for BankAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BankAccess([REDACTED])")
+    }
+}
+
+impl PartialEq for BankAccess {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for BankAccess {}
+
 /// One movement of money at an outside service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MoneyMovement {
@@ -31,6 +61,9 @@ pub struct MoneyMovement {
     /// The W3C trace context of the step, sent so the service's spans join
     /// the transfer's trace.
     pub traceparent: Option<String>,
+    /// The investor's own bank access, on a withdrawal from an investor
+    /// who gave Bridge one (None otherwise, and on every other step).
+    pub bank_access: Option<BankAccess>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //!
 //! | route | does |
 //! | --- | --- |
-//! | `POST /investor/v1/withdrawals` | debit an investor's account |
+//! | `POST /investor/v1/withdrawals` | debit an investor's account; from an account linked with a consent, only with a valid `Bank-Access` token of that account (else declined `BANK_ACCESS_EXPIRED` or `BANK_ACCESS_INVALID`) |
 //! | `POST /investor/v1/refunds` | credit it back |
 //! | `POST /fund/v1/remittances` | credit a fund account |
 //! | `GET /{service}/v1/operations/{key}` | the result stored under an idempotency key |
@@ -82,7 +82,7 @@ fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
     left.len() == right.len() && left.iter().zip(right).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
-async fn execute(state: AppState, operation: Operation, headers: HeaderMap, request: OperationRequest) -> Response {
+async fn execute(state: AppState, operation: Operation, headers: HeaderMap, mut request: OperationRequest) -> Response {
     if !authorised(&state, &headers) {
         return problem(StatusCode::UNAUTHORIZED, "unauthorised", "missing or wrong bearer token");
     }
@@ -93,6 +93,7 @@ async fn execute(state: AppState, operation: Operation, headers: HeaderMap, requ
     if request.amount_minor <= 0 {
         return problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount", "amount_minor must be positive");
     }
+    request.bank_access = headers.get("bank-access").and_then(|value| value.to_str().ok()).map(str::to_owned);
     reply(state.bank.execute(operation, key, &request).await)
 }
 

@@ -158,6 +158,10 @@ pub struct OperationRequest {
     pub currency: String,
     #[serde(default)]
     pub transfer_id: String,
+    /// The investor's own access a withdrawal carried (the `Bank-Access`
+    /// header over HTTP), never part of the body.
+    #[serde(skip)]
+    pub bank_access: Option<String>,
 }
 
 /// The stored result of an operation, as the services report it.
@@ -385,6 +389,20 @@ impl Bank {
         if status == "unknown" {
             return Ok(Err(Reply::UnknownAccount));
         }
+        // A bank checks the investor's consent before it looks at the
+        // money; only a withdrawal needs one, and only from an account
+        // linked with a consent.
+        let access = match operation {
+            Operation::Withdrawal => {
+                simulator::check_bank_access(&mut conn, key, &request.account_id, request.bank_access.as_deref())
+                    .await?
+            }
+            _ => simulator::AccessVerdict::NotRequired,
+        };
+        let refused = match access {
+            simulator::AccessVerdict::Refused { code, .. } => Some(code),
+            _ => None,
+        };
         let faults = self.plan.for_operation(operation);
         // Permanent outcomes depend on the key only, never on the attempt:
         // asking again gives the same answer.
@@ -401,12 +419,12 @@ impl Bank {
         // a frozen account, so only debits and deposits check for a freeze.
         // An account being closed ("no_credits") still honours debits but
         // refuses money coming in.
-        let decline = match status.as_str() {
+        let decline = refused.or(match status.as_str() {
             "frozen" if operation != Operation::Refund => Some("ACCOUNT_FROZEN"),
             "closed" => Some("ACCOUNT_CLOSED"),
             "no_credits" if operation.is_credit() => Some("ACCOUNT_NO_CREDITS"),
             _ => injected,
-        };
+        });
         let requested = SimOperation {
             idempotency_key: key.to_owned(),
             operation: operation.as_str().to_owned(),
@@ -589,6 +607,7 @@ fn request_of(movement: &MoneyMovement) -> OperationRequest {
         amount_minor: movement.amount.amount_minor,
         currency: movement.amount.currency.to_string(),
         transfer_id: movement.transfer_id.to_string(),
+        bank_access: movement.bank_access.as_ref().map(|access| access.expose().to_owned()),
     }
 }
 
@@ -629,7 +648,8 @@ impl FundAccountService for InProcessServices {
     }
 
     async fn fund_terms(&self, fund_id: &str) -> Result<Option<FundTerms>, ServiceError> {
-        let terms = self.bank.fund_terms(fund_id).await.map_err(|error| ServiceError::Unavailable(error.to_string()))?;
+        let terms =
+            self.bank.fund_terms(fund_id).await.map_err(|error| ServiceError::Unavailable(error.to_string()))?;
         let Some(terms) = terms else { return Ok(None) };
         let rules = serde_json::from_value(terms.rules)
             .map_err(|error| ServiceError::Unavailable(format!("unreadable fund rules: {error}")))?;

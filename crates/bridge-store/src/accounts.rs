@@ -128,7 +128,9 @@ type InvestorRow = (String, i64, i64, Option<String>, bool, i64);
 
 const INVESTOR_COLUMNS: &str = "currency, balance_minor, held_minor, residence_country, accredited, version";
 
-fn investor_snapshot((code, balance_minor, held_minor, residence, accredited, _): InvestorRow) -> Result<AccountSnapshot> {
+fn investor_snapshot(
+    (code, balance_minor, held_minor, residence, accredited, _): InvestorRow,
+) -> Result<AccountSnapshot> {
     let residence = residence
         .map(|code| CountryCode::parse(&code).map_err(|error| Error::Corrupt(error.to_string())))
         .transpose()?;

@@ -140,7 +140,18 @@ pub async fn fund(conn: &mut PgConnection, id: &str) -> Result<Option<FundOvervi
     .fetch_optional(conn)
     .await?;
     Ok(row.map(
-        |(id, name, currency, minimum_investment_minor, seats_max, investors_count, capacity, reserved, completed, rules)| {
+        |(
+            id,
+            name,
+            currency,
+            minimum_investment_minor,
+            seats_max,
+            investors_count,
+            capacity,
+            reserved,
+            completed,
+            rules,
+        )| {
             FundOverview {
                 id,
                 name,

@@ -45,6 +45,12 @@ pub async fn get_for_update(conn: &mut PgConnection, name: &str) -> Result<Optio
     fetch(conn, name, true).await
 }
 
+/// Deletes credential `name`; nothing if there is none.
+pub async fn delete(conn: &mut PgConnection, name: &str) -> Result<()> {
+    sqlx::query("DELETE FROM credentials WHERE name = $1").bind(name).execute(conn).await?;
+    Ok(())
+}
+
 /// Names and master key ids, for listing.
 pub async fn list(conn: &mut PgConnection) -> Result<Vec<(String, String)>> {
     Ok(sqlx::query_as("SELECT name, key_id FROM credentials ORDER BY name").fetch_all(conn).await?)

@@ -27,6 +27,7 @@
 pub mod accounts;
 pub mod api;
 pub mod audit;
+pub mod bank_access;
 pub mod books;
 pub mod callbacks;
 pub mod credentials;

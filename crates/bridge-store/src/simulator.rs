@@ -207,3 +207,127 @@ pub struct SimFundTerms {
     pub capacity_minor: i64,
     pub rules: serde_json::Value,
 }
+
+/// Issues a consent at the simulated bank for `account_id`: the bank keeps
+/// the token's SHA-256 only. From then on a withdrawal from that account
+/// must carry a valid consent of its own.
+pub async fn issue_consent(
+    conn: &mut PgConnection,
+    account_id: &str,
+    consent_id: &str,
+    token: &str,
+    expires_at: chrono::DateTime<chrono::Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO sim_bank_consents (token_sha256, consent_id, account_id, expires_at)
+         VALUES (sha256(convert_to($1, 'UTF8')), $2, $3, $4)",
+    )
+    .bind(token)
+    .bind(consent_id)
+    .bind(account_id)
+    .bind(expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn revoke_consent(conn: &mut PgConnection, consent_id: &str) -> Result<()> {
+    sqlx::query("UPDATE sim_bank_consents SET revoked_at = now() WHERE consent_id = $1")
+        .bind(consent_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// What the simulated bank makes of the access a withdrawal carried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessVerdict {
+    /// The account was never linked with a consent: the service token is
+    /// enough, as for a direct-debit mandate.
+    NotRequired,
+    /// A valid consent of this account.
+    Valid { consent_id: String },
+    /// Declined with `code`: `BANK_ACCESS_EXPIRED` (none carried, expired or
+    /// revoked: the investor must reconnect) or `BANK_ACCESS_INVALID` (a
+    /// token the bank never issued, or another account's).
+    Refused { code: &'static str, consent_id: Option<String> },
+}
+
+impl AccessVerdict {
+    fn label(&self) -> &'static str {
+        match self {
+            AccessVerdict::NotRequired => "not_required",
+            AccessVerdict::Valid { .. } => "valid",
+            AccessVerdict::Refused { code, .. } => code,
+        }
+    }
+}
+
+/// Checks the access a withdrawal under `key` from `account_id` carried,
+/// and records what the bank saw (`sim_bank_access_seen`).
+pub async fn check_bank_access(
+    conn: &mut PgConnection,
+    key: &str,
+    account_id: &str,
+    token: Option<&str>,
+) -> Result<AccessVerdict> {
+    let linked: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sim_bank_consents WHERE account_id = $1)")
+        .bind(account_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let verdict = match token {
+        _ if !linked => AccessVerdict::NotRequired,
+        None => AccessVerdict::Refused { code: "BANK_ACCESS_EXPIRED", consent_id: None },
+        Some(token) => {
+            let consent: Option<(String, String, bool)> = sqlx::query_as(
+                "SELECT consent_id, account_id, revoked_at IS NULL AND expires_at > now()
+                 FROM sim_bank_consents WHERE token_sha256 = sha256(convert_to($1, 'UTF8'))",
+            )
+            .bind(token)
+            .fetch_optional(&mut *conn)
+            .await?;
+            match consent {
+                None => AccessVerdict::Refused { code: "BANK_ACCESS_INVALID", consent_id: None },
+                Some((consent_id, owner, _)) if owner != account_id => {
+                    AccessVerdict::Refused { code: "BANK_ACCESS_INVALID", consent_id: Some(consent_id) }
+                }
+                Some((consent_id, _, false)) => {
+                    AccessVerdict::Refused { code: "BANK_ACCESS_EXPIRED", consent_id: Some(consent_id) }
+                }
+                Some((consent_id, _, true)) => AccessVerdict::Valid { consent_id },
+            }
+        }
+    };
+    if verdict != AccessVerdict::NotRequired {
+        let consent_id = match &verdict {
+            AccessVerdict::Valid { consent_id } => Some(consent_id.clone()),
+            AccessVerdict::Refused { consent_id, .. } => consent_id.clone(),
+            AccessVerdict::NotRequired => None,
+        };
+        sqlx::query(
+            "INSERT INTO sim_bank_access_seen (idempotency_key, account_id, consent_id, verdict)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(key)
+        .bind(account_id)
+        .bind(consent_id)
+        .bind(verdict.label())
+        .execute(conn)
+        .await?;
+    }
+    Ok(verdict)
+}
+
+/// What the simulated bank saw on each withdrawal of `account_id`, in
+/// order: `(idempotency key, consent id, verdict)`.
+pub async fn bank_access_seen(
+    conn: &mut PgConnection,
+    account_id: &str,
+) -> Result<Vec<(String, Option<String>, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT idempotency_key, consent_id, verdict FROM sim_bank_access_seen WHERE account_id = $1 ORDER BY id",
+    )
+    .bind(account_id)
+    .fetch_all(conn)
+    .await?)
+}

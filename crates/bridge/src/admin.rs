@@ -175,9 +175,8 @@ pub async fn investors(args: InvestorsArgs) -> Result<()> {
         InvestorsAction::Show { id } => (id, None, None),
         InvestorsAction::Attributes { id, residence, accredited } => (id, residence.as_deref(), *accredited),
     };
-    let account = bridge_store::accounts::investor(&mut tx, id)
-        .await?
-        .with_context(|| format!("No investor account {id}"))?;
+    let account =
+        bridge_store::accounts::investor(&mut tx, id).await?.with_context(|| format!("No investor account {id}"))?;
     let mut attributes = account.value.attributes;
     let mut version = account.version;
     if let InvestorsAction::Attributes { .. } = args.action {

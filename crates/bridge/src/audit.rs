@@ -12,13 +12,15 @@ use crate::Common;
 
 /// What an operator changes at the command line, written to the audit log
 /// (the API records its own): the subcommand path, as `keys revoke`.
-const AUDITED: [&str; 19] = [
+const AUDITED: [&str; 21] = [
     "keys create",
     "keys revoke",
     "sources add",
     "sources revoke",
     "credentials set",
     "credentials rotate",
+    "credentials investor set",
+    "credentials investor revoke",
     "notify subscribe",
     "notify enable",
     "notify disable",

@@ -29,6 +29,34 @@ enum CredentialsAction {
     /// Print a new master key entry (`id:base64`) to add to
     /// BRIDGE_MASTER_KEYS.
     GenerateKey { id: String },
+    /// An investor's own bank access, which their withdrawals carry.
+    Investor {
+        #[command(subcommand)]
+        action: InvestorAccess,
+    },
+}
+
+#[derive(Subcommand)]
+enum InvestorAccess {
+    /// Store an investor's bank access token, read from standard input,
+    /// replacing any earlier one.
+    Set {
+        investor: String,
+        /// The bank's id of the consent.
+        #[arg(long)]
+        consent_id: String,
+        /// When the bank said the access expires (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// The consent's scopes, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+    },
+    /// What may be shown of it: consent, scopes, expiry, when set and last
+    /// used, revoked or not. Never the token.
+    ShowMetadata { investor: String },
+    /// Delete the token; withdrawals carry none until a new one is set.
+    Revoke { investor: String },
 }
 
 /// Master keys from BRIDGE_MASTER_KEYS, or the file BRIDGE_MASTER_KEYS_FILE.
@@ -88,6 +116,42 @@ pub async fn run(args: CredentialsArgs) -> Result<()> {
             println!("{count} credentials now sealed under master key {}", keyring.current_id());
         }
         CredentialsAction::GenerateKey { .. } => unreachable!("handled above"),
+        CredentialsAction::Investor { action } => investor_access(&pool, action).await?,
     }
+    Ok(())
+}
+
+async fn investor_access(pool: &sqlx::PgPool, action: InvestorAccess) -> Result<()> {
+    use bridge_store::bank_access;
+    let mut tx = pool.begin().await?;
+    let investor = match action {
+        InvestorAccess::Set { investor, consent_id, expires_at, scopes } => {
+            let keyring = keyring()?;
+            let mut value = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut value)?;
+            let token = value.trim_end_matches(['\n', '\r']);
+            anyhow::ensure!(!token.is_empty(), "No token on standard input");
+            let operator = std::env::var("BRIDGE_OPERATOR").or_else(|_| std::env::var("USER")).unwrap_or_default();
+            let access = bank_access::NewBankAccess {
+                consent_id: &consent_id,
+                scopes: &scopes,
+                expires_at,
+                set_by: &format!("cli:{}", operator.trim()),
+            };
+            anyhow::ensure!(bank_access::record(&mut tx, &investor, &access).await?, "No investor account {investor}");
+            let token = SecretString::from(token.to_owned());
+            bridge_secrets::put(&mut tx, &keyring, &bank_access::credential_name(&investor), &token).await?;
+            investor
+        }
+        InvestorAccess::ShowMetadata { investor } => investor,
+        InvestorAccess::Revoke { investor } => {
+            anyhow::ensure!(bank_access::revoke(&mut tx, &investor).await?, "No bank access to revoke for {investor}");
+            investor
+        }
+    };
+    let metadata =
+        bank_access::metadata(&mut tx, &investor).await?.with_context(|| format!("No bank access for {investor}"))?;
+    tx.commit().await?;
+    println!("{}", serde_json::to_string(&metadata)?);
     Ok(())
 }

@@ -40,6 +40,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         });
     let services = if calls_services { args.services.services(&pool)? } else { Services::none() };
     let mut pipeline = Pipeline::new(pool, config, services);
+    // With master keys configured, withdrawals carry investors' own bank
+    // access (those who gave Bridge one).
+    if let Ok(keyring) = credentials::keyring() {
+        pipeline = pipeline.with_keyring(std::sync::Arc::new(keyring));
+    }
     if args.require_signed_requests {
         pipeline = pipeline.require_signed_requests(std::sync::Arc::new(
             credentials::keyring().context("--require-signed-requests opens the sources' secrets")?,

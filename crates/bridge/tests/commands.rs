@@ -1192,3 +1192,56 @@ async fn investors_attributes_are_set_from_the_command_line_and_kept_in_history(
     ensure!(audited[2].1.starts_with("error:") && audited[3].1.starts_with("error:"), "{audited:?}");
     Ok(())
 }
+
+/// `bridge credentials investor`: an investor's bank access stored from
+/// standard input, shown only as metadata, resealed by key rotation like
+/// every credential, and revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_investors_bank_access_is_set_shown_rotated_and_revoked_from_the_command_line() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("ivo", 1_000_00).await?;
+    let old = bridge(&["credentials", "generate-key", "k1"], &[], None)?.trim().to_owned();
+    let new = bridge(&["credentials", "generate-key", "k2"], &[], None)?.trim().to_owned();
+    let both = format!("{new},{old}");
+    let env = [("DATABASE_URL", kit.database_url.as_str()), ("BRIDGE_OPERATOR", "alice"), ("BRIDGE_MASTER_KEYS", &old)];
+    let token = "obtok_ivo_5e1f9a";
+    let set = bridge(
+        &["credentials", "investor", "set", "ivo", "--consent-id", "c-ivo", "--scopes", "payments,balances"],
+        &env,
+        Some(token),
+    )?;
+    ensure!(!set.contains(token), "the token was printed: {set}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&bridge(&["credentials", "investor", "show-metadata", "ivo"], &env, None)?)?;
+    ensure!(
+        shown["consent_id"] == "c-ivo" && shown["set_by"] == "cli:alice" && shown["revoked_at"].is_null(),
+        "{shown}"
+    );
+    ensure!(shown["scopes"] == serde_json::json!(["payments", "balances"]), "{shown}");
+    ensure!(bridge(&["credentials", "investor", "set", "nobody", "--consent-id", "c"], &env, Some(token)).is_err());
+
+    let rotated = [("DATABASE_URL", kit.database_url.as_str()), ("BRIDGE_MASTER_KEYS", both.as_str())];
+    bridge(&["credentials", "rotate"], &rotated, None)?;
+    let key_id: String = sqlx::query_scalar("SELECT key_id FROM credentials WHERE name = 'investor-bank-access/ivo'")
+        .fetch_one(&kit.pool)
+        .await?;
+    ensure!(key_id == "k2", "not resealed: {key_id}");
+    let keyring = bridge_secrets::Keyring::parse(&new)?;
+    let mut conn = kit.pool.acquire().await?;
+    let opened = bridge_secrets::get(&mut conn, &keyring, "investor-bank-access/ivo").await?;
+    ensure!(bridge_secrets::ExposeSecret::expose_secret(&opened) == token, "the resealed token differs");
+
+    let revoked: serde_json::Value =
+        serde_json::from_str(&bridge(&["credentials", "investor", "revoke", "ivo"], &env, None)?)?;
+    ensure!(!revoked["revoked_at"].is_null(), "{revoked}");
+    ensure!(bridge_store::credentials::get(&mut conn, "investor-bank-access/ivo").await?.is_none(), "token kept");
+    let audited: Vec<String> =
+        sqlx::query_scalar("SELECT action FROM audit_log WHERE action LIKE 'credentials investor%' ORDER BY id")
+            .fetch_all(&kit.pool)
+            .await?;
+    ensure!(
+        audited == ["credentials investor set", "credentials investor set", "credentials investor revoke"],
+        "{audited:?}"
+    );
+    Ok(())
+}

@@ -36,7 +36,36 @@ fn movement(transfer: &Transfer, step: Step, account_id: &str) -> Result<MoneyMo
         // Under the span of the message (or runner, or callback) asking,
         // when traces are exported; in the transfer's trace either way.
         traceparent: Some(TraceContext::continue_or_start(transfer.traceparent.as_deref()).child_traceparent()),
+        bank_access: None,
     })
+}
+
+/// Puts each investor's own bank access, where Bridge holds one, on their
+/// withdrawals (and records it as used). Opened only for the call and
+/// never logged: the token stays a secret value, and the HTTP client marks
+/// its header sensitive. Access that does not open (tampered with, moved,
+/// or sealed under a key not configured) is left off and the bank decides.
+async fn attach_bank_access(ctx: &StageContext, movements: &mut [MoneyMovement]) -> Result<(), StageError> {
+    let Some(keyring) = &ctx.keyring else { return Ok(()) };
+    let investors: Vec<&str> = movements.iter().map(|movement| movement.account_id.as_str()).collect();
+    let sealed = {
+        let mut conn = ctx.pool.acquire().await?;
+        bridge_store::bank_access::take_for_withdrawals(&mut conn, &investors).await?
+    };
+    for (investor, stored) in sealed {
+        match keyring.open(&stored) {
+            Ok(token) => {
+                let access = bridge_services::BankAccess::new(token);
+                for movement in movements.iter_mut().filter(|movement| movement.account_id == investor) {
+                    movement.bank_access = Some(access.clone());
+                }
+            }
+            Err(error) => {
+                tracing::error!(investor_account_id = %investor, error = %error, "An investor's bank access does not open; the withdrawal goes without it");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Withdrawal: the investor's bank debits the investor. On success the held
@@ -338,7 +367,10 @@ impl MoneyStep {
         let Some(transfer) = pending_step(ctx, transfer_id, self.expected()).await? else {
             return Ok(ControlFlow::Break(Outcome::Duplicate));
         };
-        let movement = self.movement(&transfer)?;
+        let mut movement = self.movement(&transfer)?;
+        if matches!((self, ask), (Self::Withdrawal, Ask::Perform)) {
+            attach_bank_access(ctx, std::slice::from_mut(&mut movement)).await?;
+        }
         let answer = match ask {
             Ask::Perform => self.perform(ctx, &movement).await,
             Ask::Cancel { reason } => self.cancel(ctx, &movement).await.map(|outcome| cancelled_as(outcome, reason)),
@@ -487,7 +519,10 @@ async fn settle_money_batch(
     if waiting.is_empty() {
         return Ok(Vec::new());
     }
-    let movements = waiting.iter().map(|transfer| step.movement(transfer)).collect::<Result<Vec<_>, _>>()?;
+    let mut movements = waiting.iter().map(|transfer| step.movement(transfer)).collect::<Result<Vec<_>, _>>()?;
+    if matches!(step, MoneyStep::Withdrawal) {
+        attach_bank_access(ctx, &mut movements).await?;
+    }
     // The calls are made up front (a future does nothing until polled) so
     // the stream holds no closure, which would keep the batch's future from
     // being `Send` for every lifetime.
