@@ -63,6 +63,21 @@ const TEMPLATES: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
+/// What the investor can do about a reason, added to the message: (reason
+/// code, long text, short text).
+const HINTS: &[(&str, &str, &str)] = &[
+    (
+        "BANK_ACCESS_EXPIRED",
+        " Your bank no longer accepts our access to your account: please reconnect your bank account, then try again.",
+        " Reconnect your bank.",
+    ),
+    (
+        "BANK_ACCESS_INVALID",
+        " Your bank did not recognise our access to your account: please reconnect your bank account, then try again.",
+        " Reconnect your bank.",
+    ),
+];
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rendered {
     pub subject: String,
@@ -115,14 +130,19 @@ pub fn render(event: &TransferStatusChanged) -> Rendered {
             .replace("{reason}", event.reason_code.as_deref().unwrap_or("no reason given"))
             .replace("{state}", &event.state)
     };
-    let text = fill(long);
+    let hint = HINTS.iter().find(|(reason, ..)| event.reason_code.as_deref() == Some(*reason));
+    let mut text = fill(long);
+    let mut short = fill(short);
+    if let Some((_, long_hint, short_hint)) = hint {
+        text.push_str(long_hint);
+        short.push_str(short_hint);
+    }
     let html = format!(
         "<!doctype html><html><body><h1>{}</h1><p>{}</p><p><small>Transfer {}</small></p></body></html>",
         escape_html(subject),
         escape_html(&text),
         escape_html(&event.transfer_id)
     );
-    let mut short = fill(short);
     if short.chars().count() > 160 {
         short = short.chars().take(157).collect::<String>() + "...";
     }
@@ -170,5 +190,15 @@ mod tests {
             assert!(!rendered.html.contains("<1>") && rendered.html.contains("t-&lt;1&gt;"), "{}", rendered.html);
         }
         assert!(render(&event("failed", Some("ACCOUNT_FROZEN"))).short.contains("ACCOUNT_FROZEN"));
+    }
+
+    #[test]
+    fn an_investor_whose_bank_access_lapsed_is_asked_to_reconnect() {
+        for reason in ["BANK_ACCESS_EXPIRED", "BANK_ACCESS_INVALID"] {
+            let rendered = render(&event("failed", Some(reason)));
+            assert!(rendered.text.contains("reconnect your bank account"), "{}", rendered.text);
+            assert!(rendered.short.ends_with("Reconnect your bank.") && rendered.short.chars().count() <= 160);
+        }
+        assert!(!render(&event("failed", Some("ACCOUNT_FROZEN"))).text.contains("reconnect"));
     }
 }
