@@ -61,6 +61,20 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
         );
     }
 
+    // Each change a step made names its transfer; a change without one (the
+    // fund's creation) names none, and a key bound to another investor
+    // sees none of vic's transfers in the fund's history.
+    let mut conn = kit.pool.acquire().await?;
+    let investor = bridge_store::accounts::history(&mut conn, "investor_accounts", "vic", 100, Some("vic")).await?;
+    let (made, created): (Vec<_>, Vec<_>) = investor.iter().partition(|entry| entry.version > 1);
+    ensure!(!made.is_empty() && made.iter().all(|entry| entry.transfers == [id]), "{investor:?}");
+    ensure!(created.iter().all(|entry| entry.transfers.is_empty()), "{created:?}");
+    let fund_history = bridge_store::accounts::history(&mut conn, "funds", &fund, 100, None).await?;
+    ensure!(fund_history.iter().any(|entry| entry.transfers == [id]), "{fund_history:?}");
+    let others = bridge_store::accounts::history(&mut conn, "funds", &fund, 100, Some("someone-else")).await?;
+    ensure!(others.iter().all(|entry| entry.transfers.is_empty()), "{others:?}");
+    drop(conn);
+
     // A stale version is refused on each model, and the newer row stays.
     for (model, filter, _) in &models {
         let read: i64 =

@@ -453,9 +453,9 @@ pub async fn balance(State(state): State<AppState>, caller: Caller, Path(id): Pa
 }
 
 /// A model's history as the API shows it: newest first.
-async fn history_of(state: &AppState, model: &str, key: &str, missing: &str) -> Response {
+async fn history_of(state: &AppState, model: &str, key: &str, investor: Option<&str>, missing: &str) -> Response {
     let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
-    match accounts::history(&mut conn, model, key, 100).await {
+    match accounts::history(&mut conn, model, key, 100, investor).await {
         Ok(entries) if entries.is_empty() => problem(StatusCode::NOT_FOUND, "Not Found", missing),
         Ok(entries) => Json(serde_json::json!({ "items": entries })).into_response(),
         Err(_) => unavailable(),
@@ -477,7 +477,7 @@ pub async fn investor_history(State(state): State<AppState>, caller: Caller, Pat
     if !account_id_ok(&id) || !caller.may_act_for(&id) {
         return problem(StatusCode::NOT_FOUND, "Not Found", "no such investor account");
     }
-    history_of(&state, "investor_accounts", &id, "no such investor account").await
+    history_of(&state, "investor_accounts", &id, Some(&id), "no such investor account").await
 }
 
 /// Every change to a fund (its terms, seats and capacity taken), newest
@@ -495,7 +495,9 @@ pub async fn fund_history(State(state): State<AppState>, caller: Caller, Path(id
     if !account_id_ok(&id) {
         return problem(StatusCode::NOT_FOUND, "Not Found", "no such fund");
     }
-    history_of(&state, "funds", &id, "no such fund").await
+    // A key bound to an investor sees which of its own transfers changed
+    // the fund, not other investors'.
+    history_of(&state, "funds", &id, caller.investor_account_id.as_deref(), "no such fund").await
 }
 
 /// A fund's criteria (its rules among them), seats and capacity left,

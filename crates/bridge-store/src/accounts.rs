@@ -828,18 +828,37 @@ pub struct HistoryEntry {
     pub actor: String,
     pub before: Option<serde_json::Value>,
     pub after: Option<serde_json::Value>,
+    /// The transfers whose versions the same transaction recorded: the
+    /// steps that made this change (empty for an operator's or the
+    /// fund-terms sync's change, and for entries older than migration 0025).
+    pub transfers: Vec<uuid::Uuid>,
 }
 
 /// The history of one row of `model` (`investor_accounts`, `funds`,
-/// `fund_accounts`, `allocations`), newest first, at most `limit` entries.
-pub async fn history(conn: &mut PgConnection, model: &str, key: &str, limit: i64) -> Result<Vec<HistoryEntry>> {
+/// `fund_accounts`, `allocations`), newest first, at most `limit` entries,
+/// each with the transfers that made it; with `investor`, only that
+/// investor's transfers are named (a batch's transaction also carries
+/// other investors' steps).
+pub async fn history(
+    conn: &mut PgConnection,
+    model: &str,
+    key: &str,
+    limit: i64,
+    investor: Option<&str>,
+) -> Result<Vec<HistoryEntry>> {
     Ok(sqlx::query_as(
-        "SELECT version, at, actor, before, after FROM model_history
-         WHERE model = $1 AND key = $2 ORDER BY id DESC LIMIT $3",
+        "SELECT h.version, h.at, h.actor, h.before, h.after,
+                coalesce((SELECT array_agg(DISTINCT v.transfer_id)
+                          FROM transfer_versions v JOIN transfers t ON t.id = v.transfer_id
+                          WHERE v.recorded_at = h.at AND v.xid = h.xid
+                            AND ($4::text IS NULL OR t.investor_account_id = $4)), '{}') AS transfers
+         FROM model_history h
+         WHERE h.model = $1 AND h.key = $2 ORDER BY h.id DESC LIMIT $3",
     )
     .bind(model)
     .bind(key)
     .bind(limit.clamp(1, 1_000))
+    .bind(investor)
     .fetch_all(conn)
     .await?)
 }
