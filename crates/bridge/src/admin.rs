@@ -179,13 +179,15 @@ pub async fn investors(args: InvestorsArgs) -> Result<()> {
         bridge_store::accounts::investor(&mut tx, id).await?.with_context(|| format!("No investor account {id}"))?;
     let mut attributes = account.value.attributes;
     let mut version = account.version;
-    if let InvestorsAction::Attributes { .. } = args.action {
-        attributes.residence = match residence {
-            None => attributes.residence,
-            Some("none") => None,
-            Some(code) => Some(bridge_domain::CountryCode::parse(code)?),
-        };
-        attributes.accredited = accredited.unwrap_or(attributes.accredited);
+    let before = attributes;
+    attributes.residence = match residence {
+        None => attributes.residence,
+        Some("none") => None,
+        Some(code) => Some(bridge_domain::CountryCode::parse(code)?),
+    };
+    attributes.accredited = accredited.unwrap_or(attributes.accredited);
+    // Nothing to change writes nothing: no version, no history entry.
+    if attributes != before {
         let operator = std::env::var("BRIDGE_OPERATOR").or_else(|_| std::env::var("USER")).unwrap_or_default();
         bridge_store::set_actor(&mut tx, &format!("cli:{}", operator.trim())).await?;
         // Against the version just read: a change made meanwhile by someone

@@ -1176,6 +1176,8 @@ async fn investors_attributes_are_set_from_the_command_line_and_kept_in_history(
     ensure!(set.trim() == "ivo: residence DE, accredited false, version 2", "{set}");
     let set = bridge(&["investors", "attributes", "ivo", "--accredited", "true"], &env, None)?;
     ensure!(set.trim() == "ivo: residence DE, accredited true, version 3", "{set}");
+    let same = bridge(&["investors", "attributes", "ivo", "--residence", "DE"], &env, None)?;
+    ensure!(same.trim() == "ivo: residence DE, accredited true, version 3", "no change, no new version: {same}");
     ensure!(bridge(&["investors", "attributes", "ivo", "--residence", "XX"], &env, None).is_err(), "XX accepted");
     ensure!(bridge(&["investors", "attributes", "nobody", "--residence", "DE"], &env, None).is_err());
     let actors: Vec<String> = sqlx::query_scalar(
@@ -1188,8 +1190,8 @@ async fn investors_attributes_are_set_from_the_command_line_and_kept_in_history(
         sqlx::query_as("SELECT target, outcome FROM audit_log WHERE action = 'investors attributes' ORDER BY id")
             .fetch_all(&kit.pool)
             .await?;
-    ensure!(audited.len() == 4 && audited[0] == ("ivo".to_owned(), "ok".to_owned()), "{audited:?}");
-    ensure!(audited[2].1.starts_with("error:") && audited[3].1.starts_with("error:"), "{audited:?}");
+    ensure!(audited.len() == 5 && audited[0] == ("ivo".to_owned(), "ok".to_owned()), "{audited:?}");
+    ensure!(audited[3].1.starts_with("error:") && audited[4].1.starts_with("error:"), "{audited:?}");
     Ok(())
 }
 
