@@ -88,6 +88,8 @@ pub async fn revoke(conn: &mut PgConnection, investor_account_id: &str) -> Resul
 
 /// The sealed tokens of these investors' access that is not revoked, by
 /// investor, and marks them used now (a withdrawal is about to carry them).
+/// One statement for a whole batch; the join spells out
+/// [`credential_name`].
 pub async fn take_for_withdrawals(
     conn: &mut PgConnection,
     investor_account_ids: &[&str],
