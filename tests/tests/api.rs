@@ -738,5 +738,23 @@ async fn bank_access_is_write_only_and_bound_to_its_investor() -> Result<()> {
         .fetch_one(&kit.pool)
         .await?;
     ensure!(left == 0, "the revoked token is still stored");
+
+    // An investor's attributes: setting them as they are writes nothing.
+    let attributes = json!({"residence_country": "DE", "accredited": true});
+    let path = "/v1/investors/ana/attributes";
+    let (_, first) = client.call(Method::PUT, path, Some(&admin), None, Some(&attributes)).await?;
+    let (_, again) = client.call(Method::PUT, path, Some(&admin), None, Some(&attributes)).await?;
+    ensure!(first["version"] == again["version"], "{first} then {again}");
+    // Changes to attributes and bank access are in the audit log.
+    let audited: Vec<(String, String)> = sqlx::query_as(
+        "SELECT action, outcome FROM audit_log WHERE action LIKE 'PUT /v1/investors/%'
+            OR action LIKE 'DELETE /v1/investors/%' ORDER BY id",
+    )
+    .fetch_all(&kit.pool)
+    .await?;
+    let actions: Vec<&str> = audited.iter().map(|(action, _)| action.as_str()).collect();
+    ensure!(actions.contains(&"DELETE /v1/investors/ana/bank-access"), "{audited:?}");
+    ensure!(actions.iter().filter(|action| action.ends_with("/attributes")).count() == 2, "{audited:?}");
+    ensure!(!format!("{audited:?}").contains(token), "the token reached the audit log");
     Ok(())
 }

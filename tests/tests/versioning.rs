@@ -22,9 +22,11 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
         .bind(&fund_account)
         .fetch_one(&kit.pool)
         .await?;
-    let pipeline = kit.spawn_all();
+    // A rejected request beside it moves no money: no history entry names it.
+    let rejected = kit.publish(&kit.request("vic", &fund_account, 1)).await?;
     let id = kit.publish(&kit.request("vic", &fund_account, 1_000_00)).await?;
-    kit.wait_terminal(&[id], SETTLE).await?;
+    let pipeline = kit.spawn_all();
+    kit.wait_terminal(&[id, rejected], SETTLE).await?;
     pipeline.stop().await?;
     ensure!(kit.transfer(id).await?.state.as_str() == "completed");
 
@@ -68,6 +70,7 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
     let investor = bridge_store::accounts::history(&mut conn, "investor_accounts", "vic", 100, Some("vic")).await?;
     let (made, created): (Vec<_>, Vec<_>) = investor.iter().partition(|entry| entry.version > 1);
     ensure!(!made.is_empty() && made.iter().all(|entry| entry.transfers == [id]), "{investor:?}");
+    ensure!(kit.transfer(rejected).await?.state.as_str() == "rejected");
     ensure!(created.iter().all(|entry| entry.transfers.is_empty()), "{created:?}");
     let fund_history = bridge_store::accounts::history(&mut conn, "funds", &fund, 100, None).await?;
     ensure!(fund_history.iter().any(|entry| entry.transfers == [id]), "{fund_history:?}");

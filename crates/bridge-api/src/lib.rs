@@ -219,15 +219,17 @@ pub(crate) fn peer_address(extensions: &axum::http::Extensions) -> String {
 pub(crate) struct AuditSlot(pub(crate) Arc<std::sync::Mutex<Option<String>>>);
 
 /// Records every admin and operator action (a request that changes
-/// something under `/v1/admin` or `/v1/reviews`), whatever its outcome,
-/// in the append-only audit log.
+/// something under `/v1/admin` or `/v1/reviews`, an investor's attributes
+/// or bank access), whatever its outcome, in the append-only audit log.
 async fn audit(
     State(state): State<AppState>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path().to_owned();
-    let audited = path.starts_with("/v1/admin/") || path.starts_with("/v1/reviews");
+    let audited = path.starts_with("/v1/admin/")
+        || path.starts_with("/v1/reviews")
+        || (path.starts_with("/v1/investors/") && (path.ends_with("/attributes") || path.ends_with("/bank-access")));
     if !audited || matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD) {
         return next.run(request).await;
     }

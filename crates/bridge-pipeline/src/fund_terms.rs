@@ -1,8 +1,12 @@
 //! Fund criteria (minimum investment and the fund's rules), seats and
-//! capacity belong to the fund administrator; reservations against them belong to us. The settlement
-//! runner (and `bridge funds sync`) reads each fund's terms from the Fund
-//! Account Service and applies them to the `funds` table, bumping the fund's
-//! version so a validation that read the old terms decides again.
+//! capacity belong to the fund administrator; reservations against them
+//! belong to us. The settlement runner (and `bridge funds-sync`) reads each
+//! fund's terms from the Fund Account Service and applies them to the
+//! `funds` table. Seats and capacity bind at once: a reservation re-checks
+//! them in its own statement. The other criteria (the minimum, the fund's
+//! rules) apply to the validations that read the fund after the new terms
+//! commit; a validation already under way decides on the terms it read,
+//! as if it had finished a moment before the change.
 
 use anyhow::Result;
 

@@ -183,11 +183,20 @@ pub async fn set_investor_attributes(
     attributes: InvestorAttributes,
     expected_version: Option<i64>,
 ) -> Result<Option<i64>> {
+    // Attributes already as asked write nothing (no version, no history
+    // entry): the account's version is the answer.
     let version: Option<i64> = sqlx::query_scalar(
-        "UPDATE investor_accounts
-         SET residence_country = $2, accredited = $3, version = version + 1, updated_at = now()
-         WHERE id = $1 AND ($4::bigint IS NULL OR version = $4)
-         RETURNING version",
+        "WITH changed AS (
+             UPDATE investor_accounts
+             SET residence_country = $2, accredited = $3, version = version + 1, updated_at = now()
+             WHERE id = $1 AND ($4::bigint IS NULL OR version = $4)
+               AND (residence_country IS DISTINCT FROM $2 OR accredited IS DISTINCT FROM $3)
+             RETURNING version
+         )
+         SELECT version FROM changed
+         UNION ALL
+         SELECT version FROM investor_accounts
+         WHERE id = $1 AND ($4::bigint IS NULL OR version = $4) AND NOT EXISTS (SELECT 1 FROM changed)",
     )
     .bind(id)
     .bind(attributes.residence.map(|code| code.as_str().to_owned()))
@@ -767,10 +776,13 @@ pub async fn fund_ids(conn: &mut PgConnection) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar("SELECT id FROM funds ORDER BY id").fetch_all(conn).await?)
 }
 
-/// Takes the administrator's criteria, seats and capacity for `fund_id`,
-/// bumping the fund's version so a validation that read the old terms loses
-/// its race and decides again. Terms that the fund's current reservations
-/// already exceed are refused (the CHECK constraints would refuse them too).
+/// Takes the administrator's criteria (the fund's rules among them), seats
+/// and capacity for `fund_id`, under the fund's row lock. New seats and
+/// capacity bind every reservation from now on (each re-checks them); a
+/// validation that read the old criteria decides on those (see
+/// `bridge_pipeline::fund_terms`). Terms that the fund's current
+/// reservations already exceed are refused (the CHECK constraints would
+/// refuse them too).
 pub async fn apply_fund_terms(conn: &mut PgConnection, fund_id: &str, terms: &FundTerms) -> Result<TermsApplied> {
     let current: Option<(String, i64, i32, i64, i32, i64, serde_json::Value, i64)> = sqlx::query_as(
         "SELECT currency, minimum_investment_minor, seats_max, capacity_minor, investors_count,
@@ -828,9 +840,12 @@ pub struct HistoryEntry {
     pub actor: String,
     pub before: Option<serde_json::Value>,
     pub after: Option<serde_json::Value>,
-    /// The transfers whose versions the same transaction recorded: the
-    /// steps that made this change (empty for an operator's or the
-    /// fund-terms sync's change, and for entries older than migration 0025).
+    /// The transfers of this row (its investor, fund, fund account or
+    /// allocation) whose versions the same transaction recorded, leaving
+    /// out versions that move no money (a request recorded, a rejection):
+    /// the steps, or an operator's resolution, that made this change.
+    /// Empty for a change no transfer made (the fund-terms sync, an
+    /// investor's attributes) and for entries older than migration 0025.
     pub transfers: Vec<uuid::Uuid>,
 }
 
@@ -851,6 +866,13 @@ pub async fn history(
                 coalesce((SELECT array_agg(DISTINCT v.transfer_id)
                           FROM transfer_versions v JOIN transfers t ON t.id = v.transfer_id
                           WHERE v.recorded_at = h.at AND v.xid = h.xid
+                            AND v.state NOT IN ('requested', 'rejected')
+                            AND CASE h.model
+                                    WHEN 'investor_accounts' THEN t.investor_account_id = h.key
+                                    WHEN 'funds' THEN t.fund_id = h.key
+                                    WHEN 'fund_accounts' THEN t.fund_account_id = h.key
+                                    ELSE t.fund_id || '/' || t.investor_account_id = h.key
+                                END
                             AND ($4::text IS NULL OR t.investor_account_id = $4)), '{}') AS transfers
          FROM model_history h
          WHERE h.model = $1 AND h.key = $2 ORDER BY h.id DESC LIMIT $3",

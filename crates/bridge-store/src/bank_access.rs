@@ -95,10 +95,17 @@ pub async fn take_for_withdrawals(
     investor_account_ids: &[&str],
 ) -> Result<Vec<(String, StoredCredential)>> {
     let rows: Vec<(String, String, String, Vec<u8>, Vec<u8>)> = sqlx::query_as(
-        "WITH used AS (
-             UPDATE investor_bank_access SET last_used_at = now()
+        // Rows locked in key order first, so two batches with investors in
+        // common wait for each other instead of deadlocking.
+        "WITH locked AS (
+             SELECT investor_account_id FROM investor_bank_access
              WHERE investor_account_id = ANY($1) AND revoked_at IS NULL
-             RETURNING investor_account_id
+             ORDER BY investor_account_id FOR UPDATE
+         ),
+         used AS (
+             UPDATE investor_bank_access a SET last_used_at = now()
+             FROM locked WHERE a.investor_account_id = locked.investor_account_id
+             RETURNING a.investor_account_id
          )
          SELECT used.investor_account_id, c.name, c.key_id, c.wrapped_key, c.ciphertext
          FROM used JOIN credentials c ON c.name = 'investor-bank-access/' || used.investor_account_id",

@@ -69,6 +69,19 @@ pub fn keyring() -> Result<Keyring> {
     Ok(Keyring::parse(&text)?)
 }
 
+/// Every process that may move an investor's money (stages, the settlement
+/// runner, the API's callbacks, an operator's review, a replay) opens
+/// investors' bank access when master keys are configured, so a withdrawal
+/// carries it whichever process makes it. Keys that are set but malformed
+/// are an error, not a silent "no access".
+pub fn with_bank_access(pipeline: bridge_pipeline::Pipeline) -> Result<bridge_pipeline::Pipeline> {
+    if std::env::var_os("BRIDGE_MASTER_KEYS").is_none() && std::env::var_os("BRIDGE_MASTER_KEYS_FILE").is_none() {
+        return Ok(pipeline);
+    }
+    let keyring = keyring().context("Investors' bank access is opened with BRIDGE_MASTER_KEYS")?;
+    Ok(pipeline.with_keyring(std::sync::Arc::new(keyring)))
+}
+
 /// A setting's secret: itself, or, written `credential:<name>`, the value
 /// stored encrypted under that name.
 pub async fn resolve(pool: &sqlx::PgPool, value: &str) -> Result<String> {

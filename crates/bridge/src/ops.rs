@@ -125,7 +125,7 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
     };
     let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
     let services = args.services.services(&pool)?;
-    let pipeline = Pipeline::new(pool, config.clone(), services);
+    let pipeline = crate::credentials::with_bank_access(Pipeline::new(pool, config.clone(), services))?;
     pipeline.prepare().await?;
     for stage in stages {
         replay_stage(&pipeline, &config, stage, &args).await?;

@@ -109,7 +109,7 @@ pub async fn run(args: ReviewArgs) -> Result<()> {
     let mut services_args = args.services;
     services_args.resolve_credentials(&pool).await?;
     let services = services_args.services(&pool)?;
-    let pipeline = Pipeline::new(pool, config, services);
+    let pipeline = crate::credentials::with_bank_access(Pipeline::new(pool, config, services))?;
     pipeline.prepare().await?;
     let ctx = pipeline.context();
     let asked = |resolution, resolve: &Resolve, new_attempt| {

@@ -39,12 +39,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             matches!(part, Part::Stage(StageName::Withdrawal) | Part::Stage(StageName::Deposit) | Part::Settlement)
         });
     let services = if calls_services { args.services.services(&pool)? } else { Services::none() };
-    let mut pipeline = Pipeline::new(pool, config, services);
-    // With master keys configured, withdrawals carry investors' own bank
-    // access (those who gave Bridge one).
-    if let Ok(keyring) = credentials::keyring() {
-        pipeline = pipeline.with_keyring(std::sync::Arc::new(keyring));
-    }
+    let mut pipeline = credentials::with_bank_access(Pipeline::new(pool, config, services))?;
     if args.require_signed_requests {
         pipeline = pipeline.require_signed_requests(std::sync::Arc::new(
             credentials::keyring().context("--require-signed-requests opens the sources' secrets")?,
@@ -86,7 +81,7 @@ pub async fn api(mut args: ApiCommandArgs) -> Result<()> {
     args.services.resolve_credentials(&pool).await?;
     args.api.resolve_credentials(&pool).await?;
     let services = args.services.services(&pool)?;
-    let pipeline = Pipeline::new(pool, config, services);
+    let pipeline = credentials::with_bank_access(Pipeline::new(pool, config, services))?;
     pipeline.prepare().await?;
     args.api.api_listen.get_or_insert_with(|| "127.0.0.1:8080".to_owned());
     let shutdown = shutdown_on_signal();
