@@ -138,14 +138,14 @@ async fn residence_and_per_investor_rules_decide_requests_end_to_end() -> Result
         ]),
     )
     .await?;
-    ensure!(bridge_pipeline::fund_terms::sync(pipeline.context()).await?.updated == [fund.clone()]);
+    ensure!(bridge_pipeline::fund_terms::sync(pipeline.context()).await?.updated == [fund.as_str()]);
     let (_, dora) = decide(&kit, "dora", &fund_account, 200_00).await?;
     ensure!(dora == "ACCREDITATION_REQUIRED", "{dora}");
     set_attributes(&kit, "dora", Some("DE"), true).await?;
     let (_, dora) = decide(&kit, "dora", &fund_account, 200_00).await?;
     ensure!(dora == "completed", "{dora}");
     publish_terms(&kit, &fund, json!([{"rule": "closes_at", "at": "2026-01-01T00:00:00Z"}])).await?;
-    ensure!(bridge_pipeline::fund_terms::sync(pipeline.context()).await?.updated == [fund.clone()]);
+    ensure!(bridge_pipeline::fund_terms::sync(pipeline.context()).await?.updated == [fund.as_str()]);
     let (_, dora) = decide(&kit, "dora", &fund_account, 200_00).await?;
     ensure!(dora == "FUND_CLOSED", "{dora}");
 
