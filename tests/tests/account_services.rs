@@ -279,7 +279,7 @@ async fn pending_operations_wait_for_their_final_outcome() -> Result<()> {
 /// and terms below what is already reserved are refused, not applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fund_terms_come_from_the_fund_administrator() -> Result<()> {
-    use bridge_store::accounts::FundTerms;
+    use bridge_store::fund_terms::FundTerms;
     let kit = TestKit::start(BrokerKind::InProcess).await?;
     kit.seed_investor("fay", 100_000_00).await?;
     let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_00).await?;

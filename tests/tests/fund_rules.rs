@@ -13,7 +13,7 @@ use uuid::Uuid;
 use bridge_domain::{CountryCode, InvestorAttributes, RuleSet, TransferState};
 use bridge_pipeline::runner::Part;
 use bridge_sim::FaultPlan;
-use bridge_store::accounts::FundTerms;
+use bridge_store::fund_terms::FundTerms;
 use bridge_testkit::{BrokerKind, TestKit};
 
 const SETTLE: Duration = Duration::from_secs(120);

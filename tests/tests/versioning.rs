@@ -67,14 +67,14 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
     // fund's creation) names none, and a key bound to another investor
     // sees none of vic's transfers in the fund's history.
     let mut conn = kit.pool.acquire().await?;
-    let investor = bridge_store::accounts::history(&mut conn, "investor_accounts", "vic", 100, Some("vic")).await?;
+    let investor = bridge_store::history::history(&mut conn, "investor_accounts", "vic", 100, Some("vic")).await?;
     let (made, created): (Vec<_>, Vec<_>) = investor.iter().partition(|entry| entry.version > 1);
     ensure!(!made.is_empty() && made.iter().all(|entry| entry.transfers == [id]), "{investor:?}");
     ensure!(kit.transfer(rejected).await?.state.as_str() == "rejected");
     ensure!(created.iter().all(|entry| entry.transfers.is_empty()), "{created:?}");
-    let fund_history = bridge_store::accounts::history(&mut conn, "funds", &fund, 100, None).await?;
+    let fund_history = bridge_store::history::history(&mut conn, "funds", &fund, 100, None).await?;
     ensure!(fund_history.iter().any(|entry| entry.transfers == [id]), "{fund_history:?}");
-    let others = bridge_store::accounts::history(&mut conn, "funds", &fund, 100, Some("someone-else")).await?;
+    let others = bridge_store::history::history(&mut conn, "funds", &fund, 100, Some("someone-else")).await?;
     ensure!(others.iter().all(|entry| entry.transfers.is_empty()), "{others:?}");
     drop(conn);
 
@@ -99,14 +99,14 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
     // A transaction can name its actor: the fund-terms sync does.
     let mut tx = kit.pool.begin().await?;
     bridge_store::set_actor(&mut tx, "fund terms sync").await?;
-    let terms = bridge_store::accounts::FundTerms {
+    let terms = bridge_store::fund_terms::FundTerms {
         currency: "EUR".to_owned(),
         minimum_investment_minor: 200_00,
         seats_max: 10,
         capacity_minor: 1_000_000_00,
         rules: Default::default(),
     };
-    bridge_store::accounts::apply_fund_terms(&mut tx, &fund, &terms).await?;
+    bridge_store::fund_terms::apply_fund_terms(&mut tx, &fund, &terms).await?;
     tx.commit().await?;
     let actor: String = sqlx::query_scalar(
         "SELECT actor FROM model_history WHERE model = 'funds' AND key = $1 ORDER BY id DESC LIMIT 1",

@@ -455,7 +455,7 @@ pub async fn balance(State(state): State<AppState>, caller: Caller, Path(id): Pa
 /// A model's history as the API shows it: newest first.
 async fn history_of(state: &AppState, model: &str, key: &str, investor: Option<&str>, missing: &str) -> Response {
     let Ok(mut conn) = state.ctx.pool.acquire().await else { return unavailable() };
-    match accounts::history(&mut conn, model, key, 100, investor).await {
+    match bridge_store::history::history(&mut conn, model, key, 100, investor).await {
         Ok(entries) if entries.is_empty() => problem(StatusCode::NOT_FOUND, "Not Found", missing),
         Ok(entries) => Json(serde_json::json!({ "items": entries })).into_response(),
         Err(_) => unavailable(),

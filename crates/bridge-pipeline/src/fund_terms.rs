@@ -10,7 +10,7 @@
 
 use anyhow::Result;
 
-use bridge_store::accounts::{self, TermsApplied};
+use bridge_store::fund_terms::{self as terms, TermsApplied};
 
 use crate::context::StageContext;
 
@@ -34,7 +34,7 @@ pub struct SyncReport {
 pub async fn sync(ctx: &StageContext) -> Result<SyncReport> {
     let ids = {
         let mut conn = ctx.pool.acquire().await?;
-        accounts::fund_ids(&mut conn).await?
+        terms::fund_ids(&mut conn).await?
     };
     let mut report = SyncReport { checked: ids.len(), ..SyncReport::default() };
     for id in ids {
@@ -52,7 +52,7 @@ pub async fn sync(ctx: &StageContext) -> Result<SyncReport> {
         };
         let mut tx = ctx.pool.begin().await?;
         bridge_store::set_actor(&mut tx, "fund terms sync").await?;
-        match accounts::apply_fund_terms(&mut tx, &id, &terms).await? {
+        match terms::apply_fund_terms(&mut tx, &id, &terms).await? {
             TermsApplied::Unchanged => {}
             TermsApplied::Updated => {
                 tracing::info!(fund_id = %id, terms = ?terms, "Fund terms updated from the fund administrator");

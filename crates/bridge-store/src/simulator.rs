@@ -159,7 +159,11 @@ fn sim_operation(
 }
 
 /// Publishes a fund's terms at the simulated fund administrator.
-pub async fn set_fund_terms(conn: &mut PgConnection, fund_id: &str, terms: &crate::accounts::FundTerms) -> Result<()> {
+pub async fn set_fund_terms(
+    conn: &mut PgConnection,
+    fund_id: &str,
+    terms: &crate::fund_terms::FundTerms,
+) -> Result<()> {
     let rules = serde_json::to_value(&terms.rules).map_err(|error| crate::Error::Corrupt(error.to_string()))?;
     sqlx::query(
         "INSERT INTO sim_funds (id, currency, minimum_investment_minor, seats_max, capacity_minor, rules)
