@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one:
-# starts Postgres if it is not running, installs cargo-nextest if missing,
+# starts Postgres if it is not running, installs cargo-nextest, Chromium and
+# ChromeDriver if missing,
 # builds and starts the standalone
 # broker (tansu) if needed, runs every test against real Postgres, the
 # in-process Kafka cluster and the standalone broker, runs the Python client
@@ -14,6 +15,9 @@ scripts/ensure-postgres.sh
 # librdkafka is built with the system's OpenSSL (TLS, SCRAM) and libcurl
 # (OAUTHBEARER/OIDC); their headers come from Debian's packages.
 scripts/ensure-build-deps.sh
+
+# Headless Chromium and ChromeDriver for the console's browser tests.
+scripts/browser.sh
 
 # cargo-nextest runs the suite; a machine without it gets it once, built
 # into the tools cache that later runs (CI included) reuse.

@@ -27,8 +27,10 @@ use bridge_store::api::{self, ApiKey};
 
 use crate::{problem, AppState};
 
-/// `operator`: resolves transfers in manual review (`/v1/reviews`).
-pub const SCOPES: [&str; 5] = ["transfers:write", "transfers:read", "callbacks", "admin", "operator"];
+/// `operator`: resolves transfers in manual review (`/v1/reviews`) and acts
+/// in the console; `viewer`: reads everything in the console and acts on
+/// nothing.
+pub const SCOPES: [&str; 6] = ["transfers:write", "transfers:read", "callbacks", "admin", "operator", "viewer"];
 
 /// A newly created key: the full key is shown once, then only its hash is
 /// kept.
@@ -239,8 +241,8 @@ fn too_many(wait: std::time::Duration, detail: &str) -> Response {
     response
 }
 
-/// Counts, logs and refuses a failed authentication.
-fn failed(state: &AppState, peer: &str, prefix: Option<&str>, reason: &'static str) -> Response {
+/// Counts and logs a failed authentication.
+fn failed(state: &AppState, peer: &str, prefix: Option<&str>, reason: &'static str) {
     bridge_pipeline::metrics::api_auth_failure(reason);
     state.failures.record(&format!("address:{peer}"));
     if let Some(prefix) = prefix {
@@ -248,7 +250,83 @@ fn failed(state: &AppState, peer: &str, prefix: Option<&str>, reason: &'static s
     }
     // The prefix is public; the secret is never logged.
     tracing::warn!(peer, prefix = prefix.unwrap_or(""), reason, "API authentication failed");
-    unauthorized()
+}
+
+/// Why a presented credential was not accepted.
+pub(crate) enum Refused {
+    /// Too many failures from this address or for this key prefix.
+    Throttled(std::time::Duration),
+    /// Missing, malformed, unknown, wrong or revoked (the caller is not
+    /// told which).
+    Invalid,
+    /// The keys could not be read.
+    Unavailable,
+}
+
+impl Refused {
+    fn response(self) -> Response {
+        match self {
+            Self::Throttled(wait) => too_many(wait, "too many failed authentications"),
+            Self::Invalid => unauthorized(),
+            Self::Unavailable => problem(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "try again later"),
+        }
+    }
+}
+
+/// Checks an API key (`brk_...`) presented from `peer`: throttled per
+/// address and per key prefix, compared in constant time, failures counted
+/// and logged. The console's sign-in checks keys through here too.
+pub(crate) async fn check_api_key(state: &AppState, peer: &str, presented: &str) -> Result<ApiKey, Refused> {
+    if let Some(wait) = state.failures.blocked(&format!("address:{peer}")) {
+        bridge_pipeline::metrics::api_auth_failure("throttled");
+        return Err(Refused::Throttled(wait));
+    }
+    let Some((prefix, secret)) = presented.strip_prefix("brk_").and_then(|rest| rest.split_once('_')) else {
+        failed(state, peer, None, "invalid_token");
+        return Err(Refused::Invalid);
+    };
+    if let Some(wait) = state.failures.blocked(&format!("prefix:{prefix}")) {
+        bridge_pipeline::metrics::api_auth_failure("throttled");
+        return Err(Refused::Throttled(wait));
+    }
+    let found = match state.ctx.pool.acquire().await {
+        Ok(mut conn) => api::key_by_prefix(&mut conn, prefix).await,
+        Err(error) => Err(error.into()),
+    };
+    let (key, stored) = match found {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            std::hint::black_box(bool::from(hash(secret).ct_eq(&DUMMY_HASH)));
+            failed(state, peer, Some(prefix), "unknown_key");
+            return Err(Refused::Invalid);
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "API key lookup failed");
+            return Err(Refused::Unavailable);
+        }
+    };
+    let matches: bool = hash(secret).ct_eq(&stored).into();
+    if !matches {
+        failed(state, peer, Some(prefix), "wrong_secret");
+        return Err(Refused::Invalid);
+    }
+    if key.revoked_at.is_some() {
+        failed(state, peer, Some(prefix), "revoked");
+        return Err(Refused::Invalid);
+    }
+    Ok(key)
+}
+
+impl Caller {
+    /// The caller an API key stands for.
+    pub(crate) fn of_key(key: ApiKey) -> Self {
+        Caller {
+            key_id: key.id,
+            name: format!("{} (brk_{})", key.name, key.prefix),
+            scopes: key.scopes,
+            investor_account_id: key.investor_account_id,
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -256,55 +334,30 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let peer = crate::peer_address(&parts.extensions);
-        if let Some(wait) = state.failures.blocked(&format!("address:{peer}")) {
-            bridge_pipeline::metrics::api_auth_failure("throttled");
-            return Err(too_many(wait, "too many failed authentications"));
-        }
         let Some(presented) = bearer(parts) else {
+            if let Some(wait) = state.failures.blocked(&format!("address:{peer}")) {
+                bridge_pipeline::metrics::api_auth_failure("throttled");
+                return Err(too_many(wait, "too many failed authentications"));
+            }
             bridge_pipeline::metrics::api_auth_failure("missing");
             return Err(unauthorized());
         };
-        let Some((prefix, secret)) = presented.strip_prefix("brk_").and_then(|rest| rest.split_once('_')) else {
+        if !presented.starts_with("brk_") {
+            if let Some(wait) = state.failures.blocked(&format!("address:{peer}")) {
+                bridge_pipeline::metrics::api_auth_failure("throttled");
+                return Err(too_many(wait, "too many failed authentications"));
+            }
             let Some(caller) = state.config.jwt.as_ref().and_then(|jwt| jwt.verify(presented)) else {
-                return Err(failed(state, &peer, None, "invalid_token"));
+                failed(state, &peer, None, "invalid_token");
+                return Err(unauthorized());
             };
             limit(state, &caller.key_id)?;
             note_for_audit(parts, &caller);
             return Ok(caller);
-        };
-        if let Some(wait) = state.failures.blocked(&format!("prefix:{prefix}")) {
-            bridge_pipeline::metrics::api_auth_failure("throttled");
-            return Err(too_many(wait, "too many failed authentications"));
         }
-        let found = match state.ctx.pool.acquire().await {
-            Ok(mut conn) => api::key_by_prefix(&mut conn, prefix).await,
-            Err(error) => Err(error.into()),
-        };
-        let (key, stored) = match found {
-            Ok(Some(found)) => found,
-            Ok(None) => {
-                std::hint::black_box(bool::from(hash(secret).ct_eq(&DUMMY_HASH)));
-                return Err(failed(state, &peer, Some(prefix), "unknown_key"));
-            }
-            Err(error) => {
-                tracing::warn!(error = %error, "API key lookup failed");
-                return Err(problem(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "try again later"));
-            }
-        };
-        let matches: bool = hash(secret).ct_eq(&stored).into();
-        if !matches {
-            return Err(failed(state, &peer, Some(prefix), "wrong_secret"));
-        }
-        if key.revoked_at.is_some() {
-            return Err(failed(state, &peer, Some(prefix), "revoked"));
-        }
+        let key = check_api_key(state, &peer, presented).await.map_err(Refused::response)?;
         limit(state, &key.id)?;
-        let caller = Caller {
-            key_id: key.id,
-            name: format!("{} (brk_{})", key.name, key.prefix),
-            scopes: key.scopes,
-            investor_account_id: key.investor_account_id,
-        };
+        let caller = Caller::of_key(key);
         note_for_audit(parts, &caller);
         Ok(caller)
     }
@@ -319,7 +372,7 @@ fn note_for_audit(parts: &Parts, caller: &Caller) {
     }
 }
 
-fn limit(state: &AppState, caller: &Uuid) -> Result<(), Response> {
+pub(crate) fn limit(state: &AppState, caller: &Uuid) -> Result<(), Response> {
     if let Err(not_until) = state.limiter.check_key(caller) {
         let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
         return Err(too_many(wait, "slow down"));

@@ -21,6 +21,7 @@
 //! | `POST /v1/reviews/resolutions/{id}/approve`, `/reject` `{reason}` | `operator` | four-eyes: a second operator approves (it runs) or turns it down |
 //! | `GET /metrics` | `admin` | OpenMetrics text: the process's metrics, and open transfers per state (manual review among them), pending steps, outbox backlog, callbacks |
 //! | `GET /openapi.json` | any | this API described (OpenAPI 3.1, generated from the code) |
+//! | `/console/...` | `viewer`, `operator` or `admin` (signed in) | the operator console: HTML pages, a session cookie (`console/mod.rs`) |
 //! | `GET /healthz` | none | the process is alive |
 //! | `GET /readyz` | none | the database answers and no account service's circuit is open (503 names the service and why) |
 //!
@@ -51,6 +52,7 @@
 pub mod admin;
 pub mod auth;
 pub mod bank_access;
+pub mod console;
 pub mod openapi;
 pub mod responses;
 pub mod reviews;
@@ -125,6 +127,8 @@ pub struct AppState {
     config: Arc<ApiConfig>,
     failures: Arc<auth::FailureLimiter>,
     limiter: auth::RateLimiter,
+    /// The console's reader of the stages' consumer lag, made on first use.
+    console_lag: Arc<std::sync::OnceLock<Result<Arc<bridge_pipeline::lag::LagReader>, String>>>,
 }
 
 pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
@@ -134,8 +138,9 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         ctx,
         config: Arc::new(config),
         limiter,
+        console_lag: Arc::default(),
     };
-    Router::new()
+    let api = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -172,8 +177,9 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .layer(axum::middleware::from_fn(require_json))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit))
         .layer(axum::middleware::map_response(as_problem))
-        .layer(axum::middleware::map_response(no_store))
-        .with_state(state)
+        .layer(axum::middleware::map_response(no_store));
+    // The console has its own error pages and headers (`console/mod.rs`).
+    api.merge(console::router()).with_state(state)
 }
 
 /// Liveness, readiness and the process's metrics, for processes that do not
@@ -187,6 +193,7 @@ pub fn health_router(ctx: Arc<StageContext>) -> Router {
         ctx,
         config: Arc::new(config),
         limiter,
+        console_lag: Arc::default(),
     };
     Router::new()
         .route("/healthz", get(healthz))

@@ -18,7 +18,7 @@ pub mod text;
 pub mod transfer;
 
 pub use criteria::{CountryCode, InvestorAttributes, Rule, RuleError, RuleSet};
-pub use money::{Currency, Money};
+pub use money::{format_major, Currency, Money};
 pub use resolution::Resolution;
 pub use rules::{check_request, AccountSnapshot, FundSnapshot, FundTerms, RequestFacts, RunningBooks};
 pub use step::{Book, Effect, Posting, Step};

@@ -94,6 +94,31 @@ impl Money {
     }
 }
 
+/// `amount_minor` of `currency` in major units for people to read, grouped
+/// by thousands: `123456` EUR is `1,234.56 EUR`, `1234` JPY is `1,234 JPY`
+/// (the currency's exponent from ISO 4217; 2 for a code it does not know).
+/// Integer arithmetic only.
+pub fn format_major(amount_minor: i64, currency: &str) -> String {
+    let exponent = iso_currency::Currency::from_code(currency).and_then(|code| code.exponent()).unwrap_or(2) as u32;
+    let scale = 10u128.pow(exponent);
+    let magnitude = u128::from(amount_minor.unsigned_abs());
+    let (major, minor) = (magnitude / scale, magnitude % scale);
+    let digits = major.to_string();
+    let mut grouped = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    let sign = if amount_minor < 0 { "-" } else { "" };
+    if exponent == 0 {
+        format!("{sign}{grouped} {currency}")
+    } else {
+        format!("{sign}{grouped}.{minor:0width$} {currency}", width = exponent as usize)
+    }
+}
+
 impl fmt::Display for Money {
     /// Shows minor units exactly; formatting into major units depends on the
     /// currency's exponent and belongs to presentation layers.
@@ -105,6 +130,16 @@ impl fmt::Display for Money {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_read_in_major_units_by_the_currency_exponent() {
+        assert_eq!(format_major(123_456, "EUR"), "1,234.56 EUR");
+        assert_eq!(format_major(-5, "EUR"), "-0.05 EUR");
+        assert_eq!(format_major(1_234, "JPY"), "1,234 JPY");
+        assert_eq!(format_major(1_234_567, "KWD"), "1,234.567 KWD");
+        assert_eq!(format_major(i64::MIN, "EUR"), "-92,233,720,368,547,758.08 EUR");
+        assert_eq!(format_major(100, "???"), "1.00 ???");
+    }
 
     #[test]
     fn currency_accepts_only_iso_4217_codes() {

@@ -28,7 +28,20 @@ pub struct DeadLetter {
     pub key: Option<String>,
     pub payload_bytes: usize,
     pub payload_hex_head: String,
+    /// Every header, values read as UTF-8 where they are.
+    #[serde(skip)]
+    pub headers: Vec<(String, String)>,
+    /// The payload decoded as the event its original topic carries, when
+    /// it decodes.
+    #[serde(skip)]
+    pub payload_json: Option<serde_json::Value>,
+    /// The payload in hex, up to `PAYLOAD_HEX_MAX` bytes of it.
+    #[serde(skip)]
+    pub payload_hex: String,
 }
+
+/// How much of a payload is shown in hex.
+pub const PAYLOAD_HEX_MAX: usize = 4_096;
 
 pub fn describe(record: &Inbound) -> DeadLetter {
     let payload = record.payload.as_deref().unwrap_or_default();
@@ -46,6 +59,38 @@ pub fn describe(record: &Inbound) -> DeadLetter {
         key: record.key.as_deref().map(|key| String::from_utf8_lossy(key).into_owned()),
         payload_bytes: payload.len(),
         payload_hex_head: payload.iter().take(32).map(|byte| format!("{byte:02x}")).collect(),
+        headers: record
+            .headers
+            .iter()
+            .map(|(name, value)| (name.clone(), String::from_utf8_lossy(value).into_owned()))
+            .collect(),
+        payload_json: None,
+        payload_hex: payload.iter().take(PAYLOAD_HEX_MAX).map(|byte| format!("{byte:02x}")).collect(),
+    }
+}
+
+/// `payload` decoded as the event `original_topic` carries, as JSON; `None`
+/// when it does not decode (which is often why it was dead-lettered).
+pub fn payload_as_json(config: &PipelineConfig, original_topic: &str, payload: &[u8]) -> Option<serde_json::Value> {
+    use bridge_codec::{
+        decode, FundsDeposited, FundsWithdrawn, TransferRequested, TransferStatusChanged, TransferValidated,
+    };
+    fn json<T: serde::Serialize, E>(decoded: Result<T, E>) -> Option<serde_json::Value> {
+        decoded.ok().and_then(|event| serde_json::to_value(event).ok())
+    }
+    let topics = &config.topics;
+    if original_topic == topics.requested() {
+        json(decode::<TransferRequested>(payload))
+    } else if original_topic == topics.validated() {
+        json(decode::<TransferValidated>(payload))
+    } else if original_topic == topics.withdrawn() {
+        json(decode::<FundsWithdrawn>(payload))
+    } else if original_topic == topics.deposited() {
+        json(decode::<FundsDeposited>(payload))
+    } else if original_topic == topics.status() {
+        json(decode::<TransferStatusChanged>(payload))
+    } else {
+        None
     }
 }
 
@@ -101,9 +146,11 @@ pub async fn show<F>(config: &PipelineConfig, range: &Range, mut visit: F) -> Re
 where
     F: FnMut(DeadLetter) -> Result<()>,
 {
-    original_topic(config, &range.topic)?;
+    let original = original_topic(config, &range.topic)?;
     read_range(config, range, |record: Inbound| {
-        let visited = visit(describe(&record));
+        let mut letter = describe(&record);
+        letter.payload_json = payload_as_json(config, &original, record.payload.as_deref().unwrap_or_default());
+        let visited = visit(letter);
         async move { visited }
     })
     .await

@@ -24,7 +24,7 @@ pub fn base(config: &PipelineConfig) -> Result<ClientConfig> {
     Ok(client)
 }
 
-fn apply_overrides(client: &mut ClientConfig, config: &PipelineConfig) {
+pub(crate) fn apply_overrides(client: &mut ClientConfig, config: &PipelineConfig) {
     for (key, value) in &config.kafka_overrides {
         client.set(key, value);
     }

@@ -28,6 +28,7 @@ pub mod fund_terms;
 pub mod group_commit;
 pub mod http_services;
 pub mod kafka;
+pub mod lag;
 pub mod message;
 pub mod metrics;
 pub mod offsets;

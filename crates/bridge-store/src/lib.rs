@@ -30,6 +30,7 @@ pub mod audit;
 pub mod bank_access;
 pub mod books;
 pub mod callbacks;
+pub mod console;
 pub mod credentials;
 pub mod fund_terms;
 pub mod gauges;

@@ -57,7 +57,19 @@ pub struct DemoArgs {
     /// replies), `none`, or a JSON fault plan file.
     #[arg(long, default_value = "demo")]
     faults: String,
+    /// After the run, keep the pipeline and the operator console running at
+    /// this address (e.g. 127.0.0.1:8080) until Ctrl-C, and print an
+    /// operator key to sign in with. A few investors' bank accounts are
+    /// unknown to the simulated bank during the run, so their transfers
+    /// wait in manual review; the accounts are fixed afterwards, so a retry
+    /// from the console goes through.
+    #[arg(long, value_name = "ADDRESS")]
+    console: Option<std::net::SocketAddr>,
 }
+
+/// Investors the simulated bank does not know during a run with the
+/// console (their transfers wait for a person).
+const UNKNOWN_TO_THE_BANK: usize = 3;
 
 #[derive(Serialize)]
 struct Summary {
@@ -144,7 +156,9 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         (None, Some(listener)) => format!("http://{}", listener.local_addr()?),
         (None, None) => unreachable!("a listener is bound when no URL is given"),
     };
-    let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api_address = args.console.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let api_listener =
+        tokio::net::TcpListener::bind(api_address).await.with_context(|| format!("Cannot listen on {api_address}"))?;
     let api_url = format!("http://{}", api_listener.local_addr()?);
     let callback_secret = bridge_webhooks::Secret::from_bytes(rand_bytes());
     match &simulator_listener {
@@ -238,6 +252,33 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     };
 
     let requests = data.requests(args.transfers, args.seed);
+    // With the console, a few investors' accounts are unknown to the
+    // simulated bank while the run goes on: their withdrawals are refused
+    // and the transfers wait for a person.
+    let unknown_to_the_bank: Vec<String> = match (&args.console, &simulator) {
+        (Some(_), Some(_)) => {
+            let mut chosen: Vec<String> = Vec::new();
+            for request in &requests {
+                if chosen.len() < UNKNOWN_TO_THE_BANK
+                    && request.investor_account_id != data.frozen_investor
+                    && !chosen.contains(&request.investor_account_id)
+                {
+                    chosen.push(request.investor_account_id.clone());
+                }
+            }
+            let mut conn = pool.acquire().await?;
+            for investor in &chosen {
+                bridge_store::simulator::set_account_status(&mut conn, investor, "unknown").await?;
+            }
+            eprintln!(
+                "For the console: the simulated bank does not know {} during the run; their withdrawals are refused \
+                 and the transfers wait in manual review",
+                chosen.join(", ")
+            );
+            chosen
+        }
+        _ => Vec::new(),
+    };
     let ids: Vec<Uuid> =
         requests.iter().map(|request| Uuid::parse_str(&request.transfer_id)).collect::<Result<_, _>>()?;
     // Every 50th request is published twice, as a client retrying after a
@@ -287,19 +328,12 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     }
     progress.finish();
 
-    shutdown.cancel();
-    let run_result = running.await.context("Pipeline task panicked")?;
-    let notify_result = notifier.await.context("Notifier task panicked")?;
-    if let Some(server) = simulator {
-        server.await.context("Simulator task panicked")?.context("Simulator failed")?;
-    }
-    api.await.context("API task panicked")?.context("API failed")?;
-    if let Err(error) = &run_result {
-        eprintln!("Pipeline stopped with an error: {error:#}");
-    }
-    if let Err(error) = &notify_result {
-        eprintln!("Notifier stopped with an error: {error:#}");
-    }
+    let tasks = Tasks { shutdown, running, notifier, simulator, api };
+    // Without the console everything stops now; with it, after Ctrl-C.
+    let (tasks, mut stopped) = match args.console {
+        None => (None, Some(tasks.stop().await?)),
+        Some(_) => (Some(tasks), None),
+    };
 
     let mut conn = pool.acquire().await?;
     let report = reconcile::run(&mut conn).await?;
@@ -327,7 +361,57 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     let reasons = rejection_reasons(&mut conn, &ids).await?;
     eprintln!("  reasons: {reasons:?}");
     println!("{}", serde_json::to_string(&summary)?);
+    if let (Some(address), Some(tasks)) = (args.console, tasks) {
+        for investor in &unknown_to_the_bank {
+            bridge_store::simulator::set_account_status(&mut conn, investor, "active").await?;
+        }
+        let key = bridge_api::auth::create_key(
+            &mut conn,
+            &format!("{namespace} operator"),
+            &["operator".to_owned(), "admin".to_owned()],
+            None,
+        )
+        .await?;
+        drop(conn);
+        eprintln!(
+            "Operator console: http://{address}/console\nSign in with the API key {}\n{} transfers wait in manual review \
+             (their investors' bank accounts are fixed now, so a retry goes through). Ctrl-C stops.",
+            key.full_key, summary.manual_review,
+        );
+        tokio::signal::ctrl_c().await?;
+        stopped = Some(tasks.stop().await?);
+    }
+    let (run_result, notify_result) = stopped.expect("stopped above");
     Ok(summary.invariants_ok && summary.in_flight == 0 && run_result.is_ok() && notify_result.is_ok())
+}
+
+/// The demo's running parts.
+struct Tasks {
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<Result<()>>,
+    notifier: tokio::task::JoinHandle<Result<()>>,
+    simulator: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Tasks {
+    /// Stops them all; how the pipeline and the notifier ended.
+    async fn stop(self) -> Result<(Result<()>, Result<()>)> {
+        self.shutdown.cancel();
+        let run_result = self.running.await.context("Pipeline task panicked")?;
+        let notify_result = self.notifier.await.context("Notifier task panicked")?;
+        if let Some(server) = self.simulator {
+            server.await.context("Simulator task panicked")?.context("Simulator failed")?;
+        }
+        self.api.await.context("API task panicked")?.context("API failed")?;
+        if let Err(error) = &run_result {
+            eprintln!("Pipeline stopped with an error: {error:#}");
+        }
+        if let Err(error) = &notify_result {
+            eprintln!("Notifier stopped with an error: {error:#}");
+        }
+        Ok((run_result, notify_result))
+    }
 }
 
 /// A fresh signing secret for this run's callbacks.

@@ -492,7 +492,7 @@ enum KeysAction {
         #[arg(long)]
         name: String,
         /// Comma-separated: transfers:write, transfers:read, callbacks, admin,
-        /// operator.
+        /// operator, viewer (the console, read-only).
         #[arg(long, value_delimiter = ',', required = true)]
         scopes: Vec<String>,
         /// Bind the key to one investor account.

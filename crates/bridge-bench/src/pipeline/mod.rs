@@ -22,10 +22,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use rand::Rng;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, TopicPartitionList};
+use rdkafka::Message;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -249,11 +249,13 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
     let latest_lag: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let lag_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let (lag_reader, latest_lag, lag_stop) = (LagReader::new(&config)?, latest_lag.clone(), lag_stop.clone());
+        let (lag_reader, latest_lag, lag_stop) =
+            (bridge_pipeline::lag::LagReader::new(&config)?, latest_lag.clone(), lag_stop.clone());
         std::thread::spawn(move || {
             while !lag_stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(lag) = lag_reader.lag() {
-                    *latest_lag.lock().expect("lag lock") = lag;
+                if let Ok(lags) = lag_reader.read(Duration::from_secs(2)) {
+                    *latest_lag.lock().expect("lag lock") =
+                        lags.into_iter().map(|stage| (stage.stage.to_owned(), stage.lag)).collect();
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -571,45 +573,6 @@ async fn transactions(pool: &sqlx::PgPool) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
         .fetch_one(&mut *conn)
         .await?)
-}
-
-/// Consumer lag of every stage's group.
-struct LagReader {
-    readers: Vec<(String, BaseConsumer, String)>,
-    partitions: i32,
-}
-
-impl LagReader {
-    fn new(config: &PipelineConfig) -> Result<Self> {
-        let mut readers = Vec::new();
-        for stage in StageName::ALL {
-            let group = stage.group_id(config);
-            let mut client = rdkafka::ClientConfig::new();
-            client.set("bootstrap.servers", &config.brokers).set("group.id", &group).set("enable.auto.commit", "false");
-            readers.push((stage.as_str().to_owned(), client.create()?, stage.input_topic(&config.topics)));
-        }
-        Ok(Self { readers, partitions: config.topic_partitions })
-    }
-
-    fn lag(&self) -> Result<HashMap<String, i64>> {
-        let timeout = Duration::from_secs(2);
-        let mut lags = HashMap::new();
-        for (name, consumer, topic) in &self.readers {
-            let mut list = TopicPartitionList::new();
-            for partition in 0..self.partitions {
-                list.add_partition(topic, partition);
-            }
-            let committed = consumer.committed_offsets(list, timeout)?;
-            let mut lag = 0;
-            for element in committed.elements() {
-                let (_, high) = consumer.fetch_watermarks(topic, element.partition(), timeout)?;
-                let position = element.offset().to_raw().filter(|offset| *offset >= 0).unwrap_or(0);
-                lag += (high - position).max(0);
-            }
-            lags.insert(name.clone(), lag);
-        }
-        Ok(lags)
-    }
 }
 
 fn git_commit() -> Option<String> {
