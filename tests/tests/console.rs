@@ -72,6 +72,45 @@ impl Browser {
         Ok(Self { client, driver })
     }
 
+    /// Clicks what `locator` finds and waits for the page it leads to:
+    /// the old document gone (its root element stale), the new one loaded.
+    /// A click returns before a navigation it starts is done; reading the
+    /// page any earlier could read the old one.
+    async fn follow(&self, locator: Locator<'_>) -> Result<()> {
+        let element = self.client.find(locator).await?;
+        self.navigate(|| async { Ok(element.click().await?) }).await
+    }
+
+    /// Types `text` into the field and presses Enter, which submits its
+    /// form; waits for the page it leads to.
+    async fn submit_typing(&self, locator: Locator<'_>, text: &str) -> Result<()> {
+        let field = self.client.find(locator).await?;
+        let typed = format!("{text}{}", char::from(Key::Enter));
+        self.navigate(|| async { Ok(field.send_keys(&typed).await?) }).await
+    }
+
+    async fn navigate<F, Fut>(&self, act: F) -> Result<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let old = self.client.find(Locator::Css("html")).await?;
+        act().await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while old.tag_name().await.is_ok() {
+            ensure!(Instant::now() < deadline, "the page did not change");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        loop {
+            let ready = self.client.execute("return document.readyState", Vec::new()).await;
+            if ready.as_ref().is_ok_and(|state| state == "complete") {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "the page did not load: {ready:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     async fn text(&self) -> Result<String> {
         Ok(self.client.find(Locator::Css("body")).await?.text().await?)
     }
@@ -91,15 +130,14 @@ impl Browser {
     /// Enter to send.
     async fn sign_in(&self, base: &str, key: &str) -> Result<()> {
         self.client.goto(&format!("{base}/console/login")).await?;
-        let field = self.client.find(Locator::Id("api_key")).await?;
-        field.send_keys(&format!("{key}{}", char::from(Key::Enter))).await?;
-        self.client.wait().for_element(Locator::Css("form.signout")).await?;
+        self.submit_typing(Locator::Id("api_key"), key).await?;
+        ensure!(self.heading().await? == "Overview", "not signed in: {}", self.text().await?);
         Ok(())
     }
 
     async fn sign_out(&self) -> Result<()> {
-        self.client.find(Locator::Css("form.signout button")).await?.click().await?;
-        self.client.wait().for_element(Locator::Id("api_key")).await?;
+        self.follow(Locator::Css("form.signout button")).await?;
+        ensure!(self.heading().await? == "Sign in", "not signed out: {}", self.text().await?);
         Ok(())
     }
 
@@ -231,6 +269,17 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
         id
     };
 
+    // A Slack target from before targets were sealed (the whole URL in the
+    // clear), disabled with an error text that quotes it.
+    sqlx::query(
+        "INSERT INTO notification_subscriptions (subscriber_kind, channel, target, enabled, disabled_reason)
+         VALUES ('operator', 'slack', $1, false, $2)",
+    )
+    .bind("https://hooks.slack.com/services/T0001/B0002/XXsecretXX")
+    .bind("request failed: error sending request for url (https://hooks.slack.com/services/T0001/B0002/XXsecretXX)")
+    .execute(&kit.pool)
+    .await?;
+
     let alice = key(&kit, "alice", &["operator"]).await?;
     let bob = key(&kit, "bob", &["operator"]).await?;
     let vic = key(&kit, "vic", &["viewer"]).await?;
@@ -248,9 +297,7 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
     for (wrong, expected) in
         [("brk_00000000_nope", "not valid"), (reader.as_str(), "none of the viewer, operator or admin scopes")]
     {
-        let field = page.find(Locator::Id("api_key")).await?;
-        field.send_keys(&format!("{wrong}{}", char::from(Key::Enter))).await?;
-        page.wait().for_element(Locator::Css("p[role=alert]")).await?;
+        browser.submit_typing(Locator::Id("api_key"), wrong).await?;
         let text = browser.text().await?;
         ensure!(text.contains(expected), "{text}");
     }
@@ -266,21 +313,22 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
     }
     ensure!(overview.contains("bridge.transfers.requested.v1.dlq"), "{overview}");
     ensure!(overview.contains("disabled"), "the disabled target is not on the overview: {overview}");
+    ensure!(!page.source().await?.contains("XXsecretXX"), "a Slack URL's secret is on the overview");
     browser.every_control_is_labelled("overview").await?;
     browser.screenshot("overview").await?;
 
     // Find the transfers in manual review by investor and state.
-    page.find(Locator::LinkText("Transfers")).await?.click().await?;
+    browser.follow(Locator::LinkText("Transfers")).await?;
     page.find(Locator::Css("input[name=investor]")).await?.send_keys("stranger").await?;
     page.find(Locator::Css("select[name=state]")).await?.select_by_value("manual_review").await?;
-    page.find(Locator::Css("form.search button")).await?.click().await?;
+    browser.follow(Locator::Css("form.search button")).await?;
     page.wait().for_element(Locator::Css("table.list tbody tr")).await?;
     let rows = page.find_all(Locator::Css("table.list tbody tr")).await?;
     ensure!(rows.len() == 2, "{} rows for the investor's transfers in review", rows.len());
     browser.every_control_is_labelled("search").await?;
     browser.screenshot("transfers").await?;
     let target = held[0];
-    page.find(Locator::LinkText(&target.to_string())).await?.click().await?;
+    browser.follow(Locator::LinkText(&target.to_string())).await?;
     page.wait().for_element(Locator::Css("ol.timeline")).await?;
     let story = browser.text().await?;
     for expected in [
@@ -301,7 +349,7 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
     kit.set_simulated_account_status("stranger", "active").await?;
     page.find(Locator::Id("action-retry")).await?.click().await?;
     page.find(Locator::Id("reason")).await?.send_keys("bank fixed the account, ticket OPS-7").await?;
-    page.find(Locator::Css("form.resolve button")).await?.click().await?;
+    browser.follow(Locator::Css("form.resolve button")).await?;
     page.wait().for_element(Locator::Css("p[role=status]")).await?;
     let after = browser.text().await?;
     ensure!(after.contains("waits for a second operator"), "{after}");
@@ -313,7 +361,7 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
     ensure!(status == "awaiting_approval" && requested_by.starts_with("alice"), "{status} {requested_by}");
     ensure!(kit.transfer(target).await?.state.as_str() == "manual_review", "ran before approval");
     // She cannot approve her own resolution.
-    page.find(Locator::Css("form[action$='/approve'] button")).await?.click().await?;
+    browser.follow(Locator::Css("form[action$='/approve'] button")).await?;
     let refused = browser.text().await?;
     ensure!(refused.contains("needs a second operator"), "{refused}");
     page.goto(&format!("{base}/console/transfers/{target}")).await?;
@@ -322,12 +370,12 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
 
     // Bob approves it; the retry runs and the transfer completes.
     browser.sign_in(&base, &bob).await?;
-    page.find(Locator::LinkText("Manual review")).await?.click().await?;
+    browser.follow(Locator::LinkText("Manual review")).await?;
     let queue = browser.text().await?;
     ensure!(queue.contains("2 transfers waiting") && queue.contains("under way or awaiting approval"), "{queue}");
     browser.screenshot("manual-review").await?;
-    page.find(Locator::LinkText(&target.to_string())).await?.click().await?;
-    page.find(Locator::Css("form[action$='/approve'] button")).await?.click().await?;
+    browser.follow(Locator::LinkText(&target.to_string())).await?;
+    browser.follow(Locator::Css("form[action$='/approve'] button")).await?;
     page.wait().for_element(Locator::Css("p[role=status]")).await?;
     ensure!(browser.text().await?.contains("Approved"), "{}", browser.text().await?);
     wait_for("the approved retry completes the transfer", || async {
@@ -343,19 +391,20 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
 
     // A dead letter, decoded where it can be, redriven after a
     // confirmation that says what will happen.
-    page.find(Locator::LinkText("Dead letters")).await?.click().await?;
-    page.find(Locator::LinkText(&dead_letter_topic)).await?.click().await?;
+    browser.follow(Locator::LinkText("Dead letters")).await?;
+    browser.follow(Locator::LinkText(&dead_letter_topic)).await?;
     page.wait().for_element(Locator::Css("article.record")).await?;
     let records = browser.text().await?;
     ensure!(records.contains("does not decode; hex") && records.contains("garbage-key"), "{records}");
     ensure!(records.contains("c3016e6f74206176726f"), "the payload's bytes are not shown: {records}");
     browser.screenshot("dead-letters").await?;
-    page.find(Locator::Css("article.record form button")).await?.click().await?;
+    browser.follow(Locator::Css("article.record form button")).await?;
     let confirm = browser.text().await?;
     ensure!(confirm.contains("This publishes 1 record") && confirm.contains(&requested), "{confirm}");
     browser.screenshot("redrive-confirm").await?;
     let buttons = page.find_all(Locator::Css("main form[method=post] button")).await?;
-    buttons.first().context("no redrive button")?.click().await?;
+    ensure!(buttons.len() == 1, "{} forms posting on the confirmation", buttons.len());
+    browser.follow(Locator::Css("main form[method=post] button")).await?;
     page.wait().for_element(Locator::Css("p[role=status]")).await?;
     // The garbage went back to its topic and, failing again, came back.
     wait_for("the redriven record dead-lettered again", || async { Ok(dead_letters().await? == 2) }).await?;
@@ -368,13 +417,14 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
     ensure!(browser.text().await?.contains("console redrive"), "the redrive is not in the topic's history");
 
     // A disabled notification target, enabled again.
-    page.find(Locator::LinkText("Notifications")).await?.click().await?;
+    browser.follow(Locator::LinkText("Notifications")).await?;
     ensure!(browser.text().await?.contains("disabled by an operator"));
+    let source = page.source().await?;
+    ensure!(!source.contains("XXsecretXX") && source.contains("https://hooks.slack.com/services/…"), "{source}");
     browser.every_control_is_labelled("notifications").await?;
     browser.screenshot("notifications").await?;
-    page.find(Locator::Css(&format!("form[action='/console/notifications/{subscription}/enable'] button")))
-        .await?
-        .click()
+    browser
+        .follow(Locator::Css(&format!("form[action='/console/notifications/{subscription}/enable'] button")))
         .await?;
     page.wait().for_element(Locator::Css("p[role=status]")).await?;
     let enabled: bool = sqlx::query_scalar("SELECT enabled FROM notification_subscriptions WHERE id = $1")
@@ -440,6 +490,18 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
         .fetch_one(&kit.pool)
         .await?;
     ensure!(asked == 0, "a refused request recorded a resolution");
+    // The refusals are in the audit log with who tried.
+    let refusals: Vec<(String, String)> = sqlx::query_as(
+        "SELECT actor, outcome FROM audit_log WHERE target = $1 AND outcome LIKE 'refused%' ORDER BY id",
+    )
+    .bind(format!("transfer:{}", held[1]))
+    .fetch_all(&kit.pool)
+    .await?;
+    ensure!(
+        refusals.iter().any(|(actor, outcome)| actor.starts_with("alice") && outcome == "refused: wrong CSRF token")
+            && refusals.iter().any(|(actor, outcome)| actor.starts_with("vic") && outcome == "refused: scope"),
+        "{refusals:?}"
+    );
     // A revoked key's session ends at once.
     let prefix = alice.split('_').nth(1).context("prefix")?;
     bridge_store::api::revoke_key(&mut *kit.pool.acquire().await?, prefix).await?;

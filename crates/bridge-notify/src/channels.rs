@@ -124,6 +124,9 @@ fn classify_http(status: reqwest::StatusCode, body: &str) -> Result<(), SendErro
 }
 
 fn transport_error(error: reqwest::Error) -> SendError {
+    // reqwest names the URL in its errors; the error is stored with the
+    // delivery and shown to operators, and the URL may be a secret.
+    let error = error.without_url();
     if error.is_builder() {
         SendError::Permanent(format!("invalid target: {error}"))
     } else {

@@ -60,9 +60,12 @@ impl OutboundPolicy {
     /// without resolving it: http(s), no credentials, and an address host
     /// that is allowed. Names are checked at each connection.
     pub fn check_url(&self, target: &str) -> Result<Url, String> {
-        let url = Url::parse(target).map_err(|error| format!("{target:?} is not a URL: {error}"))?;
+        // Errors name the target redacted: they are stored with the
+        // delivery and shown to operators, and the URL may be a secret.
+        let shown = redacted(target);
+        let url = Url::parse(target).map_err(|error| format!("{shown:?} is not a URL: {error}"))?;
         if !matches!(url.scheme(), "https" | "http") {
-            return Err(format!("{target:?} is not an http(s) URL"));
+            return Err(format!("{shown:?} is not an http(s) URL"));
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err(
@@ -70,7 +73,7 @@ impl OutboundPolicy {
             );
         }
         let ip = match url.host() {
-            None => return Err(format!("{target:?} has no host")),
+            None => return Err(format!("{shown:?} has no host")),
             Some(url::Host::Domain(name)) => {
                 // "localhost" and friends resolve to loopback everywhere.
                 let name = name.trim_end_matches('.');
@@ -113,6 +116,25 @@ pub fn redacted(target: &str) -> String {
         None => shown.push('/'),
     }
     shown
+}
+
+/// `text` with every http(s) URL in it redacted as [`redacted`] does: for
+/// error texts stored before they were kept free of URLs, and for any
+/// other text that may quote a target.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = ["https://", "http://"].iter().filter_map(|scheme| rest.find(scheme)).min() {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '<' | '>' | ','))
+            .unwrap_or(tail.len());
+        out.push_str(&redacted(&tail[..end]));
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Seals a webhook or Slack target in the credentials store: the reference
@@ -250,6 +272,8 @@ mod tests {
     fn operators_may_allow_internal_hosts_on_purpose() {
         let policy = OutboundPolicy::parse("127.0.0.1, 10.20.0.0/16, receiver.internal").expect("parses");
         assert!(policy.check_url("http://127.0.0.1:18080/hook").is_ok());
+        let refused = policy.check_url("ftp://hooks.example.com/services/T1/B2/secret").unwrap_err();
+        assert!(!refused.contains("secret"), "{refused}");
         assert!(policy.check_url("http://10.20.3.4/hook").is_ok());
         assert!(policy.check_url("http://10.21.3.4/hook").is_err());
         assert!(policy.allows_host("receiver.internal"));
@@ -277,5 +301,15 @@ mod tests {
         let allowing = SafeResolver { policy: Arc::new(OutboundPolicy::parse("localhost").expect("parses")) };
         let name: reqwest::dns::Name = "localhost".parse().expect("name");
         assert!(allowing.resolve(name).await.is_ok());
+    }
+
+    #[test]
+    fn urls_in_error_texts_are_redacted() {
+        let text = "request failed: error sending request for url (https://hooks.slack.com/services/T1/B2/XXsecretXX): timed out";
+        let shown = redact_urls(text);
+        assert!(!shown.contains("XXsecretXX"), "{shown}");
+        assert!(shown.contains("https://hooks.slack.com/services/…") && shown.ends_with("): timed out"), "{shown}");
+        assert_eq!(redact_urls("no url here, ünïcode"), "no url here, ünïcode");
+        assert_eq!(redact_urls("http://"), "…");
     }
 }

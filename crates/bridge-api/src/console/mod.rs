@@ -6,24 +6,28 @@
 //! **Sign-in.** An API key with the `viewer`, `operator` or `admin` scope,
 //! not bound to an investor, checked like a bearer key (throttled per
 //! address and key prefix). The session is a random token in an HttpOnly,
-//! SameSite=Strict cookie (Secure unless the request came over plain HTTP
-//! from this machine: the demo, or a port-forward), of which only the
-//! SHA-256 is kept (`console_sessions`). It ends after 8 hours, after 30
+//! SameSite=Strict cookie, `__Host-` and Secure unless the request came
+//! over plain HTTP straight from this machine (the demo, a port-forward),
+//! of which only the SHA-256 is kept (`console_sessions`). It ends after 8 hours, after 30
 //! minutes unused, on sign-out, or when its key is revoked; its scopes are
 //! the key's as they are now.
 //!
 //! **Acting.** `viewer` sees every page and every figure and gets no
 //! forms. `operator` resolves manual reviews (four-eyes when configured),
 //! redrives dead letters and notification deliveries and enables targets;
-//! `admin` may do the last three as well. Every form carries the
+//! `admin` may do the last three as well (operations teams redrive and
+//! re-enable as part of the day's work; creating and changing
+//! subscriptions stays with the API's `admin`). Every form carries the
 //! session's CSRF token; every POST must also come from this origin
-//! (`Sec-Fetch-Site`, `Origin`). Every action is written to the audit log
-//! with the operator's name and what it touched, and a resolution to the
-//! transfer's own history.
+//! (`Sec-Fetch-Site`, `Origin`). Every action, and every refused one, is
+//! written to the audit log with the operator's name and what it touched,
+//! and a resolution to the transfer's own history. A redrive sends exactly
+//! the records its confirmation counted.
 //!
 //! **Secrets.** No page renders an API key, a credential, a webhook secret,
 //! an investor's bank access or a sealed notification target (those are
-//! stored redacted; the page shows what is stored).
+//! stored redacted, and webhook and Slack URLs, in targets and in error
+//! texts, are redacted again when shown).
 
 mod operations;
 mod transfers;
@@ -45,7 +49,11 @@ use subtle::ConstantTimeEq;
 use crate::auth::{Caller, Refused};
 use crate::AppState;
 
-const COOKIE: &str = "bridge_console";
+/// The session cookie: `__Host-` (Secure, whole host, no Domain: a sibling
+/// subdomain cannot plant one) whenever the console is reached over TLS,
+/// the plain name only over plain HTTP from this machine.
+const COOKIE_SECURE: &str = "__Host-bridge_console";
+const COOKIE_PLAIN: &str = "bridge_console";
 const SESSION_LIFETIME_SECS: i64 = 8 * 3600;
 const SESSION_IDLE_SECS: i64 = 30 * 60;
 
@@ -133,33 +141,42 @@ fn random_token() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn session_cookie(headers: &HeaderMap) -> Option<String> {
+/// The session token, from the cookie of this request's kind (see
+/// [`cookie_secure`]).
+fn session_cookie(headers: &HeaderMap, secure: bool) -> Option<String> {
+    let wanted = if secure { COOKIE_SECURE } else { COOKIE_PLAIN };
     headers.get_all(header::COOKIE).iter().filter_map(|value| value.to_str().ok()).find_map(|cookies| {
         cookies.split(';').find_map(|pair| {
             let (name, value) = pair.trim().split_once('=')?;
-            (name == COOKIE && !value.is_empty()).then(|| value.to_owned())
+            (name == wanted && !value.is_empty()).then(|| value.to_owned())
         })
     })
 }
 
-/// Whether the cookie may go without `Secure`: only for plain HTTP from
-/// this machine (the demo, a port-forward); behind a TLS-terminating proxy
-/// `X-Forwarded-Proto` says https.
-fn cookie_secure(parts_headers: &HeaderMap, extensions: &axum::http::Extensions) -> bool {
-    match parts_headers.get("x-forwarded-proto").and_then(|value| value.to_str().ok()) {
-        Some(proto) => proto.eq_ignore_ascii_case("https"),
-        None => !extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .is_some_and(|info| info.0.ip().is_loopback()),
+/// Whether the session cookie must be `Secure`: always, except for plain
+/// HTTP straight from this machine (the demo, a port-forward), which a
+/// browser would otherwise refuse. A request that came through a proxy
+/// (`X-Forwarded-For`, `Forwarded`) is not taken for a local one; the
+/// proxy's `X-Forwarded-Proto` (its first value) says how the browser
+/// reached it.
+fn cookie_secure(headers: &HeaderMap, extensions: &axum::http::Extensions) -> bool {
+    if let Some(proto) = headers.get("x-forwarded-proto").and_then(|value| value.to_str().ok()) {
+        return !proto.split(',').next().unwrap_or_default().trim().eq_ignore_ascii_case("http");
     }
+    let proxied = headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED);
+    let local = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .is_some_and(|info| info.0.ip().is_loopback());
+    proxied || !local
 }
 
 fn set_cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
-    let secure = if secure { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
-    ))
-    .expect("cookie characters are base64url")
+    let cookie = if secure {
+        format!("{COOKIE_SECURE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}; Secure")
+    } else {
+        format!("{COOKIE_PLAIN}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}")
+    };
+    HeaderValue::from_str(&cookie).expect("cookie characters are base64url")
 }
 
 /// A signed-in person: the key they signed in with, and their session's
@@ -193,12 +210,34 @@ impl Operator {
     }
 
     /// The form's token matches the session's (constant time).
-    pub fn check_csrf(&self, presented: &str) -> Result<(), Response> {
-        if bool::from(presented.as_bytes().ct_eq(self.csrf.as_bytes())) {
-            Ok(())
-        } else {
-            Err(page_error(StatusCode::FORBIDDEN, "Refused", "This form has expired; reload the page and try again."))
+    fn csrf_matches(&self, presented: &str) -> bool {
+        bool::from(presented.as_bytes().ct_eq(self.csrf.as_bytes()))
+    }
+
+    /// Lets an action through when the form carries the session's CSRF
+    /// token and `allowed` (the person's scopes permit it); a refusal is
+    /// audited like the action would have been.
+    pub async fn may(
+        &self,
+        state: &AppState,
+        presented_csrf: &str,
+        allowed: bool,
+        action: &str,
+        target: &str,
+    ) -> Result<(), Response> {
+        if !self.csrf_matches(presented_csrf) {
+            self.audit(state, action, target, "refused: wrong CSRF token").await;
+            return Err(page_error(
+                StatusCode::FORBIDDEN,
+                "Refused",
+                "This form has expired; reload the page and try again.",
+            ));
         }
+        if !allowed {
+            self.audit(state, action, target, "refused: scope").await;
+            return Err(not_allowed());
+        }
+        Ok(())
     }
 
     /// Writes an action to the audit log, whatever its outcome.
@@ -239,7 +278,8 @@ impl FromRequestParts<AppState> for Operator {
                 page_error(StatusCode::FORBIDDEN, "Signed out", "Your session has ended; sign in again.")
             }
         };
-        let Some(token) = session_cookie(&parts.headers) else { return Err(signed_out()) };
+        let secure = cookie_secure(&parts.headers, &parts.extensions);
+        let Some(token) = session_cookie(&parts.headers, secure) else { return Err(signed_out()) };
         let hash = token_hash(&token);
         let found = match state.ctx.pool.acquire().await {
             Ok(mut conn) => bridge_store::console::session(&mut conn, &hash, SESSION_IDLE_SECS).await,
@@ -275,6 +315,26 @@ pub(crate) fn at(moment: chrono::DateTime<chrono::Utc>) -> String {
 /// An amount in major units with its currency.
 pub(crate) fn money(amount_minor: i64, currency: &str) -> String {
     bridge_domain::format_major(amount_minor, currency)
+}
+
+/// A notification target as it may be shown: webhook and Slack URLs
+/// redacted whatever is stored (rows from before they were sealed hold
+/// the whole URL).
+pub(crate) fn shown_target(channel: &str, target: &str) -> String {
+    match channel {
+        "webhook" | "slack" => bridge_notify::outbound::redacted(target),
+        _ => target.to_owned(),
+    }
+}
+
+/// An error text as it may be shown: any URL in it redacted.
+pub(crate) fn scrubbed(text: &str) -> String {
+    bridge_notify::outbound::redact_urls(text)
+}
+
+/// `value` as a query parameter's value.
+pub(crate) fn query_value(value: &str) -> String {
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
 /// A state as a badge: its name is the text, the colour only repeats it.
@@ -398,8 +458,11 @@ async fn login(
     let refused = |status, error: &str| page(status, login_form(None, Some(error)));
     let key = match crate::auth::check_api_key(&state, &peer, form.api_key.trim()).await {
         Ok(key) => key,
-        Err(Refused::Throttled(_)) => {
-            return refused(StatusCode::TOO_MANY_REQUESTS, "Too many failed sign-ins; wait a minute.")
+        Err(Refused::Throttled(wait)) => {
+            let mut response = refused(StatusCode::TOO_MANY_REQUESTS, "Too many failed sign-ins; wait a minute.");
+            let seconds = HeaderValue::from_str(&wait.as_secs().max(1).to_string()).expect("digits");
+            response.headers_mut().insert(header::RETRY_AFTER, seconds);
+            return response;
         }
         Err(Refused::Invalid) => return refused(StatusCode::UNAUTHORIZED, "That key is not valid."),
         Err(Refused::Unavailable) => return unavailable(),
@@ -444,24 +507,32 @@ struct CsrfForm {
     csrf: String,
 }
 
+/// Signs out. A session that has already ended (expired, revoked) only
+/// has its cookie cleared.
 async fn logout(
     State(state): State<AppState>,
-    operator: Operator,
+    operator: Result<Operator, Response>,
     headers: HeaderMap,
     extensions: axum::http::Extensions,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(response) = operator.check_csrf(&form.csrf) {
-        return response;
+    if let Ok(operator) = operator {
+        if !operator.csrf_matches(&form.csrf) {
+            return page_error(
+                StatusCode::FORBIDDEN,
+                "Refused",
+                "This form has expired; reload the page and try again.",
+            );
+        }
+        let ended = match state.ctx.pool.acquire().await {
+            Ok(mut conn) => bridge_store::console::end_session(&mut conn, &operator.token_hash).await,
+            Err(error) => Err(error.into()),
+        };
+        if ended.is_err() {
+            return unavailable();
+        }
+        operator.audit(&state, "sign-out", "", "ok").await;
     }
-    let ended = match state.ctx.pool.acquire().await {
-        Ok(mut conn) => bridge_store::console::end_session(&mut conn, &operator.token_hash).await,
-        Err(error) => Err(error.into()),
-    };
-    if ended.is_err() {
-        return unavailable();
-    }
-    operator.audit(&state, "sign-out", "", "ok").await;
     let mut response = Redirect::to("/console/login?signed_out=1").into_response();
     response.headers_mut().insert(header::SET_COOKIE, set_cookie("", 0, cookie_secure(&headers, &extensions)));
     response
@@ -491,10 +562,32 @@ mod tests {
 
     #[test]
     fn the_session_cookie_is_found_among_others() {
-        let found = session_cookie(&headers(&[("cookie", "a=1; bridge_console=tok-en_1; b=2")]));
+        let found = session_cookie(&headers(&[("cookie", "a=1; bridge_console=tok-en_1; b=2")]), false);
         assert_eq!(found.as_deref(), Some("tok-en_1"));
-        assert_eq!(session_cookie(&headers(&[("cookie", "bridge_console=")])), None);
-        assert_eq!(session_cookie(&headers(&[("cookie", "xbridge_console=1")])), None);
+        assert_eq!(session_cookie(&headers(&[("cookie", "bridge_console=")]), false), None);
+        assert_eq!(session_cookie(&headers(&[("cookie", "xbridge_console=1")]), false), None);
+        // Over TLS only the __Host- cookie counts: a plain one could have
+        // been planted by a sibling subdomain.
+        assert_eq!(session_cookie(&headers(&[("cookie", "bridge_console=planted")]), true), None);
+        let found = session_cookie(&headers(&[("cookie", "__Host-bridge_console=real")]), true);
+        assert_eq!(found.as_deref(), Some("real"));
+    }
+
+    #[test]
+    fn the_cookie_is_secure_unless_plain_http_from_this_machine() {
+        let from = |ip: [u8; 4]| {
+            let mut extensions = axum::http::Extensions::new();
+            extensions.insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((ip, 40_000))));
+            extensions
+        };
+        let (local, remote) = (from([127, 0, 0, 1]), from([10, 1, 2, 3]));
+        assert!(!cookie_secure(&headers(&[]), &local));
+        assert!(cookie_secure(&headers(&[]), &remote));
+        assert!(cookie_secure(&headers(&[("x-forwarded-for", "203.0.113.9")]), &local));
+        assert!(cookie_secure(&headers(&[("x-forwarded-proto", "https")]), &local));
+        assert!(cookie_secure(&headers(&[("x-forwarded-proto", "https, http")]), &local));
+        assert!(!cookie_secure(&headers(&[("x-forwarded-proto", "http")]), &local));
+        assert!(set_cookie("t", 60, true).to_str().unwrap().starts_with("__Host-bridge_console=t; Path=/;"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use bridge_pipeline::dead_letters;
 use bridge_pipeline::reader::{Bound, Range};
 use bridge_store::notifications;
 
-use super::{at, layout, not_allowed, page, page_error, unavailable, Operator};
+use super::{at, layout, not_allowed, page, page_error, scrubbed, shown_target, unavailable, Operator};
 use crate::AppState;
 
 /// How long a partition must stay quiet to count as read to its end.
@@ -90,14 +90,16 @@ fn asked(query: &RangeQuery) -> Result<Asked, String> {
     Ok(asked)
 }
 
-fn range(topic: &str, asked: &Asked) -> Range {
+/// The range's records appended before `before`: what a confirmation
+/// counted stays what the redrive sends, whatever arrives meanwhile.
+fn range(topic: &str, asked: &Asked, before: chrono::DateTime<Utc>) -> Range {
     Range {
         topic: topic.to_owned(),
         partitions: asked.partition.into_iter().collect(),
         from: asked.from.map(Bound::Offset),
         to: asked.to.map(Bound::Offset),
         idle_ms: IDLE_MS,
-        appended_before: Some(Utc::now()),
+        appended_before: Some(before),
     }
 }
 
@@ -129,7 +131,7 @@ pub(crate) async fn dead_letters(
         Err(problem) => return page_error(StatusCode::BAD_REQUEST, "Not a range", &problem),
     };
     let mut records = Vec::new();
-    let shown = dead_letters::show(&state.ctx.config, &range(&topic, &asked), |record| {
+    let shown = dead_letters::show(&state.ctx.config, &range(&topic, &asked, Utc::now()), |record| {
         if records.len() < SHOW_MAX {
             records.push(record);
         }
@@ -141,7 +143,12 @@ pub(crate) async fn dead_letters(
         let mut conn = state.ctx.pool.acquire().await?;
         bridge_store::console::audit_of(&mut conn, &format!("dead-letters:{topic}"), 20).await
     };
-    let Ok(history) = history.await else { return unavailable() };
+    // The records were read; a history that cannot be read now is left out
+    // rather than hiding them.
+    let history = history.await.unwrap_or_else(|error| {
+        tracing::warn!(error = %error, "Redrive history unavailable");
+        Vec::new()
+    });
     let notice = match query.notice.as_deref() {
         Some("redriven") => Some("The records were published back; the redrives below say how many."),
         _ => None,
@@ -195,7 +202,7 @@ pub(crate) async fn dead_letters(
                         input type="hidden" name="partition" value=(record.partition);
                         input type="hidden" name="from_offset" value=(record.offset);
                         input type="hidden" name="to_offset" value=(record.offset);
-                        button type="submit" { "Redrive this record…" }
+                        button type="submit" aria-label={ "Redrive the record at partition " (record.partition) ", offset " (record.offset) "…" } { "Redrive this record…" }
                     }
                 }
             }
@@ -240,7 +247,8 @@ pub(crate) async fn redrive_confirm(
         Ok(asked) => asked,
         Err(problem) => return page_error(StatusCode::BAD_REQUEST, "Not a range", &problem),
     };
-    let Ok(counted) = dead_letters::redrive(&state.ctx.config, &range(&topic, &asked), true).await else {
+    let before = Utc::now();
+    let Ok(counted) = dead_letters::redrive(&state.ctx.config, &range(&topic, &asked, before), true).await else {
         return unavailable();
     };
     let content = html! {
@@ -260,6 +268,7 @@ pub(crate) async fn redrive_confirm(
                 input type="hidden" name="from_offset" value=(query.from_offset);
                 input type="hidden" name="to_offset" value=(query.to_offset);
                 input type="hidden" name="expected" value=(counted.redriven);
+                input type="hidden" name="before" value=(before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
                 button type="submit" { "Redrive " (counted.redriven) " record" @if counted.redriven != 1 { "s" } }
                 " "
                 a href={ "/console/dead-letters/" (topic) } { "Cancel" }
@@ -278,6 +287,9 @@ pub(crate) struct RedriveForm {
     from_offset: String,
     #[serde(default)]
     to_offset: String,
+    /// What the confirmation counted, and when.
+    expected: u64,
+    before: String,
 }
 
 pub(crate) async fn redrive(
@@ -286,15 +298,20 @@ pub(crate) async fn redrive(
     Path(topic): Path<String>,
     Form(form): Form<RedriveForm>,
 ) -> Response {
-    if let Err(response) = operator.check_csrf(&form.csrf) {
+    let target = format!("dead-letters:{topic}");
+    if let Err(response) = operator.may(&state, &form.csrf, operator.may_operate(), "redrive", &target).await {
         return response;
-    }
-    if !operator.may_operate() {
-        return not_allowed();
     }
     if let Err(response) = ours(&state, &topic) {
         return response;
     }
+    let Some(before) = chrono::DateTime::parse_from_rfc3339(&form.before)
+        .ok()
+        .map(|before| before.with_timezone(&Utc))
+        .filter(|before| *before <= Utc::now())
+    else {
+        return page_error(StatusCode::BAD_REQUEST, "Not done", "This form is damaged; confirm the redrive again.");
+    };
     let query = RangeQuery {
         partition: form.partition,
         from_offset: form.from_offset,
@@ -305,9 +322,29 @@ pub(crate) async fn redrive(
         Ok(asked) => asked,
         Err(problem) => return page_error(StatusCode::BAD_REQUEST, "Not a range", &problem),
     };
-    let target = format!("dead-letters:{topic}");
     let action = format!("redrive {}", describe_range(&asked));
-    match dead_letters::redrive(&state.ctx.config, &range(&topic, &asked), false).await {
+    let range = range(&topic, &asked, before);
+    // The records the confirmation counted are still there (retention may
+    // have removed some): otherwise the operator confirms again.
+    match dead_letters::redrive(&state.ctx.config, &range, true).await {
+        Ok(counted) if counted.redriven == form.expected => {}
+        Ok(counted) => {
+            operator.audit(&state, &action, &target, "refused: the range changed since it was confirmed").await;
+            return page_error(
+                StatusCode::CONFLICT,
+                "Not done",
+                &format!(
+                    "The range now holds {} records, not the {} you confirmed; nothing was redriven. Confirm again.",
+                    counted.redriven, form.expected
+                ),
+            );
+        }
+        Err(error) => {
+            tracing::warn!(error = format!("{error:#}"), "Console redrive count failed");
+            return unavailable();
+        }
+    }
+    match dead_letters::redrive(&state.ctx.config, &range, false).await {
         Ok(done) => {
             operator.audit(&state, &action, &target, &format!("{} redriven", done.redriven)).await;
             Redirect::to(&format!("/console/dead-letters/{topic}?notice=redriven")).into_response()
@@ -374,12 +411,12 @@ pub(crate) async fn notifications(
                     tr {
                         td { (subscription.id) }
                         td { (subscription.subscriber_kind) @if let Some(id) = &subscription.subscriber_id { " " (id) } }
-                        td { (subscription.channel) " " code { (subscription.target) } }
+                        td { (subscription.channel) " " code { (shown_target(&subscription.channel, &subscription.target)) } }
                         td { @if subscription.states.is_empty() { "all" } @else { (subscription.states.join(", ")) } }
                         td {
                             @if !subscription.enabled {
                                 strong class="warn" { "disabled" }
-                                @if let Some(why) = &subscription.disabled_reason { ": " (why) }
+                                @if let Some(why) = &subscription.disabled_reason { ": " (scrubbed(why)) }
                             } @else if let Some(since) = failing_since {
                                 strong class="warn" { "failing" } " since " (at(since))
                             } @else {
@@ -426,9 +463,9 @@ pub(crate) async fn notifications(
                         tr {
                             td { (delivery.id) }
                             td { "v" (delivery.version) " " (delivery.state) }
-                            td { (delivery.channel) " " code { (delivery.target) } }
+                            td { (delivery.channel) " " code { (shown_target(&delivery.channel, &delivery.target)) } }
                             td class="num" { (delivery.attempts) }
-                            td { (delivery.last_error.as_deref().unwrap_or("")) }
+                            td { (scrubbed(delivery.last_error.as_deref().unwrap_or(""))) }
                             td { (at(delivery.created_at)) }
                         }
                     }
@@ -451,11 +488,9 @@ pub(crate) async fn enable(
     Path(id): Path<i64>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(response) = operator.check_csrf(&form.csrf) {
+    let action = format!("enable subscription {id}");
+    if let Err(response) = operator.may(&state, &form.csrf, operator.may_operate(), &action, "notifications").await {
         return response;
-    }
-    if !operator.may_operate() {
-        return not_allowed();
     }
     let switched = async {
         let mut conn = state.ctx.pool.acquire().await?;
@@ -463,11 +498,17 @@ pub(crate) async fn enable(
     };
     match switched.await {
         Ok(true) => {
-            operator.audit(&state, &format!("enable subscription {id}"), "notifications", "enabled").await;
+            operator.audit(&state, &action, "notifications", "enabled").await;
             Redirect::to("/console/notifications?notice=enabled").into_response()
         }
-        Ok(false) => page_error(StatusCode::NOT_FOUND, "Not found", "There is no such subscription."),
-        Err(_) => unavailable(),
+        Ok(false) => {
+            operator.audit(&state, &action, "notifications", "no such subscription").await;
+            page_error(StatusCode::NOT_FOUND, "Not found", "There is no such subscription.")
+        }
+        Err(_) => {
+            operator.audit(&state, &action, "notifications", "failed").await;
+            unavailable()
+        }
     }
 }
 
@@ -482,11 +523,10 @@ pub(crate) async fn redrive_deliveries(
     operator: Operator,
     Form(form): Form<RedriveDeliveries>,
 ) -> Response {
-    if let Err(response) = operator.check_csrf(&form.csrf) {
+    let which = form.subscription.map_or("every subscription".to_owned(), |id| format!("subscription {id}"));
+    let action = format!("redrive dead deliveries of {which}");
+    if let Err(response) = operator.may(&state, &form.csrf, operator.may_operate(), &action, "notifications").await {
         return response;
-    }
-    if !operator.may_operate() {
-        return not_allowed();
     }
     let redriven = async {
         let mut conn = state.ctx.pool.acquire().await?;

@@ -18,7 +18,9 @@ use bridge_pipeline::stages::resolve::{self, ResolutionRequest, ReviewError};
 use bridge_store::console::{self as store, Search};
 use bridge_store::reviews::{self, ActionStatus, ReviewAction};
 
-use super::{at, layout, money, not_allowed, page, page_error, state_badge, unavailable, Operator};
+use super::{
+    at, layout, money, page, page_error, query_value, scrubbed, shown_target, state_badge, unavailable, Operator,
+};
 use crate::AppState;
 
 /// The completion rate covers this many hours.
@@ -111,9 +113,9 @@ pub(crate) async fn overview(State(state): State<AppState>, operator: Operator) 
                     ul {
                         @for target in &figures.troubled_targets {
                             li {
-                                a href="/console/notifications" { (target.channel) " " (target.target) }
+                                a href="/console/notifications" { (target.channel) " " (shown_target(&target.channel, &target.target)) }
                                 " — "
-                                @if !target.enabled { strong { "disabled" } @if let Some(why) = &target.disabled_reason { " (" (why) ")" } }
+                                @if !target.enabled { strong { "disabled" } @if let Some(why) = &target.disabled_reason { " (" (scrubbed(why)) ")" } }
                                 @if let Some(since) = target.failing_since { " failing since " (at(since)) }
                             }
                         }
@@ -433,7 +435,8 @@ pub(crate) async fn transfer(
             at: action.requested_at,
             kind: "resolution",
             markup: html! {
-                "Resolution " strong { (action.action.as_str()) } " asked by " strong { (action.requested_by) }
+                "Resolution " strong { (action.action.as_str()) } @if action.new_attempt { strong { " under a new idempotency key" } }
+                " asked by " strong { (action.requested_by) }
                 ": “" (action.reason) "”" @if let Some(reference) = &action.reference { " (reference " code { (reference) } ")" }
                 " — " (action_status(action))
             },
@@ -452,9 +455,9 @@ pub(crate) async fn transfer(
             kind: "delivery",
             markup: html! {
                 "Notification of v" (delivery.version) " (" (delivery.state) ") over " (delivery.channel) " to "
-                code { (delivery.target) } ": " strong { (delivery.status) } " after " (delivery.attempts) " attempt"
+                code { (shown_target(&delivery.channel, &delivery.target)) } ": " strong { (delivery.status) } " after " (delivery.attempts) " attempt"
                 @if delivery.attempts != 1 { "s" }
-                @if let Some(error) = &delivery.last_error { " — last error: " (error) }
+                @if let Some(error) = &delivery.last_error { " — last error: " (scrubbed(error)) }
             },
         });
     }
@@ -470,8 +473,8 @@ pub(crate) async fn transfer(
                 @if let Some(reason) = &transfer.reason_code { " " span class="reason" { (reason) } }
                 @if let Some(frozen) = frozen_in { " (froze in " (frozen.as_str()) ")" } }
             dt { "Amount" } dd { (money(transfer.amount_minor, &transfer.currency)) }
-            dt { "Investor account" } dd { a href={ "/console/transfers?investor=" (transfer.investor_account_id) } { (transfer.investor_account_id) } }
-            dt { "Fund account" } dd { a href={ "/console/transfers?fund=" (transfer.fund_account_id) } { (transfer.fund_account_id) }
+            dt { "Investor account" } dd { a href={ "/console/transfers?investor=" (query_value(&transfer.investor_account_id)) } { (transfer.investor_account_id) } }
+            dt { "Fund account" } dd { a href={ "/console/transfers?fund=" (query_value(&transfer.fund_account_id)) } { (transfer.fund_account_id) }
                 @if let Some(fund) = &transfer.fund_id { " (fund " (fund) ")" } }
             dt { "Reference" } dd { (transfer.reference) }
             dt { "Source" } dd { (transfer.source_system) }
@@ -485,6 +488,8 @@ pub(crate) async fn transfer(
                     p { "Resolving takes the operator scope." }
                 } @else if !awaiting.is_empty() {
                     p { "A resolution waits for approval (below); another may be asked once it is decided." }
+                } @else if frozen_in.is_none() {
+                    p class="notice error" { "Its history does not say where it froze; resolve it with " code { "bridge review" } "." }
                 } @else {
                     (resolve_form(&operator, transfer.id, frozen_in))
                 }
@@ -495,17 +500,24 @@ pub(crate) async fn transfer(
                 h2 id="approvals" { "Waiting for approval" }
                 @for action in &awaiting {
                     div class="approval" {
-                        p { strong { (action.action.as_str()) } " asked by " strong { (action.requested_by) } " at " (at(action.requested_at))
+                        p id={ "resolution-" (action.id) } {
+                            strong { (action.action.as_str()) }
+                            @if action.new_attempt {
+                                strong class="warn" { " under a new idempotency key" }
+                                " (the service is asked to cancel the first operation; if it had settled, nothing new is asked)"
+                            }
+                            " asked by " strong { (action.requested_by) } " at " (at(action.requested_at))
+                            " against version " (action.review_version)
                             ": “" (action.reason) "”" @if let Some(reference) = &action.reference { " (reference " code { (reference) } ")" } }
                         @if operator.may_resolve() {
                             form method="post" action={ "/console/resolutions/" (action.id) "/approve" } class="inline" {
                                 input type="hidden" name="csrf" value=(operator.csrf);
-                                button type="submit" { "Approve and run" }
+                                button type="submit" aria-describedby={ "resolution-" (action.id) } { "Approve and run" }
                             }
                             form method="post" action={ "/console/resolutions/" (action.id) "/reject" } class="inline" {
                                 input type="hidden" name="csrf" value=(operator.csrf);
                                 label { "Why turn it down" input name="reason" required maxlength="500"; }
-                                button type="submit" { "Turn down" }
+                                button type="submit" aria-describedby={ "resolution-" (action.id) } { "Turn down" }
                             }
                         }
                     }
@@ -689,12 +701,14 @@ pub(crate) async fn resolve(
     Path(id): Path<Uuid>,
     Form(form): Form<ResolveForm>,
 ) -> Response {
-    if let Err(response) = operator.check_csrf(&form.csrf) {
+    let target = format!("transfer:{id}");
+    let action = format!("resolve {}", form.action.chars().take(20).collect::<String>());
+    if let Err(response) = operator.may(&state, &form.csrf, operator.may_resolve(), &action, &target).await {
         return response;
     }
-    if !operator.may_resolve() {
-        return not_allowed();
-    }
+    let Ok(form_key) = form.form_key.trim().parse::<Uuid>() else {
+        return page_error(StatusCode::BAD_REQUEST, "Not done", "This form is damaged; reload the page.");
+    };
     let Ok(resolution) = form.action.parse::<Resolution>() else {
         return page_error(StatusCode::UNPROCESSABLE_ENTITY, "Not done", "Choose retry, fail, refunded or complete.");
     };
@@ -713,10 +727,8 @@ pub(crate) async fn resolve(
         new_attempt: form.new_attempt.as_deref() == Some("true"),
         // One form, one resolution: sending it twice (a reload, a double
         // click) asks once.
-        idempotency_key: Some(format!("{}:console:{}", operator.caller.key_id, form.form_key.trim())),
+        idempotency_key: Some(format!("{}:console:{form_key}", operator.caller.key_id)),
     };
-    let target = format!("transfer:{id}");
-    let action = format!("resolve {}", resolution.as_str());
     match resolve::request(&state.ctx, id, &asked, &operator.reviewer(), state.config.review_approvals).await {
         Ok(done) => {
             let notice = after(&done.action, "resolved");
@@ -741,17 +753,16 @@ pub(crate) async fn approve(
     Path(id): Path<Uuid>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(response) = operator.check_csrf(&form.csrf) {
+    let target = format!("resolution:{id}");
+    if let Err(response) = operator.may(&state, &form.csrf, operator.may_resolve(), "approve resolution", &target).await
+    {
         return response;
     }
-    if !operator.may_resolve() {
-        return not_allowed();
-    }
-    let target = format!("resolution:{id}");
     match resolve::approve(&state.ctx, id, &operator.reviewer()).await {
         Ok(done) => {
             let notice = after(&done.action, "approved");
-            operator.audit(&state, "approve resolution", &target, notice).await;
+            let transfer = format!("transfer:{}", done.action.transfer_id);
+            operator.audit(&state, &format!("approve resolution {id}"), &transfer, notice).await;
             Redirect::to(&format!("/console/transfers/{}?notice={notice}", done.action.transfer_id)).into_response()
         }
         Err(error) => {
@@ -773,16 +784,24 @@ pub(crate) async fn reject(
     Path(id): Path<Uuid>,
     Form(form): Form<RejectForm>,
 ) -> Response {
-    if let Err(response) = operator.check_csrf(&form.csrf) {
+    let target = format!("resolution:{id}");
+    if let Err(response) =
+        operator.may(&state, &form.csrf, operator.may_resolve(), "turn down resolution", &target).await
+    {
         return response;
     }
-    if !operator.may_resolve() {
-        return not_allowed();
+    let reason = form.reason.trim();
+    if reason.is_empty() || reason.chars().count() > 500 || !bridge_domain::text::is_visible(reason) {
+        return page_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not done",
+            "Say why in at most 500 characters, without control or invisible characters.",
+        );
     }
-    let target = format!("resolution:{id}");
-    match resolve::reject(&state.ctx, id, &operator.reviewer(), &form.reason).await {
+    match resolve::reject(&state.ctx, id, &operator.reviewer(), reason).await {
         Ok(action) => {
-            operator.audit(&state, "turn down resolution", &target, "rejected").await;
+            let transfer = format!("transfer:{}", action.transfer_id);
+            operator.audit(&state, &format!("turn down resolution {id}"), &transfer, "rejected").await;
             Redirect::to(&format!("/console/transfers/{}?notice=rejected", action.transfer_id)).into_response()
         }
         Err(error) => {
