@@ -179,7 +179,10 @@ pub fn router(ctx: Arc<StageContext>, config: ApiConfig) -> Router {
         .layer(axum::middleware::map_response(as_problem))
         .layer(axum::middleware::map_response(no_store));
     // The console has its own error pages and headers (`console/mod.rs`).
-    api.merge(console::router()).with_state(state)
+    // A path neither serves is the API's: a problem document.
+    api.merge(console::router())
+        .fallback(|| async { no_store(problem(StatusCode::NOT_FOUND, "Not Found", "no such resource")).await })
+        .with_state(state)
 }
 
 /// Liveness, readiness and the process's metrics, for processes that do not
