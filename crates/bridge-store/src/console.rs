@@ -257,33 +257,22 @@ pub struct PendingStep {
 }
 
 pub async fn pending_steps_of(conn: &mut PgConnection, transfer_id: Uuid) -> Result<Vec<PendingStep>> {
-    let rows: Vec<(String, i32, String, DateTime<Utc>, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT step, attempts, last_status, created_at, next_run_at, deadline_at
-         FROM pending_steps WHERE transfer_id = $1 ORDER BY created_at",
-    )
-    .bind(transfer_id)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(step, attempts, last_status, created_at, next_run_at, deadline_at)| PendingStep {
-            step,
-            attempts,
-            last_status,
-            created_at,
-            next_run_at,
-            deadline_at,
-        })
-        .collect())
+    Ok(pending(conn, Some(transfer_id), 10).await?.into_iter().map(|(_, step)| step).collect())
 }
 
 /// Steps waiting at a service across all transfers, nearest deadline
 /// first (those without one last).
 pub async fn pending_steps(conn: &mut PgConnection, limit: i64) -> Result<Vec<(Uuid, PendingStep)>> {
+    pending(conn, None, limit).await
+}
+
+async fn pending(conn: &mut PgConnection, transfer_id: Option<Uuid>, limit: i64) -> Result<Vec<(Uuid, PendingStep)>> {
     let rows: Vec<(Uuid, String, i32, String, DateTime<Utc>, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
         "SELECT transfer_id, step, attempts, last_status, created_at, next_run_at, deadline_at
-             FROM pending_steps ORDER BY deadline_at NULLS LAST, created_at LIMIT $1",
+             FROM pending_steps WHERE $1::uuid IS NULL OR transfer_id = $1
+             ORDER BY deadline_at NULLS LAST, created_at LIMIT $2",
     )
+    .bind(transfer_id)
     .bind(limit)
     .fetch_all(conn)
     .await?;

@@ -502,9 +502,10 @@ async fn login(
     response
 }
 
+/// A form that carries nothing but the session's CSRF token.
 #[derive(Deserialize)]
-struct CsrfForm {
-    csrf: String,
+pub(crate) struct CsrfForm {
+    pub csrf: String,
 }
 
 /// Signs out. A session that has already ended (expired, revoked) only

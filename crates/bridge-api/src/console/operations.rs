@@ -15,7 +15,7 @@ use bridge_pipeline::dead_letters;
 use bridge_pipeline::reader::{Bound, Range};
 use bridge_store::notifications;
 
-use super::{at, layout, not_allowed, page, page_error, scrubbed, shown_target, unavailable, Operator};
+use super::{at, layout, not_allowed, page, page_error, scrubbed, shown_target, unavailable, CsrfForm, Operator};
 use crate::AppState;
 
 /// How long a partition must stay quiet to count as read to its end.
@@ -475,11 +475,6 @@ pub(crate) async fn notifications(
         (audit_table("Changes to notifications", &history))
     };
     page(StatusCode::OK, layout("Notifications", Some(&operator), content))
-}
-
-#[derive(Deserialize)]
-pub(crate) struct CsrfForm {
-    csrf: String,
 }
 
 pub(crate) async fn enable(

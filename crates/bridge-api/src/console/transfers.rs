@@ -19,7 +19,8 @@ use bridge_store::console::{self as store, Search};
 use bridge_store::reviews::{self, ActionStatus, ReviewAction};
 
 use super::{
-    at, layout, money, page, page_error, query_value, scrubbed, shown_target, state_badge, unavailable, Operator,
+    at, layout, money, page, page_error, query_value, scrubbed, shown_target, state_badge, unavailable, CsrfForm,
+    Operator,
 };
 use crate::AppState;
 
@@ -740,11 +741,6 @@ pub(crate) async fn resolve(
             review_refused(error)
         }
     }
-}
-
-#[derive(Deserialize)]
-pub(crate) struct CsrfForm {
-    csrf: String,
 }
 
 pub(crate) async fn approve(
