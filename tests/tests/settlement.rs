@@ -98,6 +98,22 @@ async fn callbacks_settle_pending_steps_without_polling() -> Result<()> {
     ensure!(metric(&kit, &api, "bridge_callbacks_total{result=\"applied\"}").await? == 4);
     ensure!(metric(&kit, &api, "bridge_callbacks_total{result=\"still_pending\"}").await? == 1);
     ensure!(metric(&kit, &api, "bridge_pending_steps ").await? == 0);
+    // The history names who moved the money: the callback of each service,
+    // with the message id it came under.
+    let actors: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT state, actor, external_reference FROM transfer_versions
+         WHERE transfer_id = $1 AND state IN ('withdrawn', 'deposited') ORDER BY version",
+    )
+    .bind(completed)
+    .fetch_all(&kit.pool)
+    .await?;
+    ensure!(actors.len() == 2, "{actors:?}");
+    for ((_, actor, reference), service) in actors.iter().zip(["investor", "fund"]) {
+        ensure!(
+            actor.as_deref() == Some(&format!("settlement callback from the {service} service")) && reference.is_some(),
+            "{actors:?}"
+        );
+    }
     pipeline.stop().await?;
     simulator.stop().await?;
     api.stop().await?;
@@ -333,6 +349,15 @@ async fn expired_reservations_free_their_seats() -> Result<()> {
     let expired = kit.publish(&kit.request("first", &fund_account, 1_000_00)).await?;
     kit.wait_terminal(&[expired], SETTLE).await?;
     ensure!(state_and_reason(&kit, expired).await? == (TransferState::Failed, Some("RESERVATION_EXPIRED".into())));
+    let (actor, note): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT actor, note FROM transfer_versions WHERE transfer_id = $1 AND state = 'failed'")
+            .bind(expired)
+            .fetch_one(&kit.pool)
+            .await?;
+    ensure!(
+        actor.as_deref() == Some("settlement runner") && note.as_deref() == Some("the reservation expired"),
+        "{actor:?} {note:?}"
+    );
     let key = bridge_domain::ids::idempotency_key(expired, bridge_domain::Step::Withdrawal, 0);
     ensure!(sim_outcome(&kit, &key).await? == Some(("declined".into(), "CANCELLED".into())));
     pipeline.stop().await?;

@@ -481,7 +481,12 @@ async fn callback(
     }
 
     let trace = TraceContext::continue_or_start(header(&headers, "traceparent"));
-    let result = stages::settle_step(&state.ctx, transfer_id, step, &trace, Ask::Perform).await;
+    let actor = bridge_store::transfers::Actor {
+        name: format!("settlement callback from the {service} service"),
+        note: String::new(),
+        external_reference: Some(webhook_id.clone()),
+    };
+    let result = stages::settle_step(&state.ctx, transfer_id, step, &trace, Ask::Perform, Some(&actor)).await;
     let (status, result) = match result {
         Ok(Outcome::Applied) => {
             bridge_pipeline::metrics::callback("applied");

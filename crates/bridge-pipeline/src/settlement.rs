@@ -101,6 +101,15 @@ pub(crate) async fn run_settlement(ctx: Arc<StageContext>, shutdown: Cancellatio
     Ok(())
 }
 
+/// How the runner is named in the versions it writes.
+fn runner_actor() -> bridge_store::transfers::Actor {
+    bridge_store::transfers::Actor {
+        name: "settlement runner".to_owned(),
+        note: String::new(),
+        external_reference: None,
+    }
+}
+
 /// Asks about one claimed step and applies, defers or escalates it.
 async fn settle_one(ctx: &StageContext, step: bridge_store::pending::DueStep) {
     use crate::config::DeadlinePolicy;
@@ -120,7 +129,7 @@ async fn settle_one(ctx: &StageContext, step: bridge_store::pending::DueStep) {
         Ok(kind) if escalate && ctx.config.pending_deadline_policy == DeadlinePolicy::ManualReview => {
             stages::hold_for_review(ctx, step.transfer_id, kind, &reason, &trace).await
         }
-        Ok(kind) => stages::settle_step(ctx, step.transfer_id, kind, &trace, ask).await,
+        Ok(kind) => stages::settle_step(ctx, step.transfer_id, kind, &trace, ask, Some(&runner_actor())).await,
     };
     if escalate && ctx.config.pending_deadline_policy == DeadlinePolicy::KeepPolling {
         tracing::warn!(transfer_id = %step.transfer_id, step = %step.step, attempts = step.attempts, reason = %reason, "Step still pending past its deadline; still asking");
@@ -183,7 +192,12 @@ async fn expire_reservations(
         tasks.spawn(async move {
             let trace = crate::message::TraceContext::continue_or_start(None);
             let ask = stages::Ask::Cancel { reason: "RESERVATION_EXPIRED" };
-            match stages::withdrawal_step(&ctx, transfer_id, None, &trace, ask).await {
+            let actor = bridge_store::transfers::Actor {
+                name: "settlement runner".to_owned(),
+                note: "the reservation expired".to_owned(),
+                external_reference: None,
+            };
+            match stages::withdrawal_step(&ctx, transfer_id, None, &trace, ask, Some(&actor)).await {
                 Ok(outcome) => tracing::info!(transfer_id = %transfer_id, outcome = ?outcome, "Reservation expired; withdrawal cancelled unless it had settled"),
                 Err(error) => tracing::warn!(transfer_id = %transfer_id, error = %error, "Could not expire a reservation yet; trying again"),
             }

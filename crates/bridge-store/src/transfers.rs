@@ -319,8 +319,10 @@ pub async fn insert_decided(conn: &mut PgConnection, decided: &[(Transfer, Trans
     Ok(next)
 }
 
-/// Who moved a transfer, when it was not a stage: an operator resolving a
-/// manual review, in their words, naming the outside operation if any.
+/// Who moved a transfer, when it was not the stage that consumed the
+/// step's message: an operator resolving a manual review (in their words,
+/// naming the outside operation if any), the settlement runner, or a
+/// settlement callback (naming the message id it came under).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Actor {
     pub name: String,

@@ -399,7 +399,9 @@ pub(crate) async fn transfer(
         let actor = match &version.actor {
             Some(actor) => html! { "by " strong { (actor.name) } @if !actor.note.is_empty() { ": “" (actor.note) "”" }
             @if let Some(reference) = &actor.external_reference { " (reference " code { (reference) } ")" } },
-            None => html! { "by the pipeline (" (stage_of(version.previous_state, version.state)) ")" },
+            None => {
+                html! { "by the pipeline (" (stage_of(version.previous_state, version.state, version.reason_code.as_deref())) ")" }
+            }
         };
         timeline.push(Entry {
             at: version.recorded_at,
@@ -591,18 +593,20 @@ fn reached(history: &[bridge_store::transfers::TransferVersion], step: Step) -> 
     }
 }
 
-/// Which part of the pipeline makes a move from `previous` to `state`.
-fn stage_of(previous: Option<TransferState>, state: TransferState) -> &'static str {
+/// Which part of the pipeline made a version that names no actor (the
+/// settlement runner, callbacks and operators name themselves): the stage
+/// that makes that move, or the runner's deadline policy by its reason.
+fn stage_of(previous: Option<TransferState>, state: TransferState, reason: Option<&str>) -> &'static str {
     use TransferState::*;
+    if reason.is_some_and(|reason| reason.ends_with("_DEADLINE_PASSED") || reason.ends_with("_ATTEMPTS_EXHAUSTED")) {
+        return "settlement runner, deadline policy";
+    }
     match (previous, state) {
         (None, _) => "intake: the validator, or the API",
         (Some(Requested), _) => "validator",
-        (Some(Validated), Withdrawn) => "withdrawal",
-        (Some(Withdrawn), Deposited) => "deposit",
-        (Some(Withdrawn), Reversed) => "deposit, refunded",
-        (Some(Deposited), Completed) => "completion",
-        (Some(Validated), _) => "withdrawal or the settlement runner",
-        (Some(Withdrawn), _) => "deposit or the settlement runner",
+        (Some(Validated), _) => "withdrawal stage",
+        (Some(Withdrawn), _) => "deposit stage",
+        (Some(Deposited), _) => "completion stage",
         _ => "pipeline",
     }
 }

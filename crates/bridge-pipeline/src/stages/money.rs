@@ -7,6 +7,7 @@
 use std::ops::ControlFlow;
 
 use super::*;
+use bridge_store::transfers::Actor;
 
 /// Loads the transfer an outcome event refers to, outside any transaction,
 /// and says whether the step still has to be done. The transfer's state is
@@ -75,7 +76,7 @@ pub(super) async fn withdraw(ctx: &StageContext, message: &Inbound) -> Result<Ou
     let event: TransferValidated = decode_payload(message)?;
     let transfer_id = parse_transfer_id(&event.transfer_id)?;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
-    withdrawal_step(ctx, transfer_id, Some(&event.event_id), &trace, Ask::Perform).await
+    withdrawal_step(ctx, transfer_id, Some(&event.event_id), &trace, Ask::Perform, None).await
 }
 
 /// Records a step its service holds as pending, for the settlement runner,
@@ -124,30 +125,33 @@ fn cancelled_as(outcome: ServiceOutcome, reason: &str) -> ServiceOutcome {
 }
 
 /// Carries a step of a transfer on without the message that asked for it:
-/// for the settlement runner and settlement callbacks. A refund is the
-/// deposit step's compensation, so news of it settles the deposit step.
+/// for the settlement runner, settlement callbacks and operators'
+/// resolutions, each named as `actor` in the version it writes. A refund is
+/// the deposit step's compensation, so news of it settles the deposit step.
 pub async fn settle_step(
     ctx: &StageContext,
     transfer_id: Uuid,
     step: Step,
     trace: &TraceContext,
     ask: Ask<'_>,
+    actor: Option<&Actor>,
 ) -> Result<Outcome, StageError> {
     match step {
-        Step::Withdrawal => withdrawal_step(ctx, transfer_id, None, trace, ask).await,
-        Step::Deposit | Step::Refund => deposit_step(ctx, transfer_id, None, trace, ask).await,
+        Step::Withdrawal => withdrawal_step(ctx, transfer_id, None, trace, ask, actor).await,
+        Step::Deposit | Step::Refund => deposit_step(ctx, transfer_id, None, trace, ask, actor).await,
     }
 }
 
 /// The withdrawal step for one transfer: from the stage (with the event that
 /// asked for it), from the settlement runner or a settlement callback
-/// (without).
+/// (without; `actor` names them in the history).
 pub async fn withdrawal_step(
     ctx: &StageContext,
     transfer_id: Uuid,
     event_id: Option<&str>,
     trace: &TraceContext,
     ask: Ask<'_>,
+    actor: Option<&Actor>,
 ) -> Result<Outcome, StageError> {
     let stage = StageName::Withdrawal;
     let (_, outcome) = match MoneyStep::Withdrawal.ask(ctx, transfer_id, ask, trace).await? {
@@ -174,7 +178,7 @@ pub async fn withdrawal_step(
         ServiceOutcome::Declined { code } => (TransferEvent::WithdrawalFailed(FailureReason(code)), String::new()),
         ServiceOutcome::Pending => unreachable!("pending handled above"),
     };
-    let step = Advance { before: &current, trace: trace.clone(), reference, actor: None };
+    let step = Advance { before: &current, trace: trace.clone(), reference, actor };
     finish_step(ctx, tx, stage.as_str(), &event, &[step]).await?;
     Ok(Outcome::Applied)
 }
@@ -214,7 +218,7 @@ pub(super) async fn deposit(ctx: &StageContext, message: &Inbound) -> Result<Out
     let event: FundsWithdrawn = decode_payload(message)?;
     let transfer_id = parse_transfer_id(&event.transfer_id)?;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
-    deposit_step(ctx, transfer_id, Some(&event.event_id), &trace, Ask::Perform).await
+    deposit_step(ctx, transfer_id, Some(&event.event_id), &trace, Ask::Perform, None).await
 }
 
 /// The deposit step (with its compensation) for one transfer.
@@ -224,6 +228,7 @@ pub async fn deposit_step(
     event_id: Option<&str>,
     trace: &TraceContext,
     ask: Ask<'_>,
+    actor: Option<&Actor>,
 ) -> Result<Outcome, StageError> {
     let stage = StageName::Deposit;
     let (transfer, remitted) = match MoneyStep::Deposit.ask(ctx, transfer_id, ask, trace).await? {
@@ -274,7 +279,7 @@ pub async fn deposit_step(
         DepositOutcome::Reversed { code } => (TransferEvent::DepositFailed(FailureReason(code)), String::new()),
         DepositOutcome::Pending => unreachable!("pending handled above"),
     };
-    let step = Advance { before: &current, trace: trace.clone(), reference, actor: None };
+    let step = Advance { before: &current, trace: trace.clone(), reference, actor };
     finish_step(ctx, tx, stage.as_str(), &event, &[step]).await?;
     Ok(Outcome::Applied)
 }

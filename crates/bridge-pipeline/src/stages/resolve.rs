@@ -316,7 +316,9 @@ async fn execute(ctx: &StageContext, action: &ReviewAction) -> Result<(ActionSta
         _ => Ask::Perform,
     };
     let keys = if new_attempt { format!(" under attempt {} of its keys", current.step_attempt) } else { String::new() };
-    let ran = match settle_step(ctx, transfer.id, step, &trace, ask).await {
+    // The step's own version names the resolution's operators too.
+    let step_actor = Actor { name: actor.name.clone(), note: String::new(), external_reference: None };
+    let ran = match settle_step(ctx, transfer.id, step, &trace, ask, Some(&step_actor)).await {
         Ok(Outcome::Deferred) => "is pending at the service; the settlement runner follows it".to_owned(),
         Ok(_) => "ran".to_owned(),
         Err(error) => format!("did not finish ({error}); the settlement runner asks again"),
