@@ -102,9 +102,13 @@ pub struct TopicSummary {
 }
 
 /// Every dead-letter topic of this pipeline with its records per error class.
+/// The topics are read at the same time: each read ends only after its
+/// partitions stay quiet for `idle_ms`, and one after another those waits
+/// add up.
 pub async fn summary(config: &PipelineConfig, idle_ms: u64) -> Result<Vec<TopicSummary>> {
-    let mut summaries = Vec::new();
-    for topic in config.topics.all().into_iter().filter(|topic| topic.ends_with(".dlq")) {
+    let appended_before = Utc::now();
+    let topics: Vec<String> = config.topics.all().into_iter().filter(|topic| topic.ends_with(".dlq")).collect();
+    let reads = topics.into_iter().map(|topic| async move {
         let mut classes: BTreeMap<String, u64> = BTreeMap::new();
         let range = Range {
             topic: topic.clone(),
@@ -112,16 +116,16 @@ pub async fn summary(config: &PipelineConfig, idle_ms: u64) -> Result<Vec<TopicS
             from: None,
             to: None,
             idle_ms,
-            appended_before: Some(Utc::now()),
+            appended_before: Some(appended_before),
         };
         let records = read_range(config, &range, |record: Inbound| {
             *classes.entry(record.header(dlq::ERROR_CLASS).unwrap_or("unknown").to_owned()).or_default() += 1;
             async { Ok(()) }
         })
         .await?;
-        summaries.push(TopicSummary { topic, records, by_error_class: classes });
-    }
-    Ok(summaries)
+        Ok(TopicSummary { topic, records, by_error_class: classes })
+    });
+    futures::future::try_join_all(reads).await
 }
 
 /// The topic a dead-letter topic belongs to, if it is one of this
