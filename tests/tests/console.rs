@@ -467,6 +467,10 @@ async fn operators_work_the_console_in_a_real_browser() -> Result<()> {
     let policy = response.headers().get("content-security-policy").context("no CSP")?.to_str()?.to_owned();
     ensure!(policy.contains("default-src 'none'") && policy.contains("frame-ancestors 'none'"), "{policy}");
     ensure!(!policy.contains("script-src"), "{policy}");
+    // A damaged form is refused with a page, not a bare text.
+    let response = http.post(&resolve_url).header("cookie", &cookie).form(&[("reason", "x")]).send().await?;
+    let kind = response.headers().get("content-type").and_then(|value| value.to_str().ok()).unwrap_or_default();
+    ensure!(response.status() == 422 && kind.starts_with("text/html"), "{} {kind}", response.status());
     // A wrong CSRF token.
     let response = http.post(&resolve_url).header("cookie", &cookie).form(&form("not-the-token")).send().await?;
     ensure!(response.status() == 403, "with a wrong CSRF token: {}", response.status());

@@ -307,6 +307,47 @@ impl FromRequestParts<AppState> for Operator {
     }
 }
 
+/// A form body. One that does not decode (a field missing or malformed)
+/// is refused with a console page rather than axum's plain-text rejection.
+pub(crate) struct ConsoleForm<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for ConsoleForm<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Form::<T>::from_request(request, state).await {
+            Ok(Form(value)) => Ok(Self(value)),
+            Err(rejection) => Err(page_error(
+                rejection.status(),
+                "Not done",
+                "This form is damaged or incomplete; reload the page and try again.",
+            )),
+        }
+    }
+}
+
+/// A query string, refused like a form when it does not decode.
+pub(crate) struct ConsoleQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ConsoleQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(page_error(rejection.status(), "Not found", "This address is malformed.")),
+        }
+    }
+}
+
 /// A moment as operators read it: UTC to the second.
 pub(crate) fn at(moment: chrono::DateTime<chrono::Utc>) -> String {
     moment.format("%Y-%m-%d %H:%M:%S UTC").to_string()
@@ -418,7 +459,7 @@ struct LoginQuery {
     signed_out: Option<String>,
 }
 
-async fn login_page(axum::extract::Query(query): axum::extract::Query<LoginQuery>) -> Response {
+async fn login_page(ConsoleQuery(query): ConsoleQuery<LoginQuery>) -> Response {
     page(StatusCode::OK, login_form(query.signed_out.as_ref().map(|_| "You have signed out."), None))
 }
 
@@ -452,7 +493,7 @@ async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
     extensions: axum::http::Extensions,
-    Form(form): Form<LoginForm>,
+    ConsoleForm(form): ConsoleForm<LoginForm>,
 ) -> Response {
     let peer = crate::peer_address(&extensions);
     let refused = |status, error: &str| page(status, login_form(None, Some(error)));
@@ -515,7 +556,7 @@ async fn logout(
     operator: Result<Operator, Response>,
     headers: HeaderMap,
     extensions: axum::http::Extensions,
-    Form(form): Form<CsrfForm>,
+    ConsoleForm(form): ConsoleForm<CsrfForm>,
 ) -> Response {
     if let Ok(operator) = operator {
         if !operator.csrf_matches(&form.csrf) {

@@ -3,10 +3,9 @@
 //! confirmation) and notifications (targets with their health, deliveries
 //! per status, redrive of dead deliveries, enabling a target).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
 use chrono::Utc;
 use maud::{html, Markup};
 use serde::Deserialize;
@@ -15,7 +14,10 @@ use bridge_pipeline::dead_letters;
 use bridge_pipeline::reader::{Bound, Range};
 use bridge_store::notifications;
 
-use super::{at, layout, not_allowed, page, page_error, scrubbed, shown_target, unavailable, CsrfForm, Operator};
+use super::{
+    at, layout, not_allowed, page, page_error, scrubbed, shown_target, unavailable, ConsoleForm, ConsoleQuery,
+    CsrfForm, Operator,
+};
 use crate::AppState;
 
 /// How long a partition must stay quiet to count as read to its end.
@@ -120,7 +122,7 @@ pub(crate) async fn dead_letters(
     State(state): State<AppState>,
     operator: Operator,
     Path(topic): Path<String>,
-    Query(query): Query<RangeQuery>,
+    ConsoleQuery(query): ConsoleQuery<RangeQuery>,
 ) -> Response {
     let original = match ours(&state, &topic) {
         Ok(original) => original,
@@ -234,7 +236,7 @@ pub(crate) async fn redrive_confirm(
     State(state): State<AppState>,
     operator: Operator,
     Path(topic): Path<String>,
-    Query(query): Query<RangeQuery>,
+    ConsoleQuery(query): ConsoleQuery<RangeQuery>,
 ) -> Response {
     if !operator.may_operate() {
         return not_allowed();
@@ -296,7 +298,7 @@ pub(crate) async fn redrive(
     State(state): State<AppState>,
     operator: Operator,
     Path(topic): Path<String>,
-    Form(form): Form<RedriveForm>,
+    ConsoleForm(form): ConsoleForm<RedriveForm>,
 ) -> Response {
     let target = format!("dead-letters:{topic}");
     if let Err(response) = operator.may(&state, &form.csrf, operator.may_operate(), "redrive", &target).await {
@@ -370,7 +372,7 @@ pub(crate) struct DeliveriesQuery {
 pub(crate) async fn notifications(
     State(state): State<AppState>,
     operator: Operator,
-    Query(query): Query<DeliveriesQuery>,
+    ConsoleQuery(query): ConsoleQuery<DeliveriesQuery>,
 ) -> Response {
     let status = query.status.as_deref().filter(|status| ["pending", "delivered", "dead"].contains(status));
     let read = async {
@@ -481,7 +483,7 @@ pub(crate) async fn enable(
     State(state): State<AppState>,
     operator: Operator,
     Path(id): Path<i64>,
-    Form(form): Form<CsrfForm>,
+    ConsoleForm(form): ConsoleForm<CsrfForm>,
 ) -> Response {
     let action = format!("enable subscription {id}");
     if let Err(response) = operator.may(&state, &form.csrf, operator.may_operate(), &action, "notifications").await {
@@ -516,7 +518,7 @@ pub(crate) struct RedriveDeliveries {
 pub(crate) async fn redrive_deliveries(
     State(state): State<AppState>,
     operator: Operator,
-    Form(form): Form<RedriveDeliveries>,
+    ConsoleForm(form): ConsoleForm<RedriveDeliveries>,
 ) -> Response {
     let which = form.subscription.map_or("every subscription".to_owned(), |id| format!("subscription {id}"));
     let action = format!("redrive dead deliveries of {which}");

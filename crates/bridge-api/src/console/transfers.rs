@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
 use chrono::{DateTime, Utc};
 use maud::{html, Markup};
 use serde::Deserialize;
@@ -19,8 +18,8 @@ use bridge_store::console::{self as store, Search};
 use bridge_store::reviews::{self, ActionStatus, ReviewAction};
 
 use super::{
-    at, layout, money, page, page_error, query_value, scrubbed, shown_target, state_badge, unavailable, CsrfForm,
-    Operator,
+    at, layout, money, page, page_error, query_value, scrubbed, shown_target, state_badge, unavailable, ConsoleForm,
+    ConsoleQuery, CsrfForm, Operator,
 };
 use crate::AppState;
 
@@ -229,7 +228,7 @@ const SEARCH_LIMIT: i64 = 200;
 pub(crate) async fn search(
     State(state): State<AppState>,
     operator: Operator,
-    Query(query): Query<SearchQuery>,
+    ConsoleQuery(query): ConsoleQuery<SearchQuery>,
 ) -> Response {
     let mut problems = Vec::new();
     let id = match filled(&query.id).map(|id| id.parse::<Uuid>()) {
@@ -358,7 +357,7 @@ pub(crate) async fn transfer(
     State(state): State<AppState>,
     operator: Operator,
     Path(id): Path<String>,
-    Query(notice): Query<Notice>,
+    ConsoleQuery(notice): ConsoleQuery<Notice>,
 ) -> Response {
     let Ok(id) = id.parse::<Uuid>() else {
         return page_error(StatusCode::NOT_FOUND, "Not found", "That is not a transfer id.");
@@ -704,7 +703,7 @@ pub(crate) async fn resolve(
     State(state): State<AppState>,
     operator: Operator,
     Path(id): Path<Uuid>,
-    Form(form): Form<ResolveForm>,
+    ConsoleForm(form): ConsoleForm<ResolveForm>,
 ) -> Response {
     let target = format!("transfer:{id}");
     let action = format!("resolve {}", form.action.chars().take(20).collect::<String>());
@@ -751,7 +750,7 @@ pub(crate) async fn approve(
     State(state): State<AppState>,
     operator: Operator,
     Path(id): Path<Uuid>,
-    Form(form): Form<CsrfForm>,
+    ConsoleForm(form): ConsoleForm<CsrfForm>,
 ) -> Response {
     let target = format!("resolution:{id}");
     if let Err(response) = operator.may(&state, &form.csrf, operator.may_resolve(), "approve resolution", &target).await
@@ -782,7 +781,7 @@ pub(crate) async fn reject(
     State(state): State<AppState>,
     operator: Operator,
     Path(id): Path<Uuid>,
-    Form(form): Form<RejectForm>,
+    ConsoleForm(form): ConsoleForm<RejectForm>,
 ) -> Response {
     let target = format!("resolution:{id}");
     if let Err(response) =
