@@ -142,10 +142,7 @@ pub async fn overview(conn: &mut PgConnection, hours: i64) -> Result<Overview> {
     .bind(hours as i32)
     .fetch_all(&mut *conn)
     .await?;
-    let (outbox_unpublished, outbox_oldest_age_secs): (i64, i64) =
-        sqlx::query_as("SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::bigint FROM outbox")
-            .fetch_one(&mut *conn)
-            .await?;
+    let (outbox_unpublished, outbox_oldest_age_secs) = crate::gauges::outbox(conn).await?;
     let pending_by_deadline: Vec<(String, i64)> = sqlx::query_as(
         "SELECT bucket, count(*) FROM (
              SELECT CASE WHEN deadline_at IS NULL THEN 'no deadline'

@@ -30,6 +30,8 @@
 //! texts, are redacted again when shown).
 
 mod operations;
+mod overview;
+mod reviews;
 mod transfers;
 
 use axum::extract::{FromRequestParts, State};
@@ -66,18 +68,18 @@ const STYLESHEET: &str = include_str!("console.css");
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/console", get(transfers::overview))
+        .route("/console", get(overview::overview))
         .route("/console/", get(|| async { Redirect::to("/console") }))
         .route("/console/login", get(login_page).post(login))
         .route("/console/logout", post(logout))
         .route("/console/console.css", get(stylesheet))
         .route("/console/transfers", get(transfers::search))
         .route("/console/transfers/{id}", get(transfers::transfer))
-        .route("/console/transfers/{id}/resolve", post(transfers::resolve))
-        .route("/console/resolutions/{id}/approve", post(transfers::approve))
-        .route("/console/resolutions/{id}/reject", post(transfers::reject))
-        .route("/console/reviews", get(transfers::reviews))
-        .route("/console/pending", get(transfers::pending))
+        .route("/console/transfers/{id}/resolve", post(reviews::resolve))
+        .route("/console/resolutions/{id}/approve", post(reviews::approve))
+        .route("/console/resolutions/{id}/reject", post(reviews::reject))
+        .route("/console/reviews", get(reviews::reviews))
+        .route("/console/pending", get(reviews::pending))
         .route("/console/dead-letters", get(operations::dead_letter_topics))
         .route("/console/dead-letters/{topic}", get(operations::dead_letters))
         .route("/console/dead-letters/{topic}/redrive", get(operations::redrive_confirm).post(operations::redrive))
