@@ -150,6 +150,22 @@ pub fn set_application_name(name: &str) {
 static APPLICATION_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool> {
+    Ok(pool_options(settings).connect_with(connect_options(url)?).await?)
+}
+
+/// A pool like [`connect`]'s that opens its first connection when first
+/// used, for callers that cannot wait here.
+pub fn connect_lazy(url: &str, settings: &PoolSettings) -> Result<PgPool> {
+    Ok(pool_options(settings).connect_lazy_with(connect_options(url)?))
+}
+
+fn pool_options(settings: &PoolSettings) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(settings.connections_max)
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+}
+
+fn connect_options(url: &str) -> Result<PgConnectOptions> {
     let mut options = PgConnectOptions::from_str(url)?;
     if let Some(name) = APPLICATION_NAME.get() {
         options = options.application_name(name);
@@ -158,12 +174,7 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool> {
         // Statement logging at INFO would print every query of every stage.
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
-    let pool = PgPoolOptions::new()
-        .max_connections(settings.connections_max)
-        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
-        .connect_with(options)
-        .await?;
-    Ok(pool)
+    Ok(options)
 }
 
 /// Runs `sql` (a DELETE of at most `$2` rows older than `$1` milliseconds)

@@ -190,6 +190,12 @@ pub struct ServiceArgs {
     /// money movements that never happened.
     #[arg(long, env = "BRIDGE_SIMULATED_SERVICES")]
     pub simulated_services: bool,
+    /// With `--simulated-services`, where the simulator keeps its books
+    /// (the `sim_*` tables): by default Bridge's own database. A real bank's
+    /// books are not in Bridge's database, so a benchmark that wants to
+    /// count only Bridge's cost points this at a database of its own.
+    #[arg(long, env = "BRIDGE_SIMULATOR_DATABASE_URL", hide_env_values = true)]
+    pub simulator_database_url: Option<String>,
 }
 
 impl ServiceArgs {
@@ -202,7 +208,14 @@ impl ServiceArgs {
         let investor = self.investor_service_url.clone().or_else(|| self.account_services_url.clone());
         let fund = self.fund_service_url.clone().or_else(|| self.account_services_url.clone());
         match (investor, fund) {
-            (None, None) if self.simulated_services => Ok(bridge_sim::InProcessServices::services(pool.clone())),
+            (None, None) if self.simulated_services => {
+                let books = match &self.simulator_database_url {
+                    // Connected on first use (this is not async).
+                    Some(url) => bridge_store::connect_lazy(url, &bridge_store::PoolSettings::default())?,
+                    None => pool.clone(),
+                };
+                Ok(bridge_sim::InProcessServices::services(books))
+            }
             (None, None) => anyhow::bail!(
                 "No account services configured: set BRIDGE_ACCOUNT_SERVICES_URL (or the investor and fund service URLs), \
                  or pass --simulated-services to use the in-process simulator"

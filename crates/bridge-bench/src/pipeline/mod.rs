@@ -84,6 +84,19 @@ pub struct PipelineBenchArgs {
     /// Give up when the run has not finished after this many seconds.
     #[arg(long, default_value_t = 1_800)]
     timeout_secs: u64,
+    /// Where the simulated bank and fund administrator keep their books:
+    /// `own`, a scratch database of their own on the same server (a real
+    /// bank's books are not in Bridge's database; their Postgres CPU is
+    /// reported apart), or `shared`, Bridge's database.
+    #[arg(long, value_enum, default_value_t = SimulatorBooks::Own)]
+    simulator_books: SimulatorBooks,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimulatorBooks {
+    Own,
+    Shared,
 }
 
 /// What the status follower has seen, shared with the publisher and the
@@ -150,6 +163,22 @@ struct ProcessUsage {
     peak_rss_mib: f64,
 }
 
+/// CPU by who spent it: milliseconds per measured transfer, or, with
+/// nothing to do, the share of one core.
+#[derive(Serialize, Default, Clone)]
+struct CpuBy {
+    /// Every Postgres process but the simulator's backends: Bridge's
+    /// database, plus the server's shared work (WAL writer, checkpoints).
+    postgres: f64,
+    /// The `bridge run` processes.
+    pipeline: f64,
+    broker: f64,
+    /// The backends serving the simulator's own database (0 when it shares
+    /// Bridge's: its statements are then in `postgres`).
+    simulator_books: f64,
+    load_generator: f64,
+}
+
 #[derive(Serialize)]
 struct PgbenchPoint {
     clients: u32,
@@ -166,6 +195,7 @@ struct BenchResult {
     funds: usize,
     investors: usize,
     offered_rate: u32,
+    simulator_books: SimulatorBooks,
     transfers: usize,
     elapsed_secs: f64,
     offered_per_sec: f64,
@@ -176,6 +206,11 @@ struct BenchResult {
     db_transactions_per_transfer: f64,
     lag_max: HashMap<String, i64>,
     processes: Vec<ProcessUsage>,
+    cpu_ms_per_transfer: CpuBy,
+    /// Share of one core each part used over `IDLE_SECS` with no transfer
+    /// in flight: consumers' fetches, the broker answering them, polls. At
+    /// a paced load every transfer carries a share of it.
+    idle_cpu_share_of_core: CpuBy,
     invariants_ok: bool,
     violations: Vec<String>,
     pgbench: Vec<PgbenchPoint>,
@@ -189,10 +224,16 @@ pub async fn run(args: PipelineBenchArgs) -> Result<()> {
     let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
     let (base, _) = args.database_url.rsplit_once('/').context("DATABASE_URL has no database name")?;
     let url = format!("{base}/bridge_bench_{id}");
+    let simulator_url = (args.simulator_books == SimulatorBooks::Own).then(|| format!("{base}/bridge_bench_{id}_sim"));
     bridge_store::ensure_database(&url).await?;
-    let result = run_in(&args, &url, &id).await;
-    if let Err(error) = bridge_store::drop_database(&url).await {
-        eprintln!("Could not drop the scratch database {url}: {error:#}");
+    if let Some(simulator_url) = &simulator_url {
+        bridge_store::ensure_database(simulator_url).await?;
+    }
+    let result = run_in(&args, &url, simulator_url.as_deref(), &id).await;
+    for url in std::iter::once(&url).chain(simulator_url.as_ref()) {
+        if let Err(error) = bridge_store::drop_database(url).await {
+            eprintln!("Could not drop the scratch database {url}: {error:#}");
+        }
     }
     let mut result = result?;
     if args.pgbench {
@@ -214,9 +255,18 @@ pub async fn run(args: PipelineBenchArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchResult> {
+async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>, id: &str) -> Result<BenchResult> {
     let pool = bridge_store::connect(url, &PoolSettings { connections_max: 8, ..PoolSettings::default() }).await?;
     bridge_store::migrate(&pool).await?;
+    let simulator_pool = match simulator_url {
+        Some(url) => {
+            let pool =
+                bridge_store::connect(url, &PoolSettings { connections_max: 2, ..PoolSettings::default() }).await?;
+            bridge_store::migrate(&pool).await?;
+            Some(pool)
+        }
+        None => None,
+    };
     let prefix = format!("bench{id}.");
     let mut config = PipelineConfig::new(&args.brokers);
     config.topics = Topics::new(&prefix);
@@ -225,7 +275,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
     kafka::ensure_topics(&config).await?;
     let (investors, fund_accounts) = seed(&pool, args.investors, args.funds, args.transfers + args.warmup).await?;
 
-    let mut children = Children::spawn(args, url, &prefix)?;
+    let mut children = Children::spawn(args, url, simulator_url, &prefix)?;
     let tracks: Tracks = Arc::default();
     let follower = follow_status(&config, tracks.clone())?;
 
@@ -261,6 +311,10 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
             }
         });
     }
+    if let Some(simulator) = &simulator_pool {
+        children.simulator_backends = backends(simulator).await?;
+    }
+    let idle_cpu_share_of_core = idle_cpu(&mut children).await;
     children.start_measuring();
     let started = Instant::now();
     let started_wall = chrono::Utc::now();
@@ -321,7 +375,14 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
     let elapsed = last_terminal.map_or(started.elapsed(), |at| at.duration_since(started));
     let xacts = transactions(&pool).await? - xacts_before;
     follower.abort();
+    if let Some(simulator) = &simulator_pool {
+        // Backends that ended meanwhile are counted as Postgres's.
+        let now: std::collections::HashSet<u32> = backends(simulator).await?;
+        children.simulator_backends.retain(|pid| now.contains(pid));
+    }
     let processes = children.stop();
+    let usage: Vec<(String, f64)> = processes.iter().map(|p| (p.name.clone(), p.cpu_seconds)).collect();
+    let cpu_ms_per_transfer = cpu_by(&usage, 1_000.0 / ids.len().max(1) as f64);
 
     let mut outcomes: HashMap<String, usize> = HashMap::new();
     let mut end_to_end = Vec::new();
@@ -350,6 +411,20 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
     }
     let report = {
         let mut conn = pool.acquire().await?;
+        if let Some(simulator) = &simulator_pool {
+            // The reconcile check compares the services' operations with
+            // the ledger, in one database.
+            let mut from = simulator.acquire().await?;
+            let operations = from.copy_out_raw("COPY sim_operations TO STDOUT (FORMAT binary)").await?;
+            let bytes: Vec<u8> =
+                futures_util::TryStreamExt::try_concat(futures_util::TryStreamExt::map_ok(operations, |chunk| {
+                    chunk.to_vec()
+                }))
+                .await?;
+            let mut into = conn.copy_in_raw("COPY sim_operations FROM STDIN (FORMAT binary)").await?;
+            into.send(bytes).await?;
+            into.finish().await?;
+        }
         bridge_store::reconcile::run(&mut conn).await?
     };
     let violations: Vec<String> = report.violations().iter().map(|check| format!("{check:?}")).collect();
@@ -367,6 +442,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
         funds: args.funds,
         investors: args.investors,
         offered_rate: args.rate,
+        simulator_books: args.simulator_books,
         transfers: ids.len(),
         elapsed_secs: elapsed.as_secs_f64(),
         offered_per_sec: ids.len() as f64 / published_by.as_secs_f64().max(0.001),
@@ -381,6 +457,8 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, id: &str) -> Result<BenchRe
         db_transactions_per_transfer: xacts as f64 / ids.len() as f64,
         lag_max,
         processes,
+        cpu_ms_per_transfer,
+        idle_cpu_share_of_core,
         invariants_ok: report.ok() && report.in_flight == 0,
         violations,
         pgbench: Vec::new(),
@@ -575,6 +653,52 @@ async fn transactions(pool: &sqlx::PgPool) -> Result<i64> {
         .await?)
 }
 
+/// Process ids of the server's backends connected to `pool`'s database.
+async fn backends(pool: &sqlx::PgPool) -> Result<std::collections::HashSet<u32>> {
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(pids.into_iter().map(|pid| pid as u32).collect())
+}
+
+/// CPU seconds by process name, summed by part and multiplied by `scale`.
+fn cpu_by(usage: &[(String, f64)], scale: f64) -> CpuBy {
+    let part = |filter: &dyn Fn(&str) -> bool| {
+        usage.iter().filter(|(name, _)| filter(name)).map(|(_, seconds)| seconds).sum::<f64>() * scale
+    };
+    let stage =
+        |name: &str| StageName::ALL.iter().any(|stage| name.starts_with(stage.as_str())) || name.starts_with("relay-");
+    CpuBy {
+        postgres: part(&|name| name == processes::POSTGRES),
+        pipeline: part(&stage),
+        broker: part(&|name| name == processes::BROKER),
+        simulator_books: part(&|name| name == processes::SIMULATOR_BOOKS),
+        load_generator: part(&|name| name == processes::BENCH_PROCESS),
+    }
+}
+
+/// Seconds the idle pipeline is watched for.
+const IDLE_SECS: u64 = 5;
+
+/// The share of a core each part uses while nothing is in flight.
+async fn idle_cpu(children: &mut Children) -> CpuBy {
+    let before: HashMap<String, f64> = children.readings().into_iter().map(|(name, cpu, _)| (name, cpu)).collect();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(IDLE_SECS)).await;
+    let wall = started.elapsed().as_secs_f64();
+    let used: Vec<(String, f64)> = children
+        .readings()
+        .into_iter()
+        .map(|(name, cpu, _)| {
+            let spent = cpu - before.get(&name).copied().unwrap_or(cpu);
+            (name, spent)
+        })
+        .collect();
+    cpu_by(&used, 1.0 / wall)
+}
+
 fn git_commit() -> Option<String> {
     let output = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()?;
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
@@ -591,6 +715,31 @@ use report::{plot, print_summary};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each process's CPU goes to its part once: the stages and the relay
+    /// to the pipeline, the simulator's backends apart from Postgres.
+    #[test]
+    fn cpu_is_summed_by_part() {
+        let usage: Vec<(String, f64)> = [
+            ("validator-0", 1.0),
+            ("withdrawal-0", 2.0),
+            ("deposit-1", 3.0),
+            ("completion-0", 4.0),
+            ("relay-0", 5.0),
+            (processes::POSTGRES, 10.0),
+            (processes::SIMULATOR_BOOKS, 20.0),
+            (processes::BROKER, 40.0),
+            (processes::BENCH_PROCESS, 80.0),
+        ]
+        .into_iter()
+        .map(|(name, seconds)| (name.to_owned(), seconds))
+        .collect();
+        let cpu = cpu_by(&usage, 0.5);
+        assert_eq!(
+            (cpu.pipeline, cpu.postgres, cpu.simulator_books, cpu.broker, cpu.load_generator),
+            (7.5, 5.0, 10.0, 20.0, 40.0)
+        );
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

@@ -14,6 +14,9 @@ pub(super) struct Children {
     cpu_at_start: HashMap<String, f64>,
     /// When the measured run started.
     started: Instant,
+    /// Postgres backends serving the simulator's own database, counted
+    /// apart from the rest of Postgres.
+    pub(super) simulator_backends: std::collections::HashSet<u32>,
 }
 
 /// The `bridge` binary to run the pipeline with: `BRIDGE_BINARY`, or the
@@ -32,7 +35,12 @@ pub(super) fn bridge_binary() -> Result<PathBuf> {
 }
 
 impl Children {
-    pub(super) fn spawn(args: &PipelineBenchArgs, url: &str, prefix: &str) -> Result<Self> {
+    pub(super) fn spawn(
+        args: &PipelineBenchArgs,
+        url: &str,
+        simulator_url: Option<&str>,
+        prefix: &str,
+    ) -> Result<Self> {
         let exe = bridge_binary()?;
         let logs = args.out_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -45,7 +53,11 @@ impl Children {
             parts.push((format!("relay-{copy}"), vec!["--relay"]));
             for (name, flags) in parts {
                 let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-                let child = Command::new(&exe)
+                let mut command = Command::new(&exe);
+                if let Some(simulator_url) = simulator_url {
+                    command.env("BRIDGE_SIMULATOR_DATABASE_URL", simulator_url);
+                }
+                let child = command
                     .arg("run")
                     .args(&flags)
                     .arg("--simulated-services")
@@ -63,7 +75,13 @@ impl Children {
                 processes.push((name, child));
             }
         }
-        Ok(Self { processes, usage: HashMap::new(), cpu_at_start: HashMap::new(), started: Instant::now() })
+        Ok(Self {
+            processes,
+            usage: HashMap::new(),
+            cpu_at_start: HashMap::new(),
+            started: Instant::now(),
+            simulator_backends: Default::default(),
+        })
     }
 
     /// Marks the start of the measured run.
@@ -85,7 +103,8 @@ impl Children {
         if let Some((cpu, rss)) = proc_usage(std::process::id()) {
             readings.push((BENCH_PROCESS.to_owned(), cpu, rss));
         }
-        readings.extend(outside_cpu().into_iter().map(|(name, cpu)| (format!("{name} (all processes)"), cpu, 0.0)));
+        readings
+            .extend(outside_cpu(&self.simulator_backends).into_iter().map(|(name, cpu)| (name.to_owned(), cpu, 0.0)));
         readings
     }
 
@@ -138,6 +157,10 @@ impl Drop for Children {
 
 /// The name this process's usage is reported under.
 pub(super) const BENCH_PROCESS: &str = "bench (load generator and status follower)";
+/// The names the database's and the broker's usage is reported under.
+pub(super) const POSTGRES: &str = "postgres (all processes)";
+pub(super) const SIMULATOR_BOOKS: &str = "postgres (the simulator's backends)";
+pub(super) const BROKER: &str = "tansu (all processes)";
 
 /// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
 pub(super) const TICKS_PER_SEC: f64 = 100.0;
@@ -176,22 +199,28 @@ pub(super) fn proc_cpu(stat: &Path, reaped_children: bool) -> Option<f64> {
 /// processes, and its time would be lost from the sum; once the postmaster
 /// has waited for it, that time is in the postmaster's children's times,
 /// which are counted too.
-pub(super) fn outside_cpu() -> HashMap<String, f64> {
-    let mut totals: HashMap<String, f64> = HashMap::new();
+/// Backends in `simulator_backends` are counted apart.
+pub(super) fn outside_cpu(simulator_backends: &std::collections::HashSet<u32>) -> HashMap<&'static str, f64> {
+    let mut totals: HashMap<&'static str, f64> = HashMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else { return totals };
     for entry in entries.flatten() {
         let path = entry.path();
         let Ok(comm) = std::fs::read_to_string(path.join("comm")) else { continue };
         let comm = comm.trim();
+        let pid: Option<u32> = entry.file_name().to_str().and_then(|name| name.parse().ok());
         let name = if comm.starts_with("postgres") {
-            "postgres"
+            if pid.is_some_and(|pid| simulator_backends.contains(&pid)) {
+                SIMULATOR_BOOKS
+            } else {
+                POSTGRES
+            }
         } else if comm.starts_with("tansu") {
-            "tansu"
+            BROKER
         } else {
             continue;
         };
         if let Some(cpu) = proc_cpu(&path.join("stat"), true) {
-            *totals.entry(name.to_owned()).or_default() += cpu;
+            *totals.entry(name).or_default() += cpu;
         }
     }
     totals

@@ -25,6 +25,19 @@ pub(super) fn print_summary(result: &BenchResult) {
             process.peak_rss_mib
         );
     }
+    let cpu = &result.cpu_ms_per_transfer;
+    println!(
+        "| CPU ms per transfer: Postgres / pipeline / broker / simulator's books ({:?}) / load generator | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} |",
+        result.simulator_books, cpu.postgres, cpu.pipeline, cpu.broker, cpu.simulator_books, cpu.load_generator
+    );
+    let idle = &result.idle_cpu_share_of_core;
+    println!(
+        "| idle, share of a core: Postgres / pipeline / broker / load generator | {:.0} / {:.0} / {:.0} / {:.0} % |",
+        idle.postgres * 100.0,
+        idle.pipeline * 100.0,
+        idle.broker * 100.0,
+        idle.load_generator * 100.0
+    );
     let mut lags: Vec<_> = result.lag_max.iter().collect();
     lags.sort();
     for (group, lag) in lags {
