@@ -179,6 +179,15 @@ struct CpuBy {
     load_generator: f64,
 }
 
+/// Rows of one table inserted, updated and deleted per transfer.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+struct TableRows {
+    table: String,
+    inserted: f64,
+    updated: f64,
+    deleted: f64,
+}
+
 #[derive(Serialize)]
 struct PgbenchPoint {
     clients: u32,
@@ -204,6 +213,9 @@ struct BenchResult {
     end_to_end_ms: Percentiles,
     stage_ms: Vec<(String, Percentiles)>,
     db_transactions_per_transfer: f64,
+    /// Rows each table of Bridge's database gained, changed and lost per
+    /// transfer (from Postgres's statistics), most first.
+    rows_per_transfer: Vec<TableRows>,
     lag_max: HashMap<String, i64>,
     processes: Vec<ProcessUsage>,
     cpu_ms_per_transfer: CpuBy,
@@ -287,6 +299,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
     wait_terminal(&tracks, &warmup, Duration::from_secs(180), &mut children).await?;
 
     let xacts_before = transactions(&pool).await?;
+    let rows_before = row_changes(&pool).await?;
     // The warm-up's transfers, all finished by now, are not measured.
     let finished_before = {
         let mut tracking = tracks.lock().expect("tracks lock");
@@ -381,6 +394,10 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
         children.simulator_backends.retain(|pid| now.contains(pid));
     }
     let processes = children.stop();
+    // Read once the pipeline's connections have closed: a backend sends
+    // its last second's statistics when it ends, moments after its client.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rows_per_transfer = rows_per_transfer(&rows_before, &row_changes(&pool).await?, ids.len());
     let usage: Vec<(String, f64)> = processes.iter().map(|p| (p.name.clone(), p.cpu_seconds)).collect();
     let cpu_ms_per_transfer = cpu_by(&usage, 1_000.0 / ids.len().max(1) as f64);
 
@@ -455,6 +472,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
             .map(|((name, _, _), values)| ((*name).to_owned(), Percentiles::of(values)))
             .collect(),
         db_transactions_per_transfer: xacts as f64 / ids.len() as f64,
+        rows_per_transfer,
         lag_max,
         processes,
         cpu_ms_per_transfer,
@@ -653,6 +671,44 @@ async fn transactions(pool: &sqlx::PgPool) -> Result<i64> {
         .await?)
 }
 
+/// Rows inserted, updated and deleted so far, per table of the scratch
+/// database.
+async fn row_changes(pool: &sqlx::PgPool) -> Result<HashMap<String, [i64; 3]>> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *conn).await?;
+    let rows: Vec<(String, i64, i64, i64)> =
+        sqlx::query_as("SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables")
+            .fetch_all(&mut *conn)
+            .await?;
+    Ok(rows.into_iter().map(|(table, ins, upd, del)| (table, [ins, upd, del])).collect())
+}
+
+/// What changed between two readings of [`row_changes`], per transfer, for
+/// the tables that changed, most rows first.
+fn rows_per_transfer(
+    before: &HashMap<String, [i64; 3]>,
+    after: &HashMap<String, [i64; 3]>,
+    transfers: usize,
+) -> Vec<TableRows> {
+    let per = |count: i64| count as f64 / transfers.max(1) as f64;
+    let mut tables: Vec<TableRows> = after
+        .iter()
+        .map(|(table, now)| {
+            let was = before.get(table).copied().unwrap_or_default();
+            TableRows {
+                table: table.clone(),
+                inserted: per(now[0] - was[0]),
+                updated: per(now[1] - was[1]),
+                deleted: per(now[2] - was[2]),
+            }
+        })
+        .filter(|rows| rows.inserted + rows.updated + rows.deleted > 0.0)
+        .collect();
+    let total = |rows: &TableRows| rows.inserted + rows.updated + rows.deleted;
+    tables.sort_by(|a, b| total(b).total_cmp(&total(a)).then_with(|| a.table.cmp(&b.table)));
+    tables
+}
+
 /// Process ids of the server's backends connected to `pool`'s database.
 async fn backends(pool: &sqlx::PgPool) -> Result<std::collections::HashSet<u32>> {
     let pids: Vec<i32> = sqlx::query_scalar(
@@ -739,6 +795,20 @@ mod tests {
             (cpu.pipeline, cpu.postgres, cpu.simulator_books, cpu.broker, cpu.load_generator),
             (7.5, 5.0, 10.0, 20.0, 40.0)
         );
+    }
+
+    #[test]
+    fn rows_are_counted_per_transfer_for_the_tables_that_changed() {
+        let before: HashMap<String, [i64; 3]> =
+            [("outbox".to_owned(), [10, 0, 10]), ("funds".to_owned(), [0, 5, 0])].into_iter().collect();
+        let after: HashMap<String, [i64; 3]> =
+            [("outbox".to_owned(), [30, 0, 30]), ("funds".to_owned(), [0, 5, 0]), ("inbox".to_owned(), [8, 0, 0])]
+                .into_iter()
+                .collect();
+        let rows = rows_per_transfer(&before, &after, 4);
+        let row =
+            |table: &str, inserted, updated, deleted| TableRows { table: table.to_owned(), inserted, updated, deleted };
+        assert_eq!(rows, [row("outbox", 5.0, 0.0, 5.0), row("inbox", 2.0, 0.0, 0.0)]);
     }
 
     #[test]

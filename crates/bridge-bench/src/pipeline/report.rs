@@ -16,6 +16,12 @@ pub(super) fn print_summary(result: &BenchResult) {
         println!("| {name} ms p50 / p99 | {:.0} / {:.0} |", p.p50, p.p99);
     }
     println!("| database transactions per transfer | {:.1} |", result.db_transactions_per_transfer);
+    for rows in &result.rows_per_transfer {
+        println!(
+            "| rows per transfer in {}: inserted / updated / deleted | {:.2} / {:.2} / {:.2} |",
+            rows.table, rows.inserted, rows.updated, rows.deleted
+        );
+    }
     for process in &result.processes {
         println!(
             "| {}: CPU s (share of run) / peak RSS MiB | {:.1} ({:.0} %) / {:.0} |",
