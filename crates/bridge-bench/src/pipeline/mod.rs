@@ -163,31 +163,6 @@ struct ProcessUsage {
     peak_rss_mib: f64,
 }
 
-/// CPU by who spent it: milliseconds per measured transfer, or, with
-/// nothing to do, the share of one core.
-#[derive(Serialize, Default, Clone)]
-struct CpuBy {
-    /// Every Postgres process but the simulator's backends: Bridge's
-    /// database, plus the server's shared work (WAL writer, checkpoints).
-    postgres: f64,
-    /// The `bridge run` processes.
-    pipeline: f64,
-    broker: f64,
-    /// The backends serving the simulator's own database (0 when it shares
-    /// Bridge's: its statements are then in `postgres`).
-    simulator_books: f64,
-    load_generator: f64,
-}
-
-/// Rows of one table inserted, updated and deleted per transfer.
-#[derive(Serialize, Clone, Debug, PartialEq)]
-struct TableRows {
-    table: String,
-    inserted: f64,
-    updated: f64,
-    deleted: f64,
-}
-
 #[derive(Serialize)]
 struct PgbenchPoint {
     clients: u32,
@@ -431,16 +406,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
         if let Some(simulator) = &simulator_pool {
             // The reconcile check compares the services' operations with
             // the ledger, in one database.
-            let mut from = simulator.acquire().await?;
-            let operations = from.copy_out_raw("COPY sim_operations TO STDOUT (FORMAT binary)").await?;
-            let bytes: Vec<u8> =
-                futures_util::TryStreamExt::try_concat(futures_util::TryStreamExt::map_ok(operations, |chunk| {
-                    chunk.to_vec()
-                }))
-                .await?;
-            let mut into = conn.copy_in_raw("COPY sim_operations FROM STDIN (FORMAT binary)").await?;
-            into.send(bytes).await?;
-            into.finish().await?;
+            copy_simulator_operations(simulator, &mut conn).await?;
         }
         bridge_store::reconcile::run(&mut conn).await?
     };
@@ -660,156 +626,24 @@ async fn wait_terminal(
     }
 }
 
-/// Committed transactions of the scratch database so far.
-async fn transactions(pool: &sqlx::PgPool) -> Result<i64> {
-    // The statistics are sent at the end of each transaction by every
-    // backend; clearing this backend's snapshot makes the read current.
-    let mut conn = pool.acquire().await?;
-    sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *conn).await?;
-    Ok(sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
-        .fetch_one(&mut *conn)
-        .await?)
-}
-
-/// Rows inserted, updated and deleted so far, per table of the scratch
-/// database.
-async fn row_changes(pool: &sqlx::PgPool) -> Result<HashMap<String, [i64; 3]>> {
-    let mut conn = pool.acquire().await?;
-    sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *conn).await?;
-    let rows: Vec<(String, i64, i64, i64)> =
-        sqlx::query_as("SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables")
-            .fetch_all(&mut *conn)
-            .await?;
-    Ok(rows.into_iter().map(|(table, ins, upd, del)| (table, [ins, upd, del])).collect())
-}
-
-/// What changed between two readings of [`row_changes`], per transfer, for
-/// the tables that changed, most rows first.
-fn rows_per_transfer(
-    before: &HashMap<String, [i64; 3]>,
-    after: &HashMap<String, [i64; 3]>,
-    transfers: usize,
-) -> Vec<TableRows> {
-    let per = |count: i64| count as f64 / transfers.max(1) as f64;
-    let mut tables: Vec<TableRows> = after
-        .iter()
-        .map(|(table, now)| {
-            let was = before.get(table).copied().unwrap_or_default();
-            TableRows {
-                table: table.clone(),
-                inserted: per(now[0] - was[0]),
-                updated: per(now[1] - was[1]),
-                deleted: per(now[2] - was[2]),
-            }
-        })
-        .filter(|rows| rows.inserted + rows.updated + rows.deleted > 0.0)
-        .collect();
-    let total = |rows: &TableRows| rows.inserted + rows.updated + rows.deleted;
-    tables.sort_by(|a, b| total(b).total_cmp(&total(a)).then_with(|| a.table.cmp(&b.table)));
-    tables
-}
-
-/// Process ids of the server's backends connected to `pool`'s database.
-async fn backends(pool: &sqlx::PgPool) -> Result<std::collections::HashSet<u32>> {
-    let pids: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(pids.into_iter().map(|pid| pid as u32).collect())
-}
-
-/// CPU seconds by process name, summed by part and multiplied by `scale`.
-fn cpu_by(usage: &[(String, f64)], scale: f64) -> CpuBy {
-    let part = |filter: &dyn Fn(&str) -> bool| {
-        usage.iter().filter(|(name, _)| filter(name)).map(|(_, seconds)| seconds).sum::<f64>() * scale
-    };
-    let stage =
-        |name: &str| StageName::ALL.iter().any(|stage| name.starts_with(stage.as_str())) || name.starts_with("relay-");
-    CpuBy {
-        postgres: part(&|name| name == processes::POSTGRES),
-        pipeline: part(&stage),
-        broker: part(&|name| name == processes::BROKER),
-        simulator_books: part(&|name| name == processes::SIMULATOR_BOOKS),
-        load_generator: part(&|name| name == processes::BENCH_PROCESS),
-    }
-}
-
-/// Seconds the idle pipeline is watched for.
-const IDLE_SECS: u64 = 5;
-
-/// The share of a core each part uses while nothing is in flight.
-async fn idle_cpu(children: &mut Children) -> CpuBy {
-    let before: HashMap<String, f64> = children.readings().into_iter().map(|(name, cpu, _)| (name, cpu)).collect();
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(IDLE_SECS)).await;
-    let wall = started.elapsed().as_secs_f64();
-    let used: Vec<(String, f64)> = children
-        .readings()
-        .into_iter()
-        .map(|(name, cpu, _)| {
-            let spent = cpu - before.get(&name).copied().unwrap_or(cpu);
-            (name, spent)
-        })
-        .collect();
-    cpu_by(&used, 1.0 / wall)
-}
-
 fn git_commit() -> Option<String> {
     let output = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()?;
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
+mod database;
 mod pgbench;
 mod processes;
 mod report;
 
+use database::{backends, copy_simulator_operations, row_changes, rows_per_transfer, transactions, TableRows};
 use pgbench::pgbench;
-use processes::Children;
+use processes::{cpu_by, idle_cpu, Children, CpuBy};
 use report::{plot, print_summary};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Each process's CPU goes to its part once: the stages and the relay
-    /// to the pipeline, the simulator's backends apart from Postgres.
-    #[test]
-    fn cpu_is_summed_by_part() {
-        let usage: Vec<(String, f64)> = [
-            ("validator-0", 1.0),
-            ("withdrawal-0", 2.0),
-            ("deposit-1", 3.0),
-            ("completion-0", 4.0),
-            ("relay-0", 5.0),
-            (processes::POSTGRES, 10.0),
-            (processes::SIMULATOR_BOOKS, 20.0),
-            (processes::BROKER, 40.0),
-            (processes::BENCH_PROCESS, 80.0),
-        ]
-        .into_iter()
-        .map(|(name, seconds)| (name.to_owned(), seconds))
-        .collect();
-        let cpu = cpu_by(&usage, 0.5);
-        assert_eq!(
-            (cpu.pipeline, cpu.postgres, cpu.simulator_books, cpu.broker, cpu.load_generator),
-            (7.5, 5.0, 10.0, 20.0, 40.0)
-        );
-    }
-
-    #[test]
-    fn rows_are_counted_per_transfer_for_the_tables_that_changed() {
-        let before: HashMap<String, [i64; 3]> =
-            [("outbox".to_owned(), [10, 0, 10]), ("funds".to_owned(), [0, 5, 0])].into_iter().collect();
-        let after: HashMap<String, [i64; 3]> =
-            [("outbox".to_owned(), [30, 0, 30]), ("funds".to_owned(), [0, 5, 0]), ("inbox".to_owned(), [8, 0, 0])]
-                .into_iter()
-                .collect();
-        let rows = rows_per_transfer(&before, &after, 4);
-        let row =
-            |table: &str, inserted, updated, deleted| TableRows { table: table.to_owned(), inserted, updated, deleted };
-        assert_eq!(rows, [row("outbox", 5.0, 0.0, 5.0), row("inbox", 2.0, 0.0, 0.0)]);
-    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

@@ -226,9 +226,86 @@ pub(super) fn outside_cpu(simulator_backends: &std::collections::HashSet<u32>) -
     totals
 }
 
+/// CPU by who spent it: milliseconds per measured transfer, or, with
+/// nothing to do, the share of one core.
+#[derive(Serialize, Default, Clone)]
+pub(super) struct CpuBy {
+    /// Every Postgres process but the simulator's backends: Bridge's
+    /// database, plus the server's shared work (WAL writer, checkpoints).
+    pub(super) postgres: f64,
+    /// The `bridge run` processes.
+    pub(super) pipeline: f64,
+    pub(super) broker: f64,
+    /// The backends serving the simulator's own database (0 when it shares
+    /// Bridge's: its statements are then in `postgres`).
+    pub(super) simulator_books: f64,
+    pub(super) load_generator: f64,
+}
+
+/// CPU seconds by process name, summed by part and multiplied by `scale`.
+pub(super) fn cpu_by(usage: &[(String, f64)], scale: f64) -> CpuBy {
+    let part = |filter: &dyn Fn(&str) -> bool| {
+        usage.iter().filter(|(name, _)| filter(name)).map(|(_, seconds)| seconds).sum::<f64>() * scale
+    };
+    // Every process not named otherwise is one of the pipeline's.
+    let outside = [POSTGRES, SIMULATOR_BOOKS, BROKER, BENCH_PROCESS];
+    CpuBy {
+        postgres: part(&|name| name == POSTGRES),
+        pipeline: part(&|name| !outside.contains(&name)),
+        broker: part(&|name| name == BROKER),
+        simulator_books: part(&|name| name == SIMULATOR_BOOKS),
+        load_generator: part(&|name| name == BENCH_PROCESS),
+    }
+}
+
+/// Seconds the idle pipeline is watched for.
+const IDLE_SECS: u64 = 5;
+
+/// The share of a core each part uses while nothing is in flight.
+pub(super) async fn idle_cpu(children: &mut Children) -> CpuBy {
+    let before: HashMap<String, f64> = children.readings().into_iter().map(|(name, cpu, _)| (name, cpu)).collect();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(IDLE_SECS)).await;
+    let wall = started.elapsed().as_secs_f64();
+    let used: Vec<(String, f64)> = children
+        .readings()
+        .into_iter()
+        .map(|(name, cpu, _)| {
+            let spent = cpu - before.get(&name).copied().unwrap_or(cpu);
+            (name, spent)
+        })
+        .collect();
+    cpu_by(&used, 1.0 / wall)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each process's CPU goes to its part once: the stages and the relay
+    /// to the pipeline, the simulator's backends apart from Postgres.
+    #[test]
+    fn cpu_is_summed_by_part() {
+        let usage: Vec<(String, f64)> = [
+            ("validator-0", 1.0),
+            ("withdrawal-0", 2.0),
+            ("deposit-1", 3.0),
+            ("completion-0", 4.0),
+            ("relay-0", 5.0),
+            (POSTGRES, 10.0),
+            (SIMULATOR_BOOKS, 20.0),
+            (BROKER, 40.0),
+            (BENCH_PROCESS, 80.0),
+        ]
+        .into_iter()
+        .map(|(name, seconds)| (name.to_owned(), seconds))
+        .collect();
+        let cpu = cpu_by(&usage, 0.5);
+        assert_eq!(
+            (cpu.pipeline, cpu.postgres, cpu.simulator_books, cpu.broker, cpu.load_generator),
+            (7.5, 5.0, 10.0, 20.0, 40.0)
+        );
+    }
 
     #[test]
     fn reads_cpu_time_of_a_process() {

@@ -1,0 +1,105 @@
+//! What the benchmark reads of Postgres: commits and rows written in
+//! Bridge's database, the simulator's backends, and the simulator's
+//! operations brought over for the reconcile check.
+
+use super::*;
+
+/// Rows of one table inserted, updated and deleted per transfer.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub(super) struct TableRows {
+    pub(super) table: String,
+    pub(super) inserted: f64,
+    pub(super) updated: f64,
+    pub(super) deleted: f64,
+}
+
+/// Committed transactions of the scratch database so far.
+pub(super) async fn transactions(pool: &sqlx::PgPool) -> Result<i64> {
+    // The statistics are sent at the end of each transaction by every
+    // backend; clearing this backend's snapshot makes the read current.
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *conn).await?;
+    Ok(sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        .fetch_one(&mut *conn)
+        .await?)
+}
+
+/// Rows inserted, updated and deleted so far, per table of the scratch
+/// database.
+pub(super) async fn row_changes(pool: &sqlx::PgPool) -> Result<HashMap<String, [i64; 3]>> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *conn).await?;
+    let rows: Vec<(String, i64, i64, i64)> =
+        sqlx::query_as("SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables")
+            .fetch_all(&mut *conn)
+            .await?;
+    Ok(rows.into_iter().map(|(table, ins, upd, del)| (table, [ins, upd, del])).collect())
+}
+
+/// What changed between two readings of [`row_changes`], per transfer, for
+/// the tables that changed, most rows first.
+pub(super) fn rows_per_transfer(
+    before: &HashMap<String, [i64; 3]>,
+    after: &HashMap<String, [i64; 3]>,
+    transfers: usize,
+) -> Vec<TableRows> {
+    let per = |count: i64| count as f64 / transfers.max(1) as f64;
+    let mut tables: Vec<TableRows> = after
+        .iter()
+        .map(|(table, now)| {
+            let was = before.get(table).copied().unwrap_or_default();
+            TableRows {
+                table: table.clone(),
+                inserted: per(now[0] - was[0]),
+                updated: per(now[1] - was[1]),
+                deleted: per(now[2] - was[2]),
+            }
+        })
+        .filter(|rows| rows.inserted + rows.updated + rows.deleted > 0.0)
+        .collect();
+    let total = |rows: &TableRows| rows.inserted + rows.updated + rows.deleted;
+    tables.sort_by(|a, b| total(b).total_cmp(&total(a)).then_with(|| a.table.cmp(&b.table)));
+    tables
+}
+
+/// Process ids of the server's backends connected to `pool`'s database.
+pub(super) async fn backends(pool: &sqlx::PgPool) -> Result<std::collections::HashSet<u32>> {
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(pids.into_iter().map(|pid| pid as u32).collect())
+}
+
+/// Copies the simulator's operations from its own database into Bridge's.
+pub(super) async fn copy_simulator_operations(simulator: &sqlx::PgPool, into: &mut sqlx::PgConnection) -> Result<()> {
+    let mut from = simulator.acquire().await?;
+    let operations = from.copy_out_raw("COPY sim_operations TO STDOUT (FORMAT binary)").await?;
+    let bytes: Vec<u8> =
+        futures_util::TryStreamExt::try_concat(futures_util::TryStreamExt::map_ok(operations, |chunk| chunk.to_vec()))
+            .await?;
+    let mut copy = into.copy_in_raw("COPY sim_operations FROM STDIN (FORMAT binary)").await?;
+    copy.send(bytes).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_counted_per_transfer_for_the_tables_that_changed() {
+        let before: HashMap<String, [i64; 3]> =
+            [("outbox".to_owned(), [10, 0, 10]), ("funds".to_owned(), [0, 5, 0])].into_iter().collect();
+        let after: HashMap<String, [i64; 3]> =
+            [("outbox".to_owned(), [30, 0, 30]), ("funds".to_owned(), [0, 5, 0]), ("inbox".to_owned(), [8, 0, 0])]
+                .into_iter()
+                .collect();
+        let rows = rows_per_transfer(&before, &after, 4);
+        let row =
+            |table: &str, inserted, updated, deleted| TableRows { table: table.to_owned(), inserted, updated, deleted };
+        assert_eq!(rows, [row("outbox", 5.0, 0.0, 5.0), row("inbox", 2.0, 0.0, 0.0)]);
+    }
+}
