@@ -750,7 +750,8 @@ async fn commits_wake_the_relay_between_its_polls() -> Result<()> {
 /// the cursor never passes a row it has not seen: a row written (with the
 /// lower id) by a transaction still open during a claim, and committed
 /// after it, is claimed by the next; so is a row whose publication failed,
-/// and the row a full claim had no room for.
+/// and the row a full claim had no room for. A row holds one transaction's
+/// messages, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_claim_cursor_passes_no_row_it_has_not_seen() -> Result<()> {
     use bridge_store::outbox::{self, OutboxMessage};
@@ -762,7 +763,9 @@ async fn the_outbox_claim_cursor_passes_no_row_it_has_not_seen() -> Result<()> {
         payload: b"payload".to_vec(),
         headers: Vec::new(),
     };
-    let topics = |claim: &outbox::Claim| claim.rows.iter().map(|row| row.message.topic.clone()).collect::<Vec<_>>();
+    let topics = |claim: &outbox::Claim| {
+        claim.rows.iter().flat_map(|row| row.messages.iter().map(|message| message.topic.clone())).collect::<Vec<_>>()
+    };
     async fn publish(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, claim: &outbox::Claim) -> Result<()> {
         let ids: Vec<i64> = claim.rows.iter().map(|row| row.id).collect();
         Ok(outbox::delete_published(tx, &ids).await?)
@@ -792,15 +795,17 @@ async fn the_outbox_claim_cursor_passes_no_row_it_has_not_seen() -> Result<()> {
     let start = second.next_start(&[second.rows[0].id]);
     ensure!(start <= second.rows[0].writer, "cursor {start} passed an unpublished row");
 
-    // Two more transactions; a claim with room for one row.
-    for topic in ["third", "fourth"] {
+    // Two more transactions, the first with two messages (one row, in
+    // order); a claim with room for two messages takes the row that
+    // reaches the limit whole, and leaves the next.
+    for messages in [&["third", "third-status"][..], &["fourth"]] {
         let mut tx = kit.pool.begin().await?;
-        outbox::enqueue(&mut tx, &[message(topic)]).await?;
+        outbox::enqueue(&mut tx, &messages.iter().map(|topic| message(topic)).collect::<Vec<_>>()).await?;
         tx.commit().await?;
     }
     let mut relay = kit.pool.begin().await?;
     let third = outbox::claim(&mut relay, start, 2).await?;
-    ensure!(topics(&third) == ["slow", "third"], "third claim: {:?}", topics(&third));
+    ensure!(topics(&third) == ["slow", "third", "third-status"], "third claim: {:?}", topics(&third));
     publish(&mut relay, &third).await?;
     relay.commit().await?;
     let start = third.next_start(&[]);

@@ -118,8 +118,9 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
     // An outbox row that never reached Kafka is fine for a moment, not for long.
     let mut tx = kit.pool.begin().await?;
     sqlx::query(
-        "INSERT INTO outbox (event_id, topic, payload, created_at)
-         VALUES (gen_random_uuid(), 'bridge.transfers.status.v1', '\\x00', now() - interval '2 hours')",
+        "INSERT INTO outbox (event_ids, topics, message_keys, payloads, header_counts, created_at)
+         VALUES (ARRAY[gen_random_uuid()], '{bridge.transfers.status.v1}', '{NULL}', ARRAY['\\x00'::bytea], '{0}',
+                 now() - interval '2 hours')",
     )
     .execute(&mut *tx)
     .await?;

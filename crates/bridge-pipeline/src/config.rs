@@ -116,7 +116,9 @@ pub struct PipelineConfig {
     /// together into the next one (up to `batch_size_max` messages, whole
     /// batches only), so a busier stage makes larger transactions.
     pub batches_in_flight: usize,
-    /// Outbox rows the relay claims and publishes per database transaction.
+    /// Outbox messages the relay claims and publishes per database
+    /// transaction (whole rows: the row that reaches the limit is taken
+    /// whole).
     pub relay_batch_size_max: i64,
     /// How long the relay sleeps without a notification before polling.
     pub relay_poll_interval_ms: u64,

@@ -123,9 +123,9 @@ fn metrics() -> &'static Metrics {
             duration.clone(),
         );
         let relay_published = Counter::default();
-        registry.register("relay_published", "Outbox rows the broker acknowledged", relay_published.clone());
+        registry.register("relay_published", "Outbox messages the broker acknowledged", relay_published.clone());
         let relay_failed = Counter::default();
-        registry.register("relay_failed", "Outbox rows sent but not acknowledged (sent again)", relay_failed.clone());
+        registry.register("relay_failed", "Outbox messages sent but not acknowledged (their rows are sent again)", relay_failed.clone());
         let lag = Family::<Partition, Gauge>::default();
         registry.register(
             "consumer_lag",
@@ -133,7 +133,7 @@ fn metrics() -> &'static Metrics {
             lag.clone(),
         );
         let relay_batch_size = batch_histogram();
-        registry.register("relay_batch_size", "Outbox rows the relay sent per batch", relay_batch_size.clone());
+        registry.register("relay_batch_size", "Outbox messages the relay sent per batch", relay_batch_size.clone());
         let batch_size = Family::<Consumer, Histogram>::new_with_constructor(batch_histogram as fn() -> Histogram);
         registry.register(
             "batch_size",

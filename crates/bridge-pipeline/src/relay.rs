@@ -1,10 +1,11 @@
 //! The outbox relay: the only component that produces to Kafka.
 //!
 //! It claims unpublished rows with `FOR UPDATE` (from a cursor; see
-//! `outbox::claim`), hands them all to the idempotent producer, waits for
-//! every delivery report, and deletes the acknowledged rows in the same
-//! transaction that holds their locks. A row whose delivery failed or
-//! timed out stays unpublished and is sent again: it may already be in the
+//! `outbox::claim`), each the messages one transaction wrote, hands all
+//! their messages to the idempotent producer, waits for every delivery
+//! report, and deletes the rows whose messages were all acknowledged in the
+//! same transaction that holds their locks. A row with a message whose
+//! delivery failed or timed out stays unpublished and is sent again whole: it may already be in the
 //! topic ("maybe published"), which consumers absorb through their inbox.
 //! Duplicates in a topic are allowed; duplicate effects are not.
 //!
@@ -185,10 +186,7 @@ async fn prune(ctx: &Runtime) -> Result<()> {
     Ok(())
 }
 
-/// Publishes one batch, claimed from `claim_start` on, and moves
-/// `claim_start` on once the batch is committed. Returns the number of rows
-/// claimed.
-/// OpenTelemetry's producer span for one outbox row, from the hand-over to
+/// OpenTelemetry's producer span for one outbox message, from the hand-over to
 /// the broker's acknowledgement, in the trace of the step that wrote it.
 fn send_span(message: &bridge_store::outbox::OutboxMessage) -> tracing::Span {
     let key = message.key.as_deref().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or("");
@@ -214,6 +212,9 @@ fn send_span(message: &bridge_store::outbox::OutboxMessage) -> tracing::Span {
     span
 }
 
+/// Publishes one batch, claimed from `claim_start` on, and moves
+/// `claim_start` on once the batch is committed. Returns the number of
+/// messages claimed.
 pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start: &mut i64) -> Result<usize> {
     let mut tx = ctx.pool.begin().await.context("Failed to begin relay transaction")?;
     let claim = outbox::claim(&mut tx, *claim_start, ctx.config.relay_batch_size_max).await?;
@@ -224,47 +225,51 @@ pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start
         return Ok(0);
     }
     crate::failpoint::hit("relay.after_claim");
-    let mut deliveries = Vec::with_capacity(rows.len());
-    let mut failed = Vec::new();
+    // A row is published when the broker acknowledged every one of its
+    // messages; otherwise it stays, and all of them are sent again.
+    let mut deliveries = Vec::with_capacity(rows.iter().map(|row| row.messages.len()).sum());
+    let mut failed: Vec<(i64, String)> = Vec::new();
     for row in rows {
-        let span = send_span(&row.message);
-        let mut headers = OwnedHeaders::new_with_capacity(row.message.headers.len());
-        for (key, value) in &row.message.headers {
-            headers = headers.insert(Header { key, value: Some(value) });
-        }
-        let mut record = FutureRecord::to(&row.message.topic).payload(&row.message.payload).headers(headers);
-        if let Some(key) = &row.message.key {
-            record = record.key(key);
-        }
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push((row.id, (delivery, span)));
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    // The producer's bounded queue is full: wait for it to
-                    // drain rather than grow memory.
-                    record = returned;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((error, _)) => {
-                    failed.push((row.id, error.to_string()));
-                    break;
+        for message in &row.messages {
+            let span = send_span(message);
+            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+            for (key, value) in &message.headers {
+                headers = headers.insert(Header { key, value: Some(value) });
+            }
+            let mut record = FutureRecord::to(&message.topic).payload(&message.payload).headers(headers);
+            if let Some(key) = &message.key {
+                record = record.key(key);
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push((row.id, (delivery, span)));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                        // The producer's bounded queue is full: wait for it to
+                        // drain rather than grow memory.
+                        record = returned;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => {
+                        failed.push((row.id, error.to_string()));
+                        break;
+                    }
                 }
             }
         }
     }
     let (ids, sends): (Vec<i64>, Vec<_>) = deliveries.into_iter().unzip();
     let (futures, spans): (Vec<_>, Vec<tracing::Span>) = sends.into_iter().unzip();
-    let mut published = Vec::with_capacity(ids.len());
+    let mut acknowledged = 0;
     for ((id, result), span) in ids.into_iter().zip(join_all(futures).await).zip(spans) {
         // The send span ends here, when the broker has answered.
         match result {
             Ok(Ok(delivered)) => {
                 span.record("messaging.destination.partition.id", delivered.partition);
                 span.record("messaging.kafka.offset", delivered.offset);
-                published.push(id)
+                acknowledged += 1;
             }
             Ok(Err((error, _))) => {
                 span.record("error.type", error.to_string());
@@ -273,21 +278,24 @@ pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start
             Err(_) => failed.push((id, "delivery future cancelled".to_owned())),
         }
     }
+    let mut unpublished: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
+    unpublished.sort_unstable();
+    unpublished.dedup();
+    let published: Vec<i64> =
+        rows.iter().map(|row| row.id).filter(|id| unpublished.binary_search(id).is_err()).collect();
     if !published.is_empty() {
         crate::failpoint::hit("relay.after_produce");
     }
     outbox::delete_published(&mut tx, &published).await?;
-    crate::metrics::relay_batch(published.len(), failed.len());
+    crate::metrics::relay_batch(acknowledged, failed.len());
     if let Some((_, error)) = failed.first() {
-        tracing::warn!(failed = failed.len(), error = %error, "Some outbox rows were not acknowledged; they will be retried");
-        let ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
-        outbox::mark_failed(&mut tx, &ids, error).await?;
+        tracing::warn!(failed = failed.len(), error = %error, "Some outbox messages were not acknowledged; their rows will be retried");
+        outbox::mark_failed(&mut tx, &unpublished, error).await?;
     }
     tx.commit().await.context("Failed to commit relay transaction")?;
-    let unpublished: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
     *claim_start = claim.next_start(&unpublished);
     if !failed.is_empty() {
-        anyhow::bail!("{} of {} outbox rows were not acknowledged", failed.len(), rows.len());
+        anyhow::bail!("{} of {} outbox rows were not acknowledged", unpublished.len(), rows.len());
     }
-    Ok(rows.len())
+    Ok(rows.iter().map(|row| row.messages.len()).sum())
 }

@@ -34,10 +34,13 @@ pub async fn read(conn: &mut PgConnection) -> Result<Gauges> {
     Ok(Gauges { open_transfers, pending_steps, pending_steps_overdue, outbox_unpublished, outbox_oldest_age_secs })
 }
 
-/// Rows in the outbox, still to publish, and the age of the oldest in
+/// Messages in the outbox, still to publish, and the age of the oldest in
 /// seconds (0 when there is none).
 pub async fn outbox(conn: &mut PgConnection) -> Result<(i64, i64)> {
-    Ok(sqlx::query_as("SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::bigint FROM outbox")
+    Ok(sqlx::query_as(
+        "SELECT coalesce(sum(cardinality(topics)), 0)::bigint, coalesce(extract(epoch FROM now() - min(created_at)), 0)::bigint
+         FROM outbox",
+    )
         .fetch_one(conn)
         .await?)
 }

@@ -12,7 +12,7 @@
 //! cursor instead of the start of the index, which holds an entry for every
 //! row deleted since the last vacuum (see [`Claim::next_start`]).
 
-use sqlx::{PgConnection, Postgres, QueryBuilder, Transaction};
+use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::Result;
@@ -41,11 +41,12 @@ pub struct OutboxMessage {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// A claimed row: the message plus its row id.
+/// A claimed row: the messages one transaction wrote, in order, and the
+/// row's id.
 #[derive(Clone, Debug)]
 pub struct OutboxRow {
     pub id: i64,
-    pub message: OutboxMessage,
+    pub messages: Vec<OutboxMessage>,
     /// The id (`xid8`) of the transaction that wrote the row.
     pub writer: i64,
 }
@@ -89,35 +90,68 @@ impl Claim {
     }
 }
 
-/// Writes `messages` to the outbox, in order, as one multi-row insert: a
-/// step's outcome event and status event cost one round trip, not one each.
+/// Writes `messages` to the outbox, in order, as one row: a transaction's
+/// messages are claimed, published and deleted together, so a step's
+/// outcome and status events, or a whole batch's, cost one row, not one
+/// each.
 pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Result<()> {
     if messages.is_empty() {
         return Ok(());
     }
-    let mut insert = QueryBuilder::<Postgres>::new(
-        "INSERT INTO outbox (event_id, topic, message_key, payload, header_names, header_values) ",
-    );
-    // The row ids follow the VALUES order, which is the order the relay
-    // publishes in.
-    insert.push_values(messages, |mut row, message| {
-        let (names, values): (Vec<&str>, Vec<&[u8]>) =
-            message.headers.iter().map(|(name, value)| (name.as_str(), value.as_slice())).unzip();
-        row.push_bind(message.event_id)
-            .push_bind(&message.topic)
-            .push_bind(message.key.as_deref())
-            .push_bind(&message.payload)
-            .push_bind(names)
-            .push_bind(values);
-    });
-    insert.build().execute(conn).await?;
+    let event_ids: Vec<Uuid> = messages.iter().map(|message| message.event_id).collect();
+    let topics: Vec<&str> = messages.iter().map(|message| message.topic.as_str()).collect();
+    let keys: Vec<Option<&[u8]>> = messages.iter().map(|message| message.key.as_deref()).collect();
+    let payloads: Vec<&[u8]> = messages.iter().map(|message| message.payload.as_slice()).collect();
+    let header_counts: Vec<i32> = messages.iter().map(|message| message.headers.len() as i32).collect();
+    let headers = messages.iter().flat_map(|message| message.headers.iter());
+    let (names, values): (Vec<&str>, Vec<&[u8]>) =
+        headers.map(|(name, value)| (name.as_str(), value.as_slice())).unzip();
+    sqlx::query(
+        "INSERT INTO outbox (event_ids, topics, message_keys, payloads, header_counts, header_names, header_values)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(event_ids)
+    .bind(topics)
+    .bind(keys)
+    .bind(payloads)
+    .bind(header_counts)
+    .bind(names)
+    .bind(values)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
-/// Locks up to `batch_size_max` rows written by transactions from `start`
-/// on (0: all), in order. The locks last until `tx` ends.
+/// One outbox row as stored: the messages' fields side by side.
+type StoredRow =
+    (i64, Vec<Uuid>, Vec<String>, Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Vec<i32>, Vec<String>, Vec<Vec<u8>>, i64);
+
+/// The messages of a stored row, in order. The table's CHECK keeps the
+/// arrays aligned; header counts that do not add up are an error, not a
+/// guess.
+fn messages(row: StoredRow) -> Result<OutboxRow> {
+    let (id, event_ids, topics, keys, payloads, header_counts, names, values, writer) = row;
+    let mut headers = names.into_iter().zip(values);
+    let mut messages = Vec::with_capacity(topics.len());
+    for ((((event_id, topic), key), payload), count) in
+        event_ids.into_iter().zip(topics).zip(keys).zip(payloads).zip(header_counts)
+    {
+        let headers: Vec<(String, Vec<u8>)> = headers.by_ref().take(count.max(0) as usize).collect();
+        if headers.len() != count.max(0) as usize {
+            return Err(crate::Error::Corrupt(format!("outbox row {id}: its header counts exceed its headers")));
+        }
+        messages.push(OutboxMessage { event_id, topic, key, payload, headers });
+    }
+    if headers.next().is_some() {
+        return Err(crate::Error::Corrupt(format!("outbox row {id}: it has headers no message counts")));
+    }
+    Ok(OutboxRow { id, messages, writer })
+}
+
+/// Locks the rows written by transactions from `start` on (0: all), in
+/// order, up to `batch_size_max` messages (but always a whole row, and at
+/// least one). The locks last until `tx` ends.
 pub async fn claim(tx: &mut Transaction<'_, Postgres>, start: i64, batch_size_max: i64) -> Result<Claim> {
-    type Row = (i64, Uuid, String, Option<Vec<u8>>, Vec<u8>, Vec<String>, Vec<Vec<u8>>, i64);
     // The horizon is taken before the rows are read, so from an older
     // snapshot than theirs: what ended before it is visible to the read.
     // The planner, which expects few rows past the cursor, would rather
@@ -139,8 +173,12 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, start: i64, batch_size_ma
     // claim holds is one a relay that lost its leadership has not finished
     // with. Waiting for it (then seeing whether it was published) keeps the
     // cursor from passing it.
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, event_id, topic, message_key, payload, header_names, header_values, writer_xid::text::bigint AS writer
+    // A row holds at least one message, so `batch_size_max` rows hold
+    // enough; rows past the limit are locked but left for the next claim,
+    // like rows past a LIMIT.
+    let stored: Vec<StoredRow> = sqlx::query_as(
+        "SELECT id, event_ids, topics, message_keys, payloads, header_counts, header_names, header_values,
+                writer_xid::text::bigint AS writer
          FROM outbox WHERE writer_xid >= $1::text::xid8
          ORDER BY writer_xid, id LIMIT $2 FOR UPDATE",
     )
@@ -149,15 +187,18 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, start: i64, batch_size_ma
     .bind(batch_size_max)
     .fetch_all(&mut **tx)
     .await?;
-    let full = rows.len() as i64 >= batch_size_max;
-    let rows = rows
-        .into_iter()
-        .map(|(id, event_id, topic, key, payload, names, values, writer)| OutboxRow {
-            id,
-            message: OutboxMessage { event_id, topic, key, payload, headers: names.into_iter().zip(values).collect() },
-            writer,
-        })
-        .collect();
+    let mut full = stored.len() as i64 >= batch_size_max;
+    let mut rows: Vec<OutboxRow> = Vec::with_capacity(stored.len());
+    let mut taken = 0;
+    for row in stored {
+        if taken >= batch_size_max {
+            full = true;
+            break;
+        }
+        let row = messages(row)?;
+        taken += row.messages.len() as i64;
+        rows.push(row);
+    }
     Ok(Claim { rows, horizon, full })
 }
 
@@ -186,6 +227,7 @@ pub async fn mark_failed(tx: &mut Transaction<'_, Postgres>, ids: &[i64], error:
     Ok(())
 }
 
+/// Messages still to publish.
 pub async fn unpublished_count(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(conn).await?)
+    Ok(sqlx::query_scalar("SELECT coalesce(sum(cardinality(topics)), 0)::bigint FROM outbox").fetch_one(conn).await?)
 }

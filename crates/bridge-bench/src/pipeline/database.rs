@@ -30,7 +30,16 @@ pub(super) async fn row_changes(pool: &sqlx::PgPool) -> Result<HashMap<String, [
     let mut conn = pool.acquire().await?;
     sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *conn).await?;
     let rows: Vec<(String, i64, i64, i64)> =
-        sqlx::query_as("SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables")
+        // A value too large for its row goes to the table's TOAST table, in
+        // chunks that are rows too: they are counted, under the table's name.
+        sqlx::query_as(
+            "SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables
+             UNION ALL
+             SELECT tables.relname || ' (TOAST)', toast.n_tup_ins, toast.n_tup_upd, toast.n_tup_del
+             FROM pg_stat_user_tables tables
+             JOIN pg_class class ON class.oid = tables.relid
+             JOIN pg_stat_all_tables toast ON toast.relid = class.reltoastrelid",
+        )
             .fetch_all(&mut *conn)
             .await?;
     Ok(rows.into_iter().map(|(table, ins, upd, del)| (table, [ins, upd, del])).collect())
