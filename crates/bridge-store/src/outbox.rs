@@ -1,8 +1,9 @@
-//! The transactional outbox. Stages write rows inside their state-change
-//! transaction; the relay claims rows with `FOR UPDATE`, publishes them,
-//! and deletes each one only after the broker has acknowledged it, in the
-//! claim's transaction (invariant I4). Every row in the table is one still
-//! to publish.
+//! The transactional outbox. Stages write a row inside their state-change
+//! transaction, holding all the messages that transaction emits, in order;
+//! the relay claims rows with `FOR UPDATE`, publishes their messages, and
+//! deletes each row only after the broker has acknowledged all of them, in
+//! the claim's transaction (invariant I4). Every row in the table is one
+//! still to publish.
 //!
 //! Rows are claimed in the order of the transactions that wrote them (each
 //! row records its writer's id), then of their ids. That keeps a transfer's
