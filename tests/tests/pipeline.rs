@@ -958,3 +958,71 @@ async fn only_requests_signed_by_an_allowed_source_move_money(kind: BrokerKind) 
     ensure!(dead_letters == 0, "{dead_letters} dead letters");
     kit.assert_books_balance().await
 }
+
+/// Rows still to publish when the outbox became one row per transaction
+/// (migration 0027) are published as they were written: each becomes a row
+/// of one message with its topic, key, payload and headers, in its place in
+/// the claim order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_rows_left_by_an_earlier_release_are_published_as_written() -> Result<()> {
+    use bridge_store::outbox::{self, OutboxMessage};
+    use sqlx::Connection;
+    let server = std::env::var("BRIDGE_TEST_DATABASE_URL").context("BRIDGE_TEST_DATABASE_URL is not set")?;
+    let (base, _) = server.rsplit_once('/').context("the database URL has no database path")?;
+    let run = Uuid::new_v4().simple().to_string();
+    let database_url = format!("{base}/bridge_test_{}", &run[..16]);
+    bridge_store::ensure_database(&database_url).await?;
+    let pool = sqlx::PgPool::connect(&database_url).await?;
+
+    // The schema as the release before 0027 left it.
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/bridge-store/migrations");
+    let earlier = std::env::temp_dir().join(format!("bridge-migrations-{run}"));
+    std::fs::create_dir_all(&earlier)?;
+    for entry in std::fs::read_dir(&source)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default().to_owned();
+        if name.as_str() < "0027" {
+            std::fs::copy(&path, earlier.join(&name))?;
+        }
+    }
+    sqlx::migrate::Migrator::new(earlier.as_path()).await?.run(&pool).await?;
+    std::fs::remove_dir_all(&earlier)?;
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, message_key, payload, header_names, header_values)
+         VALUES ($1, 'bridge.transfers.validated.v1', 'transfer-1', '\\x0102', '{ce_id,traceparent}', '{\"\\\\x61\",\"\\\\x62\"}'),
+                ($2, 'bridge.transfers.status.v1', NULL, '\\x03', '{}', '{}')",
+    )
+    .bind(first)
+    .bind(second)
+    .execute(&pool)
+    .await?;
+
+    bridge_store::migrate(&pool).await?;
+    let mut tx = pool.begin().await?;
+    let claim = outbox::claim(&mut tx, 0, 100).await?;
+    tx.rollback().await?;
+    let messages: Vec<Vec<OutboxMessage>> = claim.rows.into_iter().map(|row| row.messages).collect();
+    let expected = vec![
+        vec![OutboxMessage {
+            event_id: first,
+            topic: "bridge.transfers.validated.v1".to_owned(),
+            key: Some(b"transfer-1".to_vec()),
+            payload: vec![1, 2],
+            headers: vec![("ce_id".to_owned(), b"a".to_vec()), ("traceparent".to_owned(), b"b".to_vec())],
+        }],
+        vec![OutboxMessage {
+            event_id: second,
+            topic: "bridge.transfers.status.v1".to_owned(),
+            key: None,
+            payload: vec![3],
+            headers: Vec::new(),
+        }],
+    ];
+    ensure!(messages == expected, "{messages:?}");
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE \"bridge_test_{}\" WITH (FORCE)", &run[..16]))
+        .execute(&mut sqlx::PgConnection::connect(&server).await?)
+        .await?;
+    Ok(())
+}
