@@ -966,17 +966,11 @@ async fn only_requests_signed_by_an_allowed_source_move_money(kind: BrokerKind) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_rows_left_by_an_earlier_release_are_published_as_written() -> Result<()> {
     use bridge_store::outbox::{self, OutboxMessage};
-    use sqlx::Connection;
-    let server = std::env::var("BRIDGE_TEST_DATABASE_URL").context("BRIDGE_TEST_DATABASE_URL is not set")?;
-    let (base, _) = server.rsplit_once('/').context("the database URL has no database path")?;
-    let run = Uuid::new_v4().simple().to_string();
-    let database_url = format!("{base}/bridge_test_{}", &run[..16]);
-    bridge_store::ensure_database(&database_url).await?;
-    let pool = sqlx::PgPool::connect(&database_url).await?;
+    let (_, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
 
     // The schema as the release before 0027 left it.
     let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/bridge-store/migrations");
-    let earlier = std::env::temp_dir().join(format!("bridge-migrations-{run}"));
+    let earlier = std::env::temp_dir().join(format!("bridge-migrations-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&earlier)?;
     for entry in std::fs::read_dir(&source)? {
         let path = entry?.path();
@@ -1020,9 +1014,5 @@ async fn the_outbox_rows_left_by_an_earlier_release_are_published_as_written() -
         }],
     ];
     ensure!(messages == expected, "{messages:?}");
-    pool.close().await;
-    sqlx::query(&format!("DROP DATABASE \"bridge_test_{}\" WITH (FORCE)", &run[..16]))
-        .execute(&mut sqlx::PgConnection::connect(&server).await?)
-        .await?;
     Ok(())
 }

@@ -5,8 +5,9 @@
 //! their messages to the idempotent producer, waits for every delivery
 //! report, and deletes the rows whose messages were all acknowledged in the
 //! same transaction that holds their locks. A row with a message whose
-//! delivery failed or timed out stays unpublished and is sent again whole: it may already be in the
-//! topic ("maybe published"), which consumers absorb through their inbox.
+//! delivery failed or timed out stays unpublished and is sent again whole:
+//! its messages may already be in their topics ("maybe published"), which
+//! consumers absorb through their inbox.
 //! Duplicates in a topic are allowed; duplicate effects are not.
 //!
 //! Several relays may run (one per `bridge run` process), but only one
@@ -24,13 +25,13 @@ use anyhow::{Context, Result};
 use futures::future::join_all;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::postgres::PgListener;
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
-use bridge_store::outbox;
+use bridge_store::outbox::{self, OutboxMessage};
 
 use crate::context::{Backoff, Runtime};
 use crate::kafka;
@@ -188,7 +189,7 @@ async fn prune(ctx: &Runtime) -> Result<()> {
 
 /// OpenTelemetry's producer span for one outbox message, from the hand-over to
 /// the broker's acknowledgement, in the trace of the step that wrote it.
-fn send_span(message: &bridge_store::outbox::OutboxMessage) -> tracing::Span {
+fn send_span(message: &OutboxMessage) -> tracing::Span {
     let key = message.key.as_deref().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or("");
     let span = tracing::info_span!(
         "send",
@@ -212,6 +213,29 @@ fn send_span(message: &bridge_store::outbox::OutboxMessage) -> tracing::Span {
     span
 }
 
+/// Hands `message` to the producer; while its bounded queue is full, waits
+/// for it to drain rather than grow memory.
+async fn send(producer: &FutureProducer, message: &OutboxMessage) -> Result<DeliveryFuture, KafkaError> {
+    let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+    for (key, value) in &message.headers {
+        headers = headers.insert(Header { key, value: Some(value) });
+    }
+    let mut record = FutureRecord::to(&message.topic).payload(&message.payload).headers(headers);
+    if let Some(key) = &message.key {
+        record = record.key(key);
+    }
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((error, _)) => return Err(error),
+        }
+    }
+}
+
 /// Publishes one batch, claimed from `claim_start` on, and moves
 /// `claim_start` on once the batch is committed. Returns the number of
 /// messages claimed.
@@ -232,31 +256,9 @@ pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start
     for row in rows {
         for message in &row.messages {
             let span = send_span(message);
-            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
-            for (key, value) in &message.headers {
-                headers = headers.insert(Header { key, value: Some(value) });
-            }
-            let mut record = FutureRecord::to(&message.topic).payload(&message.payload).headers(headers);
-            if let Some(key) = &message.key {
-                record = record.key(key);
-            }
-            loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push((row.id, (delivery, span)));
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                        // The producer's bounded queue is full: wait for it to
-                        // drain rather than grow memory.
-                        record = returned;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((error, _)) => {
-                        failed.push((row.id, error.to_string()));
-                        break;
-                    }
-                }
+            match send(producer, message).await {
+                Ok(delivery) => deliveries.push((row.id, (delivery, span))),
+                Err(error) => failed.push((row.id, error.to_string())),
             }
         }
     }

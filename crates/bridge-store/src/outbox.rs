@@ -137,8 +137,9 @@ fn messages(row: StoredRow) -> Result<OutboxRow> {
     for ((((event_id, topic), key), payload), count) in
         event_ids.into_iter().zip(topics).zip(keys).zip(payloads).zip(header_counts)
     {
-        let headers: Vec<(String, Vec<u8>)> = headers.by_ref().take(count.max(0) as usize).collect();
-        if headers.len() != count.max(0) as usize {
+        let count = usize::try_from(count).unwrap_or(usize::MAX);
+        let headers: Vec<(String, Vec<u8>)> = headers.by_ref().take(count).collect();
+        if headers.len() != count {
             return Err(crate::Error::Corrupt(format!("outbox row {id}: its header counts exceed its headers")));
         }
         messages.push(OutboxMessage { event_id, topic, key, payload, headers });
@@ -230,5 +231,5 @@ pub async fn mark_failed(tx: &mut Transaction<'_, Postgres>, ids: &[i64], error:
 
 /// Messages still to publish.
 pub async fn unpublished_count(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT coalesce(sum(cardinality(topics)), 0)::bigint FROM outbox").fetch_one(conn).await?)
+    Ok(crate::gauges::outbox(conn).await?.0)
 }

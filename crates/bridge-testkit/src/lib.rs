@@ -73,6 +73,27 @@ fn init_tracing() {
         .try_init();
 }
 
+/// The Postgres server the suite runs against: `BRIDGE_TEST_DATABASE_URL`,
+/// a URL with any database name.
+pub fn database_server() -> String {
+    std::env::var("BRIDGE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Creates a database of its own on the Postgres server at `server`, not
+/// yet migrated, and answers its URL and a pool. `scripts/test.sh` drops
+/// the ones earlier runs left.
+pub async fn scratch_database(server: &str) -> Result<(String, PgPool)> {
+    let (base, _) = server.rsplit_once('/').context("the database URL has no database path")?;
+    let run = Uuid::new_v4().simple().to_string();
+    let database_url = format!("{base}/bridge_test_{}", &run[..16]);
+    bridge_store::ensure_database(&database_url).await.context("Failed to create the test database")?;
+    let pool = bridge_store::connect(&database_url, &PoolSettings { connections_max: 24, acquire_timeout_ms: 30_000 })
+        .await
+        .context("Failed to connect to the test database")?;
+    Ok((database_url, pool))
+}
+
 impl TestKit {
     pub async fn start(kind: BrokerKind) -> Result<Self> {
         Self::start_with(kind, |_| {}).await
@@ -80,26 +101,18 @@ impl TestKit {
 
     /// Starts a kit; `adjust` may change the pipeline settings first.
     pub async fn start_with(kind: BrokerKind, adjust: impl FnOnce(&mut PipelineConfig)) -> Result<Self> {
-        let server = std::env::var("BRIDGE_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        Self::start_on(kind, &server, adjust).await
+        Self::start_on(kind, &database_server(), adjust).await
     }
 
     /// Starts a kit on the Postgres server at `server` (a URL with any
     /// database name; the kit creates its own database there).
     pub async fn start_on(kind: BrokerKind, server: &str, adjust: impl FnOnce(&mut PipelineConfig)) -> Result<Self> {
         init_tracing();
-        let (base, _) = server.rsplit_once('/').context("the database URL has no database path")?;
-        let run = Uuid::new_v4().simple().to_string();
-        let database_url = format!("{base}/bridge_test_{}", &run[..16]);
-        bridge_store::ensure_database(&database_url).await.context("Failed to create the test database")?;
-        let pool =
-            bridge_store::connect(&database_url, &PoolSettings { connections_max: 24, acquire_timeout_ms: 30_000 })
-                .await
-                .context("Failed to connect to the test database")?;
+        let (database_url, pool) = scratch_database(server).await?;
         bridge_store::migrate(&pool).await.context("Failed to migrate the test database")?;
 
-        let prefix = format!("t{}.", &run[16..28]);
+        let run = Uuid::new_v4().simple().to_string();
+        let prefix = format!("t{}.", &run[..12]);
         let mut config = PipelineConfig::new("");
         config.topics = Topics::new(&prefix);
         config.group_prefix = prefix.clone();
