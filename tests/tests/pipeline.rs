@@ -526,6 +526,61 @@ async fn a_standby_relay_takes_over_and_status_stays_in_order(kind: BrokerKind) 
     kit.assert_books_balance().await
 }
 
+/// The relay claims and deletes on the session that holds its leadership.
+/// When Postgres ends that session, the relay must notice at its next claim,
+/// step down, connect again and lead again: transfers published after it
+/// still complete, each transfer's status events still in order, and
+/// nothing is left in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_whose_session_ends_steps_down_and_leads_again() -> Result<()> {
+    use bridge_store::outbox;
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.seed_investor("ines", 1_000_000_00).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 10, 1_000_000_000_00).await?;
+    let stages: Vec<Part> = StageName::ALL.into_iter().map(Part::Stage).collect();
+    let stage_runner = kit.spawn(&stages);
+    let relay = kit.spawn(&[Part::Relay]);
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(kit.publish(&kit.request("ines", &fund_account, 100_00)).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await?;
+
+    // The session holding the relay's advisory lock, in this test's database.
+    let leader_sessions = "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+                           WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database()";
+    let ended: Vec<bool> = sqlx::query_scalar(&format!("SELECT pg_terminate_backend(pid) FROM ({leader_sessions}) s"))
+        .fetch_all(&kit.pool)
+        .await?;
+    ensure!(ended == [true], "expected one leading session to end, ended {ended:?}");
+
+    for _ in 0..10 {
+        ids.push(kit.publish(&kit.request("ines", &fund_account, 100_00)).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await.context("nothing published after the relay's session ended")?;
+    let leaders: Vec<i32> = sqlx::query_scalar(leader_sessions).fetch_all(&kit.pool).await?;
+    ensure!(leaders.len() == 1, "leading sessions afterwards: {leaders:?}");
+    stage_runner.stop().await?;
+    relay.stop().await?;
+    let mut conn = kit.pool.acquire().await?;
+    let left = outbox::unpublished_count(&mut conn).await?;
+    ensure!(left == 0, "{left} messages left in the outbox");
+
+    let mut first_seen: std::collections::HashMap<String, Vec<i64>> = std::collections::HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for message in kit.read_topic(&kit.topics().status()).await? {
+        let event = decode::<TransferStatusChanged>(message.payload.as_deref().unwrap_or_default())?;
+        if seen.insert(event.event_id.clone()) {
+            first_seen.entry(event.transfer_id).or_default().push(event.version);
+        }
+    }
+    ensure!(first_seen.len() == ids.len());
+    for (transfer, versions) in &first_seen {
+        ensure!(versions == &[1, 2, 3, 4, 5], "transfer {transfer}: versions in topic order {versions:?}");
+    }
+    kit.assert_books_balance().await
+}
+
 /// The broker goes away for longer than the producer's message timeout while
 /// the relay holds committed outbox rows. Every produce times out ("maybe
 /// published"), the rows stay unpublished, and once the broker is back they

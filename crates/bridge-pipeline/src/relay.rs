@@ -1,10 +1,9 @@
 //! The outbox relay: the only component that produces to Kafka.
 //!
-//! It claims unpublished rows with `FOR UPDATE` (from a cursor; see
-//! `outbox::claim`), each the messages one transaction wrote, hands all
-//! their messages to the idempotent producer, waits for every delivery
-//! report, and deletes the rows whose messages were all acknowledged in the
-//! same transaction that holds their locks. A row with a message whose
+//! It claims unpublished rows (from a cursor; see `outbox::claim`), each the
+//! messages one transaction wrote, hands all their messages to the
+//! idempotent producer, waits for every delivery report, and deletes the
+//! rows whose messages were all acknowledged. A row with a message whose
 //! delivery failed or timed out stays unpublished and is sent again whole:
 //! its messages may already be in their topics ("maybe published"), which
 //! consumers absorb through their inbox.
@@ -12,11 +11,13 @@
 //!
 //! Several relays may run (one per `bridge run` process), but only one
 //! publishes at a time: the holder of a Postgres advisory lock, taken on a
-//! connection of its own. The others wait as hot standbys and take over when
-//! the leader's session ends (process exit, crash, lost connection). One
-//! publisher is what keeps the status events of a transfer in version order:
-//! two relays claiming neighbouring rows side by side could publish version
-//! 2 before version 1.
+//! connection of its own. It claims and deletes on that same connection, so
+//! a relay whose session ended (and with it its leadership) can neither
+//! claim nor delete another row. The others wait as hot standbys and take
+//! over when the leader's session ends (process exit, crash, lost
+//! connection). One publisher is what keeps the status events of a transfer
+//! in version order: two relays claiming neighbouring rows side by side
+//! could publish version 2 before version 1.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,6 +84,7 @@ async fn lead(ctx: &Runtime, shutdown: &CancellationToken) -> Result<()> {
         }
     }
     tracing::info!("Relay is publishing");
+    outbox::prepare_claims(&mut lock_session).await.context("Failed to set up the relay's session")?;
     let result = publish_until_shutdown(ctx, shutdown, &mut lock_session).await;
     // Closing the session releases the lock for a standby.
     let _ = lock_session.close().await;
@@ -99,7 +101,6 @@ async fn publish_until_shutdown(
     listener.listen(outbox::NOTIFY_CHANNEL).await.context("Failed to listen for outbox notifications")?;
     let poll_interval = Duration::from_millis(ctx.config.relay_poll_interval_ms);
     let mut backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
-    let mut last_lock_check = std::time::Instant::now();
     let mut next_prune = std::time::Instant::now();
     // Where the next claim starts (a writing transaction's id; see
     // `outbox::Claim::next_start`).
@@ -118,19 +119,20 @@ async fn publish_until_shutdown(
             // being wrong about that to one pruning interval.
             claim_start = 0;
         }
-        // A leader whose lock session died would no longer be the only
-        // publisher; check the session now and then and step down if it is
-        // gone.
-        if last_lock_check.elapsed() > Duration::from_secs(5) {
-            sqlx::query("SELECT 1").execute(&mut *lock_session).await.context("Relay lock session lost")?;
-            last_lock_check = std::time::Instant::now();
-        }
-        match publish_batch(ctx, &producer, &mut claim_start).await {
+        // Claims run on the lock session: a leader whose session died fails
+        // here and steps down.
+        match publish_batch(ctx, lock_session, &producer, &mut claim_start).await {
             Ok(published) if published as i64 >= ctx.config.relay_batch_size_max => {
                 backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
                 continue;
             }
             Ok(_) => backoff = Backoff::new(ctx.config.retry_backoff_max_ms),
+            // A statement on the lock session failed: the session, and the
+            // leadership with it, may be gone. Step down; `run` connects
+            // again and waits for the lock.
+            Err(error) if error.downcast_ref::<bridge_store::Error>().is_some() => {
+                return Err(error.context("The relay's session failed"));
+            }
             Err(error) => {
                 tracing::warn!(error = format!("{error:#}"), "Relay batch failed; retrying");
                 tokio::select! {
@@ -236,15 +238,18 @@ async fn send(producer: &FutureProducer, message: &OutboxMessage) -> Result<Deli
     }
 }
 
-/// Publishes one batch, claimed from `claim_start` on, and moves
-/// `claim_start` on once the batch is committed. Returns the number of
-/// messages claimed.
-pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start: &mut i64) -> Result<usize> {
-    let mut tx = ctx.pool.begin().await.context("Failed to begin relay transaction")?;
-    let claim = outbox::claim(&mut tx, *claim_start, ctx.config.relay_batch_size_max).await?;
+/// Publishes one batch, claimed from `claim_start` on `session` (the one
+/// holding the leadership), and moves `claim_start` on once the published
+/// rows are deleted. Returns the number of messages claimed.
+pub async fn publish_batch(
+    ctx: &Runtime,
+    session: &mut sqlx::PgConnection,
+    producer: &FutureProducer,
+    claim_start: &mut i64,
+) -> Result<usize> {
+    let claim = outbox::claim(session, *claim_start, ctx.config.relay_batch_size_max).await?;
     let rows = &claim.rows;
     if rows.is_empty() {
-        tx.commit().await?;
         *claim_start = claim.next_start(&[]);
         return Ok(0);
     }
@@ -288,13 +293,12 @@ pub async fn publish_batch(ctx: &Runtime, producer: &FutureProducer, claim_start
     if !published.is_empty() {
         crate::failpoint::hit("relay.after_produce");
     }
-    outbox::delete_published(&mut tx, &published).await?;
+    outbox::delete_published(session, &published).await?;
     crate::metrics::relay_batch(acknowledged, failed.len());
     if let Some((_, error)) = failed.first() {
         tracing::warn!(failed = failed.len(), error = %error, "Some outbox messages were not acknowledged; their rows will be retried");
-        outbox::mark_failed(&mut tx, &unpublished, error).await?;
+        outbox::mark_failed(session, &unpublished, error).await?;
     }
-    tx.commit().await.context("Failed to commit relay transaction")?;
     *claim_start = claim.next_start(&unpublished);
     if !failed.is_empty() {
         anyhow::bail!("{} of {} outbox rows were not acknowledged", unpublished.len(), rows.len());

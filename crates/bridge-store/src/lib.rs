@@ -163,6 +163,12 @@ fn pool_options(settings: &PoolSettings) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(settings.connections_max)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        // No ping before each use: at a paced load most transactions carry
+        // one message, and the ping was one round trip (a wake-up of the
+        // backend and of this process) in every eight. A connection that
+        // died meanwhile fails its first statement instead, which every
+        // caller already treats as retryable, and the pool drops it.
+        .test_before_acquire(false)
 }
 
 fn connect_options(url: &str) -> Result<PgConnectOptions> {

@@ -1,9 +1,9 @@
 //! The transactional outbox. Stages write a row inside their state-change
 //! transaction, holding all the messages that transaction emits, in order;
-//! the relay claims rows with `FOR UPDATE`, publishes their messages, and
-//! deletes each row only after the broker has acknowledged all of them, in
-//! the claim's transaction (invariant I4). Every row in the table is one
-//! still to publish.
+//! the leading relay reads rows, publishes their messages, and deletes each
+//! row only after the broker has acknowledged all of them (invariant I4),
+//! all on the session that holds its leadership. Every row in the table is
+//! one still to publish.
 //!
 //! Rows are claimed in the order of the transactions that wrote them (each
 //! row records its writer's id), then of their ids. That keeps a transfer's
@@ -13,7 +13,7 @@
 //! cursor instead of the start of the index, which holds an entry for every
 //! row deleted since the last vacuum (see [`Claim::next_start`]).
 
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{Executor, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::Result;
@@ -75,8 +75,8 @@ impl Claim {
     /// the index entries below it can be skipped. A writer that stays open
     /// holds the cursor back (the claim is then as slow as a full one, never
     /// wrong); a relay that stops leading keeps its cursor no longer.
-    /// Rows another claim has locked are waited for, not skipped, so none
-    /// is passed while a relay that lost its leadership still holds it.
+    /// Only the leader claims and deletes, on the session that makes it
+    /// leader, so no row changes under the cursor but by its own hand.
     pub fn next_start(&self, unpublished: &[i64]) -> i64 {
         let mut start = self.horizon;
         if self.full {
@@ -150,45 +150,77 @@ fn messages(row: StoredRow) -> Result<OutboxRow> {
     Ok(OutboxRow { id, messages, writer })
 }
 
-/// Locks the rows written by transactions from `start` on (0: all), in
+/// Sets the planner up for [`claim`] on `session`, the leading relay's own
+/// connection, for as long as it lives.
+///
+/// The planner, which expects few rows past the cursor, would rather fetch
+/// them all and sort them than read the index in order; with a backlog of
+/// unpublished rows that read them all on every claim. Reading the index in
+/// order stops at the limit. (With those plans priced out, the cost
+/// estimate of any other is so high that Postgres would compile it to
+/// machine code first, which takes longer than the claim itself.) Set once
+/// for the session, they cost no statement per claim, and the claim's
+/// statements stay prepared: planned under them whether Postgres plans
+/// each execution or keeps a generic plan.
+pub async fn prepare_claims(session: &mut PgConnection) -> Result<()> {
+    session.execute("SET enable_bitmapscan = off; SET enable_sort = off; SET jit = off").await?;
+    Ok(())
+}
+
+/// Reads the rows written by transactions from `start` on (0: all), in
 /// order, up to `batch_size_max` messages (but always a whole row, and at
-/// least one). The locks last until `tx` ends.
-pub async fn claim(tx: &mut Transaction<'_, Postgres>, start: i64, batch_size_max: i64) -> Result<Claim> {
-    // The horizon is taken before the rows are read, so from an older
-    // snapshot than theirs: what ended before it is visible to the read.
-    // The planner, which expects few rows past the cursor, would rather
-    // fetch them all and sort them than read the index in order; with a
-    // backlog of unpublished rows that read them all on every claim.
-    // Reading the index in order stops at the limit. (With those plans
-    // priced out, the cost estimate of any other is so high that Postgres
-    // would compile it to machine code first, which takes longer than the
-    // claim itself.)
-    let horizon: i64 = sqlx::query_scalar(
-        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint
-         FROM (SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true),
-                      set_config('jit', 'off', true)) planner",
+/// least one).
+///
+/// Neither locks nor a transaction: only the leading relay claims, on the
+/// session that holds its leadership (see `relay`), and it deletes on the
+/// same session what the broker acknowledged. A relay that lost that
+/// session can neither claim nor delete, so no other claim is ever half
+/// done beside this one, and no row is passed that another claim will
+/// still change. Each statement commits on its own: a claim that finds
+/// nothing writes nothing and waits for no flush.
+pub async fn claim(session: &mut PgConnection, start: i64, batch_size_max: i64) -> Result<Claim> {
+    // One statement, so one snapshot: its horizon is the oldest transaction
+    // still running when the rows were read, and what ended before it is
+    // visible to the read. The outer row is always there, so an empty claim
+    // still answers the horizon. A row holds at least one message, so
+    // `batch_size_max` rows hold enough; rows past the limit are left for
+    // the next claim.
+    let read = sqlx::query(
+        "SELECT horizon.xmin, o.id, o.event_ids, o.topics, o.message_keys, o.payloads, o.header_counts,
+                o.header_names, o.header_values, o.writer
+         FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) horizon
+         LEFT JOIN LATERAL (
+             SELECT id, event_ids, topics, message_keys, payloads, header_counts, header_names, header_values,
+                    writer_xid::text::bigint AS writer
+             FROM outbox WHERE writer_xid >= $1::text::xid8
+             ORDER BY writer_xid, id LIMIT $2
+         ) o ON true",
     )
-    .persistent(false)
-    .fetch_one(&mut **tx)
-    .await?;
-    // No SKIP LOCKED: only the leading relay claims, and a row another
-    // claim holds is one a relay that lost its leadership has not finished
-    // with. Waiting for it (then seeing whether it was published) keeps the
-    // cursor from passing it.
-    // A row holds at least one message, so `batch_size_max` rows hold
-    // enough; rows past the limit are locked but left for the next claim,
-    // like rows past a LIMIT.
-    let stored: Vec<StoredRow> = sqlx::query_as(
-        "SELECT id, event_ids, topics, message_keys, payloads, header_counts, header_names, header_values,
-                writer_xid::text::bigint AS writer
-         FROM outbox WHERE writer_xid >= $1::text::xid8
-         ORDER BY writer_xid, id LIMIT $2 FOR UPDATE",
-    )
-    .persistent(false)
     .bind(start.to_string())
     .bind(batch_size_max)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *session)
     .await?;
+    let mut horizon = None;
+    let mut stored: Vec<StoredRow> = Vec::with_capacity(read.len());
+    for row in read {
+        horizon = Some(row.try_get::<i64, _>("xmin")?);
+        if let Some(id) = row.try_get::<Option<i64>, _>("id")? {
+            stored.push((
+                id,
+                row.try_get("event_ids")?,
+                row.try_get("topics")?,
+                row.try_get("message_keys")?,
+                row.try_get("payloads")?,
+                row.try_get("header_counts")?,
+                row.try_get("header_names")?,
+                row.try_get("header_values")?,
+                row.try_get("writer")?,
+            ));
+        }
+    }
+    let horizon = horizon.ok_or_else(|| crate::Error::Corrupt("the outbox claim read no horizon".to_owned()))?;
+    // The join is not bound to keep the subquery's order; the claim is.
+    stored.sort_unstable_by_key(|row| (row.8, row.0));
     let mut full = stored.len() as i64 >= batch_size_max;
     let mut rows: Vec<OutboxRow> = Vec::with_capacity(stored.len());
     let mut taken = 0;
@@ -208,23 +240,22 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, start: i64, batch_size_ma
 /// row's header to the WAL, where stamping the row published wrote a new
 /// copy of it (payload included) and an index entry, and pruning it later
 /// wrote again.
-pub async fn delete_published(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<()> {
+pub async fn delete_published(session: &mut PgConnection, ids: &[i64]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").persistent(false).bind(ids).execute(&mut **tx).await?;
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(session).await?;
     Ok(())
 }
 
-pub async fn mark_failed(tx: &mut Transaction<'_, Postgres>, ids: &[i64], error: &str) -> Result<()> {
+pub async fn mark_failed(session: &mut PgConnection, ids: &[i64], error: &str) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
     sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)")
-        .persistent(false)
         .bind(ids)
         .bind(error)
-        .execute(&mut **tx)
+        .execute(session)
         .await?;
     Ok(())
 }
