@@ -1014,6 +1014,42 @@ async fn only_requests_signed_by_an_allowed_source_move_money(kind: BrokerKind) 
     kit.assert_books_balance().await
 }
 
+/// The outbox refuses a row the relay could not read: arrays of messages
+/// that do not line up, or header counts that do not add up to the headers
+/// (more or fewer), fail the writer's statement with a CHECK violation,
+/// and a row that adds up is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_refuses_rows_whose_messages_do_not_line_up() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let insert = |event_ids: i32, counts: &'static str, headers: i32| {
+        format!(
+            "INSERT INTO outbox (event_ids, topics, message_keys, payloads, header_counts, header_names, header_values)
+             SELECT array_agg(gen_random_uuid()) FILTER (WHERE i <= {event_ids}), ARRAY['a', 'b'],
+                    ARRAY[NULL, NULL]::bytea[], ARRAY['\\x01', '\\x02']::bytea[], '{counts}'::int[],
+                    coalesce(array_agg('h' || i) FILTER (WHERE i <= {headers}), '{{}}'),
+                    coalesce(array_agg('\\x00'::bytea) FILTER (WHERE i <= {headers}), '{{}}')
+             FROM generate_series(1, 3) i"
+        )
+    };
+    for (event_ids, counts, headers, why) in [
+        (2, "{1,1}", 3, "more headers than counted"),
+        (2, "{2,1}", 2, "fewer headers than counted"),
+        (2, "{1,-1}", 0, "a negative count"),
+        (1, "{1,1}", 2, "an event id missing"),
+    ] {
+        match sqlx::query(&insert(event_ids, counts, headers)).execute(&kit.pool).await {
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23514") => {}
+            other => anyhow::bail!("a row with {why} was not refused as a CHECK violation: {other:?}"),
+        }
+    }
+    sqlx::query(&insert(2, "{2,1}", 3)).execute(&kit.pool).await.context("a row that adds up was refused")?;
+    let mut conn = kit.pool.acquire().await?;
+    let claim = bridge_store::outbox::claim(&mut conn, 0, 100).await?;
+    let headers: Vec<usize> = claim.rows.iter().flat_map(|row| row.messages.iter().map(|m| m.headers.len())).collect();
+    ensure!(headers == [2, 1], "headers per message: {headers:?}");
+    Ok(())
+}
+
 /// Rows still to publish when the outbox became one row per transaction
 /// (migration 0027) are published as they were written: each becomes a row
 /// of one message with its topic, key, payload and headers, in its place in
