@@ -19,3 +19,25 @@ BEGIN
     RETURN total;
 END;
 $$;
+
+-- The CHECK also refuses NULL among a row's messages and headers (only a
+-- message's key may be absent): `0 <= ALL (...)` lets a NULL count pass,
+-- and a row the relay cannot read would stop it at that row.
+ALTER TABLE outbox
+    DROP CONSTRAINT outbox_messages_aligned,
+    ADD CONSTRAINT outbox_messages_aligned CHECK (
+        cardinality(topics) >= 1
+        AND cardinality(event_ids) = cardinality(topics)
+        AND cardinality(message_keys) = cardinality(topics)
+        AND cardinality(payloads) = cardinality(topics)
+        AND cardinality(header_counts) = cardinality(topics)
+        AND cardinality(header_names) = cardinality(header_values)
+        AND 0 <= ALL (header_counts)
+        AND outbox_header_total(header_counts) = cardinality(header_names)
+        AND array_position(event_ids, NULL) IS NULL
+        AND array_position(topics, NULL) IS NULL
+        AND array_position(payloads, NULL) IS NULL
+        AND array_position(header_counts, NULL) IS NULL
+        AND array_position(header_names, NULL) IS NULL
+        AND array_position(header_values, NULL) IS NULL
+    );
