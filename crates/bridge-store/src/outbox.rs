@@ -200,10 +200,12 @@ pub async fn claim(session: &mut PgConnection, start: i64, batch_size_max: i64) 
     .bind(batch_size_max)
     .fetch_all(&mut *session)
     .await?;
-    let mut horizon = None;
+    let horizon: i64 = match read.first() {
+        Some(row) => row.try_get("xmin")?,
+        None => return Err(crate::Error::Corrupt("the outbox claim read no horizon".to_owned())),
+    };
     let mut stored: Vec<StoredRow> = Vec::with_capacity(read.len());
     for row in read {
-        horizon = Some(row.try_get::<i64, _>("xmin")?);
         if let Some(id) = row.try_get::<Option<i64>, _>("id")? {
             stored.push((
                 id,
@@ -218,9 +220,8 @@ pub async fn claim(session: &mut PgConnection, start: i64, batch_size_max: i64) 
             ));
         }
     }
-    let horizon = horizon.ok_or_else(|| crate::Error::Corrupt("the outbox claim read no horizon".to_owned()))?;
     // The join is not bound to keep the subquery's order; the claim is.
-    stored.sort_unstable_by_key(|row| (row.8, row.0));
+    stored.sort_unstable_by_key(|&(id, .., writer)| (writer, id));
     let mut full = stored.len() as i64 >= batch_size_max;
     let mut rows: Vec<OutboxRow> = Vec::with_capacity(stored.len());
     let mut taken = 0;
