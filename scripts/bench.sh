@@ -18,4 +18,8 @@ trap 'scripts/tansu.sh stop' EXIT
 cargo build --release -p bridge -p bridge-bench
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 export KAFKA_BROKERS=127.0.0.1:${BRIDGE_TANSU_PORT:-19092}
+# tansu reads the log once per fetch and holds the answer for the whole
+# wait; asking for more bytes than a paced load brings makes it read again
+# at the end of the wait (see `bridge run --help`, --fetch-min-bytes).
+export BRIDGE_FETCH_MIN_BYTES=${BRIDGE_FETCH_MIN_BYTES:-1048576}
 target/release/bridge-bench pipeline "$@"

@@ -90,7 +90,9 @@ pub fn consumer(config: &PipelineConfig, name: &str, group_id: &str) -> Result<S
         // polling; some Kafka-protocol brokers (tansu 0.6) hold every fetch
         // for the full time instead, which at librdkafka's default of 500 ms
         // added half a second to each hop of a transfer.
-        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string());
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+        // 1 unless the broker needs otherwise (see `fetch_min_bytes`).
+        .set("fetch.min.bytes", config.fetch_min_bytes.to_string());
     apply_overrides(&mut client, config);
     let state = ConsumerState { name: name.to_owned(), assignments: Default::default() };
     client.create_with_context(state).context("Failed to create Kafka consumer")

@@ -53,6 +53,10 @@ pub use components::{RunningApi, RunningNotifier, RunningPipeline, RunningSimula
 pub use credentials::{keyring, sealed_secret, unix_now};
 pub use faults::{LosingFirstReplies, UnavailableForOneAccount};
 
+/// What a consumer's fetch asks tansu for: more than a test's messages add
+/// up to, so tansu reads its log again at the end of each wait.
+pub const TANSU_FETCH_MIN_BYTES: u32 = 1 << 20;
+
 pub struct TestKit {
     pub pool: PgPool,
     pub database_url: String,
@@ -120,6 +124,11 @@ impl TestKit {
         config.relay_poll_interval_ms = 100;
         config.session_timeout_ms = 6_000;
         config.retry_backoff_max_ms = 1_000;
+        if kind == BrokerKind::Standalone {
+            // As a deployment on tansu is told to (see `fetch_min_bytes`),
+            // so every test on it runs the way that deployment would.
+            config.fetch_min_bytes = TANSU_FETCH_MIN_BYTES;
+        }
         adjust(&mut config);
 
         let cluster = match kind {

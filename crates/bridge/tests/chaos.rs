@@ -166,6 +166,7 @@ async fn chaos(kind: BrokerKind) -> Result<()> {
         ("BRIDGE_NOTIFY_ALLOWED_HOSTS", "127.0.0.1".to_owned()),
         ("BRIDGE_NOTIFY_RETRY_BASE_MS", "200".to_owned()),
         ("BRIDGE_DB_CONNECTIONS_MAX", "4".to_owned()),
+        ("BRIDGE_FETCH_MIN_BYTES", kit.config.fetch_min_bytes.to_string()),
     ]
     .into_iter()
     .map(|(name, value)| (name.to_owned(), value))

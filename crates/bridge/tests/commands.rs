@@ -864,6 +864,7 @@ simulated-services = true
         line("fetch-wait-max-ms")?.starts_with("fetch-wait-max-ms = 20 ") && shown.contains("# default"),
         "{shown}"
     );
+    ensure!(line("fetch-min-bytes")?.starts_with("fetch-min-bytes = 1 "), "{shown}");
 
     // What it printed is a configuration file that reads back the same
     // (the redacted lines are comments, so the secrets fall back to unset).
@@ -871,7 +872,14 @@ simulated-services = true
     std::fs::write(&printed, &shown)?;
     let (ok, again, stderr) = config(&["--config", &printed.to_string_lossy()], &[])?;
     ensure!(ok, "the printed configuration does not read back: {stderr}");
-    for name in ["topic-partitions", "session-timeout-ms", "stage", "simulated-services", "fetch-wait-max-ms"] {
+    for name in [
+        "topic-partitions",
+        "session-timeout-ms",
+        "stage",
+        "simulated-services",
+        "fetch-wait-max-ms",
+        "fetch-min-bytes",
+    ] {
         let value = |text: &str| {
             text.lines()
                 .find(|line| line.starts_with(&format!("{name} ")))

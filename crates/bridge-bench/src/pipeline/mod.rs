@@ -90,6 +90,14 @@ pub struct PipelineBenchArgs {
     /// reported apart), or `shared`, Bridge's database.
     #[arg(long, value_enum, default_value_t = SimulatorBooks::Own)]
     simulator_books: SimulatorBooks,
+    /// Longest wait of a consumer's fetch at the broker, for the pipeline's
+    /// processes and the benchmark's own reader of the status topic alike.
+    #[arg(long, env = "BRIDGE_FETCH_WAIT_MAX_MS", default_value_t = bridge_pipeline::config::defaults::FETCH_WAIT_MAX_MS)]
+    fetch_wait_max_ms: u32,
+    /// Bytes a consumer's fetch asks the broker to gather before it answers
+    /// (see `bridge run --help`), for every consumer as above.
+    #[arg(long, env = "BRIDGE_FETCH_MIN_BYTES", default_value_t = bridge_pipeline::config::defaults::FETCH_MIN_BYTES)]
+    fetch_min_bytes: u32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -180,6 +188,8 @@ struct BenchResult {
     investors: usize,
     offered_rate: u32,
     simulator_books: SimulatorBooks,
+    fetch_wait_max_ms: u32,
+    fetch_min_bytes: u32,
     transfers: usize,
     elapsed_secs: f64,
     offered_per_sec: f64,
@@ -259,6 +269,8 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
     config.topics = Topics::new(&prefix);
     config.group_prefix = prefix.clone();
     config.topic_partitions = args.partitions;
+    config.fetch_wait_max_ms = args.fetch_wait_max_ms;
+    config.fetch_min_bytes = args.fetch_min_bytes;
     kafka::ensure_topics(&config).await?;
     let (investors, fund_accounts) = seed(&pool, args.investors, args.funds, args.transfers + args.warmup).await?;
 
@@ -426,6 +438,8 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
         investors: args.investors,
         offered_rate: args.rate,
         simulator_books: args.simulator_books,
+        fetch_wait_max_ms: args.fetch_wait_max_ms,
+        fetch_min_bytes: args.fetch_min_bytes,
         transfers: ids.len(),
         elapsed_secs: elapsed.as_secs_f64(),
         offered_per_sec: ids.len() as f64 / published_by.as_secs_f64().max(0.001),

@@ -66,6 +66,8 @@ impl Children {
                     .env("BRIDGE_TOPIC_PREFIX", prefix)
                     .env("BRIDGE_GROUP_PREFIX", prefix)
                     .env("BRIDGE_TOPIC_PARTITIONS", args.partitions.to_string())
+                    .env("BRIDGE_FETCH_WAIT_MAX_MS", args.fetch_wait_max_ms.to_string())
+                    .env("BRIDGE_FETCH_MIN_BYTES", args.fetch_min_bytes.to_string())
                     .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
                     .stdin(Stdio::null())
                     .stdout(log.try_clone()?)
