@@ -112,10 +112,12 @@ pub struct PipelineConfig {
     /// (within the wait). 1, the default, asks for an answer as soon as
     /// anything is there, which is right for Kafka. Some Kafka-protocol
     /// brokers (tansu 0.6) read the log once when a fetch arrives and then
-    /// hold the answer for the whole wait, so a message that lands just
-    /// after that read waits out this fetch and the whole next one: about
-    /// one and a half waits on average. Asking for more than the broker
-    /// holds makes such a broker read again at the end of the wait, which
+    /// hold the answer for the whole wait; they read again at the end only
+    /// when the first read found fewer bytes than asked for. At a load
+    /// where most fetches find something, a message that lands just after
+    /// a read then waits out this fetch and the whole next one: about one
+    /// and a half waits on average. Asking for more than a fetch finds
+    /// makes such a broker read again at the end of every wait, which
     /// brings that down to half a wait, for one more read per fetch.
     pub fetch_min_bytes: u32,
     /// Most messages of one partition a stage applies in one

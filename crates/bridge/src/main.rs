@@ -88,7 +88,7 @@ pub struct Common {
     /// log once per fetch and holds the answer for the whole wait (tansu
     /// 0.6), a value larger than a paced load's answers (1048576) makes it
     /// read again at the end of the wait, which cuts what a message waits
-    /// there from about one and a half waits to a half.
+    /// there at a steady load from about one and a half waits to a half.
     #[arg(long, env = "BRIDGE_FETCH_MIN_BYTES", default_value_t = defaults::FETCH_MIN_BYTES, global = true)]
     pub fetch_min_bytes: u32,
     /// Address for `/healthz` and `/readyz` alone (for orchestrator probes of
