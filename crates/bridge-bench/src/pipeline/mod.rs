@@ -39,7 +39,7 @@ use bridge_store::PoolSettings;
 const PGBENCH_SETUP: &str = include_str!("../../../../bench/pgbench/setup.sql");
 const PGBENCH_STAGE: &str = include_str!("../../../../bench/pgbench/stage.sql");
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct PipelineBenchArgs {
     /// Postgres server; a scratch database is created on it and dropped.
     #[arg(long, env = "DATABASE_URL", default_value = crate::DEFAULT_DATABASE_URL)]
@@ -98,6 +98,13 @@ pub struct PipelineBenchArgs {
     /// (see `bridge run --help`), for every consumer as above.
     #[arg(long, env = "BRIDGE_FETCH_MIN_BYTES", default_value_t = bridge_pipeline::config::defaults::FETCH_MIN_BYTES)]
     fetch_min_bytes: u32,
+    /// Run on librdkafka's in-process cluster, served from this process
+    /// (its CPU is then the load generator's), instead of `--brokers`: a
+    /// broker whose cost does not grow with its log, for growth runs. Pace
+    /// such a run (`--rate`) below what the pipeline keeps up with: the
+    /// cluster keeps only about 5 MB per partition.
+    #[arg(long)]
+    in_process_broker: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -182,6 +189,7 @@ struct BenchResult {
     started_at: String,
     git_commit: Option<String>,
     brokers: String,
+    in_process_broker: bool,
     partitions: i32,
     processes_per_stage: usize,
     funds: usize,
@@ -265,8 +273,20 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
         None => None,
     };
     let prefix = format!("bench{id}.");
+    let topics = Topics::new(&prefix);
+    // Declared before the pipeline's processes, so it outlives them.
+    let in_process =
+        if args.in_process_broker { Some(InProcessBroker::start(topics.all(), args.partitions)?) } else { None };
+    let on_in_process;
+    let args = match &in_process {
+        Some((_, servers)) => {
+            on_in_process = PipelineBenchArgs { brokers: servers.clone(), ..args.clone() };
+            &on_in_process
+        }
+        None => args,
+    };
     let mut config = PipelineConfig::new(&args.brokers);
-    config.topics = Topics::new(&prefix);
+    config.topics = topics;
     config.group_prefix = prefix.clone();
     config.topic_partitions = args.partitions;
     config.fetch_wait_max_ms = args.fetch_wait_max_ms;
@@ -432,6 +452,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
         started_at: started_wall.to_rfc3339(),
         git_commit: git_commit(),
         brokers: args.brokers.clone(),
+        in_process_broker: args.in_process_broker,
         partitions: args.partitions,
         processes_per_stage: args.processes_per_stage,
         funds: args.funds,
@@ -645,11 +666,13 @@ fn git_commit() -> Option<String> {
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
+mod broker;
 mod database;
 mod pgbench;
 mod processes;
 mod report;
 
+use broker::InProcessBroker;
 use database::{backends, copy_simulator_operations, row_changes, rows_per_transfer, transactions, TableRows};
 use pgbench::pgbench;
 use processes::{cpu_by, idle_cpu, Children, CpuBy};
