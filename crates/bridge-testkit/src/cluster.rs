@@ -42,13 +42,18 @@ pub(crate) enum ClusterCommand {
 
 /// The in-process cluster lives on a thread of its own because it is not
 /// `Send`; dropping the handle stops it.
-pub(crate) struct InProcessCluster {
+/// librdkafka's in-process cluster of one broker, on a thread of its own
+/// (it is not `Send`), reachable over TCP at the address `start` returns;
+/// dropping it stops the cluster.
+pub struct InProcessCluster {
     commands: Option<mpsc::Sender<(ClusterCommand, mpsc::Sender<Result<(), String>>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl InProcessCluster {
-    pub(crate) fn start(topics: Vec<String>, partitions: i32) -> Result<(Self, String)> {
+    /// Starts the cluster with `topics` (it does not answer CreateTopics)
+    /// and returns it with its bootstrap servers.
+    pub fn start(topics: Vec<String>, partitions: i32) -> Result<(Self, String)> {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
         let (command_tx, command_rx) = mpsc::channel::<(ClusterCommand, mpsc::Sender<Result<(), String>>)>();
         let thread = std::thread::spawn(move || {

@@ -47,8 +47,8 @@ use bridge_store::PoolSettings;
 
 pub use bridge_pipeline::runner::Part as PipelinePart;
 
-pub use cluster::BrokerKind;
-use cluster::{ClusterCommand, InProcessCluster};
+use cluster::ClusterCommand;
+pub use cluster::{BrokerKind, InProcessCluster};
 pub use components::{RunningApi, RunningNotifier, RunningPipeline, RunningSimulator};
 pub use credentials::{keyring, sealed_secret, unix_now};
 pub use faults::{LosingFirstReplies, UnavailableForOneAccount};

@@ -34,6 +34,11 @@ use bridge_domain::{Currency, Money};
 use bridge_pipeline::{kafka, upstream, PipelineConfig, StageName, Topics};
 use bridge_store::accounts::{self, FundAccountSeed, FundSeed, InvestorSeed};
 use bridge_store::PoolSettings;
+// The tests' in-process cluster: a broker whose cost does not grow with its
+// log, for growth runs. It keeps only about 5 MB per partition and drops
+// the oldest beyond that, so such a run must be paced at a rate the
+// pipeline keeps up with.
+use bridge_testkit::InProcessCluster;
 
 /// The pgbench script: one stage-shaped transaction (see the file).
 const PGBENCH_SETUP: &str = include_str!("../../../../bench/pgbench/setup.sql");
@@ -276,7 +281,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
     let topics = Topics::new(&prefix);
     // Declared before the pipeline's processes, so it outlives them.
     let in_process =
-        if args.in_process_broker { Some(InProcessBroker::start(topics.all(), args.partitions)?) } else { None };
+        if args.in_process_broker { Some(InProcessCluster::start(topics.all(), args.partitions)?) } else { None };
     let on_in_process;
     let args = match &in_process {
         Some((_, servers)) => {
@@ -666,13 +671,11 @@ fn git_commit() -> Option<String> {
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
-mod broker;
 mod database;
 mod pgbench;
 mod processes;
 mod report;
 
-use broker::InProcessBroker;
 use database::{backends, copy_simulator_operations, row_changes, rows_per_transfer, transactions, TableRows};
 use pgbench::pgbench;
 use processes::{cpu_by, idle_cpu, Children, CpuBy};
