@@ -34,7 +34,26 @@ async fn main() -> Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match Cli::parse().what {
-        What::Pipeline(args) => pipeline::run(args).await,
+        // Stopped by a signal, the run is dropped where it is, and with it
+        // the pipeline's processes, which would otherwise run on.
+        What::Pipeline(args) => tokio::select! {
+            result = pipeline::run(args) => result,
+            signal = stop_signal() => {
+                signal?;
+                anyhow::bail!("Stopped by a signal: the pipeline's processes were stopped; its scratch databases (bridge_bench_*) are left")
+            }
+        },
         What::Notify(args) => notify::run(args).await,
     }
+}
+
+/// SIGINT or SIGTERM.
+async fn stop_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        interrupt = tokio::signal::ctrl_c() => interrupt?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
 }
