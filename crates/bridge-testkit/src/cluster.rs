@@ -40,11 +40,9 @@ pub(crate) enum ClusterCommand {
     RequestErrors(rdkafka::types::RDKafkaApiKey, Vec<rdkafka::types::RDKafkaRespErr>),
 }
 
-/// The in-process cluster lives on a thread of its own because it is not
-/// `Send`; dropping the handle stops it.
 /// librdkafka's in-process cluster of one broker, on a thread of its own
 /// (it is not `Send`), reachable over TCP at the address `start` returns;
-/// dropping it stops the cluster.
+/// dropping the handle stops it.
 pub struct InProcessCluster {
     commands: Option<mpsc::Sender<(ClusterCommand, mpsc::Sender<Result<(), String>>)>>,
     thread: Option<std::thread::JoinHandle<()>>,

@@ -282,14 +282,11 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
     // Declared before the pipeline's processes, so it outlives them.
     let in_process =
         if args.in_process_broker { Some(InProcessCluster::start(topics.all(), args.partitions)?) } else { None };
-    let on_in_process;
-    let args = match &in_process {
-        Some((_, servers)) => {
-            on_in_process = PipelineBenchArgs { brokers: servers.clone(), ..args.clone() };
-            &on_in_process
-        }
-        None => args,
-    };
+    let mut args = args.clone();
+    if let Some((_, servers)) = &in_process {
+        args.brokers = servers.clone();
+    }
+    let args = &args;
     let mut config = PipelineConfig::new(&args.brokers);
     config.topics = topics;
     config.group_prefix = prefix.clone();
