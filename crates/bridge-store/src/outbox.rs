@@ -162,18 +162,8 @@ fn messages(row: StoredRow) -> Result<OutboxRow> {
 /// for the session, they cost no statement per claim, and the claim's
 /// statements stay prepared: planned under them whether Postgres plans
 /// each execution or keeps a generic plan.
-///
-/// The session's commits do not wait for their WAL to reach disk
-/// (`synchronous_commit = off`). Its only writes are [`delete_published`]
-/// and [`mark_failed`], and losing either to a crash of the server loses
-/// nothing: a published row that comes back is published again, which
-/// consumers absorb through their inbox, as they do after a relay that
-/// died before its delete. The rows' contents were made durable by the
-/// writers' own commits, which keep waiting for the flush.
 pub async fn prepare_claims(session: &mut PgConnection) -> Result<()> {
-    session
-        .execute("SET enable_bitmapscan = off; SET enable_sort = off; SET jit = off; SET synchronous_commit = off")
-        .await?;
+    session.execute("SET enable_bitmapscan = off; SET enable_sort = off; SET jit = off").await?;
     Ok(())
 }
 
