@@ -246,30 +246,36 @@ pub fn knows_schema_id(id: u32) -> bool {
 /// Encodes `event` in Confluent's wire format under the registry's `id` for
 /// `T`'s newest schema.
 pub fn encode_confluent<T: Event>(event: &T, id: u32) -> Result<Vec<u8>, EncodeError> {
-    let datum = datum(event)?;
-    let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
+    let mut out = Vec::with_capacity(DATUM_CAPACITY);
     out.push(CONFLUENT_MAGIC);
     out.extend_from_slice(&id.to_be_bytes());
-    out.extend_from_slice(&datum);
+    write_datum(event, &mut out)?;
     Ok(out)
 }
 
-fn datum<T: Event>(event: &T) -> Result<Vec<u8>, EncodeError> {
+/// Room for a header and a typical event's datum, so encoding one seldom
+/// grows its buffer.
+const DATUM_CAPACITY: usize = 256;
+
+/// Appends `event`'s Avro datum under `T`'s newest schema to `out`. The
+/// schema-aware serializer writes the fields straight from the struct,
+/// checked against the schema as it goes; going through a `Value` tree
+/// (`to_value`, `resolve`, `to_avro_datum`) built and resolved the schema's
+/// names twice and allocated every field name, per event.
+fn write_datum<T: Event>(event: &T, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let schema = &registry().newest[T::NAME].1;
-    let failed = |error: apache_avro::Error| EncodeError::Avro { name: T::NAME, message: error.to_string() };
-    let value = apache_avro::to_value(event).map_err(failed)?;
-    let value = value.resolve(schema).map_err(failed)?;
-    apache_avro::to_avro_datum(schema, value).map_err(failed)
+    apache_avro::write_avro_datum_ref(schema, event, out)
+        .map(drop)
+        .map_err(|error| EncodeError::Avro { name: T::NAME, message: error.to_string() })
 }
 
 /// Encodes `event` in single-object encoding.
 pub fn encode<T: Event>(event: &T) -> Result<Vec<u8>, EncodeError> {
     let print = &registry().newest[T::NAME].0;
-    let datum = datum(event)?;
-    let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
+    let mut out = Vec::with_capacity(DATUM_CAPACITY);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(print);
-    out.extend_from_slice(&datum);
+    write_datum(event, &mut out)?;
     Ok(out)
 }
 
@@ -290,6 +296,11 @@ pub fn decode<T: Event>(bytes: &[u8]) -> Result<T, DecodeError> {
     }
     let print: [u8; 8] = bytes[2..HEADER_LEN].try_into().expect("slice of 8");
     let registry = registry();
+    let (newest, reader) = &registry.newest[T::NAME];
+    if print == *newest {
+        // Written with the schema it is read with: nothing to resolve.
+        return read_datum(reader, None, &bytes[HEADER_LEN..]);
+    }
     let writer = match registry.by_fingerprint.get(&print) {
         Some((name, schema)) if *name == T::NAME => schema,
         _ => return Err(DecodeError::UnknownFingerprint { fingerprint: hex(&print), expected: T::NAME }),
@@ -308,10 +319,14 @@ fn decode_confluent<T: Event>(bytes: &[u8]) -> Result<T, DecodeError> {
 
 /// Reads `datum` written with `writer` into `T`'s newest schema.
 fn decode_datum<T: Event>(writer: &Schema, datum: &[u8]) -> Result<T, DecodeError> {
-    let reader = &registry().newest[T::NAME].1;
+    read_datum(writer, Some(&registry().newest[T::NAME].1), datum)
+}
+
+/// Reads `datum` written with `writer`, resolved into `reader` if given.
+fn read_datum<T: Event>(writer: &Schema, reader: Option<&Schema>, datum: &[u8]) -> Result<T, DecodeError> {
     let mut cursor = Cursor::new(datum);
     let mismatch = |error: apache_avro::Error| DecodeError::Datum { name: T::NAME, message: error.to_string() };
-    let value = apache_avro::from_avro_datum(writer, &mut cursor, Some(reader)).map_err(mismatch)?;
+    let value = apache_avro::from_avro_datum(writer, &mut cursor, reader).map_err(mismatch)?;
     let consumed = cursor.position() as usize;
     if consumed != datum.len() {
         return Err(DecodeError::TrailingBytes { name: T::NAME, extra: datum.len() - consumed });
