@@ -203,6 +203,9 @@ struct BenchResult {
     simulator_books: SimulatorBooks,
     fetch_wait_max_ms: u32,
     fetch_min_bytes: u32,
+    /// `TOKIO_WORKER_THREADS` as the pipeline's processes (and this one)
+    /// inherited it; absent: tokio's default, one worker per core.
+    tokio_worker_threads: Option<String>,
     transfers: usize,
     elapsed_secs: f64,
     offered_per_sec: f64,
@@ -463,6 +466,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
         simulator_books: args.simulator_books,
         fetch_wait_max_ms: args.fetch_wait_max_ms,
         fetch_min_bytes: args.fetch_min_bytes,
+        tokio_worker_threads: std::env::var("TOKIO_WORKER_THREADS").ok(),
         transfers: ids.len(),
         elapsed_secs: elapsed.as_secs_f64(),
         offered_per_sec: ids.len() as f64 / published_by.as_secs_f64().max(0.001),
