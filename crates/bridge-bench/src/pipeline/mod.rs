@@ -110,6 +110,13 @@ pub struct PipelineBenchArgs {
     /// cluster keeps only about 5 MB per partition.
     #[arg(long)]
     in_process_broker: bool,
+    /// How the stages reach the account services (the simulator, with no
+    /// latency): `in-process`, inside the withdrawal and deposit processes,
+    /// whose CPU then includes the simulated banks' work; or `http`, a
+    /// `bridge sim` process of its own called over HTTP, as a deployment
+    /// calls its banks (its CPU reported apart).
+    #[arg(long, value_enum, default_value_t = AccountServices::InProcess)]
+    account_services: AccountServices,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -117,6 +124,13 @@ pub struct PipelineBenchArgs {
 pub enum SimulatorBooks {
     Own,
     Shared,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountServices {
+    InProcess,
+    Http,
 }
 
 /// What the status follower has seen, shared with the publisher and the
@@ -201,6 +215,7 @@ struct BenchResult {
     investors: usize,
     offered_rate: u32,
     simulator_books: SimulatorBooks,
+    account_services: AccountServices,
     fetch_wait_max_ms: u32,
     fetch_min_bytes: u32,
     /// `TOKIO_WORKER_THREADS` as the pipeline's processes (and this one)
@@ -464,6 +479,7 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
         investors: args.investors,
         offered_rate: args.rate,
         simulator_books: args.simulator_books,
+        account_services: args.account_services,
         fetch_wait_max_ms: args.fetch_wait_max_ms,
         fetch_min_bytes: args.fetch_min_bytes,
         tokio_worker_threads: std::env::var("TOKIO_WORKER_THREADS").ok(),

@@ -45,6 +45,15 @@ impl Children {
         let logs = args.out_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
         let mut processes = Vec::new();
+        // Where the stages find the account services over HTTP, if they do.
+        let services_url = match args.account_services {
+            AccountServices::InProcess => None,
+            AccountServices::Http => {
+                let (child, address) = spawn_simulator(&exe, &logs, simulator_url.unwrap_or(url))?;
+                processes.push((SIMULATOR_PROCESS.to_owned(), child));
+                Some(format!("http://{address}"))
+            }
+        };
         for copy in 0..args.processes_per_stage {
             let mut parts: Vec<(String, Vec<&str>)> = StageName::ALL
                 .iter()
@@ -54,13 +63,19 @@ impl Children {
             for (name, flags) in parts {
                 let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
                 let mut command = Command::new(&exe);
-                if let Some(simulator_url) = simulator_url {
-                    command.env("BRIDGE_SIMULATOR_DATABASE_URL", simulator_url);
+                command.arg("run").args(&flags);
+                match &services_url {
+                    Some(services_url) => {
+                        command.env("BRIDGE_ACCOUNT_SERVICES_URL", services_url);
+                    }
+                    None => {
+                        command.arg("--simulated-services");
+                        if let Some(simulator_url) = simulator_url {
+                            command.env("BRIDGE_SIMULATOR_DATABASE_URL", simulator_url);
+                        }
+                    }
                 }
                 let child = command
-                    .arg("run")
-                    .args(&flags)
-                    .arg("--simulated-services")
                     .env("DATABASE_URL", url)
                     .env("KAFKA_BROKERS", &args.brokers)
                     .env("BRIDGE_TOPIC_PREFIX", prefix)
@@ -148,6 +163,35 @@ impl Children {
     }
 }
 
+/// Starts `bridge sim` on a free local port with its books in `books_url`,
+/// and waits until it listens (it migrates its database first).
+fn spawn_simulator(exe: &Path, logs: &Path, books_url: &str) -> Result<(Child, std::net::SocketAddr)> {
+    let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let log = std::fs::File::create(logs.join("simulator.log"))?;
+    let mut child = Command::new(exe)
+        .arg("sim")
+        .env("DATABASE_URL", books_url)
+        .env("BRIDGE_SIM_LISTEN", address.to_string())
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("Failed to start the simulator")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(address).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the simulator exited with {status}; see its log");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the simulator did not listen on {address} within a minute; see its log");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((child, address))
+}
+
 impl Drop for Children {
     fn drop(&mut self) {
         for (_, child) in &mut self.processes {
@@ -162,6 +206,9 @@ pub(super) const BENCH_PROCESS: &str = "bench (load generator and status followe
 /// The names the database's and the broker's usage is reported under.
 pub(super) const POSTGRES: &str = "postgres (all processes)";
 pub(super) const SIMULATOR_BOOKS: &str = "postgres (the simulator's backends)";
+/// The name the account services' process (`--account-services http`) is
+/// reported under.
+pub(super) const SIMULATOR_PROCESS: &str = "simulator (bridge sim)";
 pub(super) const BROKER: &str = "tansu (all processes)";
 
 /// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
@@ -241,6 +288,9 @@ pub(super) struct CpuBy {
     /// The backends serving the simulator's own database (0 when it shares
     /// Bridge's: its statements are then in `postgres`).
     pub(super) simulator_books: f64,
+    /// The simulator's own process, when the stages call it over HTTP (0
+    /// when it runs inside them: its work is then in `pipeline`).
+    pub(super) simulator: f64,
     pub(super) load_generator: f64,
 }
 
@@ -250,12 +300,13 @@ pub(super) fn cpu_by(usage: &[(String, f64)], scale: f64) -> CpuBy {
         usage.iter().filter(|(name, _)| filter(name)).map(|(_, seconds)| seconds).sum::<f64>() * scale
     };
     // Every process not named otherwise is one of the pipeline's.
-    let outside = [POSTGRES, SIMULATOR_BOOKS, BROKER, BENCH_PROCESS];
+    let outside = [POSTGRES, SIMULATOR_BOOKS, SIMULATOR_PROCESS, BROKER, BENCH_PROCESS];
     CpuBy {
         postgres: part(&|name| name == POSTGRES),
         pipeline: part(&|name| !outside.contains(&name)),
         broker: part(&|name| name == BROKER),
         simulator_books: part(&|name| name == SIMULATOR_BOOKS),
+        simulator: part(&|name| name == SIMULATOR_PROCESS),
         load_generator: part(&|name| name == BENCH_PROCESS),
     }
 }
@@ -285,7 +336,8 @@ mod tests {
     use super::*;
 
     /// Each process's CPU goes to its part once: the stages and the relay
-    /// to the pipeline, the simulator's backends apart from Postgres.
+    /// to the pipeline, the simulator's backends apart from Postgres, its
+    /// own process apart from the pipeline.
     #[test]
     fn cpu_is_summed_by_part() {
         let usage: Vec<(String, f64)> = [
@@ -298,14 +350,15 @@ mod tests {
             (SIMULATOR_BOOKS, 20.0),
             (BROKER, 40.0),
             (BENCH_PROCESS, 80.0),
+            (SIMULATOR_PROCESS, 160.0),
         ]
         .into_iter()
         .map(|(name, seconds)| (name.to_owned(), seconds))
         .collect();
         let cpu = cpu_by(&usage, 0.5);
         assert_eq!(
-            (cpu.pipeline, cpu.postgres, cpu.simulator_books, cpu.broker, cpu.load_generator),
-            (7.5, 5.0, 10.0, 20.0, 40.0)
+            (cpu.pipeline, cpu.postgres, cpu.simulator_books, cpu.broker, cpu.load_generator, cpu.simulator),
+            (7.5, 5.0, 10.0, 20.0, 40.0, 80.0)
         );
     }
 

@@ -36,6 +36,9 @@ pub(super) fn print_summary(result: &BenchResult) {
         "| CPU ms per transfer: Postgres / pipeline / broker / simulator's books ({:?}) / load generator | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} |",
         result.simulator_books, cpu.postgres, cpu.pipeline, cpu.broker, cpu.simulator_books, cpu.load_generator
     );
+    if result.account_services == AccountServices::Http {
+        println!("| CPU ms per transfer: the simulator's process (called over HTTP) | {:.2} |", cpu.simulator);
+    }
     let idle = &result.idle_cpu_share_of_core;
     println!(
         "| idle, share of a core: Postgres / pipeline / broker / load generator | {:.0} / {:.0} / {:.0} / {:.0} % |",
