@@ -22,11 +22,13 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
     pipeline.stop().await?;
     kit.assert_books_balance().await?;
 
-    let cases: [(&str, &str, String); 11] = [
+    let cases: [(&str, &str, String); 13] = [
         ("I1", "investor balances", "UPDATE investor_accounts SET balance_minor = balance_minor + 1, version = version + 1 WHERE id = 'grace'".into()),
         ("I1", "one debit and one credit", "DELETE FROM ledger_entries WHERE id = (SELECT max(id) FROM ledger_entries)".into()),
         ("I1", "fund account balances", format!("UPDATE fund_accounts SET balance_minor = 0, version = version + 1 WHERE id = '{fund_account}'")),
         ("I2", "postings its state implies", format!("UPDATE transfers SET state = 'withdrawn' WHERE id = '{done}'")),
+        ("I3", "list of open transfers", format!("INSERT INTO open_transfers SELECT created_at, id FROM transfers WHERE id = '{done}'")),
+        ("I3", "list of open transfers", format!("UPDATE transfers SET state = 'manual_review' WHERE id = '{rejected}'")),
         ("I5", "held funds", "UPDATE investor_accounts SET held_minor = 1, version = version + 1 WHERE id = 'heidi'".into()),
         ("I5", "sum of their allocations", "UPDATE allocations SET completed_minor = completed_minor - 1, version = version + 1".into()),
         ("I5", "transfers in those phases", "UPDATE funds SET completed_minor = completed_minor - 1, version = version + 1, investors_count = investors_count".into()),
@@ -60,6 +62,12 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
     ] {
         let mut tx = kit.pool.begin().await?;
         sqlx::query(&format!("UPDATE transfers SET state = 'deposited', updated_at = {} WHERE id = $1", idle(20)))
+            .bind(done)
+            .execute(&mut *tx)
+            .await?;
+        // Open again, so listed among the open transfers, as every writer of
+        // a transfer's state keeps it.
+        sqlx::query("INSERT INTO open_transfers SELECT created_at, id FROM transfers WHERE id = $1")
             .bind(done)
             .execute(&mut *tx)
             .await?;

@@ -164,9 +164,12 @@ pub async fn overview(conn: &mut PgConnection, hours: i64) -> Result<Overview> {
         })
         .collect();
     pending_by_deadline.retain(|(bucket, count)| *count > 0 || *bucket == "overdue");
-    let reviews_waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM transfers WHERE state = 'manual_review'")
-        .fetch_one(&mut *conn)
-        .await?;
+    let reviews_waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM open_transfers o JOIN transfers t ON t.id = o.transfer_id
+         WHERE t.state = 'manual_review'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     let troubled_targets = sqlx::query_as::<_, (i64, String, String, bool, Option<String>, Option<DateTime<Utc>>)>(
         "SELECT id, channel, target, enabled, disabled_reason, failing_since FROM notification_subscriptions
          WHERE NOT enabled OR failing_since IS NOT NULL ORDER BY id",

@@ -21,8 +21,8 @@ pub struct Gauges {
 
 pub async fn read(conn: &mut PgConnection) -> Result<Gauges> {
     let open_transfers: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT state, count(*) FROM transfers
-         WHERE state NOT IN ('completed', 'rejected', 'failed', 'reversed') GROUP BY state ORDER BY state",
+        "SELECT t.state, count(*) FROM open_transfers o JOIN transfers t ON t.id = o.transfer_id
+         GROUP BY t.state ORDER BY t.state",
     )
     .fetch_all(&mut *conn)
     .await?;

@@ -1,9 +1,12 @@
 //! Transfers and their version history (invariant I6).
 //!
 //! `transfers` holds the current state; `transfer_versions` holds every state
-//! the transfer has been in, one immutable row per version. Both change only
-//! through [`insert_requested`] and [`advance`], which ask the domain state
-//! machine whether the change is legal and write both tables together.
+//! the transfer has been in, one immutable row per version; `open_transfers`
+//! lists the transfers not yet in a final state (migration 0029 says why it
+//! is a table and not an index). All three change only through
+//! [`insert_requested`], [`insert_decided`] and [`advance`], which ask the
+//! domain state machine whether the change is legal and write the tables
+//! together, in one statement.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -182,16 +185,22 @@ pub async fn advance_many(
     let reasons: Vec<Option<String>> = next.iter().map(|transfer| transfer.reason_code.clone()).collect();
     let event_ids: Vec<Uuid> =
         next.iter().map(|transfer| ids::status_event_id(transfer.id, transfer.version)).collect();
+    let closes: Vec<bool> = next.iter().map(|transfer| transfer.state.is_terminal()).collect();
     let updated = sqlx::query(
         "WITH input AS (
-             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::uuid[])
-                 AS i(id, version, previous_state, state, reason_code, event_id)
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::uuid[],
+                                  $7::bool[])
+                 AS i(id, version, previous_state, state, reason_code, event_id, closes)
          ),
          updated AS (
              UPDATE transfers t SET state = input.state, reason_code = input.reason_code,
                     version = input.version + 1, updated_at = now()
              FROM input WHERE t.id = input.id AND t.version = input.version
-             RETURNING t.id
+             RETURNING t.id, t.created_at, input.closes
+         ),
+         closed AS (
+             DELETE FROM open_transfers o USING updated
+             WHERE updated.closes AND o.created_at = updated.created_at AND o.transfer_id = updated.id
          )
          INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
          SELECT input.id, input.version + 1, input.state, input.previous_state, input.reason_code, input.event_id
@@ -204,6 +213,7 @@ pub async fn advance_many(
     .bind(&states)
     .bind(&reasons)
     .bind(&event_ids)
+    .bind(&closes)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -229,8 +239,9 @@ pub async fn insert_requested(conn: &mut PgConnection, transfer: &Transfer) -> R
              INSERT INTO transfers (id, investor_account_id, fund_account_id, fund_id, amount_minor, currency,
                                     reference, source_system, requested_at, state, version, traceparent)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'requested', 1, $10)
-             RETURNING id
-         )
+             RETURNING id, created_at
+         ),
+         listed AS (INSERT INTO open_transfers (created_at, transfer_id) SELECT created_at, id FROM inserted)
          INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
          SELECT id, 1, 'requested', NULL, NULL, $11 FROM inserted",
     )
@@ -274,13 +285,15 @@ pub async fn insert_decided(conn: &mut PgConnection, decided: &[(Transfer, Trans
     let requested_at: Vec<DateTime<Utc>> = next.iter().map(|transfer| transfer.requested_at).collect();
     let first_events: Vec<Uuid> = ids.iter().map(|id| ids::status_event_id(*id, 1)).collect();
     let second_events: Vec<Uuid> = ids.iter().map(|id| ids::status_event_id(*id, 2)).collect();
+    let open: Vec<bool> = next.iter().map(|transfer| !transfer.state.is_terminal()).collect();
     let inserted = sqlx::query(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
                                   $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::text[],
-                                  $13::uuid[], $14::uuid[])
+                                  $13::uuid[], $14::uuid[], $15::bool[])
                  AS i(id, investor_account_id, fund_account_id, fund_id, amount_minor, currency, reference,
-                      source_system, requested_at, state, reason_code, traceparent, first_event, second_event)
+                      source_system, requested_at, state, reason_code, traceparent, first_event, second_event,
+                      open)
          ),
          inserted AS (
              INSERT INTO transfers (id, investor_account_id, fund_account_id, fund_id, amount_minor, currency,
@@ -288,7 +301,11 @@ pub async fn insert_decided(conn: &mut PgConnection, decided: &[(Transfer, Trans
              SELECT id, investor_account_id, fund_account_id, fund_id, amount_minor, currency, reference,
                     source_system, requested_at, state, reason_code, 2, traceparent
              FROM input
-             RETURNING id
+             RETURNING id, created_at
+         ),
+         listed AS (
+             INSERT INTO open_transfers (created_at, transfer_id)
+             SELECT inserted.created_at, inserted.id FROM inserted JOIN input USING (id) WHERE input.open
          )
          INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
          SELECT input.id, 1, 'requested', NULL, NULL, input.first_event FROM input JOIN inserted USING (id)
@@ -310,6 +327,7 @@ pub async fn insert_decided(conn: &mut PgConnection, decided: &[(Transfer, Trans
     .bind(column(|transfer| transfer.traceparent.as_deref()))
     .bind(&first_events)
     .bind(&second_events)
+    .bind(&open)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -357,7 +375,11 @@ pub async fn advance_as(
         "WITH updated AS (
              UPDATE transfers SET state = $3, reason_code = $4, version = $5, updated_at = now()
              WHERE id = $1 AND version = $2
-             RETURNING id
+             RETURNING id, created_at
+         ),
+         closed AS (
+             DELETE FROM open_transfers o USING updated
+             WHERE $11 AND o.created_at = updated.created_at AND o.transfer_id = updated.id
          )
          INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id,
                                         actor, note, external_reference)
@@ -373,6 +395,7 @@ pub async fn advance_as(
     .bind(actor.map(|actor| actor.name.as_str()))
     .bind(actor.map(|actor| actor.note.as_str()))
     .bind(actor.and_then(|actor| actor.external_reference.as_deref()))
+    .bind(next.state.is_terminal())
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -462,8 +485,12 @@ pub async fn count_by_state(conn: &mut PgConnection, ids: Option<&[Uuid]>) -> Re
 /// `limit`.
 pub async fn validated_before(conn: &mut PgConnection, older_than_ms: u64, limit: i64) -> Result<Vec<Uuid>> {
     Ok(sqlx::query_scalar(
-        "SELECT id FROM transfers WHERE state = 'validated' AND updated_at < now() - make_interval(secs => $1)
-         ORDER BY updated_at LIMIT $2",
+        // A transfer validated before the cutoff was created before it too:
+        // the open list's key narrows the search to those.
+        "SELECT t.id FROM open_transfers o JOIN transfers t ON t.id = o.transfer_id
+         WHERE o.created_at < now() - make_interval(secs => $1)
+           AND t.state = 'validated' AND t.updated_at < now() - make_interval(secs => $1)
+         ORDER BY t.updated_at LIMIT $2",
     )
     .bind(older_than_ms as f64 / 1_000.0)
     .bind(limit)

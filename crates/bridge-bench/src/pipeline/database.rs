@@ -10,6 +10,9 @@ pub(super) struct TableRows {
     pub(super) table: String,
     pub(super) inserted: f64,
     pub(super) updated: f64,
+    /// Of the updates, those Postgres kept on the row's page without new
+    /// index entries (heap-only tuples).
+    pub(super) hot_updated: f64,
     pub(super) deleted: f64,
 }
 
@@ -24,32 +27,33 @@ pub(super) async fn transactions(pool: &sqlx::PgPool) -> Result<i64> {
         .await?)
 }
 
-/// Rows inserted, updated and deleted so far, per table of the scratch
-/// database.
-pub(super) async fn row_changes(pool: &sqlx::PgPool) -> Result<HashMap<String, [i64; 3]>> {
+/// Rows inserted, updated (all, and heap-only) and deleted so far, per
+/// table of the scratch database.
+pub(super) async fn row_changes(pool: &sqlx::PgPool) -> Result<HashMap<String, [i64; 4]>> {
     let mut conn = pool.acquire().await?;
     sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *conn).await?;
-    let rows: Vec<(String, i64, i64, i64)> =
+    let rows: Vec<(String, i64, i64, i64, i64)> =
         // A value too large for its row goes to the table's TOAST table, in
         // chunks that are rows too: they are counted, under the table's name.
         sqlx::query_as(
-            "SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables
+            "SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del FROM pg_stat_user_tables
              UNION ALL
-             SELECT tables.relname || ' (TOAST)', toast.n_tup_ins, toast.n_tup_upd, toast.n_tup_del
+             SELECT tables.relname || ' (TOAST)', toast.n_tup_ins, toast.n_tup_upd, toast.n_tup_hot_upd,
+                    toast.n_tup_del
              FROM pg_stat_user_tables tables
              JOIN pg_class class ON class.oid = tables.relid
              JOIN pg_stat_all_tables toast ON toast.relid = class.reltoastrelid",
         )
             .fetch_all(&mut *conn)
             .await?;
-    Ok(rows.into_iter().map(|(table, ins, upd, del)| (table, [ins, upd, del])).collect())
+    Ok(rows.into_iter().map(|(table, ins, upd, hot, del)| (table, [ins, upd, hot, del])).collect())
 }
 
 /// What changed between two readings of [`row_changes`], per transfer, for
 /// the tables that changed, most rows first.
 pub(super) fn rows_per_transfer(
-    before: &HashMap<String, [i64; 3]>,
-    after: &HashMap<String, [i64; 3]>,
+    before: &HashMap<String, [i64; 4]>,
+    after: &HashMap<String, [i64; 4]>,
     transfers: usize,
 ) -> Vec<TableRows> {
     let per = |count: i64| count as f64 / transfers.max(1) as f64;
@@ -61,7 +65,8 @@ pub(super) fn rows_per_transfer(
                 table: table.clone(),
                 inserted: per(now[0] - was[0]),
                 updated: per(now[1] - was[1]),
-                deleted: per(now[2] - was[2]),
+                hot_updated: per(now[2] - was[2]),
+                deleted: per(now[3] - was[3]),
             }
         })
         .filter(|rows| rows.inserted + rows.updated + rows.deleted > 0.0)
@@ -100,15 +105,27 @@ mod tests {
 
     #[test]
     fn rows_are_counted_per_transfer_for_the_tables_that_changed() {
-        let before: HashMap<String, [i64; 3]> =
-            [("outbox".to_owned(), [10, 0, 10]), ("funds".to_owned(), [0, 5, 0])].into_iter().collect();
-        let after: HashMap<String, [i64; 3]> =
-            [("outbox".to_owned(), [30, 0, 30]), ("funds".to_owned(), [0, 5, 0]), ("inbox".to_owned(), [8, 0, 0])]
-                .into_iter()
-                .collect();
+        let before: HashMap<String, [i64; 4]> =
+            [("outbox".to_owned(), [10, 0, 0, 10]), ("funds".to_owned(), [0, 5, 1, 0])].into_iter().collect();
+        let after: HashMap<String, [i64; 4]> = [
+            ("outbox".to_owned(), [30, 0, 0, 30]),
+            ("funds".to_owned(), [0, 5, 1, 0]),
+            ("inbox".to_owned(), [8, 0, 0, 0]),
+            ("transfers".to_owned(), [0, 12, 9, 0]),
+        ]
+        .into_iter()
+        .collect();
         let rows = rows_per_transfer(&before, &after, 4);
-        let row =
-            |table: &str, inserted, updated, deleted| TableRows { table: table.to_owned(), inserted, updated, deleted };
-        assert_eq!(rows, [row("outbox", 5.0, 0.0, 5.0), row("inbox", 2.0, 0.0, 0.0)]);
+        let row = |table: &str, inserted, updated, hot_updated, deleted| TableRows {
+            table: table.to_owned(),
+            inserted,
+            updated,
+            hot_updated,
+            deleted,
+        };
+        assert_eq!(
+            rows,
+            [row("outbox", 5.0, 0.0, 0.0, 5.0), row("transfers", 0.0, 3.0, 2.25, 0.0), row("inbox", 2.0, 0.0, 0.0, 0.0)]
+        );
     }
 }

@@ -18,8 +18,8 @@ pub(super) fn print_summary(result: &BenchResult) {
     println!("| database transactions per transfer | {:.1} |", result.db_transactions_per_transfer);
     for rows in &result.rows_per_transfer {
         println!(
-            "| rows per transfer in {}: inserted / updated / deleted | {:.2} / {:.2} / {:.2} |",
-            rows.table, rows.inserted, rows.updated, rows.deleted
+            "| rows per transfer in {}: inserted / updated (heap-only) / deleted | {:.2} / {:.2} ({:.2}) / {:.2} |",
+            rows.table, rows.inserted, rows.updated, rows.hot_updated, rows.deleted
         );
     }
     for process in &result.processes {
