@@ -164,10 +164,10 @@ pub async fn overview(conn: &mut PgConnection, hours: i64) -> Result<Overview> {
         })
         .collect();
     pending_by_deadline.retain(|(bucket, count)| *count > 0 || *bucket == "overdue");
-    let reviews_waiting: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM open_transfers o JOIN transfers t ON t.id = o.transfer_id
-         WHERE t.state = 'manual_review'",
-    )
+    let reviews_waiting: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM transfers WHERE {} AND state = 'manual_review'",
+        crate::transfers::OPEN
+    ))
     .fetch_one(&mut *conn)
     .await?;
     let troubled_targets = sqlx::query_as::<_, (i64, String, String, bool, Option<String>, Option<DateTime<Utc>>)>(

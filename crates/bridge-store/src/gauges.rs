@@ -21,8 +21,11 @@ pub struct Gauges {
 
 pub async fn read(conn: &mut PgConnection) -> Result<Gauges> {
     let open_transfers: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT t.state, count(*) FROM open_transfers o JOIN transfers t ON t.id = o.transfer_id
-         GROUP BY t.state ORDER BY t.state",
+        // The open transfers read by their key (see `transfers::OPEN`).
+        &format!(
+            "SELECT state, count(*) FROM transfers WHERE {} GROUP BY state ORDER BY state",
+            crate::transfers::OPEN
+        ),
     )
     .fetch_all(&mut *conn)
     .await?;

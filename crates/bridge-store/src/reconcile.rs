@@ -240,9 +240,9 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report> {
 /// its step being applied leaves exactly this behind.
 const IDLE_IN_FLIGHT: &str = "
     SELECT count(*), coalesce((array_agg(t.id::text ORDER BY t.updated_at))[1:10], '{}')
-    FROM open_transfers o
-    JOIN transfers t ON t.id = o.transfer_id
-    WHERE t.state IN ('requested', 'validated', 'withdrawn', 'deposited')
+    FROM transfers t
+    WHERE t.id = ANY (ARRAY(SELECT transfer_id FROM open_transfers))
+      AND t.state IN ('requested', 'validated', 'withdrawn', 'deposited')
       AND t.updated_at < now() - make_interval(secs => $1)
       AND NOT EXISTS (SELECT 1 FROM pending_steps p
                       WHERE p.transfer_id = t.id

@@ -37,12 +37,11 @@ pub async fn waiting(conn: &mut PgConnection, limit: i64) -> Result<Vec<Review>>
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT t.id, t.investor_account_id, t.fund_account_id, t.amount_minor, t.currency, t.reason_code,
                 t.version, v.previous_state, v.recorded_at, a.id
-         FROM open_transfers o
-         JOIN transfers t ON t.id = o.transfer_id
+         FROM transfers t
          JOIN transfer_versions v ON v.transfer_id = t.id AND v.version = t.version
          LEFT JOIN review_actions a ON a.transfer_id = t.id AND a.review_version = t.version
                                    AND a.status IN ('awaiting_approval', 'running')
-         WHERE t.state = 'manual_review'
+         WHERE t.id = ANY (ARRAY(SELECT transfer_id FROM open_transfers)) AND t.state = 'manual_review'
          ORDER BY v.recorded_at, t.id
          LIMIT $1",
     )
