@@ -125,7 +125,11 @@ mod tests {
         };
         assert_eq!(
             rows,
-            [row("outbox", 5.0, 0.0, 0.0, 5.0), row("transfers", 0.0, 3.0, 2.25, 0.0), row("inbox", 2.0, 0.0, 0.0, 0.0)]
+            [
+                row("outbox", 5.0, 0.0, 0.0, 5.0),
+                row("transfers", 0.0, 3.0, 2.25, 0.0),
+                row("inbox", 2.0, 0.0, 0.0, 0.0)
+            ]
         );
     }
 }
