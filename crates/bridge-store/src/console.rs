@@ -165,8 +165,8 @@ pub async fn overview(conn: &mut PgConnection, hours: i64) -> Result<Overview> {
         .collect();
     pending_by_deadline.retain(|(bucket, count)| *count > 0 || *bucket == "overdue");
     let reviews_waiting: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM transfers WHERE {} AND state = 'manual_review'",
-        crate::transfers::OPEN
+        "SELECT count(*) FROM transfers WHERE id = {} AND state = 'manual_review'",
+        crate::transfers::OPEN_IDS
     ))
     .fetch_one(&mut *conn)
     .await?;

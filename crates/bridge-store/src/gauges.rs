@@ -20,13 +20,10 @@ pub struct Gauges {
 }
 
 pub async fn read(conn: &mut PgConnection) -> Result<Gauges> {
-    let open_transfers: Vec<(String, i64)> = sqlx::query_as(
-        // The open transfers read by their key (see `transfers::OPEN`).
-        &format!(
-            "SELECT state, count(*) FROM transfers WHERE {} GROUP BY state ORDER BY state",
-            crate::transfers::OPEN
-        ),
-    )
+    let open_transfers: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT state, count(*) FROM transfers WHERE id = {} GROUP BY state ORDER BY state",
+        crate::transfers::OPEN_IDS
+    ))
     .fetch_all(&mut *conn)
     .await?;
     let (pending_steps, pending_steps_overdue): (i64, i64) =

@@ -238,16 +238,20 @@ pub async fn run(conn: &mut PgConnection) -> Result<Report> {
 /// asks about (one due longer ago than that, or past its deadline by that
 /// much, counts as abandoned). A message whose offset was committed without
 /// its step being applied leaves exactly this behind.
-const IDLE_IN_FLIGHT: &str = "
-    SELECT count(*), coalesce((array_agg(t.id::text ORDER BY t.updated_at))[1:10], '{}')
+fn idle_in_flight() -> String {
+    format!(
+        "SELECT count(*), coalesce((array_agg(t.id::text ORDER BY t.updated_at))[1:10], '{{}}')
     FROM transfers t
-    WHERE t.id = ANY (ARRAY(SELECT transfer_id FROM open_transfers))
+    WHERE t.id = {}
       AND t.state IN ('requested', 'validated', 'withdrawn', 'deposited')
       AND t.updated_at < now() - make_interval(secs => $1)
       AND NOT EXISTS (SELECT 1 FROM pending_steps p
                       WHERE p.transfer_id = t.id
                         AND p.next_run_at > now() - make_interval(secs => $1)
-                        AND (p.deadline_at IS NULL OR p.deadline_at > now() - make_interval(secs => $1)))";
+                        AND (p.deadline_at IS NULL OR p.deadline_at > now() - make_interval(secs => $1)))",
+        crate::transfers::OPEN_IDS
+    )
+}
 
 /// Operations a service holds (pending, settled or declined) for a transfer
 /// still waiting for that step, with no pending step of ours following it,
@@ -279,15 +283,15 @@ pub async fn run_with(conn: &mut PgConnection, idle_after_secs: i64) -> Result<R
     for (name, query) in [
         (
             "every transfer in flight is being worked on (moved recently, or a step pending and asked about)",
-            IDLE_IN_FLIGHT,
+            idle_in_flight(),
         ),
         (
             "every operation a service holds for a transfer in flight is followed by a pending step (simulator only)",
-            UNFOLLOWED_OPERATIONS,
+            UNFOLLOWED_OPERATIONS.to_owned(),
         ),
     ] {
         let (violations, examples): (i64, Vec<String>) =
-            sqlx::query_as(query).bind(window).fetch_one(&mut *conn).await?;
+            sqlx::query_as(&query).bind(window).fetch_one(&mut *conn).await?;
         checks.push(Check { invariant: "I3", name, violations, examples });
     }
     let undelivered: i64 =

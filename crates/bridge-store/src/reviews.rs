@@ -34,17 +34,18 @@ pub struct Review {
 /// Transfers in manual review, oldest first.
 pub async fn waiting(conn: &mut PgConnection, limit: i64) -> Result<Vec<Review>> {
     type Row = (Uuid, String, String, i64, String, Option<String>, i64, Option<String>, DateTime<Utc>, Option<Uuid>);
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(&format!(
         "SELECT t.id, t.investor_account_id, t.fund_account_id, t.amount_minor, t.currency, t.reason_code,
                 t.version, v.previous_state, v.recorded_at, a.id
          FROM transfers t
          JOIN transfer_versions v ON v.transfer_id = t.id AND v.version = t.version
          LEFT JOIN review_actions a ON a.transfer_id = t.id AND a.review_version = t.version
                                    AND a.status IN ('awaiting_approval', 'running')
-         WHERE t.id = ANY (ARRAY(SELECT transfer_id FROM open_transfers)) AND t.state = 'manual_review'
+         WHERE t.id = {} AND t.state = 'manual_review'
          ORDER BY v.recorded_at, t.id
          LIMIT $1",
-    )
+        crate::transfers::OPEN_IDS
+    ))
     .bind(limit)
     .fetch_all(conn)
     .await?;

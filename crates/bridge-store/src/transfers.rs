@@ -113,11 +113,12 @@ fn from_row(row: TransferRow) -> Result<Transfer> {
     })
 }
 
-/// Selects the open transfers (`open_transfers`) among `transfers`. An
-/// array of their ids rather than a join: a join may be planned as a scan
-/// of every transfer ever recorded, where the array is read through the
-/// primary key, so the cost follows the open transfers only.
-pub(crate) const OPEN: &str = "id = ANY (ARRAY(SELECT transfer_id FROM open_transfers))";
+/// The ids of the open transfers (`open_transfers`), to select them from
+/// `transfers` as `id = {OPEN_IDS}`. An array rather than a join: a join
+/// may be planned as a scan of every transfer ever recorded, where the
+/// array is read through the primary key, so the cost follows the open
+/// transfers only.
+pub(crate) const OPEN_IDS: &str = "ANY (ARRAY(SELECT transfer_id FROM open_transfers))";
 
 const COLUMNS: &str = "id, investor_account_id, fund_account_id, fund_id, amount_minor, currency, reference,
     source_system, requested_at, state, reason_code, version, traceparent, step_attempt";
