@@ -175,7 +175,7 @@ fn metrics() -> &'static Metrics {
         );
         registry.register("pending_steps", "Steps pending at an account service", database.pending_steps.clone());
         registry.register("pending_steps_overdue", "Pending steps past their deadline", database.pending_steps_overdue.clone());
-        registry.register("outbox_unpublished", "Outbox rows not yet published", database.outbox_unpublished.clone());
+        registry.register("outbox_unpublished", "Outbox rows not yet published or awaiting their delete", database.outbox_unpublished.clone());
         registry.register(
             "outbox_oldest_age_seconds",
             "Age of the oldest unpublished outbox row",

@@ -3,7 +3,13 @@
 //! It claims unpublished rows (from a cursor; see `outbox::claim`), each the
 //! messages one transaction wrote, hands all their messages to the
 //! idempotent producer, waits for every delivery report, and deletes the
-//! rows whose messages were all acknowledged. A row with a message whose
+//! rows whose messages were all acknowledged: those of several claims in
+//! one statement, at most `DELETE_DELAY` or `DELETE_ROWS_MAX` rows after
+//! the first was acknowledged, and its claims meanwhile leave them out. So
+//! at a low load, where each claim finds one stage's commit, a published
+//! row does not cost a commit of its own. A relay that dies before the
+//! delete leaves those rows to be published again by the next leader,
+//! like any row it had sent. A row with a message whose
 //! delivery failed or timed out stays unpublished and is sent again whole:
 //! its messages may already be in their topics ("maybe published"), which
 //! consumers absorb through their inbox.
@@ -39,6 +45,46 @@ use crate::kafka;
 
 /// Advisory lock key of the publishing relay ("bridge relay" in ASCII).
 const LEADER_LOCK_KEY: i64 = 0x6272_6964_6765_726c;
+
+/// How long an acknowledged row may wait for its delete, and how many may
+/// wait: what a crashed leader's successor publishes again at most, and
+/// how many ids each claim leaves out.
+const DELETE_DELAY: Duration = Duration::from_millis(100);
+const DELETE_ROWS_MAX: usize = 256;
+
+/// Rows the broker acknowledged that are still to be deleted.
+#[derive(Default)]
+struct Acknowledged {
+    ids: Vec<i64>,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Acknowledged {
+    fn add(&mut self, ids: &[i64]) {
+        if ids.is_empty() {
+            return;
+        }
+        self.since.get_or_insert_with(tokio::time::Instant::now);
+        self.ids.extend_from_slice(ids);
+    }
+
+    /// When the rows must be deleted, if there are any.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.since.map(|since| since + DELETE_DELAY)
+    }
+
+    fn due(&self) -> bool {
+        self.ids.len() >= DELETE_ROWS_MAX || self.deadline().is_some_and(|at| at <= tokio::time::Instant::now())
+    }
+
+    /// Deletes the rows on `session`, the leader's.
+    async fn delete(&mut self, session: &mut sqlx::PgConnection) -> Result<()> {
+        outbox::delete_published(session, &self.ids).await?;
+        self.ids.clear();
+        self.since = None;
+        Ok(())
+    }
+}
 
 pub async fn run(ctx: Arc<Runtime>, shutdown: CancellationToken) -> Result<()> {
     let poll_interval = Duration::from_millis(ctx.config.relay_poll_interval_ms);
@@ -105,7 +151,15 @@ async fn publish_until_shutdown(
     // Where the next claim starts (a writing transaction's id; see
     // `outbox::Claim::next_start`).
     let mut claim_start = 0;
+    let mut acknowledged = Acknowledged::default();
+    // False when the relay woke only to delete what was acknowledged.
+    let mut claim_next = true;
     while !shutdown.is_cancelled() {
+        if !std::mem::replace(&mut claim_next, true) {
+            acknowledged.delete(lock_session).await.context("The relay's session failed")?;
+            wait(shutdown, &mut listener, poll_interval, &acknowledged, &mut claim_next).await;
+            continue;
+        }
         // The leader, being one, also keeps the inbox small (the outbox
         // keeps itself small: published rows are deleted as they go).
         if std::time::Instant::now() >= next_prune {
@@ -121,7 +175,11 @@ async fn publish_until_shutdown(
         }
         // Claims run on the lock session: a leader whose session died fails
         // here and steps down.
-        match publish_batch(ctx, lock_session, &producer, &mut claim_start).await {
+        let published = publish_batch(ctx, lock_session, &producer, &mut claim_start, &mut acknowledged).await;
+        if acknowledged.due() {
+            acknowledged.delete(lock_session).await.context("The relay's session failed")?;
+        }
+        match published {
             Ok(published) if published as i64 >= ctx.config.relay_batch_size_max => {
                 backoff = Backoff::new(ctx.config.retry_backoff_max_ms);
                 continue;
@@ -142,33 +200,52 @@ async fn publish_until_shutdown(
                 continue;
             }
         }
-        // Sleep until a stage commits outbox rows (NOTIFY) or the poll
-        // interval passes; the poll covers lost notifications and rows left
-        // behind by a failed batch.
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            notification = listener.recv() => {
-                if let Err(error) = notification {
-                    tracing::warn!(error = %error, "Outbox listener failed; falling back to polling");
-                    tokio::time::sleep(poll_interval).await;
-                }
-                // Every stage commit notifies. The next claim takes every row
-                // committed so far, so the notifications that queued up
-                // while the last batch was in flight are spent too: one
-                // claim for all of them, not one (mostly empty) each. The
-                // relay does not wait for more commits to join a batch:
-                // under load they join on their own, while the previous
-                // batch is being acknowledged, and at low load a wait would
-                // only add latency to every hop.
-                while listener.next_buffered().is_some() {}
-            }
-            _ = tokio::time::sleep(poll_interval) => {}
-        }
+        wait(shutdown, &mut listener, poll_interval, &acknowledged, &mut claim_next).await;
     }
     // Deliver what librdkafka still holds; the rows stay unpublished if this
     // fails and are sent again by the next relay.
     let _ = producer.flush(Duration::from_secs(5));
+    let _ = acknowledged.delete(lock_session).await;
     Ok(())
+}
+
+/// Sleeps until a stage commits outbox rows (NOTIFY), the poll interval
+/// passes (which covers lost notifications and rows left behind by a
+/// failed batch) or the acknowledged rows are due for their delete; in the
+/// last case `claim_next` turns false.
+async fn wait(
+    shutdown: &CancellationToken,
+    listener: &mut PgListener,
+    poll_interval: Duration,
+    acknowledged: &Acknowledged,
+    claim_next: &mut bool,
+) {
+    let delete_due = async {
+        match acknowledged.deadline() {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        notification = listener.recv() => {
+            if let Err(error) = notification {
+                tracing::warn!(error = %error, "Outbox listener failed; falling back to polling");
+                tokio::time::sleep(poll_interval).await;
+            }
+            // Every stage commit notifies. The next claim takes every row
+            // committed so far, so the notifications that queued up
+            // while the last batch was in flight are spent too: one
+            // claim for all of them, not one (mostly empty) each. The
+            // relay does not wait for more commits to join a batch:
+            // under load they join on their own, while the previous
+            // batch is being acknowledged, and at low load a wait would
+            // only add latency to every hop.
+            while listener.next_buffered().is_some() {}
+        }
+        _ = tokio::time::sleep(poll_interval) => {}
+        _ = delete_due => *claim_next = false,
+    }
 }
 
 /// Pruning runs about ten times per retention period, at most once a second
@@ -239,15 +316,17 @@ async fn send(producer: &FutureProducer, message: &OutboxMessage) -> Result<Deli
 }
 
 /// Publishes one batch, claimed from `claim_start` on `session` (the one
-/// holding the leadership), and moves `claim_start` on once the published
-/// rows are deleted. Returns the number of messages claimed.
-pub async fn publish_batch(
+/// holding the leadership) past the rows in `awaiting_delete`, adds the
+/// rows it published to them and moves `claim_start` on. Returns the number of
+/// messages claimed.
+async fn publish_batch(
     ctx: &Runtime,
     session: &mut sqlx::PgConnection,
     producer: &FutureProducer,
     claim_start: &mut i64,
+    awaiting_delete: &mut Acknowledged,
 ) -> Result<usize> {
-    let claim = outbox::claim(session, *claim_start, ctx.config.relay_batch_size_max).await?;
+    let claim = outbox::claim(session, *claim_start, &awaiting_delete.ids, ctx.config.relay_batch_size_max).await?;
     let rows = &claim.rows;
     if rows.is_empty() {
         *claim_start = claim.next_start(&[]);
@@ -293,7 +372,7 @@ pub async fn publish_batch(
     if !published.is_empty() {
         crate::failpoint::hit("relay.after_produce");
     }
-    outbox::delete_published(session, &published).await?;
+    awaiting_delete.add(&published);
     crate::metrics::relay_batch(acknowledged, failed.len());
     if let Some((_, error)) = failed.first() {
         tracing::warn!(failed = failed.len(), error = %error, "Some outbox messages were not acknowledged; their rows will be retried");

@@ -169,7 +169,9 @@ pub async fn prepare_claims(session: &mut PgConnection) -> Result<()> {
 
 /// Reads the rows written by transactions from `start` on (0: all), in
 /// order, up to `batch_size_max` messages (but always a whole row, and at
-/// least one).
+/// least one), leaving out the rows with ids in `published`: rows the
+/// broker acknowledged whose delete is still to come (see
+/// `delete_published`).
 ///
 /// Neither locks nor a transaction: only the leading relay claims, on the
 /// session that holds its leadership (see `relay`), and it deletes on the
@@ -178,7 +180,7 @@ pub async fn prepare_claims(session: &mut PgConnection) -> Result<()> {
 /// done beside this one, and no row is passed that another claim will
 /// still change. Each statement commits on its own: a claim that finds
 /// nothing writes nothing and waits for no flush.
-pub async fn claim(session: &mut PgConnection, start: i64, batch_size_max: i64) -> Result<Claim> {
+pub async fn claim(session: &mut PgConnection, start: i64, published: &[i64], batch_size_max: i64) -> Result<Claim> {
     // One statement, so one snapshot: its horizon is the oldest transaction
     // still running when the rows were read, and what ended before it is
     // visible to the read. The outer row is always there, so an empty claim
@@ -192,12 +194,13 @@ pub async fn claim(session: &mut PgConnection, start: i64, batch_size_max: i64) 
          LEFT JOIN LATERAL (
              SELECT id, event_ids, topics, message_keys, payloads, header_counts, header_names, header_values,
                     writer_xid::text::bigint AS writer
-             FROM outbox WHERE writer_xid >= $1::text::xid8
+             FROM outbox WHERE writer_xid >= $1::text::xid8 AND id <> ALL($3)
              ORDER BY writer_xid, id LIMIT $2
          ) o ON true",
     )
     .bind(start.to_string())
     .bind(batch_size_max)
+    .bind(published)
     .fetch_all(&mut *session)
     .await?;
     let horizon: i64 = match read.first() {
@@ -240,7 +243,9 @@ pub async fn claim(session: &mut PgConnection, start: i64, batch_size_max: i64) 
 /// Deletes the rows the broker acknowledged. A delete writes only the old
 /// row's header to the WAL, where stamping the row published wrote a new
 /// copy of it (payload included) and an index entry, and pruning it later
-/// wrote again.
+/// wrote again. The relay gathers the acknowledged rows of several claims
+/// into one delete (claiming past them meanwhile), so at a low load a
+/// published row does not cost a commit of its own.
 pub async fn delete_published(session: &mut PgConnection, ids: &[i64]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
