@@ -933,6 +933,64 @@ async fn the_relay_publishes_each_row_once_while_its_deletes_wait() -> Result<()
     Ok(())
 }
 
+/// A notification sent by a transaction that had ended before the relay's
+/// last claim read is one that claim answered, and the relay does not
+/// claim for it again. One that claim may not have answered must still
+/// wake a claim: with the poll set beyond the test's deadline, rows
+/// committed one by one, each announced by its writer, by two writers at
+/// once, and by a writer whose notification says nothing of itself (an
+/// earlier release's), are all published on their notifications alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_relay_claims_for_every_notification_its_last_claim_did_not_answer() -> Result<()> {
+    use bridge_store::outbox::{self, OutboxMessage};
+    let mut kit = TestKit::start(BrokerKind::InProcess).await?;
+    kit.config.relay_poll_interval_ms = 600_000;
+    let topic = kit.topics().status();
+    let relay = kit.spawn(&[Part::Relay]);
+    let message = |key: &str| OutboxMessage {
+        event_id: Uuid::new_v4(),
+        topic: topic.clone(),
+        key: Some(key.as_bytes().to_vec()),
+        payload: b"payload".to_vec(),
+        headers: Vec::new(),
+    };
+    let mut keys = Vec::new();
+    for round in 0..10 {
+        // Two writers commit, then each announces itself.
+        let (first, second) = (format!("{round}-a"), format!("{round}-b"));
+        let mut a = kit.pool.begin().await?;
+        outbox::enqueue(&mut a, &[message(&first)]).await?;
+        let mut b = kit.pool.begin().await?;
+        outbox::enqueue(&mut b, &[message(&second)]).await?;
+        a.commit().await?;
+        outbox::wake_relay(&mut *kit.pool.acquire().await?).await?;
+        b.commit().await?;
+        outbox::wake_relay(&mut *kit.pool.acquire().await?).await?;
+        keys.extend([first, second]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    kit.wait_outbox_drained(SETTLE).await.context("a row announced by its writer was left for the poll")?;
+    // A notification that does not name its sender always wakes a claim.
+    let mut tx = kit.pool.begin().await?;
+    outbox::enqueue(&mut tx, &[message("silent")]).await?;
+    tx.commit().await?;
+    sqlx::query("SELECT pg_notify($1, '')").bind(outbox::NOTIFY_CHANNEL).execute(&kit.pool).await?;
+    keys.push("silent".to_owned());
+
+    kit.wait_outbox_drained(SETTLE).await.context("a row announced without its writer's id was left for the poll")?;
+    relay.stop().await?;
+    let mut published: Vec<String> = kit
+        .read_topic(&topic)
+        .await?
+        .iter()
+        .map(|message| String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    published.sort();
+    keys.sort();
+    ensure!(published == keys, "published: {published:?}");
+    Ok(())
+}
+
 /// A broker reached over IPv6: the pipeline's bootstrap address is `[::1]`,
 /// forwarded to the in-process cluster, which advertises its IPv4
 /// addresses for the rest. No address family is pinned in the clients, so

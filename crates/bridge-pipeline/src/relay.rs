@@ -152,12 +152,17 @@ async fn publish_until_shutdown(
     // `outbox::Claim::next_start`).
     let mut claim_start = 0;
     let mut acknowledged = Acknowledged::default();
-    // False when the relay woke only to delete what was acknowledged.
+    // What the last claim saw (`outbox::Claim::seen_until`; 0: not known).
+    let mut seen_until = 0;
+    // False when the relay woke with nothing to claim: to delete what was
+    // acknowledged, or for writes its last claim had already taken.
     let mut claim_next = true;
     while !shutdown.is_cancelled() {
         if !std::mem::replace(&mut claim_next, true) {
-            acknowledged.delete(lock_session).await.context("The relay's session failed")?;
-            wait(shutdown, &mut listener, poll_interval, &acknowledged, &mut claim_next).await;
+            if acknowledged.due() {
+                acknowledged.delete(lock_session).await.context("The relay's session failed")?;
+            }
+            wait(shutdown, &mut listener, poll_interval, &acknowledged, seen_until, &mut claim_next).await;
             continue;
         }
         // The leader, being one, also keeps the inbox small (the outbox
@@ -175,7 +180,8 @@ async fn publish_until_shutdown(
         }
         // Claims run on the lock session: a leader whose session died fails
         // here and steps down.
-        let published = publish_batch(ctx, lock_session, &producer, &mut claim_start, &mut acknowledged).await;
+        let published =
+            publish_batch(ctx, lock_session, &producer, &mut claim_start, &mut acknowledged, &mut seen_until).await;
         if acknowledged.due() {
             acknowledged.delete(lock_session).await.context("The relay's session failed")?;
         }
@@ -200,7 +206,7 @@ async fn publish_until_shutdown(
                 continue;
             }
         }
-        wait(shutdown, &mut listener, poll_interval, &acknowledged, &mut claim_next).await;
+        wait(shutdown, &mut listener, poll_interval, &acknowledged, seen_until, &mut claim_next).await;
     }
     // Deliver what librdkafka still holds; the rows stay unpublished if this
     // fails and are sent again by the next relay.
@@ -211,13 +217,16 @@ async fn publish_until_shutdown(
 
 /// Sleeps until a stage commits outbox rows (NOTIFY), the poll interval
 /// passes (which covers lost notifications and rows left behind by a
-/// failed batch) or the acknowledged rows are due for their delete; in the
-/// last case `claim_next` turns false.
+/// failed batch) or the acknowledged rows are due for their delete. In the
+/// last case, and when every notification came from a transaction that
+/// had ended before the last claim read (`seen_until`), `claim_next`
+/// turns false.
 async fn wait(
     shutdown: &CancellationToken,
     listener: &mut PgListener,
     poll_interval: Duration,
     acknowledged: &Acknowledged,
+    seen_until: i64,
     claim_next: &mut bool,
 ) {
     let delete_due = async {
@@ -229,10 +238,14 @@ async fn wait(
     tokio::select! {
         _ = shutdown.cancelled() => {}
         notification = listener.recv() => {
-            if let Err(error) = notification {
-                tracing::warn!(error = %error, "Outbox listener failed; falling back to polling");
-                tokio::time::sleep(poll_interval).await;
-            }
+            let first = match notification {
+                Ok(first) => first,
+                Err(error) => {
+                    tracing::warn!(error = %error, "Outbox listener failed; falling back to polling");
+                    tokio::time::sleep(poll_interval).await;
+                    return;
+                }
+            };
             // Every stage commit notifies. The next claim takes every row
             // committed so far, so the notifications that queued up
             // while the last batch was in flight are spent too: one
@@ -241,7 +254,16 @@ async fn wait(
             // under load they join on their own, while the previous
             // batch is being acknowledged, and at low load a wait would
             // only add latency to every hop.
-            while listener.next_buffered().is_some() {}
+            let mut newest = outbox::notifier(first.payload());
+            while let Some(next) = listener.next_buffered() {
+                newest = newest.zip(outbox::notifier(next.payload())).map(|(a, b)| a.max(b));
+            }
+            // A writer often commits just before a claim that was woken by
+            // another, and its own notification arrives after: the claim
+            // took its rows already.
+            if newest.is_some_and(|notifier| notifier < seen_until) {
+                *claim_next = false;
+            }
         }
         _ = tokio::time::sleep(poll_interval) => {}
         _ = delete_due => *claim_next = false,
@@ -325,11 +347,14 @@ async fn publish_batch(
     producer: &FutureProducer,
     claim_start: &mut i64,
     awaiting_delete: &mut Acknowledged,
+    seen_until: &mut i64,
 ) -> Result<usize> {
+    *seen_until = 0;
     let claim = outbox::claim(session, *claim_start, &awaiting_delete.ids, ctx.config.relay_batch_size_max).await?;
     let rows = &claim.rows;
     if rows.is_empty() {
         *claim_start = claim.next_start(&[]);
+        *seen_until = claim.seen_until();
         return Ok(0);
     }
     crate::failpoint::hit("relay.after_claim");
@@ -382,5 +407,6 @@ async fn publish_batch(
     if !failed.is_empty() {
         anyhow::bail!("{} of {} outbox rows were not acknowledged", unpublished.len(), rows.len());
     }
+    *seen_until = claim.seen_until();
     Ok(rows.iter().map(|row| row.messages.len()).sum())
 }

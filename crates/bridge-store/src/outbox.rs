@@ -27,9 +27,21 @@ pub const NOTIFY_CHANNEL: &str = "bridge_outbox";
 /// so a NOTIFY inside the writers' transactions made their commits queue
 /// one behind another instead of sharing WAL flushes. On its own, with
 /// nothing to make durable, it holds that lock only for a moment.
+///
+/// The notification carries its own transaction's id. That transaction
+/// began after the writer committed, so a claim that read after it ended
+/// saw the writer's rows (`Claim::seen_until`), and a relay woken only by
+/// such notifications has nothing new to claim.
 pub async fn wake_relay(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, '')").bind(NOTIFY_CHANNEL).execute(conn).await?;
+    sqlx::query("SELECT pg_notify($1, pg_current_xact_id()::text)").bind(NOTIFY_CHANNEL).execute(conn).await?;
     Ok(())
+}
+
+/// The id of the transaction that sent a relay's wake-up (`wake_relay`);
+/// none from a sender that did not say (an earlier release's, which sent
+/// an empty payload).
+pub fn notifier(payload: &str) -> Option<i64> {
+    payload.parse().ok()
 }
 
 /// One message to publish.
@@ -77,6 +89,18 @@ impl Claim {
     /// wrong); a relay that stops leading keeps its cursor no longer.
     /// Only the leader claims and deletes, on the session that makes it
     /// leader, so no row changes under the cursor but by its own hand.
+    /// Every transaction with a lower id had ended when this claim read,
+    /// and the claim took all the rows they wrote (unless it returns 0: a
+    /// claim that ran out of room took only some). Rows that turn out not
+    /// to be published are the caller's to remember.
+    pub fn seen_until(&self) -> i64 {
+        if self.full {
+            0
+        } else {
+            self.horizon
+        }
+    }
+
     pub fn next_start(&self, unpublished: &[i64]) -> i64 {
         let mut start = self.horizon;
         if self.full {
