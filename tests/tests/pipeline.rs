@@ -889,6 +889,27 @@ async fn the_outbox_claim_cursor_passes_no_row_it_has_not_seen() -> Result<()> {
     Ok(())
 }
 
+/// A message for `topic` whose key names it among a test's messages.
+fn keyed_message(topic: &str, key: &str) -> bridge_store::outbox::OutboxMessage {
+    bridge_store::outbox::OutboxMessage {
+        event_id: Uuid::new_v4(),
+        topic: topic.to_owned(),
+        key: Some(key.as_bytes().to_vec()),
+        payload: b"payload".to_vec(),
+        headers: Vec::new(),
+    }
+}
+
+/// The keys of every message on `topic`, in topic order.
+async fn published_keys(kit: &TestKit, topic: &str) -> Result<Vec<String>> {
+    Ok(kit
+        .read_topic(topic)
+        .await?
+        .iter()
+        .map(|message| String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned())
+        .collect())
+}
+
 /// The relay deletes what the broker acknowledged a little later, several
 /// claims' rows in one statement, and its claims leave those rows out
 /// meanwhile. With a transaction left open, every claim starts before the
@@ -898,7 +919,7 @@ async fn the_outbox_claim_cursor_passes_no_row_it_has_not_seen() -> Result<()> {
 /// published exactly once, and the outbox drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_relay_publishes_each_row_once_while_its_deletes_wait() -> Result<()> {
-    use bridge_store::outbox::{self, OutboxMessage};
+    use bridge_store::outbox;
     let kit = TestKit::start(BrokerKind::InProcess).await?;
     let topic = kit.topics().status();
     let mut open = kit.pool.begin().await?;
@@ -907,14 +928,7 @@ async fn the_relay_publishes_each_row_once_while_its_deletes_wait() -> Result<()
     let keys: Vec<String> = (0..30).map(|n| format!("row-{n}")).collect();
     for key in &keys {
         let mut tx = kit.pool.begin().await?;
-        let message = OutboxMessage {
-            event_id: Uuid::new_v4(),
-            topic: topic.clone(),
-            key: Some(key.clone().into_bytes()),
-            payload: b"payload".to_vec(),
-            headers: Vec::new(),
-        };
-        outbox::enqueue(&mut tx, &[message]).await?;
+        outbox::enqueue(&mut tx, &[keyed_message(&topic, key)]).await?;
         tx.commit().await?;
         outbox::wake_relay(&mut *kit.pool.acquire().await?).await?;
         tokio::time::sleep(Duration::from_millis(15)).await;
@@ -922,12 +936,7 @@ async fn the_relay_publishes_each_row_once_while_its_deletes_wait() -> Result<()
     kit.wait_outbox_drained(SETTLE).await?;
     open.rollback().await?;
     relay.stop().await?;
-    let mut published: Vec<String> = kit
-        .read_topic(&topic)
-        .await?
-        .iter()
-        .map(|message| String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned())
-        .collect();
+    let mut published = published_keys(&kit, &topic).await?;
     published.sort_by_key(|key| key[4..].parse::<u32>().unwrap_or(u32::MAX));
     ensure!(published == keys, "published: {published:?}");
     Ok(())
@@ -942,18 +951,12 @@ async fn the_relay_publishes_each_row_once_while_its_deletes_wait() -> Result<()
 /// earlier release's), are all published on their notifications alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_relay_claims_for_every_notification_its_last_claim_did_not_answer() -> Result<()> {
-    use bridge_store::outbox::{self, OutboxMessage};
+    use bridge_store::outbox;
     let mut kit = TestKit::start(BrokerKind::InProcess).await?;
     kit.config.relay_poll_interval_ms = 600_000;
     let topic = kit.topics().status();
     let relay = kit.spawn(&[Part::Relay]);
-    let message = |key: &str| OutboxMessage {
-        event_id: Uuid::new_v4(),
-        topic: topic.clone(),
-        key: Some(key.as_bytes().to_vec()),
-        payload: b"payload".to_vec(),
-        headers: Vec::new(),
-    };
+    let message = |key: &str| keyed_message(&topic, key);
     let mut keys = Vec::new();
     for round in 0..10 {
         // Two writers commit, then each announces itself.
@@ -979,12 +982,7 @@ async fn the_relay_claims_for_every_notification_its_last_claim_did_not_answer()
 
     kit.wait_outbox_drained(SETTLE).await.context("a row announced without its writer's id was left for the poll")?;
     relay.stop().await?;
-    let mut published: Vec<String> = kit
-        .read_topic(&topic)
-        .await?
-        .iter()
-        .map(|message| String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned())
-        .collect();
+    let mut published = published_keys(&kit, &topic).await?;
     published.sort();
     keys.sort();
     ensure!(published == keys, "published: {published:?}");
