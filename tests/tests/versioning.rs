@@ -1,6 +1,7 @@
 //! Investor accounts, funds, fund accounts and allocations keep their
-//! history in the database: every change writes the row before and after,
-//! with who made it, in the same transaction; the history (and transfers')
+//! history in the database: every change is recorded in the same
+//! transaction, with who made it, and reads back as the row before and
+//! after it; the history (and transfers')
 //! can only be appended to; and a write based on a version that is no
 //! longer current is refused rather than silently overwriting.
 
@@ -45,12 +46,30 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
         .fetch_all(&kit.pool)
         .await?;
         ensure!(history.len() >= 2, "{model} {key}: {} history entries", history.len());
-        ensure!(history[0].2.is_none(), "{model}: the first entry is the insert");
         for pair in history.windows(2) {
             ensure!(pair[1].0 == pair[0].0 + 1, "{model} {key}: versions {} then {}", pair[0].0, pair[1].0);
-            ensure!(pair[1].2 == pair[0].3, "{model} {key}: an entry's before is not the previous after");
         }
+        // The table stores each row once, after its change; the reader
+        // gives each entry the row before it, the previous entry's after,
+        // also when the previous entry is beyond the limit it was asked for.
+        ensure!(history.iter().all(|entry| entry.2.is_none()), "{model} {key}: an entry stored its before");
         ensure!(history.iter().all(|entry| !entry.1.is_empty()), "{model}: an entry without actor");
+        let mut conn = kit.pool.acquire().await?;
+        let read = bridge_store::history::history(&mut conn, model, key, 1_000, None).await?;
+        let oldest_first: Vec<_> = read.iter().rev().collect();
+        ensure!(oldest_first.len() == history.len(), "{model} {key}: {} entries read", read.len());
+        ensure!(oldest_first[0].before.is_none(), "{model}: the first entry is the insert");
+        for (entry, stored) in oldest_first.iter().zip(&history) {
+            ensure!(entry.version == stored.0 && entry.after == stored.3, "{model} {key}: read {entry:?}");
+        }
+        for pair in oldest_first.windows(2) {
+            ensure!(pair[1].before == pair[0].after, "{model} {key}: an entry's before is not the previous after");
+        }
+        let newest = bridge_store::history::history(&mut conn, model, key, 1, None).await?;
+        ensure!(
+            newest.len() == 1 && newest[0].before == history[history.len() - 2].3,
+            "{model} {key}: the newest entry alone lacks its before: {newest:?}"
+        );
         let current: Value = sqlx::query_scalar(&format!(
             "SELECT to_jsonb(m) FROM {model} m WHERE {}",
             models.iter().find(|(name, _, _)| name == model).map(|(_, filter, _)| filter.clone()).unwrap_or_default()
@@ -133,5 +152,63 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
     }
     let report = kit.reconcile().await?;
     ensure!(report.ok(), "{:?}", report.violations());
+    Ok(())
+}
+
+/// A history written before updates stored only their row after
+/// (migration 0031) reads on across the upgrade: the entries written
+/// before keep the before they stored, and the first entry written after
+/// it reads its before from the last one written before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_written_before_updates_stored_only_their_after_reads_on_across_the_upgrade() -> Result<()> {
+    let (_, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/bridge-store/migrations");
+    let earlier = std::env::temp_dir().join(format!("bridge-migrations-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&earlier)?;
+    for entry in std::fs::read_dir(&source)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default().to_owned();
+        if name.as_str() < "0031" {
+            std::fs::copy(&path, earlier.join(&name))?;
+        }
+    }
+    sqlx::migrate::Migrator::new(earlier.as_path()).await?.run(&pool).await?;
+    std::fs::remove_dir_all(&earlier)?;
+
+    let hold = "UPDATE investor_accounts SET held_minor = held_minor + 1, version = version + 1 WHERE id = 'ada'";
+    let mut conn = pool.acquire().await?;
+    let seed = bridge_store::accounts::InvestorSeed {
+        id: "ada".to_owned(),
+        opening_balance: bridge_domain::Money::new(100_00, bridge_domain::Currency::parse("EUR")?),
+    };
+    bridge_store::accounts::seed_investor(&mut conn, &seed).await?;
+    for _ in 0..2 {
+        sqlx::query(hold).execute(&mut *conn).await?;
+    }
+    bridge_store::migrate(&pool).await?;
+    for _ in 0..2 {
+        sqlx::query(hold).execute(&mut *conn).await?;
+    }
+
+    let stored: Vec<(i64, Option<Value>, Option<Value>)> = sqlx::query_as(
+        "SELECT version, before, after FROM model_history WHERE model = 'investor_accounts' AND key = 'ada' ORDER BY id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let befores: Vec<bool> = stored.iter().map(|entry| entry.1.is_some()).collect();
+    ensure!(befores == [false, true, true, false, false], "which entries stored a before: {befores:?}");
+    let read = bridge_store::history::history(&mut conn, "investor_accounts", "ada", 1_000, None).await?;
+    let oldest_first: Vec<_> = read.iter().rev().collect();
+    ensure!(oldest_first.len() == stored.len(), "{read:?}");
+    for (entry, (version, before, after)) in oldest_first.iter().zip(&stored) {
+        ensure!(entry.version == *version && entry.after == *after, "{entry:?}");
+        if before.is_some() {
+            ensure!(entry.before == *before, "an entry written before the upgrade lost its before: {entry:?}");
+        }
+    }
+    ensure!(oldest_first[0].before.is_none(), "the insert has no before");
+    for pair in oldest_first.windows(2) {
+        ensure!(pair[1].before == pair[0].after, "version {}: its before is not the previous after", pair[1].version);
+    }
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! The models' history (`model_history`, migrations 0022 and 0025): every
-//! change to an investor account, fund, fund account or allocation, read
-//! back newest first with the transfers that made it.
+//! The models' history (`model_history`, migrations 0022, 0025 and 0031):
+//! every change to an investor account, fund, fund account or allocation,
+//! read back newest first with the transfers that made it.
 
 use sqlx::PgConnection;
 
@@ -28,6 +28,11 @@ pub struct HistoryEntry {
 /// each with the transfers that made it; with `investor`, only that
 /// investor's transfers are named (a batch's transaction also carries
 /// other investors' steps).
+///
+/// An update's entry stores only the row after it (migration 0031): its
+/// `before` is the `after` of the entry one version below, the key's
+/// previous entry, so one more entry than asked for is read. Entries
+/// written before that migration stored both, and keep their own.
 pub async fn history(
     conn: &mut PgConnection,
     model: &str,
@@ -36,7 +41,9 @@ pub async fn history(
     investor: Option<&str>,
 ) -> Result<Vec<HistoryEntry>> {
     Ok(sqlx::query_as(
-        "SELECT h.version, h.at, h.actor, h.before, h.after,
+        "SELECT h.version, h.at, h.actor,
+                coalesce(h.before, CASE WHEN h.previous_version = h.version - 1 THEN h.previous_after END) AS before,
+                h.after,
                 coalesce((SELECT array_agg(DISTINCT v.transfer_id)
                           FROM transfer_versions v JOIN transfers t ON t.id = v.transfer_id
                           WHERE v.recorded_at = h.at AND v.xid = h.xid
@@ -48,8 +55,13 @@ pub async fn history(
                                     ELSE t.fund_id || '/' || t.investor_account_id = h.key
                                 END
                             AND ($4::text IS NULL OR t.investor_account_id = $4)), '{}') AS transfers
-         FROM model_history h
-         WHERE h.model = $1 AND h.key = $2 ORDER BY h.id DESC LIMIT $3",
+         FROM (SELECT h.*,
+                      lead(h.version) OVER newest_first AS previous_version,
+                      lead(h.after) OVER newest_first AS previous_after
+               FROM (SELECT * FROM model_history
+                     WHERE model = $1 AND key = $2 ORDER BY id DESC LIMIT $3::bigint + 1) h
+               WINDOW newest_first AS (ORDER BY h.id DESC)) h
+         ORDER BY h.id DESC LIMIT $3::bigint",
     )
     .bind(model)
     .bind(key)
