@@ -167,15 +167,18 @@ async fn residence_and_per_investor_rules_decide_requests_end_to_end() -> Result
 
     // Investors' attributes have their history, like every other change to
     // the account.
-    let residences: Vec<(Option<String>, bool)> = sqlx::query_as(
-        "SELECT after->>'residence_country', (after->>'accredited')::boolean FROM model_history
-         WHERE model = 'investor_accounts' AND key = 'dora' AND (before IS NULL
-            OR before->'residence_country' IS DISTINCT FROM after->'residence_country'
-            OR before->'accredited' IS DISTINCT FROM after->'accredited')
-         ORDER BY id",
-    )
-    .fetch_all(&kit.pool)
-    .await?;
+    let mut conn = kit.pool.acquire().await?;
+    let history = bridge_store::history::history(&mut conn, "investor_accounts", "dora", 1_000, None).await?;
+    let attributes = |row: &Option<serde_json::Value>| {
+        row.as_ref().map(|row| (row["residence_country"].as_str().map(str::to_owned), row["accredited"] == true))
+    };
+    let residences: Vec<(Option<String>, bool)> = history
+        .iter()
+        .rev()
+        .filter(|entry| entry.before.is_none() || attributes(&entry.before) != attributes(&entry.after))
+        .filter_map(|entry| attributes(&entry.after))
+        .collect();
+    drop(conn);
     ensure!(
         residences == [(None, false), (Some("DE".to_owned()), false), (Some("DE".to_owned()), true)],
         "{residences:?}"
