@@ -1161,18 +1161,7 @@ async fn the_outbox_rows_left_by_an_earlier_release_are_published_as_written() -
     let (_, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
 
     // The schema as the release before 0027 left it.
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/bridge-store/migrations");
-    let earlier = std::env::temp_dir().join(format!("bridge-migrations-{}", Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&earlier)?;
-    for entry in std::fs::read_dir(&source)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default().to_owned();
-        if name.as_str() < "0027" {
-            std::fs::copy(&path, earlier.join(&name))?;
-        }
-    }
-    sqlx::migrate::Migrator::new(earlier.as_path()).await?.run(&pool).await?;
-    std::fs::remove_dir_all(&earlier)?;
+    bridge_testkit::migrate_before(&pool, "0027").await?;
     let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
     sqlx::query(
         "INSERT INTO outbox (event_id, topic, message_key, payload, header_names, header_values)

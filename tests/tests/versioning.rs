@@ -150,6 +150,14 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
             "{tampering}: {refused:?}"
         );
     }
+    // No transfer is deleted: its versions name it (migration 0032).
+    for deleting in ["DELETE FROM transfers", "TRUNCATE transfers CASCADE"] {
+        let refused = sqlx::query(deleting).execute(&kit.pool).await;
+        ensure!(
+            refused.as_ref().is_err_and(|error| error.to_string().contains("never deleted")),
+            "{deleting}: {refused:?}"
+        );
+    }
     let report = kit.reconcile().await?;
     ensure!(report.ok(), "{:?}", report.violations());
     Ok(())
@@ -162,18 +170,7 @@ async fn every_model_keeps_an_append_only_history_and_refuses_stale_versions() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_history_written_before_updates_stored_only_their_after_reads_on_across_the_upgrade() -> Result<()> {
     let (_, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/bridge-store/migrations");
-    let earlier = std::env::temp_dir().join(format!("bridge-migrations-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&earlier)?;
-    for entry in std::fs::read_dir(&source)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default().to_owned();
-        if name.as_str() < "0031" {
-            std::fs::copy(&path, earlier.join(&name))?;
-        }
-    }
-    sqlx::migrate::Migrator::new(earlier.as_path()).await?.run(&pool).await?;
-    std::fs::remove_dir_all(&earlier)?;
+    bridge_testkit::migrate_before(&pool, "0031").await?;
 
     let hold = "UPDATE investor_accounts SET held_minor = held_minor + 1, version = version + 1 WHERE id = 'ada'";
     let mut conn = pool.acquire().await?;

@@ -199,11 +199,12 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "I6",
-        "every transfer's history is versions 1..n without gaps, ending in its current state",
+        "every transfer's history is versions 1..n without gaps, ending in its current state, and every version belongs to a transfer",
         "SELECT count(*) FROM transfers t
-         JOIN (SELECT transfer_id, count(*) AS versions, max(version) AS newest, min(version) AS oldest
-               FROM transfer_versions GROUP BY transfer_id) v ON v.transfer_id = t.id
-         WHERE v.versions <> t.version OR v.newest <> t.version OR v.oldest <> 1
+         FULL JOIN (SELECT transfer_id, count(*) AS versions, max(version) AS newest, min(version) AS oldest
+                    FROM transfer_versions GROUP BY transfer_id) v ON v.transfer_id = t.id
+         WHERE t.id IS NULL OR v.transfer_id IS NULL
+            OR v.versions <> t.version OR v.newest <> t.version OR v.oldest <> 1
             OR NOT EXISTS (SELECT 1 FROM transfer_versions c
                            WHERE c.transfer_id = t.id AND c.version = t.version AND c.state = t.state)",
     ),

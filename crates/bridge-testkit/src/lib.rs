@@ -98,6 +98,26 @@ pub async fn scratch_database(server: &str) -> Result<(String, PgPool)> {
     Ok((database_url, pool))
 }
 
+/// Migrates `pool`'s database as a release before migration `first_left_out`
+/// (its four-digit number, e.g. "0031") left it: every migration numbered
+/// below it, so a test can write what that release wrote, then run
+/// `bridge_store::migrate` and read it as this release does.
+pub async fn migrate_before(pool: &PgPool, first_left_out: &str) -> Result<()> {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bridge-store/migrations");
+    let earlier = std::env::temp_dir().join(format!("bridge-migrations-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&earlier)?;
+    for entry in std::fs::read_dir(&source)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default().to_owned();
+        if name.as_str() < first_left_out {
+            std::fs::copy(&path, earlier.join(&name))?;
+        }
+    }
+    let migrated = async { sqlx::migrate::Migrator::new(earlier.as_path()).await?.run(pool).await }.await;
+    std::fs::remove_dir_all(&earlier)?;
+    migrated.context("Failed to migrate to the earlier release's schema")
+}
+
 impl TestKit {
     pub async fn start(kind: BrokerKind) -> Result<Self> {
         Self::start_with(kind, |_| {}).await
