@@ -22,7 +22,7 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
     pipeline.stop().await?;
     kit.assert_books_balance().await?;
 
-    let cases: [(&str, &str, String); 14] = [
+    let cases: [(&str, &str, String); 15] = [
         ("I1", "investor balances", "UPDATE investor_accounts SET balance_minor = balance_minor + 1, version = version + 1 WHERE id = 'grace'".into()),
         ("I1", "one debit and one credit", "DELETE FROM ledger_entries WHERE id = (SELECT max(id) FROM ledger_entries)".into()),
         ("I1", "fund account balances", format!("UPDATE fund_accounts SET balance_minor = 0, version = version + 1 WHERE id = '{fund_account}'")),
@@ -34,6 +34,7 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
         ("I5", "transfers in those phases", "UPDATE funds SET completed_minor = completed_minor - 1, version = version + 1, investors_count = investors_count".into()),
         ("I6", "previous state", format!("UPDATE transfer_versions SET previous_state = 'requested' WHERE transfer_id = '{done}' AND version = 4")),
         ("I6", "without gaps", format!("DELETE FROM transfer_versions WHERE transfer_id = '{rejected}' AND version = 2")),
+        ("I6", "share a status event id", format!("UPDATE transfer_versions SET event_id = (SELECT event_id FROM transfer_versions WHERE transfer_id = '{done}' AND version = 1) WHERE transfer_id = '{rejected}' AND version = 2")),
         ("I6", "belongs to a transfer", "INSERT INTO transfer_versions (transfer_id, version, state, event_id) VALUES (gen_random_uuid(), 1, 'requested', gen_random_uuid())".into()),
         ("I6", "last entry of its history", format!("UPDATE fund_accounts SET version = version + 1 WHERE id = '{fund_account}'")),
         ("I6", "legal transition", format!("UPDATE transfer_versions SET state = 'completed', previous_state = 'requested' WHERE transfer_id = '{rejected}' AND version = 2")),

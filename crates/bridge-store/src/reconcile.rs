@@ -210,6 +210,11 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "I6",
+        "no two transfer versions share a status event id",
+        "SELECT count(*) FROM (SELECT event_id FROM transfer_versions GROUP BY event_id HAVING count(*) > 1) AS shared",
+    ),
+    (
+        "I6",
         "every investor account, fund, fund account and allocation equals the last entry of its history",
         "SELECT count(*) FROM (
            SELECT 'investor_accounts' AS model, id AS key, to_jsonb(a) AS row FROM investor_accounts a
