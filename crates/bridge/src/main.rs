@@ -46,7 +46,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/bridg
 #[derive(Parser)]
 #[command(
     name = "bridge",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BRIDGE_BUILD_COMMIT"), ")"),
     about = "Moves money from investor bank accounts into investment funds, one Kafka stage at a time."
 )]
 struct Cli {

@@ -54,6 +54,21 @@ async fn demo(kind: BrokerKind) -> Result<()> {
     kit.assert_books_balance().await
 }
 
+/// `bridge --version` names the commit it was built from (the benchmark
+/// records it as the code it measured).
+#[test]
+fn the_version_names_the_commit_built() -> Result<()> {
+    let head = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output()?;
+    let commit =
+        if head.status.success() { String::from_utf8(head.stdout)?.trim().to_owned() } else { "unknown".to_owned() };
+    let version = bridge(&["--version"], &[], None)?;
+    ensure!(
+        version.trim() == format!("bridge {} ({commit})", env!("CARGO_PKG_VERSION")),
+        "{version:?}, checked out at {commit}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_on_the_in_process_cluster() -> Result<()> {
     demo(BrokerKind::InProcess).await

@@ -683,9 +683,14 @@ async fn wait_terminal(
     }
 }
 
+/// The commit the `bridge` binary being measured was built from, as its
+/// `--version` says ("bridge 0.1.0 (abc1234)"): the checkout's commit would
+/// be wrong for a saved build measured against another.
 fn git_commit() -> Option<String> {
-    let output = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()?;
-    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    let output = Command::new(processes::bridge_binary().ok()?).arg("--version").output().ok()?;
+    let version = String::from_utf8_lossy(&output.stdout);
+    let commit = version.trim().strip_suffix(')')?.rsplit_once('(')?.1;
+    (output.status.success() && commit != "unknown").then(|| commit.to_owned())
 }
 
 mod database;
