@@ -13,14 +13,12 @@ fn main() {
     let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=BRIDGE_BUILD_COMMIT={commit}");
     // Run again when HEAD moves: the HEAD file (another branch checked
-    // out), the branch's ref (a commit) and the packed refs. Any of them may
-    // be missing; Cargo then runs this on every build, which is harmless.
-    let branch = git(&["symbolic-ref", "-q", "HEAD"]);
-    let mut watched = vec![git(&["rev-parse", "--git-path", "HEAD"]), git(&["rev-parse", "--git-path", "packed-refs"])];
-    if let Some(branch) = branch {
-        watched.push(git(&["rev-parse", "--git-path", &branch]));
-    }
-    for path in watched.into_iter().flatten() {
+    // out), the branches' refs (a commit; a directory is watched as all it
+    // holds, so a ref written as a new loose file counts) and the packed
+    // refs. Only paths that exist are named: Cargo runs a script that names
+    // a missing one on every build.
+    let watched = ["HEAD", "refs/heads", "packed-refs"].map(|path| git(&["rev-parse", "--git-path", path]));
+    for path in watched.into_iter().flatten().filter(|path| std::path::Path::new(path).exists()) {
         println!("cargo:rerun-if-changed={path}");
     }
     println!("cargo:rerun-if-changed=build.rs");
