@@ -13,8 +13,8 @@
 -- its table takes, and no other.
 CREATE OR REPLACE FUNCTION record_model_history() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
+    changed record;
     row_key text;
-    row_version bigint;
 BEGIN
     IF TG_OP = 'UPDATE' AND NEW.version <> OLD.version + 1 THEN
         RAISE EXCEPTION 'stale version: % row at version % written as version %',
@@ -22,25 +22,20 @@ BEGIN
             USING ERRCODE = '40001';
     END IF;
     IF TG_OP = 'DELETE' THEN
-        IF TG_TABLE_NAME = 'allocations' THEN
-            row_key := OLD.fund_id || '/' || OLD.investor_account_id;
-        ELSE
-            row_key := OLD.id;
-        END IF;
-        row_version := OLD.version;
+        changed := OLD;
     ELSE
-        IF TG_TABLE_NAME = 'allocations' THEN
-            row_key := NEW.fund_id || '/' || NEW.investor_account_id;
-        ELSE
-            row_key := NEW.id;
-        END IF;
-        row_version := NEW.version;
+        changed := NEW;
+    END IF;
+    IF TG_TABLE_NAME = 'allocations' THEN
+        row_key := changed.fund_id || '/' || changed.investor_account_id;
+    ELSE
+        row_key := changed.id;
     END IF;
     INSERT INTO model_history (model, key, version, actor, before, after)
     VALUES (
         TG_TABLE_NAME,
         row_key,
-        row_version,
+        changed.version,
         COALESCE(NULLIF(current_setting('bridge.actor', true), ''),
                  NULLIF(current_setting('application_name', true), ''),
                  session_user),
