@@ -209,3 +209,62 @@ async fn a_history_written_before_updates_stored_only_their_after_reads_on_acros
     }
     Ok(())
 }
+
+/// The models' history has one index, its primary key on (model, key,
+/// id), which is how it is read (by key, newest first); the ledger has no
+/// index on its account, which no query reads by (migration 0034). Entries
+/// written before the upgrade are read with those after it, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_is_keyed_by_model_key_and_entry_across_the_upgrade() -> Result<()> {
+    let (_, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
+    bridge_testkit::migrate_before(&pool, "0034").await?;
+
+    let mut conn = pool.acquire().await?;
+    let hold = |id: &str| {
+        format!("UPDATE investor_accounts SET held_minor = held_minor + 1, version = version + 1 WHERE id = '{id}'")
+    };
+    for id in ["ada", "bo"] {
+        let seed = bridge_store::accounts::InvestorSeed {
+            id: id.to_owned(),
+            opening_balance: bridge_domain::Money::new(100_00, bridge_domain::Currency::parse("EUR")?),
+        };
+        bridge_store::accounts::seed_investor(&mut conn, &seed).await?;
+    }
+    for _ in 0..2 {
+        for id in ["ada", "bo"] {
+            sqlx::query(&hold(id)).execute(&mut *conn).await?;
+        }
+    }
+    bridge_store::migrate(&pool).await?;
+    for _ in 0..2 {
+        for id in ["bo", "ada"] {
+            sqlx::query(&hold(id)).execute(&mut *conn).await?;
+        }
+    }
+
+    for id in ["ada", "bo"] {
+        let read = bridge_store::history::history(&mut conn, "investor_accounts", id, 1_000, None).await?;
+        let versions: Vec<i64> = read.iter().map(|entry| entry.version).collect();
+        ensure!(versions == [5, 4, 3, 2, 1], "{id}'s history, newest first: {versions:?}");
+        for pair in read.windows(2) {
+            ensure!(pair[0].before == pair[1].after, "{id} version {}: before is not the previous after", pair[0].version);
+        }
+    }
+
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT tablename::text, indexdef FROM pg_indexes
+         WHERE tablename IN ('model_history', 'ledger_entries') ORDER BY 1, 2",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let history: Vec<&str> =
+        indexes.iter().filter(|(table, _)| table == "model_history").map(|(_, def)| def.as_str()).collect();
+    ensure!(
+        history == ["CREATE UNIQUE INDEX model_history_pkey ON public.model_history USING btree (model, key, id)"],
+        "model_history's indexes: {history:?}"
+    );
+    let ledger: Vec<&str> =
+        indexes.iter().filter(|(table, _)| table == "ledger_entries").map(|(_, def)| def.as_str()).collect();
+    ensure!(ledger.len() == 2 && !ledger.iter().any(|def| def.contains("(account)")), "ledger's indexes: {ledger:?}");
+    Ok(())
+}
