@@ -209,17 +209,24 @@ pub async fn claim(session: &mut PgConnection, start: i64, published: &[i64], ba
     // still running when the rows were read, and what ended before it is
     // visible to the read. The outer row is always there, so an empty claim
     // still answers the horizon. A row holds at least one message, so
-    // `batch_size_max` rows hold enough; rows past the limit are left for
-    // the next claim.
+    // `batch_size_max` rows hold enough; of those, only the rows that start
+    // before `batch_size_max` messages are sent, the rest left for the next
+    // claim. A batch's row holds up to a hundred messages, and a relay
+    // behind the stages read, decoded and dropped whole rows by the hundred
+    // on every claim.
     let read = sqlx::query(
         "SELECT horizon.xmin, o.id, o.event_ids, o.topics, o.message_keys, o.payloads, o.header_counts,
                 o.header_names, o.header_values, o.writer
          FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) horizon
          LEFT JOIN LATERAL (
-             SELECT id, event_ids, topics, message_keys, payloads, header_counts, header_names, header_values,
-                    writer_xid::text::bigint AS writer
-             FROM outbox WHERE writer_xid >= $1::text::xid8 AND id <> ALL($3)
-             ORDER BY writer_xid, id LIMIT $2
+             SELECT * FROM (
+                 SELECT id, event_ids, topics, message_keys, payloads, header_counts, header_names, header_values,
+                        writer_xid::text::bigint AS writer,
+                        sum(cardinality(event_ids)) OVER (ORDER BY writer_xid, id ROWS UNBOUNDED PRECEDING)
+                            - cardinality(event_ids) AS messages_before
+                 FROM outbox WHERE writer_xid >= $1::text::xid8 AND id <> ALL($3)
+                 ORDER BY writer_xid, id LIMIT $2
+             ) w WHERE w.messages_before < $2
          ) o ON true",
     )
     .bind(start.to_string())
@@ -249,18 +256,18 @@ pub async fn claim(session: &mut PgConnection, start: i64, published: &[i64], ba
     }
     // The join is not bound to keep the subquery's order; the claim is.
     stored.sort_unstable_by_key(|&(id, .., writer)| (writer, id));
-    let mut full = stored.len() as i64 >= batch_size_max;
     let mut rows: Vec<OutboxRow> = Vec::with_capacity(stored.len());
     let mut taken = 0;
     for row in stored {
         if taken >= batch_size_max {
-            full = true;
             break;
         }
         let row = messages(row)?;
         taken += row.messages.len() as i64;
         rows.push(row);
     }
+    // Out of room: the rows left out, if any, come after the last one taken.
+    let full = rows.len() as i64 >= batch_size_max || taken >= batch_size_max;
     Ok(Claim { rows, horizon, full })
 }
 
