@@ -352,3 +352,85 @@ async fn queued_money_steps_apply_in_batches_and_unsettled_ones_go_one_by_one() 
     ensure!(withdrawn_events == 122 + 2, "{withdrawn_events} messages on the withdrawn topic (122 and the two added)");
     kit.assert_books_balance().await
 }
+
+/// A step's statements over a batch's arrays are prepared once per
+/// connection, and Postgres may keep one generic plan for each. A process
+/// that started on a nearly empty `transfers` table and has advanced a few
+/// batches must still find a later batch's rows through the primary key
+/// once the table has grown: a plan kept from its first executions, made
+/// for a table of two rows, would be a hash join over a sequential scan
+/// that reads the whole table for every batch.
+#[tokio::test]
+async fn a_batch_statement_planned_on_a_small_table_reads_the_grown_table_by_key() -> Result<()> {
+    use bridge_domain::{TransferEvent, TransferState};
+    use bridge_store::transfers::{self, Transfer};
+    use sqlx::Row;
+
+    let (url, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
+    bridge_store::migrate(&pool).await?;
+    // One connection, so every execution below uses its prepared statements.
+    let pool = bridge_store::connect(&url, &bridge_store::PoolSettings { connections_max: 1, acquire_timeout_ms: 30_000 })
+        .await?;
+    let mut requested = Vec::new();
+    for index in 0..2 {
+        let transfer = Transfer {
+            id: Uuid::new_v4(),
+            investor_account_id: format!("investor-{index}"),
+            fund_account_id: "fund-account".to_owned(),
+            fund_id: None,
+            amount_minor: 100,
+            currency: "EUR".to_owned(),
+            reference: String::new(),
+            source_system: String::new(),
+            requested_at: chrono::Utc::now(),
+            state: TransferState::Requested,
+            reason_code: None,
+            version: 1,
+            traceparent: None,
+            step_attempt: 0,
+        };
+        let mut conn = pool.acquire().await?;
+        requested.push(transfers::insert_requested(&mut conn, &transfer).await?);
+    }
+    // More executions than Postgres plans afresh before it weighs keeping
+    // a generic plan (five), each rolled back so the table stays small.
+    for _ in 0..8 {
+        let mut tx = bridge_store::begin_step_transaction(&pool).await?;
+        let advanced = transfers::advance_many(&mut tx, &requested, &TransferEvent::Validated).await?;
+        ensure!(advanced.len() == 2, "advanced {advanced:?}");
+        tx.rollback().await?;
+    }
+    let mut tx = bridge_store::begin_step_transaction(&pool).await?;
+    sqlx::query(
+        "INSERT INTO transfers (id, investor_account_id, fund_account_id, amount_minor, currency, requested_at,
+                                state, version)
+         SELECT gen_random_uuid(), 'investor-' || n, 'fund-account', 100, 'EUR', now(), 'requested', 1
+         FROM generate_series(1, 20000) AS n",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let name: String = sqlx::query_scalar(
+        "SELECT name FROM pg_prepared_statements
+         WHERE statement LIKE '%UPDATE transfers t SET state = input.state%'
+           AND statement NOT LIKE '%pg_prepared_statements%'",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let [first, second] = [requested[0].id, requested[1].id];
+    let explain = format!(
+        "EXPLAIN EXECUTE {name}('{{{first},{second}}}', '{{1,1}}', '{{requested,requested}}', \
+         '{{validated,validated}}', '{{NULL,NULL}}', '{{{first},{second}}}', '{{false,false}}')"
+    );
+    let plan: Vec<String> = sqlx::raw_sql(&explain)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()?;
+    let plan = plan.join("\n");
+    ensure!(
+        plan.contains("Index Scan using transfers_pkey on transfers") && !plan.contains("Seq Scan on transfers"),
+        "the advance of two transfers in a table of 20,002 is planned as\n{plan}"
+    );
+    Ok(())
+}

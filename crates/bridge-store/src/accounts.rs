@@ -161,7 +161,6 @@ pub async fn investor(conn: &mut PgConnection, id: &str) -> Result<Option<Versio
 pub async fn investors_by_id(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, AccountSnapshot>> {
     let rows: Vec<(String, String, i64, i64, Option<String>, bool, i64)> =
         sqlx::query_as(&format!("SELECT id, {INVESTOR_COLUMNS} FROM investor_accounts WHERE id = ANY($1)"))
-            .persistent(false)
             .bind(ids)
             .fetch_all(conn)
             .await?;
@@ -241,7 +240,6 @@ pub(crate) async fn hold_many(conn: &mut PgConnection, requests: &[(&str, i64)])
          FROM unnest($1::text[], $2::bigint[]) AS i(id, amount)
          WHERE a.id = i.id AND a.balance_minor - a.held_minor >= i.amount",
     )
-    .persistent(false)
     .bind(&ids)
     .bind(&amounts)
     .execute(&mut *conn)
@@ -378,7 +376,6 @@ pub async fn allocations_held(
            ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
          WHERE a.reserved_minor + a.completed_minor > 0",
     )
-    .persistent(false)
     .bind(&funds)
     .bind(&investors)
     .fetch_all(conn)
@@ -409,7 +406,6 @@ pub async fn check_investor_limits(conn: &mut PgConnection, limits: &[(&str, &st
          WHERE a.reserved_minor + a.completed_minor > i.maximum
          LIMIT 1",
     )
-    .persistent(false)
     .bind(&funds)
     .bind(&investors)
     .bind(&maxima)
@@ -561,7 +557,6 @@ pub(crate) async fn complete_allocations(conn: &mut PgConnection, completions: &
                GROUP BY 1, 2) i
          WHERE a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id",
     )
-    .persistent(false)
     .bind(&funds)
     .bind(&investors)
     .bind(&amounts)
@@ -579,7 +574,6 @@ pub(crate) async fn complete_allocations(conn: &mut PgConnection, completions: &
                GROUP BY 1) i
          WHERE f.id = i.fund_id",
     )
-    .persistent(false)
     .bind(&funds)
     .bind(&amounts)
     .execute(&mut *conn)
@@ -600,7 +594,6 @@ async fn lock_allocations_then_funds(conn: &mut PgConnection, funds: &[&str], in
                ON a.fund_id = i.fund_id AND a.investor_account_id = i.investor_account_id
              ORDER BY a.fund_id, a.investor_account_id FOR UPDATE OF a) locked",
     )
-    .persistent(false)
     .bind(funds)
     .bind(investors)
     .fetch_one(&mut *conn)
@@ -614,7 +607,6 @@ async fn lock_allocations_then_funds(conn: &mut PgConnection, funds: &[&str], in
 /// and a single step, wait for each other instead of deadlocking.
 async fn lock_in_key_order(conn: &mut PgConnection, table: &'static str, ids: &[&str]) -> Result<()> {
     sqlx::query(&format!("SELECT 1 FROM {table} WHERE id = ANY($1) ORDER BY id FOR UPDATE"))
-        .persistent(false)
         .bind(ids)
         .execute(&mut *conn)
         .await?;
@@ -687,7 +679,6 @@ pub(crate) async fn reserve_allocations(conn: &mut PgConnection, reservations: &
            AND f.reserved_minor + p.amount + f.completed_minor <= f.capacity_minor
            AND f.investors_count + p.seats <= f.seats_max",
     )
-    .persistent(false)
     .bind(&funds)
     .bind(&investors)
     .bind(&amounts)
@@ -724,7 +715,6 @@ pub(crate) async fn adjust_investors(conn: &mut PgConnection, changes: &[(&str, 
          FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS i(id, balance, held)
          WHERE a.id = i.id",
     )
-    .persistent(false)
     .bind(&ids)
     .bind(&balances)
     .bind(&helds)
@@ -751,7 +741,6 @@ pub(crate) async fn credit_fund_accounts(conn: &mut PgConnection, credits: &[(&s
          FROM unnest($1::text[], $2::bigint[]) AS i(id, amount)
          WHERE a.id = i.id",
     )
-    .persistent(false)
     .bind(&ids)
     .bind(&amounts)
     .execute(&mut *conn)

@@ -115,7 +115,7 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
 
 /// `apply` for one transfer, the one-message path: the same changes in the
 /// same order, each one prepared statement on one row (a batch's statements
-/// over arrays lock rows first and are planned at each execution).
+/// over arrays lock rows first).
 async fn apply_one(conn: &mut PgConnection, transfer: &Transfer, effect: &Effect) -> Result<()> {
     if let Some(posting) = effect.posting {
         let name = |book| match book {

@@ -54,7 +54,7 @@ pub async fn post(conn: &mut PgConnection, posting: &Posting<'_>) -> Result<()> 
 }
 
 /// `post` for many postings in one statement: a debit and a credit row for
-/// each, planned at each execution (see the crate's note on batch arrays).
+/// each (prepared: see the crate's note).
 pub async fn post_many(conn: &mut PgConnection, postings: &[Posting<'_>]) -> Result<()> {
     if postings.is_empty() {
         return Ok(());
@@ -74,7 +74,6 @@ pub async fn post_many(conn: &mut PgConnection, postings: &[Posting<'_>]) -> Res
          CROSS JOIN LATERAL (VALUES (p.debit_account, 'debit'), (p.credit_account, 'credit'))
                   AS side(account, direction)",
     )
-    .persistent(false)
     .bind(&posting_ids)
     .bind(&transfer_ids)
     .bind(&steps)

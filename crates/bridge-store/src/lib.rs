@@ -14,15 +14,20 @@
 //! order. A lost race or a failed guard surfaces as [`Error::Conflict`],
 //! which callers retry from the start of the transaction.
 //!
-//! Statements over a batch's arrays (`= ANY($1)`, joins to `unnest(...)`)
-//! are not kept as prepared statements (`.persistent(false)`): Postgres
-//! plans them for each execution, against the table as it is then and the
-//! array as given. Prepared, they were planned once against tables that
-//! were still empty when a process started, and the plan kept (a hash join
-//! over a sequential scan) read the whole `transfers` table for every
-//! completion batch as it grew: 2,547 buffers per call in a run of 100,000
-//! transfers, where an index lookup reads a few per row. Planning costs a
-//! fraction of a millisecond per batch.
+//! A pipeline step's statements run in a transaction begun by
+//! [`begin_step_transaction`] and are prepared once per connection, so Postgres may
+//! keep one generic plan for each instead of planning it at every
+//! execution, which for a statement over a batch's arrays (`= ANY($1)`,
+//! joins to `unnest(...)`) cost more than running it. Every such statement
+//! finds its rows by key, and the step's transaction rules out sequential
+//! scans, hash joins and merge joins: a generic plan made while a table was
+//! still nearly empty would otherwise keep a hash join over a sequential
+//! scan, which read the whole `transfers` table for every completion batch
+//! as it grew (2,547 buffers per call in a run of 100,000 transfers, where
+//! an index lookup reads a few per row). Statements over arrays that also
+//! run elsewhere (`transfers::get_many`, the console's search, the bank
+//! access taken outside a transaction) are not prepared: Postgres plans them
+//! for each execution.
 
 pub mod accounts;
 pub mod api;
@@ -129,6 +134,18 @@ impl Default for PoolSettings {
     fn default() -> Self {
         Self { connections_max: 16, acquire_timeout_ms: 10_000 }
     }
+}
+
+/// The planner settings of a pipeline step's transaction (see the crate's
+/// note), set in the same round trip as its `BEGIN` and only for it.
+const STEP_BEGIN: &str =
+    "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+
+/// Begins the transaction of a pipeline step: a stage's message or batch,
+/// an operator's resolution. Its statements find rows by key, and plans
+/// made in it stay right as the tables grow (see the crate's note).
+pub async fn begin_step_transaction(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
+    Ok(pool.begin_with(STEP_BEGIN).await?)
 }
 
 /// Names who makes this transaction's changes in the models' history

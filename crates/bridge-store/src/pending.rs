@@ -130,7 +130,6 @@ pub async fn finish(conn: &mut PgConnection, transfer_id: Uuid, step: &str) -> R
 /// `finish` for many transfers' same step, in one statement.
 pub async fn finish_many(conn: &mut PgConnection, transfer_ids: &[Uuid], step: &str) -> Result<()> {
     sqlx::query("DELETE FROM pending_steps WHERE transfer_id = ANY($1) AND step = $2")
-        .persistent(false)
         .bind(transfer_ids)
         .bind(step)
         .execute(conn)

@@ -157,7 +157,6 @@ pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<
 pub async fn get_many_for_update(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
     let rows: Vec<TransferRow> =
         sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE"))
-            .persistent(false)
             .bind(ids)
             .fetch_all(conn)
             .await?;
@@ -213,7 +212,6 @@ pub async fn advance_many(
          SELECT input.id, input.version + 1, input.state, input.previous_state, input.reason_code, input.event_id
          FROM input JOIN updated ON updated.id = input.id",
     )
-    .persistent(false)
     .bind(&ids)
     .bind(&versions)
     .bind(&previous)

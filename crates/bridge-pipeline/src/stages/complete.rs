@@ -8,7 +8,7 @@ pub(super) async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Ou
     let transfer_id = parse_transfer_id(&event.transfer_id)?;
     let stage = StageName::Completion;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     let Some(current) =
         begin_step(&mut tx, stage, Some(&event.event_id), transfer_id, TransferState::Deposited).await?
     else {
@@ -72,7 +72,7 @@ type CompletionBatch<'a> = std::collections::HashMap<Uuid, (&'a Inbound, &'a Fun
 
 async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> Result<bool, StageError> {
     let stage = StageName::Completion;
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     let event_ids: Vec<String> = batch.values().map(|(_, event)| event.event_id.clone()).collect();
     if inbox::record_many(&mut tx, stage.as_str(), &event_ids).await? != batch.len() as u64 {
         return Ok(false);

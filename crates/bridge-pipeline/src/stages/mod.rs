@@ -133,7 +133,7 @@ async fn dead_letter(
     class: &'static str,
     reason: &str,
 ) -> Result<Outcome, StageError> {
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     if !inbox::record(&mut tx, consumer, &format!("dlq:{}", message.position_id())).await? {
         return Ok(Outcome::DeadLettered);
     }

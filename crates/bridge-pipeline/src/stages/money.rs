@@ -159,7 +159,7 @@ pub async fn withdrawal_step(
         ControlFlow::Break(outcome) => return Ok(outcome),
     };
 
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     if outcome == ServiceOutcome::Pending {
         return defer(ctx, tx, transfer_id, Step::Withdrawal).await;
     }
@@ -258,7 +258,7 @@ pub async fn deposit_step(
         }
         ServiceOutcome::Settled { reference } => DepositOutcome::Deposited { reference },
     };
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     if matches!(outcome, DepositOutcome::Pending) {
         return defer(ctx, tx, transfer_id, Step::Deposit).await;
     }
@@ -560,7 +560,7 @@ async fn settle_money_batch(
 /// one commit.
 async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[SettledStep]) -> Result<bool, StageError> {
     let stage = step.stage();
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     let event_ids: Vec<String> = settled.iter().map(|step| step.event_id.clone()).collect();
     // Something else applied one of them since the read before the calls
     // (another process after a rebalance, or the settlement runner): the

@@ -259,7 +259,7 @@ async fn execute(ctx: &StageContext, action: &ReviewAction) -> Result<(ActionSta
 
     if !action.action.asks_service() {
         // Recorded as done outside: the event applies like a stage's.
-        let mut tx = ctx.pool.begin().await?;
+        let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
         // The postings it makes are the operator's, in the books' history.
         bridge_store::set_actor(&mut tx, &actor.name).await?;
         let Some(current) = locked_in_review(&mut tx, action).await? else {
@@ -295,7 +295,7 @@ async fn execute(ctx: &StageContext, action: &ReviewAction) -> Result<(ActionSta
         }
     }
 
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     let Some(mut current) = locked_in_review(&mut tx, action).await? else {
         return unchanged("the transfer changed while the resolution ran".to_owned());
     };

@@ -48,7 +48,7 @@ async fn hand_to_person(
         Step::Withdrawal => (StageName::Withdrawal, step.waits_in()),
         Step::Deposit | Step::Refund => (StageName::Deposit, step.waits_in()),
     };
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     let Some(current) = transfers::get_for_update(&mut tx, transfer_id).await?.filter(|t| t.state == expected) else {
         return Ok(Outcome::Duplicate);
     };

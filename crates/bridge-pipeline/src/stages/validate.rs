@@ -14,7 +14,7 @@ pub(super) async fn validate(ctx: &StageContext, message: &Inbound) -> Result<Ou
     let transfer_id = candidate.id;
     let trace = TraceContext::continue_or_start(message.header("traceparent"));
 
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     // A transfer created through the HTTP API is already recorded, in state
     // requested, with its status event; it is validated like any other.
     let recorded = match transfers::get(&mut tx, transfer_id).await? {
@@ -182,7 +182,7 @@ pub async fn validate_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<boo
 
 async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]) -> Result<bool, StageError> {
     let stage = StageName::Validator.as_str();
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     let ids: Vec<Uuid> = requests.iter().map(|(_, requested)| requested.id).collect();
     if !transfers::get_many(&mut tx, &ids).await?.is_empty() {
         return Ok(false);
