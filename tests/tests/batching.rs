@@ -369,8 +369,9 @@ async fn a_batch_statement_planned_on_a_small_table_reads_the_grown_table_by_key
     let (url, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
     bridge_store::migrate(&pool).await?;
     // One connection, so every execution below uses its prepared statements.
-    let pool = bridge_store::connect(&url, &bridge_store::PoolSettings { connections_max: 1, acquire_timeout_ms: 30_000 })
-        .await?;
+    let pool =
+        bridge_store::connect(&url, &bridge_store::PoolSettings { connections_max: 1, acquire_timeout_ms: 30_000 })
+            .await?;
     let mut requested = Vec::new();
     for index in 0..2 {
         let transfer = Transfer {

@@ -247,7 +247,11 @@ async fn the_history_is_keyed_by_model_key_and_entry_across_the_upgrade() -> Res
         let versions: Vec<i64> = read.iter().map(|entry| entry.version).collect();
         ensure!(versions == [5, 4, 3, 2, 1], "{id}'s history, newest first: {versions:?}");
         for pair in read.windows(2) {
-            ensure!(pair[0].before == pair[1].after, "{id} version {}: before is not the previous after", pair[0].version);
+            ensure!(
+                pair[0].before == pair[1].after,
+                "{id} version {}: before is not the previous after",
+                pair[0].version
+            );
         }
     }
 
