@@ -256,18 +256,11 @@ pub async fn claim(session: &mut PgConnection, start: i64, published: &[i64], ba
     }
     // The join is not bound to keep the subquery's order; the claim is.
     stored.sort_unstable_by_key(|&(id, .., writer)| (writer, id));
-    let mut rows: Vec<OutboxRow> = Vec::with_capacity(stored.len());
-    let mut taken = 0;
-    for row in stored {
-        if taken >= batch_size_max {
-            break;
-        }
-        let row = messages(row)?;
-        taken += row.messages.len() as i64;
-        rows.push(row);
-    }
-    // Out of room: the rows left out, if any, come after the last one taken.
-    let full = rows.len() as i64 >= batch_size_max || taken >= batch_size_max;
+    let rows: Vec<OutboxRow> = stored.into_iter().map(messages).collect::<Result<_>>()?;
+    // Out of room (each row holds a message at least): the rows left out, if
+    // any, come after the last one taken.
+    let taken: usize = rows.iter().map(|row| row.messages.len()).sum();
+    let full = taken as i64 >= batch_size_max;
     Ok(Claim { rows, horizon, full })
 }
 
