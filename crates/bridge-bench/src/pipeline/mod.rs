@@ -156,6 +156,11 @@ struct Track {
     published_ms: i64,
     /// occurred_at (ms) of each state's status event.
     states: HashMap<String, i64>,
+    /// Per status event, in ms: from its `occurred_at` (taken inside the
+    /// step's transaction, before its commit) to the relay's send (the
+    /// message's create time), and from the send to this process's
+    /// receipt (the broker and a consumer's fetch).
+    relayed: Vec<(i64, i64)>,
     terminal: Option<(Instant, String)>,
 }
 
@@ -228,6 +233,14 @@ struct BenchResult {
     outcomes: HashMap<String, usize>,
     end_to_end_ms: Percentiles,
     stage_ms: Vec<(String, Percentiles)>,
+    /// Each status event's time from its step (`occurred_at`) to the
+    /// relay's send: the rest of the step's transaction, its commit, the
+    /// relay's wake-up and claim. Part of every hop.
+    status_relay_ms: Percentiles,
+    /// Each status event's time from the relay's send to a consumer's
+    /// receipt (this process's): the broker's acknowledgement and a fetch,
+    /// which waits out the broker's fetch wait. Part of every hop.
+    status_delivery_ms: Percentiles,
     db_transactions_per_transfer: f64,
     /// Rows each table of Bridge's database gained, changed and lost per
     /// transfer (from Postgres's statistics), most first.
@@ -437,8 +450,13 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
         ("deposited → completed", Some("deposited"), "completed"),
     ];
     let mut per_stage: Vec<Vec<f64>> = vec![Vec::new(); stage_names.len()];
+    let (mut relayed, mut delivered) = (Vec::new(), Vec::new());
     for id in &ids {
         let track = &tracks[id];
+        for (relay, delivery) in &track.relayed {
+            relayed.push(*relay as f64);
+            delivered.push(*delivery as f64);
+        }
         if let (Some(sent), Some((at, state))) = (track.published_at, &track.terminal) {
             *outcomes.entry(state.clone()).or_default() += 1;
             end_to_end.push(at.duration_since(sent).as_secs_f64() * 1_000.0);
@@ -494,6 +512,8 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
             .zip(per_stage)
             .map(|((name, _, _), values)| ((*name).to_owned(), Percentiles::of(values)))
             .collect(),
+        status_relay_ms: Percentiles::of(relayed),
+        status_delivery_ms: Percentiles::of(delivered),
         db_transactions_per_transfer: xacts as f64 / ids.len() as f64,
         rows_per_transfer,
         lag_max,
@@ -648,9 +668,13 @@ fn follow_status(config: &PipelineConfig, tracks: Tracks) -> Result<tokio::task:
             let Some(Ok(event)) = message.payload().map(decode::<TransferStatusChanged>) else { continue };
             let Ok(id) = Uuid::parse_str(&event.transfer_id) else { continue };
             let now = Instant::now();
+            let received_ms = now_ms();
             let mut tracking = tracks.lock().expect("tracks lock");
             let track = tracking.tracks.entry(id).or_default();
             track.states.entry(event.state.clone()).or_insert(event.occurred_at);
+            if let Some(sent_ms) = message.timestamp().to_millis() {
+                track.relayed.push((sent_ms - event.occurred_at, received_ms - sent_ms));
+            }
             if (event.terminal || event.state == "manual_review") && track.terminal.is_none() {
                 track.terminal = Some((now, event.state));
                 let latency = track.published_at.map(|sent| now.duration_since(sent).as_secs_f64() * 1_000.0);

@@ -15,6 +15,10 @@ pub(super) fn print_summary(result: &BenchResult) {
     for (name, p) in &result.stage_ms {
         println!("| {name} ms p50 / p99 | {:.0} / {:.0} |", p.p50, p.p99);
     }
+    for (name, p) in [("step → relay's send", &result.status_relay_ms), ("send → received", &result.status_delivery_ms)]
+    {
+        println!("| status events, {name} ms p50 / p99 | {:.0} / {:.0} |", p.p50, p.p99);
+    }
     println!("| database transactions per transfer | {:.1} |", result.db_transactions_per_transfer);
     for rows in &result.rows_per_transfer {
         println!(
