@@ -132,12 +132,7 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Transfer>> 
 /// The transfers with these ids, in no particular order; missing ids are
 /// left out.
 pub async fn get_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
-    let rows: Vec<TransferRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1)"))
-        .persistent(false)
-        .bind(ids)
-        .fetch_all(conn)
-        .await?;
-    rows.into_iter().map(from_row).collect()
+    select_many(conn, ids, "", false).await
 }
 
 /// The transfers with these ids, ordered by id, in a step's transaction
@@ -145,12 +140,7 @@ pub async fn get_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Trans
 /// `get_many`, which also runs outside steps, is planned at every
 /// execution (see the crate's note).
 pub async fn get_many_in_step(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
-    let rows: Vec<TransferRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1) ORDER BY id"))
-            .bind(ids)
-            .fetch_all(tx)
-            .await?;
-    rows.into_iter().map(from_row).collect()
+    select_many(tx, ids, " ORDER BY id", true).await
 }
 
 /// Reads the transfer and locks its row until the transaction ends, so two
@@ -168,11 +158,18 @@ pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<
 /// transaction ends, in id order (so two batches lock in the same order and
 /// cannot deadlock on each other).
 pub async fn get_many_for_update(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
-    let rows: Vec<TransferRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE"))
-            .bind(ids)
-            .fetch_all(conn)
-            .await?;
+    select_many(conn, ids, " ORDER BY id FOR UPDATE", true).await
+}
+
+/// The transfers with these ids, read with `tail` after the key condition;
+/// prepared (one plan per connection) only for statements that run in step
+/// transactions alone (see the crate's note).
+async fn select_many(conn: &mut PgConnection, ids: &[Uuid], tail: &str, prepared: bool) -> Result<Vec<Transfer>> {
+    let rows: Vec<TransferRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1){tail}"))
+        .persistent(prepared)
+        .bind(ids)
+        .fetch_all(conn)
+        .await?;
     rows.into_iter().map(from_row).collect()
 }
 
