@@ -135,14 +135,6 @@ pub async fn get_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Trans
     select_many(conn, ids, "", false).await
 }
 
-/// The transfers with these ids, ordered by id, in a step's transaction
-/// (`begin_step_transaction`): prepared, so it keeps one plan, where
-/// `get_many`, which also runs outside steps, is planned at every
-/// execution (see the crate's note).
-pub async fn get_many_in_step(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
-    select_many(tx, ids, " ORDER BY id", true).await
-}
-
 /// Reads the transfer and locks its row until the transaction ends, so two
 /// transactions applying the same step queue up and the second sees the
 /// first one's result instead of acting on a stale read.

@@ -511,15 +511,12 @@ async fn settle_money_batch(
     use futures::StreamExt;
 
     let ids: Vec<Uuid> = batch.iter().map(|item| item.transfer_id).collect();
-    // Read in a transaction of its own, ended before the services are
-    // asked, so no row is held meanwhile (as `pending_step` does); a step's,
-    // for its one plan. A transfer not waiting for this step (a repeat, or
-    // one the settlement runner moved on) is left out here.
+    // Read outside any transaction, as `pending_step` does: no row is held
+    // while the services are asked. A transfer not waiting for this step (a
+    // repeat, or one the settlement runner moved on) is left out here.
     let waiting: Vec<Transfer> = {
-        let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
-        let read = transfers::get_many_in_step(&mut tx, &ids).await?;
-        tx.commit().await?;
-        read
+        let mut conn = ctx.pool.acquire().await?;
+        transfers::get_many(&mut conn, &ids).await?
     }
     .into_iter()
     .filter(|transfer| transfer.state == step.expected())

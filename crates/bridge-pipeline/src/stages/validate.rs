@@ -184,7 +184,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
     let stage = StageName::Validator.as_str();
     let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     let ids: Vec<Uuid> = requests.iter().map(|(_, requested)| requested.id).collect();
-    if !transfers::get_many_in_step(&mut tx, &ids).await?.is_empty() {
+    if !transfers::get_many(&mut tx, &ids).await?.is_empty() {
         return Ok(false);
     }
     let investor_ids: Vec<&str> =
