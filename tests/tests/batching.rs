@@ -354,7 +354,8 @@ async fn queued_money_steps_apply_in_batches_and_unsettled_ones_go_one_by_one() 
 }
 
 /// A step's statements over a batch's arrays are prepared once per
-/// connection, and Postgres may keep one generic plan for each. A process
+/// connection, and the step's transaction has Postgres plan each once, a
+/// generic plan kept for every later execution. A process
 /// that started on a nearly empty `transfers` table and has advanced a few
 /// batches must still find a later batch's rows through the primary key
 /// once the table has grown: a plan kept from its first executions, made

@@ -24,9 +24,9 @@
 //! connection, and after them whenever the generic plan's estimate (which
 //! assumes a long array) exceeds the fresh plans' for the short batches of
 //! a paced load: at 100 transfers/s it planned the batch advance at 1,075
-//! of 1,876 executions. Every such statement
-//! finds its rows by key, and the step's transaction rules out sequential
-//! scans, hash joins and merge joins: a generic plan made while a table was
+//! of 1,876 executions. Every such statement finds its rows by key, and the
+//! step's transaction rules out sequential scans, hash joins and merge
+//! joins: a generic plan made while a table was
 //! still nearly empty would otherwise keep a hash join over a sequential
 //! scan, which read the whole `transfers` table for every completion batch
 //! as it grew (2,547 buffers per call in a run of 100,000 transfers, where
