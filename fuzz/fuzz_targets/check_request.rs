@@ -32,8 +32,7 @@ fuzz_target!(|data: &[u8]| {
         seats_max: next() as i32,
         investors_count: next() as i32,
         capacity_minor: next(),
-        reserved_minor: next(),
-        completed_minor: next(),
+        allocated_minor: next(),
     };
     let amount_minor = next();
     let committed_minor = next();
@@ -63,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(amount_minor > 0);
         assert!(amount_minor >= fund.minimum_investment_minor);
         assert!(i128::from(investor.balance_minor) - i128::from(investor.held_minor) >= i128::from(amount_minor));
-        let committed = i128::from(fund.reserved_minor) + i128::from(fund.completed_minor) + i128::from(amount_minor);
+        let committed = i128::from(fund.allocated_minor) + i128::from(amount_minor);
         assert!(committed <= i128::from(fund.capacity_minor));
         assert!(facts.investor_committed_minor > 0 || fund.investors_count < fund.seats_max);
         for rule in rules.rules() {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use bridge_pipeline::runner::Part;
 use bridge_pipeline::{StageName, Topics};
 use bridge_testkit::{BrokerKind, TestKit};
@@ -80,7 +80,7 @@ fn batch_metric(consumer: &str, suffix: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn queued_completions_apply_in_batches_and_bad_batches_fall_back() -> Result<()> {
+async fn queued_completions_apply_in_batches_past_held_fund_rows_and_bad_batches_fall_back() -> Result<()> {
     let kit = TestKit::start(BrokerKind::InProcess).await?;
     for investor in 0..8 {
         kit.seed_investor(&format!("inv-{investor}"), 1_000_000_00).await?;
@@ -108,8 +108,15 @@ async fn queued_completions_apply_in_batches_and_bad_batches_fall_back() -> Resu
     ensure!(kit.read_topic(&deposited_topic).await?.len() == 60, "deposited events missing");
     publish_repeat_and_garbage(&kit, &deposited_topic, 7).await?;
 
+    // A completion changes neither a fund's allocated total nor its seats,
+    // so it must not wait for the fund's row: with both funds' rows locked
+    // throughout, as a validation into them holds them until it commits,
+    // every transfer still completes.
+    let mut validation = kit.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM funds WHERE id IN ('a', 'b') FOR UPDATE").execute(&mut *validation).await?;
     let completion = kit.spawn(&[Part::Stage(StageName::Completion), Part::Relay]);
-    kit.wait_terminal(&ids, SETTLE).await?;
+    kit.wait_terminal(&ids, SETTLE).await.context("completions while the funds' rows are held")?;
+    validation.rollback().await?;
     let dead = wait_dead_letters(&kit, &deposited_topic).await?;
     kit.wait_outbox_drained(SETTLE).await?;
     completion.stop().await?;

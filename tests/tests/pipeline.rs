@@ -22,11 +22,15 @@ async fn investor_balance(kit: &TestKit, id: &str) -> Result<(i64, i64)> {
         .await?)
 }
 
+/// A fund's reserved and completed totals and seats taken, as the API and
+/// the console read them; the fund's own allocated total must be their sum.
 async fn fund_totals(kit: &TestKit, id: &str) -> Result<(i64, i64, i32)> {
-    Ok(sqlx::query_as("SELECT reserved_minor, completed_minor, investors_count FROM funds WHERE id = $1")
-        .bind(id)
-        .fetch_one(&kit.pool)
-        .await?)
+    let mut conn = kit.pool.acquire().await?;
+    let fund = bridge_store::api::fund(&mut conn, id).await?.context("fund")?;
+    let allocated: i64 =
+        sqlx::query_scalar("SELECT allocated_minor FROM funds WHERE id = $1").bind(id).fetch_one(&mut *conn).await?;
+    ensure!(allocated == fund.reserved_minor + fund.completed_minor, "fund {id}: allocated {allocated}, {fund:?}");
+    Ok((fund.reserved_minor, fund.completed_minor, fund.investors_count))
 }
 
 async fn fund_account_balance(kit: &TestKit, id: &str) -> Result<i64> {

@@ -31,7 +31,7 @@ async fn every_check_fails_on_the_damage_it_describes() -> Result<()> {
         ("I3", "list of open transfers", format!("UPDATE transfers SET state = 'manual_review' WHERE id = '{rejected}'")),
         ("I5", "held funds", "UPDATE investor_accounts SET held_minor = 1, version = version + 1 WHERE id = 'heidi'".into()),
         ("I5", "sum of their allocations", "UPDATE allocations SET completed_minor = completed_minor - 1, version = version + 1".into()),
-        ("I5", "transfers in those phases", "UPDATE funds SET completed_minor = completed_minor - 1, version = version + 1, investors_count = investors_count".into()),
+        ("I5", "transfers reserved or completed", "UPDATE funds SET allocated_minor = allocated_minor - 1, version = version + 1".into()),
         ("I6", "previous state", format!("UPDATE transfer_versions SET previous_state = 'requested' WHERE transfer_id = '{done}' AND version = 4")),
         ("I6", "without gaps", format!("DELETE FROM transfer_versions WHERE transfer_id = '{rejected}' AND version = 2")),
         ("I6", "share a status event id", format!("UPDATE transfer_versions SET event_id = (SELECT event_id FROM transfer_versions WHERE transfer_id = '{done}' AND version = 1) WHERE transfer_id = '{rejected}' AND version = 2")),

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
 use bridge_testkit::{BrokerKind, TestKit};
@@ -270,5 +270,72 @@ async fn the_history_is_keyed_by_model_key_and_entry_across_the_upgrade() -> Res
     let ledger: Vec<&str> =
         indexes.iter().filter(|(table, _)| table == "ledger_entries").map(|(_, def)| def.as_str()).collect();
     ensure!(ledger.len() == 2 && !ledger.iter().any(|def| def.contains("(account)")), "ledger's indexes: {ledger:?}");
+    Ok(())
+}
+
+/// A fund's reserved and completed totals become one allocated total, the
+/// part of its capacity taken (migration 0035): the fund keeps their sum,
+/// the split reads the same from its investors' allocations, the fund's
+/// history records the row's new shape once, and its limits still hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_funds_reserved_and_completed_totals_become_one_allocated_total_across_the_upgrade() -> Result<()> {
+    let (_, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
+    bridge_testkit::migrate_before(&pool, "0035").await?;
+
+    let mut conn = pool.acquire().await?;
+    let eur = bridge_domain::Currency::parse("EUR")?;
+    for id in ["ada", "bo"] {
+        let seed = bridge_store::accounts::InvestorSeed {
+            id: id.to_owned(),
+            opening_balance: bridge_domain::Money::new(100_00, eur),
+        };
+        bridge_store::accounts::seed_investor(&mut conn, &seed).await?;
+    }
+    let fund = bridge_store::accounts::FundSeed {
+        id: "growth".to_owned(),
+        name: "Growth".to_owned(),
+        currency: eur,
+        minimum_investment_minor: 1,
+        seats_max: 5,
+        capacity_minor: 1_000,
+    };
+    bridge_store::accounts::seed_fund(&mut conn, &fund).await?;
+    sqlx::query(
+        "INSERT INTO allocations (fund_id, investor_account_id, reserved_minor, completed_minor)
+         VALUES ('growth', 'ada', 300, 0), ('growth', 'bo', 100, 500)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE funds SET reserved_minor = 400, completed_minor = 500, investors_count = 2, version = version + 1
+         WHERE id = 'growth'",
+    )
+    .execute(&mut *conn)
+    .await?;
+    bridge_store::migrate(&pool).await?;
+
+    let allocated: i64 =
+        sqlx::query_scalar("SELECT allocated_minor FROM funds WHERE id = 'growth'").fetch_one(&mut *conn).await?;
+    ensure!(allocated == 900, "allocated {allocated}");
+    let overview = bridge_store::api::fund(&mut conn, "growth").await?.context("the fund")?;
+    ensure!(
+        (overview.reserved_minor, overview.completed_minor, overview.investors_count) == (400, 500, 2),
+        "{overview:?}"
+    );
+
+    let read = bridge_store::history::history(&mut conn, "funds", "growth", 1_000, None).await?;
+    let versions: Vec<i64> = read.iter().map(|entry| entry.version).collect();
+    ensure!(versions == [3, 2, 1], "the fund's history, newest first: {versions:?}");
+    let newest = &read[0];
+    let row: Value =
+        sqlx::query_scalar("SELECT to_jsonb(f) FROM funds f WHERE id = 'growth'").fetch_one(&mut *conn).await?;
+    ensure!(newest.actor == "migration 0035" && newest.after.as_ref() == Some(&row), "{newest:?}");
+    ensure!(newest.before.as_ref().and_then(|before| before.get("completed_minor")) == Some(&Value::from(500)));
+
+    // The capacity still binds: the fund has 100 left.
+    let over = sqlx::query("UPDATE funds SET allocated_minor = 1001, version = version + 1 WHERE id = 'growth'")
+        .execute(&mut *conn)
+        .await;
+    ensure!(over.is_err(), "a fund over its capacity was stored");
     Ok(())
 }

@@ -40,8 +40,9 @@ pub struct FundSnapshot {
     pub seats_max: i32,
     pub investors_count: i32,
     pub capacity_minor: i64,
-    pub reserved_minor: i64,
-    pub completed_minor: i64,
+    /// What the fund's investors hold in it, reserved or completed: the
+    /// part of its capacity taken.
+    pub allocated_minor: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,9 +97,7 @@ pub fn check_request(facts: &RequestFacts<'_>) -> Result<(), RejectReason> {
     if facts.investor_committed_minor <= 0 && fund.investors_count >= fund.seats_max {
         return Err(RejectReason::FundFull);
     }
-    let committed =
-        fund.reserved_minor.checked_add(fund.completed_minor).and_then(|sum| sum.checked_add(facts.amount_minor));
-    match committed {
+    match fund.allocated_minor.checked_add(facts.amount_minor) {
         Some(total) if total <= fund.capacity_minor => {}
         _ => return Err(RejectReason::FundCapacityExceeded),
     }
@@ -161,7 +160,7 @@ impl RunningBooks {
             fund: fund.map(|fund| {
                 let (reserved, seats) = self.taken.get(fund.id).copied().unwrap_or_default();
                 FundSnapshot {
-                    reserved_minor: fund.snapshot.reserved_minor.saturating_add(reserved),
+                    allocated_minor: fund.snapshot.allocated_minor.saturating_add(reserved),
                     investors_count: fund.snapshot.investors_count.saturating_add(seats),
                     ..fund.snapshot
                 }
@@ -229,8 +228,7 @@ mod tests {
                 seats_max: 2,
                 investors_count: 1,
                 capacity_minor: 50_000,
-                reserved_minor: 10_000,
-                completed_minor: 30_000,
+                allocated_minor: 40_000,
             }),
             rules,
             investor_committed_minor: 0,
@@ -388,8 +386,7 @@ mod tests {
             seats_max,
             investors_count: 0,
             capacity_minor,
-            reserved_minor: 0,
-            completed_minor: 0,
+            allocated_minor: 0,
         }
     }
 
@@ -493,7 +490,7 @@ mod tests {
                 });
                 if decision.is_ok() {
                     investors.get_mut(investor).unwrap().held_minor += amount;
-                    snapshot.reserved_minor += amount;
+                    snapshot.allocated_minor += amount;
                     if committed == 0 {
                         snapshot.investors_count += 1;
                     }

@@ -92,8 +92,9 @@ pub struct Effect {
     pub balance_minor: i64,
     /// What is held on the investor's balance for transfers in flight.
     pub held_minor: i64,
-    /// The investor's allocation in the fund (and the fund's totals):
-    /// reserved for transfers in flight, completed for finished ones.
+    /// The investor's allocation in the fund, reserved for transfers in
+    /// flight, completed for finished ones (and the fund's allocated total,
+    /// their sum, which a completion leaves as it is).
     pub reserved_minor: i64,
     pub completed_minor: i64,
     /// The fund account's balance.

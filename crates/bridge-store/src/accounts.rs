@@ -262,10 +262,10 @@ pub struct FundView {
 }
 
 /// A fund account and the fund behind it.
-type FundViewRow = (String, String, String, String, i64, i32, i32, i64, i64, i64, i64, serde_json::Value);
+type FundViewRow = (String, String, String, String, i64, i32, i32, i64, i64, i64, serde_json::Value);
 
 const FUND_VIEW: &str = "SELECT a.id, f.id, a.currency, f.currency, f.minimum_investment_minor, f.seats_max,
-        f.investors_count, f.capacity_minor, f.reserved_minor, f.completed_minor, f.version, f.rules
+        f.investors_count, f.capacity_minor, f.allocated_minor, f.version, f.rules
  FROM fund_accounts a JOIN funds f ON f.id = a.fund_id";
 
 fn fund_view(row: FundViewRow) -> Result<(String, FundView)> {
@@ -278,8 +278,7 @@ fn fund_view(row: FundViewRow) -> Result<(String, FundView)> {
         seats_max,
         investors,
         capacity,
-        reserved,
-        completed,
+        allocated,
         version,
         rules,
     ) = row;
@@ -303,8 +302,7 @@ fn fund_view(row: FundViewRow) -> Result<(String, FundView)> {
                     seats_max,
                     investors_count: investors,
                     capacity_minor: capacity,
-                    reserved_minor: reserved,
-                    completed_minor: completed,
+                    allocated_minor: allocated,
                 },
                 version,
             },
@@ -468,14 +466,15 @@ pub(crate) async fn credit_fund_account(conn: &mut PgConnection, id: &str, amoun
     Ok(())
 }
 
-/// Changes an investor's allocation in a fund and, in the same statement,
-/// the fund's totals and seat count.
+/// Reserves (a positive delta) or releases (a negative one) an investor's
+/// allocation in a fund and, in the same statement, the fund's allocated
+/// total and seat count.
 ///
-/// A fund is the hottest row in the system: every validation, completion and
-/// release of every investor in it updates the same row. So this is not a
+/// A fund is the hottest row in the system: every validation and release
+/// of every investor in it updates the same row. So this is not a
 /// read-then-version-check (which would make concurrent transactions on one
 /// fund abort each other and retry in a storm) but one atomic statement: the
-/// allocation is upserted by its deltas, the seat change follows from its
+/// allocation is upserted by its delta, the seat change follows from its
 /// total before and after, and the fund's update carries a guard that
 /// restates the fund's limits. It waits only for row locks, and it applies
 /// only if the fund still has room. A fund that filled up since the caller's
@@ -488,66 +487,90 @@ pub(crate) async fn adjust_allocation(
     fund_id: &str,
     investor_account_id: &str,
     reserved_delta_minor: i64,
-    completed_delta_minor: i64,
 ) -> Result<()> {
     let updated = sqlx::query(
         "WITH updated AS (
              UPDATE allocations
-             SET reserved_minor = reserved_minor + $3, completed_minor = completed_minor + $4,
-                 version = version + 1, updated_at = now()
+             SET reserved_minor = reserved_minor + $3, version = version + 1, updated_at = now()
              WHERE fund_id = $1 AND investor_account_id = $2
              RETURNING reserved_minor + completed_minor AS total_after
          ),
          -- Not ON CONFLICT: Postgres checks the proposed row before the
-         -- conflict, so a negative delta (a completion, a release) would fail
-         -- the CHECKs even when the row exists. A concurrent first insert
-         -- for the same pair loses with a retryable unique violation.
+         -- conflict, so a negative delta (a release) would fail the CHECKs
+         -- even when the row exists. A concurrent first insert for the same
+         -- pair loses with a retryable unique violation.
          inserted AS (
              INSERT INTO allocations (fund_id, investor_account_id, reserved_minor, completed_minor)
-             SELECT $1, $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM updated)
+             SELECT $1, $2, $3, 0 WHERE NOT EXISTS (SELECT 1 FROM updated)
              RETURNING reserved_minor + completed_minor AS total_after
          ),
          allocation AS (SELECT total_after FROM updated UNION ALL SELECT total_after FROM inserted),
          seat AS (
              SELECT CASE
-                 WHEN total_after - $3 - $4 <= 0 AND total_after > 0 THEN 1
-                 WHEN total_after - $3 - $4 > 0 AND total_after <= 0 THEN -1
+                 WHEN total_after - $3 <= 0 AND total_after > 0 THEN 1
+                 WHEN total_after - $3 > 0 AND total_after <= 0 THEN -1
                  ELSE 0
              END AS delta
              FROM allocation
          )
          UPDATE funds
-         SET reserved_minor = reserved_minor + $3, completed_minor = completed_minor + $4,
+         SET allocated_minor = allocated_minor + $3,
              investors_count = investors_count + seat.delta, version = version + 1, updated_at = now()
          FROM seat
          WHERE funds.id = $1
-           AND funds.reserved_minor + $3 + funds.completed_minor + $4 <= funds.capacity_minor
+           AND funds.allocated_minor + $3 <= funds.capacity_minor
            AND funds.investors_count + seat.delta <= funds.seats_max",
     )
     .bind(fund_id)
     .bind(investor_account_id)
     .bind(reserved_delta_minor)
-    .bind(completed_delta_minor)
     .execute(conn)
     .await?
     .rows_affected();
     exactly_one(updated, "fund", fund_id)
 }
 
-/// Turns reserved allocations into completed ones for a batch of
-/// completions, `(fund, investor, amount)` each, set-based: rows are locked
-/// allocations first, then funds, each in key order, the order every other
-/// writer of these rows follows too (`adjust_allocation` updates an
-/// allocation, then its fund), so batches and single steps cannot deadlock.
-/// A completion changes no total, so no limit can refuse it; the CHECK
-/// constraints still refuse a reservation that is not there.
+/// Turns an investor's reserved allocation in a fund into a completed one.
+/// The fund's allocated total and seats do not change, so its row is not
+/// touched: a completion never waits for, nor holds up, a validation into
+/// the same fund. The CHECK constraints refuse a reservation that is not
+/// there.
+pub(crate) async fn complete_allocation(
+    conn: &mut PgConnection,
+    fund_id: &str,
+    investor_account_id: &str,
+    amount_minor: i64,
+) -> Result<()> {
+    let updated = sqlx::query(
+        "UPDATE allocations
+         SET reserved_minor = reserved_minor - $3, completed_minor = completed_minor + $3,
+             version = version + 1, updated_at = now()
+         WHERE fund_id = $1 AND investor_account_id = $2",
+    )
+    .bind(fund_id)
+    .bind(investor_account_id)
+    .bind(amount_minor)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    if updated != 1 {
+        return Err(Error::Corrupt(format!("no allocation of {investor_account_id} in fund {fund_id} to complete")));
+    }
+    Ok(())
+}
+
+/// `complete_allocation` for a batch of completions, `(fund, investor,
+/// amount)` each, set-based: the allocations are locked in key order first,
+/// the order every other writer of them follows too (`adjust_allocation`
+/// and `reserve_allocations` take an allocation before its fund), so
+/// batches and single steps cannot deadlock.
 pub(crate) async fn complete_allocations(conn: &mut PgConnection, completions: &[(String, String, i64)]) -> Result<()> {
     let funds: Vec<&str> = completions.iter().map(|(fund, _, _)| fund.as_str()).collect();
     let investors: Vec<&str> = completions.iter().map(|(_, investor, _)| investor.as_str()).collect();
     let amounts: Vec<i64> = completions.iter().map(|(_, _, amount)| *amount).collect();
     let pairs = completions.iter().map(|(fund, investor, _)| (fund, investor)).collect::<HashSet<_>>();
     let pairs = pairs.len() as u64;
-    let locked = lock_allocations_then_funds(conn, &funds, &investors).await?;
+    let locked = lock_allocations(conn, &funds, &investors).await?;
     let updated = sqlx::query(
         "UPDATE allocations a
          SET reserved_minor = a.reserved_minor - i.amount, completed_minor = a.completed_minor + i.amount,
@@ -566,27 +589,12 @@ pub(crate) async fn complete_allocations(conn: &mut PgConnection, completions: &
     if locked != pairs || updated != pairs {
         return Err(Error::Corrupt(format!("{} of {pairs} allocations to complete are missing", pairs - updated)));
     }
-    sqlx::query(
-        "UPDATE funds f
-         SET reserved_minor = f.reserved_minor - i.amount, completed_minor = f.completed_minor + i.amount,
-             version = f.version + 1, updated_at = now()
-         FROM (SELECT fund_id, sum(amount) AS amount FROM unnest($1::text[], $2::bigint[]) AS i(fund_id, amount)
-               GROUP BY 1) i
-         WHERE f.id = i.fund_id",
-    )
-    .bind(&funds)
-    .bind(&amounts)
-    .execute(&mut *conn)
-    .await?;
     Ok(())
 }
 
-/// Locks the existing allocations of these `(fund, investor)` pairs, then
-/// their funds, each in key order: the order every writer of these rows
-/// follows (`adjust_allocation` updates an allocation, then its fund), so
-/// batches and single steps cannot deadlock on them. Returns how many
-/// allocations it locked.
-async fn lock_allocations_then_funds(conn: &mut PgConnection, funds: &[&str], investors: &[&str]) -> Result<u64> {
+/// Locks the existing allocations of these `(fund, investor)` pairs in key
+/// order and returns how many it locked.
+async fn lock_allocations(conn: &mut PgConnection, funds: &[&str], investors: &[&str]) -> Result<u64> {
     let locked = sqlx::query_scalar::<_, i64>(
         "SELECT count(*) FROM (
              SELECT 1 FROM allocations a
@@ -598,7 +606,6 @@ async fn lock_allocations_then_funds(conn: &mut PgConnection, funds: &[&str], in
     .bind(investors)
     .fetch_one(&mut *conn)
     .await?;
-    lock_in_key_order(conn, "funds", funds).await?;
     Ok(locked as u64)
 }
 
@@ -626,7 +633,7 @@ fn all_updated(updated: u64, expected: usize, what: &str) -> Result<()> {
 /// amount)` each, set-based: `adjust_allocation`'s reservation for all of
 /// them in one statement, after locking the rows in key order. Each
 /// allocation grows by its pair's total (created if it is new), each fund's
-/// reserved total by its requests' sum and its seat count by the pairs that
+/// allocated total by its requests' sum and its seat count by the pairs that
 /// had no seat before; each fund's update carries the same guard as
 /// `adjust_allocation`, so a fund that filled up since the caller decided
 /// refuses the whole batch with a conflict.
@@ -642,7 +649,10 @@ pub(crate) async fn reserve_allocations(conn: &mut PgConnection, reservations: &
     let investors: Vec<&str> = pairs.keys().map(|(_, investor)| *investor).collect();
     let amounts: Vec<i64> = pairs.values().copied().collect();
     let distinct_funds = funds.iter().collect::<HashSet<_>>().len() as u64;
-    lock_allocations_then_funds(conn, &funds, &investors).await?;
+    // Allocations, then their funds: the order every writer of these rows
+    // follows, so batches and single steps cannot deadlock on them.
+    lock_allocations(conn, &funds, &investors).await?;
+    lock_in_key_order(conn, "funds", &funds).await?;
     let updated = sqlx::query(
         "WITH input AS (
              SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) AS i(fund_id, investor_account_id, amount)
@@ -672,11 +682,11 @@ pub(crate) async fn reserve_allocations(conn: &mut PgConnection, reservations: &
              GROUP BY fund_id
          )
          UPDATE funds f
-         SET reserved_minor = f.reserved_minor + p.amount, investors_count = f.investors_count + p.seats,
+         SET allocated_minor = f.allocated_minor + p.amount, investors_count = f.investors_count + p.seats,
              version = f.version + 1, updated_at = now()
          FROM per_fund p
          WHERE f.id = p.fund_id
-           AND f.reserved_minor + p.amount + f.completed_minor <= f.capacity_minor
+           AND f.allocated_minor + p.amount <= f.capacity_minor
            AND f.investors_count + p.seats <= f.seats_max",
     )
     .bind(&funds)

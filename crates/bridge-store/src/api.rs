@@ -132,9 +132,14 @@ pub struct FundOverview {
 
 pub async fn fund(conn: &mut PgConnection, id: &str) -> Result<Option<FundOverview>> {
     let row: Option<(String, String, String, i64, i32, i32, i64, i64, i64, serde_json::Value)> = sqlx::query_as(
-        "SELECT id, name, currency, minimum_investment_minor, seats_max, investors_count, capacity_minor,
-                reserved_minor, completed_minor, rules
-         FROM funds WHERE id = $1",
+        // The fund's row holds only the total its capacity bounds; the split
+        // is its investors' allocations, summed in the same snapshot.
+        "SELECT f.id, f.name, f.currency, f.minimum_investment_minor, f.seats_max, f.investors_count,
+                f.capacity_minor, coalesce(a.reserved, 0)::bigint, coalesce(a.completed, 0)::bigint, f.rules
+         FROM funds f
+         LEFT JOIN LATERAL (SELECT sum(reserved_minor) AS reserved, sum(completed_minor) AS completed
+                            FROM allocations WHERE fund_id = f.id) a ON true
+         WHERE f.id = $1",
     )
     .bind(id)
     .fetch_optional(conn)

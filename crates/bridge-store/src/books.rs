@@ -77,19 +77,13 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
     let mut releases = BTreeMap::new();
     for (transfer, effect) in changes {
         let investor = transfer.investor_account_id.as_str();
-        match (effect.reserved_minor, effect.completed_minor) {
-            (0, 0) => {}
-            (reserved, 0) if reserved > 0 => reservations.push((fund_of(transfer)?, investor, reserved)),
-            (reserved, completed) if reserved == -completed => {
-                completions.push((fund_of(transfer)?.to_owned(), investor.to_owned(), completed));
+        match allocation_change(transfer, effect)? {
+            AllocationChange::None => {}
+            AllocationChange::Reserve(amount) => reservations.push((fund_of(transfer)?, investor, amount)),
+            AllocationChange::Complete(amount) => {
+                completions.push((fund_of(transfer)?.to_owned(), investor.to_owned(), amount));
             }
-            (reserved, 0) => *releases.entry((fund_of(transfer)?, investor)).or_default() += reserved,
-            (reserved, completed) => {
-                return Err(Error::Corrupt(format!(
-                    "transfer {}: no step reserves {reserved} and completes {completed}",
-                    transfer.id
-                )));
-            }
+            AllocationChange::Release(amount) => *releases.entry((fund_of(transfer)?, investor)).or_default() += amount,
         }
     }
     accounts::reserve_allocations(conn, &reservations).await?;
@@ -99,7 +93,7 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
     // Releases come one at a time (a decline, a reversal); in key order all
     // the same.
     for ((fund, investor), released) in releases {
-        accounts::adjust_allocation(conn, fund, investor, released, 0).await?;
+        accounts::adjust_allocation(conn, fund, investor, -released).await?;
     }
 
     let credits: Vec<(&str, i64)> = changes
@@ -136,21 +130,49 @@ async fn apply_one(conn: &mut PgConnection, transfer: &Transfer, effect: &Effect
     if effect.balance_minor != 0 || effect.held_minor != 0 {
         accounts::adjust_investor(conn, &transfer.investor_account_id, effect.balance_minor, effect.held_minor).await?;
     }
-    if effect.reserved_minor != 0 || effect.completed_minor != 0 {
-        let fund = fund_of(transfer)?;
-        accounts::adjust_allocation(
-            conn,
-            fund,
-            &transfer.investor_account_id,
-            effect.reserved_minor,
-            effect.completed_minor,
-        )
-        .await?;
+    match allocation_change(transfer, effect)? {
+        AllocationChange::None => {}
+        AllocationChange::Reserve(amount) => {
+            accounts::adjust_allocation(conn, fund_of(transfer)?, &transfer.investor_account_id, amount).await?;
+        }
+        AllocationChange::Release(amount) => {
+            accounts::adjust_allocation(conn, fund_of(transfer)?, &transfer.investor_account_id, -amount).await?;
+        }
+        AllocationChange::Complete(amount) => {
+            accounts::complete_allocation(conn, fund_of(transfer)?, &transfer.investor_account_id, amount).await?;
+        }
     }
     if effect.fund_account_minor != 0 {
         accounts::credit_fund_account(conn, &transfer.fund_account_id, effect.fund_account_minor).await?;
     }
     Ok(())
+}
+
+/// What an event does to the investor's allocation in the fund (and so to
+/// the fund's allocated total): amounts are positive.
+enum AllocationChange {
+    None,
+    /// Reserved, taking capacity (and a seat, if the investor had none).
+    Reserve(i64),
+    /// A reservation given back (a decline, a refund).
+    Release(i64),
+    /// A reservation made completed; the fund's total is unchanged.
+    Complete(i64),
+}
+
+fn allocation_change(transfer: &Transfer, effect: &Effect) -> Result<AllocationChange> {
+    Ok(match (effect.reserved_minor, effect.completed_minor) {
+        (0, 0) => AllocationChange::None,
+        (reserved, 0) if reserved > 0 => AllocationChange::Reserve(reserved),
+        (reserved, 0) => AllocationChange::Release(-reserved),
+        (reserved, completed) if reserved == -completed && completed > 0 => AllocationChange::Complete(completed),
+        (reserved, completed) => {
+            return Err(Error::Corrupt(format!(
+                "transfer {}: no step reserves {reserved} and completes {completed}",
+                transfer.id
+            )))
+        }
+    })
 }
 
 fn money_of(transfer: &Transfer) -> Result<Money> {

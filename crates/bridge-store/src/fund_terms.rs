@@ -33,7 +33,7 @@ pub async fn fund_ids(conn: &mut PgConnection) -> Result<Vec<String>> {
 pub async fn apply_fund_terms(conn: &mut PgConnection, fund_id: &str, terms: &FundTerms) -> Result<TermsApplied> {
     let current: Option<(String, i64, i32, i64, i32, i64, serde_json::Value, i64)> = sqlx::query_as(
         "SELECT currency, minimum_investment_minor, seats_max, capacity_minor, investors_count,
-                reserved_minor + completed_minor, rules, version
+                allocated_minor, rules, version
          FROM funds WHERE id = $1 FOR UPDATE",
     )
     .bind(fund_id)

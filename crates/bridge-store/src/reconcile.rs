@@ -151,28 +151,26 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "I5",
         "no fund over its capacity or seat count",
         "SELECT count(*) FROM funds
-         WHERE reserved_minor + completed_minor > capacity_minor OR investors_count > seats_max
-            OR reserved_minor < 0 OR completed_minor < 0",
+         WHERE allocated_minor > capacity_minor OR investors_count > seats_max OR allocated_minor < 0",
     ),
     (
         "I5",
         "fund totals and seats equal the sum of their allocations",
         "SELECT count(*) FROM funds f
-         LEFT JOIN (SELECT fund_id, sum(reserved_minor) AS reserved, sum(completed_minor) AS completed,
+         LEFT JOIN (SELECT fund_id, sum(reserved_minor + completed_minor) AS allocated,
                            count(*) FILTER (WHERE reserved_minor + completed_minor > 0) AS seats
                     FROM allocations GROUP BY fund_id) a ON a.fund_id = f.id
-         WHERE f.reserved_minor <> coalesce(a.reserved, 0) OR f.completed_minor <> coalesce(a.completed, 0)
-            OR f.investors_count <> coalesce(a.seats, 0)",
+         WHERE f.allocated_minor <> coalesce(a.allocated, 0) OR f.investors_count <> coalesce(a.seats, 0)",
     ),
     (
         "I5",
-        "reserved and completed allocations equal the transfers in those phases",
+        "fund totals equal the transfers reserved or completed in them",
         "SELECT count(*) FROM funds f
-         LEFT JOIN (SELECT fund_id,
-                           sum(amount_minor) FILTER (WHERE state IN ('validated', 'withdrawn', 'deposited', 'manual_review')) AS reserved,
-                           sum(amount_minor) FILTER (WHERE state = 'completed') AS completed
-                    FROM transfers WHERE fund_id IS NOT NULL GROUP BY fund_id) t ON t.fund_id = f.id
-         WHERE f.reserved_minor <> coalesce(t.reserved, 0) OR f.completed_minor <> coalesce(t.completed, 0)",
+         LEFT JOIN (SELECT fund_id, sum(amount_minor) AS allocated FROM transfers
+                    WHERE fund_id IS NOT NULL
+                      AND state IN ('validated', 'withdrawn', 'deposited', 'manual_review', 'completed')
+                    GROUP BY fund_id) t ON t.fund_id = f.id
+         WHERE f.allocated_minor <> coalesce(t.allocated, 0)",
     ),
     (
         "I5",
