@@ -74,7 +74,7 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
     // Allocations, then their funds.
     let mut reservations = Vec::new();
     let mut completions = Vec::new();
-    let mut releases = BTreeMap::new();
+    let mut releases: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for (transfer, effect) in changes {
         let investor = transfer.investor_account_id.as_str();
         match allocation_change(transfer, effect)? {
