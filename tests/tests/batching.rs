@@ -151,6 +151,85 @@ async fn queued_completions_apply_in_batches_past_held_fund_rows_and_bad_batches
     kit.assert_books_balance().await
 }
 
+/// At a paced load a lane finds one message queued. Such lone messages
+/// share their stage's next transaction while one is in flight, instead of
+/// each running a transaction of its own beside it: with a completion held
+/// in flight (its allocation locked), completions arriving one by one wait,
+/// then go together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lone_messages_wait_for_their_stages_transaction_in_flight_and_then_share_one() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    for investor in 0..9 {
+        kit.seed_investor(&format!("inv-{investor}"), 1_000_000_00).await?;
+    }
+    let fund = kit.seed_fund("fund", 100_00, 100, 100_000_000_00).await?;
+    let upstream = kit.spawn(&[
+        Part::Stage(StageName::Validator),
+        Part::Stage(StageName::Withdrawal),
+        Part::Stage(StageName::Deposit),
+        Part::Relay,
+    ]);
+    let held = kit.publish(&kit.request("inv-0", &fund, 1_000_00)).await?;
+    wait_states(&kit, &[held], &counts(&[("deposited", 1)])).await?;
+    let mut lock = kit.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM allocations WHERE investor_account_id = 'inv-0' FOR UPDATE").execute(&mut *lock).await?;
+    let completion = kit.spawn(&[Part::Stage(StageName::Completion)]);
+    // Its transaction reaches the lock and waits there, in flight.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&kit.pool)
+        .await?;
+        if waiting > 0 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the held completion never reached the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // One at a time, so each reaches its completion lane alone.
+    let mut lone = Vec::new();
+    for investor in 1..9 {
+        let id = kit.publish(&kit.request(&format!("inv-{investor}"), &fund, 1_000_00)).await?;
+        lone.push(id);
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let states = kit.state_counts(&[id]).await?;
+            if states.contains_key("deposited") || states.contains_key("completed") {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "transfer {id}: {states:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        kit.wait_outbox_drained(SETTLE).await?;
+    }
+    // The completion consumer fetches within milliseconds; none of them
+    // may complete beside the transaction in flight.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let states = kit.state_counts(&lone).await?;
+    ensure!(states == counts(&[("deposited", 8)]), "while a completion was in flight: {states:?}");
+
+    lock.rollback().await?;
+    let mut all = lone.clone();
+    all.push(held);
+    kit.wait_terminal(&all, SETTLE).await?;
+    completion.stop().await?;
+    upstream.stop().await?;
+    // The completions of the partitions other than the held one's waited
+    // together; the next transaction took them all (the last update of a
+    // transfer's row is its completion).
+    let shared: i64 = sqlx::query_scalar(
+        "SELECT max(n) FROM (SELECT count(*) AS n FROM transfers WHERE id = ANY($1) GROUP BY xmin::text) t",
+    )
+    .bind(&lone)
+    .fetch_one(&kit.pool)
+    .await?;
+    ensure!(shared >= 2, "the lone completions went in transactions of at most {shared}");
+    kit.assert_books_balance().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queued_requests_validate_in_batches_as_one_at_a_time_would() -> Result<()> {
     let kit = TestKit::start(BrokerKind::InProcess).await?;

@@ -208,7 +208,12 @@ impl Lane {
                 }
             }
             let (messages, tickets): (Vec<Inbound>, Vec<Ticket>) = queued.into_iter().unzip();
-            let applied = if messages.len() > 1 { self.apply_batch(&messages).await } else { Vec::new() };
+            // A lone message takes the batch path too: with no transaction of
+            // its stage in flight it runs at once (a batch of one applies the
+            // one-message statements), and otherwise it joins the stage's
+            // next transaction with the other partitions' messages waiting,
+            // instead of a transaction of its own beside the one in flight.
+            let applied = if messages.is_empty() { Vec::new() } else { self.apply_batch(&messages).await };
             for (index, (inbound, ticket)) in messages.iter().zip(tickets).enumerate() {
                 if applied.get(index).copied().unwrap_or(false) {
                     ticket.finish(&*self.consumer);

@@ -10,7 +10,9 @@
 //! the next transaction takes all of them at once (whole batches, up to
 //! `BRIDGE_BATCH_SIZE_MAX` messages), in the order they came. Nothing waits for more to arrive: a lone batch finds a
 //! free slot and runs at once, so this adds no latency at low load, and the
-//! busier the stage, the larger its transactions.
+//! busier the stage, the larger its transactions. A lane's lone message
+//! comes here too (but for the money stages'; see `money_batch`), so a
+//! paced load's messages, one per lane, share transactions as well.
 //!
 //! A lane keeps its own order: it waits for its batch's answer before it
 //! takes its next messages, and one lane's messages stay together and in
