@@ -82,17 +82,20 @@ async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> 
     if current.len() != ids.len() || current.iter().any(|transfer| transfer.state != TransferState::Deposited) {
         return Ok(false);
     }
+    let mut spans = Vec::with_capacity(current.len());
     let steps: Vec<Advance<'_>> = current
         .iter()
         .map(|before| {
             // Each status event under the span of the message that caused
             // it, so a transfer's trace stays one tree.
             let (message, _) = batch[&before.id];
-            let span = message_span(stage.as_str(), message);
+            let span = batch_message_span(ctx, stage, message);
             let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
+            spans.push(span);
             Advance { before, trace, reference: String::new(), actor: None }
         })
         .collect();
     finish_step(ctx, tx, stage.as_str(), &TransferEvent::Completed, &steps).await?;
+    log_applied(&spans);
     Ok(true)
 }

@@ -239,6 +239,23 @@ macro_rules! stage_event {
     };
 }
 
+/// The span of a message a batch carries: the one-message path's span,
+/// with the stage's consumer group, which there the consumer's lane
+/// records.
+fn batch_message_span(ctx: &StageContext, stage: StageName, message: &Inbound) -> tracing::Span {
+    let span = message_span(stage.as_str(), message);
+    span.record("messaging.consumer.group.name", stage.group_id(&ctx.config).as_str());
+    span
+}
+
+/// The line the one-message path writes for each message it applied,
+/// under each message's span, once the batch's transaction has committed.
+fn log_applied(spans: &[tracing::Span]) {
+    for span in spans {
+        span.in_scope(|| tracing::debug!(outcome = ?Outcome::Applied, "Message processed"));
+    }
+}
+
 /// Applies a lane's batch `items` with `apply` in a transaction that may
 /// take other partitions' batches too (see `group_commit`), and answers per
 /// item whether it was applied. `apply` applies all of its items or none:

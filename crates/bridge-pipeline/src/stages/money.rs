@@ -583,6 +583,7 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
     pending::finish_many(&mut tx, &settled_ids, step.step().as_str()).await?;
     let by_transfer: std::collections::HashMap<Uuid, &SettledStep> =
         settled.iter().map(|settled| (settled.transfer_id, settled)).collect();
+    let mut spans = Vec::with_capacity(current.len());
     let steps: Vec<Advance<'_>> = current
         .iter()
         .map(|before| {
@@ -590,12 +591,14 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
             // transfer's trace stays one tree.
             let settled = by_transfer[&before.id];
             let message = &settled.message;
-            let span = message_span(stage.as_str(), message);
+            let span = batch_message_span(ctx, stage, message);
             let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
+            spans.push(span);
             Advance { before, trace, reference: settled.reference.clone(), actor: None }
         })
         .collect();
     finish_step(ctx, tx, stage.as_str(), &step.applied(), &steps).await?;
+    log_applied(&spans);
     Ok(true)
 }
 

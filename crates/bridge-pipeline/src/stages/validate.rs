@@ -181,7 +181,6 @@ pub async fn validate_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<boo
 }
 
 async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]) -> Result<bool, StageError> {
-    let stage = StageName::Validator.as_str();
     let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     let ids: Vec<Uuid> = requests.iter().map(|(_, requested)| requested.id).collect();
     if !transfers::get_many(&mut tx, &ids).await?.is_empty() {
@@ -238,12 +237,14 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
     }
     let next = transfers::insert_decided(&mut tx, &decided).await?;
     let mut messages = Vec::with_capacity(3 * requests.len());
+    let mut spans = Vec::with_capacity(requests.len());
     for (((message, _), (requested, _)), after) in requests.iter().zip(&decided).zip(&next) {
         // Each transfer's events under the span of the message that
         // caused them, so its trace stays one tree.
-        let span = message_span(stage, message);
+        let span = batch_message_span(ctx, StageName::Validator, message);
         let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
         messages.extend(validation_messages(ctx, requested, true, after, &trace)?);
+        spans.push(span);
     }
     outbox::enqueue(&mut tx, &messages).await?;
     let changes: Vec<_> =
@@ -252,6 +253,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
     accounts::check_investor_limits(&mut tx, &limits).await?;
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await?;
+    log_applied(&spans);
     Ok(true)
 }
 
