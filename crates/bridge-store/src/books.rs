@@ -79,11 +79,11 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
         let investor = transfer.investor_account_id.as_str();
         match allocation_change(transfer, effect)? {
             AllocationChange::None => {}
-            AllocationChange::Reserve(amount) => reservations.push((fund_of(transfer)?, investor, amount)),
+            AllocationChange::Allocate(delta) if delta > 0 => reservations.push((fund_of(transfer)?, investor, delta)),
+            AllocationChange::Allocate(delta) => *releases.entry((fund_of(transfer)?, investor)).or_default() += delta,
             AllocationChange::Complete(amount) => {
                 completions.push((fund_of(transfer)?.to_owned(), investor.to_owned(), amount));
             }
-            AllocationChange::Release(amount) => *releases.entry((fund_of(transfer)?, investor)).or_default() += amount,
         }
     }
     accounts::reserve_allocations(conn, &reservations).await?;
@@ -93,7 +93,7 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
     // Releases come one at a time (a decline, a reversal); in key order all
     // the same.
     for ((fund, investor), released) in releases {
-        accounts::adjust_allocation(conn, fund, investor, -released).await?;
+        accounts::adjust_allocation(conn, fund, investor, released).await?;
     }
 
     let credits: Vec<(&str, i64)> = changes
@@ -132,11 +132,8 @@ async fn apply_one(conn: &mut PgConnection, transfer: &Transfer, effect: &Effect
     }
     match allocation_change(transfer, effect)? {
         AllocationChange::None => {}
-        AllocationChange::Reserve(amount) => {
-            accounts::adjust_allocation(conn, fund_of(transfer)?, &transfer.investor_account_id, amount).await?;
-        }
-        AllocationChange::Release(amount) => {
-            accounts::adjust_allocation(conn, fund_of(transfer)?, &transfer.investor_account_id, -amount).await?;
+        AllocationChange::Allocate(delta) => {
+            accounts::adjust_allocation(conn, fund_of(transfer)?, &transfer.investor_account_id, delta).await?;
         }
         AllocationChange::Complete(amount) => {
             accounts::complete_allocation(conn, fund_of(transfer)?, &transfer.investor_account_id, amount).await?;
@@ -149,22 +146,21 @@ async fn apply_one(conn: &mut PgConnection, transfer: &Transfer, effect: &Effect
 }
 
 /// What an event does to the investor's allocation in the fund (and so to
-/// the fund's allocated total): amounts are positive.
+/// the fund's allocated total).
 enum AllocationChange {
     None,
-    /// Reserved, taking capacity (and a seat, if the investor had none).
-    Reserve(i64),
-    /// A reservation given back (a decline, a refund).
-    Release(i64),
-    /// A reservation made completed; the fund's total is unchanged.
+    /// Reserved (positive: taking capacity, and a seat if the investor had
+    /// none) or a reservation given back (negative: a decline, a refund).
+    Allocate(i64),
+    /// This much of the reservation made completed; the fund's total is
+    /// unchanged.
     Complete(i64),
 }
 
 fn allocation_change(transfer: &Transfer, effect: &Effect) -> Result<AllocationChange> {
     Ok(match (effect.reserved_minor, effect.completed_minor) {
         (0, 0) => AllocationChange::None,
-        (reserved, 0) if reserved > 0 => AllocationChange::Reserve(reserved),
-        (reserved, 0) => AllocationChange::Release(-reserved),
+        (reserved, 0) => AllocationChange::Allocate(reserved),
         (reserved, completed) if reserved == -completed && completed > 0 => AllocationChange::Complete(completed),
         (reserved, completed) => {
             return Err(Error::Corrupt(format!(

@@ -83,13 +83,14 @@ async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> 
         return Ok(false);
     }
     let mut spans = Vec::with_capacity(current.len());
+    let group = stage.group_id(&ctx.config);
     let steps: Vec<Advance<'_>> = current
         .iter()
         .map(|before| {
             // Each status event under the span of the message that caused
             // it, so a transfer's trace stays one tree.
             let (message, _) = batch[&before.id];
-            let span = batch_message_span(ctx, stage, message);
+            let span = batch_message_span(stage, &group, message);
             let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
             spans.push(span);
             Advance { before, trace, reference: String::new(), actor: None }

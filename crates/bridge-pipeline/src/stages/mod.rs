@@ -240,11 +240,11 @@ macro_rules! stage_event {
 }
 
 /// The span of a message a batch carries: the one-message path's span,
-/// with the stage's consumer group, which there the consumer's lane
-/// records.
-fn batch_message_span(ctx: &StageContext, stage: StageName, message: &Inbound) -> tracing::Span {
+/// with the stage's consumer group (`StageName::group_id`, taken once per
+/// batch), which there the consumer's lane records.
+fn batch_message_span(stage: StageName, group: &str, message: &Inbound) -> tracing::Span {
     let span = message_span(stage.as_str(), message);
-    span.record("messaging.consumer.group.name", stage.group_id(&ctx.config).as_str());
+    span.record("messaging.consumer.group.name", group);
     span
 }
 

@@ -584,6 +584,7 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
     let by_transfer: std::collections::HashMap<Uuid, &SettledStep> =
         settled.iter().map(|settled| (settled.transfer_id, settled)).collect();
     let mut spans = Vec::with_capacity(current.len());
+    let group = stage.group_id(&ctx.config);
     let steps: Vec<Advance<'_>> = current
         .iter()
         .map(|before| {
@@ -591,7 +592,7 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
             // transfer's trace stays one tree.
             let settled = by_transfer[&before.id];
             let message = &settled.message;
-            let span = batch_message_span(ctx, stage, message);
+            let span = batch_message_span(stage, &group, message);
             let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
             spans.push(span);
             Advance { before, trace, reference: settled.reference.clone(), actor: None }

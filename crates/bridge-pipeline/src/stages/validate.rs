@@ -238,10 +238,11 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
     let next = transfers::insert_decided(&mut tx, &decided).await?;
     let mut messages = Vec::with_capacity(3 * requests.len());
     let mut spans = Vec::with_capacity(requests.len());
+    let group = StageName::Validator.group_id(&ctx.config);
     for (((message, _), (requested, _)), after) in requests.iter().zip(&decided).zip(&next) {
         // Each transfer's events under the span of the message that
         // caused them, so its trace stays one tree.
-        let span = batch_message_span(ctx, StageName::Validator, message);
+        let span = batch_message_span(StageName::Validator, &group, message);
         let trace = span.in_scope(|| TraceContext::continue_or_start(message.header("traceparent")));
         messages.extend(validation_messages(ctx, requested, true, after, &trace)?);
         spans.push(span);
