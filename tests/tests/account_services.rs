@@ -74,6 +74,89 @@ async fn transient_failures_and_lost_replies_move_money_once() -> Result<()> {
     kit.assert_books_balance().await
 }
 
+/// The simulator with its books in memory, as load runs serve it: the same
+/// failures and settlements later, every transfer completes, and the
+/// services list, page by page, exactly the operations our ledger records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn books_in_memory_honour_keys_and_list_every_operation_in_pages() -> Result<()> {
+    let kit = TestKit::start_with(BrokerKind::InProcess, |config| config.retry_backoff_max_ms = 200).await?;
+    for investor in 0..4 {
+        kit.seed_investor(&format!("inv-{investor}"), 100_000_00).await?;
+    }
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_00).await?;
+    let faults = OperationFaults {
+        rate_limited_bp: 1_000,
+        server_error_bp: 1_000,
+        unknown_outcome_bp: 2_000,
+        settle_after_ms: 200,
+        pending_bp: 3_000,
+        ..OperationFaults::default()
+    };
+    let plan = FaultPlan { seed: 5, withdrawal: faults, refund: faults, deposit: faults, ..FaultPlan::none() };
+    let simulator = kit.start_simulator_in_memory(plan).await?;
+    let pipeline = kit.spawn_with_services(&Part::all(), kit.http_services(&simulator.url, 1_000)?);
+    let mut ids = Vec::new();
+    for index in 0..16 {
+        ids.push(kit.publish(&kit.request(&format!("inv-{}", index % 4), &fund_account, 1_000_00 + index)).await?);
+    }
+    kit.wait_terminal(&ids, SETTLE).await?;
+    pipeline.stop().await?;
+    let states = kit.state_counts(&ids).await?;
+    ensure!(states.get("completed") == Some(&16), "{states:?}");
+    ensure!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sim_operations").fetch_one(&kit.pool).await? == 0,
+        "books in memory wrote to the database"
+    );
+
+    let client = reqwest::Client::new();
+    let mut listed = Vec::new();
+    for service in ["investor", "fund"] {
+        let mut after = String::new();
+        loop {
+            let page: serde_json::Value = client
+                .get(format!("{}/{service}/v1/operations", simulator.url))
+                .query(&[("after", after.as_str()), ("limit", "5")])
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let operations = page["operations"].as_array().context("a page of operations")?.clone();
+            ensure!(operations.len() <= 5, "a page larger than asked for: {}", operations.len());
+            let Some(last) = operations.last() else { break };
+            after = last["idempotency_key"].as_str().context("a key")?.to_owned();
+            listed.extend(operations.into_iter().map(|operation| (service, operation)));
+        }
+    }
+    simulator.stop().await?;
+    ensure!(listed.len() == 32, "two operations per transfer, each listed once: {}", listed.len());
+    for (service, operation) in &listed {
+        let kind = operation["operation"].as_str().context("an operation")?;
+        ensure!((*service == "fund") == (kind == "deposit"), "{service} listed a {kind}");
+        ensure!(operation["status"] == "settled", "{operation}");
+        let key = operation["idempotency_key"].as_str().context("a key")?;
+        let transfer_id = bridge_domain::ids::parse_idempotency_key(key).map(|(id, _)| id);
+        // The reconcile check compares the services' books with the ledger.
+        sqlx::query(
+            "INSERT INTO sim_operations
+                 (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference, transfer_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(key)
+        .bind(kind)
+        .bind(operation["account_id"].as_str())
+        .bind(operation["amount_minor"].as_i64())
+        .bind(operation["currency"].as_str())
+        .bind(operation["status"].as_str())
+        .bind(operation["reference"].as_str())
+        .bind(transfer_id)
+        .execute(&kit.pool)
+        .await?;
+    }
+    ensure!(settled_operations(&kit).await? == [("deposit".to_owned(), 16), ("withdrawal".to_owned(), 16)]);
+    kit.assert_books_balance().await
+}
+
 /// Every reply is lost after the service acted: the adapter must find each
 /// result by its idempotency key rather than act again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -211,6 +294,12 @@ async fn the_simulator_honours_idempotency_keys_like_a_payment_api() -> Result<(
     ensure!(missing.status() == 404);
     let debits: i64 = sqlx::query_scalar("SELECT count(*) FROM sim_operations").fetch_one(&kit.pool).await?;
     ensure!(debits == 1, "debited once");
+    // The services list what they hold, each its own operations.
+    let list = |service: &str| client.get(format!("{}/{service}/v1/operations?after=", simulator.url)).send();
+    let investor: serde_json::Value = list("investor").await?.error_for_status()?.json().await?;
+    ensure!(investor == serde_json::json!({ "operations": [first] }), "{investor}");
+    let fund: serde_json::Value = list("fund").await?.error_for_status()?.json().await?;
+    ensure!(fund == serde_json::json!({ "operations": [] }), "{fund}");
     simulator.stop().await
 }
 

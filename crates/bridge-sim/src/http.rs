@@ -6,6 +6,7 @@
 //! | `POST /investor/v1/refunds` | credit it back |
 //! | `POST /fund/v1/remittances` | credit a fund account |
 //! | `GET /{service}/v1/operations/{key}` | the result stored under an idempotency key |
+//! | `GET /{service}/v1/operations?after={key}&limit={n}` | the service's operations by idempotency key, a page at a time (up to 1,000; pass the last key as `after` for the next page) |
 //! | `POST /{service}/v1/operations/{key}/cancel` | void the operation unless it settled (body as for the operation) |
 //! | `GET /fund/v1/funds/{id}` | a fund's terms: currency, minimum investment, seats, capacity, rules |
 //! | `GET /healthz` | liveness |
@@ -19,7 +20,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,7 +28,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Bank, Operation, OperationRequest, Reply};
+use crate::{Bank, Operation, OperationRequest, Reply, Service};
 
 #[derive(Clone)]
 struct AppState {
@@ -41,6 +42,8 @@ pub fn router(bank: Arc<Bank>, token: Option<String>) -> Router {
         .route("/investor/v1/withdrawals", post(withdraw))
         .route("/investor/v1/refunds", post(refund))
         .route("/fund/v1/remittances", post(remit))
+        .route("/investor/v1/operations", get(investor_operations))
+        .route("/fund/v1/operations", get(fund_operations))
         .route("/investor/v1/operations/{key}", get(lookup))
         .route("/fund/v1/operations/{key}", get(lookup))
         .route("/fund/v1/funds/{id}", get(fund_terms))
@@ -191,6 +194,35 @@ async fn lookup(State(state): State<AppState>, headers: HeaderMap, Path(key): Pa
     match state.bank.lookup(&key).await {
         Ok(Some(record)) => (StatusCode::OK, Json(record)).into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "not_found", "no operation under this key"),
+        Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &error.to_string()),
+    }
+}
+
+/// A page of a service's operations.
+#[derive(serde::Deserialize)]
+struct Page {
+    #[serde(default)]
+    after: String,
+    limit: Option<usize>,
+}
+
+const PAGE_MAX: usize = 1_000;
+
+async fn investor_operations(State(state): State<AppState>, headers: HeaderMap, Query(page): Query<Page>) -> Response {
+    operations(state, Service::Investor, headers, page).await
+}
+
+async fn fund_operations(State(state): State<AppState>, headers: HeaderMap, Query(page): Query<Page>) -> Response {
+    operations(state, Service::Fund, headers, page).await
+}
+
+async fn operations(state: AppState, service: Service, headers: HeaderMap, page: Page) -> Response {
+    if !authorised(&state, &headers) {
+        return problem(StatusCode::UNAUTHORIZED, "unauthorised", "missing or wrong bearer token");
+    }
+    let limit = page.limit.unwrap_or(PAGE_MAX).clamp(1, PAGE_MAX);
+    match state.bank.operations(service, &page.after, limit).await {
+        Ok(records) => Json(json!({ "operations": records })).into_response(),
         Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &error.to_string()),
     }
 }

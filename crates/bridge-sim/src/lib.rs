@@ -7,7 +7,8 @@
 //! the same key returns the first result and never moves money twice; the
 //! same key with a different body is refused.
 //!
-//! [`Bank`] is the engine. [`InProcessServices`] calls it directly (fast
+//! [`Bank`] is the engine; its books are in a database or, for load runs,
+//! in memory ([`Bank::in_memory`]). [`InProcessServices`] calls it directly (fast
 //! tests); [`http::router`] serves it over HTTP (`bridge sim`, the demo), where
 //! a [`FaultPlan`] injects the failures of the real world: declines, rate
 //! limiting, server errors, timeouts and lost replies.
@@ -15,6 +16,7 @@
 //! This crate must not be used by the pipeline itself: the pipeline knows the
 //! services only through the traits in `bridge_services`.
 
+mod books;
 pub mod http;
 
 use std::collections::HashMap;
@@ -26,6 +28,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
+
+use books::Books;
 
 use bridge_services::{
     FundAccountService, FundTerms, InvestorAccountService, MoneyMovement, ServiceError, ServiceOutcome, Services,
@@ -150,6 +154,14 @@ impl FaultPlan {
     }
 }
 
+/// The two services the simulator plays: the investor's bank (withdrawals
+/// and refunds) and the fund administrator (deposits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Investor,
+    Fund,
+}
+
 /// A money-moving request as the services receive it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperationRequest {
@@ -234,7 +246,7 @@ struct Callbacks {
 
 /// The engine behind both services.
 pub struct Bank {
-    pool: PgPool,
+    books: Books,
     plan: FaultPlan,
     /// Attempts seen per idempotency key, so transient faults are decided per
     /// attempt (a retry can succeed) yet reproducibly from the seed.
@@ -278,9 +290,22 @@ fn pick<'a>(roll: u32, bands: &[(u32, &'a str)]) -> Option<&'a str> {
 }
 
 impl Bank {
+    /// A bank whose books are the `sim_*` tables of `pool`'s database.
     pub fn new(pool: PgPool, plan: FaultPlan) -> Self {
+        Self::with_books(Books::Database(pool), plan)
+    }
+
+    /// A bank whose books live in this process's memory (see [`books`]):
+    /// every account active, no consents, no funds' terms, and nothing kept
+    /// after the process ends. For load runs, where the bank's own
+    /// bookkeeping is not the system being measured.
+    pub fn in_memory(plan: FaultPlan) -> Self {
+        Self::with_books(Books::in_memory(), plan)
+    }
+
+    fn with_books(books: Books, plan: FaultPlan) -> Self {
         Self {
-            pool,
+            books,
             plan,
             attempts: Mutex::new(HashMap::new()),
             callbacks: None,
@@ -384,8 +409,7 @@ impl Bank {
         key: &str,
         request: &OperationRequest,
     ) -> bridge_store::Result<Result<OperationRecord, Reply>> {
-        let mut conn = self.pool.acquire().await?;
-        let status = simulator::account_status(&mut conn, &request.account_id).await?;
+        let status = self.books.account_status(&request.account_id).await?;
         if status == "unknown" {
             return Ok(Err(Reply::UnknownAccount));
         }
@@ -394,8 +418,7 @@ impl Bank {
         // linked with a consent.
         let access = match operation {
             Operation::Withdrawal => {
-                simulator::check_bank_access(&mut conn, key, &request.account_id, request.bank_access.as_deref())
-                    .await?
+                self.books.check_bank_access(key, &request.account_id, request.bank_access.as_deref()).await?
             }
             _ => simulator::AccessVerdict::NotRequired,
         };
@@ -444,7 +467,7 @@ impl Bank {
         let asynchronous = faults.settle_after_ms > 0
             && (faults.pending_bp == 0 || roll(self.plan.seed, key, PENDING_SALT) < faults.pending_bp);
         let settle_after_ms = if asynchronous { faults.settle_after_ms } else { 0 };
-        let stored = simulator::record_once(&mut conn, &requested, settle_after_ms).await?;
+        let stored = self.books.record_once(&requested, settle_after_ms).await?;
         if !stored.same_request(&requested) {
             return Ok(Err(Reply::IdempotencyConflict));
         }
@@ -470,11 +493,7 @@ impl Bank {
             outcome: "declined".to_owned(),
             reference: "CANCELLED".to_owned(),
         };
-        let stored = match self.pool.acquire().await {
-            Ok(mut conn) => simulator::cancel(&mut conn, &cancelling).await,
-            Err(error) => Err(error.into()),
-        };
-        match stored {
+        match self.books.cancel(&cancelling).await {
             Ok(stored) if !stored.same_request(&cancelling) => Reply::IdempotencyConflict,
             Ok(stored) => Reply::Done(stored.into()),
             Err(error) => Reply::Unavailable(error.to_string()),
@@ -489,17 +508,13 @@ impl Bank {
         if !callbacks.scheduled.lock().expect("callback set lock").insert(key.to_owned()) {
             return;
         }
-        let pool = self.pool.clone();
+        let books = self.books.clone();
         let key = key.to_owned();
         let copies = self.plan.callback_copies.max(1);
         tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(settle_after_ms + 10)).await;
             let record = loop {
-                let found = match pool.acquire().await {
-                    Ok(mut conn) => simulator::find(&mut conn, &key).await,
-                    Err(error) => Err(error.into()),
-                };
-                match found {
+                match books.find(&key).await {
                     Ok(Some(found)) if found.outcome != "pending" => break OperationRecord::from(found),
                     Ok(_) | Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
                 }
@@ -516,15 +531,28 @@ impl Bank {
 
     /// The fund administrator's terms for `fund_id`.
     pub async fn fund_terms(&self, fund_id: &str) -> bridge_store::Result<Option<simulator::SimFundTerms>> {
-        let mut conn = self.pool.acquire().await?;
-        simulator::fund_terms(&mut conn, fund_id).await
+        self.books.fund_terms(fund_id).await
     }
 
     /// The stored result under `key`, if any: how a client resolves an
     /// unknown outcome.
     pub async fn lookup(&self, key: &str) -> bridge_store::Result<Option<OperationRecord>> {
-        let mut conn = self.pool.acquire().await?;
-        Ok(simulator::find(&mut conn, key).await?.map(Into::into))
+        Ok(self.books.find(key).await?.map(Into::into))
+    }
+
+    /// Up to `limit` of the operations this bank holds for `service`'s
+    /// operations, by idempotency key after `after`.
+    pub async fn operations(
+        &self,
+        service: Service,
+        after: &str,
+        limit: usize,
+    ) -> bridge_store::Result<Vec<OperationRecord>> {
+        let kinds: &[&str] = match service {
+            Service::Investor => &["withdrawal", "refund"],
+            Service::Fund => &["deposit"],
+        };
+        Ok(self.books.list(kinds, after, limit).await?.into_iter().map(Into::into).collect())
     }
 }
 

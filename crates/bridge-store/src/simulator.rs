@@ -151,6 +151,39 @@ pub async fn find(conn: &mut PgConnection, key: &str) -> Result<Option<SimOperat
     Ok(row.map(|row| sim_operation(key, row)))
 }
 
+/// Up to `limit` operations of the kinds named (`withdrawal`, `refund`,
+/// `deposit`), by idempotency key after `after`: a service's list of what it
+/// holds, in pages. Pending operations whose time has come settle first.
+pub async fn list(
+    conn: &mut PgConnection,
+    operations: &[&str],
+    after: &str,
+    limit: usize,
+) -> Result<Vec<SimOperation>> {
+    sqlx::query(
+        "UPDATE sim_operations SET outcome = final_outcome, final_outcome = NULL
+         WHERE outcome = 'pending' AND settles_at <= now()",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let rows: Vec<(String, String, String, i64, String, String, String)> = sqlx::query_as(
+        "SELECT idempotency_key, operation, account_id, amount_minor, currency, outcome, reference
+         FROM sim_operations WHERE idempotency_key > $1 AND operation = ANY($2)
+         ORDER BY idempotency_key LIMIT $3",
+    )
+    .bind(after)
+    .bind(operations)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, operation, account_id, amount_minor, currency, outcome, reference)| {
+            sim_operation(&key, (operation, account_id, amount_minor, currency, outcome, reference))
+        })
+        .collect())
+}
+
 fn sim_operation(
     key: &str,
     (operation, account_id, amount_minor, currency, outcome, reference): (String, String, i64, String, String, String),

@@ -73,6 +73,13 @@ impl TestKit {
         Ok(RunningSimulator { url, token, handle, bank })
     }
 
+    /// Serves the simulator with `plan` on a free port, keeping its books in
+    /// memory (see `bridge_sim::Bank::in_memory`).
+    pub async fn start_simulator_in_memory(&self, plan: bridge_sim::FaultPlan) -> Result<RunningSimulator> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        self.serve_bank(listener, bridge_sim::Bank::in_memory(plan))
+    }
+
     pub async fn start_simulator(&self, plan: bridge_sim::FaultPlan) -> Result<RunningSimulator> {
         self.start_simulator_on("127.0.0.1:0", plan).await
     }

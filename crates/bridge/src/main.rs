@@ -146,6 +146,19 @@ struct SimArgs {
     /// Bridge API key (scope `callbacks`) the callbacks are sent with.
     #[arg(long, env = "BRIDGE_SIM_CALLBACK_API_KEY", hide_env_values = true)]
     callback_api_key: Option<String>,
+    /// Where the simulated services keep their books: `database`, the
+    /// `sim_*` tables of DATABASE_URL's database, or `memory`, this
+    /// process's memory, for load runs that must not spend the database's
+    /// time on the bank's bookkeeping (every account active, no consents,
+    /// no funds' terms; nothing kept after the process ends).
+    #[arg(long, value_enum, default_value_t = SimBooks::Database)]
+    books: SimBooks,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum SimBooks {
+    Database,
+    Memory,
 }
 
 #[derive(Args)]

@@ -96,9 +96,15 @@ pub async fn api(mut args: ApiCommandArgs) -> Result<()> {
 
 /// `bridge sim`: the account-service simulator over HTTP.
 pub async fn sim(args: SimArgs) -> Result<()> {
-    let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
-    bridge_store::migrate(&pool).await.context("Failed to migrate")?;
-    let mut bank = bridge_sim::Bank::new(pool, fault_plan(&args.faults, args.seed)?);
+    let plan = fault_plan(&args.faults, args.seed)?;
+    let mut bank = match args.books {
+        SimBooks::Database => {
+            let pool = bridge_store::connect(&args.common.database_url, &args.common.pool_settings()).await?;
+            bridge_store::migrate(&pool).await.context("Failed to migrate")?;
+            bridge_sim::Bank::new(pool, plan)
+        }
+        SimBooks::Memory => bridge_sim::Bank::in_memory(plan),
+    };
     if let Some(base_url) = args.callback_url {
         let secret = args.callback_secret.context("--callback-url needs --callback-secret")?;
         let secret = bridge_webhooks::Secret::parse(&secret).context("The callback secret is not valid")?;
@@ -109,7 +115,12 @@ pub async fn sim(args: SimArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("Failed to listen on {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, faults = %args.faults, "Account-service simulator listening");
+    tracing::info!(
+        address = %listener.local_addr()?,
+        faults = %args.faults,
+        books = ?args.books,
+        "Account-service simulator listening"
+    );
     bridge_sim::http::serve(listener, bridge_sim::http::router(bank, args.token), shutdown_on_signal()).await?;
     Ok(())
 }

@@ -99,6 +99,69 @@ pub(super) async fn copy_simulator_operations(simulator: &sqlx::PgPool, into: &m
     Ok(())
 }
 
+/// Every operation a `bridge sim` at `base_url` holds, both services', a
+/// page at a time.
+pub(super) async fn list_simulator_operations(base_url: &str) -> Result<Vec<bridge_sim::OperationRecord>> {
+    #[derive(serde::Deserialize)]
+    struct Page {
+        operations: Vec<bridge_sim::OperationRecord>,
+    }
+    let client = reqwest::Client::new();
+    let mut all = Vec::new();
+    for service in ["investor", "fund"] {
+        let mut after = String::new();
+        loop {
+            let page: Page = client
+                .get(format!("{base_url}/{service}/v1/operations"))
+                .query(&[("after", after.as_str()), ("limit", "1000")])
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let Some(last) = page.operations.last() else { break };
+            after = last.idempotency_key.clone();
+            all.extend(page.operations);
+        }
+    }
+    Ok(all)
+}
+
+/// Writes operations listed by the simulator into Bridge's database, where
+/// the reconcile check compares them with the ledger.
+pub(super) async fn insert_simulator_operations(
+    operations: &[bridge_sim::OperationRecord],
+    into: &mut sqlx::PgConnection,
+) -> Result<()> {
+    for chunk in operations.chunks(5_000) {
+        let column =
+            |field: fn(&bridge_sim::OperationRecord) -> &str| -> Vec<&str> { chunk.iter().map(field).collect() };
+        let transfer_ids: Vec<Option<Uuid>> = chunk
+            .iter()
+            .map(|record| {
+                bridge_domain::ids::parse_idempotency_key(&record.idempotency_key).map(|(transfer_id, _)| transfer_id)
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO sim_operations
+                 (idempotency_key, operation, account_id, amount_minor, currency, outcome, reference, transfer_id)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                                  $7::text[], $8::uuid[])",
+        )
+        .bind(column(|record| &record.idempotency_key))
+        .bind(column(|record| &record.operation))
+        .bind(column(|record| &record.account_id))
+        .bind(chunk.iter().map(|record| record.amount_minor).collect::<Vec<i64>>())
+        .bind(column(|record| &record.currency))
+        .bind(column(|record| &record.status))
+        .bind(column(|record| &record.reference))
+        .bind(transfer_ids)
+        .execute(&mut *into)
+        .await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

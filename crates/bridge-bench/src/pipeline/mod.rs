@@ -92,7 +92,9 @@ pub struct PipelineBenchArgs {
     /// Where the simulated bank and fund administrator keep their books:
     /// `own`, a scratch database of their own on the same server (a real
     /// bank's books are not in Bridge's database; their Postgres CPU is
-    /// reported apart), or `shared`, Bridge's database.
+    /// reported apart), `shared`, Bridge's database, or `memory`, the
+    /// `bridge sim` process's memory (with `--account-services http`): the
+    /// bank's bookkeeping off this machine's database, as in a deployment.
     #[arg(long, value_enum, default_value_t = SimulatorBooks::Own)]
     simulator_books: SimulatorBooks,
     /// Longest wait of a consumer's fetch at the broker, for the pipeline's
@@ -124,6 +126,7 @@ pub struct PipelineBenchArgs {
 pub enum SimulatorBooks {
     Own,
     Shared,
+    Memory,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -262,6 +265,10 @@ struct BenchResult {
 }
 
 pub async fn run(args: PipelineBenchArgs) -> Result<()> {
+    ensure!(
+        args.simulator_books != SimulatorBooks::Memory || args.account_services == AccountServices::Http,
+        "--simulator-books memory keeps the books in a `bridge sim` process: add --account-services http"
+    );
     let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
     let (base, _) = args.database_url.rsplit_once('/').context("DATABASE_URL has no database name")?;
     let url = format!("{base}/bridge_bench_{id}");
@@ -433,7 +440,13 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
         let now: std::collections::HashSet<u32> = backends(simulator).await?;
         children.simulator_backends.retain(|pid| now.contains(pid));
     }
-    let processes = children.stop();
+    let processes = children.measured();
+    // Read before the simulator stops, as its books die with it.
+    let simulator_operations = match (args.simulator_books, &children.simulator_url) {
+        (SimulatorBooks::Memory, Some(url)) => Some(list_simulator_operations(url).await?),
+        _ => None,
+    };
+    children.stop();
     // Read once the pipeline's connections have closed: a backend sends
     // its last second's statistics when it ends, moments after its client.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -477,6 +490,9 @@ async fn run_in(args: &PipelineBenchArgs, url: &str, simulator_url: Option<&str>
             // The reconcile check compares the services' operations with
             // the ledger, in one database.
             copy_simulator_operations(simulator, &mut conn).await?;
+        }
+        if let Some(operations) = &simulator_operations {
+            insert_simulator_operations(operations, &mut conn).await?;
         }
         bridge_store::reconcile::run(&mut conn).await?
     };
@@ -722,7 +738,10 @@ mod pgbench;
 mod processes;
 mod report;
 
-use database::{backends, copy_simulator_operations, row_changes, rows_per_transfer, transactions, TableRows};
+use database::{
+    backends, copy_simulator_operations, insert_simulator_operations, list_simulator_operations, row_changes,
+    rows_per_transfer, transactions, TableRows,
+};
 use pgbench::pgbench;
 use processes::{cpu_by, idle_cpu, Children, CpuBy};
 use report::{plot, print_summary};

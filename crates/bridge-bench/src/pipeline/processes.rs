@@ -17,6 +17,8 @@ pub(super) struct Children {
     /// Postgres backends serving the simulator's own database, counted
     /// apart from the rest of Postgres.
     pub(super) simulator_backends: std::collections::HashSet<u32>,
+    /// The `bridge sim` process's base URL, with `--account-services http`.
+    pub(super) simulator_url: Option<String>,
 }
 
 /// The `bridge` binary to run the pipeline with: `BRIDGE_BINARY`, or the
@@ -49,7 +51,11 @@ impl Children {
         let services_url = match args.account_services {
             AccountServices::InProcess => None,
             AccountServices::Http => {
-                let (child, address) = spawn_simulator(&exe, &logs, simulator_url.unwrap_or(url))?;
+                let books = match args.simulator_books {
+                    SimulatorBooks::Memory => "memory",
+                    SimulatorBooks::Own | SimulatorBooks::Shared => "database",
+                };
+                let (child, address) = spawn_simulator(&exe, &logs, simulator_url.unwrap_or(url), books)?;
                 processes.push((SIMULATOR_PROCESS.to_owned(), child));
                 Some(format!("http://{address}"))
             }
@@ -98,6 +104,7 @@ impl Children {
             cpu_at_start: HashMap::new(),
             started: Instant::now(),
             simulator_backends: Default::default(),
+            simulator_url: services_url,
         })
     }
 
@@ -143,16 +150,10 @@ impl Children {
         }
     }
 
-    pub(super) fn stop(mut self) -> Vec<ProcessUsage> {
+    /// What each counted process used since the measured run started.
+    pub(super) fn measured(&mut self) -> Vec<ProcessUsage> {
         let readings = self.readings();
         let wall = self.started.elapsed().as_secs_f64();
-        for (_, child) in &mut self.processes {
-            // SIGTERM: each finishes its message, commits offsets and exits.
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-        }
-        for (_, child) in &mut self.processes {
-            let _ = child.wait();
-        }
         readings
             .into_iter()
             .map(|(name, cpu, rss)| {
@@ -161,15 +162,27 @@ impl Children {
             })
             .collect()
     }
+
+    pub(super) fn stop(mut self) {
+        for (_, child) in &mut self.processes {
+            // SIGTERM: each finishes its message, commits offsets and exits.
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        }
+        for (_, child) in &mut self.processes {
+            let _ = child.wait();
+        }
+    }
 }
 
-/// Starts `bridge sim` on a free local port with its books in `books_url`,
-/// and waits until it listens (it migrates its database first).
-fn spawn_simulator(exe: &Path, logs: &Path, books_url: &str) -> Result<(Child, std::net::SocketAddr)> {
+/// Starts `bridge sim` on a free local port with its books in `books_url`
+/// (`books` = `database`) or in its memory (`memory`), and waits until it
+/// listens (it migrates its database first).
+fn spawn_simulator(exe: &Path, logs: &Path, books_url: &str, books: &str) -> Result<(Child, std::net::SocketAddr)> {
     let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let log = std::fs::File::create(logs.join("simulator.log"))?;
     let mut child = Command::new(exe)
         .arg("sim")
+        .args(["--books", books])
         .env("DATABASE_URL", books_url)
         .env("BRIDGE_SIM_LISTEN", address.to_string())
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
