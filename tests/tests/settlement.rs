@@ -120,6 +120,56 @@ async fn callbacks_settle_pending_steps_without_polling() -> Result<()> {
     kit.assert_books_balance().await
 }
 
+/// A money stage asks its service about a step once. A step that a batch
+/// (or a lone message) found pending is taken one at a time with that
+/// answer and recorded as pending, not asked about again under its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_the_service_holds_as_pending_is_asked_about_once() -> Result<()> {
+    let kit = TestKit::start(BrokerKind::InProcess).await?;
+    let fund_account = kit.seed_fund("fund", 100_00, 100, 1_000_000_00).await?;
+    let held = OperationFaults { settle_after_ms: HOUR_MS, ..OperationFaults::default() };
+    let simulator = kit.start_simulator(FaultPlan { withdrawal: held, ..FaultPlan::none() }).await?;
+    let pipeline = kit.spawn_with_services(&stages_and_relay(), kit.http_services(&simulator.url, 2_000)?);
+    let pending = || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_steps WHERE step = 'withdrawal'")
+            .fetch_one(&kit.pool)
+            .await?;
+        anyhow::Ok(count as usize)
+    };
+    let wait_pending = |expected: usize| async move {
+        let deadline = Instant::now() + SETTLE;
+        while pending().await? < expected {
+            ensure!(Instant::now() < deadline, "only {} of {expected} withdrawals pending", pending().await?);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    };
+    // Eight one at a time, each a lane's lone message; then a burst of
+    // sixteen, which the lanes take in batches.
+    let mut ids = Vec::new();
+    for investor in 0..24 {
+        let investor = format!("inv-{investor}");
+        kit.seed_investor(&investor, 1_000_00).await?;
+        if ids.len() < 8 {
+            ids.push(kit.publish(&kit.request(&investor, &fund_account, 500_00)).await?);
+            wait_pending(ids.len()).await?;
+        } else {
+            ids.push(kit.publish(&kit.request(&investor, &fund_account, 500_00)).await?);
+        }
+    }
+    wait_pending(ids.len()).await?;
+    pipeline.stop().await?;
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT idempotency_key FROM sim_operations WHERE operation = 'withdrawal' ORDER BY idempotency_key",
+    )
+    .fetch_all(&kit.pool)
+    .await?;
+    ensure!(keys.len() == ids.len(), "{} withdrawals at the bank for {} transfers", keys.len(), ids.len());
+    let asked: Vec<(String, u64)> = keys.iter().map(|key| (key.clone(), simulator.bank.requests(key))).collect();
+    ensure!(asked.iter().all(|(_, requests)| *requests == 1), "requests per withdrawal: {asked:?}");
+    simulator.stop().await
+}
+
 /// Each settlement is announced three times at once (as providers that
 /// deliver at least once do) while the settlement runner polls the same
 /// steps. Every step is applied once; every other arrival finds it applied.

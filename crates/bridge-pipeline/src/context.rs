@@ -41,6 +41,9 @@ pub struct StageContext {
     pub services: Services,
     /// Each stage's shared set-based transactions.
     pub(crate) groups: Groups,
+    /// What the money stages' batches heard from the services about steps
+    /// they did not settle at once (see `stages::Answered`).
+    pub(crate) answered: crate::stages::Answered,
     /// Set when requests must be signed by a registered source.
     pub request_verifier: Option<Arc<crate::sources::RequestVerifier>>,
     /// Opens investors' bank access for their withdrawals; without it

@@ -52,7 +52,16 @@ impl Pipeline {
         let relay_waker = RelayWaker::new(pool.clone());
         let groups = Groups::new(&config);
         let runtime = Arc::new(Runtime { pool, topics, config, source: "/bridge".to_owned(), registry, relay_waker });
-        Self { ctx: Arc::new(StageContext { runtime, services, groups, request_verifier: None, keyring: None }) }
+        Self {
+            ctx: Arc::new(StageContext {
+                runtime,
+                services,
+                groups,
+                answered: Default::default(),
+                request_verifier: None,
+                keyring: None,
+            }),
+        }
     }
 
     /// Requires every request from Kafka to be signed by a registered

@@ -356,6 +356,12 @@ impl Bank {
         self.max_in_flight[operation as usize].load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// How many times an operation was requested under `key` (cancellations
+    /// and lookups aside), as far as [`Bank::execute`] keeps count.
+    pub fn requests(&self, key: &str) -> u64 {
+        self.attempts.lock().expect("attempt counter lock").get(key).copied().unwrap_or(0)
+    }
+
     pub fn reset_max_in_flight(&self) {
         for (max, now) in self.max_in_flight.iter().zip(&self.in_flight) {
             max.store(now.load(std::sync::atomic::Ordering::SeqCst), std::sync::atomic::Ordering::SeqCst);

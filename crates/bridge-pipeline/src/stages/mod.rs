@@ -393,6 +393,7 @@ mod validate;
 
 use complete::complete;
 pub use complete::complete_batch;
+pub(crate) use money::Answered;
 use money::{deposit, withdraw};
 pub use money::{deposit_batch, deposit_step, pending_retry_ms, settle_step, withdraw_batch, withdrawal_step, Ask};
 pub use review::hold_for_review;

@@ -377,7 +377,12 @@ impl MoneyStep {
             attach_bank_access(ctx, std::slice::from_mut(&mut movement)).await?;
         }
         let answer = match ask {
-            Ask::Perform => self.perform(ctx, &movement).await,
+            // A batch asked a moment ago and the service did not settle the
+            // step: its answer stands for asking again under the same key.
+            Ask::Perform => match ctx.answered.take(&movement.idempotency_key) {
+                Some(answer) => Ok(answer),
+                None => self.perform(ctx, &movement).await,
+            },
             Ask::Cancel { reason } => self.cancel(ctx, &movement).await.map(|outcome| cancelled_as(outcome, reason)),
         };
         match answer {
@@ -452,17 +457,16 @@ pub async fn deposit_batch(ctx: &StageContext, messages: &[Inbound]) -> Vec<bool
 /// different transfers do not depend on each other, so those may come after
 /// the batch that passed them in the partition; a transfer's own messages
 /// stay in order, as only its first in the batch can take the batch. A step
-/// asked about here and then taken one by one asks the service again under
-/// the same idempotency key, which answers as it did the first time. So a
-/// bad message neither takes its neighbours down nor applies twice, and no
+/// the service answered here without settling it (pending or declined) is
+/// taken one by one with that answer ([`Answered`]); one it failed to answer
+/// is asked again under the same idempotency key, as is a settled step whose
+/// transaction failed, and the service answers as it did the first time. So
+/// a bad message neither takes its neighbours down nor applies twice, and no
 /// money moves twice.
+///
+/// A lone message comes here too, so it can share its stage's transaction
+/// with other partitions' steps.
 async fn money_batch(ctx: &StageContext, step: MoneyStep, messages: &[Inbound]) -> Vec<bool> {
-    // A lone message goes the one-message way: a step its service does not
-    // settle at once would otherwise be asked about twice, here and then
-    // one by one, and a bank that settles later answers every step so.
-    if messages.len() < 2 {
-        return vec![false; messages.len()];
-    }
     let mut batch = Vec::with_capacity(messages.len());
     let mut seen = std::collections::HashSet::with_capacity(messages.len());
     for (index, message) in messages.iter().enumerate() {
@@ -497,6 +501,42 @@ async fn money_batch(ctx: &StageContext, step: MoneyStep, messages: &[Inbound]) 
         applied[index] = done;
     }
     applied
+}
+
+/// The services' answers about steps a batch asked about and did not
+/// settle (pending, declined), by idempotency key, until the step is taken
+/// one by one a moment later: without them every such step would be asked
+/// about twice, and a bank that settles later answers every step so. An
+/// answer is taken once, and one not taken within [`Answered::KEPT`] is not
+/// used (the step is asked again, as it would have been).
+#[derive(Default)]
+pub struct Answered(std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, ServiceOutcome)>>);
+
+impl Answered {
+    const KEPT: std::time::Duration = std::time::Duration::from_secs(2);
+    /// Past this many answers kept, stale ones are dropped.
+    const TIDY_ABOVE: usize = 1_024;
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (std::time::Instant, ServiceOutcome)>> {
+        // Each change is one insert or one removal: a panic elsewhere while
+        // the lock was held leaves the map whole.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn put(&self, key: &str, answer: ServiceOutcome) {
+        let mut answers = self.lock();
+        if answers.len() >= Self::TIDY_ABOVE {
+            answers.retain(|_, (at, _)| at.elapsed() < Self::KEPT);
+        }
+        answers.insert(key.to_owned(), (std::time::Instant::now(), answer));
+    }
+
+    fn take(&self, key: &str) -> Option<ServiceOutcome> {
+        let (at, answer) = self.lock().remove(key)?;
+        (at.elapsed() < Self::KEPT).then_some(answer)
+    }
 }
 
 struct MoneyBatchItem<'a> {
@@ -540,9 +580,13 @@ async fn settle_money_batch(
     let calls: Vec<_> = movements.iter().map(|movement| step.perform(ctx, movement)).collect();
     let outcomes: Vec<_> = futures::stream::iter(calls).buffered(SERVICE_CALLS_IN_FLIGHT).collect().await;
     let mut settled = std::collections::HashMap::with_capacity(batch.len());
-    for (transfer, outcome) in waiting.iter().zip(outcomes) {
-        if let Ok(ServiceOutcome::Settled { reference }) = outcome {
-            settled.insert(transfer.id, reference);
+    for ((transfer, movement), outcome) in waiting.iter().zip(&movements).zip(outcomes) {
+        match outcome {
+            Ok(ServiceOutcome::Settled { reference }) => {
+                settled.insert(transfer.id, reference);
+            }
+            Ok(answer) => ctx.answered.put(&movement.idempotency_key, answer),
+            Err(_) => {}
         }
     }
     Ok(batch
