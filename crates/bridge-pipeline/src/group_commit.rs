@@ -11,8 +11,8 @@
 //! `BRIDGE_BATCH_SIZE_MAX` messages), in the order they came. Nothing waits for more to arrive: a lone batch finds a
 //! free slot and runs at once, so this adds no latency at low load, and the
 //! busier the stage, the larger its transactions. A lane's lone message
-//! comes here too, so a
-//! paced load's messages, one per lane, share transactions as well.
+//! comes here too, so a paced load's messages, one per lane, share
+//! transactions as well.
 //!
 //! A lane keeps its own order: it waits for its batch's answer before it
 //! takes its next messages, and one lane's messages stay together and in

@@ -510,16 +510,16 @@ async fn money_batch(ctx: &StageContext, step: MoneyStep, messages: &[Inbound]) 
 /// answer is taken once, and one not taken within [`Answered::KEPT`] is not
 /// used (the step is asked again, as it would have been).
 #[derive(Default)]
-pub struct Answered(std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, ServiceOutcome)>>);
+pub struct Answered(std::sync::Mutex<AnswersByKey>);
+
+type AnswersByKey = std::collections::HashMap<String, (std::time::Instant, ServiceOutcome)>;
 
 impl Answered {
     const KEPT: std::time::Duration = std::time::Duration::from_secs(2);
     /// Past this many answers kept, stale ones are dropped.
     const TIDY_ABOVE: usize = 1_024;
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (std::time::Instant, ServiceOutcome)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AnswersByKey> {
         // Each change is one insert or one removal: a panic elsewhere while
         // the lock was held leaves the map whole.
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
