@@ -546,8 +546,8 @@ impl Bank {
         Ok(self.books.find(key).await?.map(Into::into))
     }
 
-    /// Up to `limit` of the operations this bank holds for `service`'s
-    /// operations, by idempotency key after `after`.
+    /// Up to `limit` of the operations `service` holds, in idempotency-key
+    /// order after `after`.
     pub async fn operations(
         &self,
         service: Service,
