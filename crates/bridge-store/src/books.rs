@@ -1,6 +1,7 @@
 //! Applies what transfer events do to the books ([`Effect`], decided in
-//! `bridge-domain`): the one function every step's transaction calls,
-//! whether it carries one transfer or a batch.
+//! `bridge-domain`): the functions every step's transaction calls, whether
+//! it carries one transfer or a batch: [`apply`], or [`postings`] for the
+//! step's own statement and [`apply_balances`] after it.
 //!
 //! It also decides the one order in which a step's transaction locks the
 //! shared rows, after the transfers' own rows (which the caller has locked
@@ -18,19 +19,25 @@ use sqlx::PgConnection;
 use bridge_domain::{Book, Currency, Effect, Money};
 
 use crate::accounts;
-use crate::ledger::{self, Posting};
+use crate::ledger::{self, Posting, Postings};
 use crate::transfers::Transfer;
 use crate::{Error, Result};
 
-/// Applies each transfer's effect, set-based. A hold is guarded by the
-/// investor's available balance and a reservation by the fund's limits: if
-/// the books changed since the caller decided, the whole call fails with a
-/// conflict and the caller decides again.
+/// Applies each transfer's effect, set-based: its ledger postings
+/// ([`postings`]), then its balances ([`apply_balances`]). A hold is
+/// guarded by the investor's available balance and a reservation by the
+/// fund's limits: if the books changed since the caller decided, the whole
+/// call fails with a conflict and the caller decides again.
 pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> Result<()> {
-    if let [(transfer, effect)] = changes {
-        return apply_one(conn, transfer, effect).await;
-    }
-    let mut accounts_named = Vec::new();
+    ledger::post_many(conn, &postings(changes)?).await?;
+    apply_balances(conn, changes).await
+}
+
+/// The ledger postings of each transfer's effect: first in the locking
+/// order, as they lock nothing (a step's own statement may write them,
+/// `transfers::advance_step`).
+pub fn postings(changes: &[(&Transfer, Effect)]) -> Result<Postings> {
+    let mut postings = Postings::default();
     for (transfer, effect) in changes {
         if let Some(posting) = effect.posting {
             let name = |book| match book {
@@ -38,21 +45,27 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
                 Book::InTransit => ledger::IN_TRANSIT.to_owned(),
                 Book::FundAccount => ledger::fund_account(&transfer.fund_account_id),
             };
-            accounts_named.push((transfer, posting.step, name(posting.debit), name(posting.credit)));
+            let (debit, credit) = (name(posting.debit), name(posting.credit));
+            postings.push(&Posting {
+                transfer_id: Some(transfer.id),
+                step: posting.step.as_str(),
+                debit_account: &debit,
+                credit_account: &credit,
+                amount: money_of(transfer)?,
+            });
         }
     }
-    let mut postings = Vec::with_capacity(accounts_named.len());
-    for (transfer, step, debit, credit) in &accounts_named {
-        postings.push(Posting {
-            transfer_id: Some(transfer.id),
-            step: step.as_str(),
-            debit_account: debit,
-            credit_account: credit,
-            amount: money_of(transfer)?,
-        });
-    }
-    ledger::post_many(conn, &postings).await?;
+    Ok(postings)
+}
 
+/// Applies what each transfer's effect does to balances, holds,
+/// allocations, funds and fund accounts, in the locking order, with the
+/// guards [`apply`] describes; the postings are the caller's to write
+/// (before, or in the statement that advances the transfers).
+pub async fn apply_balances(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> Result<()> {
+    if let [(transfer, effect)] = changes {
+        return apply_one(conn, transfer, effect).await;
+    }
     // Investors: a hold needs room on the balance; a change to money
     // already decided (a settled withdrawal, a released hold, a refund)
     // needs none.
@@ -107,26 +120,10 @@ pub async fn apply(conn: &mut PgConnection, changes: &[(&Transfer, Effect)]) -> 
     Ok(())
 }
 
-/// `apply` for one transfer, the one-message path: the same changes in the
-/// same order, each one prepared statement on one row (a batch's statements
-/// over arrays lock rows first).
+/// `apply_balances` for one transfer, the one-message path: the same
+/// changes in the same order, each one prepared statement on one row (a
+/// batch's statements over arrays lock rows first).
 async fn apply_one(conn: &mut PgConnection, transfer: &Transfer, effect: &Effect) -> Result<()> {
-    if let Some(posting) = effect.posting {
-        let name = |book| match book {
-            Book::Investor => ledger::investor_account(&transfer.investor_account_id),
-            Book::InTransit => ledger::IN_TRANSIT.to_owned(),
-            Book::FundAccount => ledger::fund_account(&transfer.fund_account_id),
-        };
-        let (debit, credit) = (name(posting.debit), name(posting.credit));
-        let posting = Posting {
-            transfer_id: Some(transfer.id),
-            step: posting.step.as_str(),
-            debit_account: &debit,
-            credit_account: &credit,
-            amount: money_of(transfer)?,
-        };
-        ledger::post(conn, &posting).await?;
-    }
     if effect.balance_minor != 0 || effect.held_minor != 0 {
         accounts::adjust_investor(conn, &transfer.investor_account_id, effect.balance_minor, effect.held_minor).await?;
     }

@@ -16,21 +16,6 @@ pub async fn record(conn: &mut PgConnection, consumer: &str, message_id: &str) -
     Ok(inserted == 1)
 }
 
-/// Records that `consumer` applied every one of `message_ids`, in one
-/// statement. Returns how many were new; fewer than given means some had
-/// been applied before, and the caller must roll back.
-pub async fn record_many(conn: &mut PgConnection, consumer: &str, message_ids: &[String]) -> Result<u64> {
-    let inserted = sqlx::query(
-        "INSERT INTO inbox (consumer, message_id) SELECT $1, id FROM unnest($2::text[]) AS id ON CONFLICT DO NOTHING",
-    )
-    .bind(consumer)
-    .bind(message_ids)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(inserted)
-}
-
 /// Deletes inbox rows older than `older_than_ms`, oldest first, `batch` per
 /// statement, and returns how many went. Safe because the inbox is the first
 /// of two guards: every step also checks the transfer's state under its row

@@ -53,36 +53,70 @@ pub async fn post(conn: &mut PgConnection, posting: &Posting<'_>) -> Result<()> 
     Ok(())
 }
 
-/// `post` for many postings in one statement: a debit and a credit row for
-/// each (prepared: see the crate's note).
-pub async fn post_many(conn: &mut PgConnection, postings: &[Posting<'_>]) -> Result<()> {
+/// Postings gathered column by column, to be written in one statement: by
+/// [`post_many`], or by a step's own statement
+/// (`transfers::advance_step`), which saves the round trip.
+#[derive(Clone, Debug, Default)]
+pub struct Postings {
+    posting_ids: Vec<Uuid>,
+    transfer_ids: Vec<Option<Uuid>>,
+    steps: Vec<String>,
+    debits: Vec<String>,
+    credits: Vec<String>,
+    amounts: Vec<i64>,
+    currencies: Vec<String>,
+}
+
+impl Postings {
+    pub fn push(&mut self, posting: &Posting<'_>) {
+        self.posting_ids.push(Uuid::new_v4());
+        self.transfer_ids.push(posting.transfer_id);
+        self.steps.push(posting.step.to_owned());
+        self.debits.push(posting.debit_account.to_owned());
+        self.credits.push(posting.credit_account.to_owned());
+        self.amounts.push(posting.amount.amount_minor);
+        self.currencies.push(posting.amount.currency.as_str().to_owned());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.posting_ids.is_empty()
+    }
+
+    /// The statement that inserts them, a debit and a credit row each, with
+    /// its seven parameters numbered from `first` (bound by [`Self::bind`]).
+    pub(crate) fn insert_sql(first: usize) -> String {
+        let p: Vec<String> = (first..first + 7).map(|n| format!("${n}")).collect();
+        format!(
+            "INSERT INTO ledger_entries (posting_id, transfer_id, step, account, direction, amount_minor, currency)
+             SELECT p.posting_id, p.transfer_id, p.step, side.account, side.direction, p.amount_minor, p.currency
+             FROM unnest({}::uuid[], {}::uuid[], {}::text[], {}::text[], {}::text[], {}::bigint[], {}::text[])
+                      AS p(posting_id, transfer_id, step, debit_account, credit_account, amount_minor, currency)
+             CROSS JOIN LATERAL (VALUES (p.debit_account, 'debit'), (p.credit_account, 'credit'))
+                      AS side(account, direction)",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+        )
+    }
+
+    pub(crate) fn bind<'q>(&'q self, query: crate::PgQuery<'q>) -> crate::PgQuery<'q> {
+        query
+            .bind(&self.posting_ids)
+            .bind(&self.transfer_ids)
+            .bind(&self.steps)
+            .bind(&self.debits)
+            .bind(&self.credits)
+            .bind(&self.amounts)
+            .bind(&self.currencies)
+    }
+}
+
+/// Writes `postings` in one statement (prepared: see the crate's note).
+pub async fn post_many(conn: &mut PgConnection, postings: &Postings) -> Result<()> {
     if postings.is_empty() {
         return Ok(());
     }
-    let posting_ids: Vec<Uuid> = postings.iter().map(|_| Uuid::new_v4()).collect();
-    let transfer_ids: Vec<Option<Uuid>> = postings.iter().map(|posting| posting.transfer_id).collect();
-    let steps: Vec<&str> = postings.iter().map(|posting| posting.step).collect();
-    let debits: Vec<&str> = postings.iter().map(|posting| posting.debit_account).collect();
-    let credits: Vec<&str> = postings.iter().map(|posting| posting.credit_account).collect();
-    let amounts: Vec<i64> = postings.iter().map(|posting| posting.amount.amount_minor).collect();
-    let currencies: Vec<&str> = postings.iter().map(|posting| posting.amount.currency.as_str()).collect();
-    sqlx::query(
-        "INSERT INTO ledger_entries (posting_id, transfer_id, step, account, direction, amount_minor, currency)
-         SELECT p.posting_id, p.transfer_id, p.step, side.account, side.direction, p.amount_minor, p.currency
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])
-                  AS p(posting_id, transfer_id, step, debit_account, credit_account, amount_minor, currency)
-         CROSS JOIN LATERAL (VALUES (p.debit_account, 'debit'), (p.credit_account, 'credit'))
-                  AS side(account, direction)",
-    )
-    .bind(&posting_ids)
-    .bind(&transfer_ids)
-    .bind(&steps)
-    .bind(&debits)
-    .bind(&credits)
-    .bind(&amounts)
-    .bind(&currencies)
-    .execute(conn)
-    .await?;
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| Postings::insert_sql(1));
+    postings.bind(sqlx::query(sql)).execute(conn).await?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@
 //! version = $expected`); balances, holds, allocations and funds change by
 //! atomic updates under their rows' locks, guarded where a decision rests
 //! on them (a hold by the available balance, a reservation by the fund's
-//! limits), and only through `books::apply`, which takes those locks in one
+//! limits), and only through `books`, which takes those locks in one
 //! order. A lost race or a failed guard surfaces as [`Error::Conflict`],
 //! which callers retry from the start of the transaction.
 //!
@@ -81,6 +81,10 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A statement with its parameters, as the modules that share parts of
+/// statements bind them.
+pub(crate) type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 impl Error {
     /// Whether running the same transaction again may succeed. Only errors

@@ -123,28 +123,66 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Res
     if messages.is_empty() {
         return Ok(());
     }
-    let event_ids: Vec<Uuid> = messages.iter().map(|message| message.event_id).collect();
-    let topics: Vec<&str> = messages.iter().map(|message| message.topic.as_str()).collect();
-    let keys: Vec<Option<&[u8]>> = messages.iter().map(|message| message.key.as_deref()).collect();
-    let payloads: Vec<&[u8]> = messages.iter().map(|message| message.payload.as_slice()).collect();
-    let header_counts: Vec<i32> = messages.iter().map(|message| message.headers.len() as i32).collect();
-    let headers = messages.iter().flat_map(|message| message.headers.iter());
-    let (names, values): (Vec<&str>, Vec<&[u8]>) =
-        headers.map(|(name, value)| (name.as_str(), value.as_slice())).unzip();
-    sqlx::query(
-        "INSERT INTO outbox (event_ids, topics, message_keys, payloads, header_counts, header_names, header_values)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(event_ids)
-    .bind(topics)
-    .bind(keys)
-    .bind(payloads)
-    .bind(header_counts)
-    .bind(names)
-    .bind(values)
-    .execute(conn)
-    .await?;
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| Columns::insert_sql(1));
+    Columns::of(messages).bind(sqlx::query(sql)).execute(conn).await?;
     Ok(())
+}
+
+/// A transaction's messages as the columns of its outbox row, to be written
+/// by [`enqueue`] or by a step's own statement (`transfers::advance_step`),
+/// which saves the round trip.
+pub(crate) struct Columns<'a> {
+    event_ids: Vec<Uuid>,
+    topics: Vec<&'a str>,
+    keys: Vec<Option<&'a [u8]>>,
+    payloads: Vec<&'a [u8]>,
+    header_counts: Vec<i32>,
+    names: Vec<&'a str>,
+    values: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    pub(crate) fn of(messages: &'a [OutboxMessage]) -> Self {
+        let headers = messages.iter().flat_map(|message| message.headers.iter());
+        let (names, values) = headers.map(|(name, value)| (name.as_str(), value.as_slice())).unzip();
+        Self {
+            event_ids: messages.iter().map(|message| message.event_id).collect(),
+            topics: messages.iter().map(|message| message.topic.as_str()).collect(),
+            keys: messages.iter().map(|message| message.key.as_deref()).collect(),
+            payloads: messages.iter().map(|message| message.payload.as_slice()).collect(),
+            header_counts: messages.iter().map(|message| message.headers.len() as i32).collect(),
+            names,
+            values,
+        }
+    }
+
+    /// The statement that writes the row, none if there are no messages,
+    /// with its seven parameters numbered from `first` (bound by
+    /// [`Self::bind`]).
+    pub(crate) fn insert_sql(first: usize) -> String {
+        let p: Vec<String> = (first..first + 7).map(|n| format!("${n}")).collect();
+        format!(
+            "INSERT INTO outbox (event_ids, topics, message_keys, payloads, header_counts, header_names, header_values)
+             SELECT {0}::uuid[], {1}::text[], {2}::bytea[], {3}::bytea[], {4}::int4[], {5}::text[], {6}::bytea[]
+             WHERE cardinality({0}::uuid[]) > 0",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+        )
+    }
+
+    pub(crate) fn bind<'q>(self, query: crate::PgQuery<'q>) -> crate::PgQuery<'q>
+    where
+        'a: 'q,
+    {
+        query
+            .bind(self.event_ids)
+            .bind(self.topics)
+            .bind(self.keys)
+            .bind(self.payloads)
+            .bind(self.header_counts)
+            .bind(self.names)
+            .bind(self.values)
+    }
 }
 
 /// One outbox row as stored: the messages' fields side by side.

@@ -127,16 +127,6 @@ pub async fn finish(conn: &mut PgConnection, transfer_id: Uuid, step: &str) -> R
     Ok(())
 }
 
-/// `finish` for many transfers' same step, in one statement.
-pub async fn finish_many(conn: &mut PgConnection, transfer_ids: &[Uuid], step: &str) -> Result<()> {
-    sqlx::query("DELETE FROM pending_steps WHERE transfer_id = ANY($1) AND step = $2")
-        .bind(transfer_ids)
-        .bind(step)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 pub async fn count(conn: &mut PgConnection) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM pending_steps").fetch_one(conn).await?)
 }

@@ -130,9 +130,15 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Transfer>> 
 }
 
 /// The transfers with these ids, in no particular order; missing ids are
-/// left out.
+/// left out. Not prepared: it also runs outside step transactions (see the
+/// crate's note).
 pub async fn get_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
-    select_many(conn, ids, "", false).await
+    let rows: Vec<TransferRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1)"))
+        .persistent(false)
+        .bind(ids)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(from_row).collect()
 }
 
 /// Reads the transfer and locks its row until the transaction ends, so two
@@ -146,91 +152,171 @@ pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<
     row.map(from_row).transpose()
 }
 
-/// Reads the transfers with these ids and locks their rows until the
-/// transaction ends, in id order (so two batches lock in the same order and
-/// cannot deadlock on each other).
-pub async fn get_many_for_update(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
-    select_many(conn, ids, " ORDER BY id FOR UPDATE", true).await
+/// Locks the transfers with these ids (in id order, so two batches lock in
+/// the same order and cannot deadlock on each other), then records in the
+/// inbox that `consumer`
+/// applied `message_ids`, in one statement (one round trip). Answers the
+/// transfers and how many of the messages were new (fewer than given: some
+/// were applied before, and the caller must roll back). The locks come
+/// first, on every path that records a step's message, so two consumers
+/// given the same message (a partition moving between processes) queue on
+/// the transfer, instead of each holding what the other waits for.
+pub async fn lock_for_messages(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    consumer: &str,
+    message_ids: &[String],
+) -> Result<(Vec<Transfer>, u64)> {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        // The inbox insert's condition reads every locked row first.
+        format!(
+            "WITH locked AS (SELECT {COLUMNS} FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE),
+             recorded AS (
+                 INSERT INTO inbox (consumer, message_id)
+                 SELECT $2, message_id FROM unnest($3::text[]) AS message_id
+                 WHERE (SELECT count(*) FROM locked) >= 0
+                 ON CONFLICT DO NOTHING RETURNING 1
+             )
+             SELECT {COLUMNS}, (SELECT count(*) FROM recorded) AS recorded FROM locked"
+        )
+    });
+    let rows: Vec<sqlx::postgres::PgRow> =
+        sqlx::query(sql).bind(ids).bind(consumer).bind(message_ids).fetch_all(conn).await?;
+    let mut recorded = 0;
+    let mut transfers = Vec::with_capacity(rows.len());
+    for row in rows {
+        use sqlx::{FromRow, Row};
+        recorded = row.try_get::<i64, _>("recorded")? as u64;
+        transfers.push(from_row(TransferRow::from_row(&row)?)?);
+    }
+    Ok((transfers, recorded))
 }
 
-/// The transfers with these ids, read with `tail` after the key condition;
-/// prepared (one plan per connection) only for statements that run in step
-/// transactions alone (see the crate's note).
-async fn select_many(conn: &mut PgConnection, ids: &[Uuid], tail: &str, prepared: bool) -> Result<Vec<Transfer>> {
-    let rows: Vec<TransferRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1){tail}"))
-        .persistent(prepared)
-        .bind(ids)
-        .fetch_all(conn)
-        .await?;
-    rows.into_iter().map(from_row).collect()
+/// The versions `event` moves each of `current` to: what [`advance_step`]
+/// writes, known before it runs, so the events announcing them can be
+/// written by the same statement. An illegal event is refused here.
+pub fn next_versions(current: &[Transfer], event: &TransferEvent) -> Result<Vec<Transfer>> {
+    current
+        .iter()
+        .map(|transfer| {
+            let state = transfer
+                .state
+                .apply(event)
+                .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", transfer.id)))?;
+            Ok(Transfer {
+                state,
+                version: transfer.version + 1,
+                reason_code: event.reason_code().map(str::to_owned),
+                ..transfer.clone()
+            })
+        })
+        .collect()
 }
 
-/// `advance` for many transfers by the same event, in one statement:
-/// version-checked updates and their history rows. Returns the new states;
-/// a conflict if any transfer changed since it was read.
-pub async fn advance_many(
+/// What a step's statement writes besides the transfers' new versions.
+pub struct StepWrites<'a> {
+    /// The kind of pending step (`pending_steps.step`) the step settles
+    /// for each transfer, if it is a money step: the record, if any, goes.
+    /// The transfers' rows must be locked already, as the settlement runner
+    /// takes the transfer's lock before the pending step's.
+    pub settles: Option<&'a str>,
+    /// The step's ledger postings (never locked: inserted).
+    pub postings: &'a crate::ledger::Postings,
+    /// The events the step emits, as its transaction's outbox row.
+    pub outbox: &'a [crate::outbox::OutboxMessage],
+}
+
+/// A step's changes to transfers whose rows this transaction has locked,
+/// in one statement (one round trip): each transfer moved from `current`
+/// to `next` (from [`next_versions`]), version-checked, with its history
+/// row naming `actors` (one per transfer: who made the change when not the
+/// stage), and the `writes` beside them. The accounts' balances are not
+/// among them: they are locked in `books`' order, statement by statement.
+/// A conflict if any transfer changed since it was read; the caller then
+/// rolls back, which undoes the rest.
+pub async fn advance_step(
     conn: &mut PgConnection,
     current: &[Transfer],
-    event: &TransferEvent,
-) -> Result<Vec<Transfer>> {
-    let mut next = Vec::with_capacity(current.len());
-    for transfer in current {
-        let state = transfer
-            .state
-            .apply(event)
-            .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", transfer.id)))?;
-        next.push(Transfer {
-            state,
-            version: transfer.version + 1,
-            reason_code: event.reason_code().map(str::to_owned),
-            ..transfer.clone()
-        });
+    next: &[Transfer],
+    actors: &[Option<&Actor>],
+    writes: StepWrites<'_>,
+) -> Result<()> {
+    if current.len() != next.len() || current.len() != actors.len() {
+        return Err(Error::Corrupt(format!(
+            "a step of {} transfers with {} new versions and {} actors",
+            current.len(),
+            next.len(),
+            actors.len()
+        )));
     }
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        format!(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::uuid[],
+                                      $7::bool[], $8::text[], $9::text[], $10::text[])
+                     AS i(id, version, previous_state, state, reason_code, event_id, closes, actor, note,
+                          external_reference)
+             ),
+             updated AS (
+                 UPDATE transfers t SET state = input.state, reason_code = input.reason_code,
+                        version = input.version + 1, updated_at = now()
+                 FROM input WHERE t.id = input.id AND t.version = input.version
+                 RETURNING t.id, t.created_at, input.closes
+             ),
+             closed AS (
+                 DELETE FROM open_transfers o USING updated
+                 WHERE updated.closes AND o.created_at = updated.created_at AND o.transfer_id = updated.id
+             ),
+             settled AS (
+                 DELETE FROM pending_steps WHERE $11::text IS NOT NULL AND step = $11 AND transfer_id = ANY($1)
+             ),
+             posted AS ({}),
+             queued AS ({})
+             INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id,
+                                            actor, note, external_reference)
+             SELECT input.id, input.version + 1, input.state, input.previous_state, input.reason_code,
+                    input.event_id, input.actor, input.note, input.external_reference
+             FROM input JOIN updated ON updated.id = input.id",
+            crate::ledger::Postings::insert_sql(12),
+            crate::outbox::Columns::insert_sql(19),
+        )
+    });
     let ids: Vec<Uuid> = current.iter().map(|transfer| transfer.id).collect();
     let versions: Vec<i64> = current.iter().map(|transfer| transfer.version).collect();
     let previous: Vec<&str> = current.iter().map(|transfer| transfer.state.as_str()).collect();
     let states: Vec<&str> = next.iter().map(|transfer| transfer.state.as_str()).collect();
-    let reasons: Vec<Option<String>> = next.iter().map(|transfer| transfer.reason_code.clone()).collect();
+    let reasons: Vec<Option<&str>> = next.iter().map(|transfer| transfer.reason_code.as_deref()).collect();
     let event_ids: Vec<Uuid> =
         next.iter().map(|transfer| ids::status_event_id(transfer.id, transfer.version)).collect();
     let closes: Vec<bool> = next.iter().map(|transfer| transfer.state.is_terminal()).collect();
-    let updated = sqlx::query(
-        "WITH input AS (
-             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::uuid[],
-                                  $7::bool[])
-                 AS i(id, version, previous_state, state, reason_code, event_id, closes)
-         ),
-         updated AS (
-             UPDATE transfers t SET state = input.state, reason_code = input.reason_code,
-                    version = input.version + 1, updated_at = now()
-             FROM input WHERE t.id = input.id AND t.version = input.version
-             RETURNING t.id, t.created_at, input.closes
-         ),
-         closed AS (
-             DELETE FROM open_transfers o USING updated
-             WHERE updated.closes AND o.created_at = updated.created_at AND o.transfer_id = updated.id
-         )
-         INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
-         SELECT input.id, input.version + 1, input.state, input.previous_state, input.reason_code, input.event_id
-         FROM input JOIN updated ON updated.id = input.id",
-    )
-    .bind(&ids)
-    .bind(&versions)
-    .bind(&previous)
-    .bind(&states)
-    .bind(&reasons)
-    .bind(&event_ids)
-    .bind(&closes)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let names: Vec<Option<&str>> = actors.iter().map(|actor| actor.map(|actor| actor.name.as_str())).collect();
+    let notes: Vec<Option<&str>> = actors.iter().map(|actor| actor.map(|actor| actor.note.as_str())).collect();
+    let references: Vec<Option<&str>> =
+        actors.iter().map(|actor| actor.and_then(|actor| actor.external_reference.as_deref())).collect();
+    let query = sqlx::query(sql)
+        .bind(&ids)
+        .bind(&versions)
+        .bind(&previous)
+        .bind(&states)
+        .bind(&reasons)
+        .bind(&event_ids)
+        .bind(&closes)
+        .bind(&names)
+        .bind(&notes)
+        .bind(&references)
+        .bind(writes.settles);
+    let query = crate::outbox::Columns::of(writes.outbox).bind(writes.postings.bind(query));
+    let updated = query.execute(&mut *conn).await?.rows_affected();
     if updated != current.len() as u64 {
-        return Err(Error::Conflict {
-            entity: "transfer",
-            id: format!("{} of a batch", current.len() as u64 - updated),
-        });
+        let id = match current {
+            [one] => one.id.to_string(),
+            _ => format!("{} of {}", current.len() as u64 - updated, current.len()),
+        };
+        return Err(Error::Conflict { entity: "transfer", id });
     }
-    Ok(next)
+    Ok(())
 }
 
 /// Records a new transfer in state `requested`, version 1. A concurrent
@@ -268,24 +354,33 @@ pub async fn insert_requested(conn: &mut PgConnection, transfer: &Transfer) -> R
     Ok(stored)
 }
 
+/// The transfers [`insert_decided`] records: each at version 2 in its
+/// decided state. Known before it runs, so the events announcing them can
+/// be written by the same statement.
+pub fn decided_versions(decided: &[(Transfer, TransferEvent)]) -> Result<Vec<Transfer>> {
+    decided
+        .iter()
+        .map(|(requested, event)| {
+            let state = TransferState::Requested
+                .apply(event)
+                .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", requested.id)))?;
+            Ok(Transfer { state, version: 2, reason_code: event.reason_code().map(str::to_owned), ..requested.clone() })
+        })
+        .collect()
+}
+
 /// Records new transfers whose request is already decided, in one
 /// statement: each transfer at version 2 in its decided state, with both of
 /// its history rows (requested, then the decision), exactly what
-/// `insert_requested` followed by `advance` writes. A transfer that exists
-/// already loses with a unique violation.
-pub async fn insert_decided(conn: &mut PgConnection, decided: &[(Transfer, TransferEvent)]) -> Result<Vec<Transfer>> {
-    let mut next = Vec::with_capacity(decided.len());
-    for (requested, event) in decided {
-        let state = TransferState::Requested
-            .apply(event)
-            .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", requested.id)))?;
-        next.push(Transfer {
-            state,
-            version: 2,
-            reason_code: event.reason_code().map(str::to_owned),
-            ..requested.clone()
-        });
-    }
+/// `insert_requested` followed by `advance` writes, and `outbox`, the
+/// events announcing them, as the transaction's outbox row. A transfer that
+/// exists already loses with a unique violation.
+pub async fn insert_decided(
+    conn: &mut PgConnection,
+    decided: &[(Transfer, TransferEvent)],
+    outbox: &[crate::outbox::OutboxMessage],
+) -> Result<()> {
+    let next = decided_versions(decided)?;
     let column = |field: fn(&Transfer) -> Option<&str>| next.iter().map(field).collect::<Vec<_>>();
     let ids: Vec<Uuid> = next.iter().map(|transfer| transfer.id).collect();
     let amounts: Vec<i64> = next.iter().map(|transfer| transfer.amount_minor).collect();
@@ -293,8 +388,10 @@ pub async fn insert_decided(conn: &mut PgConnection, decided: &[(Transfer, Trans
     let first_events: Vec<Uuid> = ids.iter().map(|id| ids::status_event_id(*id, 1)).collect();
     let second_events: Vec<Uuid> = ids.iter().map(|id| ids::status_event_id(*id, 2)).collect();
     let open: Vec<bool> = next.iter().map(|transfer| !transfer.state.is_terminal()).collect();
-    let inserted = sqlx::query(
-        "WITH input AS (
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        format!(
+            "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
                                   $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::text[],
                                   $13::uuid[], $14::uuid[], $15::bool[])
@@ -313,35 +410,37 @@ pub async fn insert_decided(conn: &mut PgConnection, decided: &[(Transfer, Trans
          listed AS (
              INSERT INTO open_transfers (created_at, transfer_id)
              SELECT inserted.created_at, inserted.id FROM inserted JOIN input USING (id) WHERE input.open
-         )
+         ),
+         queued AS ({})
          INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id)
          SELECT input.id, 1, 'requested', NULL, NULL, input.first_event FROM input JOIN inserted USING (id)
          UNION ALL
          SELECT input.id, 2, input.state, 'requested', input.reason_code, input.second_event
          FROM input JOIN inserted USING (id)",
-    )
-    .bind(&ids)
-    .bind(column(|transfer| Some(transfer.investor_account_id.as_str())))
-    .bind(column(|transfer| Some(transfer.fund_account_id.as_str())))
-    .bind(column(|transfer| transfer.fund_id.as_deref()))
-    .bind(&amounts)
-    .bind(column(|transfer| Some(transfer.currency.as_str())))
-    .bind(column(|transfer| Some(transfer.reference.as_str())))
-    .bind(column(|transfer| Some(transfer.source_system.as_str())))
-    .bind(&requested_at)
-    .bind(column(|transfer| Some(transfer.state.as_str())))
-    .bind(column(|transfer| transfer.reason_code.as_deref()))
-    .bind(column(|transfer| transfer.traceparent.as_deref()))
-    .bind(&first_events)
-    .bind(&second_events)
-    .bind(&open)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+            crate::outbox::Columns::insert_sql(16),
+        )
+    });
+    let query = sqlx::query(sql)
+        .bind(&ids)
+        .bind(column(|transfer| Some(transfer.investor_account_id.as_str())))
+        .bind(column(|transfer| Some(transfer.fund_account_id.as_str())))
+        .bind(column(|transfer| transfer.fund_id.as_deref()))
+        .bind(&amounts)
+        .bind(column(|transfer| Some(transfer.currency.as_str())))
+        .bind(column(|transfer| Some(transfer.reference.as_str())))
+        .bind(column(|transfer| Some(transfer.source_system.as_str())))
+        .bind(&requested_at)
+        .bind(column(|transfer| Some(transfer.state.as_str())))
+        .bind(column(|transfer| transfer.reason_code.as_deref()))
+        .bind(column(|transfer| transfer.traceparent.as_deref()))
+        .bind(&first_events)
+        .bind(&second_events)
+        .bind(&open);
+    let inserted = crate::outbox::Columns::of(outbox).bind(query).execute(&mut *conn).await?.rows_affected();
     if inserted != 2 * next.len() as u64 {
         return Err(Error::Corrupt(format!("{inserted} history rows written for {} new transfers", next.len())));
     }
-    Ok(next)
+    Ok(())
 }
 
 /// Who moved a transfer, when it was not the stage that consumed the

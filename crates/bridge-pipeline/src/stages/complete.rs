@@ -22,6 +22,7 @@ pub(super) async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Ou
         tx,
         stage.as_str(),
         &TransferEvent::Completed,
+        None,
         &[Advance { before: &current, trace, reference: String::new(), actor: None }],
     )
     .await?;
@@ -29,9 +30,9 @@ pub(super) async fn complete(ctx: &StageContext, message: &Inbound) -> Result<Ou
 }
 
 /// Completion for several messages of one partition in one transaction,
-/// set-based: one inbox insert, one locking read, one update of the
-/// transfers with their history, one pass over allocations and funds, one
-/// outbox insert, one commit, whatever the number of messages.
+/// set-based: one locking read with the inbox insert, one statement for the
+/// transfers with their history and the outbox row, one pass over
+/// allocations and funds, one commit, whatever the number of messages.
 ///
 /// This is only the fast path for the usual case, taken by the messages
 /// before the first that does not decode or names a transfer a message
@@ -74,12 +75,12 @@ async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> 
     let stage = StageName::Completion;
     let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
     let event_ids: Vec<String> = batch.values().map(|(_, event)| event.event_id.clone()).collect();
-    if inbox::record_many(&mut tx, stage.as_str(), &event_ids).await? != batch.len() as u64 {
-        return Ok(false);
-    }
     let ids: Vec<Uuid> = batch.keys().copied().collect();
-    let current = transfers::get_many_for_update(&mut tx, &ids).await?;
-    if current.len() != ids.len() || current.iter().any(|transfer| transfer.state != TransferState::Deposited) {
+    let (current, recorded) = transfers::lock_for_messages(&mut tx, &ids, stage.as_str(), &event_ids).await?;
+    if recorded != batch.len() as u64
+        || current.len() != ids.len()
+        || current.iter().any(|transfer| transfer.state != TransferState::Deposited)
+    {
         return Ok(false);
     }
     let mut spans = Vec::with_capacity(current.len());
@@ -96,7 +97,7 @@ async fn try_complete_batch(ctx: &StageContext, batch: &CompletionBatch<'_>) -> 
             Advance { before, trace, reference: String::new(), actor: None }
         })
         .collect();
-    finish_step(ctx, tx, stage.as_str(), &TransferEvent::Completed, &steps).await?;
+    finish_step(ctx, tx, stage.as_str(), &TransferEvent::Completed, None, &steps).await?;
     log_applied(&spans);
     Ok(true)
 }

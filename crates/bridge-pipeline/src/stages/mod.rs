@@ -10,9 +10,9 @@
 //!
 //! Whatever the path, a step's transaction ends in [`finish_step`]: the
 //! transfers' new versions, their events through the outbox, and what the
-//! event does to the books (`TransferEvent::effect`, applied by
-//! `bridge_store::books::apply`, which also fixes the order rows are locked
-//! in). The validator records new transfers instead of advancing them, and
+//! event does to the books (`TransferEvent::effect`: its postings written
+//! with the versions, its balances by `bridge_store::books`, which also
+//! fixes the order rows are locked in). The validator records new transfers instead of advancing them, and
 //! applies the same effects through the same store function.
 //!
 //! One module per step: `validate`, `money` (the withdrawal and the deposit
@@ -292,8 +292,9 @@ where
         .await
 }
 
-/// Opens the step's transaction: records the event in the inbox and re-reads
-/// the transfer. `None` means another consumer applied the step meanwhile.
+/// Opens the step's transaction: re-reads the transfer under its row lock
+/// and records the event in the inbox, in one statement. `None` means
+/// another consumer applied the step meanwhile.
 async fn begin_step(
     conn: &mut PgConnection,
     stage: StageName,
@@ -303,12 +304,17 @@ async fn begin_step(
 ) -> Result<Option<Transfer>, StageError> {
     // The settlement runner has no event to record; the state check below
     // (and the version check when advancing) keep it to one application.
-    if let Some(event_id) = event_id {
-        if !inbox::record(&mut *conn, stage.as_str(), event_id).await? {
-            return Ok(None);
+    let transfer = match event_id {
+        Some(event_id) => {
+            let (mut locked, recorded) =
+                transfers::lock_for_messages(conn, &[transfer_id], stage.as_str(), &[event_id.to_owned()]).await?;
+            if recorded == 0 {
+                return Ok(None);
+            }
+            locked.pop()
         }
-    }
-    let transfer = transfers::get_for_update(conn, transfer_id).await?;
+        None => transfers::get_for_update(conn, transfer_id).await?,
+    };
     Ok(transfer.filter(|transfer| transfer.state == expected))
 }
 
@@ -328,20 +334,20 @@ struct Advance<'a> {
 /// Ends a step's transaction, for one transfer or a batch moved on by the
 /// same event: their new versions (version-checked), each transfer's
 /// outcome event if the event has one and its status event through the
-/// outbox, what the event does to the books, then commit.
+/// outbox, the record of the money step it `settles` (if pending), and
+/// what the event does to the books, then commit. All but the balances go
+/// in one statement (`transfers::advance_step`): the events are built from
+/// the versions the step will write, known beforehand.
 async fn finish_step(
     ctx: &StageContext,
     mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
     origin: &str,
     event: &TransferEvent,
+    settles: Option<Step>,
     steps: &[Advance<'_>],
 ) -> Result<(), StageError> {
     let before: Vec<Transfer> = steps.iter().map(|step| step.before.clone()).collect();
-    let next = match before.as_slice() {
-        // The one-message path: a prepared statement for one row.
-        [one] => vec![transfers::advance_as(&mut tx, one, event, steps[0].actor).await?],
-        _ => transfers::advance_many(&mut tx, &before, event).await?,
-    };
+    let next = transfers::next_versions(&before, event)?;
     let mut messages = Vec::with_capacity(2 * next.len());
     for (step, after) in steps.iter().zip(&next) {
         if let Some(outcome) = outcome_message(ctx, origin, event, after, &step.reference, &step.trace)? {
@@ -349,9 +355,12 @@ async fn finish_step(
         }
         messages.push(status_message(ctx, origin, after, Some(step.before.state), &step.trace)?);
     }
-    outbox::enqueue(&mut tx, &messages).await?;
     let changes: Vec<_> = before.iter().map(|transfer| (transfer, event.effect(transfer.amount_minor))).collect();
-    books::apply(&mut tx, &changes).await?;
+    let postings = books::postings(&changes)?;
+    let actors: Vec<_> = steps.iter().map(|step| step.actor).collect();
+    let writes = transfers::StepWrites { settles: settles.map(Step::as_str), postings: &postings, outbox: &messages };
+    transfers::advance_step(&mut tx, &before, &next, &actors, writes).await?;
+    books::apply_balances(&mut tx, &changes).await?;
     crate::failpoint::hit("stage.inside_tx");
     commit(ctx, tx).await
 }

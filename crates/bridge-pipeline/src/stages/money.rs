@@ -166,7 +166,6 @@ pub async fn withdrawal_step(
     let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Validated).await? else {
         return Ok(Outcome::Duplicate);
     };
-    pending::finish(&mut tx, transfer_id, Step::Withdrawal.as_str()).await?;
     let (event, reference) = match outcome {
         ServiceOutcome::Settled { reference } => (TransferEvent::Withdrawn, reference),
         ServiceOutcome::Declined { code } if ask == Ask::Perform => {
@@ -179,7 +178,7 @@ pub async fn withdrawal_step(
         ServiceOutcome::Pending => unreachable!("pending handled above"),
     };
     let step = Advance { before: &current, trace: trace.clone(), reference, actor };
-    finish_step(ctx, tx, stage.as_str(), &event, &[step]).await?;
+    finish_step(ctx, tx, stage.as_str(), &event, Some(Step::Withdrawal), &[step]).await?;
     Ok(Outcome::Applied)
 }
 
@@ -196,6 +195,8 @@ async fn retry_declined(
     retry: &crate::config::DeclineRetry,
 ) -> Result<Outcome, StageError> {
     let attempt = transfers::next_step_attempt(&mut tx, current).await?;
+    // A new attempt, with a deadline of its own.
+    pending::finish(&mut tx, current.id, Step::Withdrawal.as_str()).await?;
     let status = format!("declined {code}; attempt {attempt} of {} after {} ms", retry.attempts, retry.delay_ms);
     pending::schedule(
         &mut tx,
@@ -265,7 +266,6 @@ pub async fn deposit_step(
     let Some(current) = begin_step(&mut tx, stage, event_id, transfer_id, TransferState::Withdrawn).await? else {
         return Ok(Outcome::Duplicate);
     };
-    pending::finish(&mut tx, transfer_id, Step::Deposit.as_str()).await?;
     let (event, reference) = match outcome {
         DepositOutcome::Deposited { reference } => (TransferEvent::Deposited, reference),
         DepositOutcome::NeedsPerson { code } => {
@@ -280,7 +280,7 @@ pub async fn deposit_step(
         DepositOutcome::Pending => unreachable!("pending handled above"),
     };
     let step = Advance { before: &current, trace: trace.clone(), reference, actor };
-    finish_step(ctx, tx, stage.as_str(), &event, &[step]).await?;
+    finish_step(ctx, tx, stage.as_str(), &event, Some(Step::Deposit), &[step]).await?;
     Ok(Outcome::Applied)
 }
 
@@ -605,9 +605,9 @@ async fn settle_money_batch(
 }
 
 /// Applies settled steps in one transaction, set-based, all of them or none:
-/// one inbox insert, one locking read, one update of the transfers with their
-/// history, one ledger insert, one update of the accounts, one outbox insert,
-/// one commit.
+/// one locking read with the inbox insert, one statement for the transfers with
+/// their history, pending records, ledger postings and outbox row, one update
+/// of the accounts, one commit.
 async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[SettledStep]) -> Result<bool, StageError> {
     let stage = step.stage();
     let mut tx = bridge_store::begin_step_transaction(&ctx.pool).await?;
@@ -616,15 +616,14 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
     // (another process after a rebalance, or the settlement runner): the
     // batch is rolled back whole, and each message finds its own answer one
     // by one.
-    if inbox::record_many(&mut tx, stage.as_str(), &event_ids).await? != settled.len() as u64 {
-        return Ok(false);
-    }
     let settled_ids: Vec<Uuid> = settled.iter().map(|step| step.transfer_id).collect();
-    let current = transfers::get_many_for_update(&mut tx, &settled_ids).await?;
-    if current.len() != settled.len() || current.iter().any(|transfer| transfer.state != step.expected()) {
+    let (current, recorded) = transfers::lock_for_messages(&mut tx, &settled_ids, stage.as_str(), &event_ids).await?;
+    if recorded != settled.len() as u64
+        || current.len() != settled.len()
+        || current.iter().any(|transfer| transfer.state != step.expected())
+    {
         return Ok(false);
     }
-    pending::finish_many(&mut tx, &settled_ids, step.step().as_str()).await?;
     let by_transfer: std::collections::HashMap<Uuid, &SettledStep> =
         settled.iter().map(|settled| (settled.transfer_id, settled)).collect();
     let mut spans = Vec::with_capacity(current.len());
@@ -642,7 +641,7 @@ async fn apply_money_batch(ctx: &StageContext, step: MoneyStep, settled: &[Settl
             Advance { before, trace, reference: settled.reference.clone(), actor: None }
         })
         .collect();
-    finish_step(ctx, tx, stage.as_str(), &step.applied(), &steps).await?;
+    finish_step(ctx, tx, stage.as_str(), &step.applied(), Some(step.step()), &steps).await?;
     log_applied(&spans);
     Ok(true)
 }

@@ -267,7 +267,7 @@ async fn execute(ctx: &StageContext, action: &ReviewAction) -> Result<(ActionSta
         };
         let reference = action.reference.clone().unwrap_or_default();
         let advance = Advance { before: &current, trace, reference, actor: Some(&actor) };
-        finish_step(ctx, tx, "review", &event, &[advance]).await?;
+        finish_step(ctx, tx, "review", &event, None, &[advance]).await?;
         let next = current.state.apply(&event).map_err(|error| StageError::Transient(error.to_string()))?;
         return Ok((ActionStatus::Done, format!("recorded {}: the transfer is {next}", event.name())));
     }

@@ -52,12 +52,12 @@ async fn hand_to_person(
     let Some(current) = transfers::get_for_update(&mut tx, transfer_id).await?.filter(|t| t.state == expected) else {
         return Ok(Outcome::Duplicate);
     };
-    pending::finish(&mut tx, transfer_id, step.as_str()).await?;
     finish_step(
         ctx,
         tx,
         stage.as_str(),
         &event,
+        Some(step),
         &[Advance { before: &current, trace: trace.clone(), reference: String::new(), actor: None }],
     )
     .await?;

@@ -140,9 +140,9 @@ fn validation_messages(
 /// the seats; the requests are then decided one after another in the
 /// partition's order, each against the books the ones before it left
 /// (`RunningBooks`), so the batch decides exactly as one message at a time
-/// would; then one insert of the transfers with their history, the holds
-/// (investors locked in key order, each hold guarded by the available
-/// balance), one outbox insert, and the allocations and funds (locked in
+/// would; then one insert of the transfers with their history and the
+/// outbox row, the holds (investors locked in key order, each hold guarded
+/// by the available balance), and the allocations and funds (locked in
 /// key order, each fund's update guarded by its limits), whatever the
 /// number of requests. Rows are locked only for the transaction's tail,
 /// and a guard that finds the books changed since they were read refuses
@@ -235,7 +235,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
         };
         decided.push((Transfer { fund_id: fund.map(|view| view.fund_id.clone()), ..requested.clone() }, event));
     }
-    let next = transfers::insert_decided(&mut tx, &decided).await?;
+    let next = transfers::decided_versions(&decided)?;
     let mut messages = Vec::with_capacity(3 * requests.len());
     let mut spans = Vec::with_capacity(requests.len());
     let group = StageName::Validator.group_id(&ctx.config);
@@ -247,7 +247,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
         messages.extend(validation_messages(ctx, requested, true, after, &trace)?);
         spans.push(span);
     }
-    outbox::enqueue(&mut tx, &messages).await?;
+    transfers::insert_decided(&mut tx, &decided, &messages).await?;
     let changes: Vec<_> =
         decided.iter().map(|(requested, event)| (requested, event.effect(requested.amount_minor))).collect();
     books::apply(&mut tx, &changes).await?;
