@@ -530,3 +530,75 @@ async fn a_batch_statement_keeps_one_plan_made_on_a_small_table_which_reads_the_
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_two_consumers_hold_at_once_is_recorded_once_and_the_second_finds_it_applied() -> Result<()> {
+    use bridge_domain::TransferState;
+    use bridge_store::transfers::{self, Transfer};
+
+    let (_, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
+    bridge_store::migrate(&pool).await?;
+    let mut ids = Vec::new();
+    for index in 0..2 {
+        let transfer = Transfer {
+            id: Uuid::new_v4(),
+            investor_account_id: format!("investor-{index}"),
+            fund_account_id: "fund-account".to_owned(),
+            fund_id: None,
+            amount_minor: 100,
+            currency: "EUR".to_owned(),
+            reference: String::new(),
+            source_system: String::new(),
+            requested_at: chrono::Utc::now(),
+            state: TransferState::Requested,
+            reason_code: None,
+            version: 1,
+            traceparent: None,
+            step_attempt: 0,
+        };
+        transfers::insert_requested(&mut *pool.acquire().await?, &transfer).await?;
+        ids.push(transfer.id);
+    }
+    ids.sort();
+    let events: Vec<String> = ids.iter().map(|id| format!("event-{id}")).collect();
+
+    // The first consumer's batch holds both transfers and records both
+    // messages; the second was given the second message alone, as a lone
+    // message after a partition moved.
+    let mut first = bridge_store::begin_step_transaction(&pool).await?;
+    let (locked, recorded) = transfers::lock_for_messages(&mut first, &ids, "withdrawal", &events).await?;
+    ensure!(locked.len() == 2 && recorded == 2, "the first consumer locked {locked:?} and recorded {recorded}");
+    let second = {
+        let (pool, id, event) = (pool.clone(), ids[1], events[1].clone());
+        tokio::spawn(async move {
+            let mut tx = bridge_store::begin_step_transaction(&pool).await?;
+            let answer = transfers::lock_for_messages(&mut tx, &[id], "withdrawal", &[event]).await?;
+            tx.rollback().await?;
+            anyhow::Ok(answer)
+        })
+    };
+    // The second waits for the first: its transfers are locked, its inbox
+    // row uncommitted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if waiting > 0 {
+            break;
+        }
+        ensure!(!second.is_finished() && Instant::now() < deadline, "the second consumer never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(!second.is_finished(), "the second consumer went past a transfer the first holds");
+    first.commit().await?;
+    let (locked, recorded) = second.await??;
+    ensure!(
+        locked.len() == 1 && recorded == 0,
+        "after the first committed the second locked {locked:?} and recorded {recorded}"
+    );
+    Ok(())
+}

@@ -188,7 +188,7 @@ pub async fn lock_for_messages(
     for row in rows {
         use sqlx::{FromRow, Row};
         recorded = row.try_get::<i64, _>("recorded")? as u64;
-        transfers.push(from_row(TransferRow::from_row(&row)?)?);
+        transfers.push(from_row(<TransferRow as FromRow<'_, sqlx::postgres::PgRow>>::from_row(&row)?)?);
     }
     Ok((transfers, recorded))
 }
