@@ -133,6 +133,10 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Transfer>> 
 /// left out. Not prepared: it also runs outside step transactions (see the
 /// crate's note).
 pub async fn get_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Transfer>> {
+    // A lone message's read: the one-row statement, which is prepared.
+    if let [id] = ids {
+        return Ok(get(conn, *id).await?.into_iter().collect());
+    }
     let rows: Vec<TransferRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM transfers WHERE id = ANY($1)"))
         .persistent(false)
         .bind(ids)
