@@ -447,10 +447,30 @@ async fn queued_money_steps_apply_in_batches_and_unsettled_ones_go_one_by_one() 
 /// once the table has grown: a plan kept from its first executions, made
 /// for a table of two rows, would be a hash join over a sequential scan
 /// that reads the whole table for every batch.
+/// A transfer as a request records it, for the store-level tests below.
+fn requested_transfer(index: usize) -> bridge_store::transfers::Transfer {
+    bridge_store::transfers::Transfer {
+        id: Uuid::new_v4(),
+        investor_account_id: format!("investor-{index}"),
+        fund_account_id: "fund-account".to_owned(),
+        fund_id: None,
+        amount_minor: 100,
+        currency: "EUR".to_owned(),
+        reference: String::new(),
+        source_system: String::new(),
+        requested_at: chrono::Utc::now(),
+        state: bridge_domain::TransferState::Requested,
+        reason_code: None,
+        version: 1,
+        traceparent: None,
+        step_attempt: 0,
+    }
+}
+
 #[tokio::test]
 async fn a_batch_statement_keeps_one_plan_made_on_a_small_table_which_reads_the_grown_table_by_key() -> Result<()> {
-    use bridge_domain::{TransferEvent, TransferState};
-    use bridge_store::transfers::{self, Transfer};
+    use bridge_domain::TransferEvent;
+    use bridge_store::transfers;
     use sqlx::Row;
 
     let (url, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
@@ -461,22 +481,7 @@ async fn a_batch_statement_keeps_one_plan_made_on_a_small_table_which_reads_the_
             .await?;
     let mut requested = Vec::new();
     for index in 0..2 {
-        let transfer = Transfer {
-            id: Uuid::new_v4(),
-            investor_account_id: format!("investor-{index}"),
-            fund_account_id: "fund-account".to_owned(),
-            fund_id: None,
-            amount_minor: 100,
-            currency: "EUR".to_owned(),
-            reference: String::new(),
-            source_system: String::new(),
-            requested_at: chrono::Utc::now(),
-            state: TransferState::Requested,
-            reason_code: None,
-            version: 1,
-            traceparent: None,
-            step_attempt: 0,
-        };
+        let transfer = requested_transfer(index);
         let mut conn = pool.acquire().await?;
         requested.push(transfers::insert_requested(&mut conn, &transfer).await?);
     }
@@ -533,29 +538,13 @@ async fn a_batch_statement_keeps_one_plan_made_on_a_small_table_which_reads_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_two_consumers_hold_at_once_is_recorded_once_and_the_second_finds_it_applied() -> Result<()> {
-    use bridge_domain::TransferState;
-    use bridge_store::transfers::{self, Transfer};
+    use bridge_store::transfers;
 
     let (_, pool) = bridge_testkit::scratch_database(&bridge_testkit::database_server()).await?;
     bridge_store::migrate(&pool).await?;
     let mut ids = Vec::new();
     for index in 0..2 {
-        let transfer = Transfer {
-            id: Uuid::new_v4(),
-            investor_account_id: format!("investor-{index}"),
-            fund_account_id: "fund-account".to_owned(),
-            fund_id: None,
-            amount_minor: 100,
-            currency: "EUR".to_owned(),
-            reference: String::new(),
-            source_system: String::new(),
-            requested_at: chrono::Utc::now(),
-            state: TransferState::Requested,
-            reason_code: None,
-            version: 1,
-            traceparent: None,
-            step_attempt: 0,
-        };
+        let transfer = requested_transfer(index);
         transfers::insert_requested(&mut *pool.acquire().await?, &transfer).await?;
         ids.push(transfer.id);
     }
