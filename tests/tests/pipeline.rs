@@ -946,9 +946,9 @@ async fn the_relay_publishes_each_row_once_while_its_deletes_wait() -> Result<()
     Ok(())
 }
 
-/// A notification whose writers had all ended before the relay's last
-/// claim read is one that claim answered, and the relay does not claim for
-/// it again. One that claim may not have answered must still
+/// A notification sent by a transaction that had ended before the relay's
+/// last claim read is one that claim answered, and the relay does not
+/// claim for it again. One that claim may not have answered must still
 /// wake a claim: with the poll set beyond the test's deadline, rows
 /// committed one by one, each announced by its writer, by two writers at
 /// once, and by a writer whose notification says nothing of itself (an
