@@ -218,9 +218,9 @@ async fn publish_until_shutdown(
 /// Sleeps until a stage commits outbox rows (NOTIFY), the poll interval
 /// passes (which covers lost notifications and rows left behind by a
 /// failed batch) or the acknowledged rows are due for their delete. In the
-/// last case, and when every notification came after writers that had
-/// ended before the last claim read (`seen_until`), `claim_next` turns
-/// false.
+/// last case, and when every notification came from a transaction that
+/// had ended before the last claim read (`seen_until`), `claim_next`
+/// turns false.
 async fn wait(
     shutdown: &CancellationToken,
     listener: &mut PgListener,

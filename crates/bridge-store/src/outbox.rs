@@ -28,25 +28,18 @@ pub const NOTIFY_CHANNEL: &str = "bridge_outbox";
 /// one behind another instead of sharing WAL flushes. On its own, with
 /// nothing to make durable, it holds that lock only for a moment.
 ///
-/// The notification carries the first transaction id not yet assigned when
-/// it was sent (its snapshot's `xmax`). The writer's id is below it and the
-/// writer had committed; so a claim whose horizon (the oldest transaction
-/// running when it read, `Claim::seen_until`) is above it read after the
-/// writer ended, and saw its rows: a relay woken only by such notifications
-/// has nothing new to claim. Read from the snapshot, the notification's own
-/// transaction takes no id of its own: no commit record, and one id fewer
-/// consumed per wake-up towards the server's wraparound vacuums.
+/// The notification carries its own transaction's id. That transaction
+/// began after the writer committed, so a claim that read after it ended
+/// saw the writer's rows (`Claim::seen_until`), and a relay woken only by
+/// such notifications has nothing new to claim.
 pub async fn wake_relay(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, pg_snapshot_xmax(pg_current_snapshot())::text)")
-        .bind(NOTIFY_CHANNEL)
-        .execute(conn)
-        .await?;
+    sqlx::query("SELECT pg_notify($1, pg_current_xact_id()::text)").bind(NOTIFY_CHANNEL).execute(conn).await?;
     Ok(())
 }
 
-/// The transaction id a relay's wake-up carries (see `wake_relay`); none
-/// from a sender that did not say (an earlier release's, which sent an
-/// empty payload).
+/// The id of the transaction that sent a relay's wake-up (`wake_relay`);
+/// none from a sender that did not say (an earlier release's, which sent
+/// an empty payload).
 pub fn notifier(payload: &str) -> Option<i64> {
     payload.parse().ok()
 }
