@@ -4,9 +4,9 @@
 //! the transfer has been in, one immutable row per version; `open_transfers`
 //! lists the transfers not yet in a final state (migration 0029 says why it
 //! is a table and not an index). All three change only through
-//! [`insert_requested`], [`insert_decided`] and [`advance`], which ask the
-//! domain state machine whether the change is legal and write the tables
-//! together, in one statement.
+//! [`insert_requested`], [`insert_decided`] and [`advance_step`] (which
+//! [`advance`] calls for one transfer), each writing the tables together in
+//! one statement, the new states asked of the domain state machine first.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -201,21 +201,18 @@ pub async fn lock_for_messages(
 /// writes, known before it runs, so the events announcing them can be
 /// written by the same statement. An illegal event is refused here.
 pub fn next_versions(current: &[Transfer], event: &TransferEvent) -> Result<Vec<Transfer>> {
-    current
-        .iter()
-        .map(|transfer| {
-            let state = transfer
-                .state
-                .apply(event)
-                .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", transfer.id)))?;
-            Ok(Transfer {
-                state,
-                version: transfer.version + 1,
-                reason_code: event.reason_code().map(str::to_owned),
-                ..transfer.clone()
-            })
-        })
-        .collect()
+    current.iter().map(|transfer| next_version(transfer, event)).collect()
+}
+
+fn next_version(current: &Transfer, event: &TransferEvent) -> Result<Transfer> {
+    let state =
+        current.state.apply(event).map_err(|error| Error::Corrupt(format!("transfer {}: {error}", current.id)))?;
+    Ok(Transfer {
+        state,
+        version: current.version + 1,
+        reason_code: event.reason_code().map(str::to_owned),
+        ..current.clone()
+    })
 }
 
 /// What a step's statement writes besides the transfers' new versions.
@@ -365,26 +362,24 @@ pub fn decided_versions(decided: &[(Transfer, TransferEvent)]) -> Result<Vec<Tra
     decided
         .iter()
         .map(|(requested, event)| {
-            let state = TransferState::Requested
-                .apply(event)
-                .map_err(|error| Error::Corrupt(format!("transfer {}: {error}", requested.id)))?;
-            Ok(Transfer { state, version: 2, reason_code: event.reason_code().map(str::to_owned), ..requested.clone() })
+            let requested = Transfer { state: TransferState::Requested, version: 1, ..requested.clone() };
+            next_version(&requested, event)
         })
         .collect()
 }
 
 /// Records new transfers whose request is already decided, in one
-/// statement: each transfer at version 2 in its decided state, with both of
-/// its history rows (requested, then the decision), exactly what
-/// `insert_requested` followed by `advance` writes, and `outbox`, the
-/// events announcing them, as the transaction's outbox row. A transfer that
-/// exists already loses with a unique violation.
+/// statement: each transfer in `next` (from [`decided_versions`]) at
+/// version 2 in its decided state, with both of its history rows
+/// (requested, then the decision), exactly what `insert_requested`
+/// followed by `advance` writes, and `outbox`, the events announcing them,
+/// as the transaction's outbox row. A transfer that exists already loses
+/// with a unique violation.
 pub async fn insert_decided(
     conn: &mut PgConnection,
-    decided: &[(Transfer, TransferEvent)],
+    next: &[Transfer],
     outbox: &[crate::outbox::OutboxMessage],
 ) -> Result<()> {
-    let next = decided_versions(decided)?;
     let column = |field: fn(&Transfer) -> Option<&str>| next.iter().map(field).collect::<Vec<_>>();
     let ids: Vec<Uuid> = next.iter().map(|transfer| transfer.id).collect();
     let amounts: Vec<i64> = next.iter().map(|transfer| transfer.amount_minor).collect();
@@ -473,45 +468,9 @@ pub async fn advance_as(
     event: &TransferEvent,
     actor: Option<&Actor>,
 ) -> Result<Transfer> {
-    let next_state =
-        current.state.apply(event).map_err(|error| Error::Corrupt(format!("transfer {}: {error}", current.id)))?;
-    let mut next = current.clone();
-    next.state = next_state;
-    next.version = current.version + 1;
-    next.reason_code = event.reason_code().map(str::to_owned);
-    // The version-checked update and the history row in one statement (one
-    // round trip): the history row is written only if the update matched.
-    let updated = sqlx::query(
-        "WITH updated AS (
-             UPDATE transfers SET state = $3, reason_code = $4, version = $5, updated_at = now()
-             WHERE id = $1 AND version = $2
-             RETURNING id, created_at
-         ),
-         closed AS (
-             DELETE FROM open_transfers o USING updated
-             WHERE $11 AND o.created_at = updated.created_at AND o.transfer_id = updated.id
-         )
-         INSERT INTO transfer_versions (transfer_id, version, state, previous_state, reason_code, event_id,
-                                        actor, note, external_reference)
-         SELECT id, $5, $3, $6, $4, $7, $8, $9, $10 FROM updated",
-    )
-    .bind(current.id)
-    .bind(current.version)
-    .bind(next.state.as_str())
-    .bind(&next.reason_code)
-    .bind(next.version)
-    .bind(current.state.as_str())
-    .bind(ids::status_event_id(next.id, next.version))
-    .bind(actor.map(|actor| actor.name.as_str()))
-    .bind(actor.map(|actor| actor.note.as_str()))
-    .bind(actor.and_then(|actor| actor.external_reference.as_deref()))
-    .bind(next.state.is_terminal())
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if updated != 1 {
-        return Err(Error::Conflict { entity: "transfer", id: current.id.to_string() });
-    }
+    let next = next_version(current, event)?;
+    let writes = StepWrites { settles: None, postings: &crate::ledger::Postings::default(), outbox: &[] };
+    advance_step(conn, std::slice::from_ref(current), std::slice::from_ref(&next), &[actor], writes).await?;
     Ok(next)
 }
 

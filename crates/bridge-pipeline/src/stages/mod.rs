@@ -12,8 +12,9 @@
 //! transfers' new versions, their events through the outbox, and what the
 //! event does to the books (`TransferEvent::effect`: its postings written
 //! with the versions, its balances by `bridge_store::books`, which also
-//! fixes the order rows are locked in). The validator records new transfers instead of advancing them, and
-//! applies the same effects through the same store function.
+//! fixes the order rows are locked in). The validator records new
+//! transfers instead of advancing them, and applies the same effects
+//! through the same store module.
 //!
 //! One module per step: `validate`, `money` (the withdrawal and the deposit
 //! with its refund), `complete` and `review` (a step overdue, handed to a

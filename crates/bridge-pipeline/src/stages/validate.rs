@@ -247,7 +247,7 @@ async fn try_validate_batch(ctx: &StageContext, requests: &[(Inbound, Transfer)]
         messages.extend(validation_messages(ctx, requested, true, after, &trace)?);
         spans.push(span);
     }
-    transfers::insert_decided(&mut tx, &decided, &messages).await?;
+    transfers::insert_decided(&mut tx, &next, &messages).await?;
     let changes: Vec<_> =
         decided.iter().map(|(requested, event)| (requested, event.effect(requested.amount_minor))).collect();
     books::apply(&mut tx, &changes).await?;
