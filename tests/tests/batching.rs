@@ -439,14 +439,6 @@ async fn queued_money_steps_apply_in_batches_and_unsettled_ones_go_one_by_one() 
     kit.assert_books_balance().await
 }
 
-/// A step's statements over a batch's arrays are prepared once per
-/// connection, and the step's transaction has Postgres plan each once, a
-/// generic plan kept for every later execution. A process
-/// that started on a nearly empty `transfers` table and has advanced a few
-/// batches must still find a later batch's rows through the primary key
-/// once the table has grown: a plan kept from its first executions, made
-/// for a table of two rows, would be a hash join over a sequential scan
-/// that reads the whole table for every batch.
 /// A transfer as a request records it, for the store-level tests below.
 fn requested_transfer(index: usize) -> bridge_store::transfers::Transfer {
     bridge_store::transfers::Transfer {
@@ -467,6 +459,14 @@ fn requested_transfer(index: usize) -> bridge_store::transfers::Transfer {
     }
 }
 
+/// A step's statements over a batch's arrays are prepared once per
+/// connection, and the step's transaction has Postgres plan each once, a
+/// generic plan kept for every later execution. A process
+/// that started on a nearly empty `transfers` table and has advanced a few
+/// batches must still find a later batch's rows through the primary key
+/// once the table has grown: a plan kept from its first executions, made
+/// for a table of two rows, would be a hash join over a sequential scan
+/// that reads the whole table for every batch.
 #[tokio::test]
 async fn a_batch_statement_keeps_one_plan_made_on_a_small_table_which_reads_the_grown_table_by_key() -> Result<()> {
     use bridge_domain::TransferEvent;
